@@ -30,12 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-BLOCK_START = "<|block_start|>"
-BLOCK_END = "<|block_end|>"
-SUMMARY_START = "<|summary_start|>"
-SUMMARY_END = "<|summary_end|>"
-IM_START = "<|im_start|>"
-ASSISTANT = "assistant"
+from .tokens import ASSISTANT, BLOCK_END, BLOCK_START, IM_START, SUMMARY_END, SUMMARY_START
 
 
 class Kind(enum.IntEnum):
