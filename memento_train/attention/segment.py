@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .meta import MementoAttentionMeta
 
-QUERY_CHUNK = 1024  # rows per SDPA call; bounds the score matrix to chunk × visible keys
+QUERY_CHUNK = 512  # rows per SDPA call; bounds the score matrix to chunk × visible keys
 
 
 def segment_attention(q, k, v, meta: MementoAttentionMeta, *, scale: float, window: int | None) -> torch.Tensor:
