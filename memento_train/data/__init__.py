@@ -1,0 +1,40 @@
+"""Data pipeline: records → rendered token streams (kinds, kill rows, labels) → validated → packed.
+
+Modules, one idea each:
+
+- :mod:`.config` — :class:`DataConfig`;
+- :mod:`.records` — load local files / hub datasets and normalise to one schema (``full`` assembly);
+- :mod:`.render` — ChatML rendering, tokenization, parse → :class:`RenderedExample`;
+- :mod:`.validate` — rejection reasons, :class:`ValidationReport`, strict mode;
+- :mod:`.pack` — best-fit-decreasing packing into :class:`PackedBatch`;
+- :mod:`.cache` — :func:`prepare_dataset`, the fingerprinted Arrow cache;
+- :mod:`.stats` / :mod:`.cli` — ``memento-data stats`` and ``memento-data prepare``.
+"""
+
+from memento_train.data.cache import prepare_dataset
+from memento_train.data.config import DataConfig, DataConfigError
+from memento_train.data.pack import (
+    PackedBatch,
+    PackingStats,
+    batch_from_row,
+    collate,
+    iter_packed_batches,
+    pack_examples,
+    plan_bins,
+)
+from memento_train.data.records import RecordFieldError, assemble_full_response, load_records
+from memento_train.data.render import IGNORE_INDEX, RenderedExample, Renderer, load_tokenizer, render_record
+from memento_train.data.validate import (
+    REASONS,
+    InvalidRecordError,
+    ValidationReport,
+    check_record,
+    validate_records,
+)
+
+__all__ = [
+    "DataConfig", "DataConfigError", "IGNORE_INDEX", "InvalidRecordError", "PackedBatch", "PackingStats",
+    "REASONS", "RecordFieldError", "RenderedExample", "Renderer", "ValidationReport", "assemble_full_response",
+    "batch_from_row", "check_record", "collate", "iter_packed_batches", "load_records", "load_tokenizer",
+    "pack_examples", "plan_bins", "prepare_dataset", "render_record", "validate_records",
+]
