@@ -59,6 +59,13 @@ class MaskConfig:
                 f"keep_last_n_blocks must be an int >= -1 (-1 = never evict, stage 1), "
                 f"got {self.keep_last_n_blocks!r}"
             )
+        if self.keep_last_block_for_answer and self.keep_last_n_blocks > 0:
+            # The serving engine's rule evicts one block per <|block_start|> in this mode; it is
+            # defined (and conformance-tested) only with keep_last_n_blocks=0.
+            raise ValueError(
+                "keep_last_block_for_answer=true requires keep_last_n_blocks=0 (or -1, no eviction); "
+                f"got keep_last_n_blocks={self.keep_last_n_blocks}"
+            )
 
     @property
     def evicts(self) -> bool:

@@ -4,7 +4,10 @@
 no-op mask builder so HF does not materialise its own 4-D mask). Then::
 
     model.set_attn_implementation("memento_segment")
-    model(input_ids=ids[None], position_ids=pos[None], memento_meta=meta)
+    model(input_ids=ids[None], position_ids=pos[None], memento_meta=meta, use_cache=False)
+
+(``use_cache=False``: a training forward needs no KV cache, and HF would otherwise copy every
+layer's keys and values into one.)
 
 Packed batches arrive as batch size 1; sliding-window layers pass their window through HF's
 ``sliding_window`` argument (Olmo 3), so one function serves Qwen3, Phi-3/4 and Olmo 3 unchanged.

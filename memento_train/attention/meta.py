@@ -63,8 +63,12 @@ class MementoAttentionMeta:
         """Validate and wrap packed metadata (``kill_row`` already in global coordinates)."""
         cu = torch.as_tensor(np.asarray(cu_seqlens), dtype=torch.int64)
         kr = torch.as_tensor(np.asarray(kill_row), dtype=torch.int64)
-        if cu.ndim != 1 or cu.numel() < 2 or int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
-            raise ValueError(f"cu_seqlens must be 1-D, start at 0 and be non-decreasing; got {cu.tolist()[:8]}...")
+        if cu.ndim != 1 or cu.numel() < 2:
+            raise ValueError(
+                f"cu_seqlens must be 1-D with at least 2 entries ([0, len_0, ...]); got shape {tuple(cu.shape)}"
+            )
+        if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing; got {cu.tolist()[:8]}...")
         total = int(cu[-1])
         if kr.ndim != 1 or kr.numel() != total:
             raise ValueError(f"kill_row has {kr.numel()} entries but cu_seqlens covers {total} tokens")
