@@ -166,10 +166,10 @@ class BlockTracker:
         self.special = special
         self.config = config
         self._explicit_prompt_len = prompt_len
-        self.prompt_len: int | None = prompt_len if not config.require_assistant_section else None
-        if not config.require_assistant_section and self.prompt_len is None:
-            self.prompt_len = 0
         self.tracking = not config.require_assistant_section
+        # Without an assistant section everything is tracked from 0; otherwise prompt_len is known
+        # once the assistant header has been seen.
+        self.prompt_len: int | None = (prompt_len or 0) if self.tracking else None
         self.pos = 0
         self.blocks: list[Block] = []
         self.anomalies: list[tuple[int, str]] = []
