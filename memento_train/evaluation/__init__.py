@@ -1,0 +1,31 @@
+"""``memento-eval``: accuracy and KV evaluation of Memento models.
+
+- :mod:`.config` — :class:`EvalConfig` (defaults < ``recipe=`` < ``key=value`` overrides, validated);
+- :mod:`.scoring` — answer extraction and equivalence with ``math-verify``;
+- :mod:`.metrics` — pass@k (unbiased), maj@k, KV peak / AUC (tokens, GB), compression, blocks;
+- :mod:`.report` — ``generations.jsonl``, ``summary.json`` / ``summary.md``, ``kv_sawtooth.png``;
+- :mod:`.runner` — problems → prompts → engine → scores → report (:func:`run_eval`);
+- :mod:`.scripted` — :class:`ScriptedEngine`, canned responses with real block/KV bookkeeping;
+- :mod:`.cli` — the ``memento-eval`` console script.
+"""
+
+from .config import EvalConfig, EvalConfigError, SamplingOptions, build_config
+from .metrics import KVCost, SampleResult, mean_maj_at_k, mean_pass_at_k, pass_at_k, summarize
+from .scoring import equivalence_classes, extract_answer, is_correct, majority_answer
+
+__all__ = [
+    "EvalConfig",
+    "EvalConfigError",
+    "KVCost",
+    "SampleResult",
+    "SamplingOptions",
+    "build_config",
+    "equivalence_classes",
+    "extract_answer",
+    "is_correct",
+    "majority_answer",
+    "mean_maj_at_k",
+    "mean_pass_at_k",
+    "pass_at_k",
+    "summarize",
+]
