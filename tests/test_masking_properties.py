@@ -30,13 +30,7 @@ from memento_train.masking import (
     parse,
 )
 
-IM_START, ASSISTANT, IM_END, USER, NL = 1, 2, 3, 4, 5
-BS, BE, SS, SE, THINK, ETHINK = 10, 11, 12, 13, 14, 15
-SPECIAL = {
-    "<|im_start|>": IM_START, "assistant": ASSISTANT, "<|im_end|>": IM_END, "user": USER,
-    "<|block_start|>": BS, "<|block_end|>": BE, "<|summary_start|>": SS, "<|summary_end|>": SE,
-    "<think>": THINK, "</think>": ETHINK,
-}
+from synthetic_ids import ASSISTANT, BE, BS, ETHINK, IM_END, IM_START, NL, SE, SPECIAL, SS, THINK, USER  # noqa: F401
 # CI clones the repository with shared/ beside it: <parent>/<repo> and <parent>/shared.
 CASES_PATH = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "eviction_cases.json"
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -29,14 +29,7 @@ from memento_train.generation import (
 )
 from memento_train.masking import MaskConfig, kv_bytes_per_token, live_kv_trace, parse
 
-# Token ids inside a vocab of 128 (same layout as shared/fixtures/eviction_cases.json).
-IM_START, ASSISTANT, IM_END, USER, NL = 1, 2, 3, 4, 5
-BS, BE, SS, SE, THINK, ETHINK = 10, 11, 12, 13, 14, 15
-SPECIAL = {
-    "<|im_start|>": IM_START, "assistant": ASSISTANT, "<|im_end|>": IM_END, "user": USER,
-    "<|block_start|>": BS, "<|block_end|>": BE, "<|summary_start|>": SS, "<|summary_end|>": SE,
-    "<think>": THINK, "</think>": ETHINK,
-}
+from synthetic_ids import ASSISTANT, BE, BS, ETHINK, IM_END, IM_START, NL, SE, SPECIAL, SS, THINK, USER  # noqa: F401
 TOL64 = 1e-10
 FAMILIES = {"qwen3": False, "phi3": True, "olmo3": False}  # family -> mask_delimiters
 

@@ -62,18 +62,26 @@ def _no_mask(*args, **kwargs):
     return None
 
 
-def register_with_transformers() -> list[str]:
-    """Register ``memento_auto`` and one ``memento_<backend>`` name per backend; returns the names."""
+def register_hf_attention(name: str, fn) -> str:
+    """Register ``fn`` as HF attention implementation ``name``, with a no-op mask builder.
+
+    Our attention functions derive visibility from their own metadata (kill rows, cache positions),
+    so HF must not build (or pass) a 4-D mask. Returns ``name``.
+    """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    names = []
-    for backend in ["auto", *_BACKENDS]:
-        name = PREFIX + backend
-        AttentionInterface.register(name, functools.partial(hf_memento_attention, backend=backend))
-        AttentionMaskInterface.register(name, _no_mask)
-        names.append(name)
-    return names
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, _no_mask)
+    return name
+
+
+def register_with_transformers() -> list[str]:
+    """Register ``memento_auto`` and one ``memento_<backend>`` name per backend; returns the names."""
+    return [
+        register_hf_attention(PREFIX + backend, functools.partial(hf_memento_attention, backend=backend))
+        for backend in ["auto", *_BACKENDS]
+    ]
 
 
 def attn_implementation(backend: str = "auto") -> str:

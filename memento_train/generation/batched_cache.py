@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..attention.hf import register_hf_attention
+
 BATCHED_DECODE_ATTN = "memento_decode_batched"
 
 
@@ -343,15 +345,6 @@ def batched_decode_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
-def _no_mask(*args, **kwargs):
-    return None
-
-
 def register_batched_decode_attention() -> str:
     """Register ``memento_decode_batched`` (attention + no-op mask builder) with transformers."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(BATCHED_DECODE_ATTN, batched_decode_attention)
-    AttentionMaskInterface.register(BATCHED_DECODE_ATTN, _no_mask)
-    return BATCHED_DECODE_ATTN
+    return register_hf_attention(BATCHED_DECODE_ATTN, batched_decode_attention)

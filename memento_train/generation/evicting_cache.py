@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..attention.hf import register_hf_attention
+
 DECODE_ATTN = "memento_decode"
 
 # ``evict`` accepts: a (start, stop) pair, a ``range``/``slice`` (step 1), anything with ``start`` and
@@ -269,18 +271,9 @@ def memento_decode_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
-def _no_mask(*args, **kwargs):
-    return None
-
-
 def register_decode_attention() -> str:
     """Register ``memento_decode`` (attention + a no-op mask builder) with transformers; returns the name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(DECODE_ATTN, memento_decode_attention)
-    AttentionMaskInterface.register(DECODE_ATTN, _no_mask)
-    return DECODE_ATTN
+    return register_hf_attention(DECODE_ATTN, memento_decode_attention)
 
 
 @contextmanager
