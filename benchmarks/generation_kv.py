@@ -29,22 +29,11 @@ import torch
 from memento_train.data import Renderer
 from memento_train.generation import BlockMaskingConfig, ReferenceGenerator
 from memento_train.masking import live_kv_trace, parse
+from memento_train.models import build_tiny_model
 from memento_train.tokenizer_assets import load_shipped_tokenizer
 from memento_train.tokens import special_token_ids
 
 BIG_MODEL_BYTES_PER_TOKEN = 36 * 8 * 128 * 2 * 2  # Qwen3-8B: layers x kv heads x head_dim x (K+V) x bf16
-
-
-def tiny_qwen3(hidden: int, layers: int, dtype: torch.dtype, device: str):
-    import transformers as tf
-
-    config = tf.Qwen3Config(
-        vocab_size=2048, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=8192,
-        pad_token_id=0, bos_token_id=0, eos_token_id=0,
-    )
-    torch.manual_seed(0)
-    return tf.Qwen3ForCausalLM(config).to(dtype=dtype, device=device).eval()
 
 
 def load_traces(tokenizer):
@@ -100,7 +89,8 @@ def main() -> None:
     tok = load_shipped_tokenizer()
     ids = special_token_ids(tok)
     traces = load_traces(tok)
-    model = tiny_qwen3(args.hidden, args.layers, getattr(torch, args.dtype), args.device)
+    model = build_tiny_model(tok, hidden_size=args.hidden, num_layers=args.layers, max_position_embeddings=8192,
+                             dtype=getattr(torch, args.dtype), device=args.device)
     modes = {"on": BlockMaskingConfig(keep_last_n_blocks=0), "off": BlockMaskingConfig(enable=False)}
     runs = {name: run_mode(model, tok, bm, traces, alone=not args.no_alone, growth=args.growth)
             for name, bm in modes.items()}

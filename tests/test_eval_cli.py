@@ -289,7 +289,7 @@ def test_console_script_entry_point():
 def test_scripted_engine_matches_reference_engine_bookkeeping():
     """The fake's kinds / kv_trace convention is the real engine's (teacher-forcing a memento response)."""
     ref = _reference()
-    from memento_train.evaluation.runner import build_tiny_model
+    from memento_train.models import build_tiny_model
     from memento_train.generation.engine import BlockMaskingConfig, SamplingParams
 
     tok = load_shipped_tokenizer()
@@ -311,7 +311,8 @@ def test_vllm_engine_wiring_with_fake_llm(tmp_path, capsys):
     from types import SimpleNamespace
 
     from memento_train.evaluation.config import from_dict
-    from memento_train.evaluation.runner import run_eval, tiny_model_config
+    from memento_train.evaluation.runner import run_eval
+    from memento_train.models import tiny_model_config
 
     tok = load_shipped_tokenizer()
     ckpt = tmp_path / "ckpt"

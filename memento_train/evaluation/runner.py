@@ -31,6 +31,7 @@ from typing import Any
 
 from memento_train.generation.engine import GenerationEngine, GenerationResult
 from memento_train.masking import SpecialTokens
+from memento_train.models import build_tiny_model, tiny_model_config
 from memento_train.tokens import IM_END, THINK_START, special_token_ids
 
 from . import report
@@ -167,35 +168,6 @@ def load_tokenizer(cfg: EvalConfig) -> Any:
     return _load(cfg.tokenizer or cfg.model)
 
 
-def tiny_model_config(tokenizer: Any) -> Any:
-    """Config of the embedded default model: a 2-layer Qwen3 (hidden 64, 4 heads, 2 KV heads of 16)."""
-    import transformers
-
-    return transformers.Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-        tie_word_embeddings=True, eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-    )
-
-
-def build_tiny_model(tokenizer: Any, seed: int = 0) -> Any:
-    """The embedded default model: seeded random weights; memento/think rows initialised as in training.
-
-    Random weights: its answers are noise (accuracy ~0) and it almost never writes memento tokens,
-    so it exercises the evaluation plumbing, not the method.
-    """
-    import torch
-    import transformers
-
-    from memento_train.tokens import MEMENTO_TOKENS, THINK_TOKENS, init_new_token_embeddings
-
-    torch.manual_seed(seed)
-    model = transformers.Qwen3ForCausalLM(tiny_model_config(tokenizer)).to(torch.float32).eval()
-    init_new_token_embeddings(model, tokenizer, [*THINK_TOKENS, *MEMENTO_TOKENS], seed=seed)
-    return model
-
-
 def _device_and_dtype(cfg: EvalConfig) -> tuple[str, Any]:
     import torch
 
@@ -215,7 +187,7 @@ def load_model(cfg: EvalConfig, tokenizer: Any) -> Any:
     """The tiny model, or ``AutoModelForCausalLM.from_pretrained(cfg.model)`` on the configured device."""
     device, dtype = _device_and_dtype(cfg)
     if cfg.is_tiny:
-        return build_tiny_model(tokenizer, cfg.seed).to(device=device, dtype=dtype)
+        return build_tiny_model(tokenizer, seed=cfg.seed, dtype=dtype, device=device)
     from transformers import AutoModelForCausalLM
 
     try:
@@ -430,7 +402,6 @@ __all__ = [
     "EvalOutcome",
     "Problem",
     "build_engine",
-    "build_tiny_model",
     "engine_override",
     "kv_cost_for",
     "load_model",
@@ -440,5 +411,4 @@ __all__ = [
     "run_eval",
     "score_problem",
     "stop_token_ids",
-    "tiny_model_config",
 ]
