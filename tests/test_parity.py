@@ -21,10 +21,10 @@ import torch
 
 from memento_train.attention import MementoAttentionMeta, attn_implementation
 from memento_train.generation import (
-    DECODE_ATTN,
-    EvictingCache,
+    BATCHED_DECODE_ATTN,
+    BatchedEvictingCache,
     EvictingDecoder,
-    register_decode_attention,
+    register_batched_decode_attention,
     teacher_forced_logits,
 )
 from memento_train.masking import MaskConfig, kv_bytes_per_token, live_kv_trace, parse
@@ -189,61 +189,35 @@ def test_feed_equals_step_by_step(make_tiny_lm):
 
 
 def test_cache_without_eviction_equals_stock_forward(make_tiny_lm):
-    """Plain HF usage (implicit positions from the cache) without eviction == stock sdpa full forward."""
+    """Prefill then one token at a time through the evicting cache, no eviction == stock sdpa forward."""
     model = make_tiny_lm("olmo3")
-    ids = torch.tensor(DOCS[0][0])
+    ids = DOCS[0][0]
     with torch.no_grad():
-        ref = model(input_ids=ids[None], use_cache=False).logits[0]
-        cache = EvictingCache(config=model.config)
-        register_decode_attention()
-        model.set_attn_implementation(DECODE_ATTN)
+        ref = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+        cache = BatchedEvictingCache(config=model.config, growth=1)
+        register_batched_decode_attention()
+        model.set_attn_implementation(BATCHED_DECODE_ATTN)
         try:
-            prefill = model(input_ids=ids[None, :20], past_key_values=cache, memento_cache=cache).logits[0]
-            rest = [model(input_ids=ids[None, i:i + 1], past_key_values=cache, memento_cache=cache).logits[0, 0]
-                    for i in range(20, len(ids))]
+            chunks = [ids[:20]] + [[t] for t in ids[20:]]
+            outs = []
+            for chunk in chunks:
+                input_ids, position_ids = cache.prepare_inputs([chunk])
+                outs.append(model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache,
+                                  use_cache=True, memento_cache=cache).logits[0])
         finally:
             model.set_attn_implementation("sdpa")
-    got = torch.cat([prefill, torch.stack(rest)])
+    got = torch.cat(outs)
     assert (got - ref).abs().max().item() < TOL64
-    assert cache.get_seq_length() == len(ids) == cache.num_entries()
-    assert cache.positions().tolist() == list(range(len(ids)))
-
-
-def test_evict_frees_storage_and_keeps_logical_positions():
-    cache = EvictingCache(2)
-    k = torch.randn(1, 2, 10, 4, dtype=torch.float64)
-    for layer in range(2):
-        cache.set_query_positions(range(10))
-        cache.update(k, k.clone(), layer)
-    full = cache.nbytes()
-    assert full == 2 * 2 * k.numel() * 8
-    assert cache.evict((3, 7)) == 4
-    assert cache.positions().tolist() == [0, 1, 2, 7, 8, 9]
-    assert cache.evict(range(5, 9)) == 2  # 5, 6 already gone: only 7, 8 are removed
-    assert cache.evict([0, 42]) == 1
-    assert cache.positions(1).tolist() == [1, 2, 9]
-    assert cache.nbytes() == full * 3 // 10  # storage really shrank (not a view of the old buffer)
-    for layer in cache.layers:
-        assert torch.equal(layer.keys, k[..., [1, 2, 9], :])
-        assert layer.keys.untyped_storage().nbytes() == layer.keys.numel() * 8
-    assert cache.get_seq_length() == 10  # logical length: next position is still 10
-    cache.set_query_positions([10])
-    cache.update(k[..., :1, :], k[..., :1, :], 0)
-    assert cache.positions(0).tolist() == [1, 2, 9, 10]
-    with pytest.raises(ValueError, match="not after the last cached"):
-        cache.set_query_positions([5])
-        cache.update(k[..., :1, :], k[..., :1, :], 0)
-    with pytest.raises(ValueError, match="contiguous"):
-        cache.evict(range(0, 10, 2))
+    assert cache.lengths == [len(ids)] and cache.row_positions(0) == list(range(len(ids)))
 
 
 def test_decode_attention_needs_the_cache(make_tiny_lm):
     model = make_tiny_lm("qwen3")
-    register_decode_attention()
-    model.set_attn_implementation(DECODE_ATTN)
+    register_batched_decode_attention()
+    model.set_attn_implementation(BATCHED_DECODE_ATTN)
     try:
         with pytest.raises(ValueError, match="memento_cache"):
-            model(input_ids=torch.tensor([[5, 6]]), past_key_values=EvictingCache(config=model.config))
+            model(input_ids=torch.tensor([[5, 6]]), use_cache=False)
     finally:
         model.set_attn_implementation("sdpa")
 

@@ -16,6 +16,7 @@ Packed batches arrive as batch size 1; sliding-window layers pass their window t
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 
 from .meta import MementoAttentionMeta
 from .registry import _BACKENDS, memento_attention
@@ -88,3 +89,21 @@ def attn_implementation(backend: str = "auto") -> str:
     """The HF ``attn_implementation`` name for a backend (registering on first use)."""
     register_with_transformers()
     return PREFIX + backend
+
+
+@contextmanager
+def attn_implementation_set(model, name: str):
+    """Temporarily switch ``model`` to attention implementation ``name`` (restored on exit).
+
+    Decoders switch per forward so that a model shared with a training loop (RL: the policy being
+    trained also produces rollouts) is never left in decode mode.
+    """
+    previous = model.config._attn_implementation
+    if previous == name:
+        yield model
+        return
+    model.set_attn_implementation(name)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)

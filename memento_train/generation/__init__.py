@@ -2,12 +2,11 @@
 
 - :mod:`.engine` — the contract: :class:`SamplingParams`, :class:`BlockMaskingConfig`,
   :class:`GenerationResult`, :class:`GenerationEngine`;
-- :mod:`.evicting_cache` — :class:`EvictingCache` (compacted per-layer K/V + logical positions,
-  entries freed by ``evict``) and the ``memento_decode`` HF attention function;
 - :mod:`.teacher_forced` — :class:`EvictingDecoder` (model + cache + block tracker, ``step(token)``)
   and :func:`teacher_forced_logits`, the decode side of the training/serving parity test;
-- :mod:`.batched_cache` — :class:`BatchedEvictingCache` (ragged rows, per-row eviction and
-  compaction) and the ``memento_decode_batched`` attention function;
+- :mod:`.batched_cache` — :class:`BatchedEvictingCache` (ragged rows of compacted K/V with logical
+  positions; per-row eviction physically frees entries) and the ``memento_decode_batched`` HF
+  attention function; the parity decoder and the reference engine both run on it;
 - :mod:`.sampling` — temperature / top-k / top-p / min-p with per-sequence seeded generators;
 - :mod:`.reference` — :class:`ReferenceGenerator`, the batched reference engine;
 - :mod:`.vllm_engine` — :class:`VLLMEngine`, the adapter for vLLM with the Memento block-masking
@@ -21,14 +20,6 @@ from .batched_cache import (
     register_batched_decode_attention,
 )
 from .engine import BlockMaskingConfig, GenerationEngine, GenerationResult, SamplingParams
-from .evicting_cache import (
-    DECODE_ATTN,
-    EvictingCache,
-    EvictingLayer,
-    attn_implementation_set,
-    memento_decode_attention,
-    register_decode_attention,
-)
 from .reference import ReferenceGenerator, SequenceRequest
 from .sampling import derive_seed, filter_logits, make_generator, sample_next, token_logprobs
 from .teacher_forced import EvictingDecoder, KVTrace, teacher_forced_logits
@@ -38,10 +29,7 @@ __all__ = [
     "BATCHED_DECODE_ATTN",
     "BatchedEvictingCache",
     "BlockMaskingConfig",
-    "DECODE_ATTN",
-    "EvictingCache",
     "EvictingDecoder",
-    "EvictingLayer",
     "GenerationEngine",
     "GenerationResult",
     "KVTrace",
@@ -49,15 +37,12 @@ __all__ = [
     "SamplingParams",
     "SequenceRequest",
     "VLLMEngine",
-    "attn_implementation_set",
     "batched_decode_attention",
     "check_vllm_block_masking",
     "derive_seed",
     "filter_logits",
     "make_generator",
-    "memento_decode_attention",
     "register_batched_decode_attention",
-    "register_decode_attention",
     "sample_next",
     "teacher_forced_logits",
     "token_logprobs",

@@ -1,7 +1,8 @@
 """A ragged, batched KV cache that physically frees evicted entries, and its HF attention function.
 
-The batch-``B`` counterpart of :class:`~.evicting_cache.EvictingCache`. Every sequence (row) keeps its
-own compacted entries; per layer the cache stores ``keys``/``values`` ``[B, Hkv, C, D]`` and, shared
+What the serving engine does when a memento block is evicted: the block's K/V entries are dropped
+from storage while every remaining entry keeps the *logical* position it was written at (RoPE was
+applied with it; nothing is re-rotated). Every sequence (row) keeps its own compacted entries; per layer the cache stores ``keys``/``values`` ``[B, Hkv, C, D]`` and, shared
 by all layers (they hold the same tokens), the logical position of every slot ``positions [B, C]``
 (``-1``: an empty padding slot). Row ``b`` uses slots ``0 .. lengths[b]-1`` in increasing logical
 position; ``C`` is at least the longest row.
@@ -11,7 +12,7 @@ position; ``C`` is at least the longest row.
 - the model's forward appends them (``Cache.update``), growing ``C`` by ``growth`` spare slots when a
   row runs out, and ``memento_decode_batched`` attends each new query to the valid entries of its own
   row whose logical position is ``<=`` its own (``q_pos - k_pos < window`` on sliding layers, in
-  logical positions, exactly like ``memento_decode`` and the training mask);
+  logical positions, exactly like the training mask; the cache never truncates by count);
 - :meth:`evict` queues per-row logical spans, :meth:`compact` drops them: every row is compacted with
   one gather into *new* tensors trimmed to the longest live row (plus fewer than ``growth`` spare
   slots), so the freed memory is really released (``nbytes`` reports allocated storage);
@@ -109,8 +110,10 @@ class BatchedEvictingCache(Cache):
             num_layers = config.get_text_config(decoder=True).num_hidden_layers
         if num_layers is None:
             raise ValueError("BatchedEvictingCache needs num_layers or the model config")
+        if growth < 0:
+            raise ValueError(f"growth must be >= 0 spare slots, got {growth}")
         super().__init__(layers=[BatchedEvictingLayer() for _ in range(num_layers)])
-        self.growth = int(growth)
+        self.growth = int(growth)  # 0: storage always exactly the live entries (one realloc per append)
         self.positions: torch.Tensor | None = None  # int64 [B, C], -1 = empty slot
         self.lengths: list[int] = []  # live entries per row (host copy, no device sync needed)
         self.next_pos: list[int] = []  # logical position after each row's newest entry

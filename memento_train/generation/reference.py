@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..attention.hf import attn_implementation_set
 from ..masking import BlockTracker, SpecialTokens
 from ..tokens import IM_END
 from .batched_cache import BATCHED_DECODE_ATTN, BatchedEvictingCache, register_batched_decode_attention
 from .engine import BlockMaskingConfig, GenerationResult, SamplingParams
-from .evicting_cache import attn_implementation_set
 from .sampling import derive_seed, make_generator, random_seed, sample_next, token_logprobs
 
 

@@ -8,8 +8,8 @@ reproduces that with a stock HF model:
    and reports the evictions that take effect *before* that token is processed (e.g. with
    ``keep_last_n_blocks=0`` the block is dropped before its ``<|summary_end|>`` is consumed, so the
    summary_end token itself no longer sees it, while every summary token before it did);
-2. those key spans are removed from every layer of the :class:`EvictingCache` (physically: the
-   layer tensors are rebuilt without them);
+2. those key spans are removed from every layer of a one-row
+   :class:`~.batched_cache.BatchedEvictingCache` (physically: the layer tensors are rebuilt without them);
 3. the model runs on the token with ``position_ids = row``: positions stay *logical* (evicted
    tokens keep counting), exactly as the engine keeps logical RoPE positions and uses compacted
    physical slots only for storage.
@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from ..masking import BlockTracker, Eviction, Kind, MaskConfig, SpecialTokens
-from .evicting_cache import DECODE_ATTN, EvictingCache, attn_implementation_set, register_decode_attention
+from ..attention.hf import attn_implementation_set
+from .batched_cache import BATCHED_DECODE_ATTN, BatchedEvictingCache, register_batched_decode_attention
 
 
 @dataclass
@@ -51,14 +52,14 @@ class KVTrace:
 
 
 class EvictingDecoder:
-    """Owns a model, an :class:`EvictingCache` and a :class:`BlockTracker`; feeds tokens one by one.
+    """Owns a model, a one-row evicting KV cache and a :class:`BlockTracker`; feeds tokens one by one.
 
     ``step(token_id)`` applies the evictions the tracker reports for this row, then runs the model on
     the token at its logical position and returns its next-token logits ``[V]``. ``feed(ids)`` does
     the same for several tokens, in as few forwards as the evictions allow (one forward per run of
     tokens between eviction rows: a fast prompt prefill, since prompts never evict).
 
-    The model's attention implementation is switched to ``memento_decode`` only for the duration of
+    The model's attention implementation is switched to ``memento_decode_batched`` only for the duration of
     each forward, so the same model object can keep training with ``memento_<backend>``.
     """
 
@@ -75,10 +76,12 @@ class EvictingDecoder:
             if isinstance(special_token_ids, SpecialTokens)
             else SpecialTokens.from_mapping(special_token_ids)
         )
-        register_decode_attention()
+        register_batched_decode_attention()
         self.model = model
         self.tracker = BlockTracker(special, mask_config, prompt_len=prompt_len)
-        self.cache = EvictingCache(config=model.config)
+        # growth=0: no spare slots, so the cache's allocated storage is exactly the live entries and
+        # the trace's bytes are a measurement of real storage.
+        self.cache = BatchedEvictingCache(config=model.config, growth=0)
         self.device = next(model.parameters()).device
         self.kinds: list[Kind] = []
         self.evictions: list[Eviction] = []
@@ -138,30 +141,26 @@ class EvictingDecoder:
     def _evict(self, evictions: list[Eviction]) -> None:
         for ev in evictions:
             # Nested blocks can produce overlapping spans; already-freed positions are ignored.
-            self.cache.evict(ev)
+            self.cache.evict(0, ev.start, ev.stop)
             self.evictions.append(ev)
+        self.cache.compact()
 
     def _forward(self, ids: list[int], rows: list[int]) -> torch.Tensor:
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-        position_ids = torch.tensor([rows], dtype=torch.long, device=self.device)
-        self.cache.set_query_positions(position_ids[0])
-        try:
-            with torch.no_grad(), attn_implementation_set(self.model, DECODE_ATTN):
-                out = self.model(
-                    input_ids=input_ids,
-                    position_ids=position_ids,
-                    past_key_values=self.cache,
-                    use_cache=True,
-                    memento_cache=self.cache,
-                )
-        finally:
-            self.cache.set_query_positions(None)
+        input_ids, position_ids = self.cache.prepare_inputs([ids], [rows], device=self.device)
+        with torch.no_grad(), attn_implementation_set(self.model, BATCHED_DECODE_ATTN):
+            out = self.model(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                past_key_values=self.cache,
+                use_cache=True,
+                memento_cache=self.cache,
+            )
         return out.logits[0]
 
     def _record(self, run_len: int) -> None:
         # No key dies inside a run, so the rows of a run held (entries - run_len + 1 + j) entries.
-        entries = self.cache.num_entries()
-        total = self.cache.nbytes()
+        entries = self.cache.lengths[0]
+        total = self.cache.nbytes()  # allocated storage (== entries × bytes per entry: no spare slots)
         per_entry = total // entries if entries else 0
         for j in range(run_len):
             held = entries - (run_len - 1 - j)
