@@ -8,7 +8,8 @@ Modules, one idea each:
 - :mod:`.validate` — rejection reasons, :class:`ValidationReport`, strict mode;
 - :mod:`.pack` — best-fit-decreasing packing into :class:`PackedBatch`;
 - :mod:`.cache` — :func:`prepare_dataset`, the fingerprinted Arrow cache;
-- :mod:`.stats` / :mod:`.cli` — ``memento-data stats`` and ``memento-data prepare``.
+- :mod:`.synthetic` — the deterministic running-total Memento task (blocks need their summaries);
+- :mod:`.stats` / :mod:`.cli` — ``memento-data stats``, ``prepare`` and ``synth``.
 """
 
 from memento_train.data.cache import prepare_dataset
@@ -24,6 +25,7 @@ from memento_train.data.pack import (
 )
 from memento_train.data.records import RecordFieldError, assemble_full_response, load_records
 from memento_train.data.render import IGNORE_INDEX, RenderedExample, Renderer, load_tokenizer, render_record
+from memento_train.data.synthetic import SyntheticTaskConfig, synthetic_record, synthetic_records
 from memento_train.data.validate import (
     REASONS,
     InvalidRecordError,
@@ -34,7 +36,8 @@ from memento_train.data.validate import (
 
 __all__ = [
     "DataConfig", "DataConfigError", "IGNORE_INDEX", "InvalidRecordError", "PackedBatch", "PackingStats",
-    "REASONS", "RecordFieldError", "RenderedExample", "Renderer", "ValidationReport", "assemble_full_response",
+    "REASONS", "RecordFieldError", "RenderedExample", "Renderer", "SyntheticTaskConfig", "ValidationReport", "assemble_full_response",
     "batch_from_row", "check_record", "collate", "iter_packed_batches", "load_records", "load_tokenizer",
-    "pack_examples", "plan_bins", "prepare_dataset", "render_record", "validate_records",
+    "pack_examples", "plan_bins", "prepare_dataset", "render_record", "synthetic_record", "synthetic_records",
+    "validate_records",
 ]

@@ -3,6 +3,7 @@
     memento-data stats [PATH] [--tokenizer T] [--max-seq-len N] [--pack-tokens N]
                        [--model-config qwen3-8b|PATH/config.json] [--json]
     memento-data prepare PATH --output DIR [--pack-tokens N] [--pad-to M] [--num-proc P] ...
+    memento-data synth N --output FILE.jsonl [--seed S] [--offset K]
 
 ``stats`` renders and validates every record (PATH defaults to the shipped sample traces) and prints
 per-domain block/summary lengths, compression, simulated peak-KV / KV-AUC for keep_last_n_blocks 0 vs
@@ -12,6 +13,9 @@ per-domain block/summary lengths, compression, simulated peak-KV / KV-AUC for ke
 micro-batches of at most ``--pack-tokens`` tokens and writes them with ``save_to_disk``: load them
 with ``datasets.load_from_disk(DIR)`` and turn rows into tensors with
 :func:`memento_train.data.pack.batch_from_row`. ``DIR/memento_prepare.json`` holds the report.
+
+``synth`` writes N records of the deterministic synthetic running-total task
+(:mod:`.synthetic`) as OpenMementos-format JSONL.
 
 Exit status: 0 on success, 2 on bad input (with a one-line ``memento-data: error: ...`` message).
 """
@@ -68,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--num-proc", type=int, default=1)
     pr.add_argument("--shuffle-seed", type=int, default=None, help="shuffle records before packing")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
+
+    sy = sub.add_parser("synth", help="write records of the synthetic running-total Memento task")
+    sy.add_argument("n", type=int, help="number of records")
+    sy.add_argument("--output", required=True, help="JSONL file to write")
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--offset", type=int, default=0, help="index of the first record")
     return ap
 
 
@@ -192,12 +202,26 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    from memento_train.data.synthetic import SyntheticTaskConfig, synthetic_records
+
+    records = synthetic_records(args.n, SyntheticTaskConfig(seed=args.seed), offset=args.offset)
+    with open(args.output, "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    print(f"wrote {len(records)} synthetic records to {args.output}")
+    return 0
+
+
+_COMMANDS = {"stats": cmd_stats, "prepare": cmd_prepare, "synth": cmd_synth}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from memento_train.data.validate import InvalidRecordError
 
     try:
-        return cmd_stats(args) if args.command == "stats" else cmd_prepare(args)
+        return _COMMANDS[args.command](args)
     except (InvalidRecordError, FileNotFoundError, ValueError, OSError) as exc:
         msg = str(exc)
         if isinstance(exc, DataConfigError):  # name the command-line flag, not the config field
