@@ -1,0 +1,57 @@
+"""Options of the training engines (how a model is sharded, in which precision, with what offload)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memento_train.config_errors import ConfigError
+
+ENGINE_KINDS = ("fsdp2", "deepspeed", "megatron")
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+@dataclass
+class EngineConfig:
+    """How trainer workers hold and update the model.
+
+    Attributes:
+        kind: ``fsdp2`` (``torch.distributed.fsdp.fully_shard``), ``deepspeed`` (ZeRO) or ``megatron``
+            (megatron-core ``GPTModel``, tensor/pipeline parallel).
+        precision: compute dtype. ``bf16``/``fp16`` keep fp32 master weights and optimizer state and
+            reduce gradients in fp32; ``fp32`` computes in fp32 (the CPU default).
+        zero_stage: 2 shards optimizer state and gradients, 3 also parameters. For FSDP2, 2 keeps
+            parameters gathered between forward and backward (``reshard_after_forward=False``), 3
+            frees them after forward.
+        offload_optimizer: keep optimizer state (and the step) on CPU.
+        offload_params: keep sharded parameters on CPU between uses (ZeRO-3 / FSDP2 only).
+        tensor_parallel: tensor-parallel size (megatron only).
+        pipeline_parallel: pipeline-parallel size (megatron only).
+    """
+
+    kind: str = "fsdp2"
+    precision: str = "fp32"
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+
+    def validate(self, prefix: str = "engine") -> EngineConfig:
+        """Raise :class:`ConfigError` naming the first bad option; returns self."""
+        if self.kind not in ENGINE_KINDS:
+            raise ConfigError(f"{prefix}.kind must be one of {ENGINE_KINDS}, got {self.kind!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"{prefix}.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.zero_stage not in (2, 3):
+            raise ConfigError(f"{prefix}.zero_stage must be 2 or 3, got {self.zero_stage!r}")
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError(f"{prefix}.offload_params needs {prefix}.zero_stage=3 (parameters are only "
+                              "sharded, hence offloadable, at stage 3)")
+        for name in ("tensor_parallel", "pipeline_parallel"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{prefix}.{name} must be an int >= 1, got {v!r}")
+            if v > 1 and self.kind != "megatron":
+                raise ConfigError(f"{prefix}.{name}={v} needs {prefix}.kind=megatron "
+                                  f"(fsdp2 and deepspeed are data parallel only)")
+        return self
