@@ -23,18 +23,44 @@ Contract, for every engine:
   keyed by the model's own (Hugging Face) parameter names on rank 0, and ``None`` on other ranks.
 - ``full_grads()`` is collective; called after the last backward of a step and before ``step``, it
   returns the reduced, unsharded gradients as fp32 CPU tensors keyed by parameter name, on every rank.
+- ``forward_backward(micro_batches, loss_fn)`` is what loops call: forward each :class:`MicroBatch`,
+  ``loss_fn(logits, mb) -> (loss, metrics)``, backward. The default runs them one after another
+  through :meth:`logits` and :meth:`backward`; a pipeline-parallel engine overrides it with its own
+  schedule. ``forward_only`` is the no-grad twin (reference / old log-probs, eval loss).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from memento_train.attention import MementoAttentionMeta
+
 from memento_train.engines.config import EngineConfig
 from memento_train.optim import OptimConfig
+
+
+@dataclass
+class MicroBatch:
+    """One packed micro-batch as the engines see it: tokens, positions, memento-attention metadata,
+    and whatever per-token tensors the loss needs (``labels``, advantages, old log-probs, ...)."""
+
+    input_ids: torch.Tensor  # int64 [T]
+    position_ids: torch.Tensor  # int64 [T], restarting per document
+    meta: MementoAttentionMeta
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+LossFn = Callable[[torch.Tensor, MicroBatch], "tuple[torch.Tensor, dict[str, Any]]"]
 
 
 class TrainEngine(ABC):
@@ -75,6 +101,30 @@ class TrainEngine(ABC):
     @abstractmethod
     def full_grads(self) -> dict[str, torch.Tensor]:
         """Collective: reduced unsharded fp32 CPU gradients on every rank (before :meth:`step`)."""
+
+    def logits(self, mb: MicroBatch) -> torch.Tensor:
+        """Forward one micro-batch; returns logits ``[T, vocab]`` (HF causal-LM models by default)."""
+        out = self.module(
+            input_ids=mb.input_ids[None], position_ids=mb.position_ids[None], memento_meta=mb.meta, use_cache=False
+        )
+        return out.logits[0]
+
+    def forward_backward(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn) -> list[dict[str, Any]]:
+        """Forward + backward every micro-batch of one step (the last one syncs gradients).
+
+        Returns each micro-batch's metrics from ``loss_fn``.
+        """
+        metrics = []
+        for i, mb in enumerate(micro_batches):
+            loss, m = loss_fn(self.logits(mb), mb)
+            self.backward(loss, last_micro_batch=i == len(micro_batches) - 1)
+            metrics.append(m)
+        return metrics
+
+    @torch.no_grad()
+    def forward_only(self, micro_batches: Sequence[MicroBatch], fn: Callable[[torch.Tensor, MicroBatch], Any]) -> list[Any]:
+        """Evaluate ``fn(logits, mb)`` on every micro-batch without gradients."""
+        return [fn(self.logits(mb), mb) for mb in micro_batches]
 
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
