@@ -33,6 +33,7 @@ import numpy as np
 from memento_train.data.config import DataConfig
 from memento_train.data.records import load_records, resolve_local_files
 from memento_train.data.render import Renderer, load_tokenizer, tokenizer_fingerprint
+from memento_train.data.synthetic import parse_source
 from memento_train.data.validate import InvalidRecordError, ValidationReport, check_record
 
 CACHE_VERSION = "memento-data-v1"
@@ -103,6 +104,8 @@ class _Preparer:
 
 
 def _source_signature(cfg: DataConfig) -> list[Any]:
+    if parse_source(str(cfg.path)) is not None:  # generated: the path string determines the records
+        return [str(cfg.path), cfg.split]
     try:
         local = resolve_local_files(cfg.path)
     except (OSError, ValueError):

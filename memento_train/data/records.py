@@ -115,6 +115,12 @@ def load_raw(cfg: DataConfig):
     """The source as a ``datasets.Dataset`` with its original columns (no normalisation)."""
     import datasets
 
+    from memento_train.data.synthetic import SyntheticTaskConfig, parse_source, synthetic_records
+
+    synthetic = parse_source(str(cfg.path))
+    if synthetic is not None:
+        n, seed = synthetic
+        return datasets.Dataset.from_list(synthetic_records(n, SyntheticTaskConfig(seed=seed)))
     local = resolve_local_files(cfg.path)
     if local is not None:
         builder, files = local

@@ -92,3 +92,26 @@ def synthetic_records(n: int, config: SyntheticTaskConfig = SyntheticTaskConfig(
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     return [synthetic_record(offset + i, config) for i in range(n)]
+
+
+SOURCE_PREFIX = "synthetic:"
+
+
+def parse_source(path: str) -> tuple[int, int] | None:
+    """``(num_records, seed)`` for a ``data.path`` of the form ``synthetic:N`` or ``synthetic:N:SEED``;
+    ``None`` for any other path. Lets recipes and tests train on the task with no file on disk."""
+    text = str(path)
+    if not text.startswith(SOURCE_PREFIX):
+        return None
+    parts = text[len(SOURCE_PREFIX):].split(":")
+    try:
+        n = int(parts[0])
+        seed = int(parts[1]) if len(parts) > 1 else 0
+        if n < 1 or len(parts) > 2:
+            raise ValueError
+    except ValueError:
+        raise ValueError(
+            f"data.path {text!r}: the synthetic source is written 'synthetic:N' or 'synthetic:N:SEED' "
+            "with N >= 1 records (e.g. 'synthetic:2000')"
+        ) from None
+    return n, seed

@@ -1,0 +1,66 @@
+"""Recipes: YAML files of config sections, shipped in this package directory.
+
+A recipe names its base recipes under ``defaults:`` (merged in order, then this file on top), so a
+stage-2 recipe only states what differs from stage 1. ``recipe=NAME`` finds ``NAME.yaml`` here;
+``recipe=path/to/file.yaml`` reads any file (its ``defaults`` may name shipped recipes or files next
+to it). A recipe with ``stages: [a, b]`` is a pipeline: each stage runs in turn, the next one
+initialised from the previous one's export (see :mod:`memento_train.sft.pipeline`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from memento_train.config_errors import ConfigError
+from memento_train.structured_config import deep_merge
+
+RECIPE_DIR = Path(__file__).resolve().parent
+
+
+def available_recipes() -> list[str]:
+    """Names of the shipped recipes."""
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def recipe_path(name: str, relative_to: Path | None = None) -> Path:
+    """The file for recipe ``name`` (a shipped name or a path); :class:`ConfigError` if there is none."""
+    candidates = []
+    if name.endswith((".yaml", ".yml")) or os.sep in name:
+        candidates.append(Path(os.path.expanduser(name)))
+        if relative_to is not None:
+            candidates.append(relative_to / name)
+    else:
+        if relative_to is not None:
+            candidates.append(relative_to / f"{name}.yaml")
+        candidates.append(RECIPE_DIR / f"{name}.yaml")
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError(f"unknown recipe {name!r}; shipped recipes: {', '.join(available_recipes())} "
+                      "(or pass a path to a .yaml file)")
+
+
+def load_recipe(name: str, *, relative_to: Path | None = None, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The merged tree of recipe ``name`` (its ``defaults`` resolved; the key itself removed)."""
+    path = recipe_path(name, relative_to)
+    key = str(path.resolve())
+    if key in _seen:
+        raise ConfigError(f"recipe {name!r} includes itself through defaults: {' -> '.join(_seen + (key,))}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"recipe {str(path)!r} must be a mapping of config sections")
+    bases = tree.pop("defaults", []) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    merged: dict[str, Any] = {}
+    for base in bases:
+        merged = deep_merge(merged, load_recipe(str(base), relative_to=path.parent, _seen=_seen + (key,)))
+    merged.pop("stages", None)  # a pipeline's stage list is not inherited by recipes built on it
+    return deep_merge(merged, tree)

@@ -1,0 +1,92 @@
+"""``memento-train``: supervised fine-tuning of Memento models.
+
+Usage::
+
+    memento-train                                   # embedded default: tiny model, synthetic data, CPU,
+                                                    # stage 1 then stage 2, HF export at the end
+    memento-train recipe=qwen3_8b_stage2 model.path=/ckpt/stage1/hf output_dir=/shared/run2
+    memento-train recipe=tiny_stage1 train.max_steps=10 optim.lr=1e-3 logger=none
+    memento-train export checkpoint=RUN/checkpoints/step_00000050 output=RUN/hf-step50
+    memento-train recipes                           # list the shipped recipes
+    memento-train show recipe=NAME [key=value ...]  # print the resolved config and exit
+
+Overrides are ``section.option=value`` (values parsed as YAML). The whole config is validated before
+any worker starts; errors name the option to change.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import yaml
+
+from memento_train.config_errors import ConfigError
+from memento_train.recipes import available_recipes
+from memento_train.structured_config import parse_overrides, to_dict
+
+
+def _split_recipe(args: Sequence[str]) -> tuple[str | None, list[str]]:
+    recipe, rest = None, []
+    for a in args:
+        if a.startswith("recipe="):
+            recipe = a.split("=", 1)[1] or None
+        else:
+            rest.append(a)
+    return recipe, rest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-h", "--help", "help"):
+        print(__doc__)
+        return 0
+    try:
+        if args and args[0] == "recipes":
+            print("\n".join(available_recipes()))
+            return 0
+        if args and args[0] == "export":
+            from memento_train.sft.driver import export_checkpoint
+
+            opts = parse_overrides(args[1:])
+            ckpt, out = opts.pop("checkpoint", None), opts.pop("output", None)
+            if not ckpt or not out:
+                raise ConfigError("usage: memento-train export checkpoint=RUN/checkpoints/step_N output=DIR")
+            print(export_checkpoint(str(ckpt), str(out), opts))
+            return 0
+        show = bool(args) and args[0] == "show"
+        recipe, rest = _split_recipe(args[1:] if show else args)
+        return _train(recipe, rest, show=show)
+    except ConfigError as exc:
+        print(f"memento-train: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _train(recipe: str | None, overrides: list[str], *, show: bool) -> int:
+    from memento_train.sft.config import build_sft_config, config_tree
+
+    tree = config_tree(recipe, overrides)
+    stages = tree.pop("stages", None)
+    if stages:
+        from memento_train.sft.pipeline import run_pipeline
+
+        if show:
+            print(yaml.safe_dump({"stages": stages, "overrides": parse_overrides(overrides)}, sort_keys=False))
+            return 0
+        results = run_pipeline(list(stages), parse_overrides(overrides))
+        for r in results:
+            print(f"[memento-train] {r.output_dir}: {r.steps} steps, final loss {r.final_loss:.4f}, HF model {r.hf_dir}")
+        return 0
+    cfg = build_sft_config(tree)
+    if show:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+    from memento_train.sft.driver import run_stage
+
+    r = run_stage(cfg)
+    print(f"[memento-train] {r.output_dir}: {r.steps} steps, final loss {r.final_loss:.4f}, HF model {r.hf_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""The SFT run's configuration: one typed tree, built from a recipe plus ``key=value`` overrides and
+validated before any worker starts.
+
+Stage 1 and stage 2 differ only in ``data.mask.keep_last_n_blocks`` (-1: full causal attention;
+>= 0: memento attention) and in where the weights come from (stage 2 starts from stage 1's export).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memento_train.cluster.config import ClusterConfig
+from memento_train.config_errors import ConfigError
+from memento_train.data.config import DataConfig
+from memento_train.data.synthetic import parse_source
+from memento_train.engines.config import EngineConfig
+from memento_train.optim import OptimConfig
+from memento_train.recipes import load_recipe
+from memento_train.structured_config import build, deep_merge, has_key, parse_overrides
+
+# Written next to every HF export; stage 2 reads it to check that it starts from a stage-1 model.
+EXPORT_MARKER = "memento_train.json"
+LOGGERS = ("wandb", "none")
+RESUME_MODES = ("auto", "never")
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the random-weight Qwen3-style model used when ``model.path`` is unset (CPU runs)."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_position_embeddings: int = 4096
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train and how it computes attention.
+
+    Attributes:
+        path: a Hugging Face model directory or hub id; ``None`` builds a tiny random model (``tiny``)
+            with the shipped tokenizer.
+        tokenizer: tokenizer directory / hub id; ``None`` = ``path``'s (the shipped one for tiny).
+        attn_backend: memento attention backend (``auto``, ``segment``, ``sdpa``, ``flex``,
+            ``flash_attn``, ``triton``); ``auto`` picks the fastest available on the device.
+        gradient_checkpointing: recompute decoder layers in backward (long sequences).
+        require_stage1_init: at stage 2, insist that ``path`` is a memento-train stage-1 export.
+        trust_remote_code: passed to ``from_pretrained``.
+    """
+
+    path: str | None = None
+    tokenizer: str | None = None
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    attn_backend: str = "auto"
+    gradient_checkpointing: bool = False
+    require_stage1_init: bool = True
+    trust_remote_code: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """Length of the run and batching.
+
+    Attributes:
+        epochs: passes over the data (fractions allowed); the run has
+            ``ceil(epochs * samples / global_batch_size)`` optimizer steps unless ``max_steps`` is set.
+        max_steps: stop after this many optimizer steps (the schedule still spans the full run when
+            ``schedule_steps`` is unset, so a short test run sees the real warm-up).
+        global_batch_size: sequences per optimizer step, over all workers.
+        micro_batch_tokens: token budget of one packed micro-batch (one forward/backward).
+        pad_to_multiple: pad each micro-batch to a multiple of this (kernels' tile size; 1 = none).
+        max_samples: use only the first N examples (after validation).
+        seed: model init, data order and dropout.
+        shuffle: reshuffle the examples every epoch (seeded by ``seed`` and the epoch).
+        log_every: log metrics every N steps.
+    """
+
+    epochs: float = 5.0
+    max_steps: int | None = None
+    global_batch_size: int = 512
+    micro_batch_tokens: int = 32768
+    pad_to_multiple: int = 1
+    max_samples: int | None = None
+    seed: int = 42
+    shuffle: bool = True
+    log_every: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    """Resumable checkpoints and the final export.
+
+    Attributes:
+        every: save a resumable checkpoint every N optimizer steps (0 = only at the end).
+        keep_last: keep the newest K checkpoints.
+        export_hf: write a Hugging Face model (safetensors + tokenizer + chat template) at the end.
+    """
+
+    every: int = 50
+    keep_last: int = 3
+    export_hf: bool = True
+
+
+@dataclass
+class WandbConfig:
+    """wandb run options; ``mode=auto`` is online with an API key, offline without one."""
+
+    project: str = "memento-train"
+    entity: str | None = None
+    name: str | None = None
+    mode: str = "auto"
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SFTConfig:
+    """Everything one SFT stage needs. ``output_dir`` receives checkpoints, the HF export, metrics."""
+
+    output_dir: str = "runs/memento-sft"
+    stage: int = 1
+    resume: str = "auto"
+    logger: str = "wandb"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def validate(self) -> SFTConfig:
+        """Static checks (no model download); raise :class:`ConfigError` naming what to change."""
+        self.data.validate()
+        self.optim.validate("optim")
+        self.engine.validate("engine")
+        self.cluster.validate("cluster")
+        if self.stage not in (1, 2):
+            raise ConfigError(f"stage must be 1 (full attention) or 2 (memento attention), got {self.stage!r}")
+        keep = self.data.mask.keep_last_n_blocks
+        if self.stage == 1 and keep != -1:
+            raise ConfigError(f"stage 1 trains with full causal attention: set data.mask.keep_last_n_blocks=-1 "
+                              f"(got {keep}), or stage=2 for memento attention")
+        if self.stage == 2 and keep < 0:
+            raise ConfigError("stage 2 trains with memento attention: set data.mask.keep_last_n_blocks>=0 "
+                              "(0 = evict each block at its summary's end)")
+        if self.stage == 2 and self.model.require_stage1_init:
+            _check_stage1_init(self.model.path)
+        if self.resume not in RESUME_MODES and not os.path.isdir(self.resume):
+            raise ConfigError(f"resume must be 'auto', 'never' or an existing checkpoint directory, got {self.resume!r}")
+        if self.logger not in LOGGERS:
+            raise ConfigError(f"logger must be one of {LOGGERS}, got {self.logger!r}")
+        if self.wandb.mode not in ("auto", "online", "offline", "disabled"):
+            raise ConfigError(f"wandb.mode must be auto, online, offline or disabled, got {self.wandb.mode!r}")
+        t = self.train
+        if not t.epochs > 0:
+            raise ConfigError(f"train.epochs must be > 0, got {t.epochs!r}")
+        for name in ("global_batch_size", "micro_batch_tokens", "pad_to_multiple", "log_every"):
+            if getattr(t, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)!r}")
+        for name in ("max_steps", "max_samples"):
+            if getattr(t, name) is not None and getattr(t, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1 or null, got {getattr(t, name)!r}")
+        if t.global_batch_size < self.cluster.num_workers:
+            raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must be >= cluster.num_workers "
+                              f"({self.cluster.num_workers}) so every worker gets sequences")
+        if t.micro_batch_tokens < self.data.max_seq_len:
+            raise ConfigError(f"train.micro_batch_tokens ({t.micro_batch_tokens}) must be >= data.max_seq_len "
+                              f"({self.data.max_seq_len}): the longest sequence must fit one micro-batch")
+        c = self.checkpoint
+        if c.every < 0 or c.keep_last < 1:
+            raise ConfigError(f"checkpoint.every must be >= 0 and checkpoint.keep_last >= 1, got {c.every}, {c.keep_last}")
+        if self.model.path is None and self.data.max_seq_len > self.model.tiny.max_position_embeddings:
+            raise ConfigError(f"data.max_seq_len ({self.data.max_seq_len}) exceeds the tiny model's "
+                              f"model.tiny.max_position_embeddings ({self.model.tiny.max_position_embeddings})")
+        return self
+
+
+def _check_stage1_init(path: str | None) -> None:
+    hint = ("stage 2 starts from the stage-1 model: set model.path=<stage-1 output_dir>/hf "
+            "(or model.require_stage1_init=false to start from another model)")
+    if path is None:
+        raise ConfigError(f"model.path is not set; {hint}")
+    marker = Path(os.path.expanduser(path)) / EXPORT_MARKER
+    if not marker.is_file():
+        raise ConfigError(f"model.path={path!r} is not a memento-train export (no {EXPORT_MARKER}); {hint}")
+    info = json.loads(marker.read_text())
+    if info.get("stage") != 1:
+        raise ConfigError(f"model.path={path!r} was exported by a stage-{info.get('stage')} run; {hint}")
+
+
+# Keys every recipe must set explicitly because the right value depends on the model family.
+REQUIRED_EXPLICIT = {
+    "data.mask.mask_delimiters": "whether <|block_start|>/<|block_end|> are evicted with their block must match "
+    "how the model is served (Memento's Qwen3/Olmo recipes use false, Phi-4-reasoning true)",
+}
+
+
+DEFAULT_RECIPE = "tiny"
+
+
+def config_tree(recipe: str | None, overrides: Sequence[str] | dict[str, Any] = ()) -> dict[str, Any]:
+    """The merged plain tree of ``recipe`` (``None`` = the embedded tiny CPU recipe) and the overrides.
+
+    A pipeline recipe keeps its ``stages`` list in the tree (see :mod:`memento_train.sft.pipeline`).
+    """
+    base = load_recipe(recipe or DEFAULT_RECIPE)
+    top = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    return deep_merge(base, top)
+
+
+def build_sft_config(tree: dict[str, Any]) -> SFTConfig:
+    """Build and validate an :class:`SFTConfig` from a merged tree."""
+    for key, why in REQUIRED_EXPLICIT.items():
+        if not has_key(tree, key):
+            raise ConfigError(f"{key} is not set: {why}. Add {key}=true|false to the recipe or command line")
+    cfg = build(SFTConfig, tree)
+    data_path = cfg.data.path
+    if parse_source(str(data_path)) is None and not os.path.isabs(str(data_path)) and os.path.exists(str(data_path)):
+        cfg.data.path = os.path.abspath(str(data_path))  # workers may run in another directory
+    cfg.output_dir = os.path.abspath(os.path.expanduser(cfg.output_dir))
+    return cfg.validate()
+
+
+def load_sft_config(recipe: str | None, overrides: Sequence[str] | dict[str, Any] = ()) -> SFTConfig:
+    """``recipe`` + ``key=value`` overrides -> a validated :class:`SFTConfig`."""
+    return build_sft_config(config_tree(recipe, overrides))

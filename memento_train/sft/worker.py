@@ -1,0 +1,165 @@
+"""The SFT trainer worker: one rank's model shard, engine and data view.
+
+The driver (:mod:`memento_train.sft.driver`) decides everything step by step (which examples, the
+learning rate, when to save); a worker only executes: ``setup`` once, then ``train_step`` with its share
+of the step plan, ``save``/``load`` into checkpoint directories and ``export_hf`` at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from memento_train.cluster import DistributedWorker
+from memento_train.data.cache import prepare_dataset
+from memento_train.engines import build_engine
+from memento_train.export import export_hf
+from memento_train.flops import FlopCounter
+from memento_train.masking import Kind
+from memento_train.models.loading import load_model, load_tokenizer
+from memento_train.sft.batching import build_micro_batch
+from memento_train.sft.config import SFTConfig, build_sft_config
+from memento_train.sft.loss import sft_loss_fn
+
+_COLUMNS = ("input_ids", "labels", "kinds", "kill_row")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class SFTWorker(DistributedWorker):
+    """One SFT rank. Built from the config *tree* (plain data travels to Ray actors cheaply)."""
+
+    def __init__(self, config_tree: dict[str, Any]) -> None:
+        self.tree = config_tree
+        self.cfg: SFTConfig = build_sft_config(config_tree)
+
+    def setup(self) -> dict[str, Any]:
+        """Load tokenizer, data (from the driver-prepared cache) and model; build the engine."""
+        import datasets
+
+        datasets.disable_progress_bars()  # the driver already showed them while preparing the cache
+        cfg = self.cfg
+        seed_everything(cfg.train.seed)
+        self.tokenizer = load_tokenizer(cfg.model)
+        dataset, _ = prepare_dataset(cfg.data, tokenizer=self.tokenizer)
+        if cfg.train.max_samples is not None:
+            dataset = dataset.select(range(min(cfg.train.max_samples, len(dataset))))
+        self.dataset = dataset.select_columns(list(_COLUMNS)).with_format("numpy")
+        model = load_model(cfg.model, self.tokenizer, seed=cfg.train.seed)
+        self.model_config = model.config
+        self.flops = FlopCounter(model)
+        num_params = sum(p.numel() for p in model.parameters())
+        self.engine = build_engine(model, cfg.optim, cfg.engine, self.device)
+        torch.manual_seed(cfg.train.seed + 1000 * self.rank)  # per-rank stream for dropout and the like
+        return {"rank": self.rank, "num_params": num_params, "device": str(self.device),
+                "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"}
+
+    def _rows(self, indices: list[int]) -> list[dict[str, np.ndarray]]:
+        if not indices:
+            return []
+        chunk = self.dataset[indices]
+        return [{c: chunk[c][j] for c in _COLUMNS} for j in range(len(indices))]
+
+    def _micro_batches(self, micro_plan: list[list[int]]):
+        batches, packed = [], []
+        for indices in micro_plan:
+            mb, pb = build_micro_batch(self._rows(indices), pad_to=self.cfg.train.pad_to_multiple,
+                                       pad_token_id=self.tokenizer.pad_token_id or 0, device=self.device)
+            batches.append(mb)
+            packed.append(pb if indices else None)
+        return batches, packed
+
+    def gradients(self, micro_plan: list[list[int]], global_loss_tokens: int) -> dict[str, torch.Tensor]:
+        """Diagnostics: the reduced full gradients of one step's loss. The weights stay unchanged (the
+        step runs at lr 0 to clear the gradients) but the optimizer moments advance: do not keep training."""
+        batches, _ = self._micro_batches(micro_plan)
+        self.engine.train()
+        self.engine.forward_backward(batches, sft_loss_fn(global_loss_tokens))
+        grads = self.engine.full_grads()
+        self.engine.step(0.0)  # lr 0 clears the accumulated gradients through the engine's own path
+        return grads
+
+    def train_step(self, micro_plan: list[list[int]], global_loss_tokens: int, lr: float) -> dict[str, Any]:
+        """Forward/backward this rank's micro-batches, then one optimizer step at ``lr``.
+
+        Returns this rank's sums (loss, tokens, pairs, ...); the driver adds them up over ranks.
+        """
+        t0 = time.perf_counter()
+        batches, packed = self._micro_batches(micro_plan)
+        self.engine.train()
+        metrics = self.engine.forward_backward(batches, sft_loss_fn(global_loss_tokens))
+        grad_norm = self.engine.step(lr)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - t0
+        out = {"loss_sum": sum(m["loss_sum"] for m in metrics), "grad_norm": float(grad_norm),
+               "time_s": elapsed, "micro_batches": sum(1 for p in packed if p is not None),
+               "tokens": 0, "real_tokens": 0, "loss_tokens": 0, "kept_pairs": 0, "causal_pairs": 0,
+               "flops": 0.0, "blocks": 0, "summary_tokens": 0, "sequences": 0}
+        for mb, pb in zip(batches, packed):
+            if pb is None:
+                continue
+            kept, causal = self.flops.attention_pairs(mb.meta)
+            kinds = pb.kinds
+            out["tokens"] += pb.num_tokens
+            out["real_tokens"] += pb.num_tokens - pb.num_pad
+            out["loss_tokens"] += int((pb.labels != -100).sum())
+            out["kept_pairs"] += kept
+            out["causal_pairs"] += causal
+            out["flops"] += self.flops.step_flops(pb.num_tokens, kept)
+            # A block is counted at its opening delimiter; summaries by their content tokens.
+            out["blocks"] += int(((kinds == Kind.BLOCK_DELIM) & (pb.input_ids == self._block_start_id)).sum())
+            out["summary_tokens"] += int((kinds == Kind.SUMMARY).sum())
+            out["sequences"] += len(pb.doc_lengths)
+        return out
+
+    @property
+    def _block_start_id(self) -> int:
+        from memento_train.tokens import BLOCK_START
+
+        return self.tokenizer.convert_tokens_to_ids(BLOCK_START)
+
+    def save(self, path: str) -> None:
+        """Write this rank's share of a checkpoint into the staging directory ``path``."""
+        self.engine.save(os.path.join(path, "engine"))
+        os.makedirs(os.path.join(path, "rng"), exist_ok=True)
+        torch.save(rng_state(), os.path.join(path, "rng", f"rank_{self.rank:05d}.pt"))
+
+    def load(self, path: str) -> None:
+        """Restore engine state and this rank's RNG from checkpoint ``path``."""
+        self.engine.load(os.path.join(path, "engine"))
+        rng_file = os.path.join(path, "rng", f"rank_{self.rank:05d}.pt")
+        if os.path.isfile(rng_file):  # absent when resuming with more ranks than were saved
+            set_rng_state(torch.load(rng_file, weights_only=False))
+
+    def export_hf(self, out_dir: str, info: dict[str, Any]) -> str | None:
+        """Collective: gather full weights; rank 0 writes the HF model directory."""
+        state = self.engine.full_state_dict()
+        if self.rank != 0:
+            return None
+        return export_hf(state, self.model_config, self.tokenizer, out_dir, info=info,
+                         dtype=torch.float32 if self.cfg.engine.precision == "fp32" else torch.bfloat16)

@@ -1,0 +1,116 @@
+"""Run metrics: a JSONL file always, wandb when enabled, a console progress bar.
+
+The JSONL file (``<output_dir>/metrics.jsonl``, one record per logged step) is the project's own
+record that tests and scripts read; wandb's offline files are binary. On resume the JSONL file is cut
+back to the resumed step, so an interrupted-and-resumed run ends with exactly the records an
+uninterrupted run would have written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def wandb_mode(mode: str) -> str:
+    """``auto`` -> ``online`` when an API key is configured (env or netrc), else ``offline``."""
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.path.expanduser("~/.netrc"))
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return "online"
+    return "offline"
+
+
+def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """All records of a run's JSONL metrics file."""
+    path = Path(output_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class RunLogger:
+    """Writes metrics to JSONL (+ wandb) and drives the progress bar of the driver process."""
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        *,
+        total_steps: int,
+        start_step: int = 0,
+        logger: str = "wandb",
+        wandb_cfg: Any = None,
+        config: dict[str, Any] | None = None,
+        desc: str = "train",
+        progress: bool = True,
+    ) -> None:
+        self.dir = Path(output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / METRICS_FILE
+        kept = [r for r in read_metrics(self.dir) if r.get("step", 0) <= start_step] if start_step else []
+        with open(self.path, "w") as f:  # truncate to the resumed step (or start fresh)
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        self._file = open(self.path, "a")
+        self._wandb = self._init_wandb(wandb_cfg, config, start_step) if logger == "wandb" else None
+        self._bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step",
+                             dynamic_ncols=True, file=sys.stderr)
+
+    def _init_wandb(self, cfg: Any, config: dict[str, Any] | None, start_step: int):
+        try:
+            import wandb
+
+            id_file = self.dir / WANDB_ID_FILE
+            run_id = id_file.read_text().strip() if start_step and id_file.is_file() else wandb.util.generate_id()
+            id_file.write_text(run_id)
+            run = wandb.init(
+                project=getattr(cfg, "project", "memento-train"), entity=getattr(cfg, "entity", None),
+                name=getattr(cfg, "name", None), tags=list(getattr(cfg, "tags", []) or []),
+                mode=wandb_mode(getattr(cfg, "mode", "auto")), dir=str(self.dir), id=run_id, resume="allow",
+                config=config or {}, settings=wandb.Settings(silent=True),
+            )
+            return run
+        except Exception as exc:  # a broken wandb must never stop training: JSONL still has everything
+            warnings.warn(f"wandb disabled for this run ({type(exc).__name__}: {exc}); metrics go to {self.path}")
+            return None
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Record ``metrics`` for optimizer step ``step`` (1-based: the number of steps done)."""
+        record = {"step": step, "time": time.time(), **metrics}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+        if self._bar is not None:
+            shown = {k: metrics[k] for k in ("loss", "lr", "tokens_per_s", "reward_mean") if k in metrics}
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+            self._bar.update(step - self._bar.n)
+
+    def write(self, text: str) -> None:
+        """Print a line without breaking the progress bar."""
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None

@@ -1,0 +1,126 @@
+"""Recipes and overrides build a validated SFTConfig; bad options fail up front, naming the option."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from memento_train.config_errors import ConfigError
+from memento_train.recipes import available_recipes, load_recipe
+from memento_train.sft.cli import main
+from memento_train.sft.config import EXPORT_MARKER, build_sft_config, config_tree, load_sft_config
+from memento_train.structured_config import parse_overrides
+
+PAPER_RECIPES = ["qwen3_8b_stage1", "qwen3_8b_stage2", "qwen3_32b_stage1", "qwen3_32b_stage2",
+                 "phi4_reasoning_stage1", "phi4_reasoning_stage2", "olmo3_7b_stage1", "olmo3_7b_stage2"]
+
+
+@pytest.fixture
+def stage1_export(tmp_path):
+    d = tmp_path / "stage1" / "hf"
+    d.mkdir(parents=True)
+    (d / EXPORT_MARKER).write_text(json.dumps({"stage": 1}))
+    return str(d)
+
+
+def test_overrides_parse_yaml_values_into_a_nested_tree():
+    tree = parse_overrides(["optim.lr=1e-4", "train.max_steps=10", "model.path=null", "optim.betas=[0.9,0.95]"])
+    assert tree == {"optim": {"lr": "1e-4", "betas": [0.9, 0.95]}, "train": {"max_steps": 10}, "model": {"path": None}}
+    cfg = load_sft_config("tiny_stage1", ["optim.lr=1e-4"])
+    assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
+
+
+@pytest.mark.parametrize("recipe", PAPER_RECIPES)
+def test_paper_recipes_carry_the_paper_hyperparameters(recipe, stage1_export):
+    overrides = [f"model.path={stage1_export}"] if recipe.endswith("stage2") else []
+    tree = config_tree(recipe, overrides)
+    tree["data"]["path"] = "synthetic:4"  # the hub dataset is not reachable offline; the rest is checked
+    cfg = build_sft_config(tree)
+    assert cfg.optim.lr == 8e-5 and cfg.optim.betas == (0.9, 0.999) and cfg.optim.weight_decay == 0.0
+    assert cfg.optim.schedule == "cosine" and cfg.optim.warmup_ratio == 0.05 and cfg.optim.grad_clip == 1.0
+    assert cfg.train.epochs == 5 and cfg.train.global_batch_size == 512 and cfg.train.seed == 42
+    assert cfg.data.max_seq_len == 32768 and cfg.train.max_samples == 31000
+    assert cfg.engine.precision == "bf16" and cfg.model.gradient_checkpointing
+    assert cfg.checkpoint.every == (100 if "32b" in recipe else 50)
+    assert cfg.data.mask.keep_last_n_blocks == (-1 if recipe.endswith("stage1") else 0)
+    assert cfg.data.mask.mask_delimiters == recipe.startswith("phi4")
+    if "32b" in recipe:
+        assert cfg.engine.zero_stage == 3
+    if recipe.startswith("phi4"):
+        assert cfg.engine.kind == "deepspeed" and cfg.engine.zero_stage == 2
+
+
+def test_every_shipped_recipe_loads():
+    names = available_recipes()
+    assert {"tiny", "tiny_stage1", "tiny_stage2", *PAPER_RECIPES} <= set(names)
+    for name in names:
+        assert isinstance(load_recipe(name), dict)
+
+
+def test_stage2_without_a_stage1_checkpoint_names_model_path():
+    with pytest.raises(ConfigError, match=r"model.path is not set; stage 2 starts from the stage-1 model"):
+        load_sft_config("qwen3_8b_stage2", ["data.path=synthetic:4"])
+
+
+def test_stage2_from_a_non_stage1_directory_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="is not a memento-train export"):
+        load_sft_config("tiny_stage2", [f"model.path={tmp_path}"])
+
+
+def test_unknown_key_lists_accepted_options():
+    with pytest.raises(ConfigError, match=r"unknown optim option\(s\) \['learning_rate'\]; accepted: .*'lr'"):
+        load_sft_config("tiny_stage1", ["optim.learning_rate=1"])
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['trian'\]"):
+        load_sft_config("tiny_stage1", ["trian.max_steps=1"])
+
+
+def test_mask_delimiters_must_be_set_explicitly(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: {path: 'synthetic:4', mask: {keep_last_n_blocks: -1}}\n")
+    with pytest.raises(ConfigError, match=r"data.mask.mask_delimiters is not set.*Phi-4-reasoning true"):
+        load_sft_config(str(recipe))
+
+
+def test_sequence_length_above_model_maximum_is_refused():
+    with pytest.raises(ConfigError, match=r"data.max_seq_len \(4096\) exceeds .*max_position_embeddings \(2048\)"):
+        load_sft_config("tiny_stage1", ["data.max_seq_len=4096", "train.micro_batch_tokens=8192"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stage=3", "stage must be 1"),
+    ("data.mask.keep_last_n_blocks=0", "stage 1 trains with full causal attention"),
+    ("train.micro_batch_tokens=512", r"train.micro_batch_tokens \(512\) must be >= data.max_seq_len"),
+    ("engine.kind=jax", "engine.kind must be one of"),
+    ("engine.offload_params=true", "engine.offload_params needs engine.zero_stage=3"),
+    ("optim.schedule=step", "optim.schedule must be one of"),
+    ("optim.lr=fast", "optim.lr must be a number"),
+    ("logger=tensorboard", "logger must be one of"),
+    ("resume=/no/such/dir", "resume must be 'auto', 'never' or an existing checkpoint directory"),
+    ("cluster.num_workers=0", "cluster.num_workers"),
+    ("train.global_batch_size=1", r"train.global_batch_size \(1\) must be >= cluster.num_workers"),
+])
+def test_bad_option_fails_naming_it(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_sft_config("tiny_stage1", [override])
+
+
+def test_cli_reports_configuration_errors_with_exit_code_2(capsys):
+    assert main(["recipe=tiny_stage1", "optim.lr=-1"]) == 2
+    assert "configuration error: optim.lr must be > 0" in capsys.readouterr().err
+
+
+def test_cli_show_prints_the_resolved_config(capsys):
+    assert main(["show", "recipe=tiny_stage1", "train.max_steps=7"]) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 7" in out and "keep_last_n_blocks: -1" in out
+
+
+def test_recipe_defaults_chain_and_reject_cycles(tmp_path):
+    (tmp_path / "a.yaml").write_text("defaults: [b]\ntrain: {seed: 1}\n")
+    (tmp_path / "b.yaml").write_text("defaults: [a]\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_recipe(str(tmp_path / "a.yaml"))
+    (tmp_path / "c.yaml").write_text("defaults: [tiny_stage1]\ntrain: {seed: 7}\n")
+    tree = load_recipe(str(tmp_path / "c.yaml"))
+    assert tree["train"]["seed"] == 7 and tree["train"]["global_batch_size"] == 32
