@@ -1,0 +1,146 @@
+"""Options of the RL algorithm (policy loss, KL, entropy, normalisation) and of the reward.
+
+Defaults follow the Memento paper's RL recipe: CISPO with ε = 0.2 on both sides, a k3 KL penalty to
+the frozen reference with β = 0.001, GRPO group-normalised advantages, token-mean loss, old
+log-probs recomputed by the trainer, and the math-verify reward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from memento_train.config_errors import ConfigError
+
+LOSSES = ("cispo", "grpo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+ADV_NORMS = ("group", "drgrpo", "batch")
+LOSS_AGGS = ("token_mean", "seq_total", "seq_mean")
+OLD_LOGPROBS_SOURCES = ("trainer", "rollout")
+TIS_MODES = ("truncate", "mask")
+
+DEFAULT_REWARD_FN = "memento_train.rl.rewards:math_reward"
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_choice(prefix: str, name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{prefix}.{name} must be one of {choices}, got {value!r}")
+
+
+@dataclass
+class AlgorithmConfig:
+    """How the policy is updated from scored rollouts.
+
+    Attributes:
+        loss: ``cispo`` — ``-sg(clip(r, 1-eps_low, 1+eps_high)) * A * log π`` (every token keeps a
+            gradient; the clipped ratio is only a detached weight); ``grpo`` — PPO-clip,
+            ``-min(r * A, clip(r, 1-eps_low, 1+eps_high) * A)`` (clipped tokens get no gradient).
+            ``r = π_θ / π_old`` per token.
+        eps_low, eps_high: the clip range ``[1 - eps_low, 1 + eps_high]`` of the ratio.
+        kl_coef: β of the per-token KL penalty to the frozen reference policy; 0 disables it (and the
+            reference forward pass).
+        kl_estimator: ``k1`` = ``log π - log π_ref``; ``k2`` = ``½ (log π - log π_ref)²``;
+            ``k3`` = ``ρ - 1 - log ρ`` with ``ρ = π_ref / π`` (unbiased and ≥ 0; GRPO's choice).
+        entropy_coef: weight of the entropy bonus (loss gets ``- entropy_coef * H``); 0 only logs H.
+        adv_norm: ``group`` — ``(R - mean_g) / (std_g + adv_eps)`` (GRPO); ``drgrpo`` — ``R - mean_g``
+            (Dr.GRPO, no std); ``batch`` — ``(R - mean_g) / (std_batch(R - mean_g) + adv_eps)``
+            (group-centred, then normalised by one std over the whole batch).
+        adv_eps: added to the std so all-equal groups get advantage 0, never NaN.
+        loss_agg: how token losses are normalised across the global batch:
+            ``token_mean`` — divide by the number of response tokens (the default);
+            ``seq_total`` — divide by ``num_sequences * max_response_len``, a constant (Dr.GRPO);
+            ``seq_mean`` — mean over each sequence's tokens, then over sequences (original GRPO).
+        old_logprobs_source: ``trainer`` — π_old is recomputed by the trainer before the update
+            (the default; the rollout engine's log-probs only feed the mismatch metrics and TIS);
+            ``rollout`` — the rollout engine's log-probs are used as π_old directly.
+        tis_cap: when > 0 (and ``old_logprobs_source=trainer``), the policy term of each token is
+            weighted by the train/rollout importance weight ``π_old_trainer / π_rollout`` capped at
+            ``tis_cap`` (truncated importance sampling); 0 disables it.
+        tis_mode: ``truncate`` — ``min(w, tis_cap)``; ``mask`` — ``w`` where ``w <= tis_cap``, else 0.
+        logprob_chunk_size: rows of logits turned into fp32 log-probs at a time (bounds the extra
+            memory to ``chunk * vocab * 4`` bytes).
+    """
+
+    loss: str = "cispo"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    kl_coef: float = 0.001
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+    adv_norm: str = "group"
+    adv_eps: float = 1e-6
+    loss_agg: str = "token_mean"
+    old_logprobs_source: str = "trainer"
+    tis_cap: float = 0.0
+    tis_mode: str = "truncate"
+    logprob_chunk_size: int = 512
+
+    def validate(self, prefix: str = "algorithm") -> AlgorithmConfig:
+        """Raise :class:`ConfigError` naming the first bad option; returns self."""
+        _check_choice(prefix, "loss", self.loss, LOSSES)
+        _check_choice(prefix, "kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        _check_choice(prefix, "adv_norm", self.adv_norm, ADV_NORMS)
+        _check_choice(prefix, "loss_agg", self.loss_agg, LOSS_AGGS)
+        _check_choice(prefix, "old_logprobs_source", self.old_logprobs_source, OLD_LOGPROBS_SOURCES)
+        _check_choice(prefix, "tis_mode", self.tis_mode, TIS_MODES)
+        if not (_finite(self.eps_low) and 0.0 <= self.eps_low <= 1.0):
+            raise ConfigError(f"{prefix}.eps_low must be in [0, 1] (the ratio's lower clip is 1 - eps_low), "
+                              f"got {self.eps_low!r}")
+        if not (_finite(self.eps_high) and self.eps_high >= 0.0):
+            raise ConfigError(f"{prefix}.eps_high must be a finite number >= 0, got {self.eps_high!r}")
+        for name in ("kl_coef", "entropy_coef"):
+            v = getattr(self, name)
+            if not (_finite(v) and v >= 0.0):
+                raise ConfigError(f"{prefix}.{name} must be a finite number >= 0 (0 disables it), got {v!r}")
+        if not (_finite(self.adv_eps) and self.adv_eps > 0.0):
+            raise ConfigError(f"{prefix}.adv_eps must be > 0 (it keeps all-equal groups at advantage 0), "
+                              f"got {self.adv_eps!r}")
+        if not (_finite(self.tis_cap) and self.tis_cap >= 0.0):
+            raise ConfigError(f"{prefix}.tis_cap must be >= 0 (0 disables truncated importance sampling), "
+                              f"got {self.tis_cap!r}")
+        if self.tis_cap > 0 and self.old_logprobs_source == "rollout":
+            raise ConfigError(f"{prefix}.tis_cap={self.tis_cap} has no effect with "
+                              f"{prefix}.old_logprobs_source=rollout (π_old is then the rollout policy, so the "
+                              f"importance weight is 1); set {prefix}.tis_cap=0 or old_logprobs_source=trainer")
+        c = self.logprob_chunk_size
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise ConfigError(f"{prefix}.logprob_chunk_size must be an int >= 1, got {c!r}")
+        return self
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the loop needs reference-policy log-probs (``ref_logprobs``)."""
+        return self.kl_coef > 0
+
+
+@dataclass
+class RewardConfig:
+    """How rollouts are scored.
+
+    Attributes:
+        fn: ``pkg.module:function`` of a reward function ``fn(response: str, record: dict) -> float``
+            (``record`` is the dataset record: ``answer``, ``problem``, ...). Default: math-verify.
+        timeout_s: seconds one response may take to score; a timeout scores 0 and is counted.
+        num_workers: reward worker processes; 0 scores in the calling process (debugging only:
+            no timeout, a crash or hang takes the caller with it).
+    """
+
+    fn: str = DEFAULT_REWARD_FN
+    timeout_s: float = 10.0
+    num_workers: int = 2
+
+    def validate(self, prefix: str = "reward") -> RewardConfig:
+        """Raise :class:`ConfigError` naming the first bad option (``fn`` must import); returns self."""
+        from memento_train.rl.rewards import load_reward_fn  # lazy: rewards imports this module
+
+        load_reward_fn(self.fn, option=f"{prefix}.fn")
+        if not (_finite(self.timeout_s) and self.timeout_s > 0):
+            raise ConfigError(f"{prefix}.timeout_s must be a finite number > 0, got {self.timeout_s!r}")
+        n = self.num_workers
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ConfigError(f"{prefix}.num_workers must be an int >= 0 (0 scores in-process), got {n!r}")
+        return self
