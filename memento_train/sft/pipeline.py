@@ -26,15 +26,15 @@ def run_pipeline(stages: list[str], overrides: dict[str, Any], *, progress: bool
         tree = deep_merge(load_recipe(name), overrides)
         if k:  # its model comes from the previous stage, which does not exist yet
             tree = deep_merge(tree, {"model": {"require_stage1_init": False}})
-        build_sft_config(tree)
+        cfg = build_sft_config(tree)
+        if k < len(stages) - 1 and not cfg.checkpoint.export_hf:
+            raise ConfigError("a pipeline stage must export its model for the next one: "
+                              "do not set checkpoint.export_hf=false on a multi-stage recipe")
     results: list[StageResult] = []
     for name in stages:
         tree = deep_merge(load_recipe(name), overrides)
         tree["output_dir"] = os.path.join(os.path.abspath(os.path.expanduser(str(root))), os.path.basename(name))
         if results:
-            if results[-1].hf_dir is None:
-                raise ConfigError("a pipeline stage must export its model for the next one: "
-                                  "do not set checkpoint.export_hf=false on a multi-stage recipe")
             tree = deep_merge(tree, {"model": {"path": results[-1].hf_dir}})
         cfg = build_sft_config(tree)
         results.append(run_stage(cfg, progress=progress))
