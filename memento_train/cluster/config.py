@@ -1,0 +1,109 @@
+"""Where and how the training workers run: :class:`ClusterConfig`.
+
+One config describes a *worker group*: ``num_workers`` processes, one per GPU (or a few CPU cores),
+forming one ``torch.distributed`` group. With ``use_ray=True`` (the default) they are Ray actors on a
+local or existing Ray cluster; with ``use_ray=False`` a single worker runs inside the driver process
+(debugging, fast tests) behind the same :class:`~memento_train.cluster.worker_group.WorkerGroup`
+interface.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+
+from memento_train.config_errors import ConfigError
+
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+@dataclass
+class ClusterConfig:
+    """Resources and Ray placement of one worker group.
+
+    Attributes:
+        address: ``None`` starts a local Ray cluster for this group (and shuts it down with the group);
+            ``"auto"``, ``"HOST:PORT"`` or ``"ray://HOST:PORT"`` joins an existing cluster (e.g. one
+            started by the SLURM launcher), which is never shut down by the group.
+        use_ray: ``False`` runs one worker inline in the driver process (``num_workers`` must be 1).
+        num_workers: number of worker processes (= torch.distributed world size).
+        gpus_per_worker: GPUs reserved per worker; ``None`` means 1 when the Ray cluster has GPUs
+            (inline: when CUDA is available), else 0.
+        cpus_per_worker: CPUs reserved per worker; also the worker's ``torch.set_num_threads`` and
+            ``OMP_NUM_THREADS``.
+        placement_strategy: Ray placement-group strategy for the workers' bundles.
+        backend: torch.distributed backend; ``"auto"`` is ``"nccl"`` when workers have GPUs, else
+            ``"gloo"``.
+        init_timeout_s: how long to wait for the placement group and for the rendezvous.
+        collective_timeout_s: timeout of torch.distributed collectives.
+        env: extra environment variables for the workers (Ray ``runtime_env``; inline mode sets them
+            in the driver process for the group's lifetime).
+    """
+
+    address: str | None = None
+    use_ray: bool = True
+    num_workers: int = 1
+    gpus_per_worker: float | None = None
+    cpus_per_worker: int = 1
+    placement_strategy: str = "PACK"
+    backend: str = "auto"
+    init_timeout_s: float = 300.0
+    collective_timeout_s: float = 1800.0
+    env: dict[str, str] = field(default_factory=dict)
+
+    def validate(self, prefix: str = "cluster") -> "ClusterConfig":
+        """Check every option; raise :class:`ConfigError` naming the first bad one (``prefix.option``).
+
+        Returns ``self`` so that ``cfg = ClusterConfig(...).validate()`` reads naturally.
+        """
+
+        def bad(option: str, msg: str) -> ConfigError:
+            return ConfigError(f"{prefix}.{option}: {msg}")
+
+        if not isinstance(self.use_ray, bool):
+            raise bad("use_ray", f"expected true or false, got {self.use_ray!r}")
+        if self.address is not None:
+            if not isinstance(self.address, str) or not self.address.strip():
+                raise bad("address", f"expected null (start a local Ray cluster), 'auto', 'HOST:PORT' or "
+                                     f"'ray://HOST:PORT', got {self.address!r}")
+            if not self.use_ray:
+                raise bad("address", "is only used with use_ray=true; remove it or set use_ray=true")
+        if not _is_int(self.num_workers) or self.num_workers < 1:
+            raise bad("num_workers", f"expected an integer >= 1, got {self.num_workers!r}")
+        if not self.use_ray and self.num_workers != 1:
+            raise bad("num_workers", f"inline mode (use_ray=false) runs exactly one worker, got "
+                                     f"{self.num_workers}; set num_workers=1 or use_ray=true")
+        if self.gpus_per_worker is not None:
+            g = self.gpus_per_worker
+            if isinstance(g, bool) or not isinstance(g, numbers.Real) or g < 0:
+                raise bad("gpus_per_worker", f"expected null (auto) or a number >= 0, got {g!r}")
+            if g > 1 and g != int(g):
+                raise bad("gpus_per_worker", f"fractions are only allowed below 1 (GPU sharing), got {g!r}")
+        if not _is_int(self.cpus_per_worker) or self.cpus_per_worker < 1:
+            raise bad("cpus_per_worker", f"expected an integer >= 1, got {self.cpus_per_worker!r}")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise bad("placement_strategy", f"expected one of {', '.join(PLACEMENT_STRATEGIES)}, "
+                                            f"got {self.placement_strategy!r}")
+        if self.backend not in BACKENDS:
+            raise bad("backend", f"expected one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.backend == "nccl" and self.gpus_per_worker == 0:
+            raise bad("backend", "nccl needs GPUs but gpus_per_worker=0; use backend=gloo (or auto) "
+                                 "or give workers GPUs")
+        for option in ("init_timeout_s", "collective_timeout_s"):
+            value = getattr(self, option)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+                raise bad(option, f"expected a number of seconds > 0, got {value!r}")
+        if not isinstance(self.env, dict):
+            raise bad("env", f"expected a mapping of variable names to strings, got {type(self.env).__name__}")
+        for key, value in self.env.items():
+            if not isinstance(key, str) or not key or "=" in key:
+                raise bad("env", f"invalid environment variable name {key!r}")
+            if not isinstance(value, str):
+                raise bad(f"env.{key}", f"expected a string, got {value!r}; quote the value")
+        return self
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass; ``num_workers: true`` in a recipe is a mistake, not 1.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
