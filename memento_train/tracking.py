@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,8 @@ class RunLogger:
             import wandb
 
             id_file = self.dir / WANDB_ID_FILE
-            run_id = id_file.read_text().strip() if start_step and id_file.is_file() else wandb.util.generate_id()
+            # Reuse the run id on resume so wandb continues the same run; a fresh run gets a new id.
+            run_id = id_file.read_text().strip() if start_step and id_file.is_file() else uuid.uuid4().hex[:8]
             id_file.write_text(run_id)
             run = wandb.init(
                 project=getattr(cfg, "project", "memento-train"), entity=getattr(cfg, "entity", None),
