@@ -1,0 +1,210 @@
+"""The DeepSpeed ZeRO engine (stage 2 or 3, optional CPU offload of optimizer and parameters).
+
+How the contract maps onto DeepSpeed:
+
+- **Micro-batches.** The DeepSpeed config says one micro-batch per step
+  (``gradient_accumulation_steps=1``) and the engine marks the boundary itself: before each backward
+  it calls ``set_gradient_accumulation_boundary(last_micro_batch)``, and ``step`` runs the DeepSpeed
+  step only after a boundary backward. So a step may have any number of micro-batches, and DeepSpeed
+  never divides the loss by an accumulation count (it divides by ``gradient_accumulation_steps=1``).
+- **Sum over ranks.** ZeRO *averages* gradients over the data-parallel ranks, so the loss is
+  multiplied by the world size before DeepSpeed's backward; the reduced gradient is then the sum the
+  contract asks for.
+- **Clipping and the norm.** ``gradient_clipping`` is ``optim.grad_clip``; DeepSpeed clips inside its
+  step with ``max_norm / (norm + 1e-6)``, like ``torch.nn.utils.clip_grad_norm_``.
+  ``get_global_grad_norm()`` is the norm ZeRO computed *before* clipping (and after removing the fp16
+  loss scale), which is what :meth:`DeepSpeedEngine.step` returns.
+- **Optimizer.** On CPU always a client ``torch.optim.AdamW`` (no C++ op to compile). On CUDA:
+  ``DeepSpeedCPUAdam`` when the optimizer is offloaded, otherwise ``torch.optim.AdamW(fused=True)``
+  (DeepSpeed supports it under ZeRO and it needs no JIT build, unlike ``FusedAdam``).
+- **Precision.** ``bf16``/``fp16`` sections of the DeepSpeed config; ZeRO keeps fp32 master weights
+  and optimizer state. ``fp16`` uses DeepSpeed's dynamic loss scaling.
+- **Weights in and out.** Under ``bf16``/``fp16`` the fp32 masters are set from the fp32 weights the
+  engine was given (DeepSpeed itself would start them from the rounded low-precision copies), and
+  :meth:`DeepSpeedEngine.full_state_dict` gathers the fp32 *masters* (``safe_get_full_fp32_param``,
+  ZeRO-2 and ZeRO-3 alike), not the bf16 copies the module computes with.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from memento_train.config_errors import ConfigError
+from memento_train.engines.base import TrainEngine, register_engine
+from memento_train.engines.config import EngineConfig
+from memento_train.optim import OptimConfig, param_groups
+
+CHECKPOINT_TAG = "engine"
+
+
+def deepspeed_config(cfg: EngineConfig, optim: OptimConfig, world_size: int, *, client_cpu_optimizer: bool) -> dict:
+    """The DeepSpeed config dict for ``cfg``/``optim`` (no optimizer or scheduler section: the engine
+    passes its own optimizer and sets the learning rate itself).
+
+    ``client_cpu_optimizer``: the client optimizer is a plain torch one while the optimizer is
+    offloaded (the CPU-only case), which DeepSpeed refuses unless told it is intended.
+    """
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": world_size,
+        "gradient_clipping": float(optim.grad_clip),
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        # loss_scale 0 = dynamic loss scaling.
+        "fp16": {"enabled": cfg.precision == "fp16", "loss_scale": 0},
+        "steps_per_print": 1 << 30,  # the loops log; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+    }
+    if client_cpu_optimizer and cfg.offload_optimizer:
+        ds["zero_force_ds_cpu_optimizer"] = False
+    return ds
+
+
+class DeepSpeedEngine(TrainEngine):
+    """Data-parallel training with DeepSpeed ZeRO-2/3; see the module docstring for the mapping.
+
+    Args:
+        model: an fp32 model on CPU, identical on every rank.
+        optim: AdamW settings (the learning rate comes with each :meth:`step`).
+        cfg: engine options (``kind`` must be ``deepspeed``).
+        device: this rank's device (``cpu`` with gloo, or ``cuda:<local_rank>``).
+    """
+
+    name = "deepspeed"
+
+    def __init__(self, model: nn.Module, optim: OptimConfig, cfg: EngineConfig, device: torch.device) -> None:
+        super().__init__(model, optim, cfg, device)
+        cfg.validate()
+        if cfg.kind != "deepspeed":
+            raise ConfigError(f"DeepSpeedEngine built with engine.kind={cfg.kind!r}; set engine.kind=deepspeed")
+        if cfg.precision == "fp16" and self.device.type == "cpu":
+            raise ConfigError("engine.precision=fp16 is not supported by DeepSpeed on CPU; use bf16 or fp32")
+        if not dist.is_initialized():
+            raise RuntimeError("DeepSpeedEngine needs torch.distributed initialised first (world size 1 included)")
+        import deepspeed
+
+        self.world_size = dist.get_world_size()
+        model.to(torch.float32)
+        groups = param_groups(model, optim.weight_decay)
+        hyper = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+        on_cuda = self.device.type == "cuda"
+        if on_cuda and cfg.offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **hyper)
+        else:
+            optimizer = torch.optim.AdamW(groups, fused=on_cuda or None, **hyper)
+        config = deepspeed_config(cfg, optim, self.world_size, client_cpu_optimizer=not on_cuda)
+        # DeepSpeed casts the module to bf16/fp16 *before* it builds the fp32 master copies, so the
+        # masters would start from rounded weights. Keep references to the given fp32 tensors (not
+        # copies: the caller's model holds them already) and write them into the masters afterwards.
+        originals = [p.data for p in model.parameters()] if cfg.precision != "fp32" else None
+        self._engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=config, dist_init_required=False
+        )
+        if originals is not None:
+            self._restore_fp32_masters(originals)
+        self._boundary_done = False
+
+    def _restore_fp32_masters(self, originals: list[torch.Tensor]) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        for p, value in zip(self.model.parameters(), originals, strict=True):
+            safe_set_full_fp32_param(p, value.to(device=self._engine.device, dtype=torch.float32))
+
+    # -- training ------------------------------------------------------------------------------
+    @property
+    def module(self) -> nn.Module:
+        """The ``deepspeed.DeepSpeedEngine`` (callable like the model; ZeRO-3 gathers in its hooks)."""
+        return self._engine
+
+    @property
+    def model(self) -> nn.Module:
+        """The underlying model (under ZeRO-3 its parameters are partitioned placeholders)."""
+        return self._engine.module
+
+    def backward(self, loss: torch.Tensor, *, last_micro_batch: bool) -> None:
+        """Backward one micro-batch; ``loss * world_size`` because ZeRO averages over ranks."""
+        self._engine.set_gradient_accumulation_boundary(last_micro_batch)
+        self._engine.backward(loss * self.world_size)
+        self._boundary_done = last_micro_batch
+
+    def step(self, lr: float) -> float:
+        """Set ``lr``, clip + step (inside DeepSpeed), zero grads; return the pre-clip global norm."""
+        if not self._boundary_done:
+            raise RuntimeError("step() before the last micro-batch: call backward(..., last_micro_batch=True) first")
+        # ZeRO's optimizer wrappers share their param-group dicts with the client optimizer.
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self._engine.step()  # steps the optimizer and zeroes gradients (at the boundary)
+        self._boundary_done = False
+        norm = self._engine.get_global_grad_norm()
+        if norm is None:
+            raise RuntimeError("DeepSpeed computed no gradient norm (gradient norm computation is disabled)")
+        return float(norm)
+
+    # -- state ---------------------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        """Collective: DeepSpeed checkpoint (module, ZeRO-partitioned optimizer and fp32 masters) under ``path``."""
+        self._engine.save_checkpoint(path, tag=CHECKPOINT_TAG, save_latest=False)
+
+    def load(self, path: str) -> None:
+        """Collective: restore what :meth:`save` wrote (ZeRO checkpoints need the same world size)."""
+        load_path, _ = self._engine.load_checkpoint(
+            path, tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=False,
+            load_module_strict=True,
+        )
+        if load_path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint with tag {CHECKPOINT_TAG!r} under {path}")
+
+    def _named_params(self) -> list[tuple[str, nn.Parameter]]:
+        return list(self.model.named_parameters())
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Collective: the fp32 master weights, unsharded, keyed like the model's ``state_dict()``
+        (tied weights appear under every name the model's own ``state_dict`` uses), on rank 0."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        full: dict[int, torch.Tensor] = {}
+        for name, p in self._named_params():  # same order on every rank: each call is collective
+            value = safe_get_full_fp32_param(p)
+            if value is None:
+                # Not managed by a ZeRO optimizer (e.g. frozen): the module holds it whole.
+                value = p.data
+            full[id(p)] = value.detach().to(device="cpu", dtype=torch.float32).clone()
+        # Every rank asks for the key list, in case a ZeRO hook makes state_dict() collective.
+        module_sd = self.model.state_dict(keep_vars=True)
+        if dist.get_rank() != 0:
+            return None
+        out = {}
+        for key, value in module_sd.items():
+            if id(value) in full:
+                out[key] = full[id(value)]
+            else:  # a persistent buffer: never partitioned
+                out[key] = value.detach().to(device="cpu", dtype=torch.float32).clone()
+        return out
+
+    def full_grads(self) -> dict[str, torch.Tensor]:
+        """Collective: the reduced unsharded fp32 gradients on every rank; call between the boundary
+        backward and :meth:`step` (the loss scale is not removed under ``fp16``)."""
+        from deepspeed.utils import safe_get_full_grad
+
+        out = {}
+        for name, p in self._named_params():
+            g = safe_get_full_grad(p)
+            if g is not None:
+                out[name] = g.detach().to(device="cpu", dtype=torch.float32).clone()
+        return out
+
+
+register_engine("deepspeed", DeepSpeedEngine)
