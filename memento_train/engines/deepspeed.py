@@ -93,6 +93,7 @@ class DeepSpeedEngine(TrainEngine):
             raise RuntimeError("DeepSpeedEngine needs torch.distributed initialised first (world size 1 included)")
         import deepspeed
 
+        _forget_stale_deepspeed_groups()
         self.world_size = dist.get_world_size()
         model.to(torch.float32)
         groups = param_groups(model, optim.weight_decay)
@@ -208,3 +209,18 @@ class DeepSpeedEngine(TrainEngine):
 
 
 register_engine("deepspeed", DeepSpeedEngine)
+
+
+def _forget_stale_deepspeed_groups() -> None:
+    """Drop DeepSpeed's cached process-group clones from an earlier engine in this process.
+
+    DeepSpeed caches clones of the world group in module globals and only forgets them when the
+    group is destroyed through ``deepspeed.comm``. A process that trains twice (an inline pipeline:
+    stage 1 then stage 2, each with its own process group) would otherwise hand DeepSpeed a group
+    of the destroyed world ("Group ... is not registered").
+    """
+    from deepspeed.utils import groups
+
+    release = getattr(groups, "_release_process_group_references", None)
+    if release is not None:
+        release(None)
