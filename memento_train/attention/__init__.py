@@ -13,6 +13,23 @@ register_backend("segment", segment_attention)
 register_backend("flex", flex_attention_backend, unavailable_reason=flex_unavailable_reason)
 register_backend("flash_attn", flash_attention_backend, unavailable_reason=flash_unavailable_reason)
 
+
+# The Triton kernel lives in memento_train.kernels, imported on first use: importing triton is slow,
+# and tests must be able to set TRITON_INTERPRET=1 before it is imported.
+def _triton_backend(q, k, v, meta, *, scale, window):
+    from memento_train.kernels import triton_attention
+
+    return triton_attention(q, k, v, meta, scale=scale, window=window)
+
+
+def _triton_unavailable_reason():
+    from memento_train.kernels import triton_unavailable_reason
+
+    return triton_unavailable_reason()
+
+
+register_backend("triton", _triton_backend, unavailable_reason=_triton_unavailable_reason)
+
 __all__ = [
     "IntervalPlan",
     "MementoAttentionMeta",

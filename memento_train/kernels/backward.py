@@ -1,0 +1,213 @@
+"""Backward Triton kernels (FlashAttention-2 split): one for dK/dV, one for dQ, no atomics.
+
+Both recompute the probabilities from the saved base-2 log-sum-exp, ``P = exp2(S*log2e - lse2)``,
+and use ``delta = rowsum(dO * O)`` (computed in PyTorch), so ``dS = P * (dP - delta)``.
+
+* ``_memento_dkdv_kernel``: one program per (key tile, key/value head). It keeps ``dK``/``dV`` of
+  its tile in registers and walks, for each of the ``GROUP`` query heads sharing that KV head
+  (GQA), the query tiles listed for the key tile in the tile plan's by-key CSR. Summing the GQA
+  group inside the program makes the result deterministic and avoids atomics or a later reduction.
+  (head, query tile) is one flat loop rather than two nested ones: compiled for sm_90 the nested
+  form spilled registers (220 bytes at d=128, 32x64 tiles), the flat one does not.
+* ``_memento_dq_kernel``: one program per (query tile, query head), walking the same key tiles as
+  the forward.
+
+Each kernel has its own block shape (and so its own cached :class:`~.tiles.TilePlan`): dK/dV
+wants wide key tiles and short query tiles, dQ the opposite. Full tiles skip the mask, partial
+ones apply it, dead ones are never visited, exactly as in the forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .forward import _keep_mask, _keep_mask_t, dot_precision
+from .tiles import TilePlan
+
+
+@triton.jit
+def _dkdv_tile(
+    dk, dv, k, v, kill, offs_n, Qh, DOh, LSEh, DELTAh, q0, stride_qt, stride_dot, T, qk_scale, window,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    offs_m = q0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ptrs = Qh + offs_m.to(tl.int64)[:, None] * stride_qt + offs_d[None, :]
+    do_ptrs = DOh + offs_m.to(tl.int64)[:, None] * stride_dot + offs_d[None, :]
+    if MASKED:
+        row_ok = offs_m < T
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+        lse = tl.load(LSEh + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTAh + offs_m, mask=row_ok, other=0.0)
+    else:
+        q = tl.load(q_ptrs)
+        do = tl.load(do_ptrs)
+        lse = tl.load(LSEh + offs_m)
+        delta = tl.load(DELTAh + offs_m)
+    # Transposed scores [BLOCK_N, BLOCK_M]: keys are this program's rows.
+    s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+    p_t = tl.math.exp2(s_t - lse[None, :])
+    if MASKED:  # where, not multiply: exp2 of a masked score may overflow
+        p_t = tl.where(_keep_mask_t(offs_n, offs_m, kill, window, HAS_WINDOW), p_t, 0.0)
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)  # accumulate in the dot
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
+def _memento_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, KILL,
+    K_START, K_END, P_PTR, P_ROWS, F_PTR, F_ROWS, ORDER,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    T, scale, qk_scale, window,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
+):
+    hk = tl.program_id(0)  # grid (heads, tiles): heaviest tiles of every head first
+    tile = tl.load(ORDER + tl.program_id(1))
+    k0 = tl.load(K_START + tile)
+    k1 = tl.load(K_END + tile)
+    offs_n = k0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < k1
+    cols64 = offs_n.to(tl.int64)
+    k = tl.load(K + cols64[:, None] * stride_kt + hk * stride_kh + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + cols64[:, None] * stride_vt + hk * stride_vh + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    kill = tl.load(KILL + offs_n, mask=col_ok, other=0)  # keys past the document: never visible
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    # GQA: the GROUP query heads sharing this KV head are walked as one flat loop over
+    # (head, query tile), which the compiler pipelines like a plain loop.
+    f_lo = tl.load(F_PTR + tile)
+    n_f = tl.load(F_PTR + tile + 1) - f_lo
+    for it in range(0, n_f * GROUP):
+        g = it // n_f
+        h = hk * GROUP + g
+        q0 = tl.load(F_ROWS + f_lo + it - g * n_f)
+        dk, dv = _dkdv_tile(dk, dv, k, v, kill, offs_n, Q + h * stride_qh, DO + h * stride_doh, LSE + h * T,
+                            DELTA + h * T, q0, stride_qt, stride_dot, T, qk_scale, window, BLOCK_M, HEAD_DIM, False,
+                            HAS_WINDOW, PREC)
+    p_lo = tl.load(P_PTR + tile)
+    n_p = tl.load(P_PTR + tile + 1) - p_lo
+    for it in range(0, n_p * GROUP):
+        g = it // n_p
+        h = hk * GROUP + g
+        q0 = tl.load(P_ROWS + p_lo + it - g * n_p)
+        dk, dv = _dkdv_tile(dk, dv, k, v, kill, offs_n, Q + h * stride_qh, DO + h * stride_doh, LSE + h * T,
+                            DELTA + h * T, q0, stride_qt, stride_dot, T, qk_scale, window, BLOCK_M, HEAD_DIM, True,
+                            HAS_WINDOW, PREC)
+
+    dk = dk * scale  # dS was taken w.r.t. the scaled scores
+    tl.store(DK + cols64[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=col_ok[:, None])
+    tl.store(DV + cols64[:, None] * stride_dvt + hk * stride_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=col_ok[:, None])
+
+
+@triton.jit
+def _dq_tile(
+    dq, q, do, lse, delta, offs_m, Kh, Vh, KILL, k0, stride_kt, stride_vt, T, qk_scale, window,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    offs_n = k0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_ptrs = Kh + offs_n.to(tl.int64)[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = Vh + offs_n.to(tl.int64)[:, None] * stride_vt + offs_d[None, :]
+    if MASKED:
+        col_ok = offs_n < T
+        k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    p = tl.math.exp2(s - lse[:, None])
+    if MASKED:
+        kill = tl.load(KILL + offs_n, mask=col_ok, other=0)
+        p = tl.where(_keep_mask(offs_m, offs_n, kill, window, HAS_WINDOW), p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
+    return dq
+
+
+@triton.jit
+def _memento_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, KILL,
+    Q_START, Q_END, P_PTR, P_ROWS, F_PTR, F_ROWS, ORDER,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dqt, stride_dqh,
+    T, scale, qk_scale, window,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
+):
+    h = tl.program_id(0)
+    tile = tl.load(ORDER + tl.program_id(1))
+    hk = h // GROUP
+    q0 = tl.load(Q_START + tile)
+    q1 = tl.load(Q_END + tile)
+    offs_m = q0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < q1
+    rows64 = offs_m.to(tl.int64)
+    q = tl.load(Q + rows64[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + rows64[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=row_ok[:, None],
+                 other=0.0)
+    lse = tl.load(LSE + h * T + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + h * T + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    Kh = K + hk * stride_kh
+    Vh = V + hk * stride_vh
+
+    for i in range(tl.load(F_PTR + tile), tl.load(F_PTR + tile + 1)):
+        k0 = tl.load(F_ROWS + i)
+        dq = _dq_tile(dq, q, do, lse, delta, offs_m, Kh, Vh, KILL, k0, stride_kt, stride_vt, T, qk_scale, window,
+                      BLOCK_N, HEAD_DIM, False, HAS_WINDOW, PREC)
+    for i in range(tl.load(P_PTR + tile), tl.load(P_PTR + tile + 1)):
+        k0 = tl.load(P_ROWS + i)
+        dq = _dq_tile(dq, q, do, lse, delta, offs_m, Kh, Vh, KILL, k0, stride_kt, stride_vt, T, qk_scale, window,
+                      BLOCK_N, HEAD_DIM, True, HAS_WINDOW, PREC)
+
+    dq = dq * scale
+    tl.store(DQ + rows64[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+def memento_backward(q, k, v, out, lse, do, kill_row, dkdv_plan: TilePlan, dq_plan: TilePlan, *, scale: float,
+                     window: int | None, dkdv_launch: dict, dq_launch: dict):
+    """Launch both backward kernels; returns ``(dq, dk, dv)`` in the input dtypes."""
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    delta = (out.float() * do.float()).sum(-1).t().contiguous()  # [Hq, T]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    common = dict(GROUP=Hq // Hkv, HEAD_DIM=D, HAS_WINDOW=window is not None, PREC=dot_precision(q.dtype))
+    w = 0 if window is None else window
+    qk_scale = scale * 1.4426950408889634
+    _memento_dkdv_kernel[(Hkv, dkdv_plan.check_grid(dkdv_plan.num_k_tiles))](
+        q, k, v, do, lse, delta, dk, dv, kill_row,
+        dkdv_plan.k_start, dkdv_plan.k_end, dkdv_plan.k_partial_ptr, dkdv_plan.k_partial_rows,
+        dkdv_plan.k_full_ptr, dkdv_plan.k_full_rows, dkdv_plan.k_order,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        T, scale, qk_scale, w,
+        BLOCK_M=dkdv_plan.block_m, BLOCK_N=dkdv_plan.block_n, **common, **dkdv_launch,
+    )
+    _memento_dq_kernel[(Hq, dq_plan.check_grid(dq_plan.num_q_tiles))](
+        q, k, v, do, lse, delta, dq, kill_row,
+        dq_plan.q_start, dq_plan.q_end, dq_plan.q_partial_ptr, dq_plan.q_partial_rows,
+        dq_plan.q_full_ptr, dq_plan.q_full_rows, dq_plan.q_order,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+        dq.stride(0), dq.stride(1),
+        T, scale, qk_scale, w,
+        BLOCK_M=dq_plan.block_m, BLOCK_N=dq_plan.block_n, **common, **dq_launch,
+    )
+    return dq, dk, dv
