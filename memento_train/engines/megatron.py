@@ -1,0 +1,574 @@
+"""The Megatron-core engine: ``GPTModel`` with memento core attention, tensor and pipeline parallel.
+
+Construction (``build_engine(hf_model, optim, cfg, device)``): Megatron's parallel state is set up on
+the existing default process group (``TP = engine.tensor_parallel``, ``PP = engine.pipeline_parallel``,
+``DP = world / (TP·PP)``), a :class:`~memento_train.models.megatron_gpt.MementoGPTModel` is built from
+the HF config and the HF weights are converted in, sliced for this rank's TP shard and PP stage.
+Activation recompute (full, every layer) is on when the HF model had gradient checkpointing enabled
+(``sft.gradient_checkpointing``).
+
+Two ways to hold gradients and optimizer state, picked by device:
+
+- **CUDA** (the real runs): Megatron's ``DistributedDataParallel`` (fp32 gradient buffers, reduce-
+  scatter over DP) and ``get_megatron_optimizer`` with ``use_distributed_optimizer=True`` (fp32 master
+  weights and Adam state sharded over DP; bf16 model weights with ``engine.precision=bf16``).
+- **CPU fallback** (CI, gloo): Megatron's DDP and optimizers allocate CUDA tensors unconditionally
+  (``torch.cuda.current_device()`` buffers, ``torch.cuda.FloatTensor`` type checks), so on CPU the
+  engine does the same arithmetic by hand: a SUM all-reduce of gradients over DP (and of q/k-norm
+  gradients over TP, and of a tied embedding over the first/last pipeline stages, as Megatron's
+  ``finalize_model_grads`` does), the global norm counting TP-replicated parameters once, and
+  ``torch.optim.AdamW`` with :func:`memento_train.optim.param_groups` semantics. fp32 only.
+
+``engine.zero_stage`` does not apply (the distributed optimizer is Megatron's ZeRO-1 over DP);
+offloading is refused. The memento-attention backend is the one the HF model was switched to
+(``memento_<backend>``, from ``model.attn_backend``), else ``auto``.
+
+Loss scaling follows the engine contract: ``calculate_per_token_loss=True`` makes Megatron *sum*
+gradients over DP (no 1/DP factor), and the pipeline schedule leaves the loss undivided.
+
+Data: every rank of one TP×PP group must see the same micro-batches; shard data by
+:attr:`MegatronEngine.dp_rank` / :attr:`MegatronEngine.dp_size`, not by the global rank.
+
+Checkpoints use ``megatron.core.dist_checkpointing`` (reshardable across DP; written to a temporary
+directory and renamed, so a crash never leaves a half-written ``megatron/`` directory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from memento_train.config_errors import ConfigError
+from memento_train.engines.base import LossFn, MicroBatch, TrainEngine, register_engine
+from memento_train.engines.config import EngineConfig
+from memento_train.optim import OptimConfig
+
+CKPT_DIR = "megatron"
+
+
+def _megatron():
+    try:
+        from megatron.core import parallel_state
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ConfigError("engine.kind=megatron needs megatron-core (pip install 'megatron-core>=0.16,<0.17'); "
+                          "or use engine.kind=fsdp2") from exc
+    return parallel_state
+
+
+def init_parallel_state(tensor_parallel: int, pipeline_parallel: int) -> None:
+    """Initialise Megatron's process groups on the default group (re-initialised if sizes differ)."""
+    ps = _megatron()
+    world = dist.get_world_size()
+    if world % (tensor_parallel * pipeline_parallel):
+        raise ConfigError(
+            f"world size {world} is not a multiple of engine.tensor_parallel × engine.pipeline_parallel "
+            f"({tensor_parallel} × {pipeline_parallel}); change them or the number of processes"
+        )
+    if ps.model_parallel_is_initialized():
+        if (ps.get_tensor_model_parallel_world_size() == tensor_parallel
+                and ps.get_pipeline_model_parallel_world_size() == pipeline_parallel):
+            return
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
+                                 pipeline_model_parallel_size=pipeline_parallel)
+
+
+def attention_backend_of(model: nn.Module) -> str:
+    """The memento-attention backend the loop chose for the HF model (``memento_<backend>``), else ``auto``."""
+    from memento_train.attention.hf import PREFIX
+
+    impl = getattr(model.config, "_attn_implementation", None) or ""
+    return impl[len(PREFIX):] if impl.startswith(PREFIX) else "auto"
+
+
+class _GatherVocab(torch.autograd.Function):
+    """All-gather vocabulary shards along the last dim; backward keeps this rank's slice.
+
+    (Every TP rank computes the same loss from the gathered logits, so the slice *is* the gradient.)
+    Written with plain ``torch.distributed`` so it runs on gloo too.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.rank, ctx.size = dist.get_rank(group), dist.get_world_size(group)
+        parts = [torch.empty_like(x) for _ in range(ctx.size)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.chunk(ctx.size, -1)[ctx.rank].contiguous(), None
+
+
+class MegatronEngine(TrainEngine):
+    """Megatron-core training engine; see the module docstring.
+
+    Args:
+        model: the HF causal LM (CPU, fp32, memento tokens already added), identical on every rank.
+        optim: AdamW settings.
+        cfg: ``kind=megatron``, ``tensor_parallel``, ``pipeline_parallel``, ``precision``.
+        device: this rank's device (``cpu`` with gloo, or ``cuda:<local_rank>``).
+    """
+
+    name = "megatron"
+
+    def __init__(self, model: nn.Module, optim: OptimConfig, cfg: EngineConfig, device: torch.device) -> None:
+        super().__init__(model, optim, cfg, device)
+        cfg.validate()
+        if cfg.kind != "megatron":
+            raise ConfigError(f"MegatronEngine built with engine.kind={cfg.kind!r}; set engine.kind=megatron")
+        if not dist.is_initialized():
+            raise RuntimeError("MegatronEngine needs torch.distributed initialised first (world size 1 included)")
+        from memento_train.models.megatron_convert import hf_to_megatron, stage_view
+        from memento_train.models.megatron_gpt import (
+            build_gpt_model,
+            describe_hf_config,
+            padded_vocab_size,
+            transformer_config_from_hf,
+        )
+
+        if cfg.offload_optimizer or cfg.offload_params:
+            raise ConfigError("engine.offload_optimizer / engine.offload_params are not implemented by the megatron "
+                              "engine (its distributed optimizer shards state over data parallel instead); set them "
+                              "to false, or use engine.kind=deepspeed to offload")
+        if cfg.precision == "fp16":
+            raise ConfigError("engine.precision=fp16 needs dynamic loss scaling, which the megatron engine does not "
+                              "wire up; use engine.precision=bf16")
+        self.native = self.device.type == "cuda"
+        if not self.native and cfg.precision != "fp32":
+            raise ConfigError(
+                f"engine.precision={cfg.precision} with engine.kind=megatron needs CUDA (Megatron's mixed-precision "
+                "optimizer is CUDA-only); use engine.precision=fp32 on CPU"
+            )
+        recompute = bool(getattr(model, "is_gradient_checkpointing", False))
+        if recompute and not self.native:
+            warnings.warn("activation recompute is skipped on CPU (Megatron's checkpointing saves CUDA RNG "
+                          "state); results are identical, only memory differs", stacklevel=2)
+            recompute = False
+
+        ps = _megatron()
+        init_parallel_state(cfg.tensor_parallel, cfg.pipeline_parallel)
+        self.ps = ps
+        self.tp, self.pp = cfg.tensor_parallel, cfg.pipeline_parallel
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.pp_rank = ps.get_pipeline_model_parallel_rank()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.hf_config = model.config
+        # The embedding's rows are the truth (memento tokens may have grown it past config.vocab_size).
+        self.arch = dataclasses.replace(describe_hf_config(model.config),
+                                        vocab_size=model.get_input_embeddings().weight.shape[0])
+        self.vocab_padded = padded_vocab_size(self.arch.vocab_size, self.tp)
+        self.pre_process = ps.is_pipeline_first_stage()
+        self.post_process = ps.is_pipeline_last_stage()
+
+        if self.native:
+            from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+            torch.cuda.set_device(self.device)
+            model_parallel_cuda_manual_seed(1234)  # the TP RNG tracker that recompute replays
+        self.tconfig = transformer_config_from_hf(
+            model.config, tensor_parallel=self.tp, pipeline_parallel=self.pp, precision=cfg.precision,
+            recompute=recompute, use_cpu_initialization=not self.native,
+        )
+        # Packed micro-batches have different lengths: the pipeline schedule must send shapes first.
+        self.tconfig.variable_seq_lengths = True
+        gpt = build_gpt_model(model.config, self.tconfig, vocab_size=self.vocab_padded,
+                              pre_process=self.pre_process, post_process=self.post_process,
+                              backend=attention_backend_of(model))
+        self.layer_offset = self._layer_offset(gpt)
+        shard = hf_to_megatron(model.state_dict(), self.arch, tp_rank=self.tp_rank, tp_size=self.tp,
+                               vocab_size=self.vocab_padded)
+        local = stage_view(shard, layer_offset=self.layer_offset, num_layers=len(gpt.decoder.layers),
+                           pre_process=self.pre_process, post_process=self.post_process,
+                           tied=self.arch.tied_embeddings)
+        missing, unexpected = gpt.load_state_dict(local, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise RuntimeError(f"HF → Megatron conversion mismatch: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+        gpt.to(self.device)
+        if self.native:
+            self._wrap_native(gpt)
+        else:
+            self._wrap_local(gpt)
+
+    @staticmethod
+    def _layer_offset(gpt) -> int:
+        layers = gpt.decoder.layers
+        return (layers[0].layer_number - 1) if len(layers) else 0
+
+    # -- wrapping ----------------------------------------------------------------------------------
+    def _wrap_native(self, gpt) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer.optimizer_config import ParamKey
+
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                   use_distributed_optimizer=True)
+        self.model = DistributedDataParallel(config=self.tconfig, ddp_config=ddp_config, module=gpt)
+        o = self.optim_cfg
+        ocfg = OptimizerConfig(
+            optimizer="adam", lr=o.lr, weight_decay=o.weight_decay, adam_beta1=o.betas[0], adam_beta2=o.betas[1],
+            adam_eps=o.eps, bf16=self.cfg.precision == "bf16",
+            params_dtype=self.tconfig.params_dtype, use_distributed_optimizer=True,
+            # clip_grad=inf still computes (and returns) the norm without scaling anything.
+            clip_grad=o.grad_clip if o.grad_clip > 0 else float("inf"),
+        )
+        # optim.param_groups semantics: no decay on biases, norms (1-D) and the input embedding.
+        from megatron.core.optimizer import get_standard_config_overrides
+
+        overrides = get_standard_config_overrides(ocfg)
+        # (A tied model's last pipeline stage holds its copy of the embedding as output_layer.weight.)
+        overrides[ParamKey(name="*embedding.word_embeddings.weight", attr="shared_embedding")] = {"wd_mult": 0.0}
+        self.optimizer = get_megatron_optimizer(ocfg, [self.model], config_overrides=overrides)
+
+    def _wrap_local(self, gpt) -> None:
+        self.model = gpt
+        decay, no_decay = [], []
+        for name, p in gpt.named_parameters():
+            # optim.param_groups semantics; a tied model's last-stage embedding copy is an embedding too.
+            embedding = "embedding" in name or getattr(p, "shared_embedding", False)
+            (no_decay if p.ndim < 2 or "norm" in name or embedding else decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.optim_cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        o = self.optim_cfg
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model
+
+    @property
+    def gpt(self):
+        """The unwrapped :class:`MementoGPTModel` of this rank."""
+        return self.model.module if self.native else self.model
+
+    # -- forward -----------------------------------------------------------------------------------
+    def _model_forward(self, mb: MicroBatch) -> torch.Tensor:
+        from memento_train.models.megatron_gpt import MementoPackedSeqParams
+
+        meta = mb.meta if mb.meta.kill_row.device == self.device else mb.meta.to(self.device)
+        return self.model(
+            input_ids=mb.input_ids.to(self.device)[None], position_ids=mb.position_ids.to(self.device)[None],
+            attention_mask=None, packed_seq_params=MementoPackedSeqParams.from_meta(meta),
+        )
+
+    def _full_logits(self, local: torch.Tensor) -> torch.Tensor:
+        """``[1, T, V_pad/TP]`` (or ``[T, 1, …]``) local logits → ``[T, vocab]`` over the real vocabulary."""
+        x = local.reshape(-1, local.shape[-1])
+        if self.tp > 1:
+            x = _GatherVocab.apply(x, self.ps.get_tensor_model_parallel_group())
+        return x[:, : self.arch.vocab_size]
+
+    def logits(self, mb: MicroBatch) -> torch.Tensor:
+        """Logits ``[T, vocab]`` of one micro-batch (gathered over TP). Pipeline parallel: use
+        :meth:`forward_backward` / :meth:`forward_only`, which run Megatron's schedule."""
+        if self.pp > 1:
+            raise RuntimeError("with engine.pipeline_parallel > 1 logits exist only on the last stage; "
+                               "call forward_backward / forward_only")
+        return self._full_logits(self._model_forward(mb))
+
+    def forward_backward(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn) -> list[dict[str, Any]]:
+        if self.pp == 1:
+            return super().forward_backward(micro_batches, loss_fn)
+        return self._pipeline(micro_batches, loss_fn, forward_only=False)
+
+    def forward_only(self, micro_batches, fn):
+        if self.pp == 1:
+            return super().forward_only(micro_batches, fn)
+        with torch.no_grad():
+            return self._pipeline(micro_batches, fn, forward_only=True)
+
+    def _pipeline(self, micro_batches: Sequence[MicroBatch], fn, *, forward_only: bool) -> list[Any]:
+        """Megatron's pipeline schedule (1F1B) over the micro-batches; results broadcast to all stages."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        results: list[Any] = []
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            output = self._model_forward(mb)
+
+            def loss_func(output_tensor):
+                # 3-tuple (loss, num_tokens, reduced): with calculate_per_token_loss the schedule leaves
+                # the loss as is (it is already normalised by the loop); num_tokens is unused.
+                one = torch.ones((), dtype=torch.int, device=self.device)
+                out = fn(self._full_logits(output_tensor), mb)
+                if forward_only:
+                    results.append(out)
+                    return torch.zeros((), device=self.device), one, {}
+                loss, metrics = out
+                results.append(metrics)
+                return loss, one, {}
+
+            return output, loss_func
+
+        # The schedule calls this after the last backward: DP / TP-norm / tied-embedding reductions.
+        self.tconfig.finalize_model_grads_func = self._finalize_grads_for_schedule
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[self.model],
+            num_microbatches=len(micro_batches), seq_length=max(mb.num_tokens for mb in micro_batches),
+            micro_batch_size=1, forward_only=forward_only,
+        )
+        box = [results if self.post_process else None]
+        group = self.ps.get_pipeline_model_parallel_group()
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, self.pp - 1), group=group)
+        return box[0]
+
+    def _finalize_grads_for_schedule(self, model, num_tokens=None, **kwargs):
+        self._finalize_grads()
+
+    # -- gradients ---------------------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor, *, last_micro_batch: bool) -> None:
+        """Accumulate; the last micro-batch of a step reduces gradients (SUM over DP)."""
+        if self.pp > 1:
+            raise RuntimeError("with engine.pipeline_parallel > 1 call forward_backward (Megatron's schedule)")
+        loss.backward()
+        if last_micro_batch:
+            self._finalize_grads()
+
+    def _finalize_grads(self) -> None:
+        if self.native:
+            from megatron.core.distributed import finalize_model_grads
+
+            finalize_model_grads([self.model])
+            return
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.dp_size > 1 and params:
+            _all_reduce_coalesced([p.grad for p in params], self.ps.get_data_parallel_group())
+        if self.tp > 1 and self.arch.qk_layernorm:
+            # q/k norms are shared by all heads but each TP rank only sees its own heads.
+            qk = [p.grad for n, p in self.model.named_parameters()
+                  if p.grad is not None and ("q_layernorm" in n or "k_layernorm" in n)]
+            _all_reduce_coalesced(qk, self.ps.get_tensor_model_parallel_group())
+        if self.pp > 1 and self.arch.tied_embeddings and (self.pre_process or self.post_process):
+            w = self.gpt.shared_embedding_or_output_weight()
+            if w.grad is not None:
+                dist.all_reduce(w.grad, group=self.ps.get_embedding_group())
+
+    def _grad_norm_local(self) -> float:
+        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+        sq = torch.zeros((), dtype=torch.float64)
+        for p in self.model.parameters():
+            counted = param_is_not_tensor_parallel_duplicate(p) and not getattr(p, "shared", False)
+            if p.grad is not None and counted:
+                sq += p.grad.detach().double().pow(2).sum().cpu()
+        if self.tp * self.pp > 1:
+            dist.all_reduce(sq, group=self.ps.get_model_parallel_group())
+        return float(sq.sqrt())
+
+    def step(self, lr: float) -> float:
+        """Set ``lr``, clip to ``optim.grad_clip`` (0 = off), step, zero grads; return the pre-clip norm."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.native:
+            ok, norm, _ = self.optimizer.step()
+            if not ok:
+                warnings.warn("optimizer step skipped (non-finite gradients)", stacklevel=2)
+            self.model.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            return float(norm) if norm is not None else float("nan")
+        norm = self._grad_norm_local()
+        clip = self.optim_cfg.grad_clip
+        if clip > 0 and norm > clip:
+            coef = clip / (norm + 1e-6)
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    # -- full views --------------------------------------------------------------------------------
+    def _gather_shards(self, local: dict[str, torch.Tensor], *, everyone: bool):
+        """Collect the global-numbered local tensors of DP rank 0's TP×PP ranks; → TP-ordered shards."""
+        from memento_train.models.megatron_convert import global_view
+
+        mine = None
+        if self.dp_rank == 0:
+            g = global_view(local, layer_offset=self.layer_offset, pre_process=self.pre_process,
+                            tied=self.arch.tied_embeddings)
+            mine = (self.tp_rank, {k: v.detach().to("cpu", torch.float32) for k, v in g.items()})
+        if everyone:
+            parts: list = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, mine)
+        else:
+            parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+            dist.gather_object(mine, parts, dst=0)
+            if parts is None:
+                return None
+        shards: list[dict[str, torch.Tensor]] = [{} for _ in range(self.tp)]
+        for part in parts:
+            if part is not None:
+                shards[part[0]].update(part[1])
+        return shards
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Collective: HF-named unsharded fp32 CPU weights on rank 0 (tied ``lm_head`` alias included)."""
+        from memento_train.models.megatron_convert import megatron_to_hf
+
+        local = {n: p for n, p in self.gpt.named_parameters()}
+        shards = self._gather_shards(local, everyone=False)
+        return None if shards is None else megatron_to_hf(shards, self.arch)
+
+    def full_grads(self) -> dict[str, torch.Tensor]:
+        """Collective: reduced unsharded fp32 CPU gradients (HF parameter names) on every rank."""
+        from memento_train.models.megatron_convert import megatron_to_hf
+
+        if self.native:
+            self._gather_reduce_scattered_grads()
+        local = {}
+        for n, p in self.gpt.named_parameters():
+            g = getattr(p, "main_grad", None) if self.native else p.grad
+            local[n] = g if g is not None else torch.zeros_like(p)
+        out = megatron_to_hf(self._gather_shards(local, everyone=True), self.arch)
+        if self.arch.tied_embeddings:
+            out.pop("lm_head.weight")  # HF's named_parameters() has no tied alias
+        return out
+
+    def _gather_reduce_scattered_grads(self) -> None:
+        """Distributed optimizer: each DP rank holds only its reduced shard of every grad bucket; make
+        every bucket whole (other shards zeroed, SUM over DP). The optimizer reads only its own shard,
+        which is unchanged."""
+        from megatron.core.distributed.param_and_grad_buffer import shard_buffer
+
+        for buffer in self.model.buffers:
+            group = buffer.data_parallel_group
+            if group.size() == 1:
+                continue
+            for bucket in buffer.buckets:
+                for r, shard in enumerate(shard_buffer(bucket.grad_data, group.size())):
+                    if r != group.rank():
+                        shard.zero_()
+                dist.all_reduce(bucket.grad_data, group=group)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def _sharded_state(self, is_loading: bool) -> dict:
+        model_sd = self.gpt.sharded_state_dict()
+        state = {"model": model_sd}
+        if self.native:
+            state["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+        else:
+            state["optimizer"] = self._local_optimizer_sharded_state(model_sd, is_loading)
+        return state
+
+    def _local_optimizer_sharded_state(self, model_sd: dict, is_loading: bool) -> dict:
+        from megatron.core.dist_checkpointing.optimizer import (
+            get_param_id_to_sharded_param_map,
+            optim_state_to_sharding_state,
+        )
+
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if is_loading:  # Adam state must exist to describe its shards
+            for p in params:
+                st = self.optimizer.state[p]
+                if not st:
+                    st.update(step=torch.zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        sd = self.optimizer.state_dict()
+        # state_dict() shares the per-parameter dicts with the live optimizer: copy before editing.
+        sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
+        steps = {float(st.pop("step")) for st in sd["state"].values() if "step" in st}
+        optim_state_to_sharding_state(sd, get_param_id_to_sharded_param_map(model_sd, params), exclude_keys=("step",))
+        sd["common_step"] = max(steps) if steps else 0.0  # every parameter steps together
+        return sd
+
+    def save(self, path: str) -> None:
+        """Collective: model + optimizer with ``dist_checkpointing`` under ``path/megatron`` (atomic rename)."""
+        from megatron.core import dist_checkpointing
+
+        final, tmp = os.path.join(path, CKPT_DIR), os.path.join(path, CKPT_DIR + ".tmp")
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        dist.barrier()
+        with _cpu_only_checkpoint_shim(not self.native):
+            dist_checkpointing.save(self._sharded_state(is_loading=False), tmp)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            with open(os.path.join(tmp, "memento_engine.json"), "w") as f:
+                json.dump({"tensor_parallel": self.tp, "pipeline_parallel": self.pp,
+                           "vocab_padded": self.vocab_padded}, f)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        dist.barrier()
+
+    def load(self, path: str) -> None:
+        """Collective: restore what :meth:`save` wrote (any DP size; same TP/PP)."""
+        from megatron.core import dist_checkpointing
+
+        ckpt = os.path.join(path, CKPT_DIR)
+        if not os.path.isdir(ckpt):
+            raise FileNotFoundError(f"no Megatron checkpoint at {ckpt!r} (written by MegatronEngine.save)")
+        with open(os.path.join(ckpt, "memento_engine.json")) as f:
+            saved = json.load(f)
+        if (saved["tensor_parallel"], saved["pipeline_parallel"]) != (self.tp, self.pp):
+            raise ConfigError(
+                f"checkpoint {ckpt!r} was written with engine.tensor_parallel={saved['tensor_parallel']}, "
+                f"engine.pipeline_parallel={saved['pipeline_parallel']}; resume with the same values (or start "
+                "a new run from its HF export)"
+            )
+        with _cpu_only_checkpoint_shim(not self.native):
+            state = dist_checkpointing.load(self._sharded_state(is_loading=True), ckpt)
+        self.gpt.load_state_dict(state["model"], strict=False)
+        if self.native:
+            self.optimizer.load_state_dict(state["optimizer"])
+            return
+        sd = state["optimizer"]
+        step = torch.tensor(float(sd.pop("common_step")))
+        for st in sd["state"].values():
+            st["step"] = step.clone()
+        self.optimizer.load_state_dict(sd)
+
+    # -- export ------------------------------------------------------------------------------------
+    def export_hf(self, path: str) -> None:
+        """Collective: write the trained weights as HF safetensors (+ config) under ``path`` on rank 0."""
+        from memento_train.models.megatron_convert import save_hf_safetensors
+
+        sd = self.full_state_dict()
+        if sd is not None:
+            save_hf_safetensors(sd, path, self.arch)
+            self.hf_config.save_pretrained(path)
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def _cpu_only_checkpoint_shim(active: bool):
+    """CPU-ONLY SHIM (never active on CUDA): ``dist_checkpointing``'s ``torch_dist`` strategy assumes
+    CUDA: it calls ``torch.cuda.synchronize()`` after its non-blocking device-to-host copies and
+    all-reduces a failure flag allocated on ``torch.cuda.current_device()``. For the duration of a CPU
+    save/load the first is a no-op and the second answers ``"cpu"``."""
+    if not active:
+        yield
+        return
+    from unittest import mock
+
+    with mock.patch("torch.cuda.synchronize", lambda *args, **kwargs: None), \
+            mock.patch("torch.cuda.current_device", lambda: "cpu"):
+        yield
+
+
+def _all_reduce_coalesced(tensors: list[torch.Tensor], group) -> None:
+    """SUM all-reduce of many tensors in one flat buffer (one collective instead of one per tensor)."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset: offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+register_engine("megatron", MegatronEngine)
