@@ -1,0 +1,71 @@
+"""``memento-rl``: reinforcement learning (CISPO / GRPO) of Memento models on block-evicting rollouts.
+
+Usage::
+
+    memento-rl                                   # embedded default (recipe tiny_rl): tiny model, SFT
+                                                 # warm-up, then RL on the synthetic task, CPU
+    memento-rl output_dir=/tmp/rl train.total_steps=20
+    memento-rl recipe=grpo model.path=/ckpt/stage2/hf prompts.path=/data/rl.jsonl output_dir=/shared/rl
+    memento-rl recipes                           # list the shipped recipes
+    memento-rl show recipe=NAME [key=value ...]  # print the resolved config and exit
+
+Overrides are ``section.option=value`` (values parsed as YAML). ``resume=auto`` (the default)
+continues from the newest checkpoint in ``output_dir`` with the same data order. Metrics go to
+``<output_dir>/metrics.jsonl`` (one record per step, ``reward_mean`` among them) and wandb.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import yaml
+
+from memento_train.config_errors import ConfigError
+from memento_train.recipes import available_recipes
+from memento_train.structured_config import to_dict
+
+
+def _split_recipe(args: Sequence[str]) -> tuple[str | None, list[str]]:
+    recipe, rest = None, []
+    for a in args:
+        if a.startswith("recipe="):
+            recipe = a.split("=", 1)[1] or None
+        else:
+            rest.append(a)
+    return recipe, rest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-h", "--help", "help"):
+        print(__doc__)
+        return 0
+    try:
+        if args and args[0] == "recipes":
+            print("\n".join(available_recipes()))
+            return 0
+        show = bool(args) and args[0] == "show"
+        recipe, rest = _split_recipe(args[1:] if show else args)
+        from memento_train.rl.rl_config import build_rl_config, config_tree
+
+        tree = config_tree(recipe, rest)
+        cfg = build_rl_config(tree)
+        if show:
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            return 0
+        from memento_train.rl.driver import run_rl
+
+        result = run_rl(cfg)
+    except ConfigError as exc:
+        print(f"memento-rl: configuration error: {exc}", file=sys.stderr)
+        return 2
+    r = result.reward_means
+    print(f"[memento-rl] {result.output_dir}: {result.steps} steps; mean reward first/last step "
+          f"{r[0] if r else float('nan'):.3f} -> {r[-1] if r else float('nan'):.3f}; HF model {result.hf_dir}")
+    return 0
+
+
+# Reward workers are spawned processes that re-import __main__: the guard keeps them from training.
+if __name__ == "__main__":
+    sys.exit(main())

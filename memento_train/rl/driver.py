@@ -1,0 +1,393 @@
+"""The RL driver: the single controller of ``memento-rl``.
+
+Each step: the step's prompts (a pure function of ``(seed, step)``) → the rollout pool samples
+``group_size`` responses per prompt with block eviction (per-sequence seeds, also pure in
+``(seed, step, sample)``, so a retried or resumed step reproduces its samples) → the reward pool
+scores them → group advantages → the trainer ranks train on the rollout tokens under the same memento
+mask → weights synced to the rollout workers → metrics logged (JSONL + wandb), evaluation every
+``eval.every`` steps, a checkpoint every ``checkpoint.every`` steps. Workers never decide anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from memento_train.checkpoint import CheckpointManager, read_state
+from memento_train.cluster import WorkerGroup
+from memento_train.data.pack import plan_bins
+from memento_train.data.render import Renderer
+from memento_train.data.synthetic import synthetic_records
+from memento_train.generation.sampling import derive_seed
+from memento_train.masking import SpecialTokens
+from memento_train.models.loading import load_tokenizer
+from memento_train.optim import lr_at
+from memento_train.rl.advantages import compute_advantages, group_ids_for, group_reward_stats
+from memento_train.rl.losses import loss_normaliser, reduce_metrics
+from memento_train.rl.rewards import RewardPool
+from memento_train.rl.rl_config import RLConfig
+from memento_train.rl.rollout_worker import RolloutPool, RolloutRequest
+from memento_train.rl.trainer_worker import RLTrainerWorker, rollout_document
+from memento_train.rl.weight_sync import sync_weights
+from memento_train.structured_config import deep_merge, to_dict
+from memento_train.tokens import special_token_ids
+from memento_train.tracking import RunLogger
+
+# Offsets that keep the seed streams of training rollouts, evaluation and the warm-up data apart.
+EVAL_SEED_OFFSET = 1_000_003
+WARMUP_DATA_SEED_OFFSET = 2_000_003
+
+
+@dataclass
+class RLResult:
+    """What a finished run leaves behind."""
+
+    output_dir: str
+    hf_dir: str | None
+    steps: int
+    reward_means: list[float]
+
+
+# ---------------------------------------------------------------- pure pieces (unit-tested)
+
+def prompt_indices(step: int, seed: int, num_prompts: int, per_step: int) -> np.ndarray:
+    """Dataset indices of step ``step``'s prompts: epoch-wise permutations seeded by ``(seed, epoch)``,
+    read consecutively. Pure in its arguments, so a resumed run sees the same prompts."""
+    positions = np.arange(step * per_step, (step + 1) * per_step)
+    out = np.empty(per_step, np.int64)
+    for epoch in np.unique(positions // num_prompts):
+        sel = positions // num_prompts == epoch
+        perm = np.random.default_rng([seed, int(epoch)]).permutation(num_prompts)
+        out[sel] = perm[positions[sel] % num_prompts]
+    return out
+
+
+def sample_seed(seed: int, step: int, key: int) -> int:
+    """The sampling seed of response ``key`` (``prompt_pos * group_size + sample``) at ``step``."""
+    return derive_seed(seed, step, key)
+
+
+def plan_micro_batches(lengths: list[int], micro_batch_tokens: int, world_size: int) -> list[list[list[int]]]:
+    """Per rank, micro-batches of document indices: best-fit packing, dealt largest-first to the
+    least-loaded rank, every rank padded (with empty micro-batches) to the same count."""
+    bins = plan_bins(lengths, micro_batch_tokens)
+    bins.sort(key=lambda b: -sum(lengths[i] for i in b))
+    per_rank: list[list[list[int]]] = [[] for _ in range(world_size)]
+    load = [0] * world_size
+    for b in bins:
+        r = min(range(world_size), key=lambda i: (load[i], len(per_rank[i]), i))
+        per_rank[r].append(list(b))
+        load[r] += sum(lengths[i] for i in b)
+    depth = max(1, max(len(p) for p in per_rank))
+    for p in per_rank:
+        p.extend([] for _ in range(depth - len(p)))
+    return per_rank
+
+
+def rollout_metrics(results: list[dict], prompt_lens: list[int], scores: list[float], group_size: int) -> dict[str, float]:
+    """Reward, accuracy, length, blocks and KV metrics of one batch of responses.
+
+    ``compression_ratio``: the responses' KV-AUC without eviction (``Σ_i (P + i)``) over the AUC
+    measured with eviction; ``peak_kv``: live KV entries per layer at the worst moment.
+    """
+    r = torch.tensor(scores, dtype=torch.float64)
+    stats = group_reward_stats(r, group_ids_for(len(scores) // group_size, group_size))
+    lengths = np.array([len(x["token_ids"]) for x in results], np.float64)
+    full_auc = np.array([n * p + n * (n - 1) / 2 for n, p in zip(lengths, prompt_lens)])
+    auc = np.array([x["kv_auc"] for x in results], np.float64)
+    peak = np.array([x["peak_kv"] for x in results], np.float64)
+    return {
+        "reward_mean": stats["reward/mean"], "reward_std": stats["reward/std"],
+        "accuracy": float(np.mean(np.asarray(scores) >= 1.0)),
+        "groups_all_equal_frac": stats["groups/all_equal_frac"],
+        "response_length": float(lengths.mean()), "response_length_max": float(lengths.max()),
+        "truncated_frac": float(np.mean([x["finish_reason"] == "length" for x in results])),
+        "blocks_per_response": float(np.mean([x["num_blocks"] for x in results])),
+        "forced_block_ends": float(np.sum([x["forced_block_ends"] for x in results])),
+        "peak_kv": float(peak.mean()), "peak_kv_max": float(peak.max()),
+        "kv_auc": float(auc.mean()),
+        "compression_ratio": float(full_auc.sum() / max(1.0, auc.sum())),
+    }
+
+
+# ---------------------------------------------------------------- problems and prompts
+
+def load_problems(path: str, *, synthetic_task=None, num: int) -> list[dict[str, Any]]:
+    """``num`` synthetic records, or the records of a local ``.jsonl`` / ``.json`` / ``.parquet`` file."""
+    if path == "synthetic":
+        return synthetic_records(num, synthetic_task)
+    if path.endswith(".jsonl"):
+        records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    elif path.endswith(".json"):
+        records = json.loads(Path(path).read_text())
+    else:
+        import datasets
+
+        records = list(datasets.load_dataset("parquet", data_files=path, split="train"))
+    for i, rec in enumerate(records):
+        if "problem" not in rec or "answer" not in rec:
+            raise ValueError(f"{path}: record {i} lacks 'problem' or 'answer' (fields: {sorted(rec)})")
+    return records
+
+
+def encode_prompts(records: list[dict], renderer: Renderer, max_len: int) -> tuple[list[dict], list[list[int]]]:
+    """Chat-template prompts (ending with the assistant header, generation starts with ``<think>``);
+    records whose prompt exceeds ``max_len`` tokens are dropped."""
+    kept, ids = [], []
+    for rec in records:
+        p = renderer._encode(renderer.prompt_text(rec["problem"]))
+        if len(p) <= max_len:
+            kept.append(rec)
+            ids.append(p)
+    if not kept:
+        raise ValueError(f"every prompt is longer than prompts.max_prompt_len={max_len} tokens")
+    return kept, ids
+
+
+# ---------------------------------------------------------------- warm-up
+
+def sft_warmup(cfg: RLConfig, *, progress: bool = True) -> str:
+    """Run (or reuse) the short SFT warm-up; returns its Hugging Face export directory."""
+    from memento_train.recipes import load_recipe
+    from memento_train.sft.config import build_sft_config
+    from memento_train.sft.driver import run_stage
+
+    out = Path(cfg.output_dir) / "sft_warmup"
+    hf = out / "hf"
+    if (hf / "memento_train.json").is_file():
+        return str(hf)
+    w = cfg.warmup
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / "data.jsonl"
+    task = cfg.prompts.synthetic.task(seed=cfg.prompts.synthetic.seed + WARMUP_DATA_SEED_OFFSET)
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_records(w.num_records, task)))
+    tree = deep_merge(load_recipe("tiny_stage2"), {
+        "output_dir": str(out), "logger": "none", "resume": "auto",
+        "model": {"path": None, "require_stage1_init": False, "tiny": to_dict(cfg.model.tiny),
+                  "attn_backend": cfg.model.attn_backend},
+        "data": {"path": str(data), "max_seq_len": cfg.prompts.max_prompt_len + cfg.rollout.max_new_tokens,
+                 "mask": {"keep_last_n_blocks": cfg.rollout.mask.keep_last_n_blocks,
+                          "mask_delimiters": cfg.rollout.mask.mask_delimiters}},
+        "optim": {"lr": w.lr, "warmup_ratio": 0.05, "min_lr_ratio": 0.1},
+        "train": {"epochs": w.steps * w.global_batch_size / w.num_records, "max_steps": w.steps,
+                  "global_batch_size": w.global_batch_size, "micro_batch_tokens": 1024, "seed": cfg.seed},
+        "cluster": {"use_ray": False, "num_workers": 1, "cpus_per_worker": cfg.cluster.cpus_per_worker},
+        "checkpoint": {"every": 0, "keep_last": 1, "export_hf": True},
+    })
+    result = run_stage(build_sft_config(tree), progress=progress)
+    return str(result.hf_dir)
+
+
+# ---------------------------------------------------------------- the loop
+
+class _Run:
+    """State of one run (built by :func:`run_rl`); one method per phase keeps the loop readable."""
+
+    def __init__(self, cfg: RLConfig, tree: dict[str, Any], logger: RunLogger) -> None:
+        self.cfg, self.tree, self.logger = cfg, tree, logger
+        tok = load_tokenizer(cfg.model)
+        self.tokenizer = tok
+        self.special = SpecialTokens.from_mapping(special_token_ids(tok))
+        self.mask = cfg.rollout.mask.mask_config()
+        renderer = Renderer(tok, self.mask, cfg.prompts.system_prompt)
+        p = cfg.prompts
+        self.records, self.prompts = encode_prompts(
+            load_problems(p.path, synthetic_task=p.synthetic.task(), num=p.num_records), renderer, p.max_prompt_len)
+        self.eval_records, self.eval_prompts = [], []
+        if cfg.eval.every or cfg.eval.at_start:
+            e = cfg.eval
+            task = p.synthetic.task(seed=p.synthetic.seed + EVAL_SEED_OFFSET)
+            recs = load_problems(e.path, synthetic_task=task, num=e.num_problems)[: e.num_problems]
+            self.eval_records, self.eval_prompts = encode_prompts(recs, renderer, p.max_prompt_len)
+
+    def sampling(self, temperature: float, max_new_tokens: int) -> dict[str, Any]:
+        r = self.cfg.rollout
+        return {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": r.top_p,
+                "stop_token_ids": (int(self.tokenizer.eos_token_id),)}
+
+    def score(self, rewards: RewardPool, results: list[dict], records: list[dict]) -> tuple[list[float], int]:
+        """Scores; a batch in which a reward worker crashed is scored again (the reward is a pure
+        function, so retrying changes nothing but the lost items). Returns scores and retries."""
+        texts = [x["text"] for x in results]
+        for attempt in range(self.cfg.faults.max_step_retries + 1):
+            batch = rewards.score(texts, records)
+            if not batch.crashes:
+                return batch.scores, attempt
+            self.logger.write(f"[memento-rl] {batch.crashes} reward item(s) lost to a crashed reward worker; "
+                              f"rescoring the batch ({'; '.join(batch.messages[:2])})")
+        raise RuntimeError(f"reward workers kept crashing (faults.max_step_retries={self.cfg.faults.max_step_retries})")
+
+
+def _open_ray(cfg: RLConfig):
+    """The driver owns Ray (both worker pools live in it) when either pool uses it."""
+    if not cfg.cluster.use_ray:
+        return None
+    from memento_train.cluster.session import RaySession, worker_code_paths
+
+    env = {"PYTHONPATH": os.pathsep.join(worker_code_paths())}
+    cpus = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
+    if cfg.placement == "disaggregated":
+        cpus += cfg.rollout_cluster.num_workers * cfg.rollout_cluster.cpus_per_worker
+    return RaySession.open(cfg.cluster, needed_cpus=cpus, worker_env=env)
+
+
+def run_rl(cfg: RLConfig, tree: dict[str, Any] | None = None, *, progress: bool = True) -> RLResult:
+    """Run ``cfg`` to ``train.total_steps`` (or ``train.max_steps``); resumable with ``resume=auto``."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.warmup.enabled:
+        cfg.model.path = sft_warmup(cfg, progress=progress)
+    tree = deep_merge(to_dict(cfg) if tree is None else tree, {"model": to_dict(cfg.model), "output_dir": str(out)})
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    ckpts = CheckpointManager(out / "checkpoints", keep_last=cfg.checkpoint.keep_last)
+    ckpts.clean_staging()
+    resume_from = ckpts.resolve(cfg.resume)
+    start = read_state(resume_from)["step"] if resume_from else 0
+    total = cfg.train.total_steps
+    end = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+    logger = RunLogger(out, total_steps=end, start_step=start, logger=cfg.logger, wandb_cfg=cfg.wandb,
+                       config=to_dict(cfg), desc="rl", progress=progress)
+    session = _open_ray(cfg)
+    trainer = pool = rewards = None
+    reward_means: list[float] = []
+    hf_dir = None
+    try:
+        run = _Run(cfg, tree, logger)
+        logger.write(f"[memento-rl] {len(run.prompts)} prompts, {cfg.rollout.prompts_per_step} x "
+                     f"{cfg.rollout.group_size} responses per step, steps {start + 1}..{end} of {total}; "
+                     f"trainer {cfg.cluster.num_workers} x {cfg.engine.kind}, rollout {cfg.rollout_cluster.num_workers} "
+                     f"worker(s), placement {cfg.placement}; writing to {out}")
+        trainer = WorkerGroup(RLTrainerWorker, cfg.cluster, tree, name="rl-trainer")
+        trainer.run("setup")
+        pool = RolloutPool(cfg, tree)
+        rewards = RewardPool.from_config(cfg.reward)
+        if resume_from:
+            trainer.run("load", str(resume_from))
+            logger.write(f"[memento-rl] resumed from {resume_from} (step {start})")
+        sync = sync_weights(trainer, pool, start)
+        logger.write(f"[memento-rl] initial weight sync: {sync.total_s:.2f} s")
+        if cfg.eval.at_start and start == 0:
+            logger.log(0, _evaluate(run, pool, rewards, 0))
+        saved_at = start if resume_from else -1
+        for step in range(start, end):
+            metrics = _step(run, trainer, pool, rewards, step)
+            reward_means.append(metrics["reward_mean"])
+            if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == end):
+                metrics.update(_evaluate(run, pool, rewards, step + 1))
+            logger.log(step + 1, metrics)
+            if (step + 1) % cfg.train.log_every == 0:
+                logger.write(f"[memento-rl] step {step + 1}: reward {metrics['reward_mean']:.3f} "
+                             f"acc {metrics['accuracy']:.3f} len {metrics['response_length']:.0f} "
+                             f"step {metrics['time/step_s']:.1f}s")
+            if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
+                _save(trainer, ckpts, step + 1)
+                saved_at = step + 1
+        if saved_at != end and end > start:
+            _save(trainer, ckpts, end)
+        if cfg.checkpoint.export_hf and end == total:
+            hf_dir = str(out / "hf")
+            trainer.run("export_hf", hf_dir, {"stage": "rl", "step": end, "mask": to_dict(run.mask),
+                                              "base_model": cfg.model.path})
+            logger.write(f"[memento-rl] exported Hugging Face model to {hf_dir}")
+    finally:
+        for closer in (rewards, pool, trainer):
+            if closer is not None:
+                (closer.close if isinstance(closer, RewardPool) else closer.shutdown)()
+        logger.close()
+        if session is not None:
+            session.close()
+    return RLResult(str(out), hf_dir, end, reward_means)
+
+
+def _step(run: _Run, trainer: WorkerGroup, pool: RolloutPool, rewards: RewardPool, step: int) -> dict[str, Any]:
+    cfg = run.cfg
+    g, n_prompts = cfg.rollout.group_size, cfg.rollout.prompts_per_step
+    t_step = time.perf_counter()
+    idx = prompt_indices(step, cfg.seed, len(run.prompts), n_prompts)
+    requests = [RolloutRequest(key=j * g + s, prompt_ids=run.prompts[i], seed=sample_seed(cfg.seed, step, j * g + s))
+                for j, i in enumerate(idx) for s in range(g)]
+    records = [run.records[i] for i in idx for _ in range(g)]
+
+    t0 = time.perf_counter()
+    crash = 0 if cfg.faults.inject_rollout_crash_at_step == step + 1 else None
+    results, rollout_retries = pool.generate(requests, run.sampling(cfg.rollout.temperature, cfg.rollout.max_new_tokens),
+                                             crash_worker=crash, max_retries=cfg.faults.max_step_retries)
+    rollout_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    scores, reward_retries = run.score(rewards, results, records)
+    reward_s = time.perf_counter() - t0
+
+    prompt_lens = [len(r.prompt_ids) for r in requests]
+    adv = compute_advantages(torch.tensor(scores, dtype=torch.float64), group_ids_for(n_prompts, g),
+                             cfg.algorithm.adv_norm, cfg.algorithm.adv_eps)
+    docs = [rollout_document(q.prompt_ids, x["token_ids"], x["logprobs"], float(a), run.special, run.mask)
+            for q, x, a in zip(requests, results, adv.tolist())]
+    plan = plan_micro_batches([len(d["input_ids"]) for d in docs], cfg.train.micro_batch_tokens, trainer.world_size)
+    # token_mean needs the response tokens of the whole global batch, known only here, before any rank starts.
+    num_response_tokens = sum(len(x["token_ids"]) for x in results)
+    normaliser = loss_normaliser(cfg.algorithm.loss_agg, num_response_tokens=num_response_tokens,
+                                 num_sequences=len(docs), max_response_len=cfg.rollout.max_new_tokens)
+    lr = lr_at(step, cfg.train.total_steps, cfg.optim)
+    t0 = time.perf_counter()
+    outs = trainer.run_each("train_step", [([[docs[i] for i in mb] for mb in plan[r]], normaliser, lr)
+                                           for r in range(trainer.world_size)])
+    train_s = time.perf_counter() - t0
+    train = reduce_metrics([m for o in outs for m in o["metrics"]])
+    if not math.isfinite(train["loss"]):
+        raise FloatingPointError(f"RL loss is {train['loss']} at step {step + 1}; lower optim.lr")
+
+    sync = sync_weights(trainer, pool, step + 1)
+    metrics = rollout_metrics(results, prompt_lens, scores, g)
+    metrics.update({f"train/{k}": v for k, v in train.items()})
+    metrics.update({
+        "loss": train["loss"], "clip_fraction": train.get("clip_frac", 0.0), "kl": train.get("kl", 0.0),
+        "entropy": train.get("entropy", 0.0), "approx_kl": train.get("approx_kl", 0.0),
+        "logprob_mismatch_mean": train.get("mismatch/abs", 0.0),
+        "logprob_mismatch_max": train.get("mismatch/abs/max", 0.0),
+        "grad_norm": outs[0]["grad_norm"], "lr": lr, "samples": len(docs),
+        "response_tokens": num_response_tokens,
+        "gen_tokens_per_s": num_response_tokens / max(rollout_s, 1e-9),
+        "rollout_retries": rollout_retries, "reward_retries": reward_retries, "rollout_restarts": pool.restarts,
+        "time/rollout_s": rollout_s, "time/reward_s": reward_s,
+        "time/old_logprobs_s": max(o["times"]["old_logprobs_s"] for o in outs),
+        "time/ref_logprobs_s": max(o["times"]["ref_logprobs_s"] for o in outs),
+        "time/update_s": max(o["times"]["update_s"] for o in outs), "time/train_call_s": train_s,
+        **sync.metrics(),
+    })
+    metrics["time/step_s"] = time.perf_counter() - t_step
+    return metrics
+
+
+def _evaluate(run: _Run, pool: RolloutPool, rewards: RewardPool, step: int) -> dict[str, float]:
+    """Sample ``eval.samples`` responses per eval problem at ``eval.temperature``; pass@1 = accuracy."""
+    cfg, e = run.cfg, run.cfg.eval
+    t0 = time.perf_counter()
+    requests = [RolloutRequest(key=j * e.samples + s, prompt_ids=p,
+                               seed=sample_seed(cfg.seed + EVAL_SEED_OFFSET, step, j * e.samples + s))
+                for j, p in enumerate(run.eval_prompts) for s in range(e.samples)]
+    records = [r for r in run.eval_records for _ in range(e.samples)]
+    params = run.sampling(e.temperature, e.max_new_tokens or cfg.rollout.max_new_tokens)
+    results, _ = pool.generate(requests, params, max_retries=cfg.faults.max_step_retries)
+    scores, _ = run.score(rewards, results, records)
+    m = rollout_metrics(results, [len(r.prompt_ids) for r in requests], scores, e.samples)
+    out = {f"eval/{k}": m[k] for k in ("accuracy", "reward_mean", "response_length", "blocks_per_response",
+                                       "peak_kv", "compression_ratio")}
+    out["eval/time_s"] = time.perf_counter() - t0
+    return out
+
+
+def _save(trainer: WorkerGroup, ckpts: CheckpointManager, step: int) -> None:
+    staging = ckpts.stage(step)
+    trainer.run("save", str(staging))
+    ckpts.commit(step, staging, {"data_position": step})

@@ -1,0 +1,336 @@
+"""The RL run's configuration (``memento-rl``): one typed tree built from a recipe plus ``key=value``
+overrides, validated before any worker starts.
+
+Sections: ``model`` (the policy; ``model.path`` null + ``warmup.enabled`` = a tiny model SFT-warmed on
+the synthetic task first), ``prompts`` (where problems come from), ``rollout`` (group size, prompts
+per step, sampling, eviction and its block cap), ``algorithm`` / ``reward`` (:mod:`.config`), ``optim``,
+``engine``, ``cluster`` (trainer workers), ``rollout_cluster`` (rollout workers), ``placement``,
+``weight_sync``, ``train`` (steps, micro-batches), ``eval``, ``checkpoint``, ``faults``, logging.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from memento_train.cluster.config import ClusterConfig
+from memento_train.config_errors import ConfigError
+from memento_train.data.synthetic import SyntheticTaskConfig
+from memento_train.engines.config import EngineConfig
+from memento_train.generation.engine import BlockMaskingConfig
+from memento_train.optim import OptimConfig
+from memento_train.recipes import load_recipe
+from memento_train.rl.config import AlgorithmConfig, RewardConfig
+from memento_train.sft.config import LOGGERS, RESUME_MODES, ModelConfig, WandbConfig
+from memento_train.structured_config import build, deep_merge, parse_overrides
+
+DEFAULT_RECIPE = "tiny_rl"
+PLACEMENTS = ("disaggregated", "colocated")
+SYNC_METHODS = ("auto", "object_store", "nccl", "inplace")
+ROLLOUT_ENGINES = ("auto", "reference", "vllm")
+
+
+@dataclass
+class SyntheticSection:
+    """The synthetic running-total task (:mod:`memento_train.data.synthetic`) when ``prompts.path=synthetic``."""
+
+    seed: int = 0
+    modulus: int = 100
+    min_blocks: int = 2
+    max_blocks: int = 5
+    min_ops_per_block: int = 2
+    max_ops_per_block: int = 3
+    max_operand: int = 49
+
+    def task(self, seed: int | None = None) -> SyntheticTaskConfig:
+        values = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        if seed is not None:
+            values["seed"] = seed
+        return SyntheticTaskConfig(**values)
+
+
+@dataclass
+class PromptsConfig:
+    """Training problems.
+
+    Attributes:
+        path: ``synthetic`` (``num_records`` records of the task in ``synthetic``) or a local
+            ``.jsonl`` / ``.json`` / ``.parquet`` file of records with ``problem`` and ``answer``.
+        num_records: synthetic only: how many training problems.
+        max_prompt_len: prompts longer than this (in tokens, chat template included) are dropped.
+        system_prompt: optional system message.
+    """
+
+    path: str = "synthetic"
+    num_records: int = 4096
+    synthetic: SyntheticSection = field(default_factory=SyntheticSection)
+    max_prompt_len: int = 1024
+    system_prompt: str | None = None
+
+
+@dataclass
+class RolloutConfig:
+    """How responses are sampled.
+
+    Attributes:
+        group_size: responses per prompt (GRPO's group).
+        prompts_per_step: prompts per optimizer step (batch = ``prompts_per_step * group_size``).
+        temperature, top_p: sampling (the loss and log-probs use the same temperature).
+        max_new_tokens: response budget in tokens.
+        mask: eviction during generation (``keep_last_n_blocks=0`` evicts a block at its summary's end;
+            ``max_block_tokens`` forces ``<|block_end|>`` after that many block tokens, the paper's
+            7K cap). The trainer applies the same rule as its attention mask.
+        engine: ``reference`` (HF model + physical KV eviction, CPU/GPU), ``vllm`` (GPU, Memento
+            overlay), ``auto`` = vllm when rollout workers have GPUs, else reference.
+        max_batch_size: sequences decoding together per rollout worker (reference engine).
+        gpu_memory_utilization: vLLM's memory fraction (colocated: leave room for the trainer).
+    """
+
+    group_size: int = 8
+    prompts_per_step: int = 240
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 31744
+    mask: BlockMaskingConfig = field(default_factory=lambda: BlockMaskingConfig(keep_last_n_blocks=0,
+                                                                                max_block_tokens=7168))
+    engine: str = "auto"
+    max_batch_size: int = 256
+    gpu_memory_utilization: float = 0.5
+
+
+@dataclass
+class TrainSection:
+    """Length of the run and how a step's rollouts are packed for the trainer.
+
+    Attributes:
+        total_steps: optimizer steps of the run (the lr schedule spans them).
+        max_steps: stop after this many steps (schedule unchanged; for tests and staged runs).
+        micro_batch_tokens: token budget of one packed micro-batch (prompt + response tokens).
+        log_every: progress-bar line every N steps (JSONL gets every step).
+    """
+
+    total_steps: int = 500
+    max_steps: int | None = None
+    micro_batch_tokens: int = 65536
+    log_every: int = 1
+
+
+@dataclass
+class EvalSection:
+    """Periodic evaluation (greedy-free sampling at ``temperature``, ``samples`` per problem).
+
+    Attributes:
+        every: evaluate every N steps (0 = never); also after the last step when > 0.
+        path: ``synthetic`` (held-out records: the task with seed ``prompts.synthetic.seed + 1``) or a
+            ``.jsonl`` / ``.json`` / ``.parquet`` file with ``problem`` and ``answer`` (e.g. AIME).
+        num_problems: use the first N problems.
+        samples: responses per problem (pass@1 is their mean accuracy).
+        temperature: eval sampling temperature (the paper: 0.6).
+        max_new_tokens: null = ``rollout.max_new_tokens``.
+        at_start: also evaluate before the first step.
+    """
+
+    every: int = 25
+    path: str = "synthetic"
+    num_problems: int = 30
+    samples: int = 64
+    temperature: float = 0.6
+    max_new_tokens: int | None = None
+    at_start: bool = False
+
+
+@dataclass
+class WarmupSection:
+    """A short SFT warm-up on the synthetic task before RL (tiny CPU default only).
+
+    Runs the SFT trainer (memento attention, stage-2 settings) from a random tiny model into
+    ``<output_dir>/sft_warmup``, so the policy already writes the Memento format and RL starts with a
+    reward strictly between 0 and 1. Skipped when that export exists. Needs ``model.path`` null.
+    """
+
+    enabled: bool = False
+    steps: int = 150
+    num_records: int = 2000
+    global_batch_size: int = 32
+    lr: float = 3e-3
+
+
+@dataclass
+class RLCheckpointSection:
+    """Resumable checkpoints (trainer engine + RNG + step) and the final HF export."""
+
+    every: int = 50
+    keep_last: int = 2
+    export_hf: bool = True
+
+
+@dataclass
+class FaultsSection:
+    """Fault tolerance, and fault *injection* for tests.
+
+    Attributes:
+        max_step_retries: a step whose rollout or reward workers die is retried this many times.
+        inject_rollout_crash_at_step: test hook: rollout worker 0 kills its own process in the middle
+            of generating this step (1-based), on the first attempt only. Never set it in real runs.
+    """
+
+    max_step_retries: int = 2
+    inject_rollout_crash_at_step: int | None = None
+
+
+@dataclass
+class RLConfig:
+    """Everything one RL run needs. ``output_dir`` receives checkpoints, metrics and the HF export."""
+
+    output_dir: str = "runs/memento-rl"
+    resume: str = "auto"
+    seed: int = 0
+    logger: str = "wandb"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, warmup_steps=10, grad_clip=1.0))
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    rollout_cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    placement: str = "disaggregated"
+    weight_sync: str = "auto"
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    warmup: WarmupSection = field(default_factory=WarmupSection)
+    checkpoint: RLCheckpointSection = field(default_factory=RLCheckpointSection)
+    faults: FaultsSection = field(default_factory=FaultsSection)
+    wandb: WandbConfig = field(default_factory=lambda: WandbConfig(project="memento-rl"))
+
+    def validate(self) -> RLConfig:
+        """Static checks; raise :class:`ConfigError` naming the option to change. Returns self."""
+        self.algorithm.validate("algorithm")
+        self.reward.validate("reward")
+        self.optim.validate("optim")
+        self.engine.validate("engine")
+        self.cluster.validate("cluster")
+        self.rollout_cluster.validate("rollout_cluster")
+        _choice("placement", self.placement, PLACEMENTS)
+        _choice("weight_sync", self.weight_sync, SYNC_METHODS)
+        _choice("rollout.engine", self.rollout.engine, ROLLOUT_ENGINES)
+        _choice("logger", self.logger, LOGGERS)
+        if self.resume not in RESUME_MODES and not os.path.isdir(self.resume):
+            raise ConfigError(f"resume must be 'auto', 'never' or an existing checkpoint directory, got {self.resume!r}")
+        r = self.rollout
+        for name in ("group_size", "prompts_per_step", "max_new_tokens", "max_batch_size"):
+            _positive(f"rollout.{name}", getattr(r, name))
+        if not r.temperature > 0:
+            raise ConfigError(f"rollout.temperature must be > 0 (RL samples; log-probs are taken at it), got {r.temperature!r}")
+        if not 0 < r.top_p <= 1:
+            raise ConfigError(f"rollout.top_p must be in (0, 1], got {r.top_p!r}")
+        if r.top_p < 1 and self.algorithm.old_logprobs_source == "rollout":
+            raise ConfigError("rollout.top_p < 1 with algorithm.old_logprobs_source=rollout: the rollout log-probs "
+                              "are of the untruncated policy, set rollout.top_p=1")
+        if not r.mask.enable or r.mask.keep_last_n_blocks < 0:
+            raise ConfigError("rollout.mask must evict (enable=true, keep_last_n_blocks>=0): Memento RL trains "
+                              "on block-evicting rollouts")
+        if r.group_size < 2 and self.algorithm.adv_norm in ("group", "drgrpo"):
+            raise ConfigError(f"rollout.group_size={r.group_size} gives every group advantage 0 with "
+                              f"algorithm.adv_norm={self.algorithm.adv_norm}; use group_size >= 2")
+        p = self.prompts
+        _positive("prompts.num_records", p.num_records)
+        _positive("prompts.max_prompt_len", p.max_prompt_len)
+        if p.path != "synthetic" and not os.path.isfile(p.path):
+            raise ConfigError(f"prompts.path={p.path!r} is neither 'synthetic' nor an existing file")
+        self._task("prompts.synthetic", p.synthetic)
+        t = self.train
+        _positive("train.total_steps", t.total_steps)
+        _positive("train.micro_batch_tokens", t.micro_batch_tokens)
+        _positive("train.log_every", t.log_every)
+        if t.max_steps is not None:
+            _positive("train.max_steps", t.max_steps)
+        if t.micro_batch_tokens < p.max_prompt_len + r.max_new_tokens:
+            raise ConfigError(f"train.micro_batch_tokens ({t.micro_batch_tokens}) must hold the longest sequence, "
+                              f"prompts.max_prompt_len + rollout.max_new_tokens = {p.max_prompt_len + r.max_new_tokens}")
+        if self.model.path is None and p.max_prompt_len + r.max_new_tokens > self.model.tiny.max_position_embeddings:
+            raise ConfigError(f"prompts.max_prompt_len + rollout.max_new_tokens exceeds the tiny model's "
+                              f"model.tiny.max_position_embeddings ({self.model.tiny.max_position_embeddings})")
+        e = self.eval
+        if e.every < 0:
+            raise ConfigError(f"eval.every must be >= 0 (0 = never), got {e.every!r}")
+        if e.every or e.at_start:
+            _positive("eval.num_problems", e.num_problems)
+            _positive("eval.samples", e.samples)
+            if not e.temperature > 0:
+                raise ConfigError(f"eval.temperature must be > 0, got {e.temperature!r}")
+            if e.path != "synthetic" and not os.path.isfile(e.path):
+                raise ConfigError(f"eval.path={e.path!r} is neither 'synthetic' nor an existing file")
+        w = self.warmup
+        if w.enabled:
+            if self.model.path is not None:
+                raise ConfigError("warmup.enabled=true trains a tiny model from scratch: set model.path=null, "
+                                  "or warmup.enabled=false to start RL from model.path")
+            for name in ("steps", "num_records", "global_batch_size"):
+                _positive(f"warmup.{name}", getattr(w, name))
+        c = self.checkpoint
+        if c.every < 0 or c.keep_last < 1:
+            raise ConfigError(f"checkpoint.every must be >= 0 and checkpoint.keep_last >= 1, got {c.every}, {c.keep_last}")
+        if self.faults.max_step_retries < 0:
+            raise ConfigError(f"faults.max_step_retries must be >= 0, got {self.faults.max_step_retries!r}")
+        self._check_placement()
+        return self
+
+    def _check_placement(self) -> None:
+        # GPU-only paths are configured here but not implemented on CPU; say so before anything starts.
+        if self.weight_sync in ("nccl", "inplace"):
+            raise ConfigError(f"weight_sync={self.weight_sync} is a GPU path (NCCL broadcast for disaggregated, "
+                              f"in-place load for colocated vLLM) not implemented in this version; use "
+                              f"weight_sync=object_store (or auto)")
+        if self.placement == "colocated" and self.rollout_cluster.num_workers != self.cluster.num_workers:
+            raise ConfigError(f"placement=colocated runs one rollout engine beside each trainer rank: set "
+                              f"rollout_cluster.num_workers={self.cluster.num_workers} (= cluster.num_workers)")
+        if self.rollout_cluster.use_ray != self.cluster.use_ray:
+            raise ConfigError("cluster.use_ray and rollout_cluster.use_ray must agree (both inline or both on Ray)")
+
+    @staticmethod
+    def _task(prefix: str, s: SyntheticSection) -> None:
+        try:
+            s.task()
+        except ValueError as exc:
+            raise ConfigError(f"{prefix}: {exc}") from exc
+
+    @property
+    def batch_size(self) -> int:
+        """Responses per step."""
+        return self.rollout.prompts_per_step * self.rollout.group_size
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def config_tree(recipe: str | None, overrides: Sequence[str] | dict[str, Any] = ()) -> dict[str, Any]:
+    """The merged plain tree of ``recipe`` (``None`` = the embedded tiny CPU default) and overrides."""
+    base = load_recipe(recipe or DEFAULT_RECIPE)
+    top = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    return deep_merge(base, top)
+
+
+def build_rl_config(tree: dict[str, Any]) -> RLConfig:
+    """Build and validate an :class:`RLConfig` from a merged tree (paths made absolute)."""
+    cfg = build(RLConfig, tree)
+    cfg.output_dir = os.path.abspath(os.path.expanduser(cfg.output_dir))
+    for section in (cfg.prompts, cfg.eval):
+        if section.path != "synthetic":
+            section.path = os.path.abspath(os.path.expanduser(section.path))
+    return cfg.validate()
+
+
+def load_rl_config(recipe: str | None, overrides: Sequence[str] | dict[str, Any] = ()) -> RLConfig:
+    """``recipe`` + ``key=value`` overrides -> a validated :class:`RLConfig`."""
+    return build_rl_config(config_tree(recipe, overrides))

@@ -1,0 +1,269 @@
+"""Rollout workers: full copies of the policy that sample groups of responses with block eviction.
+
+:class:`RolloutWorker` holds one generation engine (the :class:`~memento_train.generation.ReferenceGenerator`
+on CPU; vLLM with the Memento overlay on GPU, guarded and untested here) and answers ``generate``
+with per-sequence seeds, so a request gives the same tokens whichever worker runs it and however
+often it is retried. :class:`RolloutPool` owns the workers: inline objects (``use_ray=false``) or Ray
+actors, one per ``rollout_cluster`` worker. It shards a step's requests over them, and when a worker
+dies mid-step (or raises) it starts a fresh one, loads the current weights into it and reruns *that
+worker's* shard: every request is answered exactly once, so the batch has no lost or duplicated
+samples.
+
+Rollout workers need no ``torch.distributed`` group (each holds the whole model), which is why they
+are plain actors rather than a :class:`~memento_train.cluster.WorkerGroup`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from memento_train.cluster.session import worker_code_paths
+from memento_train.generation import ReferenceGenerator, SamplingParams, SequenceRequest
+from memento_train.rl.rl_config import RLConfig
+from memento_train.structured_config import build
+
+log = logging.getLogger(__name__)
+
+
+class InjectedFault(RuntimeError):
+    """Raised by an inline rollout worker asked to crash (``faults.inject_rollout_crash_at_step``)."""
+
+
+@dataclass
+class RolloutRequest:
+    """One sequence to sample: ``key`` identifies it in the step's batch (``prompt_pos * group + sample``)."""
+
+    key: int
+    prompt_ids: list[int]
+    seed: int
+
+
+class RolloutWorker:
+    """One rollout engine. Built from the plain config tree (cheap to send to a Ray actor)."""
+
+    def __init__(self, config_tree: dict[str, Any], index: int = 0, num_threads: int | None = None) -> None:
+        from memento_train.models.loading import load_model, load_tokenizer
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.cfg: RLConfig = build(RLConfig, config_tree)  # validated by the driver already
+        self.index = index
+        self.tokenizer = load_tokenizer(self.cfg.model)
+        self.model = load_model(self.cfg.model, self.tokenizer, seed=self.cfg.seed).eval()
+        self.model.requires_grad_(False)
+        self.engine = ReferenceGenerator(self.model, self.tokenizer, self.cfg.rollout.mask,
+                                         max_batch_size=self.cfg.rollout.max_batch_size)
+        self.version = -1  # the weight version loaded (-1: the initial weights from model.path)
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def load_weights(self, state: dict[str, torch.Tensor], version: int) -> float:
+        """Copy ``state`` (full fp32 weights, HF names) into the model in place; returns seconds taken."""
+        t0 = time.perf_counter()
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight"} if getattr(self.model.config, "tie_word_embeddings", False) else set()
+        if unexpected or set(missing) - tied:
+            raise RuntimeError(f"rollout worker {self.index}: weight sync does not match the model: "
+                               f"missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        self.version = version
+        return time.perf_counter() - t0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The current weights (tests: weight-sync equality)."""
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def generate(self, requests: list[RolloutRequest], params: dict[str, Any], crash: str | None = None) -> list[dict]:
+        """Sample every request; one plain dict per request (tokens, log-probs, kinds, KV stats).
+
+        ``crash`` is the fault-injection hook: ``"exit"`` kills this process half-way (a Ray actor
+        dying mid-step), ``"raise"`` raises :class:`InjectedFault` (inline workers).
+        """
+        sp = SamplingParams(**params)
+        half = len(requests) // 2
+        out = self._run(requests[:half], sp) if crash else []
+        if crash == "exit":
+            os._exit(17)  # noqa: SLF001 - the point: die without cleanup, as an OOM-killed worker does
+        if crash == "raise":
+            raise InjectedFault(f"rollout worker {self.index}: injected crash")
+        return out + self._run(requests[half:] if crash else requests, sp)
+
+    def _run(self, requests: list[RolloutRequest], sp: SamplingParams) -> list[dict]:
+        if not requests:
+            return []
+        reqs = [SequenceRequest(r.prompt_ids, seed=r.seed, prompt_index=r.key) for r in requests]
+        results = self.engine.run(reqs, sp)
+        out = []
+        for r, g in zip(requests, results):
+            out.append({
+                "key": r.key, "token_ids": np.asarray(g.token_ids, np.int64),
+                "logprobs": np.asarray(g.logprobs, np.float32), "kinds": np.asarray(g.kinds, np.int8),
+                "finish_reason": g.finish_reason, "peak_kv": g.peak_kv, "kv_auc": g.kv_auc,
+                "num_blocks": g.num_blocks, "forced_block_ends": g.forced_block_ends,
+                "text": self.tokenizer.decode(g.token_ids, skip_special_tokens=False),
+            })
+        return out
+
+
+class RolloutPool:
+    """The rollout workers of a run, with restart-and-retry on failure (module docstring).
+
+    ``placement="colocated"`` places the actors without reserving CPUs of their own (they time-share
+    the trainer workers' cores, one engine per trainer rank); GPU colocation, where vLLM frees its
+    memory while the trainer runs, is GPU-only and not implemented here.
+    """
+
+    def __init__(self, cfg: RLConfig, tree: dict[str, Any]) -> None:
+        self.cfg, self.tree = cfg, tree
+        self.rc = cfg.rollout_cluster
+        self.num_workers = self.rc.num_workers
+        self.use_ray = self.rc.use_ray
+        self.restarts = 0
+        self._weights: Any = None  # the state (or its Ray object ref) every (re)started worker must load
+        self._version = -1
+        gpus = self.rc.gpus_per_worker or 0
+        if gpus and cfg.placement == "colocated":
+            raise NotImplementedError("placement=colocated on GPUs (vLLM sleep/wake beside the trainer) is not "
+                                      "implemented; use placement=disaggregated")
+        if gpus or cfg.rollout.engine == "vllm":
+            raise NotImplementedError("GPU rollout workers (rollout.engine=vllm) are not wired into the RL loop yet; "
+                                      "use rollout_cluster.gpus_per_worker=0 and rollout.engine=reference|auto")
+        self.workers: list[Any] = [None] * self.num_workers
+        for i in range(self.num_workers):
+            self.workers[i] = self._start(i)
+        if self.use_ray:  # wait until every actor is up (a failing __init__ surfaces here)
+            import ray
+
+            ray.get([w.ping.remote() for w in self.workers])
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def _start(self, i: int):
+        if not self.use_ray:
+            return RolloutWorker(self.tree, i)
+        import ray
+
+        cpus = 0 if self.cfg.placement == "colocated" else self.rc.cpus_per_worker
+        env = {**self.rc.env, "OMP_NUM_THREADS": str(self.rc.cpus_per_worker),
+               "PYTHONPATH": os.pathsep.join(worker_code_paths() + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+        actor_cls = ray.remote(RolloutWorker)
+        return actor_cls.options(num_cpus=cpus, num_gpus=0, max_restarts=0, name=None,
+                                 runtime_env={"env_vars": env}).remote(self.tree, i, self.rc.cpus_per_worker)
+
+    def restart(self, i: int) -> None:
+        """Replace worker ``i`` by a fresh one holding the current weights."""
+        old = self.workers[i]
+        if self.use_ray:
+            import ray
+
+            try:
+                ray.kill(old, no_restart=True)
+            except Exception:  # already dead: that is why we restart it
+                pass
+        self.workers[i] = self._start(i)
+        self.restarts += 1
+        if self._weights is not None:
+            self._call(i, "load_weights", self._weights, self._version, wait=True)
+        log.warning("rollout worker %d restarted (%d restarts so far)", i, self.restarts)
+
+    def shutdown(self) -> None:
+        if self.use_ray:
+            import ray
+
+            for w in self.workers:
+                try:
+                    ray.kill(w, no_restart=True)
+                except Exception:
+                    pass
+        self.workers = []
+
+    # -- calls -----------------------------------------------------------------------------------
+    def _call(self, i: int, method: str, *args, wait: bool = False, **kwargs):
+        w = self.workers[i]
+        if not self.use_ray:
+            return getattr(w, method)(*args, **kwargs)
+        ref = getattr(w, method).remote(*args, **kwargs)
+        if wait:
+            import ray
+
+            return ray.get(ref)
+        return ref
+
+    def load_weights(self, weights: Any, version: int) -> float:
+        """Load ``weights`` (a state dict, or a Ray object ref to one) into every worker; returns the
+        slowest worker's load seconds. Remembered for workers started later."""
+        self._weights, self._version = weights, version
+        results = [self._call(i, "load_weights", weights, version) for i in range(self.num_workers)]
+        if self.use_ray:
+            import ray
+
+            results = ray.get(results)
+        return max(results)
+
+    def state_dict(self, i: int = 0) -> dict[str, torch.Tensor]:
+        return self._call(i, "state_dict", wait=True)
+
+    def generate(self, requests: list[RolloutRequest], params: dict[str, Any], *, crash_worker: int | None = None,
+                 max_retries: int = 2) -> tuple[list[dict], int]:
+        """Sample all ``requests`` (sharded contiguously over the workers); returns the results in
+        request order and how many shards were retried. ``crash_worker`` injects a fault (first try)."""
+        shards = np.array_split(np.arange(len(requests)), self.num_workers)
+        parts: list[list[dict] | None] = [None] * self.num_workers
+        attempts = [0] * self.num_workers
+        retried = 0
+        pending = {i: self._submit(i, [requests[j] for j in shards[i]], params,
+                                   "exit" if self.use_ray else "raise") if i == crash_worker else
+                   self._submit(i, [requests[j] for j in shards[i]], params, None)
+                   for i in range(self.num_workers) if len(shards[i])}
+        for i in range(self.num_workers):
+            if not len(shards[i]):
+                parts[i] = []
+        while pending:
+            i, result, error = self._next(pending)
+            if error is None:
+                parts[i] = result
+                continue
+            attempts[i] += 1
+            if attempts[i] > max_retries:
+                raise RuntimeError(f"rollout worker {i} failed {attempts[i]} times in one step "
+                                   f"(faults.max_step_retries={max_retries}): {error}") from error
+            log.warning("rollout worker %d failed (%s); restarting it and retrying its %d requests",
+                        i, type(error).__name__, len(shards[i]))
+            self.restart(i)
+            retried += 1
+            pending[i] = self._submit(i, [requests[j] for j in shards[i]], params, None)
+        out = [r for p in parts for r in p]
+        keys = [r["key"] for r in out]
+        if keys != [r.key for r in requests]:  # every request answered exactly once, in order
+            raise RuntimeError("rollout results do not match the requests (lost or duplicated samples)")
+        return out, retried
+
+    def _submit(self, i: int, reqs: list[RolloutRequest], params: dict, crash: str | None):
+        if self.use_ray:
+            return self._call(i, "generate", reqs, params, crash)
+        try:  # inline: run now, keep the outcome
+            return ("done", self._call(i, "generate", reqs, params, crash))
+        except Exception as exc:  # noqa: BLE001 - a failed worker is restarted, whatever it raised
+            return ("failed", exc)
+
+    def _next(self, pending: dict) -> tuple[int, Any, BaseException | None]:
+        if not self.use_ray:
+            i = next(iter(pending))
+            status, value = pending.pop(i)
+            return (i, value, None) if status == "done" else (i, None, value)
+        import ray
+
+        by_ref = {ref: i for i, ref in pending.items()}
+        ready, _ = ray.wait(list(by_ref), num_returns=1)
+        i = by_ref[ready[0]]
+        del pending[i]
+        try:
+            return i, ray.get(ready[0]), None
+        except ray.exceptions.RayError as exc:  # the actor died, or the method raised
+            return i, None, exc

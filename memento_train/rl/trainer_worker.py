@@ -1,0 +1,171 @@
+"""RL trainer workers, and how a step's scored rollouts become packed micro-batches.
+
+:func:`rollout_document` turns one response (prompt ids + sampled ids + the rollout engine's
+log-probs) into a training document with the *same* memento mask the rollout used
+(:func:`memento_train.masking.parse` over prompt + response gives the kill rows the generator evicted
+by), per-token advantages and the rollout log-probs aligned with the shifted labels.
+:func:`build_rl_micro_batch` packs documents into one :class:`~memento_train.engines.MicroBatch`
+whose ``extras`` are what :func:`memento_train.rl.losses.make_loss_fn` reads.
+
+:class:`RLTrainerWorker` is one trainer rank. ``train_step`` runs, for this rank's micro-batches:
+old log-probs (``engine.forward_only``, when ``algorithm.old_logprobs_source=trainer``), reference
+log-probs (a frozen copy of the initial policy, when ``algorithm.kl_coef > 0``), then
+``forward_backward`` with the RL loss and one optimizer step, timing each phase.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from memento_train.attention import MementoAttentionMeta
+from memento_train.cluster import DistributedWorker
+from memento_train.data.pack import IGNORE_INDEX, collate
+from memento_train.engines import MicroBatch, build_engine
+from memento_train.masking import MaskConfig, SpecialTokens, parse
+from memento_train.rl.logprobs import make_logprob_fn
+from memento_train.rl.losses import make_loss_fn
+from memento_train.rl.rl_config import RLConfig
+from memento_train.sft.batching import padding_batch
+from memento_train.sft.worker import rng_state, seed_everything, set_rng_state
+from memento_train.structured_config import build
+
+# Per-token arrays a document carries besides the collate() columns; packed in document order.
+TOKEN_EXTRAS = ("advantages", "rollout_logprobs")
+
+
+def rollout_document(prompt_ids: Sequence[int], response_ids: Sequence[int], rollout_logprobs: Sequence[float],
+                     advantage: float, special: SpecialTokens, mask: MaskConfig) -> dict[str, np.ndarray]:
+    """One training document from one rollout.
+
+    Labels are unshifted here (``-100`` on the prompt); :func:`~memento_train.data.pack.collate`
+    shifts them per document, so position ``t`` predicts ``ids[t + 1]``. The per-token extras are
+    stored *already shifted the same way*: ``rollout_logprobs[P - 1 + i]`` is the rollout log-prob of
+    response token ``i`` (``P`` = prompt length), ``advantages`` is ``advantage`` on exactly those
+    positions and 0 elsewhere.
+    """
+    p, r = len(prompt_ids), len(response_ids)
+    if r == 0:
+        raise ValueError("a rollout with an empty response cannot be trained on")
+    if len(rollout_logprobs) != r:
+        raise ValueError(f"{len(rollout_logprobs)} rollout log-probs for {r} response tokens")
+    ids = np.concatenate([np.asarray(prompt_ids, np.int64), np.asarray(response_ids, np.int64)])
+    parsed = parse(ids, special, mask, prompt_len=p)
+    labels = ids.copy()
+    labels[:p] = IGNORE_INDEX
+    n = p + r
+    lp = np.zeros(n, np.float32)
+    lp[p - 1 : n - 1] = rollout_logprobs
+    adv = np.zeros(n, np.float32)
+    adv[p - 1 : n - 1] = advantage
+    return {"input_ids": ids, "labels": labels, "kinds": parsed.kinds.astype(np.int8),
+            "kill_row": parsed.kill_row.astype(np.int64), "advantages": adv, "rollout_logprobs": lp}
+
+
+def build_rl_micro_batch(docs: Sequence[Mapping[str, np.ndarray]], *, pad_token_id: int,
+                         device: torch.device) -> MicroBatch:
+    """Pack ``docs`` (from :func:`rollout_document`) into one micro-batch; no docs = a padding batch
+    (keeps this rank's collectives in step; it has no loss tokens)."""
+    packed = collate(list(docs), pad_token_id=pad_token_id) if docs else padding_batch(pad_token_id)
+    extras = {"labels": packed.labels.to(device)}
+    for key in TOKEN_EXTRAS:
+        values = np.concatenate([d[key] for d in docs]) if docs else np.zeros(0, np.float32)
+        values = np.pad(values, (0, packed.num_tokens - values.shape[0]))
+        extras[key] = torch.from_numpy(values.astype(np.float32)).to(device)
+    meta = MementoAttentionMeta.from_packed(packed.cu_seqlens, packed.kill_row, device=device)
+    return MicroBatch(input_ids=packed.input_ids.to(device), position_ids=packed.position_ids.to(device),
+                      meta=meta, extras=extras)
+
+
+class RLTrainerWorker(DistributedWorker):
+    """One trainer rank: the policy engine, and the frozen reference policy when the KL needs it."""
+
+    def __init__(self, config_tree: dict[str, Any]) -> None:
+        self.tree = config_tree
+        self.cfg: RLConfig = build(RLConfig, config_tree)
+
+    def setup(self) -> dict[str, Any]:
+        from memento_train.models.loading import load_model, load_tokenizer
+
+        cfg = self.cfg
+        seed_everything(cfg.seed)
+        self.tokenizer = load_tokenizer(cfg.model)
+        model = load_model(cfg.model, self.tokenizer, seed=cfg.seed)
+        self.model_config = model.config
+        self.ref = None
+        if cfg.algorithm.uses_reference:
+            # A frozen full copy per rank: fine for the sizes this runs on CPU; at scale the reference
+            # would be a second (sharded, forward-only) engine.
+            self.ref = load_model(cfg.model, self.tokenizer, seed=cfg.seed).eval().to(self.device)
+            self.ref.requires_grad_(False)
+        self.engine = build_engine(model, cfg.optim, cfg.engine, self.device)
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        return {"rank": self.rank, "num_params": sum(p.numel() for p in model.parameters()),
+                "device": str(self.device)}
+
+    # -- the step --------------------------------------------------------------------------------
+    def train_step(self, micro_docs: list[list[dict[str, np.ndarray]]], normaliser: float, lr: float) -> dict[str, Any]:
+        """Old/ref log-probs, then forward/backward + one optimizer step at ``lr`` over this rank's
+        micro-batches. ``normaliser`` is the global batch's (all ranks). Returns per-micro-batch loss
+        metrics (for :func:`~memento_train.rl.losses.reduce_metrics`), the grad norm and phase times."""
+        cfg = self.cfg
+        temperature = cfg.rollout.temperature
+        batches = [build_rl_micro_batch(d, pad_token_id=self.pad_id, device=self.device) for d in micro_docs]
+        times: dict[str, float] = {}
+        t0 = time.perf_counter()
+        self.engine.eval()
+        if cfg.algorithm.old_logprobs_source == "trainer":
+            fn = make_logprob_fn(temperature=temperature, chunk_size=cfg.algorithm.logprob_chunk_size)
+            for mb, lp in zip(batches, self.engine.forward_only(batches, fn)):
+                mb.extras["old_logprobs"] = lp
+        times["old_logprobs_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if self.ref is not None:
+            fn = make_logprob_fn(temperature=temperature, chunk_size=cfg.algorithm.logprob_chunk_size)
+            with torch.no_grad():
+                for mb in batches:
+                    out = self.ref(input_ids=mb.input_ids[None], position_ids=mb.position_ids[None],
+                                   memento_meta=mb.meta, use_cache=False)
+                    mb.extras["ref_logprobs"] = fn(out.logits[0], mb)
+        times["ref_logprobs_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.engine.train()
+        loss_fn = make_loss_fn(cfg.algorithm, normaliser, temperature=temperature)
+        metrics = self.engine.forward_backward(batches, loss_fn)
+        grad_norm = self.engine.step(lr)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        times["update_s"] = time.perf_counter() - t0
+        plain = [{k: float(v) for k, v in m.items()} for m in metrics]
+        return {"metrics": plain, "grad_norm": float(grad_norm), "times": times}
+
+    # -- weights and checkpoints -------------------------------------------------------------------
+    def full_weights(self) -> dict[str, torch.Tensor] | None:
+        """Collective: the full fp32 CPU weights on rank 0 (``None`` elsewhere) for the weight sync.
+        Returned from a Ray actor, the dict lands in the object store; rollout workers read it there."""
+        return self.engine.full_state_dict()
+
+    def save(self, path: str) -> None:
+        self.engine.save(os.path.join(path, "engine"))
+        os.makedirs(os.path.join(path, "rng"), exist_ok=True)
+        torch.save(rng_state(), os.path.join(path, "rng", f"rank_{self.rank:05d}.pt"))
+
+    def load(self, path: str) -> None:
+        self.engine.load(os.path.join(path, "engine"))
+        rng_file = os.path.join(path, "rng", f"rank_{self.rank:05d}.pt")
+        if os.path.isfile(rng_file):
+            set_rng_state(torch.load(rng_file, weights_only=False))
+
+    def export_hf(self, out_dir: str, info: dict[str, Any]) -> str | None:
+        from memento_train.export import export_hf
+
+        state = self.engine.full_state_dict()
+        if self.rank != 0:
+            return None
+        return export_hf(state, self.model_config, self.tokenizer, out_dir, info=info,
+                         dtype=torch.float32 if self.cfg.engine.precision == "fp32" else torch.bfloat16)
