@@ -98,11 +98,13 @@ def test_sequence_length_above_model_maximum_is_refused():
     ("logger=tensorboard", "logger must be one of"),
     ("resume=/no/such/dir", "resume must be 'auto', 'never' or an existing checkpoint directory"),
     ("cluster.num_workers=0", "cluster.num_workers"),
-    ("train.global_batch_size=1", r"train.global_batch_size \(1\) must be >= cluster.num_workers"),
+    ("train.global_batch_size=1", r"train.global_batch_size \(1\) must be >= the number of data-parallel workers \(2\)"),
+    ("engine.kind=megatron engine.tensor_parallel=4",
+     r"cluster.num_workers \(2\) must be a multiple of engine.tensor_parallel x engine.pipeline_parallel \(4\)"),
 ])
 def test_bad_option_fails_naming_it(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_sft_config("tiny_stage1", [override])
+        load_sft_config("tiny_stage1", override.split())
 
 
 def test_cli_reports_configuration_errors_with_exit_code_2(capsys):

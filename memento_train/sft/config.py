@@ -136,6 +136,11 @@ class SFTConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
+    @property
+    def data_parallel_size(self) -> int:
+        """Model replicas the global batch is split over (workers / tensor x pipeline parallel)."""
+        return self.cluster.num_workers // (self.engine.tensor_parallel * self.engine.pipeline_parallel)
+
     def validate(self) -> SFTConfig:
         """Static checks (no model download); raise :class:`ConfigError` naming what to change."""
         self.data.validate()
@@ -159,6 +164,10 @@ class SFTConfig:
             raise ConfigError(f"logger must be one of {LOGGERS}, got {self.logger!r}")
         if self.wandb.mode not in ("auto", "online", "offline", "disabled"):
             raise ConfigError(f"wandb.mode must be auto, online, offline or disabled, got {self.wandb.mode!r}")
+        mp = self.engine.tensor_parallel * self.engine.pipeline_parallel
+        if self.cluster.num_workers % mp:
+            raise ConfigError(f"cluster.num_workers ({self.cluster.num_workers}) must be a multiple of "
+                              f"engine.tensor_parallel x engine.pipeline_parallel ({mp})")
         t = self.train
         if not t.epochs > 0:
             raise ConfigError(f"train.epochs must be > 0, got {t.epochs!r}")
@@ -168,9 +177,9 @@ class SFTConfig:
         for name in ("max_steps", "max_samples"):
             if getattr(t, name) is not None and getattr(t, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1 or null, got {getattr(t, name)!r}")
-        if t.global_batch_size < self.cluster.num_workers:
-            raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must be >= cluster.num_workers "
-                              f"({self.cluster.num_workers}) so every worker gets sequences")
+        if t.global_batch_size < self.data_parallel_size:
+            raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must be >= the number of "
+                              f"data-parallel workers ({self.data_parallel_size}) so every replica gets sequences")
         if t.micro_batch_tokens < self.data.max_seq_len:
             raise ConfigError(f"train.micro_batch_tokens ({t.micro_batch_tokens}) must be >= data.max_seq_len "
                               f"({self.data.max_seq_len}): the longest sequence must fit one micro-batch")

@@ -92,7 +92,7 @@ def run_stage(cfg: SFTConfig, tree: dict[str, Any] | None = None, *, progress: b
     lengths = np.asarray(dataset["num_tokens"], dtype=np.int64)
     loss_tokens = [loss_token_count(np.asarray(x)) for x in dataset.with_format("numpy")["labels"]]
     planner = StepPlanner(lengths, loss_tokens, global_batch_size=cfg.train.global_batch_size,
-                          micro_batch_tokens=cfg.train.micro_batch_tokens, world_size=cfg.cluster.num_workers,
+                          micro_batch_tokens=cfg.train.micro_batch_tokens, world_size=cfg.data_parallel_size,
                           seed=cfg.train.seed, shuffle=cfg.train.shuffle, epochs=cfg.train.epochs,
                           max_steps=cfg.train.max_steps)
 
@@ -111,6 +111,7 @@ def run_stage(cfg: SFTConfig, tree: dict[str, Any] | None = None, *, progress: b
     try:
         info = group.run("setup")
         peak = peak_tflops(info[0]["device_name"])
+        dp_rank = [i["dp_rank"] for i in info]
         if resume_from:
             group.run("load", str(resume_from))
             logger.write(f"[memento-train] resumed from {resume_from} (step {start})")
@@ -119,7 +120,7 @@ def run_stage(cfg: SFTConfig, tree: dict[str, Any] | None = None, *, progress: b
             plan = planner.plan(step)
             lr = lr_at(step, planner.schedule_steps, cfg.optim)
             t0 = time.perf_counter()
-            results = group.run_each("train_step", [(plan.per_rank[r], plan.num_loss_tokens, lr)
+            results = group.run_each("train_step", [(plan.per_rank[dp_rank[r]], plan.num_loss_tokens, lr)
                                                     for r in range(group.world_size)])
             metrics = _aggregate(results, plan.num_loss_tokens, time.perf_counter() - t0, peak, group.world_size)
             if not math.isfinite(metrics["loss"]):

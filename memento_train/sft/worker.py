@@ -75,7 +75,10 @@ class SFTWorker(DistributedWorker):
         num_params = sum(p.numel() for p in model.parameters())
         self.engine = build_engine(model, cfg.optim, cfg.engine, self.device)
         torch.manual_seed(cfg.train.seed + 1000 * self.rank)  # per-rank stream for dropout and the like
+        # Tensor/pipeline-parallel ranks of one model replica must see the same micro-batches: the
+        # driver deals the plan out by data-parallel rank (the world rank for data-parallel engines).
         return {"rank": self.rank, "num_params": num_params, "device": str(self.device),
+                "dp_rank": getattr(self.engine, "dp_rank", self.rank),
                 "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"}
 
     def _rows(self, indices: list[int]) -> list[dict[str, np.ndarray]]:
