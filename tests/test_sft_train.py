@@ -83,3 +83,16 @@ def test_export_command_writes_the_checkpoint_weights(tmp_path):
     assert main(["export", f"checkpoint={run / 'checkpoints' / 'step_00000002'}", f"output={out}"]) == 0
     a, b = load_file(run / "hf" / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_megatron_tensor_parallel_2_run_reports_the_same_losses_as_fsdp2(tmp_path):
+    run = [a for a in SMALL if not a.startswith("cluster.")] + ["recipe=tiny_stage1", "train.max_steps=2",
+                                                                 "model.tiny.num_kv_heads=2",  # split over TP=2
+                                                                 "checkpoint.export_hf=false"]
+    cli(*run, "engine.kind=megatron", "engine.tensor_parallel=2", "cluster.num_workers=2", output_dir=tmp_path / "mg")
+    cli(*run, "engine.kind=fsdp2", "cluster.num_workers=1", "cluster.use_ray=false", output_dir=tmp_path / "fs")
+    mg, fs = read_metrics(tmp_path / "mg"), read_metrics(tmp_path / "fs")
+    assert mg[0]["tokens"] == fs[0]["tokens"], "tensor-parallel peers must not be counted twice"
+    for a, b in zip(mg, fs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)

@@ -112,6 +112,8 @@ def run_stage(cfg: SFTConfig, tree: dict[str, Any] | None = None, *, progress: b
         info = group.run("setup")
         peak = peak_tflops(info[0]["device_name"])
         dp_rank = [i["dp_rank"] for i in info]
+        # One reporting rank per model replica: tensor/pipeline-parallel peers see the same tokens.
+        reporters = sorted({d: r for r, d in reversed(list(enumerate(dp_rank)))}.values())
         if resume_from:
             group.run("load", str(resume_from))
             logger.write(f"[memento-train] resumed from {resume_from} (step {start})")
@@ -122,7 +124,8 @@ def run_stage(cfg: SFTConfig, tree: dict[str, Any] | None = None, *, progress: b
             t0 = time.perf_counter()
             results = group.run_each("train_step", [(plan.per_rank[dp_rank[r]], plan.num_loss_tokens, lr)
                                                     for r in range(group.world_size)])
-            metrics = _aggregate(results, plan.num_loss_tokens, time.perf_counter() - t0, peak, group.world_size)
+            metrics = _aggregate([results[r] for r in reporters], plan.num_loss_tokens,
+                                 time.perf_counter() - t0, peak, group.world_size)
             if not math.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"loss is {metrics['loss']} at step {step + 1}; lower optim.lr or check the data")
             metrics.update(lr=lr, epoch=plan.epoch)
