@@ -64,3 +64,14 @@ def load_recipe(name: str, *, relative_to: Path | None = None, _seen: tuple[str,
         merged = deep_merge(merged, load_recipe(str(base), relative_to=path.parent, _seen=_seen + (key,)))
     merged.pop("stages", None)  # a pipeline's stage list is not inherited by recipes built on it
     return deep_merge(merged, tree)
+
+
+def split_recipe_arg(args: list[str]) -> tuple[str | None, list[str]]:
+    """``["recipe=NAME", "a.b=1"]`` -> ``("NAME", ["a.b=1"])``: the recipe name and the overrides."""
+    recipe, rest = None, []
+    for a in args:
+        if a.startswith("recipe="):
+            recipe = a.split("=", 1)[1] or None
+        else:
+            rest.append(a)
+    return recipe, rest

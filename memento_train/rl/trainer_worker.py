@@ -15,7 +15,6 @@ log-probs (a frozen copy of the initial policy, when ``algorithm.kl_coef > 0``),
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -32,7 +31,7 @@ from memento_train.rl.logprobs import make_logprob_fn
 from memento_train.rl.losses import make_loss_fn
 from memento_train.rl.rl_config import RLConfig
 from memento_train.sft.batching import padding_batch
-from memento_train.sft.worker import rng_state, seed_everything, set_rng_state
+from memento_train.rank_state import load_rank_state, save_rank_state, seed_everything
 from memento_train.structured_config import build
 
 # Per-token arrays a document carries besides the collate() columns; packed in document order.
@@ -151,15 +150,10 @@ class RLTrainerWorker(DistributedWorker):
         return self.engine.full_state_dict()
 
     def save(self, path: str) -> None:
-        self.engine.save(os.path.join(path, "engine"))
-        os.makedirs(os.path.join(path, "rng"), exist_ok=True)
-        torch.save(rng_state(), os.path.join(path, "rng", f"rank_{self.rank:05d}.pt"))
+        save_rank_state(self.engine, path, self.rank)
 
     def load(self, path: str) -> None:
-        self.engine.load(os.path.join(path, "engine"))
-        rng_file = os.path.join(path, "rng", f"rank_{self.rank:05d}.pt")
-        if os.path.isfile(rng_file):
-            set_rng_state(torch.load(rng_file, weights_only=False))
+        load_rank_state(self.engine, path, self.rank)
 
     def export_hf(self, out_dir: str, info: dict[str, Any]) -> str | None:
         from memento_train.export import export_hf

@@ -22,18 +22,8 @@ from collections.abc import Sequence
 import yaml
 
 from memento_train.config_errors import ConfigError
-from memento_train.recipes import available_recipes
+from memento_train.recipes import available_recipes, split_recipe_arg
 from memento_train.structured_config import parse_overrides, to_dict
-
-
-def _split_recipe(args: Sequence[str]) -> tuple[str | None, list[str]]:
-    recipe, rest = None, []
-    for a in args:
-        if a.startswith("recipe="):
-            recipe = a.split("=", 1)[1] or None
-        else:
-            rest.append(a)
-    return recipe, rest
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(export_checkpoint(str(ckpt), str(out), opts))
             return 0
         show = bool(args) and args[0] == "show"
-        recipe, rest = _split_recipe(args[1:] if show else args)
+        recipe, rest = split_recipe_arg(args[1:] if show else args)
         return _train(recipe, rest, show=show)
     except ConfigError as exc:
         print(f"memento-train: configuration error: {exc}", file=sys.stderr)

@@ -7,8 +7,6 @@ of the step plan, ``save``/``load`` into checkpoint directories and ``export_hf`
 
 from __future__ import annotations
 
-import os
-import random
 import time
 from typing import Any
 
@@ -22,32 +20,12 @@ from memento_train.export import export_hf
 from memento_train.flops import FlopCounter
 from memento_train.masking import Kind
 from memento_train.models.loading import load_model, load_tokenizer
+from memento_train.rank_state import load_rank_state, save_rank_state, seed_everything
 from memento_train.sft.batching import build_micro_batch
 from memento_train.sft.config import SFTConfig, build_sft_config
 from memento_train.sft.loss import sft_loss_fn
 
 _COLUMNS = ("input_ids", "labels", "kinds", "kill_row")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class SFTWorker(DistributedWorker):
@@ -148,16 +126,11 @@ class SFTWorker(DistributedWorker):
 
     def save(self, path: str) -> None:
         """Write this rank's share of a checkpoint into the staging directory ``path``."""
-        self.engine.save(os.path.join(path, "engine"))
-        os.makedirs(os.path.join(path, "rng"), exist_ok=True)
-        torch.save(rng_state(), os.path.join(path, "rng", f"rank_{self.rank:05d}.pt"))
+        save_rank_state(self.engine, path, self.rank)
 
     def load(self, path: str) -> None:
         """Restore engine state and this rank's RNG from checkpoint ``path``."""
-        self.engine.load(os.path.join(path, "engine"))
-        rng_file = os.path.join(path, "rng", f"rank_{self.rank:05d}.pt")
-        if os.path.isfile(rng_file):  # absent when resuming with more ranks than were saved
-            set_rng_state(torch.load(rng_file, weights_only=False))
+        load_rank_state(self.engine, path, self.rank)
 
     def export_hf(self, out_dir: str, info: dict[str, Any]) -> str | None:
         """Collective: gather full weights; rank 0 writes the HF model directory."""
