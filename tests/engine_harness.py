@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 import traceback
 import warnings
@@ -179,6 +180,12 @@ def _entry(rank: int, world_size: int, port: int, job, args: tuple, out_dir: str
         raise
     finally:
         dist.destroy_process_group()
+    # The job succeeded and its result is on disk. Leave without interpreter teardown: DeepSpeed's
+    # background threads occasionally abort in C++ destructors at exit ("terminate called without an
+    # active exception"), which spawn would report as a failed rank.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _engine(kind: str, stage: int, optim_cfg, seed: int = SEED, precision: str = "fp32", offload: bool = False):
