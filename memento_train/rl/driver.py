@@ -10,11 +10,12 @@ mask → weights synced to the rollout workers → metrics logged (JSONL + wandb
 
 from __future__ import annotations
 
+
 import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +169,7 @@ def sft_warmup(cfg: RLConfig, *, progress: bool = True) -> str:
     w = cfg.warmup
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data.jsonl"
-    task = cfg.prompts.synthetic.task(seed=cfg.prompts.synthetic.seed + WARMUP_DATA_SEED_OFFSET)
+    task = replace(cfg.prompts.synthetic, seed=cfg.prompts.synthetic.seed + WARMUP_DATA_SEED_OFFSET)
     data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_records(w.num_records, task)))
     tree = deep_merge(load_recipe("tiny_stage2"), {
         "output_dir": str(out), "logger": "none", "resume": "auto",
@@ -201,11 +202,11 @@ class _Run:
         renderer = Renderer(tok, self.mask, cfg.prompts.system_prompt)
         p = cfg.prompts
         self.records, self.prompts = encode_prompts(
-            load_problems(p.path, synthetic_task=p.synthetic.task(), num=p.num_records), renderer, p.max_prompt_len)
+            load_problems(p.path, synthetic_task=p.synthetic, num=p.num_records), renderer, p.max_prompt_len)
         self.eval_records, self.eval_prompts = [], []
         if cfg.eval.every or cfg.eval.at_start:
             e = cfg.eval
-            task = p.synthetic.task(seed=p.synthetic.seed + EVAL_SEED_OFFSET)
+            task = replace(p.synthetic, seed=p.synthetic.seed + EVAL_SEED_OFFSET)
             recs = load_problems(e.path, synthetic_task=task, num=e.num_problems)[: e.num_problems]
             self.eval_records, self.eval_prompts = encode_prompts(recs, renderer, p.max_prompt_len)
 

@@ -33,25 +33,6 @@ ROLLOUT_ENGINES = ("auto", "reference", "vllm")
 
 
 @dataclass
-class SyntheticSection:
-    """The synthetic running-total task (:mod:`memento_train.data.synthetic`) when ``prompts.path=synthetic``."""
-
-    seed: int = 0
-    modulus: int = 100
-    min_blocks: int = 2
-    max_blocks: int = 5
-    min_ops_per_block: int = 2
-    max_ops_per_block: int = 3
-    max_operand: int = 49
-
-    def task(self, seed: int | None = None) -> SyntheticTaskConfig:
-        values = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        if seed is not None:
-            values["seed"] = seed
-        return SyntheticTaskConfig(**values)
-
-
-@dataclass
 class PromptsConfig:
     """Training problems.
 
@@ -65,7 +46,7 @@ class PromptsConfig:
 
     path: str = "synthetic"
     num_records: int = 4096
-    synthetic: SyntheticSection = field(default_factory=SyntheticSection)
+    synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
     max_prompt_len: int = 1024
     system_prompt: str | None = None
 
@@ -241,7 +222,6 @@ class RLConfig:
         _positive("prompts.max_prompt_len", p.max_prompt_len)
         if p.path != "synthetic" and not os.path.isfile(p.path):
             raise ConfigError(f"prompts.path={p.path!r} is neither 'synthetic' nor an existing file")
-        self._task("prompts.synthetic", p.synthetic)
         t = self.train
         _positive("train.total_steps", t.total_steps)
         _positive("train.micro_batch_tokens", t.micro_batch_tokens)
@@ -290,13 +270,6 @@ class RLConfig:
                               f"rollout_cluster.num_workers={self.cluster.num_workers} (= cluster.num_workers)")
         if self.rollout_cluster.use_ray != self.cluster.use_ray:
             raise ConfigError("cluster.use_ray and rollout_cluster.use_ray must agree (both inline or both on Ray)")
-
-    @staticmethod
-    def _task(prefix: str, s: SyntheticSection) -> None:
-        try:
-            s.task()
-        except ValueError as exc:
-            raise ConfigError(f"{prefix}: {exc}") from exc
 
     @property
     def batch_size(self) -> int:

@@ -23,15 +23,15 @@ import numpy as np
 import torch
 
 from memento_train.attention import MementoAttentionMeta
-from memento_train.cluster import DistributedWorker
 from memento_train.data.pack import IGNORE_INDEX, collate
+from memento_train.engine_worker import EngineWorker
 from memento_train.engines import MicroBatch, build_engine
 from memento_train.masking import MaskConfig, SpecialTokens, parse
 from memento_train.rl.logprobs import make_logprob_fn
 from memento_train.rl.losses import make_loss_fn
 from memento_train.rl.rl_config import RLConfig
 from memento_train.sft.batching import padding_batch
-from memento_train.rank_state import load_rank_state, save_rank_state, seed_everything
+from memento_train.rank_state import seed_everything
 from memento_train.structured_config import build
 
 # Per-token arrays a document carries besides the collate() columns; packed in document order.
@@ -81,7 +81,7 @@ def build_rl_micro_batch(docs: Sequence[Mapping[str, np.ndarray]], *, pad_token_
                       meta=meta, extras=extras)
 
 
-class RLTrainerWorker(DistributedWorker):
+class RLTrainerWorker(EngineWorker):
     """One trainer rank: the policy engine, and the frozen reference policy when the KL needs it."""
 
     def __init__(self, config_tree: dict[str, Any]) -> None:
@@ -148,18 +148,3 @@ class RLTrainerWorker(DistributedWorker):
         """Collective: the full fp32 CPU weights on rank 0 (``None`` elsewhere) for the weight sync.
         Returned from a Ray actor, the dict lands in the object store; rollout workers read it there."""
         return self.engine.full_state_dict()
-
-    def save(self, path: str) -> None:
-        save_rank_state(self.engine, path, self.rank)
-
-    def load(self, path: str) -> None:
-        load_rank_state(self.engine, path, self.rank)
-
-    def export_hf(self, out_dir: str, info: dict[str, Any]) -> str | None:
-        from memento_train.export import export_hf
-
-        state = self.engine.full_state_dict()
-        if self.rank != 0:
-            return None
-        return export_hf(state, self.model_config, self.tokenizer, out_dir, info=info,
-                         dtype=torch.float32 if self.cfg.engine.precision == "fp32" else torch.bfloat16)

@@ -13,14 +13,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from memento_train.cluster import DistributedWorker
 from memento_train.data.cache import prepare_dataset
+from memento_train.engine_worker import EngineWorker
 from memento_train.engines import build_engine
-from memento_train.export import export_hf
 from memento_train.flops import FlopCounter
 from memento_train.masking import Kind
 from memento_train.models.loading import load_model, load_tokenizer
-from memento_train.rank_state import load_rank_state, save_rank_state, seed_everything
+from memento_train.rank_state import seed_everything
 from memento_train.sft.batching import build_micro_batch
 from memento_train.sft.config import SFTConfig, build_sft_config
 from memento_train.sft.loss import sft_loss_fn
@@ -28,7 +27,7 @@ from memento_train.sft.loss import sft_loss_fn
 _COLUMNS = ("input_ids", "labels", "kinds", "kill_row")
 
 
-class SFTWorker(DistributedWorker):
+class SFTWorker(EngineWorker):
     """One SFT rank. Built from the config *tree* (plain data travels to Ray actors cheaply)."""
 
     def __init__(self, config_tree: dict[str, Any]) -> None:
@@ -123,19 +122,3 @@ class SFTWorker(DistributedWorker):
         from memento_train.tokens import BLOCK_START
 
         return self.tokenizer.convert_tokens_to_ids(BLOCK_START)
-
-    def save(self, path: str) -> None:
-        """Write this rank's share of a checkpoint into the staging directory ``path``."""
-        save_rank_state(self.engine, path, self.rank)
-
-    def load(self, path: str) -> None:
-        """Restore engine state and this rank's RNG from checkpoint ``path``."""
-        load_rank_state(self.engine, path, self.rank)
-
-    def export_hf(self, out_dir: str, info: dict[str, Any]) -> str | None:
-        """Collective: gather full weights; rank 0 writes the HF model directory."""
-        state = self.engine.full_state_dict()
-        if self.rank != 0:
-            return None
-        return export_hf(state, self.model_config, self.tokenizer, out_dir, info=info,
-                         dtype=torch.float32 if self.cfg.engine.precision == "fp32" else torch.bfloat16)
