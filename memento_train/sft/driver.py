@@ -90,7 +90,9 @@ def run_stage(cfg: SFTConfig, tree: dict[str, Any] | None = None, *, progress: b
     if cfg.train.max_samples is not None:
         dataset = dataset.select(range(min(cfg.train.max_samples, len(dataset))))
     lengths = np.asarray(dataset["num_tokens"], dtype=np.int64)
-    loss_tokens = [loss_token_count(np.asarray(x)) for x in dataset.with_format("numpy")["labels"]]
+    # Streamed in batches: the labels column of a full OpenMementos cache is gigabytes.
+    loss_tokens = [loss_token_count(np.asarray(x)) for batch in dataset.select_columns(["labels"]).iter(1024)
+                   for x in batch["labels"]]
     planner = StepPlanner(lengths, loss_tokens, global_batch_size=cfg.train.global_batch_size,
                           micro_batch_tokens=cfg.train.micro_batch_tokens, world_size=cfg.data_parallel_size,
                           seed=cfg.train.seed, shuffle=cfg.train.shuffle, epochs=cfg.train.epochs,
