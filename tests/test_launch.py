@@ -530,3 +530,27 @@ def test_failing_ray_job_exits_one(local_ray_dashboard, tmp_path):
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "about to fail" in proc.stdout and "failed" in proc.stderr
+
+
+def test_submission_waits_while_the_head_has_no_job_agent_yet(monkeypatch):
+    from memento_train.launch import ray_job
+
+    class Client:
+        calls = 0
+
+        def submit_job(self, **request):
+            Client.calls += 1
+            if Client.calls < 3:
+                raise RuntimeError("Request failed with status code 500: No available agent to submit job, "
+                                   "please try again later..")
+            return "raysubmit_1"
+
+    monkeypatch.setattr(ray_job.time, "sleep", lambda s: None)
+    assert ray_job._submit_when_agent_ready(Client(), {}) == "raysubmit_1" and Client.calls == 3
+
+    class Broken:
+        def submit_job(self, **request):
+            raise RuntimeError("Request failed with status code 400: bad entrypoint")
+
+    with pytest.raises(RuntimeError, match="bad entrypoint"):
+        ray_job._submit_when_agent_ready(Broken(), {})

@@ -134,6 +134,23 @@ def _status_name(status) -> str:
     return getattr(status, "value", str(status))
 
 
+# A freshly started head answers HTTP 500 "No available agent to submit job" until its job agent is
+# up (seconds); that is a wait, not an error.
+AGENT_NOT_READY = "No available agent to submit job"
+AGENT_WAIT_S = 60.0
+
+
+def _submit_when_agent_ready(client, request: dict[str, Any], wait_s: float = AGENT_WAIT_S) -> str:
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return client.submit_job(**request)
+        except RuntimeError as exc:
+            if AGENT_NOT_READY not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
 def submit_and_stream(client, request: dict[str, Any], *, address: str = "http://HEAD:8265", wait: bool = True,
                       out: TextIO | None = None, err: TextIO | None = None, poll_s: float = 2.0) -> int:
     """Submit ``request`` through ``client``; with ``wait``, stream logs until the job ends.
@@ -144,7 +161,7 @@ def submit_and_stream(client, request: dict[str, Any], *, address: str = "http:/
     """
     out = out or sys.stdout
     err = err or sys.stderr
-    job_id = client.submit_job(**request)
+    job_id = _submit_when_agent_ready(client, request)
     print(f"memento-launch: submitted Ray job {job_id}", file=err, flush=True)
     if not wait:
         print(job_id, file=out, flush=True)
