@@ -71,6 +71,23 @@ def test_under_memento_attention_a_block_sees_the_previous_summary_but_not_the_p
             assert (ex.kinds[prev_summary] == Kind.SUMMARY).all()
 
 
+def test_sloppy_teacher_leaves_that_fraction_of_answers_unboxed_and_ungradable_without_changing_problems():
+    from memento_train.rl.rewards import synthetic_reward
+
+    sloppy = synthetic_records(400, SyntheticTaskConfig(seed=7, unboxed_answer_rate=0.75))
+    clean = synthetic_records(400, SyntheticTaskConfig(seed=7))
+    assert [(r["problem"], r["answer"]) for r in sloppy] == [(r["problem"], r["answer"]) for r in clean]
+    unboxed = [r for r in sloppy if "\\boxed" not in r["response"]]
+    assert 0.65 < len(unboxed) / len(sloppy) < 0.85
+    for r in unboxed:  # the value is right, but a rule-based grader cannot extract it
+        assert r["response"].endswith(f"The final value is {r['answer']} (mod 100).")
+        assert synthetic_reward(r["response"], r) == 0.0
+    assert all(synthetic_reward(r["response"], r) == 1.0 for r in sloppy if r not in unboxed)
+    assert SyntheticTaskConfig(seed=7, unboxed_answer_rate=0.0) == SyntheticTaskConfig(seed=7)
+    with pytest.raises(ValueError, match="unboxed_answer_rate"):
+        SyntheticTaskConfig(unboxed_answer_rate=1.5)
+
+
 def test_config_rejects_impossible_shapes():
     with pytest.raises(ValueError, match="min_blocks"):
         SyntheticTaskConfig(min_blocks=3, max_blocks=2)

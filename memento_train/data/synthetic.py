@@ -7,6 +7,11 @@ attention it can only copy it from the summary (the previous block is already ev
 ignores summaries would have to redo every earlier step from the prompt inside one block. The answer
 is ``\\boxed{value}``.
 
+``unboxed_answer_rate`` makes a sloppy teacher: with that probability a trace ends with
+``The final value is V (mod M).`` instead of ``\\boxed{V}``, an answer a rule-based grader cannot
+extract (two integers, no box), so it scores 0 even when ``V`` is right. The RL default warms up on
+such traces; the outcome reward then has to teach the answer format on top of the arithmetic.
+
 Records use the OpenMementos default schema (``problem``, ``response``, ``domain``, ``source``,
 ``difficulty``) plus ``answer`` and ``id``, so the data pipeline, ``memento-eval`` and RL rewards read
 them as they are. Generation is a pure function of ``(config, index)``: the same seed gives the same
@@ -32,6 +37,7 @@ class SyntheticTaskConfig:
     min_ops_per_block: int = 2
     max_ops_per_block: int = 3
     max_operand: int = 49
+    unboxed_answer_rate: float = 0.0
 
     def __post_init__(self) -> None:
         if self.modulus < 2:
@@ -45,6 +51,8 @@ class SyntheticTaskConfig:
             )
         if self.max_operand < 1:
             raise ValueError(f"max_operand must be >= 1, got {self.max_operand}")
+        if not 0.0 <= self.unboxed_answer_rate <= 1.0:
+            raise ValueError(f"unboxed_answer_rate must be in [0, 1], got {self.unboxed_answer_rate}")
 
 
 def synthetic_record(index: int, config: SyntheticTaskConfig = SyntheticTaskConfig()) -> dict:
@@ -75,7 +83,10 @@ def synthetic_record(index: int, config: SyntheticTaskConfig = SyntheticTaskConf
             value = new
         parts.append(f"{BLOCK_START}{' '.join(lines)}{BLOCK_END}\n")
         parts.append(f"{SUMMARY_START}After step {done} of {len(ops)} the value is {value}.{SUMMARY_END}\n")
-    parts.append(f"{THINK_END}\nThe final value is \\boxed{{{value}}}.")
+    # A separate stream: the teacher's sloppiness never changes which problem record `index` is.
+    sloppy = random.Random(f"{config.seed}:{index}:unboxed").random() < config.unboxed_answer_rate
+    answer = f"{value} (mod {m})" if sloppy else f"\\boxed{{{value}}}"
+    parts.append(f"{THINK_END}\nThe final value is {answer}.")
     return {
         "id": f"synthetic-{config.seed}-{index}",
         "problem": problem,

@@ -169,7 +169,8 @@ def sft_warmup(cfg: RLConfig, *, progress: bool = True) -> str:
     w = cfg.warmup
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data.jsonl"
-    task = replace(cfg.prompts.synthetic, seed=cfg.prompts.synthetic.seed + WARMUP_DATA_SEED_OFFSET)
+    task = replace(cfg.prompts.synthetic, seed=cfg.prompts.synthetic.seed + WARMUP_DATA_SEED_OFFSET,
+                   unboxed_answer_rate=w.unboxed_answer_rate)
     data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_records(w.num_records, task)))
     tree = deep_merge(load_recipe("tiny_stage2"), {
         "output_dir": str(out), "logger": "none", "resume": "auto",

@@ -129,6 +129,10 @@ class WarmupSection:
     Runs the SFT trainer (memento attention, stage-2 settings) from a random tiny model into
     ``<output_dir>/sft_warmup``, so the policy already writes the Memento format and RL starts with a
     reward strictly between 0 and 1. Skipped when that export exists. Needs ``model.path`` null.
+
+    ``unboxed_answer_rate``: the warm-up traces come from a sloppy teacher that leaves this fraction
+    of its answers unboxed (ungradable; :class:`~memento_train.data.synthetic.SyntheticTaskConfig`);
+    the RL prompts and their answers are unaffected.
     """
 
     enabled: bool = False
@@ -136,6 +140,7 @@ class WarmupSection:
     num_records: int = 2000
     global_batch_size: int = 32
     lr: float = 3e-3
+    unboxed_answer_rate: float = 0.0
 
 
 @dataclass
@@ -251,6 +256,9 @@ class RLConfig:
                                   "or warmup.enabled=false to start RL from model.path")
             for name in ("steps", "num_records", "global_batch_size"):
                 _positive(f"warmup.{name}", getattr(w, name))
+            if not 0.0 <= w.unboxed_answer_rate < 1.0:
+                raise ConfigError(f"warmup.unboxed_answer_rate must be in [0, 1) (a fraction of traces), "
+                                  f"got {w.unboxed_answer_rate!r}")
         c = self.checkpoint
         if c.every < 0 or c.keep_last < 1:
             raise ConfigError(f"checkpoint.every must be >= 0 and checkpoint.keep_last >= 1, got {c.every}, {c.keep_last}")
