@@ -28,7 +28,7 @@ from memento_train.structured_config import build, deep_merge, parse_overrides
 
 DEFAULT_RECIPE = "tiny_rl"
 PLACEMENTS = ("disaggregated", "colocated")
-SYNC_METHODS = ("auto", "object_store", "nccl", "inplace")
+SYNC_METHODS = ("auto", "object_store", "collective", "nccl", "inplace")
 ROLLOUT_ENGINES = ("auto", "reference", "vllm")
 
 
@@ -168,7 +168,13 @@ class FaultsSection:
 
 @dataclass
 class RLConfig:
-    """Everything one RL run needs. ``output_dir`` receives checkpoints, metrics and the HF export."""
+    """Everything one RL run needs. ``output_dir`` receives checkpoints, metrics and the HF export.
+
+    ``weight_sync``: ``object_store`` (gather on the trainer, Ray object store to the rollout workers),
+    ``collective`` (trainer rank 0 broadcasts to the rollout workers: NCCL on GPUs, gloo on CPU),
+    ``nccl`` (the same, GPUs required), ``auto`` (collective on GPUs, else object_store); see
+    :mod:`memento_train.rl.weight_sync`. ``inplace`` (colocated vLLM) is not implemented.
+    """
 
     output_dir: str = "runs/memento-rl"
     resume: str = "auto"
@@ -269,10 +275,22 @@ class RLConfig:
 
     def _check_placement(self) -> None:
         # GPU-only paths are configured here but not implemented on CPU; say so before anything starts.
-        if self.weight_sync in ("nccl", "inplace"):
-            raise ConfigError(f"weight_sync={self.weight_sync} is a GPU path (NCCL broadcast for disaggregated, "
-                              f"in-place load for colocated vLLM) not implemented in this version; use "
-                              f"weight_sync=object_store (or auto)")
+        if self.weight_sync == "inplace":
+            raise ConfigError("weight_sync=inplace is a GPU path (in-place load for colocated vLLM) not implemented "
+                              "in this version; use weight_sync=object_store, collective (or auto)")
+        if self.weight_sync == "nccl":
+            import torch
+
+            # gpus_per_worker=null is "1 if the cluster has GPUs": decidable here only for a local cluster.
+            no_gpus = [f"{name}.gpus_per_worker=0" if c.gpus_per_worker == 0 else
+                       f"{name}.gpus_per_worker=null on a machine without CUDA" for name, c in
+                       (("cluster", self.cluster), ("rollout_cluster", self.rollout_cluster))
+                       if c.gpus_per_worker == 0 or (c.gpus_per_worker is None and c.address is None
+                                                     and not torch.cuda.is_available())]
+            if no_gpus:
+                raise ConfigError(f"weight_sync=nccl needs GPUs on the trainer and the rollout workers, but they "
+                                  f"get none ({', '.join(no_gpus)}); use weight_sync=collective (NCCL on GPUs, "
+                                  f"gloo on CPU), object_store or auto")
         if self.placement == "colocated" and self.rollout_cluster.num_workers != self.cluster.num_workers:
             raise ConfigError(f"placement=colocated runs one rollout engine beside each trainer rank: set "
                               f"rollout_cluster.num_workers={self.cluster.num_workers} (= cluster.num_workers)")

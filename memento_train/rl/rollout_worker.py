@@ -9,8 +9,12 @@ dies mid-step (or raises) it starts a fresh one, loads the current weights into 
 worker's* shard: every request is answered exactly once, so the batch has no lost or duplicated
 samples.
 
-Rollout workers need no ``torch.distributed`` group (each holds the whole model), which is why they
-are plain actors rather than a :class:`~memento_train.cluster.WorkerGroup`.
+Rollout workers need no ``torch.distributed`` default group (each holds the whole model), which is why
+they are plain actors rather than a :class:`~memento_train.cluster.WorkerGroup`. With
+``weight_sync=collective|nccl`` each one also joins the weight-sync group of
+:mod:`memento_train.rl.collective_sync` (built directly on its own store, not a default group) and
+receives the weights there; a restarted worker is not a member until the next sync rebuilds the group,
+so it gets the current weights from its weight *source* (:meth:`RolloutPool.set_weight_source`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 
 from memento_train.cluster.session import worker_code_paths
 from memento_train.generation import ReferenceGenerator, SamplingParams, SequenceRequest
+from memento_train.rl.collective_sync import Rendezvous, WeightSyncGroup
 from memento_train.rl.rl_config import RLConfig
 from memento_train.structured_config import build
 
@@ -80,6 +85,35 @@ class RolloutWorker:
         """The current weights (tests: weight-sync equality)."""
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
+    # -- collective weight sync (see memento_train.rl.weight_sync) ---------------------------------
+    def join_weight_sync(self, rdv: Rendezvous, rank: int) -> None:
+        """Join the weight-sync group as ``rank`` (>= 1); blocks until every member has joined."""
+        self.close_weight_sync()
+        device = next(self.model.parameters()).device
+        self._ws_group = WeightSyncGroup(rdv, rank, device=device)
+
+    def receive_weights(self, version: int) -> dict[str, float]:
+        """Receive trainer rank 0's broadcast straight into the model (in place) and tag it ``version``.
+        Returns ``receive_s`` / ``load_s`` / ``aborted``; raises
+        :class:`~memento_train.rl.collective_sync.WeightSyncMismatch` naming a tensor that does not fit."""
+        group = getattr(self, "_ws_group", None)
+        if group is None:
+            raise RuntimeError(f"rollout worker {self.index}: receive_weights before join_weight_sync")
+        # The state_dict's tensors share storage with the parameters: copying into them loads in place.
+        targets = self.model.state_dict()
+        tied = {"lm_head.weight"} if getattr(self.model.config, "tie_word_embeddings", False) else set()
+        out = group.receive(targets, optional=tied, who=f"rollout worker {self.index}")
+        if not out["aborted"]:
+            self.version = version
+        return out
+
+    def close_weight_sync(self) -> None:
+        """Leave the weight-sync group. Idempotent."""
+        group = getattr(self, "_ws_group", None)
+        self._ws_group = None
+        if group is not None:
+            group.close()
+
     def generate(self, requests: list[RolloutRequest], params: dict[str, Any], crash: str | None = None) -> list[dict]:
         """Sample every request; one plain dict per request (tokens, log-probs, kinds, KV stats).
 
@@ -126,8 +160,11 @@ class RolloutPool:
         self.num_workers = self.rc.num_workers
         self.use_ray = self.rc.use_ray
         self.restarts = 0
-        self._weights: Any = None  # the state (or its Ray object ref) every (re)started worker must load
+        # What a (re)started worker must load: a state dict, its Ray object ref, or a callable returning
+        # either (the collective sync's source: the trainer's weights, gathered on demand).
+        self._weights: Any = None
         self._version = -1
+        self.collective: Any = None  # the driver-side collective weight sync, created by its first sync
         gpus = self.rc.gpus_per_worker or 0
         if gpus and cfg.placement == "colocated":
             raise NotImplementedError("placement=colocated on GPUs (vLLM sleep/wake beside the trainer) is not "
@@ -169,10 +206,18 @@ class RolloutPool:
         self.workers[i] = self._start(i)
         self.restarts += 1
         if self._weights is not None:
-            self._call(i, "load_weights", self._weights, self._version, wait=True)
+            weights = self._weights() if callable(self._weights) else self._weights
+            self._call(i, "load_weights", weights, self._version, wait=True)
         log.warning("rollout worker %d restarted (%d restarts so far)", i, self.restarts)
 
     def shutdown(self) -> None:
+        """Leave the weight-sync group (if any), then stop the workers."""
+        if self.collective is not None:
+            try:
+                self.collective.close()
+            except Exception:  # noqa: BLE001 - the workers are killed below whatever happened
+                log.warning("closing the weight-sync group failed", exc_info=True)
+            self.collective = None
         if self.use_ray:
             import ray
 
@@ -205,6 +250,25 @@ class RolloutPool:
 
             results = ray.get(results)
         return max(results)
+
+    def set_weight_source(self, source: Any, version: int) -> None:
+        """What a restarted worker loads: a state dict, a Ray ref to one, or a zero-argument callable
+        returning either (called at restart time)."""
+        self._weights, self._version = source, version
+
+    # Collective weight sync: these start the call on every worker and return at once with the Ray
+    # object refs (the members block on each other, so the driver waits on all of them together).
+    def join_weight_sync(self, rdv: Rendezvous) -> list:
+        """Worker ``i`` joins the weight-sync group as rank ``i + 1``."""
+        return [self._call(i, "join_weight_sync", rdv, i + 1) for i in range(self.num_workers)]
+
+    def receive_weights(self, version: int) -> list:
+        """Every worker receives the broadcast of ``version``."""
+        return [self._call(i, "receive_weights", version) for i in range(self.num_workers)]
+
+    def close_weight_sync(self) -> list:
+        """Every worker leaves the weight-sync group."""
+        return [self._call(i, "close_weight_sync") for i in range(self.num_workers)]
 
     def state_dict(self, i: int = 0) -> dict[str, torch.Tensor]:
         return self._call(i, "state_dict", wait=True)

@@ -10,7 +10,9 @@ whose ``extras`` are what :func:`memento_train.rl.losses.make_loss_fn` reads.
 :class:`RLTrainerWorker` is one trainer rank. ``train_step`` runs, for this rank's micro-batches:
 old log-probs (``engine.forward_only``, when ``algorithm.old_logprobs_source=trainer``), reference
 log-probs (a frozen copy of the initial policy, when ``algorithm.kl_coef > 0``), then
-``forward_backward`` with the RL loss and one optimizer step, timing each phase.
+``forward_backward`` with the RL loss and one optimizer step, timing each phase. Rank 0 is also the
+sender of the collective weight sync (:mod:`memento_train.rl.collective_sync`): it hosts that group's
+store and broadcasts the gathered weights; the other ranks only take part in the gather.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from memento_train.data.pack import IGNORE_INDEX, collate
 from memento_train.engine_worker import EngineWorker
 from memento_train.engines import MicroBatch, build_engine
 from memento_train.masking import MaskConfig, SpecialTokens, parse
+from memento_train.rl.collective_sync import Rendezvous, WeightSyncGroup, open_store
 from memento_train.rl.logprobs import make_logprob_fn
 from memento_train.rl.losses import make_loss_fn
 from memento_train.rl.rl_config import RLConfig
@@ -148,3 +151,57 @@ class RLTrainerWorker(EngineWorker):
         """Collective: the full fp32 CPU weights on rank 0 (``None`` elsewhere) for the weight sync.
         Returned from a Ray actor, the dict lands in the object store; rollout workers read it there."""
         return self.engine.full_state_dict()
+
+    # -- collective weight sync (rank 0 sends; see memento_train.rl.weight_sync) ---------------------
+    def open_weight_sync(self, store_timeout_s: float) -> dict[str, Any] | None:
+        """Rank 0: start the weight-sync group's own TCPStore (once; kept across group rebuilds) on an
+        OS-assigned port of this node; returns ``{"host", "port"}``. ``None`` on other ranks."""
+        if self.rank != 0:
+            return None
+        if getattr(self, "_ws_store", None) is None:
+            host = _node_ip()
+            self._ws_store = open_store(host, store_timeout_s)
+            self._ws_host = host
+        return {"host": self._ws_host, "port": self._ws_store.port}
+
+    def join_weight_sync(self, rdv: Rendezvous) -> None:
+        """Rank 0: join the weight-sync group as its rank 0 (blocks until every rollout worker has
+        joined). Other ranks have nothing to do: they are not members."""
+        if self.rank != 0:
+            return
+        self.close_weight_sync()
+        self._ws_group = WeightSyncGroup(rdv, 0, store=self._ws_store, device=self.device)
+
+    def send_weights(self, version: int) -> dict[str, float]:
+        """Collective over the trainer ranks (the full-state gather); then rank 0 broadcasts the weights
+        to the rollout workers. Returns ``gather_s`` (every rank) and rank 0's broadcast timings."""
+        t0 = time.perf_counter()
+        state = self.engine.full_state_dict()
+        out = {"gather_s": time.perf_counter() - t0, "version": float(version)}
+        if self.rank == 0:
+            group = getattr(self, "_ws_group", None)
+            if group is None:
+                raise RuntimeError("send_weights: trainer rank 0 has not joined the weight-sync group")
+            out.update(group.send(state))
+        return out
+
+    def close_weight_sync(self, close_store: bool = False) -> None:
+        """Leave the weight-sync group (and with ``close_store`` stop its store). Idempotent."""
+        group = getattr(self, "_ws_group", None)
+        self._ws_group = None
+        if group is not None:
+            group.close()
+        if close_store:
+            self._ws_store = None
+
+
+def _node_ip() -> str:
+    """This node's address as Ray sees it (what the rollout workers can reach); localhost without Ray."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    return "127.0.0.1"
