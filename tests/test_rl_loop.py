@@ -147,6 +147,22 @@ def test_one_step_logs_every_metric_and_trainer_logprobs_match_rollout(tmp_path)
     assert m["logprob_mismatch_max"] < 1e-3
 
 
+def test_mini_batches_update_several_times_against_the_rollout_policy_so_the_clip_range_acts(tmp_path):
+    # One update per batch: π_θ = π_old when the loss is taken, every ratio is exactly 1.
+    _, (one,) = run(tmp_path / "one", "train.total_steps=1", "optim.lr=0.05", "rollout.prompts_per_step=4")
+    assert one["updates"] == 1 and one["train/ratio/max"] == one["train/ratio/min"] == 1.0
+    assert one["clip_fraction"] == 0.0
+    # Four updates: π_old is fixed before the first, so later mini-batches see moved ratios (a large lr
+    # moves them past the clip range); recomputing π_old per mini-batch would leave them at 1.
+    _, (four,) = run(tmp_path / "four", "train.total_steps=1", "optim.lr=0.05", "rollout.prompts_per_step=4",
+                     "train.mini_batches=4")
+    assert four["updates"] == 4 and four["samples"] == 16
+    assert four["train/ratio/max"] > 1.0 > four["train/ratio/min"] and four["clip_fraction"] > 0.0
+    with pytest.raises(Exception, match=r"train.mini_batches \(5\) must be <= rollout.prompts_per_step"):
+        build_rl_config(config_tree(None, [*FAST, f"output_dir={tmp_path}", "train.mini_batches=5",
+                                           "rollout.prompts_per_step=4"]))
+
+
 @pytest.mark.slow
 def test_seeded_tiny_run_raises_the_mean_reward_and_held_out_accuracy(tmp_path):
     """The shorter, seeded twin of the `memento-rl` default: SFT warm-up on a sloppy teacher's traces

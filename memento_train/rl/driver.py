@@ -277,7 +277,8 @@ def run_rl(cfg: RLConfig, tree: dict[str, Any] | None = None, *, progress: bool 
             trainer.run("load", str(resume_from))
             logger.write(f"[memento-rl] resumed from {resume_from} (step {start})")
         sync = sync_weights(trainer, pool, start)
-        logger.write(f"[memento-rl] initial weight sync: {sync.total_s:.2f} s")
+        via = f"{sync.method} ({sync.backend}, {sync.buckets} bucket(s))" if sync.backend else sync.method
+        logger.write(f"[memento-rl] initial weight sync via {via}: {sync.total_s:.2f} s")
         if cfg.eval.at_start and start == 0:
             logger.log(0, _evaluate(run, pool, rewards, 0))
         saved_at = start if resume_from else -1
@@ -335,15 +336,25 @@ def _step(run: _Run, trainer: WorkerGroup, pool: RolloutPool, rewards: RewardPoo
                              cfg.algorithm.adv_norm, cfg.algorithm.adv_eps)
     docs = [rollout_document(q.prompt_ids, x["token_ids"], x["logprobs"], float(a), run.special, run.mask)
             for q, x, a in zip(requests, results, adv.tolist())]
-    plan = plan_micro_batches([len(d["input_ids"]) for d in docs], cfg.train.micro_batch_tokens, trainer.world_size)
-    # token_mean needs the response tokens of the whole global batch, known only here, before any rank starts.
+    # Mini-batches hold whole groups (a group's advantages are relative to each other); each is packed
+    # into micro-batches per rank and normalised over its own tokens (token_mean needs the response
+    # tokens of the whole mini-batch, known only here, before any rank starts).
+    minis = [np.concatenate([np.arange(j * g, (j + 1) * g) for j in chunk]).tolist()
+             for chunk in np.array_split(np.arange(n_prompts), cfg.train.mini_batches)]
+    per_rank: list[list[list[list[dict]]]] = [[] for _ in range(trainer.world_size)]
+    normalisers = []
+    for mini in minis:
+        plan = plan_micro_batches([len(docs[i]["input_ids"]) for i in mini], cfg.train.micro_batch_tokens,
+                                  trainer.world_size)
+        for r in range(trainer.world_size):
+            per_rank[r].append([[docs[mini[i]] for i in mb] for mb in plan[r]])
+        normalisers.append(loss_normaliser(
+            cfg.algorithm.loss_agg, num_response_tokens=sum(len(results[i]["token_ids"]) for i in mini),
+            num_sequences=len(mini), max_response_len=cfg.rollout.max_new_tokens))
     num_response_tokens = sum(len(x["token_ids"]) for x in results)
-    normaliser = loss_normaliser(cfg.algorithm.loss_agg, num_response_tokens=num_response_tokens,
-                                 num_sequences=len(docs), max_response_len=cfg.rollout.max_new_tokens)
     lr = lr_at(step, cfg.train.total_steps, cfg.optim)
     t0 = time.perf_counter()
-    outs = trainer.run_each("train_step", [([[docs[i] for i in mb] for mb in plan[r]], normaliser, lr)
-                                           for r in range(trainer.world_size)])
+    outs = trainer.run_each("train_step", [(per_rank[r], normalisers, lr) for r in range(trainer.world_size)])
     train_s = time.perf_counter() - t0
     train = reduce_metrics([m for o in outs for m in o["metrics"]])
     if not math.isfinite(train["loss"]):
@@ -357,7 +368,7 @@ def _step(run: _Run, trainer: WorkerGroup, pool: RolloutPool, rewards: RewardPoo
         "entropy": train.get("entropy", 0.0), "approx_kl": train.get("approx_kl", 0.0),
         "logprob_mismatch_mean": train.get("mismatch/abs", 0.0),
         "logprob_mismatch_max": train.get("mismatch/abs/max", 0.0),
-        "grad_norm": outs[0]["grad_norm"], "lr": lr, "samples": len(docs),
+        "grad_norm": float(np.mean(outs[0]["grad_norms"])), "lr": lr, "updates": len(minis), "samples": len(docs),
         "response_tokens": num_response_tokens,
         "gen_tokens_per_s": num_response_tokens / max(rollout_s, 1e-9),
         "rollout_retries": rollout_retries, "reward_retries": reward_retries, "rollout_restarts": pool.restarts,

@@ -86,13 +86,18 @@ class TrainSection:
     """Length of the run and how a step's rollouts are packed for the trainer.
 
     Attributes:
-        total_steps: optimizer steps of the run (the lr schedule spans them).
+        total_steps: rollout steps of the run (the lr schedule spans them).
+        mini_batches: optimizer updates per rollout batch. The batch is split into this many
+            mini-batches of whole groups; π_old (the rollout policy) is fixed before the first update,
+            so from the second update on the importance ratio moves and the clip range acts. 1 = one
+            on-policy update per step (the paper's setting).
         max_steps: stop after this many steps (schedule unchanged; for tests and staged runs).
         micro_batch_tokens: token budget of one packed micro-batch (prompt + response tokens).
         log_every: progress-bar line every N steps (JSONL gets every step).
     """
 
     total_steps: int = 500
+    mini_batches: int = 1
     max_steps: int | None = None
     micro_batch_tokens: int = 65536
     log_every: int = 1
@@ -237,6 +242,10 @@ class RLConfig:
         _positive("train.total_steps", t.total_steps)
         _positive("train.micro_batch_tokens", t.micro_batch_tokens)
         _positive("train.log_every", t.log_every)
+        _positive("train.mini_batches", t.mini_batches)
+        if t.mini_batches > r.prompts_per_step:
+            raise ConfigError(f"train.mini_batches ({t.mini_batches}) must be <= rollout.prompts_per_step "
+                              f"({r.prompts_per_step}): a mini-batch holds whole groups")
         if t.max_steps is not None:
             _positive("train.max_steps", t.max_steps)
         if t.micro_batch_tokens < p.max_prompt_len + r.max_new_tokens:

@@ -7,10 +7,12 @@ by), per-token advantages and the rollout log-probs aligned with the shifted lab
 :func:`build_rl_micro_batch` packs documents into one :class:`~memento_train.engines.MicroBatch`
 whose ``extras`` are what :func:`memento_train.rl.losses.make_loss_fn` reads.
 
-:class:`RLTrainerWorker` is one trainer rank. ``train_step`` runs, for this rank's micro-batches:
-old log-probs (``engine.forward_only``, when ``algorithm.old_logprobs_source=trainer``), reference
-log-probs (a frozen copy of the initial policy, when ``algorithm.kl_coef > 0``), then
-``forward_backward`` with the RL loss and one optimizer step, timing each phase. Rank 0 is also the
+:class:`RLTrainerWorker` is one trainer rank. ``train_step`` runs, for this rank's share of a step's
+mini-batches: old log-probs of *all* of them first (``engine.forward_only``, when
+``algorithm.old_logprobs_source=trainer``: π_old is the policy that generated the rollouts, so it is
+read before any update), reference log-probs (a frozen copy of the initial policy, when
+``algorithm.kl_coef > 0``), then per mini-batch ``forward_backward`` with the RL loss and one
+optimizer step, timing each phase. From the second mini-batch on π_θ ≠ π_old and the clip range acts. Rank 0 is also the
 sender of the collective weight sync (:mod:`memento_train.rl.collective_sync`): it hosts that group's
 store and broadcasts the gathered weights; the other ranks only take part in the gather.
 """
@@ -111,40 +113,48 @@ class RLTrainerWorker(EngineWorker):
                 "device": str(self.device)}
 
     # -- the step --------------------------------------------------------------------------------
-    def train_step(self, micro_docs: list[list[dict[str, np.ndarray]]], normaliser: float, lr: float) -> dict[str, Any]:
-        """Old/ref log-probs, then forward/backward + one optimizer step at ``lr`` over this rank's
-        micro-batches. ``normaliser`` is the global batch's (all ranks). Returns per-micro-batch loss
-        metrics (for :func:`~memento_train.rl.losses.reduce_metrics`), the grad norm and phase times."""
+    def train_step(self, mini_batches: list[list[list[dict[str, np.ndarray]]]], normalisers: list[float],
+                   lr: float) -> dict[str, Any]:
+        """One optimizer step per mini-batch (``train.mini_batches``), each over this rank's micro-batches
+        of documents. ``normalisers[k]`` is mini-batch ``k``'s over all ranks. Returns per-micro-batch
+        loss metrics of every mini-batch (for :func:`~memento_train.rl.losses.reduce_metrics`), the
+        grad norm of each optimizer step and the phase times (summed over mini-batches)."""
+        if len(mini_batches) != len(normalisers):
+            raise ValueError(f"{len(mini_batches)} mini-batches but {len(normalisers)} normalisers")
         cfg = self.cfg
         temperature = cfg.rollout.temperature
-        batches = [build_rl_micro_batch(d, pad_token_id=self.pad_id, device=self.device) for d in micro_docs]
+        batches = [[build_rl_micro_batch(d, pad_token_id=self.pad_id, device=self.device) for d in micro_docs]
+                   for micro_docs in mini_batches]
+        flat = [mb for mini in batches for mb in mini]
         times: dict[str, float] = {}
         t0 = time.perf_counter()
         self.engine.eval()
         if cfg.algorithm.old_logprobs_source == "trainer":
             fn = make_logprob_fn(temperature=temperature, chunk_size=cfg.algorithm.logprob_chunk_size)
-            for mb, lp in zip(batches, self.engine.forward_only(batches, fn)):
+            for mb, lp in zip(flat, self.engine.forward_only(flat, fn)):
                 mb.extras["old_logprobs"] = lp
         times["old_logprobs_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if self.ref is not None:
             fn = make_logprob_fn(temperature=temperature, chunk_size=cfg.algorithm.logprob_chunk_size)
             with torch.no_grad():
-                for mb in batches:
+                for mb in flat:
                     out = self.ref(input_ids=mb.input_ids[None], position_ids=mb.position_ids[None],
                                    memento_meta=mb.meta, use_cache=False)
                     mb.extras["ref_logprobs"] = fn(out.logits[0], mb)
         times["ref_logprobs_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.engine.train()
-        loss_fn = make_loss_fn(cfg.algorithm, normaliser, temperature=temperature)
-        metrics = self.engine.forward_backward(batches, loss_fn)
-        grad_norm = self.engine.step(lr)
+        metrics, grad_norms = [], []
+        for mini, normaliser in zip(batches, normalisers):
+            loss_fn = make_loss_fn(cfg.algorithm, normaliser, temperature=temperature)
+            metrics.extend(self.engine.forward_backward(mini, loss_fn))
+            grad_norms.append(float(self.engine.step(lr)))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         times["update_s"] = time.perf_counter() - t0
         plain = [{k: float(v) for k, v in m.items()} for m in metrics]
-        return {"metrics": plain, "grad_norm": float(grad_norm), "times": times}
+        return {"metrics": plain, "grad_norms": grad_norms, "times": times}
 
     # -- weights and checkpoints -------------------------------------------------------------------
     def full_weights(self) -> dict[str, torch.Tensor] | None:
