@@ -339,8 +339,8 @@ def _step(run: _Run, trainer: WorkerGroup, pool: RolloutPool, rewards: RewardPoo
     # Mini-batches hold whole groups (a group's advantages are relative to each other); each is packed
     # into micro-batches per rank and normalised over its own tokens (token_mean needs the response
     # tokens of the whole mini-batch, known only here, before any rank starts).
-    minis = [np.concatenate([np.arange(j * g, (j + 1) * g) for j in chunk]).tolist()
-             for chunk in np.array_split(np.arange(n_prompts), cfg.train.mini_batches)]
+    minis = [list(range(int(c[0]) * g, (int(c[-1]) + 1) * g))  # array_split keeps the prompt chunks contiguous
+             for c in np.array_split(np.arange(n_prompts), cfg.train.mini_batches)]
     per_rank: list[list[list[list[dict]]]] = [[] for _ in range(trainer.world_size)]
     normalisers = []
     for mini in minis:
