@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .forward import _keep_mask, _keep_mask_t, dot_precision
+from .forward import dot_precision
+from .tile_ops import keep_mask, keep_mask_t, load_rows, load_vec, store_rows
 from .tiles import TilePlan
 
 
@@ -34,25 +35,15 @@ def _dkdv_tile(
     PREC: tl.constexpr,
 ):
     offs_m = q0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q_ptrs = Qh + offs_m.to(tl.int64)[:, None] * stride_qt + offs_d[None, :]
-    do_ptrs = DOh + offs_m.to(tl.int64)[:, None] * stride_dot + offs_d[None, :]
-    if MASKED:
-        row_ok = offs_m < T
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
-        lse = tl.load(LSEh + offs_m, mask=row_ok, other=0.0)
-        delta = tl.load(DELTAh + offs_m, mask=row_ok, other=0.0)
-    else:
-        q = tl.load(q_ptrs)
-        do = tl.load(do_ptrs)
-        lse = tl.load(LSEh + offs_m)
-        delta = tl.load(DELTAh + offs_m)
+    q = load_rows(Qh, offs_m, stride_qt, T, HEAD_DIM, MASKED)
+    do = load_rows(DOh, offs_m, stride_dot, T, HEAD_DIM, MASKED)
+    lse = load_vec(LSEh, offs_m, T, 0.0, MASKED)
+    delta = load_vec(DELTAh, offs_m, T, 0.0, MASKED)
     # Transposed scores [BLOCK_N, BLOCK_M]: keys are this program's rows.
     s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
     p_t = tl.math.exp2(s_t - lse[None, :])
     if MASKED:  # where, not multiply: exp2 of a masked score may overflow
-        p_t = tl.where(_keep_mask_t(offs_n, offs_m, kill, window, HAS_WINDOW), p_t, 0.0)
+        p_t = tl.where(keep_mask_t(offs_n, offs_m, kill, window, HAS_WINDOW), p_t, 0.0)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)  # accumulate in the dot
     dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
     ds_t = p_t * (dp_t - delta[None, :])
@@ -75,12 +66,9 @@ def _memento_dkdv_kernel(
     k0 = tl.load(K_START + tile)
     k1 = tl.load(K_END + tile)
     offs_n = k0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    col_ok = offs_n < k1
-    cols64 = offs_n.to(tl.int64)
-    k = tl.load(K + cols64[:, None] * stride_kt + hk * stride_kh + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + cols64[:, None] * stride_vt + hk * stride_vh + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    kill = tl.load(KILL + offs_n, mask=col_ok, other=0)  # keys past the document: never visible
+    k = load_rows(K + hk * stride_kh, offs_n, stride_kt, k1, HEAD_DIM, True)
+    v = load_rows(V + hk * stride_vh, offs_n, stride_vt, k1, HEAD_DIM, True)
+    kill = load_vec(KILL, offs_n, k1, 0, True)  # keys past the document: never visible
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
@@ -106,10 +94,8 @@ def _memento_dkdv_kernel(
                             HAS_WINDOW, PREC)
 
     dk = dk * scale  # dS was taken w.r.t. the scaled scores
-    tl.store(DK + cols64[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :], dk.to(DK.dtype.element_ty),
-             mask=col_ok[:, None])
-    tl.store(DV + cols64[:, None] * stride_dvt + hk * stride_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=col_ok[:, None])
+    store_rows(DK + hk * stride_dkh, offs_n, stride_dkt, k1, dk, HEAD_DIM)
+    store_rows(DV + hk * stride_dvh, offs_n, stride_dvt, k1, dv, HEAD_DIM)
 
 
 @triton.jit
@@ -119,21 +105,13 @@ def _dq_tile(
     PREC: tl.constexpr,
 ):
     offs_n = k0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    k_ptrs = Kh + offs_n.to(tl.int64)[:, None] * stride_kt + offs_d[None, :]
-    v_ptrs = Vh + offs_n.to(tl.int64)[:, None] * stride_vt + offs_d[None, :]
-    if MASKED:
-        col_ok = offs_n < T
-        k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+    k = load_rows(Kh, offs_n, stride_kt, T, HEAD_DIM, MASKED)
+    v = load_rows(Vh, offs_n, stride_vt, T, HEAD_DIM, MASKED)
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
     p = tl.math.exp2(s - lse[:, None])
     if MASKED:
-        kill = tl.load(KILL + offs_n, mask=col_ok, other=0)
-        p = tl.where(_keep_mask(offs_m, offs_n, kill, window, HAS_WINDOW), p, 0.0)
+        kill = load_vec(KILL, offs_n, T, 0, True)
+        p = tl.where(keep_mask(offs_m, offs_n, kill, window, HAS_WINDOW), p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = p * (dp - delta[:, None])
     dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
@@ -156,14 +134,10 @@ def _memento_dq_kernel(
     q0 = tl.load(Q_START + tile)
     q1 = tl.load(Q_END + tile)
     offs_m = q0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < q1
-    rows64 = offs_m.to(tl.int64)
-    q = tl.load(Q + rows64[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + rows64[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=row_ok[:, None],
-                 other=0.0)
-    lse = tl.load(LSE + h * T + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + h * T + offs_m, mask=row_ok, other=0.0)
+    q = load_rows(Q + h * stride_qh, offs_m, stride_qt, q1, HEAD_DIM, True)
+    do = load_rows(DO + h * stride_doh, offs_m, stride_dot, q1, HEAD_DIM, True)
+    lse = load_vec(LSE + h * T, offs_m, q1, 0.0, True)
+    delta = load_vec(DELTA + h * T, offs_m, q1, 0.0, True)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     Kh = K + hk * stride_kh
     Vh = V + hk * stride_vh
@@ -178,8 +152,7 @@ def _memento_dq_kernel(
                       BLOCK_N, HEAD_DIM, True, HAS_WINDOW, PREC)
 
     dq = dq * scale
-    tl.store(DQ + rows64[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-             mask=row_ok[:, None])
+    store_rows(DQ + h * stride_dqh, offs_m, stride_dqt, q1, dq, HEAD_DIM)
 
 
 def memento_backward(q, k, v, out, lse, do, kill_row, dkdv_plan: TilePlan, dq_plan: TilePlan, *, scale: float,

@@ -8,9 +8,8 @@ tiles that straddle a kill row or the window edge), where the exact predicate
 visited, so the work is proportional to the live tiles, not to the causal triangle.
 
 Scores are kept in log2 units (``qk_scale = scale * log2(e)``) so the softmax uses ``exp2``; the
-per-row log-sum-exp (base 2) is saved for the backward. Tiles never straddle documents and
-``kill_row <= document end``, so the same predicate also masks rows and keys of a neighbouring
-document that a short last tile would otherwise read.
+per-row log-sum-exp (base 2) is saved for the backward. Loads, stores and the mask come from
+:mod:`.tile_ops` (shared with the backward).
 
 This module imports Triton: import it only through :mod:`memento_train.kernels.function`.
 """
@@ -21,25 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tile_ops import keep_mask, load_rows, load_vec, store_rows
 from .tiles import TilePlan
-
-
-@triton.jit
-def _keep_mask(offs_m, offs_n, kill, window, HAS_WINDOW: tl.constexpr):
-    """``[BLOCK_M, BLOCK_N]`` visibility of query rows ``offs_m`` and keys ``offs_n`` (packed rows)."""
-    keep = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < kill[None, :])
-    if HAS_WINDOW:
-        keep = keep & (offs_m[:, None] - offs_n[None, :] < window)
-    return keep
-
-
-@triton.jit
-def _keep_mask_t(offs_n, offs_m, kill, window, HAS_WINDOW: tl.constexpr):
-    """The same predicate built directly as ``[BLOCK_N, BLOCK_M]`` (dK/dV works on transposed scores)."""
-    keep = (offs_n[:, None] <= offs_m[None, :]) & (offs_m[None, :] < kill[:, None])
-    if HAS_WINDOW:
-        keep = keep & (offs_m[None, :] - offs_n[:, None] < window)
-    return keep
 
 
 @triton.jit
@@ -49,20 +31,12 @@ def _fwd_tile(
     PREC: tl.constexpr,
 ):
     offs_n = k0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    k_ptrs = Kh + offs_n.to(tl.int64)[:, None] * stride_kt + offs_d[None, :]
-    v_ptrs = Vh + offs_n.to(tl.int64)[:, None] * stride_vt + offs_d[None, :]
-    if MASKED:
-        col_ok = offs_n < T
-        k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
-    else:  # full tiles lie inside the document: no bounds checks needed
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+    k = load_rows(Kh, offs_n, stride_kt, T, HEAD_DIM, MASKED)  # full tiles lie inside the document
+    v = load_rows(Vh, offs_n, stride_vt, T, HEAD_DIM, MASKED)
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
     if MASKED:
-        kill = tl.load(KILL + offs_n, mask=col_ok, other=0)  # out-of-range keys: kill 0, never visible
-        s = tl.where(_keep_mask(offs_m, offs_n, kill, window, HAS_WINDOW), s, float("-inf"))
+        kill = load_vec(KILL, offs_n, T, 0, True)  # out-of-range keys: kill 0, never visible
+        s = tl.where(keep_mask(offs_m, offs_n, kill, window, HAS_WINDOW), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     if MASKED:  # a row with nothing visible yet keeps m = -inf; subtract 0 instead (no inf - inf)
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -93,10 +67,7 @@ def _memento_fwd_kernel(
     q0 = tl.load(Q_START + tile)
     q1 = tl.load(Q_END + tile)
     offs_m = q0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < q1
-    rows64 = offs_m.to(tl.int64)
-    q = tl.load(Q + rows64[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = load_rows(Q + h * stride_qh, offs_m, stride_qt, q1, HEAD_DIM, True)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -117,9 +88,8 @@ def _memento_fwd_kernel(
     # (short last tile) are not stored, the guard only avoids computing 0/0 for them.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    tl.store(O + rows64[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=row_ok[:, None])
-    tl.store(LSE + h * T + offs_m, m_i + tl.math.log2(l_safe), mask=row_ok)
+    store_rows(O + h * stride_oh, offs_m, stride_ot, q1, out, HEAD_DIM)
+    tl.store(LSE + h * T + offs_m, m_i + tl.math.log2(l_safe), mask=offs_m < q1)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -50,7 +50,7 @@ INTERPRETER_CONFIG = TritonConfig(KernelConfig(16, 16, 1, 1), KernelConfig(16, 1
 # the key tile it accumulates. Override with set_triton_config() or, e.g.,
 # MEMENTO_TRITON_CONFIG="fwd=128x128:w8:s3,dq=128x64:w8:s2,dkdv=64x64:w8:s3".
 GPU_CONFIGS = {
-    64: TritonConfig(KernelConfig(128, 64, 8, 3), KernelConfig(128, 64, 8, 3), KernelConfig(64, 64, 4, 3)),
+    64: TritonConfig(KernelConfig(128, 64, 8, 3), KernelConfig(128, 64, 8, 3), KernelConfig(64, 64, 8, 3)),
     128: TritonConfig(KernelConfig(128, 64, 8, 3), KernelConfig(64, 32, 4, 3), KernelConfig(32, 64, 8, 3)),
 }
 
