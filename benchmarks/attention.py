@@ -24,6 +24,13 @@ On a GPU (what the targets are about; ~3-5 min on an H100, first Triton/flex com
     python benchmarks/attention.py --triton-config fwd=128x128:w8:s3 --triton-config dq=64x64:w4:s2
                                                             # extra rows: try Triton block configs
 
+Without a GPU, ``--tiles-only`` prints what the Triton kernels would visit at the GPU block configs
+(pure PyTorch, seconds): the share of causal tile pairs that are live, full (no mask) or partial,
+and so the speed-up over causal attention that tile skipping allows at equal per-tile speed::
+
+    python benchmarks/attention.py --tiles-only             # 8K/16K/32K, d 128 configs
+    python benchmarks/attention.py --tiles-only --head-dim 64 --triton-config dkdv=32x64
+
 On CPU (float32, each measurement in a fresh process so peak RSS is per backend; Triton runs only
 under ``TRITON_INTERPRET=1`` and is far too slow for these sizes, so it is skipped with the reason)::
 
@@ -113,6 +120,28 @@ def unavailable(runner: str, device: str, allow_interpreter: bool = False) -> st
     if reason is None and runner == "flex" and device == "cpu":
         return "fwd only (no CPU backward in torch)"  # only refuses fwd+bwd: see measure()
     return reason
+
+
+def print_tile_work(tokens: list[int], head_dim: int, configs: list[str | None]) -> None:
+    """Tile pairs each Triton kernel visits on the benchmark batches, as shares of the causal ones."""
+    from memento_train.kernels import build_tile_plan
+    from memento_train.kernels.function import GPU_CONFIGS, parse_config
+    from shapes import memento_batch
+
+    base = GPU_CONFIGS[64 if head_dim <= 64 else 128]
+    print(f"tile work of the triton kernels (head_dim {head_dim}): shares of the causal tile pairs; "
+          "'bound' = causal / live tiles, the speed-up over causal at equal per-tile speed")
+    for n in tokens:
+        meta, _ = memento_batch(n)
+        print(f"  {n} tokens: the mask keeps {meta.kept_pairs() / meta.causal_pairs():.1%} of the causal pairs")
+        for text in configs:
+            cfg = parse_config(text, base) if text else base
+            for name in ("fwd", "dq", "dkdv"):
+                c = getattr(cfg, name)
+                plan = build_tile_plan(meta.cu_seqlens, meta.kill_row, c.block_m, c.block_n)
+                live, full = plan.live_pairs / plan.causal_pairs, plan.full_pairs / plan.causal_pairs
+                print(f"    {name:4s} {c.block_m:>3d}x{c.block_n:<3d}  live {live:6.1%}  full {full:6.1%}  "
+                      f"partial {live - full:6.1%}  bound {1 / live:4.2f}x")
 
 
 def _measure(args: dict) -> dict:
@@ -274,6 +303,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
     p.add_argument("--json", type=Path, help="also write all results here")
+    p.add_argument("--tiles-only", action="store_true",
+                   help="print the Triton kernels' tile work at the GPU configs and exit (no GPU needed)")
     p.add_argument("--allow-interpreter", action="store_true",
                    help="with TRITON_INTERPRET=1 on CPU, run triton anyway (a smoke test of this script: use "
                         "--tokens 512 or so)")
@@ -287,6 +318,10 @@ def main() -> None:
     shape = dict(heads=a.heads or (32 if gpu else 8), kv_heads=a.kv_heads or (8 if gpu else 2),
                  head_dim=a.head_dim or (128 if gpu else 64), dtype=a.dtype or ("bfloat16" if gpu else "float32"))
     repeats = a.repeats or (10 if gpu else 2)
+    if a.tiles_only or gpu:
+        print_tile_work(a.tokens or [8192, 16384, 32768], a.head_dim or 128, [None, *a.triton_config])
+        if a.tiles_only:
+            return
     all_cases = cases(device) + [(f"triton [{c}]", "triton", True) for c in a.triton_config]
     if a.backends:
         all_cases = [c for c in all_cases if c[0] in a.backends or c[0].split(" [")[0] in a.backends]
