@@ -21,35 +21,24 @@ from collections.abc import Sequence
 
 import yaml
 
-from memento_train.config_errors import ConfigError
-from memento_train.recipes import available_recipes, split_recipe_arg
+from memento_train.recipe_cli import RecipeArgs, run_recipe_cli
 from memento_train.structured_config import to_dict
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in ("-h", "--help", "help"):
-        print(__doc__)
+    return run_recipe_cli("memento-rl", __doc__, argv, _run)
+
+
+def _run(args: RecipeArgs) -> int:
+    from memento_train.rl.rl_config import build_rl_config, config_tree
+
+    cfg = build_rl_config(config_tree(args.recipe, args.overrides))
+    if args.show:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
-    try:
-        if args and args[0] == "recipes":
-            print("\n".join(available_recipes()))
-            return 0
-        show = bool(args) and args[0] == "show"
-        recipe, rest = split_recipe_arg(args[1:] if show else args)
-        from memento_train.rl.rl_config import build_rl_config, config_tree
+    from memento_train.rl.driver import run_rl
 
-        tree = config_tree(recipe, rest)
-        cfg = build_rl_config(tree)
-        if show:
-            print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-            return 0
-        from memento_train.rl.driver import run_rl
-
-        result = run_rl(cfg)
-    except ConfigError as exc:
-        print(f"memento-rl: configuration error: {exc}", file=sys.stderr)
-        return 2
+    result = run_rl(cfg)
     r = result.reward_means
     print(f"[memento-rl] {result.output_dir}: {result.steps} steps; mean reward first/last step "
           f"{r[0] if r else float('nan'):.3f} -> {r[-1] if r else float('nan'):.3f}; HF model {result.hf_dir}")

@@ -22,40 +22,30 @@ from collections.abc import Sequence
 import yaml
 
 from memento_train.config_errors import ConfigError
-from memento_train.recipes import available_recipes, split_recipe_arg
+from memento_train.recipe_cli import RecipeArgs, run_recipe_cli
 from memento_train.structured_config import parse_overrides, to_dict
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in ("-h", "--help", "help"):
-        print(__doc__)
-        return 0
-    try:
-        if args and args[0] == "recipes":
-            print("\n".join(available_recipes()))
-            return 0
-        if args and args[0] == "export":
-            from memento_train.sft.driver import export_checkpoint
-
-            opts = parse_overrides(args[1:])
-            ckpt, out = opts.pop("checkpoint", None), opts.pop("output", None)
-            if not ckpt or not out:
-                raise ConfigError("usage: memento-train export checkpoint=RUN/checkpoints/step_N output=DIR")
-            print(export_checkpoint(str(ckpt), str(out), opts))
-            return 0
-        show = bool(args) and args[0] == "show"
-        recipe, rest = split_recipe_arg(args[1:] if show else args)
-        return _train(recipe, rest, show=show)
-    except ConfigError as exc:
-        print(f"memento-train: configuration error: {exc}", file=sys.stderr)
-        return 2
+    return run_recipe_cli("memento-train", __doc__, argv, _train, subcommands={"export": _export})
 
 
-def _train(recipe: str | None, overrides: list[str], *, show: bool) -> int:
+def _export(args: list[str]) -> int:
+    from memento_train.sft.driver import export_checkpoint
+
+    opts = parse_overrides(args)
+    ckpt, out = opts.pop("checkpoint", None), opts.pop("output", None)
+    if not ckpt or not out:
+        raise ConfigError("usage: memento-train export checkpoint=RUN/checkpoints/step_N output=DIR")
+    print(export_checkpoint(str(ckpt), str(out), opts))
+    return 0
+
+
+def _train(args: RecipeArgs) -> int:
     from memento_train.sft.config import build_sft_config, config_tree
 
-    tree = config_tree(recipe, overrides)
+    show, overrides = args.show, args.overrides
+    tree = config_tree(args.recipe, overrides)
     stages = tree.pop("stages", None)
     if stages:
         from memento_train.sft.pipeline import run_pipeline

@@ -1,0 +1,45 @@
+"""The front shared by the recipe-driven commands (``memento-train``, ``memento-rl``).
+
+Both take ``[show] [recipe=NAME] [section.option=value ...]``, print their docstring for ``help``,
+list the shipped recipes for ``recipes`` and turn a :class:`ConfigError` into one line on stderr and
+exit code 2. Each command supplies only what it does with the parsed arguments.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from memento_train.config_errors import ConfigError
+from memento_train.recipes import available_recipes, split_recipe_arg
+
+
+@dataclass
+class RecipeArgs:
+    """``show`` (print the resolved config and exit), the recipe name, the remaining overrides."""
+
+    show: bool
+    recipe: str | None
+    overrides: list[str]
+
+
+def run_recipe_cli(prog: str, doc: str, argv: Sequence[str] | None, run: Callable[[RecipeArgs], int],
+                   subcommands: dict[str, Callable[[list[str]], int]] | None = None) -> int:
+    """Dispatch ``argv`` (default ``sys.argv[1:]``): help, ``recipes``, ``subcommands``, else ``run``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-h", "--help", "help"):
+        print(doc)
+        return 0
+    try:
+        if args and args[0] == "recipes":
+            print("\n".join(available_recipes()))
+            return 0
+        if args and args[0] in (subcommands or {}):
+            return subcommands[args[0]](args[1:])
+        show = bool(args) and args[0] == "show"
+        recipe, rest = split_recipe_arg(args[1:] if show else args)
+        return run(RecipeArgs(show, recipe, rest))
+    except ConfigError as exc:
+        print(f"{prog}: configuration error: {exc}", file=sys.stderr)
+        return 2
