@@ -5,8 +5,10 @@ backward, GQA, bf16/fp16 (fp32 for tests), head dims 16–128. Tiles whose keys 
 whole query tile, or outside its document, are never visited (:mod:`.tiles`), so the work follows
 the pairs the mask keeps rather than the causal triangle.
 
-Modules: :mod:`.tiles` (tile skip metadata, pure PyTorch), :mod:`.forward` / :mod:`.backward`
-(the Triton kernels), :mod:`.function` (autograd Function, configs, availability). Importing this
+Modules: :mod:`.tiles` (tile skip metadata, pure PyTorch), :mod:`.tile_ops` (device functions the
+kernels share: tile loads/stores, the mask), :mod:`.forward` / :mod:`.backward` (the Triton
+kernels), :mod:`.function` (autograd Function, configs, availability), :mod:`.aot` (compile for an
+H100 without one: registers, spills, shared memory). Importing this
 package does not import Triton. ``memento_train.attention`` registers the backend lazily, so
 ``memento_attention(..., backend="triton")`` imports this package on first use.
 """
