@@ -262,3 +262,34 @@ def one_rank_grads_job(rank: int, world_size: int, configs: list, optim_cfg) -> 
         out[(kind, stage)] = engine.full_grads()
         del engine
     return out
+
+
+def _thread_names() -> list[str]:
+    return sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+
+
+def checkpoint_threads_job(rank: int, world_size: int, optim_cfg, ckpt_dir: str) -> dict:
+    """This process's threads around an FSDP2 save + load, then around a plain ``dcp.save`` on the
+    default group (the control that shows what the engine avoids; see ``engines/scratch_group.py``)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from memento_train.engines import EngineConfig, build_engine
+    from memento_train.models.tiny import build_tiny_model
+    from memento_train.tokenizer_assets import load_shipped_tokenizer
+
+    torch.set_num_threads(2)  # an OpenMP team of more than one thread is what lingers
+    # Enough tensors that DCP's pickled save plan (gathered to rank 0) passes ATen's 32K-element grain.
+    model = build_tiny_model(load_shipped_tokenizer(), seed=SEED, hidden_size=16, num_layers=8)
+    engine = build_engine(model, optim_cfg, EngineConfig(kind="fsdp2"), torch.device("cpu"))
+    _train_step(engine, 1, rank, world_size)
+    engine.step(LR1)
+    x = torch.randn(256, 256)
+    x @ x  # the main thread's own OpenMP team exists before we count
+    before = _thread_names()
+    engine.save(os.path.join(ckpt_dir, "engine"))
+    engine.load(os.path.join(ckpt_dir, "engine"))
+    after = _thread_names()
+    model_sd, optim_sd = get_state_dict(engine.module, engine.optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(ckpt_dir, "default_group"))
+    return {"before": before, "after": after, "control": _thread_names()}

@@ -42,6 +42,7 @@ from torch.distributed.tensor import DTensor
 from memento_train.config_errors import ConfigError
 from memento_train.engines.base import TrainEngine, register_engine
 from memento_train.engines.config import EngineConfig
+from memento_train.engines.scratch_group import scratch_gloo_group
 from memento_train.optim import OptimConfig, param_groups
 
 
@@ -166,14 +167,16 @@ class FSDP2Engine(TrainEngine):
     def save(self, path: str) -> None:
         """Collective: sharded model + optimizer state with ``torch.distributed.checkpoint`` under ``path``."""
         model_sd, optim_sd = get_state_dict(self._model, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+        with scratch_gloo_group() as group:  # see scratch_group.py: DCP's gathers slow the process down
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path, process_group=group)
 
     def load(self, path: str) -> None:
         """Collective: restore what :meth:`save` wrote (same world size or any: DCP reshards)."""
         # get_state_dict builds the (sharded) templates, initialising empty optimizer state first.
         model_sd, optim_sd = get_state_dict(self._model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=path)
+        with scratch_gloo_group() as group:
+            dcp.load(state, checkpoint_id=path, process_group=group)
         set_state_dict(self._model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:

@@ -51,6 +51,7 @@ from torch import nn
 from memento_train.config_errors import ConfigError
 from memento_train.engines.base import LossFn, MicroBatch, TrainEngine, register_engine
 from memento_train.engines.config import EngineConfig
+from memento_train.engines.scratch_group import scratch_gloo_group
 from memento_train.optim import OptimConfig
 
 CKPT_DIR = "megatron"
@@ -401,14 +402,16 @@ class MegatronEngine(TrainEngine):
             g = global_view(local, layer_offset=self.layer_offset, pre_process=self.pre_process,
                             tied=self.arch.tied_embeddings)
             mine = (self.tp_rank, {k: v.detach().to("cpu", torch.float32) for k, v in g.items()})
-        if everyone:
-            parts: list = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, mine)
-        else:
-            parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-            dist.gather_object(mine, parts, dst=0)
-            if parts is None:
-                return None
+        # Full weights as pickled objects: over a scratch gloo group (scratch_group.py says why).
+        with scratch_gloo_group() as group:
+            if everyone:
+                parts: list = [None] * dist.get_world_size()
+                dist.all_gather_object(parts, mine, group=group)
+            else:
+                parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+                dist.gather_object(mine, parts, dst=0, group=group)
+        if parts is None:
+            return None
         shards: list[dict[str, torch.Tensor]] = [{} for _ in range(self.tp)]
         for part in parts:
             if part is not None:
