@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import rl_warmed_policy
 from memento_train.data.render import Renderer
 from memento_train.data.synthetic import SyntheticTaskConfig, synthetic_record
 from memento_train.masking import MaskConfig, SpecialTokens, parse
@@ -165,13 +166,17 @@ def test_mini_batches_update_several_times_against_the_rollout_policy_so_the_cli
 
 @pytest.mark.slow
 def test_seeded_tiny_run_raises_the_mean_reward_and_held_out_accuracy(tmp_path):
-    """The shorter, seeded twin of the `memento-rl` default: SFT warm-up on a sloppy teacher's traces
-    (most answers unboxed, hence ungradable), then 8 RL steps; the outcome reward alone must teach the
-    policy to box its answers, on the training prompts and on held-out problems."""
+    """The shorter, seeded twin of the `memento-rl` default: from its SFT warm-up on a sloppy teacher's
+    traces (most answers unboxed, hence ungradable; the warm-up's export is shipped, see
+    rl_warmed_policy.py), 8 RL steps; the outcome reward alone must teach the policy to box its
+    answers, on the training prompts and on held-out problems."""
+    stale = rl_warmed_policy.stale_reason()
+    assert stale is None, f"tests/assets/tiny_rl_warmed is stale ({stale}): run python tests/rl_warmed_policy.py"
     cfg = build_rl_config(config_tree(None, ["logger=none", f"output_dir={tmp_path}", "cluster.use_ray=false",
                                              "rollout_cluster.use_ray=false", "reward.num_workers=0",
                                              "checkpoint.export_hf=false", "checkpoint.every=0",
-                                             "train.total_steps=8", "eval.every=8"]))
+                                             "train.total_steps=8", "eval.every=8", "warmup.enabled=false",
+                                             f"model.path={rl_warmed_policy.ASSET}"]))
     result = run_rl(cfg, progress=False)
     r = result.reward_means
     first, last = float(np.mean(r[:3])), float(np.mean(r[-3:]))
@@ -180,3 +185,11 @@ def test_seeded_tiny_run_raises_the_mean_reward_and_held_out_accuracy(tmp_path):
     evals = {m["step"]: m["eval/accuracy"] for m in read_metrics(tmp_path) if "eval/accuracy" in m}
     assert set(evals) == {0, 8}, evals
     assert evals[8] > evals[0] + 0.2, evals
+
+
+def test_the_shipped_warmed_policy_matches_the_warmup_and_goes_stale_when_an_input_changes(monkeypatch):
+    assert rl_warmed_policy.stale_reason() is None
+    monkeypatch.setattr(rl_warmed_policy, "WARMUP_OVERRIDES", ["logger=none", "warmup.unboxed_answer_rate=0.5"])
+    assert rl_warmed_policy.stale_reason() == "the warm-up's records changed since it was built"
+    monkeypatch.setattr(rl_warmed_policy, "WARMUP_OVERRIDES", ["logger=none", "warmup.lr=1e-3"])
+    assert rl_warmed_policy.stale_reason() == "the warm-up's stage_config changed since it was built"

@@ -156,23 +156,20 @@ def encode_prompts(records: list[dict], renderer: Renderer, max_len: int) -> tup
 
 # ---------------------------------------------------------------- warm-up
 
-def sft_warmup(cfg: RLConfig, *, progress: bool = True) -> str:
-    """Run (or reuse) the short SFT warm-up; returns its Hugging Face export directory."""
-    from memento_train.recipes import load_recipe
-    from memento_train.sft.config import build_sft_config
-    from memento_train.sft.driver import run_stage
-
-    out = Path(cfg.output_dir) / "sft_warmup"
-    hf = out / "hf"
-    if (hf / "memento_train.json").is_file():
-        return str(hf)
+def warmup_records(cfg: RLConfig) -> list[dict]:
+    """The warm-up's SFT traces: the RL task's generator, its own seed, the sloppy teacher's rate."""
     w = cfg.warmup
-    out.mkdir(parents=True, exist_ok=True)
-    data = out / "data.jsonl"
     task = replace(cfg.prompts.synthetic, seed=cfg.prompts.synthetic.seed + WARMUP_DATA_SEED_OFFSET,
                    unboxed_answer_rate=w.unboxed_answer_rate)
-    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_records(w.num_records, task)))
-    tree = deep_merge(load_recipe("tiny_stage2"), {
+    return synthetic_records(w.num_records, task)
+
+
+def warmup_stage_tree(cfg: RLConfig, out: Path, data: Path) -> dict[str, Any]:
+    """The SFT stage config of the warm-up (``tiny_stage2`` + the RL run's model, mask and lengths)."""
+    from memento_train.recipes import load_recipe
+
+    w = cfg.warmup
+    return deep_merge(load_recipe("tiny_stage2"), {
         "output_dir": str(out), "logger": "none", "resume": "auto",
         "model": {"path": None, "require_stage1_init": False, "tiny": to_dict(cfg.model.tiny),
                   "attn_backend": cfg.model.attn_backend},
@@ -185,7 +182,21 @@ def sft_warmup(cfg: RLConfig, *, progress: bool = True) -> str:
         "cluster": {"use_ray": False, "num_workers": 1, "cpus_per_worker": cfg.cluster.cpus_per_worker},
         "checkpoint": {"every": 0, "keep_last": 1, "export_hf": True},
     })
-    result = run_stage(build_sft_config(tree), progress=progress)
+
+
+def sft_warmup(cfg: RLConfig, *, progress: bool = True) -> str:
+    """Run (or reuse) the short SFT warm-up; returns its Hugging Face export directory."""
+    from memento_train.sft.config import build_sft_config
+    from memento_train.sft.driver import run_stage
+
+    out = Path(cfg.output_dir) / "sft_warmup"
+    hf = out / "hf"
+    if (hf / "memento_train.json").is_file():
+        return str(hf)
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in warmup_records(cfg)))
+    result = run_stage(build_sft_config(warmup_stage_tree(cfg, out, data)), progress=progress)
     return str(result.hf_dir)
 
 
