@@ -171,6 +171,25 @@ def test_triton_config_strings_parse_and_bad_ones_are_rejected():
         parse_config("dq=48x16", cfg)
 
 
+def test_a_config_string_override_changes_only_the_named_kernel_of_each_head_dims_defaults():
+    from memento_train.kernels import set_triton_config
+    from memento_train.kernels.function import GPU_CONFIGS
+
+    cuda = torch.device("cuda")  # only selects the GPU defaults; nothing runs
+    try:
+        set_triton_config("dkdv=32x128:w4")
+        for d in (64, 128):
+            cfg = triton_config(d, cuda)
+            assert (cfg.fwd, cfg.dq) == (GPU_CONFIGS[d].fwd, GPU_CONFIGS[d].dq)
+            assert (cfg.dkdv.block_m, cfg.dkdv.block_n, cfg.dkdv.num_warps) == (32, 128, 4)
+        with pytest.raises(ValueError, match="bad triton config"):
+            set_triton_config("dkdv=32")
+        assert triton_config(64, cuda).dkdv.block_n == 128  # a rejected string leaves the override as it was
+    finally:
+        set_triton_config(None)
+    assert triton_config(64, cuda) == GPU_CONFIGS[64]
+
+
 # -- kernels in Triton's CPU interpreter ----------------------------------------------------------
 def interpreter_cases():
     """(name, meta, kv heads, q heads per kv head, head dim, window, non-contiguous q/k/v)."""

@@ -54,7 +54,7 @@ GPU_CONFIGS = {
     128: TritonConfig(KernelConfig(128, 64, 8, 3), KernelConfig(64, 32, 4, 3), KernelConfig(32, 64, 8, 3)),
 }
 
-_override: TritonConfig | None = None
+_override: TritonConfig | str | None = None
 
 
 def interpreting() -> bool:
@@ -93,21 +93,25 @@ def parse_config(text: str, base: TritonConfig) -> TritonConfig:
 
 
 def set_triton_config(config: TritonConfig | str | None) -> None:
-    """Force block configs for all head dims (None: back to the defaults)."""
+    """Force block configs (None: back to the defaults). A :class:`TritonConfig` serves every head dim;
+    a string, like ``MEMENTO_TRITON_CONFIG``, changes only the kernels it names in each head dim's
+    defaults."""
     global _override
-    _override = parse_config(config, GPU_CONFIGS[128]) if isinstance(config, str) else config
+    if isinstance(config, str):
+        parse_config(config, GPU_CONFIGS[128])  # a bad string fails here, not at the first call
+    _override = config
 
 
 def triton_config(head_dim: int, device: torch.device) -> TritonConfig:
     """The config used for this head dim and device (override > env var > defaults)."""
-    if _override is not None:
+    if isinstance(_override, TritonConfig):
         return _override
     if device.type != "cuda":
         base = INTERPRETER_CONFIG
     else:
         base = GPU_CONFIGS[64 if head_dim <= 64 else 128]
-    env = os.environ.get("MEMENTO_TRITON_CONFIG")
-    return parse_config(env, base) if env else base
+    text = _override if _override is not None else os.environ.get("MEMENTO_TRITON_CONFIG")
+    return parse_config(text, base) if text else base
 
 
 def _check_inputs(q, k, v) -> None:
