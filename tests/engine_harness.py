@@ -25,13 +25,13 @@ SEED, OTHER_SEED = 0, 1
 
 
 # -- data and model ------------------------------------------------------------------------------
-def tiny_model(seed: int = SEED):
+def tiny_model(seed: int = SEED, *, hidden_size: int = HIDDEN, num_layers: int = 2):
     """The tiny Qwen3 (hidden 32, 2 layers, shipped tokenizer) with memento ``segment`` attention."""
     from memento_train.attention.hf import attn_implementation
     from memento_train.models.tiny import build_tiny_model
     from memento_train.tokenizer_assets import load_shipped_tokenizer
 
-    model = build_tiny_model(load_shipped_tokenizer(), seed=seed, hidden_size=HIDDEN, num_layers=2)
+    model = build_tiny_model(load_shipped_tokenizer(), seed=seed, hidden_size=hidden_size, num_layers=num_layers)
     model.set_attn_implementation(attn_implementation("segment"))
     return model.train()
 
@@ -275,12 +275,10 @@ def checkpoint_threads_job(rank: int, world_size: int, optim_cfg, ckpt_dir: str)
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from memento_train.engines import EngineConfig, build_engine
-    from memento_train.models.tiny import build_tiny_model
-    from memento_train.tokenizer_assets import load_shipped_tokenizer
 
     torch.set_num_threads(2)  # an OpenMP team of more than one thread is what lingers
     # Enough tensors that DCP's pickled save plan (gathered to rank 0) passes ATen's 32K-element grain.
-    model = build_tiny_model(load_shipped_tokenizer(), seed=SEED, hidden_size=16, num_layers=8)
+    model = tiny_model(hidden_size=16, num_layers=8)
     engine = build_engine(model, optim_cfg, EngineConfig(kind="fsdp2"), torch.device("cpu"))
     _train_step(engine, 1, rank, world_size)
     engine.step(LR1)

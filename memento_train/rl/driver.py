@@ -10,7 +10,6 @@ mask → weights synced to the rollout workers → metrics logged (JSONL + wandb
 
 from __future__ import annotations
 
-
 import json
 import math
 import os

@@ -31,12 +31,12 @@ from memento_train.data.pack import IGNORE_INDEX, collate
 from memento_train.engine_worker import EngineWorker
 from memento_train.engines import MicroBatch, build_engine
 from memento_train.masking import MaskConfig, SpecialTokens, parse
+from memento_train.rank_state import seed_everything
 from memento_train.rl.collective_sync import Rendezvous, WeightSyncGroup, open_store
 from memento_train.rl.logprobs import make_logprob_fn
 from memento_train.rl.losses import make_loss_fn
 from memento_train.rl.rl_config import RLConfig
 from memento_train.sft.batching import padding_batch
-from memento_train.rank_state import seed_everything
 from memento_train.structured_config import build
 
 # Per-token arrays a document carries besides the collate() columns; packed in document order.
