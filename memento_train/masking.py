@@ -18,7 +18,9 @@ a masked training forward sees exactly the keys an evicting decode saw:
 - Eviction happens *before* the triggering token is consumed, so ``kill_row`` of an evicted key is the
   position of the triggering token.
 - Tracking starts after the first ``assistant`` token within two positions after ``<|im_start|>``;
-  tokens before ``prompt_len`` are tracked but evict nothing.
+  tokens before ``prompt_len`` are tracked but evict nothing. At ``prompt_len`` (the first generated
+  position) the serving scheduler first compacts every completed prompt block beyond
+  ``keep_last_n_blocks`` (its deferred compaction after prefill): their keys get kill row ``prompt_len``.
 """
 
 from __future__ import annotations
@@ -215,6 +217,11 @@ class BlockTracker:
             return kind, block_idx, evictions
 
         may_evict = self.config.evicts and not self._in_prompt()
+        if may_evict and pos == self.prompt_len:
+            # The serving scheduler's deferred compaction after prefill: before the first generated
+            # token, every completed prompt block beyond keep_last_n_blocks is dropped at once.
+            while len(self._pending) > self.config.keep_last_n_blocks:
+                evictions.append(self._evict_oldest(pos))
         if token_id == sp.block_start:
             if may_evict and self.config.keep_last_block_for_answer and self._pending:
                 evictions.append(self._evict_oldest(pos))

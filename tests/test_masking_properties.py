@@ -76,6 +76,11 @@ def reference_kill_rows(ids, *, keep_last_n_blocks, mask_delimiters, keep_last_b
     for row in range(begin, n):
         tok = ids[row]
         may_evict = keep_last_n_blocks >= 0 and row >= first_row
+        if may_evict and row == first_row:
+            # "At prompt_len the serving scheduler first compacts every completed prompt block beyond
+            # keep_last_n_blocks (its deferred compaction after prefill)"
+            while len(pending) > keep_last_n_blocks:
+                evict_oldest(row)
         if tok == BS:
             if may_evict and keep_last_block_for_answer and pending:
                 evict_oldest(row)
@@ -441,3 +446,21 @@ def test_keep_last_block_for_answer_with_n_above_zero_is_rejected_up_front():
     with pytest.raises(ValueError, match="keep_last_block_for_answer=true requires keep_last_n_blocks=0"):
         MaskConfig(keep_last_n_blocks=2, keep_last_block_for_answer=True)
     MaskConfig(keep_last_n_blocks=-1, keep_last_block_for_answer=True)  # no eviction: allowed
+
+
+@SETTINGS
+@given(ids=malformed_streams(), cfg=mask_configs(), data=st.data())
+def test_prompt_blocks_beyond_keep_last_n_die_at_prompt_len(ids, cfg, data):
+    """Deferred compaction (DESIGN.md §2): at prompt_len, every block completed inside the prompt except
+    the newest keep_last_n_blocks gets kill row prompt_len; none is evicted earlier."""
+    prompt_len = data.draw(st.integers(0, len(ids)), label="prompt_len")
+    p = parse(ids, SPECIAL, cfg, prompt_len=prompt_len)
+    in_prompt = [b for b in p.blocks if b.summary_end is not None and b.summary_end < prompt_len]
+    in_prompt.sort(key=lambda b: b.summary_end)  # pending order is completion order
+    assert all(ev.row >= prompt_len for ev in p.evictions)
+    if not cfg.evicts or prompt_len >= len(ids) or p.prompt_len != prompt_len:
+        return  # nothing is generated (or no assistant section): nothing to compact
+    doomed = in_prompt[: max(0, len(in_prompt) - cfg.keep_last_n_blocks)]
+    assert {b.index for b in p.blocks if b.evicted_at == prompt_len} >= {b.index for b in doomed}
+    for b in doomed:
+        assert (p.kill_row[list(_span(b, cfg.mask_delimiters))] == prompt_len).all()
