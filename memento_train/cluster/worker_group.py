@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 # How long shutdown() lets workers destroy their process groups before killing them; a worker stuck
 # in a collective (its peer failed) never answers, and shutdown must not wait collective_timeout_s.
 GRACEFUL_STOP_S = 10.0
+# How long a rank's raised error waits for a peer's death to show up (the likelier root cause).
+PEER_DEATH_GRACE_S = 3.0
 _SLOW_START = "; raise cluster.init_timeout_s if start-up is just slow"
 
 
@@ -305,11 +307,33 @@ class WorkerGroup:
             try:
                 results[rank] = ray.get(ref)
             except ray.exceptions.RayTaskError as exc:
-                # The method raised: str(exc) carries the remote traceback.
+                # The method raised: str(exc) carries the remote traceback. A collective that failed
+                # because a peer died raises too, often before the peer's death is reported: name the
+                # dead peer (the root cause) when one shows up within a short grace period.
+                dead = self._first_death(pending, method)
+                if dead is not None:
+                    raise dead from None
                 raise WorkerError(rank, method, str(exc), cause=getattr(exc, "cause", None)) from None
             except ray.exceptions.RayError as exc:  # ActorDiedError, worker crash, node death
                 raise WorkerError(rank, method, f"{type(exc).__name__}: {exc}", died=True) from None
         return results
+
+    @staticmethod
+    def _first_death(pending: dict, method: str) -> WorkerError | None:
+        """A ``died`` :class:`WorkerError` for the first still-pending rank whose process is gone."""
+        import ray
+
+        if not pending:
+            return None
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=PEER_DEATH_GRACE_S)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayTaskError:
+                continue
+            except ray.exceptions.RayError as exc:
+                return WorkerError(pending[ref], method, f"{type(exc).__name__}: {exc}", died=True)
+        return None
 
     def _stop_actors(self) -> None:
         import ray
