@@ -1,13 +1,24 @@
-"""kill -9 mid-run, then resume=auto: the loss curve equals an uninterrupted run's; a checkpoint whose
-write was interrupted is ignored and the previous one is used."""
+"""What survives an interrupted SFT run: kill -9, a checkpoint write cut short, a damaged newest
+checkpoint (truncated shard, deleted rank file, zero-filled file) and a preemption signal. Each time
+``resume=auto`` continues from the newest *valid* checkpoint and the loss curve equals the
+uninterrupted run's, step for step."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
+import pytest
 from sft_runs import SMALL, cli, start_and_kill_after
 
-from memento_train.checkpoint import CheckpointManager
+from memento_train.checkpoint import CheckpointManager, verify_checkpoint
+from memento_train.faults.preemption import EXIT_PREEMPTED
+from memento_train.sft.config import config_tree, load_sft_config
+from memento_train.sft.driver import run_stage
 from memento_train.tracking import read_metrics
 
 RUN = ["recipe=tiny_stage1", *SMALL, *["train.max_steps=6", "checkpoint.every=2", "checkpoint.export_hf=false"]]
@@ -17,21 +28,41 @@ def curve(output_dir):
     return [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in read_metrics(output_dir)]
 
 
-def test_kill_9_then_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    cli(*RUN, output_dir=straight)
+def train(output_dir, *overrides: str):
+    """The same run as ``RUN`` in this process (faster than the CLI; identical numbers)."""
+    return run_stage(load_sft_config("tiny_stage1", [*RUN[1:], *overrides, f"output_dir={output_dir}"]),
+                     progress=False)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    train(out)
+    assert len(curve(out)) == 6
+    return curve(out)
+
+
+@pytest.fixture(scope="module")
+def stopped_at_4(tmp_path_factory):
+    """The same run stopped after step 4 (checkpoints at steps 2 and 4; max_steps does not change the
+    schedule), as a template that tests copy and damage."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    train(out, "train.max_steps=4")
+    return out
+
+
+def test_kill_9_then_resume_reproduces_the_uninterrupted_loss_curve(tmp_path, straight):
+    killed = tmp_path / "killed"
     start_and_kill_after(RUN, killed, metrics_lines=3)
     done = [s for s, _ in CheckpointManager(killed / "checkpoints").complete()]
     assert done and max(done) < 6, f"the kill should land mid-run, checkpoints: {done}"
     cli(*RUN, "resume=auto", output_dir=killed)
-    assert len(curve(straight)) == 6
-    assert curve(killed) == curve(straight)
+    assert curve(killed) == straight
 
 
-def test_an_interrupted_checkpoint_write_falls_back_to_the_previous_checkpoint(tmp_path):
-    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    cli(*RUN, output_dir=straight)
-    cli(*RUN[:-3], "train.max_steps=4", "checkpoint.every=2", "checkpoint.export_hf=false", output_dir=crashed)
+def test_an_interrupted_checkpoint_write_falls_back_to_the_previous_checkpoint(tmp_path, straight, stopped_at_4):
+    crashed = tmp_path / "crashed"
+    shutil.copytree(stopped_at_4, crashed)
     ckpts = crashed / "checkpoints"
     # What a kill during the step-4 write leaves: the staging copy half written, step 4 never committed.
     shutil.copytree(ckpts / "step_00000004", ckpts / ".staging-step_00000006")
@@ -40,6 +71,60 @@ def test_an_interrupted_checkpoint_write_falls_back_to_the_previous_checkpoint(t
     for f in (ckpts / ".staging-step_00000006" / "engine").rglob("*"):
         if f.is_file():
             f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
-    cli(*RUN, "resume=auto", output_dir=crashed)
-    assert curve(crashed) == curve(straight)
+    train(crashed)
+    assert curve(crashed) == straight
     assert not (ckpts / ".staging-step_00000006").exists()
+
+
+def _truncate_shard(ckpt):
+    shard = next((ckpt / "engine").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+
+
+def _delete_rank_state(ckpt):
+    (ckpt / "rng" / "rank_00000.pt").unlink()
+
+
+def _zero_fill(ckpt):
+    shard = next((ckpt / "engine").glob("*.distcp"))
+    shard.write_bytes(bytes(shard.stat().st_size))
+
+
+@pytest.mark.parametrize("damage", [_truncate_shard, _delete_rank_state, _zero_fill])
+def test_a_damaged_newest_checkpoint_resumes_from_the_previous_one_with_the_same_curve(
+        tmp_path, straight, stopped_at_4, damage, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(stopped_at_4, run)
+    damage(run / "checkpoints" / "step_00000004")
+    train(run)
+    assert "resuming from step_00000002 instead" in capsys.readouterr().out
+    assert curve(run) == straight
+    ckpts = CheckpointManager(run / "checkpoints")
+    assert [s for s, _ in ckpts.complete()][-2:] == [4, 6] and (run / "checkpoints" / "step_00000004.invalid").is_dir()
+    assert all(verify_checkpoint(p) == [] for _, p in ckpts.complete())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
+def test_a_preemption_signal_checkpoints_the_current_step_exits_75_and_the_rerun_continues_the_curve(
+        tmp_path, straight, sig):
+    out = tmp_path / "preempted"
+    # No periodic checkpoints: whatever is resumed from is the checkpoint the signal produced.
+    args = [*RUN, "checkpoint.every=100"]
+    cmd = [sys.executable, "-m", "memento_train.sft.cli", *args, f"output_dir={out}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while len(read_metrics(out)) < 2 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before the signal"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    logged = len(read_metrics(out))
+    assert 2 <= logged < 6 and f"preempted by {sig.name}: stopped after step {logged}" in err
+    assert [s for s, _ in CheckpointManager(out / "checkpoints").complete()] == [logged]
+    cli(*args, output_dir=out)
+    assert curve(out) == straight

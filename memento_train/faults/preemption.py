@@ -10,9 +10,8 @@ Usage in a driver loop (installed *after* ``ray.init``, which sets its own SIGTE
     with PreemptionGuard() as preempt:
         for step in range(start, end):
             ...  # train, log, periodic checkpoint
-            if preempt.requested:
-                ...  # checkpoint unless this step was just saved
-                raise Preempted(step + 1, preempt.signal_name, checkpoint_path)
+            preempt.stop_if_requested(step + 1, end, saved_at, save=lambda: save(step + 1),
+                                      checkpoint=checkpoint_dir_of(step + 1))
 
 The CLIs turn :class:`Preempted` into exit status :data:`EXIT_PREEMPTED` (75, ``EX_TEMPFAIL``:
 "temporary failure, try again"), which the SLURM script answers by requeueing the job; the requeued
@@ -27,6 +26,7 @@ import signal
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from types import FrameType
 
 EXIT_PREEMPTED = 75
@@ -57,6 +57,16 @@ class PreemptionGuard:
     def requested(self) -> bool:
         """Whether a preemption signal has arrived."""
         return self.signal_name is not None
+
+    def stop_if_requested(self, step: int, end: int, saved_step: int, save: Callable[[], object],
+                          checkpoint: str) -> None:
+        """At the boundary after ``step``: when a signal arrived and the run is not finishing anyway
+        (``step < end``), checkpoint unless ``saved_step == step``, then raise :class:`Preempted`."""
+        if not self.requested or step >= end:
+            return
+        if saved_step != step:
+            save()
+        raise Preempted(step, self.signal_name or "", checkpoint)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name

@@ -29,7 +29,7 @@ from memento_train.cluster.session import RaySession
 from memento_train.cluster.worker_group import group_env
 from memento_train.config_errors import ConfigError
 from memento_train.data.cache import prepare_dataset
-from memento_train.faults.preemption import PreemptionGuard, Preempted
+from memento_train.faults.preemption import PreemptionGuard
 from memento_train.faults.secrets import redact_config, secret_values
 from memento_train.faults.watchdog import StepHang, StepWatchdog, describe_stacks
 from memento_train.flops import peak_tflops
@@ -228,10 +228,9 @@ class _Stage:
                 self.logger.log(step + 1, metrics)
             if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
                 self._save(step + 1, metrics["epoch"], final=False)
-            if preempt.requested and step + 1 < planner.total_steps:
-                if self.saved_at != step + 1:
-                    self._save(step + 1, metrics["epoch"], final=True)
-                raise Preempted(step + 1, preempt.signal_name or "", str(self.ckpts.root / f"step_{step + 1:08d}"))
+            preempt.stop_if_requested(step + 1, planner.total_steps, self.saved_at,
+                                      save=lambda: self._save(step + 1, metrics["epoch"], final=True),
+                                      checkpoint=str(self.ckpts.root / f"step_{step + 1:08d}"))
         if self.saved_at != planner.total_steps:
             self._save(planner.total_steps, planner.total_steps // planner.steps_per_epoch, final=True)
         if cfg.checkpoint.export_hf:
