@@ -29,6 +29,11 @@ def is_secret(name: str, marked: list[str] | tuple[str, ...] = ()) -> bool:
     return name in marked or name in ALWAYS_SECRET or bool(SECRET_NAME.search(name))
 
 
+def redact_env(env: Mapping[str, str], marked: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
+    """``env`` with the values of secret names replaced by :data:`REDACTED`."""
+    return {k: (REDACTED if is_secret(k, marked) else v) for k, v in env.items()}
+
+
 def _cluster_sections(tree: Mapping[str, Any]):
     for key, section in tree.items():
         if isinstance(section, Mapping) and isinstance(section.get("env"), Mapping) and key.endswith("cluster"):
@@ -39,8 +44,7 @@ def redact_config(tree: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of a plain config tree whose secret ``*cluster.env`` values read :data:`REDACTED`."""
     out = copy.deepcopy(dict(tree))
     for section in _cluster_sections(out):
-        marked = list(section.get("secret_env") or [])
-        section["env"] = {k: (REDACTED if is_secret(k, marked) else v) for k, v in section["env"].items()}
+        section["env"] = redact_env(section["env"], list(section.get("secret_env") or []))
     return out
 
 
