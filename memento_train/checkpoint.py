@@ -58,8 +58,8 @@ class CheckpointSaveError(CheckpointError):
     def __init__(self, step: int, path: Path, cause: str, free_bytes: int | None, total_bytes: int | None,
                  previous: Path | None) -> None:
         self.step, self.path, self.cause, self.free_bytes, self.previous = step, path, cause, free_bytes, previous
-        space = (f"{_bytes(free_bytes)} free of {_bytes(total_bytes)} on its filesystem" if free_bytes is not None
-                 else "free space unknown")
+        space = (f"{_bytes(free_bytes)} free of {_bytes(total_bytes)} on its filesystem when it failed"
+                 if free_bytes is not None else "free space unknown")
         kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
         super().__init__(f"could not write checkpoint {path} ({space}): {cause}. The partial checkpoint was removed "
                          f"and {kept}. Free space on that filesystem (or lower checkpoint.keep_last), or set "
@@ -72,9 +72,13 @@ _STORAGE_TEXT = re.compile(r"No space left on device|Disk quota exceeded|Permiss
                            r"Input/output error|\[Errno (?:%s)\]" % "|".join(str(e) for e in sorted(_STORAGE_ERRNOS)))
 
 
-def storage_failure(exc: BaseException) -> str | None:
-    """The storage error behind ``exc`` (an ``OSError`` in its cause chain, or a worker's traceback
-    text naming one) as one line, or ``None`` when ``exc`` is not a storage failure."""
+def storage_failure(exc: BaseException, free_bytes: int | None = None, needed_bytes: int = 1 << 20) -> str | None:
+    """The storage error behind ``exc`` as one line, or ``None`` when ``exc`` is not a storage failure.
+
+    Found from an ``OSError`` in its cause chain or a worker's traceback text naming one, else from
+    the filesystem itself: some writers lose the errno (``torch.save`` reports a full disk as
+    "unexpected pos ..."), so a write that failed while less than ``needed_bytes`` were free (the size
+    of the last checkpoint) is taken for a full disk too."""
     seen: set[int] = set()
     todo: list[BaseException | None] = [exc]
     while todo:
@@ -89,6 +93,10 @@ def storage_failure(exc: BaseException) -> str | None:
     if m:
         line = next(ln for ln in str(exc).splitlines() if m.group(0) in ln)
         return line.strip()
+    if free_bytes is not None and free_bytes < needed_bytes:
+        last = next((ln.strip() for ln in reversed(str(exc).splitlines()) if ln.strip()), type(exc).__name__)
+        return (f"the filesystem is full ({_bytes(free_bytes)} free while writing; the last checkpoint took "
+                f"{_bytes(needed_bytes)}): {last}")
     return None
 
 
@@ -100,6 +108,10 @@ def _bytes(n: int | None) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
         n /= 1024
     return f"{n}"
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _disk_usage(path: Path) -> tuple[int | None, int | None]:
@@ -191,14 +203,17 @@ class CheckpointManager:
             staging = self.stage(step)
             write(staging)
             return self.commit(step, staging, state)
-        except Exception as exc:
+        except BaseException as exc:  # torch DCP's CheckpointException is a BaseException
+            free, total = _disk_usage(self.root)  # at the failure, before the clean-up frees space again
+            latest = self.latest()
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
-            cause = storage_failure(exc)
+            if not isinstance(exc, Exception) and isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+                raise
+            needed = max(1 << 20, _tree_bytes(latest[1]) if latest else 0)
+            cause = storage_failure(exc, free, needed)
             if cause is None:
                 raise
-            free, total = _disk_usage(self.root)
-            latest = self.latest()
             raise CheckpointSaveError(step, self.root / f"step_{step:08d}", cause, free, total,
                                       latest[1] if latest else None) from exc
 

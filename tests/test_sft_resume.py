@@ -128,3 +128,83 @@ def test_a_preemption_signal_checkpoints_the_current_step_exits_75_and_the_rerun
     assert [s for s, _ in CheckpointManager(out / "checkpoints").complete()] == [logged]
     cli(*args, output_dir=out)
     assert curve(out) == straight
+
+
+def _inject_enospc_at(monkeypatch, step: int) -> list[str]:
+    """The step-``step`` checkpoint write runs out of space half way: a partial shard, then ENOSPC."""
+    import errno
+
+    from memento_train import engine_worker
+
+    real, hits = engine_worker.save_rank_state, []
+
+    def save(engine, path, rank):
+        if f"step_{step:08d}" in path:
+            hits.append(path)
+            os.makedirs(os.path.join(path, "engine"), exist_ok=True)
+            with open(os.path.join(path, "engine", "partial.distcp"), "wb") as f:
+                f.write(b"\0" * 4096)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(path, "engine", "partial.distcp"))
+        return real(engine, path, rank)
+
+    monkeypatch.setattr(engine_worker, "save_rank_state", save)
+    return hits
+
+
+def test_a_full_disk_at_a_checkpoint_fails_naming_path_and_free_space_and_keeps_the_previous_one(
+        tmp_path, straight, monkeypatch):
+    from memento_train.checkpoint import CheckpointSaveError
+
+    out = tmp_path / "full"
+    hits = _inject_enospc_at(monkeypatch, 4)
+    with pytest.raises(CheckpointSaveError) as err:
+        train(out)
+    msg = str(err.value)
+    assert hits and f"{out}/checkpoints/step_00000004" in msg and "No space left on device" in msg
+    assert " free of " in msg and "the previous checkpoint step_00000002 is intact" in msg
+    ckpts = CheckpointManager(out / "checkpoints")
+    assert [s for s, _ in ckpts.complete()] == [2] and verify_checkpoint(ckpts.latest()[1]) == []
+    assert not list((out / "checkpoints").glob(".staging-*"))  # the partial write is gone
+    monkeypatch.undo()
+    train(out)  # space freed: resume=auto continues from step 2
+    assert curve(out) == straight
+
+
+def test_with_on_save_error_retry_a_full_disk_skips_that_checkpoint_and_training_goes_on(
+        tmp_path, straight, monkeypatch):
+    out = tmp_path / "retry"
+    _inject_enospc_at(monkeypatch, 4)
+    train(out, "checkpoint.on_save_error=retry")
+    records = read_metrics(out)
+    assert [r["checkpoint_save_failures"] for r in records] == [0, 0, 0, 0, 1, 1]
+    assert [s for s, _ in CheckpointManager(out / "checkpoints").complete()][-2:] == [2, 6]
+    assert curve(out) == straight
+
+
+def _mount_tmpfs(path, size: str) -> bool:
+    path.mkdir(parents=True)
+    return os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                                capture_output=True).returncode == 0
+
+
+def test_a_real_enospc_on_a_small_filesystem_stops_the_cli_with_the_path_and_free_space(tmp_path):
+    fs = tmp_path / "small-fs"
+    if not _mount_tmpfs(fs, "2m"):
+        pytest.skip("needs root and permission to mount a 2 MiB tmpfs (the injected-ENOSPC tests cover the logic)")
+    try:
+        out = tmp_path / "run"
+        out.mkdir()
+        (out / "checkpoints").symlink_to(fs)  # one ~1.5 MiB checkpoint fits, the second does not
+        cmd = [sys.executable, "-m", "memento_train.sft.cli", *RUN, f"output_dir={out}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        err = proc.stderr
+        assert "memento-train: error: could not write checkpoint" in err, err[-3000:]
+        # torch.save loses the errno of a full disk ("unexpected pos"): the free space tells instead.
+        assert "No space left on device" in err or "the filesystem is full" in err, err[-3000:]
+        assert "free of 2.0 MiB on its filesystem" in err and "previous checkpoint step_00000002 is intact" in err
+        ckpts = CheckpointManager(out / "checkpoints")
+        assert [s for s, _ in ckpts.complete()] == [2] and verify_checkpoint(ckpts.latest()[1]) == []
+        assert not list(fs.glob(".staging-*"))
+    finally:
+        subprocess.run(["umount", str(fs)], capture_output=True)

@@ -46,16 +46,26 @@ def _short(path: str) -> str:
     return path
 
 
-def frames_of(text: str) -> list[Frame]:
-    """The frames of the main (first) thread of a faulthandler dump, or of a Python traceback,
-    innermost first."""
-    fh = []
+def _main_thread_block(text: str) -> list[str]:
+    """The lines of the main thread's block of a faulthandler dump: the block that does not start
+    in ``threading._bootstrap`` (other threads do), preferring the "Current thread"."""
+    blocks: list[list[str]] = []
     for line in text.splitlines():
-        if fh and not line.strip():
-            break  # faulthandler separates threads with blank lines; the first is the current thread
-        m = _FAULTHANDLER_FRAME.match(line)
-        if m:
-            fh.append(Frame(m["file"], int(m["line"]), m["func"]))
+        if line.startswith(("Thread 0x", "Current thread 0x")):
+            blocks.append([line])
+        elif blocks and line.strip():
+            blocks[-1].append(line)
+    if not blocks:
+        return text.splitlines()
+    main = [b for b in blocks if not b[-1].rstrip().endswith("in _bootstrap")]
+    current = [b for b in main if b[0].startswith("Current thread")]
+    return (current or main or blocks)[0]
+
+
+def frames_of(text: str) -> list[Frame]:
+    """The frames of the main thread of a faulthandler dump, or of a Python traceback, innermost first."""
+    fh = [Frame(m["file"], int(m["line"]), m["func"]) for line in _main_thread_block(text)
+          if (m := _FAULTHANDLER_FRAME.match(line))]
     if fh:
         return fh
     tb = [Frame(m["file"], int(m["line"]), m["func"]) for line in text.splitlines()

@@ -187,9 +187,10 @@ class WorkerGroup:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def shutdown(self) -> None:
+    def shutdown(self, graceful: bool = True) -> None:
         """Destroy the workers' process groups, stop the workers, release the placement group, and shut
-        Ray down if this group started it. Idempotent; never raises for an already dead worker."""
+        Ray down if this group started it. Idempotent; never raises for an already dead worker.
+        ``graceful=False`` kills the workers at once (they are known to be hung or half dead)."""
         if self._closed:
             return
         self._closed = True
@@ -206,7 +207,7 @@ class WorkerGroup:
                 os.environ[key] = value
         self._restore_env = {}
         if self._actors:
-            self._stop_actors()
+            self._stop_actors(GRACEFUL_STOP_S if graceful else 0.0)
         if self._pg is not None:
             try:
                 from ray.util.placement_group import remove_placement_group
@@ -359,12 +360,13 @@ class WorkerGroup:
                 return WorkerError(pending[ref], method, f"{type(exc).__name__}: {exc}", died=True)
         return None
 
-    def _stop_actors(self) -> None:
+    def _stop_actors(self, grace_s: float) -> None:
         import ray
 
         try:
-            refs = [actor._mt_destroy_distributed.remote() for actor in self._actors]
-            ray.wait(refs, num_returns=len(refs), timeout=GRACEFUL_STOP_S)
+            if grace_s > 0:
+                refs = [actor._mt_destroy_distributed.remote() for actor in self._actors]
+                ray.wait(refs, num_returns=len(refs), timeout=grace_s)
         except Exception:  # dead actors, Ray already gone: killing below is what matters
             log.debug("cluster: graceful stop failed", exc_info=True)
         for actor in self._actors:

@@ -178,7 +178,7 @@ class _Stage:
                     raise RuntimeError(f"{why}; giving up after {self.restarts} restart(s) "
                                        f"(faults.max_restarts={limit})") from exc
                 self.restarts += 1
-                self._stop_group()
+                self._stop_group(graceful=False)  # its ranks are dead, hung or stuck in a collective
                 keep_fresh = self.cfg.resume == "never" and self.saved_at < 0
                 resume_from = None if keep_fresh else self.ckpts.resolve("auto", warn=_warn)
                 start = read_state(resume_from)["step"] if resume_from else 0
@@ -210,9 +210,9 @@ class _Stage:
             self.group.run("load", str(resume_from))
             self.logger.write(f"[memento-train] resumed from {resume_from} (step {start})")
 
-    def _stop_group(self) -> None:
+    def _stop_group(self, graceful: bool = True) -> None:
         if self.group is not None:
-            self.group.shutdown()
+            self.group.shutdown(graceful=graceful)
             self.group = None
 
     def close(self) -> None:
