@@ -62,6 +62,9 @@ class RunLogger:
 
         self._secrets = list(secrets or [])
         self._scrub = lambda text: scrub(text, self._secrets) if self._secrets else text
+        # wandb records the process's command line (sys.argv) with the run; a secret given there as an
+        # override (cluster.env.HF_TOKEN=...) would end up in its files. The CLI has parsed it already.
+        sys.argv[:] = [self._scrub(a) for a in sys.argv]
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / METRICS_FILE

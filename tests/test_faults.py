@@ -113,3 +113,16 @@ def test_secret_env_values_are_redacted_and_scrubbed(monkeypatch):
     values = secret_values(tree)
     assert set(values) == {"hf_secret123", "plain-but-marked", "from-the-driver-env", "aws123456", "k" * 40}
     assert scrub("token hf_secret123 and " + "k" * 40, values) == f"token {REDACTED} and {REDACTED}"
+
+
+def test_secret_env_names_are_forwarded_from_the_driver_environment(monkeypatch):
+    from memento_train.cluster import ClusterConfig
+
+    monkeypatch.setenv("HF_TOKEN", "from-env")
+    monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
+    cfg = ClusterConfig(env={"A": "1", "HF_TOKEN": "from-config"}, secret_env=["HF_TOKEN", "NOT_SET_ANYWHERE"]).validate()
+    assert cfg.worker_env() == {"A": "1", "HF_TOKEN": "from-config"}  # the config's value wins when given
+    assert ClusterConfig(secret_env=["HF_TOKEN"]).worker_env() == {"HF_TOKEN": "from-env"}
+    with pytest.raises(ConfigError, match="cluster.env.X: expected a string") as err:
+        ClusterConfig(env={"X": 12345678}).validate()
+    assert "12345678" not in str(err.value)  # a bad value is not echoed: it may be a secret
