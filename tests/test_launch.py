@@ -154,6 +154,22 @@ def where():
 ids = ray.get([where.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
                .remote() for i in range(2)], timeout=60)
 print(f"STAND-IN nodes={len(alive)} distinct_task_nodes={len(set(ids))}", flush=True)
+
+import os, time, urllib.error, urllib.request
+port = os.environ.get("PROBE_DASHBOARD_PORT")
+if port:  # the Jobs API of the job's cluster, without, with a wrong and with the job's token
+    def status(token):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/jobs/", headers=headers)
+        for _ in range(120):
+            try:
+                return urllib.request.urlopen(req, timeout=10).status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+            except OSError:  # the dashboard is still starting
+                time.sleep(0.5)
+    print(f"DASHBOARD no-token={status(None)} wrong-token={status('0' * 64)} "
+          f"job-token={status(os.environ['RAY_AUTH_TOKEN'])}", flush=True)
 if len(sys.argv) > 1:  # "sleep": keep running until the job is cancelled
     import time
     time.sleep(600)
@@ -352,9 +368,15 @@ def test_dry_run_prints_the_script_and_submits_nothing(tmp_path, monkeypatch, ca
 def test_bringup_forms_a_two_node_cluster_runs_the_driver_and_tears_down(short_tmp):
     driver = short_tmp / "driver.py"
     driver.write_text(STAND_IN_DRIVER)
-    proc, seconds = run_stand_in_job(short_tmp, stand_in_options(short_tmp), [sys.executable, str(driver)])
+    opts = stand_in_options(short_tmp)
+    proc, seconds = run_stand_in_job(short_tmp, opts, [sys.executable, str(driver)],
+                                     env={"PROBE_DASHBOARD_PORT": str(opts.dashboard_port)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "STAND-IN nodes=2 distinct_task_nodes=2" in proc.stdout
+    # The Jobs API (it runs any command on the cluster) answers only with the job's token.
+    assert "DASHBOARD no-token=401 wrong-token=403 job-token=200" in proc.stdout
+    token_file = short_tmp / "logs" / "1001" / "ray_auth_token"
+    assert token_file.stat().st_mode & 0o077 == 0 and len(token_file.read_text()) == 64
     assert "all 2 node(s) joined" in proc.stdout
     logs = short_tmp / "logs" / "1001"
     assert (logs / "ray-head-node-0.log").stat().st_size > 0
