@@ -89,6 +89,20 @@ def short_tmp():
     shutil.rmtree(path, ignore_errors=True)
 
 
+def signal_once_running(command_line: str, sig: int):
+    """An ``on_start`` for :func:`run_stand_in_job`: send ``sig`` to the batch shell once a process
+    whose command line contains ``command_line`` (the driver) runs."""
+    def send(proc):
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            if _procs_of(None, command_line):
+                time.sleep(1)
+                proc.send_signal(sig)
+                return
+            time.sleep(0.5)
+    return send
+
+
 def stand_in_options(tmp: Path, **overrides) -> SlurmOptions:
     """Options for a 2-node stand-in cluster on this machine: free ports, private temp dir."""
     kw = dict(
@@ -412,18 +426,9 @@ def test_cancelled_job_stops_the_driver_and_ray(short_tmp):
     driver = short_tmp / "driver.py"
     driver.write_text(STAND_IN_DRIVER)
 
-    def cancel_once_the_driver_runs(proc):
-        # Like scancel or preemption: SIGTERM to the batch shell while the driver is running.
-        deadline = time.time() + 180
-        while time.time() < deadline and proc.poll() is None:
-            if _procs_of(None, f"{driver} sleep"):
-                time.sleep(1)
-                proc.send_signal(signal.SIGTERM)
-                return
-            time.sleep(0.5)
-
+    # Like scancel or preemption: SIGTERM to the batch shell while the driver is running.
     proc, _ = run_stand_in_job(short_tmp, stand_in_options(short_tmp), [sys.executable, str(driver), "sleep"],
-                               on_start=cancel_once_the_driver_runs)
+                               on_start=signal_once_running(f"{driver} sleep", signal.SIGTERM))
     # The driver gets the SIGTERM (a memento driver would checkpoint); this one, a plain Ray driver, exits
     # through Ray's SIGTERM handler (status 1 or 15, depending on where it was) and the job with it.
     assert proc.returncode != 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -453,19 +458,11 @@ def test_the_time_limit_signal_reaches_the_driver_and_a_requeue_job_requeues_its
     driver, marker = short_tmp / "driver.py", short_tmp / "driver-got"
     driver.write_text(PREEMPTIBLE_DRIVER)
 
-    def signal_once_the_driver_runs(proc):
-        deadline = time.time() + 180
-        while time.time() < deadline and proc.poll() is None:
-            if _procs_of(None, f"{driver} {marker}"):
-                time.sleep(1)
-                proc.send_signal(sig)  # SLURM: --signal=B:USR1@N at the time limit; SIGTERM: scancel
-                return
-            time.sleep(0.5)
-
+    # SLURM: --signal=B:USR1@N before the time limit; SIGTERM: scancel.
     opts = stand_in_options(short_tmp, requeue=True)
     proc, _ = run_stand_in_job(short_tmp, opts, [sys.executable, str(driver), str(marker)],
                                env={"FAKE_SLURM_STATE_DIR": str(short_tmp / "slurm")},
-                               on_start=signal_once_the_driver_runs)
+                               on_start=signal_once_running(f"{driver} {marker}", sig))
     assert proc.returncode == 75, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert marker.read_text() == sig.name  # the batch shell forwarded the signal to the driver
     assert f"driver checkpointed and stopped on {sig.name}" in proc.stdout

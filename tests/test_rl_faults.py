@@ -74,11 +74,10 @@ def test_resume_auto_continues_from_the_last_checkpoint_with_the_same_data(tmp_p
 @pytest.mark.slow
 def test_sigterm_to_memento_rl_checkpoints_the_step_exits_75_and_the_rerun_continues_the_same_batches(tmp_path):
     import signal
-    import subprocess
     import sys
-    import time
     from pathlib import Path
 
+    from sft_runs import signal_after
     from test_rl_loop import FAST
 
     from memento_train.faults.preemption import EXIT_PREEMPTED
@@ -90,19 +89,8 @@ def test_sigterm_to_memento_rl_checkpoints_the_step_exits_75_and_the_rerun_conti
     tests_dir = str(Path(__file__).parent)  # the reward function lives in test_rl_loop
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "memento_train.rl.cli", *FAST, *over, f"output_dir={out}"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while len(read_metrics(out)) < 1 and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before the signal"
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    returncode, err = signal_after(cmd, out, metrics_lines=1, sig=signal.SIGTERM, env=env)
+    assert returncode == EXIT_PREEMPTED, err[-3000:]
     logged = len(read_metrics(out))
     assert 1 <= logged < 4 and f"preempted by SIGTERM: stopped after step {logged}" in err
     assert CheckpointManager(out / "checkpoints").latest()[0] == logged

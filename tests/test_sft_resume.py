@@ -10,14 +10,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
-from sft_runs import SMALL, cli, start_and_kill_after
+from sft_runs import SMALL, cli, signal_after, start_and_kill_after
 
 from memento_train.checkpoint import CheckpointManager, verify_checkpoint
 from memento_train.faults.preemption import EXIT_PREEMPTED
-from memento_train.sft.config import config_tree, load_sft_config
+from memento_train.sft.config import load_sft_config
 from memento_train.sft.driver import run_stage
 from memento_train.tracking import read_metrics
 
@@ -111,18 +110,8 @@ def test_a_preemption_signal_checkpoints_the_current_step_exits_75_and_the_rerun
     # No periodic checkpoints: whatever is resumed from is the checkpoint the signal produced.
     args = [*RUN, "checkpoint.every=100"]
     cmd = [sys.executable, "-m", "memento_train.sft.cli", *args, f"output_dir={out}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while len(read_metrics(out)) < 2 and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before the signal"
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    returncode, err = signal_after(cmd, out, metrics_lines=2, sig=sig)
+    assert returncode == EXIT_PREEMPTED, err[-3000:]
     logged = len(read_metrics(out))
     assert 2 <= logged < 6 and f"preempted by {sig.name}: stopped after step {logged}" in err
     assert [s for s, _ in CheckpointManager(out / "checkpoints").complete()] == [logged]
