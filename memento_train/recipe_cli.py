@@ -3,6 +3,10 @@
 Both take ``[show] [recipe=NAME] [section.option=value ...]``, print their docstring for ``help``,
 list the shipped recipes for ``recipes`` and turn a :class:`ConfigError` into one line on stderr and
 exit code 2. Each command supplies only what it does with the parsed arguments.
+
+Exit codes: 0 done, 2 bad configuration, 75 (:data:`~memento_train.faults.preemption.EXIT_PREEMPTED`)
+checkpointed and stopped on a preemption signal (run the same command again to continue), 1 a
+checkpoint that cannot be resumed from or written (message on stderr) or any other failure.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from memento_train.checkpoint import CheckpointError
 from memento_train.config_errors import ConfigError
+from memento_train.faults.preemption import EXIT_PREEMPTED, Preempted
 from memento_train.recipes import available_recipes, split_recipe_arg
 
 
@@ -43,3 +49,9 @@ def run_recipe_cli(prog: str, doc: str, argv: Sequence[str] | None, run: Callabl
     except ConfigError as exc:
         print(f"{prog}: configuration error: {exc}", file=sys.stderr)
         return 2
+    except Preempted as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except CheckpointError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1

@@ -102,6 +102,12 @@ class DistributedWorker:
         self._mt_owns_group = True
         return str(self.device)
 
+    def _mt_enable_stack_dumps(self, path: str) -> None:
+        """Dump this worker's Python stacks into ``path`` when the group asks (see ``stack_dumps``)."""
+        from memento_train.cluster import stack_dumps
+
+        stack_dumps.register(path)
+
     def _mt_destroy_distributed(self) -> None:
         """Destroy the process group and restore what ``_mt_init_distributed`` changed (inline mode
         shares the driver process, whose environment and thread count must survive the group)."""

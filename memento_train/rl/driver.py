@@ -27,6 +27,8 @@ from memento_train.cluster import WorkerGroup
 from memento_train.data.pack import plan_bins
 from memento_train.data.render import Renderer
 from memento_train.data.synthetic import synthetic_records
+from memento_train.faults.preemption import PreemptionGuard
+from memento_train.faults.secrets import redact_config, secret_values
 from memento_train.generation.sampling import derive_seed
 from memento_train.masking import SpecialTokens
 from memento_train.models.loading import load_tokenizer
@@ -259,7 +261,8 @@ def run_rl(cfg: RLConfig, tree: dict[str, Any] | None = None, *, progress: bool 
     if cfg.warmup.enabled:
         cfg.model.path = sft_warmup(cfg, progress=progress)
     tree = deep_merge(to_dict(cfg) if tree is None else tree, {"model": to_dict(cfg.model), "output_dir": str(out)})
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tree = redact_config(tree)  # workers get secrets through their environment, never the config
+    (out / "config.yaml").write_text(yaml.safe_dump(redact_config(to_dict(cfg)), sort_keys=False))
 
     ckpts = CheckpointManager(out / "checkpoints", keep_last=cfg.checkpoint.keep_last)
     ckpts.clean_staging()
@@ -268,8 +271,10 @@ def run_rl(cfg: RLConfig, tree: dict[str, Any] | None = None, *, progress: bool 
     total = cfg.train.total_steps
     end = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
     logger = RunLogger(out, total_steps=end, start_step=start, logger=cfg.logger, wandb_cfg=cfg.wandb,
-                       config=to_dict(cfg), desc="rl", progress=progress)
+                       config=redact_config(to_dict(cfg)), desc="rl", progress=progress,
+                       secrets=secret_values(to_dict(cfg)))
     session = _open_ray(cfg)
+    preempt = PreemptionGuard().__enter__()  # after ray.init, which installs its own SIGTERM handler
     trainer = pool = rewards = None
     reward_means: list[float] = []
     hf_dir = None
@@ -305,6 +310,8 @@ def run_rl(cfg: RLConfig, tree: dict[str, Any] | None = None, *, progress: bool 
             if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
                 _save(trainer, ckpts, step + 1)
                 saved_at = step + 1
+            preempt.stop_if_requested(step + 1, end, saved_at, save=lambda: _save(trainer, ckpts, step + 1),
+                                      checkpoint=str(ckpts.root / f"step_{step + 1:08d}"))
         if saved_at != end and end > start:
             _save(trainer, ckpts, end)
         if cfg.checkpoint.export_hf and end == total:
@@ -313,6 +320,7 @@ def run_rl(cfg: RLConfig, tree: dict[str, Any] | None = None, *, progress: bool 
                                               "base_model": cfg.model.path})
             logger.write(f"[memento-rl] exported Hugging Face model to {hf_dir}")
     finally:
+        preempt.__exit__(None, None, None)
         for closer in (rewards, pool, trainer):
             if closer is not None:
                 (closer.close if isinstance(closer, RewardPool) else closer.shutdown)()

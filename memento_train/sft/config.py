@@ -19,6 +19,7 @@ from memento_train.config_errors import ConfigError
 from memento_train.data.config import DataConfig
 from memento_train.data.synthetic import parse_source
 from memento_train.engines.config import EngineConfig
+from memento_train.faults.config import FaultsConfig
 from memento_train.optim import OptimConfig
 from memento_train.recipes import load_recipe
 from memento_train.structured_config import build, deep_merge, has_key, parse_overrides
@@ -27,6 +28,7 @@ from memento_train.structured_config import build, deep_merge, has_key, parse_ov
 EXPORT_MARKER = "memento_train.json"
 LOGGERS = ("wandb", "none")
 RESUME_MODES = ("auto", "never")
+SAVE_ERROR_ACTIONS = ("fail", "retry")
 
 
 @dataclass
@@ -101,11 +103,16 @@ class CheckpointConfig:
         every: save a resumable checkpoint every N optimizer steps (0 = only at the end).
         keep_last: keep the newest K checkpoints.
         export_hf: write a Hugging Face model (safetensors + tokenizer + chat template) at the end.
+        on_save_error: when writing a checkpoint fails on storage (disk full, quota, permission):
+            ``fail`` stops the run naming the directory and the free space; ``retry`` logs it, keeps
+            training and tries again at the next checkpoint (the final checkpoint must succeed).
+            Either way the partial checkpoint is removed and earlier ones are untouched.
     """
 
     every: int = 50
     keep_last: int = 3
     export_hf: bool = True
+    on_save_error: str = "fail"
 
 
 @dataclass
@@ -134,6 +141,7 @@ class SFTConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     @property
@@ -186,6 +194,9 @@ class SFTConfig:
         c = self.checkpoint
         if c.every < 0 or c.keep_last < 1:
             raise ConfigError(f"checkpoint.every must be >= 0 and checkpoint.keep_last >= 1, got {c.every}, {c.keep_last}")
+        if c.on_save_error not in SAVE_ERROR_ACTIONS:
+            raise ConfigError(f"checkpoint.on_save_error must be one of {SAVE_ERROR_ACTIONS}, got {c.on_save_error!r}")
+        self.faults.validate("faults")
         if self.model.path is None and self.data.max_seq_len > self.model.tiny.max_position_embeddings:
             raise ConfigError(f"data.max_seq_len ({self.data.max_seq_len}) exceeds the tiny model's "
                               f"model.tiny.max_position_embeddings ({self.model.tiny.max_position_embeddings})")

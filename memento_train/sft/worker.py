@@ -83,11 +83,16 @@ class SFTWorker(EngineWorker):
         self.engine.step(0.0)  # lr 0 clears the accumulated gradients through the engine's own path
         return grads
 
-    def train_step(self, micro_plan: list[list[int]], global_loss_tokens: int, lr: float) -> dict[str, Any]:
+    def train_step(self, micro_plan: list[list[int]], global_loss_tokens: int, lr: float,
+                   hang_s: float = 0.0) -> dict[str, Any]:
         """Forward/backward this rank's micro-batches, then one optimizer step at ``lr``.
 
         Returns this rank's sums (loss, tokens, pairs, ...); the driver adds them up over ranks.
+        ``hang_s`` is the ``faults.inject_hang_at_step`` test hook: sleep that long first, so the
+        other ranks wait for this one inside the step's first collective.
         """
+        if hang_s:
+            time.sleep(hang_s)
         t0 = time.perf_counter()
         batches, packed = self._micro_batches(micro_plan)
         self.engine.train()
