@@ -77,7 +77,7 @@ class DeepSpeedEngine(TrainEngine):
         model: an fp32 model on CPU, identical on every rank.
         optim: AdamW settings (the learning rate comes with each :meth:`step`).
         cfg: engine options (``kind`` must be ``deepspeed``).
-        device: this rank's device (``cpu`` with gloo, or ``cuda:<local_rank>``).
+        device: this rank's device (``cpu`` with gloo, or ``cuda:<LOCAL_RANK>``).
     """
 
     name = "deepspeed"

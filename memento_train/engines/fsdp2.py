@@ -80,7 +80,7 @@ class FSDP2Engine(TrainEngine):
         model: an fp32 model on CPU (or already on ``device``), identical on every rank.
         optim: AdamW settings (the learning rate comes with each :meth:`step`).
         cfg: engine options (``kind`` must be ``fsdp2``).
-        device: this rank's device (``cpu`` with gloo, or ``cuda:<local_rank>``).
+        device: this rank's device (``cpu`` with gloo, or ``cuda:<LOCAL_RANK>``).
     """
 
     name = "fsdp2"

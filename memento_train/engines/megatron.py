@@ -118,7 +118,7 @@ class MegatronEngine(TrainEngine):
         model: the HF causal LM (CPU, fp32, memento tokens already added), identical on every rank.
         optim: AdamW settings.
         cfg: ``kind=megatron``, ``tensor_parallel``, ``pipeline_parallel``, ``precision``.
-        device: this rank's device (``cpu`` with gloo, or ``cuda:<local_rank>``).
+        device: this rank's device (``cpu`` with gloo, or ``cuda:<LOCAL_RANK>``).
     """
 
     name = "megatron"
