@@ -11,6 +11,10 @@ import torch
 
 from .meta import MementoAttentionMeta
 
+# flash-attn's window counts positions in the gathered (compacted) key list, not logical positions, so
+# it cannot express a logical window once keys have been evicted.
+FLASH_NO_WINDOW_WITH_EVICTION = "flash-attn's window counts gathered keys, not logical positions"
+
 
 def flash_unavailable_reason() -> str | None:
     if not torch.cuda.is_available():
@@ -26,8 +30,6 @@ def flash_attention_backend(q, k, v, meta: MementoAttentionMeta, *, scale: float
     from flash_attn import flash_attn_varlen_func
 
     if window is not None and meta.has_eviction:
-        # flash-attn's window counts positions in the gathered (compacted) key list, not logical
-        # positions, so it cannot express a logical window once keys have been evicted.
         raise NotImplementedError(
             "flash_attn backend cannot combine a sliding window with eviction; use backend 'flex' "
             "(or 'segment') for sliding-window layers"
