@@ -90,6 +90,69 @@ def test_flex_forward_matches_dense_reference_float32(batch, seed):
     assert (out.double() - ref).abs().max().item() < 1e-5
 
 
+def _evicting_meta(n: int) -> MementoAttentionMeta:
+    """Two documents of about n/2 tokens whose middle third is evicted two thirds of the way in."""
+    docs = []
+    for length in (n // 2, n - n // 2):
+        kill = np.full(length, length)
+        kill[length // 3: length // 2] = 2 * length // 3
+        docs.append(kill)
+    return MementoAttentionMeta.from_documents(docs)
+
+
+@pytest.mark.slow  # compiles flex and the block-mask builder once (~20 s on 2 cores)
+def test_compiled_flex_does_not_recompile_when_the_packed_length_changes(monkeypatch):
+    """Micro-batches differ in length; a static compile recompiled per length (and past Dynamo's
+    recompile limit fell back to unfused flex, which materialises the dense scores)."""
+    from torch._dynamo.utils import counters
+
+    from memento_train.attention import flex
+
+    monkeypatch.setattr(flex, "FLEX_COMPILE", True)
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    for n in (300, 517, 700):
+        meta = _evicting_meta(n)
+        q, k, v = _qkv(n, 2, 2, 16, dtype=torch.float32, seed=n)
+        out = memento_attention(q, k, v, meta, backend="flex")
+        ref = memento_attention(q.double(), k.double(), v.double(), meta, backend="segment")
+        assert (out.double() - ref).abs().max().item() < 1e-5
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] >= 1 and graphs == [graphs[0]] * 3, f"graphs compiled after each length: {graphs}"
+
+
+def _largest_allocation(fn) -> int:
+    """Bytes of the largest single CPU allocation made while ``fn`` runs (torch profiler memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    allocations = ("[memory]", "aten::empty", "aten::empty_strided", "aten::empty_like")
+    return max((e.cpu_memory_usage for e in prof.events() if e.name in allocations), default=0)
+
+
+@pytest.mark.slow  # compiles the block-mask builder (~10 s on 2 cores)
+def test_compiled_block_mask_is_built_without_the_dense_mask(monkeypatch):
+    """Eager ``create_block_mask`` evaluates the mask over all T x T pairs (an int64 T x T tensor:
+    8 GiB at 32K tokens); the compiled builder reduces per tile as it evaluates."""
+    from memento_train.attention import flex
+
+    n = 4096
+    assert _largest_allocation(lambda: flex.block_mask_for(_evicting_meta(n), None)) >= n * n  # eager
+    monkeypatch.setattr(flex, "FLEX_COMPILE", True)
+    flex.block_mask_for(_evicting_meta(256), None)  # compile outside the measurement
+    meta = _evicting_meta(n)
+    largest = _largest_allocation(lambda: flex.block_mask_for(meta, None))
+    assert largest < n * n // 64, f"largest allocation {largest} B; a dense boolean mask is {n * n} B"
+    # Same tiles as the eager builder.
+    eager = torch.nn.attention.flex_attention.create_block_mask(
+        flex.memento_mask_mod(meta.doc_ids(), meta.kill_row.long(), None), None, None, n, n, device="cpu")
+    compiled = meta._cache[("flex_block_mask", None)]
+    assert torch.equal(compiled.kv_num_blocks, eager.kv_num_blocks)
+    assert torch.equal(compiled.to_dense(), eager.to_dense())
+
+
 def test_flex_backward_on_cpu_raises_a_clear_error():
     meta = MementoAttentionMeta.from_documents([[2, 3, 3]])
     q, k, v = _qkv(3, 1, 2, 8, dtype=torch.float32, grad=True)
