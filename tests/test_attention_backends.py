@@ -275,3 +275,50 @@ def test_memento_attention_shape_errors():
         memento_attention(q[:1], k[:1], v[:1], meta)
     with pytest.raises(ValueError, match=r"packed \[T, H, D\]"):
         memento_attention(q[None], k, v, meta)
+
+
+def _many_intervals_meta(blocks: int = 120, prompt: int = 64, block: int = 8) -> MementoAttentionMeta:
+    """One document: a prompt that stays visible, then ``blocks`` blocks whose first half is evicted at
+    the next block's start, so the document has ~``blocks`` intervals and every one gathers the prompt."""
+    n = prompt + blocks * block
+    kill = np.full(n, n)
+    for b in range(blocks - 1):
+        s = prompt + b * block
+        kill[s: s + block // 2] = s + block
+    return MementoAttentionMeta.from_documents([kill])
+
+
+def test_flash_attn_sums_gradients_of_keys_shared_by_many_intervals_in_fp32(monkeypatch):
+    """The prompt's keys are gathered by ~120 intervals, so their gradient is a sum of ~120 bf16 terms.
+    On a GPU, ``index_select``'s backward adds them with bf16 atomics; the backend must add in fp32.
+
+    Real backend code path on CPU: ``import flash_attn`` gives a CPU varlen attention (fp32 inside,
+    bf16 in and out, like the CUDA kernel) and ``index_add`` rounds after every row like CUDA's
+    ``atomicAdd``. A plain ``index_select`` gather is measured the same way, to show what is fixed."""
+    import cuda_emulation
+
+    from memento_train.attention import flash, registry
+
+    cuda_emulation.install_flash_attn(monkeypatch)
+    monkeypatch.setitem(registry._AVAILABILITY, "flash_attn", lambda: None)
+    meta = _many_intervals_meta()
+    assert meta.interval_plan().num_intervals > 100
+    n, prompt = meta.num_tokens, 64
+    q, k, v = _qkv(n, 2, 2, 16, dtype=torch.bfloat16, seed=3, grad=True)
+    upstream = torch.randn(n, 4, 16, generator=torch.Generator().manual_seed(4), dtype=torch.bfloat16)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    exact = torch.autograd.grad(memento_attention(q64, k64, v64, meta, backend="sdpa"), (k64, v64),
+                                upstream.double())
+
+    def relative_errors():
+        with cuda_emulation.AtomicIndexAdd():
+            grads = torch.autograd.grad(memento_attention(q, k, v, meta, backend="flash_attn"), (k, v), upstream)
+        return [float((g[:prompt].double() - e[:prompt]).norm() / e[:prompt].norm()) for g, e in zip(grads, exact)]
+
+    rounding = [float((e[:prompt].to(torch.bfloat16).double() - e[:prompt]).norm() / e[:prompt].norm())
+                for e in exact]  # bf16's floor: the exact gradient rounded once
+    for name, r, f in zip(("dk", "dv"), rounding, relative_errors()):
+        assert f < 2 * r, f"{name}: relative error {f:.2e}, bf16 rounding alone {r:.2e}"
+    monkeypatch.setattr(flash, "gather_rows", lambda x, index: x.index_select(0, index))
+    for name, r, p in zip(("dk", "dv"), rounding, relative_errors()):
+        assert p > 5 * r, f"{name}: a plain gather's bf16 atomics should show: {p:.2e} vs rounding {r:.2e}"

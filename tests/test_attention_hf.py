@@ -152,7 +152,7 @@ def test_auto_backend_runs_olmo3_sliding_window_layers_with_eviction_on_cuda(mak
 
     Simulated on CPU: tensors report ``is_cuda``, ``import flash_attn`` gives a CPU varlen attention
     (so the real ``flash_attn`` backend serves the full-attention layer) and flex runs eagerly."""
-    import cpu_flash_attn
+    import cuda_emulation
 
     from memento_train.attention import flex, registry
 
@@ -165,7 +165,7 @@ def test_auto_backend_runs_olmo3_sliding_window_layers_with_eviction_on_cuda(mak
     used = []
     for name in ("flash_attn", "flex"):
         monkeypatch.setitem(registry._BACKENDS, name, _recording(registry._BACKENDS[name], name, used))
-    cpu_flash_attn.install(monkeypatch)
+    cuda_emulation.install_flash_attn(monkeypatch)
     monkeypatch.setitem(registry._AVAILABILITY, "flash_attn", lambda: None)
     monkeypatch.setattr(flex, "FLEX_COMPILE", False)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
