@@ -239,6 +239,13 @@ def scenarios(rank: int, world_size: int, kind: str, stage: int, optim_cfg, ckpt
     res["resumed2"] = resumed.full_state_dict()
 
     eng = _engine(kind, stage, optim_cfg, precision="bf16")
+    model = eng.model if kind == "deepspeed" else eng.module
+    res["bf16_buffers"] = {name: b.dtype for name, b in model.named_buffers()}
+    if kind == "deepspeed":
+        model_dtype, grad_accum = eng._engine.get_data_types()
+        res["bf16_deepspeed"] = {"model": model_dtype, "grad_accum": grad_accum,
+                                 "communication": eng._engine.communication_data_type,
+                                 "zero_grad_accum": eng.optimizer.gradient_accumulation_dtype}
     m = _train_step(eng, 1, rank, world_size)
     res["bf16_loss_sum"] = sum(x["loss_sum"] for x in m)
     res["bf16_norm"] = eng.step(LR1)

@@ -230,3 +230,32 @@ def test_deepspeed_config_maps_engine_and_optimizer_options():
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (1, 1, 4)
     assert ds["zero_force_ds_cpu_optimizer"] is False
     assert "optimizer" not in ds and "scheduler" not in ds
+    # bf16: micro-batches are accumulated and ranks reduced in fp32, not in bf16.
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
+
+
+def test_deepspeed_floor_is_the_first_release_that_keeps_fp32_buffers_under_bf16():
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from memento_train.engines.deepspeed import MIN_VERSION_KEEPING_FP32_BUFFERS, _check_deepspeed_version
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    pins = [r for extra in project["optional-dependencies"].values() for r in extra if r.startswith("deepspeed")]
+    assert pins and all(re.search(rf">={re.escape(MIN_VERSION_KEEPING_FP32_BUFFERS)}\b", r) for r in pins), pins
+    with pytest.raises(ConfigError, match=r"engine\.precision=bf16 with deepspeed 0\.19\.1.*inv_freq"):
+        _check_deepspeed_version("0.19.1", EngineConfig(kind="deepspeed", precision="bf16"))
+    _check_deepspeed_version("0.19.1", EngineConfig(kind="deepspeed"))  # fp32 casts nothing
+
+
+def test_bf16_engine_keeps_rope_buffers_fp32_and_deepspeed_sums_gradients_in_fp32(job):
+    """The real engines under bf16 on CPU: RoPE's inv_freq stays fp32 (DeepSpeed < 0.19.2 rounded it to
+    bf16), and DeepSpeed accumulates micro-batches and reduces ranks in fp32."""
+    (kind, _), res = job
+    buffers = res["bf16_buffers"]
+    assert any(name.endswith("inv_freq") for name in buffers), buffers
+    assert all(dtype == torch.float32 for name, dtype in buffers.items() if name.endswith("inv_freq")), buffers
+    if kind == "deepspeed":
+        assert res["bf16_deepspeed"] == {"model": torch.bfloat16, "grad_accum": torch.float32,
+                                         "communication": torch.float32, "zero_grad_accum": torch.float32}
