@@ -226,6 +226,13 @@ class MegatronEngine(TrainEngine):
 
         from memento_train.engines.megatron_optimizer import build_distributed_optimizer
 
+        if self.cfg.precision != "fp32":
+            # Every parameter in the compute dtype, as Megatron-LM's Float16Module does (buffers, i.e.
+            # RoPE's inv_freq, stay fp32). Megatron builds its torch norms in fp32 whatever params_dtype
+            # says, and a param group holding both dtypes makes the distributed optimizer order its
+            # shards unlike its own index map: checkpoints paired Adam state with the wrong parameters.
+            for p in gpt.parameters():
+                p.data = p.data.to(self.compute_dtype)
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                    use_distributed_optimizer=True)
         self.model = DistributedDataParallel(config=self.tconfig, ddp_config=ddp_config, module=gpt)
