@@ -81,7 +81,9 @@ class WorkerGroup:
     released before the error propagates. Use as a context manager, or call :meth:`shutdown`.
 
     After construction: ``world_size``, ``backend`` (``"gloo"``/``"nccl"``), and per rank ``devices``
-    (as strings), ``local_ranks`` and ``node_ids`` (Ray node ids; ``"inline"`` in inline mode).
+    (as strings), ``local_ranks`` (index among the group's workers on the same node, which workers
+    also see as ``MEMENTO_NODE_LOCAL_RANK``; their ``LOCAL_RANK`` is the index of their GPU among the
+    GPUs visible to them) and ``node_ids`` (Ray node ids; ``"inline"`` in inline mode).
     """
 
     world_size: int

@@ -18,7 +18,11 @@ How the contract maps onto DeepSpeed:
   ``DeepSpeedCPUAdam`` when the optimizer is offloaded, otherwise ``torch.optim.AdamW(fused=True)``
   (DeepSpeed supports it under ZeRO and it needs no JIT build, unlike ``FusedAdam``).
 - **Precision.** ``bf16``/``fp16`` sections of the DeepSpeed config; ZeRO keeps fp32 master weights
-  and optimizer state. ``fp16`` uses DeepSpeed's dynamic loss scaling.
+  and optimizer state. ``fp16`` uses DeepSpeed's dynamic loss scaling. Under ``bf16`` gradients are
+  accumulated over the micro-batches (``data_types.grad_accum_dtype``) and reduced over ranks
+  (``communication_data_type``) in fp32: DeepSpeed's default for both is the model dtype, i.e. bf16
+  sums over 20-30 micro-batches and ranks. Buffers stay in their dtype (fp32 RoPE ``inv_freq``) from
+  DeepSpeed 0.19.2 on (:data:`MIN_VERSION_KEEPING_FP32_BUFFERS`), which the engine requires.
 - **Weights in and out.** Under ``bf16``/``fp16`` the fp32 masters are set from the fp32 weights the
   engine was given (DeepSpeed itself would start them from the rounded low-precision copies), and
   :meth:`DeepSpeedEngine.full_state_dict` gathers the fp32 *masters* (``safe_get_full_fp32_param``,
@@ -27,6 +31,7 @@ How the contract maps onto DeepSpeed:
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -39,6 +44,9 @@ from memento_train.engines.config import EngineConfig
 from memento_train.optim import OptimConfig, param_groups
 
 CHECKPOINT_TAG = "engine"
+# First DeepSpeed release whose bf16/fp16 cast leaves fp32 buffers (RoPE inv_freq) alone (PR #8066);
+# before it, module.bfloat16() rounded inv_freq to bf16. pyproject.toml's floor is this version.
+MIN_VERSION_KEEPING_FP32_BUFFERS = "0.19.2"
 
 
 def deepspeed_config(cfg: EngineConfig, optim: OptimConfig, world_size: int, *, client_cpu_optimizer: bool) -> dict:
@@ -65,6 +73,10 @@ def deepspeed_config(cfg: EngineConfig, optim: OptimConfig, world_size: int, *, 
         "steps_per_print": 1 << 30,  # the loops log; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
     }
+    if cfg.precision == "bf16":
+        # Sum micro-batches and ranks in fp32, not in the bf16 the model computes in.
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+        ds["communication_data_type"] = "fp32"
     if client_cpu_optimizer and cfg.offload_optimizer:
         ds["zero_force_ds_cpu_optimizer"] = False
     return ds
@@ -77,7 +89,7 @@ class DeepSpeedEngine(TrainEngine):
         model: an fp32 model on CPU, identical on every rank.
         optim: AdamW settings (the learning rate comes with each :meth:`step`).
         cfg: engine options (``kind`` must be ``deepspeed``).
-        device: this rank's device (``cpu`` with gloo, or ``cuda:<local_rank>``).
+        device: this rank's device (``cpu`` with gloo, or ``cuda:<LOCAL_RANK>``).
     """
 
     name = "deepspeed"
@@ -93,6 +105,7 @@ class DeepSpeedEngine(TrainEngine):
             raise RuntimeError("DeepSpeedEngine needs torch.distributed initialised first (world size 1 included)")
         import deepspeed
 
+        _check_deepspeed_version(deepspeed.__version__, cfg)
         _forget_stale_deepspeed_groups()
         self.world_size = dist.get_world_size()
         model.to(torch.float32)
@@ -209,6 +222,20 @@ class DeepSpeedEngine(TrainEngine):
 
 
 register_engine("deepspeed", DeepSpeedEngine)
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """``"0.19.2+abc"`` -> ``(0, 19, 2)``."""
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def _check_deepspeed_version(version: str, cfg: EngineConfig) -> None:
+    if cfg.precision != "fp32" and _release(version) < _release(MIN_VERSION_KEEPING_FP32_BUFFERS):
+        raise ConfigError(
+            f"engine.precision={cfg.precision} with deepspeed {version}: releases before "
+            f"{MIN_VERSION_KEEPING_FP32_BUFFERS} round fp32 buffers (RoPE inv_freq) to {cfg.precision}; "
+            f"pip install 'deepspeed>={MIN_VERSION_KEEPING_FP32_BUFFERS},<0.20'"
+        )
 
 
 def _forget_stale_deepspeed_groups() -> None:

@@ -16,6 +16,10 @@ Mapping of :class:`~memento_train.engines.config.EngineConfig` onto FSDP2:
   ``offload_params=true`` with ``zero_stage=3``, or ``engine.kind=deepspeed``, which offloads the
   optimizer alone).
 
+Gradient accumulation: every micro-batch reduce-scatters its gradients into the sharded fp32
+gradients (sync is never switched off, see :meth:`FSDP2Engine.backward`), so a rank never holds
+unsharded gradients between micro-batches.
+
 Gradient reduction: the contract wants the **sum** over ranks (the loop already divides by the
 global token count). FSDP2 averages by default, so every FSDP module is set to gradient divide
 factor 1 with sum-only collectives (``set_gradient_divide_factor(1.0)`` +
@@ -80,7 +84,7 @@ class FSDP2Engine(TrainEngine):
         model: an fp32 model on CPU (or already on ``device``), identical on every rank.
         optim: AdamW settings (the learning rate comes with each :meth:`step`).
         cfg: engine options (``kind`` must be ``fsdp2``).
-        device: this rank's device (``cpu`` with gloo, or ``cuda:<local_rank>``).
+        device: this rank's device (``cpu`` with gloo, or ``cuda:<LOCAL_RANK>``).
     """
 
     name = "fsdp2"
@@ -141,10 +145,14 @@ class FSDP2Engine(TrainEngine):
         return self._model
 
     def backward(self, loss: torch.Tensor, *, last_micro_batch: bool) -> None:
-        """Backward one micro-batch; only the last of a step reduce-scatters (summing over ranks)."""
-        # Non-last micro-batches accumulate unsharded local gradients without communication; the last
-        # one reduce-scatters the accumulated sum.
-        self._model.set_requires_gradient_sync(last_micro_batch)
+        """Backward one micro-batch; every micro-batch reduce-scatters (summing over ranks) into the
+        sharded fp32 gradients, which accumulate over the step.
+
+        Gradient sync is never turned off between micro-batches: FSDP2 would then keep each layer's
+        *unsharded* gradient (fp32 under bf16) until the last one, a full fp32 copy of the model's
+        gradients per rank (29 GB for a 7B model). One reduce-scatter per micro-batch costs
+        communication that overlaps with backward instead.
+        """
         loss.backward()
 
     def _params_with_grads(self) -> list[torch.Tensor]:

@@ -11,7 +11,8 @@ Two ways to hold gradients and optimizer state, picked by device:
 
 - **CUDA** (the real runs): Megatron's ``DistributedDataParallel`` (fp32 gradient buffers, reduce-
   scatter over DP) and ``get_megatron_optimizer`` with ``use_distributed_optimizer=True`` (fp32 master
-  weights and Adam state sharded over DP; bf16 model weights with ``engine.precision=bf16``).
+  weights and Adam state sharded over DP; bf16 model weights with ``engine.precision=bf16``), with the
+  weight-decay groups applied and torch AdamW's checkpoints fixed (:mod:`.megatron_optimizer`).
 - **CPU fallback** (CI, gloo): Megatron's DDP and optimizers allocate CUDA tensors unconditionally
   (``torch.cuda.current_device()`` buffers, ``torch.cuda.FloatTensor`` type checks), so on CPU the
   engine does the same arithmetic by hand: a SUM all-reduce of gradients over DP (and of q/k-norm
@@ -55,6 +56,11 @@ from memento_train.engines.scratch_group import scratch_gloo_group
 from memento_train.optim import OptimConfig
 
 CKPT_DIR = "megatron"
+# How the distributed optimizer writes its shards: per gradient bucket, every rank its own slice (no
+# gather; resharding across DP only, like the engine). The default of megatron-core 0.16,
+# "fully_sharded_model_space", builds ShardedTensors with a flattened_range that its own
+# dist_checkpointing then refuses ("ShardedTensor.flattened_range is not supported").
+DISTRIBUTED_OPTIMIZER_CKPT_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def _megatron():
@@ -82,6 +88,11 @@ def init_parallel_state(tensor_parallel: int, pipeline_parallel: int) -> None:
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
                                  pipeline_model_parallel_size=pipeline_parallel)
+
+
+def uses_megatron_native(device: torch.device) -> bool:
+    """Megatron's own DDP and distributed optimizer (CUDA), or the engine's CPU fallback."""
+    return device.type == "cuda"
 
 
 def attention_backend_of(model: nn.Module) -> str:
@@ -118,7 +129,7 @@ class MegatronEngine(TrainEngine):
         model: the HF causal LM (CPU, fp32, memento tokens already added), identical on every rank.
         optim: AdamW settings.
         cfg: ``kind=megatron``, ``tensor_parallel``, ``pipeline_parallel``, ``precision``.
-        device: this rank's device (``cpu`` with gloo, or ``cuda:<local_rank>``).
+        device: this rank's device (``cpu`` with gloo, or ``cuda:<LOCAL_RANK>``).
     """
 
     name = "megatron"
@@ -145,7 +156,7 @@ class MegatronEngine(TrainEngine):
         if cfg.precision == "fp16":
             raise ConfigError("engine.precision=fp16 needs dynamic loss scaling, which the megatron engine does not "
                               "wire up; use engine.precision=bf16")
-        self.native = self.device.type == "cuda"
+        self.native = uses_megatron_native(self.device)
         if not self.native and cfg.precision != "fp32":
             raise ConfigError(
                 f"engine.precision={cfg.precision} with engine.kind=megatron needs CUDA (Megatron's mixed-precision "
@@ -212,27 +223,21 @@ class MegatronEngine(TrainEngine):
     # -- wrapping ----------------------------------------------------------------------------------
     def _wrap_native(self, gpt) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer.optimizer_config import ParamKey
 
+        from memento_train.engines.megatron_optimizer import build_distributed_optimizer
+
+        if self.cfg.precision != "fp32":
+            # Every parameter in the compute dtype, as Megatron-LM's Float16Module does (buffers, i.e.
+            # RoPE's inv_freq, stay fp32). Megatron builds its torch norms in fp32 whatever params_dtype
+            # says, and a param group holding both dtypes makes the distributed optimizer order its
+            # shards unlike its own index map: checkpoints paired Adam state with the wrong parameters.
+            for p in gpt.parameters():
+                p.data = p.data.to(self.compute_dtype)
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                    use_distributed_optimizer=True)
         self.model = DistributedDataParallel(config=self.tconfig, ddp_config=ddp_config, module=gpt)
-        o = self.optim_cfg
-        ocfg = OptimizerConfig(
-            optimizer="adam", lr=o.lr, weight_decay=o.weight_decay, adam_beta1=o.betas[0], adam_beta2=o.betas[1],
-            adam_eps=o.eps, bf16=self.cfg.precision == "bf16",
-            params_dtype=self.tconfig.params_dtype, use_distributed_optimizer=True,
-            # clip_grad=inf still computes (and returns) the norm without scaling anything.
-            clip_grad=o.grad_clip if o.grad_clip > 0 else float("inf"),
-        )
-        # optim.param_groups semantics: no decay on biases, norms (1-D) and the input embedding.
-        from megatron.core.optimizer import get_standard_config_overrides
-
-        overrides = get_standard_config_overrides(ocfg)
-        # (A tied model's last pipeline stage holds its copy of the embedding as output_layer.weight.)
-        overrides[ParamKey(name="*embedding.word_embeddings.weight", attr="shared_embedding")] = {"wd_mult": 0.0}
-        self.optimizer = get_megatron_optimizer(ocfg, [self.model], config_overrides=overrides)
+        self.optimizer = build_distributed_optimizer(self.model, self.optim_cfg, bf16=self.cfg.precision == "bf16",
+                                                     params_dtype=self.tconfig.params_dtype)
 
     def _wrap_local(self, gpt) -> None:
         self.model = gpt
@@ -372,15 +377,18 @@ class MegatronEngine(TrainEngine):
 
     def step(self, lr: float) -> float:
         """Set ``lr``, clip to ``optim.grad_clip`` (0 = off), step, zero grads; return the pre-clip norm."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         if self.native:
+            from memento_train.engines.megatron_optimizer import set_lr_and_weight_decay
+
+            set_lr_and_weight_decay(self.optimizer, lr, self.optim_cfg.weight_decay)
             ok, norm, _ = self.optimizer.step()
             if not ok:
                 warnings.warn("optimizer step skipped (non-finite gradients)", stacklevel=2)
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
             return float(norm) if norm is not None else float("nan")
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         norm = self._grad_norm_local()
         clip = self.optim_cfg.grad_clip
         if clip > 0 and norm > clip:
@@ -462,7 +470,11 @@ class MegatronEngine(TrainEngine):
         model_sd = self.gpt.sharded_state_dict()
         state = {"model": model_sd}
         if self.native:
-            state["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+            from memento_train.engines.megatron_optimizer import ensure_adam_state
+
+            ensure_adam_state(self.optimizer)  # torch AdamW fallback: see megatron_optimizer.py
+            state["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                                   metadata=DISTRIBUTED_OPTIMIZER_CKPT_FORMAT)
         else:
             state["optimizer"] = self._local_optimizer_sharded_state(model_sd, is_loading)
         return state
@@ -526,7 +538,13 @@ class MegatronEngine(TrainEngine):
             state = dist_checkpointing.load(self._sharded_state(is_loading=True), ckpt)
         self.gpt.load_state_dict(state["model"], strict=False)
         if self.native:
-            self.optimizer.load_state_dict(state["optimizer"])
+            from memento_train.engines.megatron_optimizer import restore_adam_steps
+
+            # no_grad: under fp32 the optimizer's main parameters are views of the model's, and the
+            # dp_reshardable loader copies into them without disabling autograd itself.
+            with torch.no_grad():
+                self.optimizer.load_state_dict(state["optimizer"])
+            restore_adam_steps(self.optimizer)  # torch AdamW fallback: see megatron_optimizer.py
             return
         sd = state["optimizer"]
         step = torch.tensor(float(sd.pop("common_step")))

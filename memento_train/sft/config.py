@@ -51,7 +51,9 @@ class ModelConfig:
             with the shipped tokenizer.
         tokenizer: tokenizer directory / hub id; ``None`` = ``path``'s (the shipped one for tiny).
         attn_backend: memento attention backend (``auto``, ``segment``, ``sdpa``, ``flex``,
-            ``flash_attn``, ``triton``); ``auto`` picks the fastest available on the device.
+            ``flash_attn``, ``triton``); ``auto`` picks the fastest available on the device for each
+            layer type (never ``flash_attn`` for sliding-window layers). ``memento-train show``
+            rejects a backend that cannot run the model's layers with the mask.
         gradient_checkpointing: recompute decoder layers in backward (long sequences).
         require_stage1_init: at stage 2, insist that ``path`` is a memento-train stage-1 export.
         trust_remote_code: passed to ``from_pretrained``.

@@ -53,7 +53,11 @@ class StageResult:
 
 
 def check_against_model(cfg: SFTConfig) -> None:
-    """Checks that need the model's config (read without weights): sequence length vs positions."""
+    """Checks that need the model's config (read without weights): attention backend vs layer types,
+    engine vs architecture, sequence length vs positions."""
+    from memento_train.models.preflight import check_model
+
+    check_model(cfg.model, evicts=cfg.data.mask.keep_last_n_blocks >= 0, engine_kind=cfg.engine.kind)
     limit = model_max_length(cfg.model)
     if limit is not None and cfg.data.max_seq_len > limit:
         raise ConfigError(f"data.max_seq_len ({cfg.data.max_seq_len}) exceeds the model's maximum of {limit} "
