@@ -134,6 +134,10 @@ class DeepSpeedEngine(TrainEngine):
         """The underlying model (under ZeRO-3 its parameters are partitioned placeholders)."""
         return self._engine.module
 
+    def output_head(self) -> nn.Module:
+        """The HF model's ``lm_head`` (ZeRO-3 gathers its weight in the head's own forward hooks)."""
+        return self.model.get_output_embeddings()
+
     def backward(self, loss: torch.Tensor, *, last_micro_batch: bool) -> None:
         """Backward one micro-batch; ``loss * world_size`` because ZeRO averages over ranks."""
         self._engine.set_gradient_accumulation_boundary(last_micro_batch)

@@ -51,7 +51,9 @@ from torch import nn
 from memento_train.config_errors import ConfigError
 from memento_train.engines.base import LossFn, MicroBatch, TrainEngine, register_engine
 from memento_train.engines.config import EngineConfig
+from memento_train.engines.head_stats import HeadRequest, TokenStats, TokenStatsFn, head_request
 from memento_train.engines.scratch_group import scratch_gloo_group
+from memento_train.lm_head import VocabShard
 from memento_train.optim import OptimConfig
 
 CKPT_DIR = "megatron"
@@ -280,6 +282,27 @@ class MegatronEngine(TrainEngine):
                                "call forward_backward / forward_only")
         return self._full_logits(self._model_forward(mb))
 
+    def _vocab_shard(self) -> VocabShard:
+        """This TP rank's rows of the padded output layer (pad rows are not tokens)."""
+        rows = self.vocab_padded // self.tp
+        start = self.tp_rank * rows
+        group = self.ps.get_tensor_model_parallel_group() if self.tp > 1 else None
+        return VocabShard(group=group, start=start, valid=max(0, min(rows, self.arch.vocab_size - start)))
+
+    def _stage_output(self, output_tensor: torch.Tensor, request: HeadRequest | None):
+        """What ``fn`` takes from the last stage's output: token statistics, or the full logits."""
+        if request is not None:
+            return TokenStats.unpack(output_tensor, request)
+        return self._full_logits(output_tensor)
+
+    def token_stats(self, mb: MicroBatch, request: HeadRequest) -> TokenStats:
+        """Vocabulary-parallel fused head over this micro-batch (see :meth:`logits` for PP > 1)."""
+        if self.pp > 1:
+            raise RuntimeError("with engine.pipeline_parallel > 1 token statistics exist only on the last stage; "
+                               "call forward_backward / forward_only")
+        with head_request(self.gpt.output_layer, request, shard=self._vocab_shard(), megatron=True):
+            return TokenStats.unpack(self._model_forward(mb), request)
+
     def forward_backward(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn) -> list[dict[str, Any]]:
         if self.pp == 1:
             return super().forward_backward(micro_batches, loss_fn)
@@ -299,13 +322,18 @@ class MegatronEngine(TrainEngine):
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            output = self._model_forward(mb)
+            request = fn.request(mb) if isinstance(fn, TokenStatsFn) else None
+            if request is not None and self.post_process:
+                with head_request(self.gpt.output_layer, request, shard=self._vocab_shard(), megatron=True):
+                    output = self._model_forward(mb)
+            else:
+                output = self._model_forward(mb)
 
             def loss_func(output_tensor):
                 # 3-tuple (loss, num_tokens, reduced): with calculate_per_token_loss the schedule leaves
                 # the loss as is (it is already normalised by the loop); num_tokens is unused.
                 one = torch.ones((), dtype=torch.int, device=self.device)
-                out = fn(self._full_logits(output_tensor), mb)
+                out = fn(self._stage_output(output_tensor, request), mb)
                 if forward_only:
                     results.append(out)
                     return torch.zeros((), device=self.device), one, {}
