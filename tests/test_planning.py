@@ -137,3 +137,45 @@ def test_planned_activations_and_state_match_measured_peaks(fsdp2_measured, conf
           f"fwd+bwd peak {measured['dynamic'] / 2**20:.1f} MiB vs planned {_dynamic(plan) / 2**20:.1f}")
     assert _held(plan) == pytest.approx(measured["held"], rel=0.15)
     assert _dynamic(plan) == pytest.approx(measured["dynamic"], rel=0.15)
+
+
+# -- the CLI -------------------------------------------------------------------------------------------
+def _plan(capsys, prog: str, *args: str) -> tuple[int, str]:
+    from memento_train.recipe_cli import run_recipe_cli
+
+    code = run_recipe_cli(prog, "", ["plan", *args], lambda a: 0)
+    return code, capsys.readouterr().out
+
+
+@pytest.mark.parametrize("prog,recipe", [
+    ("memento-train", "qwen3_8b_stage2"), ("memento-train", "qwen3_32b_stage2"),
+    ("memento-train", "phi4_reasoning_stage2"), ("memento-train", "olmo3_7b_stage2"),
+    ("memento-train", "qwen3_32b_stage2_megatron"), ("memento-rl", "grpo"),
+])
+def test_every_shipped_stage2_recipe_and_grpo_fit_an_80gb_gpu(capsys, prog, recipe):
+    code, out = _plan(capsys, prog, f"recipe={recipe}")
+    assert code == 0, out
+    assert "fits: peak" in out and "DOES NOT FIT" not in out
+    for line in ("weights", "gradients", "optimizer state", "activations", "logits / loss", "attention workspace",
+                 "host at load, rank 0", "host at export, other ranks"):
+        assert line in out
+
+
+def test_a_plan_that_does_not_fit_says_what_to_change(capsys):
+    # Phi-4 under ZeRO-2 (what its recipe used to say): a 27 GiB bf16 module on every GPU
+    code, out = _plan(capsys, "memento-train", "recipe=phi4_reasoning_stage2", "engine.zero_stage=2")
+    assert code == 1
+    assert "DOES NOT FIT" in out
+    assert "engine.zero_stage=3" in out and "gpu=H200" in out
+    code, out = _plan(capsys, "memento-train", "recipe=phi4_reasoning_stage2", "engine.zero_stage=2", "gpu=h200")
+    assert code == 0 and "x H200 (140.4 GiB)" in out
+
+
+def test_plan_follows_overrides_and_names_a_bad_gpu(capsys):
+    _, no_ckpt = _plan(capsys, "memento-train", "recipe=qwen3_8b_stage2", "model.gradient_checkpointing=false")
+    assert "gradient checkpointing off" in no_ckpt and "every layer's saved tensors" in no_ckpt
+    assert "model.gradient_checkpointing=true" in no_ckpt  # 36 layers of saved activations do not fit
+    from memento_train.recipe_cli import run_recipe_cli
+
+    assert run_recipe_cli("memento-train", "", ["plan", "recipe=qwen3_8b_stage2", "gpu=A100"], lambda a: 0) == 2
+    assert "gpu='A100' is not known" in capsys.readouterr().err

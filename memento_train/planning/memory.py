@@ -241,6 +241,7 @@ def state_lines(s: ModelShape, p: Parallel) -> tuple[list[Line], list[Line]]:
     n = p.world
     shard = P / n
     if p.kind == "fsdp2":
+        # (FSDP2 offloads the optimizer only together with the parameters: offload_params)
         unsharded = s.embedding_params + s.head_params + s.hidden
         unsharded += s.layers * s.layer_params if p.zero_stage == 2 else 2 * s.layer_params
         where = host if p.offload_params else dev
