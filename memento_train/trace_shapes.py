@@ -42,13 +42,19 @@ def memento_document(
     return ids + [PLAIN] * min(jitter(answer), budget - len(ids))
 
 
-def memento_batch(total_tokens: int, *, seed: int = 0, doc_tokens: int = 12_000, keep_last_n_blocks: int = 0):
-    """Pack documents of up to ``doc_tokens`` into exactly ``total_tokens``; returns (meta, doc_lengths)."""
+def memento_batch(total_tokens: int, *, seed: int = 0, doc_tokens: int = 12_000, keep_last_n_blocks: int = 0,
+                  scale: float = 1.0):
+    """Pack documents of up to ``doc_tokens`` into exactly ``total_tokens``; returns (meta, doc_lengths).
+
+    ``scale`` shrinks every unit (prompt, block, summary, answer) for miniature batches that still evict.
+    """
     rng = np.random.default_rng(seed)
     config = MaskConfig(keep_last_n_blocks=keep_last_n_blocks)
+    units = {k: max(1, round(n * scale)) for k, n in (("prompt", 200), ("block", 1150), ("summary", 190),
+                                                      ("answer", 150))}
     kill_rows, remaining = [], total_tokens
     while remaining > 0:
-        doc = memento_document(rng, min(doc_tokens, remaining))
+        doc = memento_document(rng, min(doc_tokens, remaining), **units)
         kill_rows.append(parse(doc, SPECIAL, config).kill_row)
         remaining -= len(doc)
     return MementoAttentionMeta.from_documents(kill_rows), [len(k) for k in kill_rows]
