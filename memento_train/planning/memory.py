@@ -300,12 +300,12 @@ def plan_memory(s: ModelShape, p: Parallel, w: Workload, *, capacity: float, res
     ]
     if reserve:
         plan.device.append(Line("runtime reserve", reserve, "CUDA context, NCCL, allocator slack"))
-    plan.host += host_lines(s, p)
+    plan.host += host_lines(s)
     plan.host += host
     return plan
 
 
-def host_lines(s: ModelShape, p: Parallel) -> list[Line]:
+def host_lines(s: ModelShape) -> list[Line]:
     """Host memory per rank at load (rank 0 reads the checkpoint once) and at export (rank 0 gathers)."""
     ckpt = 2 * s.params  # released models and bf16 exports are bf16
     flight = 4 * s.largest_tensor
