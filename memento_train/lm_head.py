@@ -25,7 +25,9 @@ summed over the group in backward (the hidden states are replicated across it).
 
 Precision follows the plain path: the chunk's logits are computed in the operands' dtype (bf16 in
 mixed precision), then the softmax in fp32 (fp64 for fp64 inputs, which the exactness tests use);
-the weight gradient is accumulated over chunks in fp32.
+the weight gradient is accumulated over chunks in fp32. Working set per chunk: the fp32 logits and
+their exponentials (plus the low-precision matmul output), and for the entropy's gradient one more
+fp32 ``[chunk, V]`` buffer.
 """
 
 from __future__ import annotations
@@ -137,7 +139,8 @@ class _FusedHeadTokenStats(torch.autograd.Function):
             g.scatter_add_(1, lab.clamp(0, valid - 1)[:, None], torch.where(own, glp, 0.0)[:, None])
             g = g.div_(t).to(weight.dtype)  # the logits' gradient in the logits' dtype, as the plain path
             grad_h.index_copy_(0, r, (g @ w).to(grad_h.dtype))
-            grad_w[:valid].addmm_(g.t().to(grad_w.dtype), h.to(grad_w.dtype))
+            # the chunk's contribution in the operands' dtype (tensor cores), summed over chunks in fp32
+            grad_w[:valid].add_(g.t() @ h)
         if group is not None:
             dist.all_reduce(grad_h, group=group)
         return (grad_h.to(hidden.dtype), grad_w.to(weight.dtype)) + none

@@ -208,7 +208,9 @@ def fused_head_bytes(s: ModelShape, w: Workload, b: int, *, tp: int = 1) -> floa
     v, c = s.vocab / tp, min(w.head_chunk_rows, w.tokens)
     low = b if b < 4 else 0  # the matmul's low-precision output beside its fp32 copy
     forward = c * v * (4 + 4 + low + (4 if w.with_entropy else 0))  # logits, logsumexp's exp, (p·z)
-    backward = c * v * (4 + low) + 4 * v * s.hidden + (b * v * s.hidden if b < 4 else 0) + 4 * w.tokens * s.hidden
+    backward = (c * v * (4 + low + (4 if w.with_entropy else 0))  # log p (and p for the entropy's gradient)
+                + 4 * v * s.hidden + (b * v * s.hidden if b < 4 else 0)  # fp32 weight-grad sum, a chunk's part
+                + (4 if tp > 1 else b) * w.tokens * s.hidden)  # the hidden-state gradient
     return max(forward, backward)
 
 
