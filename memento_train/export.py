@@ -19,6 +19,8 @@ def export_hf(state_dict: dict[str, torch.Tensor], config: Any, tokenizer: Any, 
               *, info: dict[str, Any], dtype: torch.dtype = torch.bfloat16) -> str:
     """Write a servable HF model directory from full (unsharded) weights; returns ``out_dir``.
 
+    ``state_dict`` is consumed (emptied) while the weights are converted to ``dtype``.
+
     ``config`` is the trained model's config (its attention implementation is reset to ``sdpa`` so the
     export loads without memento-train installed); weights are stored in ``dtype`` (bf16 by default,
     what serving uses; pass ``torch.float32`` to keep full precision). ``info`` (stage, step, mask
@@ -32,7 +34,11 @@ def export_hf(state_dict: dict[str, torch.Tensor], config: Any, tokenizer: Any, 
     config._attn_implementation = None
     with torch.device("meta"):
         skeleton = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    weights = {k: v.detach().to("cpu", dtype) for k, v in state_dict.items()}
+    # Converted tensor by tensor, each fp32 original released as soon as its copy exists (the caller
+    # hands over ``state_dict``): the host holds one full copy plus one tensor, not two full copies.
+    weights = {}
+    for k in list(state_dict):
+        weights[k] = state_dict.pop(k).detach().to("cpu", dtype)
     missing, unexpected = skeleton.load_state_dict(weights, strict=False, assign=True)
     tied = set(getattr(skeleton, "all_tied_weights_keys", {}) or {}) | {"lm_head.weight"}
     missing = [k for k in missing if not (k in tied and getattr(config, "tie_word_embeddings", False))]

@@ -47,8 +47,8 @@ def test_paper_recipes_carry_the_paper_hyperparameters(recipe, stage1_export):
     assert cfg.data.mask.mask_delimiters == recipe.startswith("phi4")
     if "32b" in recipe:
         assert cfg.engine.zero_stage == 3
-    if recipe.startswith("phi4"):
-        assert cfg.engine.kind == "deepspeed" and cfg.engine.zero_stage == 2
+    if recipe.startswith("phi4"):  # ZeRO-3: under ZeRO-2 the 14B model does not fit an 80 GB GPU at 32K tokens
+        assert cfg.engine.kind == "deepspeed" and cfg.engine.zero_stage == 3
 
 
 def test_every_shipped_recipe_loads():

@@ -52,7 +52,10 @@ from torch import nn
 from memento_train.config_errors import ConfigError
 from memento_train.engines.base import LossFn, MicroBatch, TrainEngine, register_engine
 from memento_train.engines.config import EngineConfig
+from memento_train.engines.head_stats import HeadRequest, TokenStats, TokenStatsFn, head_request
+from memento_train.engines.materialize import BroadcastStateDict, take_weights, weights_on_rank0_only
 from memento_train.engines.scratch_group import scratch_gloo_group
+from memento_train.lm_head import VocabShard
 from memento_train.optim import OptimConfig
 
 CKPT_DIR = "megatron"
@@ -141,7 +144,7 @@ class MegatronEngine(TrainEngine):
             raise ConfigError(f"MegatronEngine built with engine.kind={cfg.kind!r}; set engine.kind=megatron")
         if not dist.is_initialized():
             raise RuntimeError("MegatronEngine needs torch.distributed initialised first (world size 1 included)")
-        from memento_train.models.megatron_convert import hf_to_megatron, stage_view
+        from memento_train.models.megatron_convert import iter_hf_to_megatron, stage_view
         from memento_train.models.megatron_gpt import (
             build_gpt_model,
             describe_hf_config,
@@ -199,16 +202,27 @@ class MegatronEngine(TrainEngine):
                               pre_process=self.pre_process, post_process=self.post_process,
                               backend=attention_backend_of(model))
         self.layer_offset = self._layer_offset(gpt)
-        shard = hf_to_megatron(model.state_dict(), self.arch, tp_rank=self.tp_rank, tp_size=self.tp,
-                               vocab_size=self.vocab_padded)
-        local = stage_view(shard, layer_offset=self.layer_offset, num_layers=len(gpt.decoder.layers),
-                           pre_process=self.pre_process, post_process=self.post_process,
-                           tied=self.arch.tied_embeddings)
-        missing, unexpected = gpt.load_state_dict(local, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
-        if missing or unexpected:
-            raise RuntimeError(f"HF → Megatron conversion mismatch: missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]}")
+        # Weights on rank 0 only (other ranks built on meta): every rank reads rank 0's tensors one at a
+        # time through a broadcasting mapping; each converted tensor goes straight into this stage's
+        # parameters (or is dropped), so a rank holds its slice plus one tensor in flight.
+        hf_weights = BroadcastStateDict(take_weights(model)) if weights_on_rank0_only(model) else model.state_dict()
+        target = gpt.state_dict(keep_vars=True)
+        loaded = set()
+        with torch.no_grad():
+            for name, value in iter_hf_to_megatron(hf_weights, self.arch, tp_rank=self.tp_rank, tp_size=self.tp,
+                                                   vocab_size=self.vocab_padded):
+                local = stage_view({name: value}, layer_offset=self.layer_offset,
+                                   num_layers=len(gpt.decoder.layers), pre_process=self.pre_process,
+                                   post_process=self.post_process, tied=self.arch.tied_embeddings)
+                for key, v in local.items():
+                    if key not in target:
+                        raise RuntimeError(f"HF → Megatron conversion mismatch: unexpected {key}")
+                    target[key].copy_(v)
+                    loaded.add(key)
+        del hf_weights
+        missing = [k for k in target if k not in loaded and not k.endswith("_extra_state")]
+        if missing:
+            raise RuntimeError(f"HF → Megatron conversion mismatch: missing {missing[:5]}")
         gpt.to(self.device)
         if self.native:
             self._wrap_native(gpt)
@@ -285,6 +299,27 @@ class MegatronEngine(TrainEngine):
                                "call forward_backward / forward_only")
         return self._full_logits(self._model_forward(mb))
 
+    def _vocab_shard(self) -> VocabShard:
+        """This TP rank's rows of the padded output layer (pad rows are not tokens)."""
+        rows = self.vocab_padded // self.tp
+        start = self.tp_rank * rows
+        group = self.ps.get_tensor_model_parallel_group() if self.tp > 1 else None
+        return VocabShard(group=group, start=start, valid=max(0, min(rows, self.arch.vocab_size - start)))
+
+    def _stage_output(self, output_tensor: torch.Tensor, request: HeadRequest | None):
+        """What ``fn`` takes from the last stage's output: token statistics, or the full logits."""
+        if request is not None:
+            return TokenStats.unpack(output_tensor, request)
+        return self._full_logits(output_tensor)
+
+    def token_stats(self, mb: MicroBatch, request: HeadRequest) -> TokenStats:
+        """Vocabulary-parallel fused head over this micro-batch (see :meth:`logits` for PP > 1)."""
+        if self.pp > 1:
+            raise RuntimeError("with engine.pipeline_parallel > 1 token statistics exist only on the last stage; "
+                               "call forward_backward / forward_only")
+        with head_request(self.gpt.output_layer, request, shard=self._vocab_shard(), megatron=True):
+            return TokenStats.unpack(self._model_forward(mb), request)
+
     def forward_backward(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn) -> list[dict[str, Any]]:
         if self.pp == 1:
             return super().forward_backward(micro_batches, loss_fn)
@@ -304,13 +339,18 @@ class MegatronEngine(TrainEngine):
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            output = self._model_forward(mb)
+            request = fn.request(mb) if isinstance(fn, TokenStatsFn) else None
+            if request is not None and self.post_process:
+                with head_request(self.gpt.output_layer, request, shard=self._vocab_shard(), megatron=True):
+                    output = self._model_forward(mb)
+            else:
+                output = self._model_forward(mb)
 
             def loss_func(output_tensor):
                 # 3-tuple (loss, num_tokens, reduced): with calculate_per_token_loss the schedule leaves
                 # the loss as is (it is already normalised by the loop); num_tokens is unused.
                 one = torch.ones((), dtype=torch.int, device=self.device)
-                out = fn(self._full_logits(output_tensor), mb)
+                out = fn(self._stage_output(output_tensor, request), mb)
                 if forward_only:
                     results.append(out)
                     return torch.zeros((), device=self.device), one, {}
@@ -402,22 +442,24 @@ class MegatronEngine(TrainEngine):
 
     # -- full views --------------------------------------------------------------------------------
     def _gather_shards(self, local: dict[str, torch.Tensor], *, everyone: bool):
-        """Collect the global-numbered local tensors of DP rank 0's TP×PP ranks; → TP-ordered shards."""
+        """Collect the global-numbered local tensors of DP rank 0's TP×PP ranks; → TP-ordered shards.
+
+        ``everyone=False`` (exports): only rank 0 assembles; the others send one tensor at a time."""
         from memento_train.models.megatron_convert import global_view
 
         mine = None
         if self.dp_rank == 0:
-            g = global_view(local, layer_offset=self.layer_offset, pre_process=self.pre_process,
-                            tied=self.arch.tied_embeddings)
-            mine = (self.tp_rank, {k: v.detach().to("cpu", torch.float32) for k, v in g.items()})
-        # Full weights as pickled objects: over a scratch gloo group (scratch_group.py says why).
+            mine = global_view(local, layer_offset=self.layer_offset, pre_process=self.pre_process,
+                               tied=self.arch.tied_embeddings)
+        # Over a scratch gloo group (scratch_group.py says why), as CPU fp32 tensors.
         with scratch_gloo_group() as group:
             if everyone:
                 parts: list = [None] * dist.get_world_size()
-                dist.all_gather_object(parts, mine, group=group)
+                mine_cpu = None if mine is None else (self.tp_rank, {k: v.detach().to("cpu", torch.float32)
+                                                                     for k, v in mine.items()})
+                dist.all_gather_object(parts, mine_cpu, group=group)
             else:
-                parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-                dist.gather_object(mine, parts, dst=0, group=group)
+                parts = self._gather_to_rank0(mine, group)
         if parts is None:
             return None
         shards: list[dict[str, torch.Tensor]] = [{} for _ in range(self.tp)]
@@ -425,6 +467,33 @@ class MegatronEngine(TrainEngine):
             if part is not None:
                 shards[part[0]].update(part[1])
         return shards
+
+    def _gather_to_rank0(self, mine: dict[str, torch.Tensor] | None, group) -> list | None:
+        """Rank 0: every contributing rank's ``(tp_rank, {name: fp32 CPU tensor})``; others: ``None``.
+        Names and shapes travel first, then each tensor point to point, so a sender never holds more
+        than one extra tensor."""
+        rank = dist.get_rank()
+        index = None if mine is None else (self.tp_rank, [(k, tuple(v.shape)) for k, v in mine.items()])
+        indices = [None] * dist.get_world_size() if rank == 0 else None
+        dist.gather_object(index, indices, dst=0, group=group)
+        if rank != 0:
+            for v in (mine or {}).values():
+                dist.send(v.detach().to("cpu", torch.float32).contiguous(), dst=0, group=group)
+            return None
+        parts: list = [None] * len(indices)
+        for src, entry in enumerate(indices):
+            if entry is None:
+                continue
+            tp_rank, names = entry
+            if src == 0:
+                parts[0] = (tp_rank, {k: v.detach().to("cpu", torch.float32) for k, v in mine.items()})
+                continue
+            received = {}
+            for name, shape in names:
+                received[name] = torch.empty(shape, dtype=torch.float32)
+                dist.recv(received[name], src=src, group=group)
+            parts[src] = (tp_rank, received)
+        return parts
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Collective: HF-named unsharded fp32 CPU weights on rank 0 (tied ``lm_head`` alias included)."""

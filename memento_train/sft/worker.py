@@ -46,7 +46,8 @@ class SFTWorker(EngineWorker):
         if cfg.train.max_samples is not None:
             dataset = dataset.select(range(min(cfg.train.max_samples, len(dataset))))
         self.dataset = dataset.select_columns(list(_COLUMNS)).with_format("numpy")
-        model = load_model(cfg.model, self.tokenizer, seed=cfg.train.seed)
+        # Rank 0 reads the weights; the others build on meta and get their share from the engine.
+        model = load_model(cfg.model, self.tokenizer, seed=cfg.train.seed, rank=self.rank)
         self.model_config = model.config
         self.flops = FlopCounter(model)
         num_params = sum(p.numel() for p in model.parameters())
