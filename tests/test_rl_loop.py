@@ -23,6 +23,8 @@ FAST = [
     "model.tiny.hidden_size=16", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1",
     "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=24", "reward.num_workers=0",
     "reward.fn=test_rl_loop:length_parity_reward", "checkpoint.export_hf=false", "eval.every=0", "eval.at_start=false",
+    # a random policy never closes </think> and always hits the budget: let the parity reward see it all
+    "reward.require_think_end=false", "reward.truncated=score",
 ]
 
 

@@ -32,8 +32,8 @@ from memento_train.masking import SpecialTokens
 from memento_train.models.loading import load_tokenizer
 from memento_train.optim import lr_at
 from memento_train.rl.advantages import compute_advantages, group_ids_for, group_reward_stats
-from memento_train.rl.losses import loss_normaliser, reduce_metrics
-from memento_train.rl.rewards import RewardPool
+from memento_train.rl.losses import aggregation_weights, reduce_metrics
+from memento_train.rl.rewards import RewardBatch, RewardPool
 from memento_train.rl.rl_config import RLConfig
 from memento_train.rl.rollout_worker import RolloutPool, RolloutRequest
 from memento_train.rl.trainer_worker import RLTrainerWorker, rollout_document
@@ -117,6 +117,25 @@ def rollout_metrics(results: list[dict], prompt_lens: list[int], scores: list[fl
         "kv_auc": float(auc.mean()),
         "compression_ratio": float(full_auc.sum() / max(1.0, auc.sum())),
     }
+
+
+def loss_token_masks(results: list[dict], scores: list[float], group_size: int, algorithm) -> list[np.ndarray]:
+    """Per response, which of its tokens the loss trains on (``algorithm`` options, see
+    :class:`~memento_train.rl.config.AlgorithmConfig`): every token, minus the block ends the block cap
+    forced (unless ``train_forced_tokens``), minus whole responses that hit the token budget
+    (``mask_truncated``) or whose group's rewards are all equal (``drop_zero_adv_groups``)."""
+    r = np.asarray(scores, np.float64).reshape(-1, group_size)
+    flat_group = np.repeat(r.max(1) == r.min(1), group_size)
+    out = []
+    for x, all_equal in zip(results, flat_group):
+        keep = np.ones(len(x["token_ids"]), bool)
+        if not algorithm.train_forced_tokens:
+            keep &= ~np.asarray(x["forced"], bool)
+        if (algorithm.mask_truncated and x["finish_reason"] == "length") or \
+                (algorithm.drop_zero_adv_groups and all_equal):
+            keep[:] = False
+        out.append(keep)
+    return out
 
 
 # ---------------------------------------------------------------- problems and prompts
@@ -226,14 +245,19 @@ class _Run:
         return {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": r.top_p,
                 "stop_token_ids": (int(self.tokenizer.eos_token_id),)}
 
-    def score(self, rewards: RewardPool, results: list[dict], records: list[dict]) -> tuple[list[float], int]:
-        """Scores; a batch in which a reward worker crashed is scored again (the reward is a pure
-        function, so retrying changes nothing but the lost items). Returns scores and retries."""
+    def score(self, rewards: RewardPool, results: list[dict], records: list[dict]) -> tuple[RewardBatch, int]:
+        """Scores (with the grading rule's verdicts); a batch in which a reward worker crashed is scored
+        again (the reward is a pure function, so retrying changes nothing but the lost items). Returns
+        the final batch, whose ``crashes`` also count those of the attempts before it, and the retries."""
         texts = [x["text"] for x in results]
+        reasons = [x["finish_reason"] for x in results]
+        crashes = 0
         for attempt in range(self.cfg.faults.max_step_retries + 1):
-            batch = rewards.score(texts, records)
+            batch = rewards.score(texts, records, reasons)
             if not batch.crashes:
-                return batch.scores, attempt
+                batch.crashes = crashes
+                return batch, attempt
+            crashes += batch.crashes
             self.logger.write(f"[memento-rl] {batch.crashes} reward item(s) lost to a crashed reward worker; "
                               f"rescoring the batch ({'; '.join(batch.messages[:2])})")
         raise RuntimeError(f"reward workers kept crashing (faults.max_step_retries={self.cfg.faults.max_step_retries})")
@@ -338,29 +362,32 @@ def _step(run: _Run, trainer: WorkerGroup, pool: RolloutPool, rewards: RewardPoo
     rollout_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    scores, reward_retries = run.score(rewards, results, records)
+    reward_batch, reward_retries = run.score(rewards, results, records)
+    scores = reward_batch.scores
     reward_s = time.perf_counter() - t0
 
+    alg = cfg.algorithm
     prompt_lens = [len(r.prompt_ids) for r in requests]
     adv = compute_advantages(torch.tensor(scores, dtype=torch.float64), group_ids_for(n_prompts, g),
-                             cfg.algorithm.adv_norm, cfg.algorithm.adv_eps)
-    docs = [rollout_document(q.prompt_ids, x["token_ids"], x["logprobs"], float(a), run.special, run.mask)
-            for q, x, a in zip(requests, results, adv.tolist())]
+                             alg.adv_norm, alg.adv_eps).tolist()
+    trained = loss_token_masks(results, scores, g, alg)
     # Mini-batches hold whole groups (a group's advantages are relative to each other); each is packed
-    # into micro-batches per rank and normalised over its own tokens (token_mean needs the response
-    # tokens of the whole mini-batch, known only here, before any rank starts).
+    # into micro-batches per rank. Its aggregation weights and normaliser depend on whole sequences and
+    # groups of the mini-batch, which micro-batches and ranks split, so they are computed here.
     minis = [list(range(int(c[0]) * g, (int(c[-1]) + 1) * g))  # array_split keeps the prompt chunks contiguous
              for c in np.array_split(np.arange(n_prompts), cfg.train.mini_batches)]
     per_rank: list[list[list[list[dict]]]] = [[] for _ in range(trainer.world_size)]
     normalisers = []
     for mini in minis:
-        plan = plan_micro_batches([len(docs[i]["input_ids"]) for i in mini], cfg.train.micro_batch_tokens,
+        weights, z = aggregation_weights(alg.loss_agg, [int(trained[i].sum()) for i in mini], [i // g for i in mini],
+                                         max_response_len=cfg.rollout.max_new_tokens)
+        docs = [rollout_document(requests[i].prompt_ids, results[i]["token_ids"], results[i]["logprobs"], adv[i],
+                                 run.special, run.mask, trained=trained[i], weight=w) for i, w in zip(mini, weights)]
+        plan = plan_micro_batches([len(d["input_ids"]) for d in docs], cfg.train.micro_batch_tokens,
                                   trainer.world_size)
         for r in range(trainer.world_size):
-            per_rank[r].append([[docs[mini[i]] for i in mb] for mb in plan[r]])
-        normalisers.append(loss_normaliser(
-            cfg.algorithm.loss_agg, num_response_tokens=sum(len(results[i]["token_ids"]) for i in mini),
-            num_sequences=len(mini), max_response_len=cfg.rollout.max_new_tokens))
+            per_rank[r].append([[docs[i] for i in mb] for mb in plan[r]])
+        normalisers.append(z)
     num_response_tokens = sum(len(x["token_ids"]) for x in results)
     lr = lr_at(step, cfg.train.total_steps, cfg.optim)
     t0 = time.perf_counter()
@@ -378,10 +405,11 @@ def _step(run: _Run, trainer: WorkerGroup, pool: RolloutPool, rewards: RewardPoo
         "entropy": train.get("entropy", 0.0), "approx_kl": train.get("approx_kl", 0.0),
         "logprob_mismatch_mean": train.get("mismatch/abs", 0.0),
         "logprob_mismatch_max": train.get("mismatch/abs/max", 0.0),
-        "grad_norm": float(np.mean(outs[0]["grad_norms"])), "lr": lr, "updates": len(minis), "samples": len(docs),
-        "response_tokens": num_response_tokens,
+        "grad_norm": float(np.mean(outs[0]["grad_norms"])), "lr": lr, "updates": len(minis), "samples": len(results),
+        "response_tokens": num_response_tokens, "loss_tokens": int(sum(int(m.sum()) for m in trained)),
         "gen_tokens_per_s": num_response_tokens / max(rollout_s, 1e-9),
         "rollout_retries": rollout_retries, "reward_retries": reward_retries, "rollout_restarts": pool.restarts,
+        **{k: v for k, v in reward_batch.metrics().items() if k != "reward/mean"},
         "time/rollout_s": rollout_s, "time/reward_s": reward_s,
         "time/old_logprobs_s": max(o["times"]["old_logprobs_s"] for o in outs),
         "time/ref_logprobs_s": max(o["times"]["ref_logprobs_s"] for o in outs),
@@ -402,7 +430,7 @@ def _evaluate(run: _Run, pool: RolloutPool, rewards: RewardPool, step: int) -> d
     records = [r for r in run.eval_records for _ in range(e.samples)]
     params = run.sampling(e.temperature, e.max_new_tokens or cfg.rollout.max_new_tokens)
     results, _ = pool.generate(requests, params, max_retries=cfg.faults.max_step_retries)
-    scores, _ = run.score(rewards, results, records)
+    scores = run.score(rewards, results, records)[0].scores
     m = rollout_metrics(results, [len(r.prompt_ids) for r in requests], scores, e.samples)
     out = {f"eval/{k}": m[k] for k in ("accuracy", "reward_mean", "response_length", "blocks_per_response",
                                        "peak_kv", "compression_ratio")}

@@ -136,11 +136,15 @@ class RolloutWorker:
         results = self.engine.run(reqs, sp)
         out = []
         for r, g in zip(requests, results):
+            if len(g.forced) != len(g.token_ids):
+                raise RuntimeError(f"rollout worker {self.index}: the generator reported {g.forced_block_ends} "
+                                   f"forced block ends but not which tokens (GenerationResult.forced)")
             out.append({
                 "key": r.key, "token_ids": np.asarray(g.token_ids, np.int64),
                 "logprobs": np.asarray(g.logprobs, np.float32), "kinds": np.asarray(g.kinds, np.int8),
                 "finish_reason": g.finish_reason, "peak_kv": g.peak_kv, "kv_auc": g.kv_auc,
                 "num_blocks": g.num_blocks, "forced_block_ends": g.forced_block_ends,
+                "forced": np.asarray(g.forced, bool),
                 "text": self.tokenizer.decode(g.token_ids, skip_special_tokens=False),
             })
         return out

@@ -40,24 +40,29 @@ from memento_train.sft.batching import padding_batch
 from memento_train.structured_config import build
 
 # Per-token arrays a document carries besides the collate() columns; packed in document order.
-TOKEN_EXTRAS = ("advantages", "rollout_logprobs")
+TOKEN_EXTRAS = ("advantages", "rollout_logprobs", "loss_mask", "loss_weights")
 
 
 def rollout_document(prompt_ids: Sequence[int], response_ids: Sequence[int], rollout_logprobs: Sequence[float],
-                     advantage: float, special: SpecialTokens, mask: MaskConfig) -> dict[str, np.ndarray]:
+                     advantage: float, special: SpecialTokens, mask: MaskConfig, *,
+                     trained: Sequence[bool] | None = None, weight: float = 1.0) -> dict[str, np.ndarray]:
     """One training document from one rollout.
 
     Labels are unshifted here (``-100`` on the prompt); :func:`~memento_train.data.pack.collate`
     shifts them per document, so position ``t`` predicts ``ids[t + 1]``. The per-token extras are
     stored *already shifted the same way*: ``rollout_logprobs[P - 1 + i]`` is the rollout log-prob of
     response token ``i`` (``P`` = prompt length), ``advantages`` is ``advantage`` on exactly those
-    positions and 0 elsewhere.
+    positions and 0 elsewhere, ``loss_mask`` is ``trained[i]`` there (default: every response token;
+    the driver clears forced block ends, truncated responses, ...) and ``loss_weights`` the
+    sequence's aggregation weight ``a_i`` (:func:`~memento_train.rl.losses.aggregation_weights`).
     """
     p, r = len(prompt_ids), len(response_ids)
     if r == 0:
         raise ValueError("a rollout with an empty response cannot be trained on")
     if len(rollout_logprobs) != r:
         raise ValueError(f"{len(rollout_logprobs)} rollout log-probs for {r} response tokens")
+    if trained is not None and len(trained) != r:
+        raise ValueError(f"{len(trained)} loss-mask flags for {r} response tokens")
     ids = np.concatenate([np.asarray(prompt_ids, np.int64), np.asarray(response_ids, np.int64)])
     parsed = parse(ids, special, mask, prompt_len=p)
     labels = ids.copy()
@@ -67,8 +72,13 @@ def rollout_document(prompt_ids: Sequence[int], response_ids: Sequence[int], rol
     lp[p - 1 : n - 1] = rollout_logprobs
     adv = np.zeros(n, np.float32)
     adv[p - 1 : n - 1] = advantage
+    keep = np.zeros(n, np.float32)
+    keep[p - 1 : n - 1] = 1.0 if trained is None else np.asarray(trained, np.float32)
+    weights = np.zeros(n, np.float32)
+    weights[p - 1 : n - 1] = weight
     return {"input_ids": ids, "labels": labels, "kinds": parsed.kinds.astype(np.int8),
-            "kill_row": parsed.kill_row.astype(np.int64), "advantages": adv, "rollout_logprobs": lp}
+            "kill_row": parsed.kill_row.astype(np.int64), "advantages": adv, "rollout_logprobs": lp,
+            "loss_mask": keep, "loss_weights": weights}
 
 
 def build_rl_micro_batch(docs: Sequence[Mapping[str, np.ndarray]], *, pad_token_id: int,
