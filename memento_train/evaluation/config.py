@@ -98,6 +98,10 @@ class EvalConfig:
         block_masking: the serving overlay's eviction options
             (:class:`~memento_train.generation.engine.BlockMaskingConfig` field names).
         system_prompt: optional system message (none by default, as for Qwen3).
+        require_think_end / truncated: the grading rule
+            (:class:`~memento_train.evaluation.scoring.GradingRule`, the same options as RL's
+            ``reward.*``): by default a response without ``</think>`` or one that hit
+            ``max_new_tokens`` is wrong (``require_think_end=false``, ``truncated=score`` grade them).
         output_dir: where ``generations.jsonl``, ``summary.json``, ``summary.md`` and
             ``kv_sawtooth.png`` go (required).
         seed: seeds the tiny model's weights and sampling (batch ``b`` samples with ``seed + b``).
@@ -128,6 +132,8 @@ class EvalConfig:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     block_masking: BlockMaskingConfig = field(default_factory=BlockMaskingConfig)
     system_prompt: str | None = None
+    require_think_end: bool = True
+    truncated: str = "zero"
     output_dir: str | None = None
     seed: int = 0
     batch_size: int = 32
@@ -167,6 +173,13 @@ class EvalConfig:
         if self.problems.startswith(BUILTIN_PREFIX):
             return str(builtin_problem_path(self.problems[len(BUILTIN_PREFIX):]))
         return self.problems
+
+    @property
+    def grading_rule(self):
+        """The :class:`~memento_train.evaluation.scoring.GradingRule` of ``require_think_end`` / ``truncated``."""
+        from .scoring import GradingRule
+
+        return GradingRule(require_think_end=self.require_think_end, truncated=self.truncated)
 
     def sampling_params(self, *, stop_token_ids: tuple[int, ...] = (), seed: int | None = None) -> SamplingParams:
         s = self.sampling
@@ -222,6 +235,10 @@ class EvalConfig:
         for name in ("problem_field", "answer_field", "id_field"):
             if not getattr(self, name):
                 bad(name, "must be a non-empty column name")
+        from .scoring import TRUNCATED_POLICIES
+
+        if self.truncated not in TRUNCATED_POLICIES:
+            bad("truncated", f"must be one of {', '.join(TRUNCATED_POLICIES)} (got {self.truncated!r})")
         from memento_train.data.stats import KV_GEOMETRY
 
         g = self.kv_geometry

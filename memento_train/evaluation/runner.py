@@ -1,12 +1,13 @@
 """One evaluation run: problems → prompts → engine → scores → metrics → report files.
 
-Prompts. Each problem becomes one user message (after the optional system prompt), rendered with the
-tokenizer's chat template and ``add_generation_prompt=True`` by the same
-:class:`memento_train.data.render.Renderer` that renders training data (literal ChatML when the
-tokenizer has no template). Training responses start with ``<think>\\n``, so ``<think>\\n`` is appended
-— tokenized separately, exactly as the training renderer tokenizes the response — unless the
-template's generation prompt already contains ``<think>`` (some templates open or, with thinking
-disabled, open-and-close it themselves; then it is left as the template wrote it).
+Prompts. Each problem becomes one user message (after the optional system prompt), rendered by
+:func:`memento_train.generation.prompt.generation_prompt_ids`, the function RL rollouts, the training
+data renderer and the vLLM path use: the serving chat template with ``add_generation_prompt=True``,
+nothing appended (the model writes ``<think>`` itself, as it does when served), so eval accuracy is
+measured on the prompts the model is trained and served with.
+
+Grading. :class:`~.scoring.GradingRule` (``require_think_end``, ``truncated``): by default a response
+that never closed ``</think>`` or hit the token budget is wrong, as RL rewards it 0.
 
 Engines. ``reference``: :class:`memento_train.generation.reference.ReferenceGenerator` over a model
 loaded with ``AutoModelForCausalLM.from_pretrained`` (or the tiny random Qwen3); ``vllm``:
@@ -30,16 +31,15 @@ from pathlib import Path
 from typing import Any
 
 from memento_train.generation.engine import GenerationEngine, GenerationResult
+from memento_train.generation.prompt import generation_prompt_ids
 from memento_train.masking import SpecialTokens
 from memento_train.models import build_tiny_model, tiny_model_config
-from memento_train.tokens import IM_END, THINK_START, special_token_ids
+from memento_train.tokens import IM_END, special_token_ids
 
 from . import report
 from .config import EvalConfig, EvalConfigError
 from .metrics import KVCost, SampleResult, summarize
-from .scoring import equivalence_classes, equivalent, parse_gold, parse_response
-
-THINK_OPEN = THINK_START + "\n"
+from .scoring import GradingRule, ParsedAnswer, equivalence_classes, equivalent, parse_gold, parse_response
 
 EngineFactory = Callable[[EvalConfig, Any], GenerationEngine]
 _ENGINE_OVERRIDE: list[EngineFactory] = []
@@ -263,25 +263,8 @@ def kv_cost_for(cfg: EvalConfig, tokenizer: Any) -> tuple[KVCost | None, str | N
 
 # -- prompts -------------------------------------------------------------------------------------------
 def render_prompts(tokenizer: Any, problems: Sequence[Problem], system_prompt: str | None = None) -> list[list[int]]:
-    """Prompt token ids per problem (chat template + generation prompt, then ``<think>\\n`` if not open)."""
-    from memento_train.data.render import Renderer
-
-    renderer = Renderer(tokenizer, system_prompt=system_prompt)
-
-    def encode(text: str) -> list[int]:  # as the training renderer: no BOS/EOS added
-        return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-
-    think_ids = encode(THINK_OPEN)
-    out = []
-    for p in problems:
-        text = renderer.prompt_text(p.problem)
-        at = text.rfind(p.problem)
-        tail = text[at + len(p.problem):] if at >= 0 else text[-64:]
-        ids = encode(text)
-        if THINK_START not in tail:
-            ids = ids + think_ids
-        out.append(ids)
-    return out
+    """Prompt token ids per problem: :func:`~memento_train.generation.prompt.generation_prompt_ids`."""
+    return [generation_prompt_ids(tokenizer, p.problem, system_prompt) for p in problems]
 
 
 # -- the run ---------------------------------------------------------------------------------------------
@@ -296,11 +279,17 @@ def _check_results(results: Any, prompts: int, n: int, engine: Any) -> None:
 
 
 def score_problem(
-    problem: Problem, results: Sequence[GenerationResult], tokenizer: Any, special: SpecialTokens | None = None
+    problem: Problem, results: Sequence[GenerationResult], tokenizer: Any, special: SpecialTokens | None = None,
+    rule: GradingRule | None = None,
 ) -> list[SampleResult]:
+    """Per response: its extracted answer, correctness and majority class. Responses the grading
+    ``rule`` (default :class:`~.scoring.GradingRule`: no ``</think>`` or truncated) rejects have no
+    answer: wrong, and no vote in maj@k."""
+    rule = rule or GradingRule()
     gold = parse_gold(problem.answer)
     texts = [tokenizer.decode(r.token_ids, skip_special_tokens=False) for r in results]
-    preds = [parse_response(t) for t in texts]
+    preds = [ParsedAnswer(None, ()) if rule.ungraded_reason(t, r.finish_reason) else parse_response(t)
+             for t, r in zip(texts, results)]
     classes = equivalence_classes(preds)
     return [
         SampleResult.from_generation(
@@ -344,7 +333,7 @@ def run_eval(cfg: EvalConfig, *, stream: Any = None) -> EvalOutcome:
         t_gen += time.perf_counter() - t1
         _check_results(results, len(chunk), cfg.n, engine)
         for problem, res in zip(chunk, results):
-            samples.extend(score_problem(problem, res, tokenizer, special))
+            samples.extend(score_problem(problem, res, tokenizer, special, cfg.grading_rule))
         bar.update(len(chunk))
     bar.close()
 

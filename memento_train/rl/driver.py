@@ -25,8 +25,8 @@ import yaml
 from memento_train.checkpoint import CheckpointManager, read_state
 from memento_train.cluster import WorkerGroup
 from memento_train.data.pack import plan_bins
-from memento_train.data.render import Renderer
 from memento_train.data.synthetic import synthetic_records
+from memento_train.generation.prompt import generation_prompt_ids
 from memento_train.generation.sampling import derive_seed
 from memento_train.masking import SpecialTokens
 from memento_train.models.loading import load_tokenizer
@@ -158,12 +158,14 @@ def load_problems(path: str, *, synthetic_task=None, num: int) -> list[dict[str,
     return records
 
 
-def encode_prompts(records: list[dict], renderer: Renderer, max_len: int) -> tuple[list[dict], list[list[int]]]:
-    """Chat-template prompts (ending with the assistant header, generation starts with ``<think>``);
-    records whose prompt exceeds ``max_len`` tokens are dropped."""
+def encode_prompts(records: list[dict], tokenizer: Any, max_len: int,
+                   system_prompt: str | None = None) -> tuple[list[dict], list[list[int]]]:
+    """Generation prompts (:func:`~memento_train.generation.prompt.generation_prompt_ids`: the serving
+    chat template, ending with the assistant header; the model writes ``<think>`` itself); records whose
+    prompt exceeds ``max_len`` tokens are dropped."""
     kept, ids = [], []
     for rec in records:
-        p = renderer._encode(renderer.prompt_text(rec["problem"]))
+        p = generation_prompt_ids(tokenizer, rec["problem"], system_prompt)
         if len(p) <= max_len:
             kept.append(rec)
             ids.append(p)
@@ -229,16 +231,16 @@ class _Run:
         self.tokenizer = tok
         self.special = SpecialTokens.from_mapping(special_token_ids(tok))
         self.mask = cfg.rollout.mask.mask_config()
-        renderer = Renderer(tok, self.mask, cfg.prompts.system_prompt)
         p = cfg.prompts
         self.records, self.prompts = encode_prompts(
-            load_problems(p.path, synthetic_task=p.synthetic, num=p.num_records), renderer, p.max_prompt_len)
+            load_problems(p.path, synthetic_task=p.synthetic, num=p.num_records), tok, p.max_prompt_len,
+            p.system_prompt)
         self.eval_records, self.eval_prompts = [], []
         if cfg.eval.every or cfg.eval.at_start:
             e = cfg.eval
             task = replace(p.synthetic, seed=p.synthetic.seed + EVAL_SEED_OFFSET)
             recs = load_problems(e.path, synthetic_task=task, num=e.num_problems)[: e.num_problems]
-            self.eval_records, self.eval_prompts = encode_prompts(recs, renderer, p.max_prompt_len)
+            self.eval_records, self.eval_prompts = encode_prompts(recs, tok, p.max_prompt_len, p.system_prompt)
 
     def sampling(self, temperature: float, max_new_tokens: int) -> dict[str, Any]:
         r = self.cfg.rollout
