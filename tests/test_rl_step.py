@@ -82,3 +82,29 @@ def test_forced_block_ends_are_left_out_of_the_loss_by_default(tmp_path):
                   "rollout.mask.max_block_tokens=4", "rollout.max_new_tokens=64")
     assert m["forced_block_ends"] > 0
     assert m["loss_tokens"] == m["train/tokens"] == m["response_tokens"] - m["forced_block_ends"]
+
+
+def test_the_reference_forward_runs_through_a_second_engine_sharded_like_the_policy(tmp_path, monkeypatch):
+    from torch.distributed.tensor import DTensor
+
+    from memento_train.cluster import WorkerGroup
+    from memento_train.engines.base import TrainEngine
+    from memento_train.rl.rl_config import build_rl_config, config_tree
+    from memento_train.rl.trainer_worker import RLTrainerWorker
+    from memento_train.structured_config import to_dict
+    from test_rl_loop import FAST
+
+    cfg = build_rl_config(config_tree(None, [*FAST, f"output_dir={tmp_path}"]))
+    with WorkerGroup(RLTrainerWorker, cfg.cluster, to_dict(cfg)) as trainer:
+        trainer.run("setup")
+        policy, ref = trainer._inline.engine, trainer._inline.ref_engine
+        assert type(ref) is type(policy) and ref.compute_dtype == policy.compute_dtype
+        assert all(isinstance(p, DTensor) for p in ref.module.parameters())  # sharded, as the policy
+        assert ref.module is not policy.module
+    # In a step, the reference log-probs come from that engine's forward (TrainEngine.logits).
+    callers = []
+    logits = TrainEngine.logits
+    monkeypatch.setattr(TrainEngine, "logits", lambda self, mb: callers.append(self) or logits(self, mb))
+    _, (m,) = run(tmp_path / "run", "train.total_steps=1")
+    assert len({id(e) for e in callers}) == 2  # the policy's engine and the reference's
+    assert m["kl"] == 0.0  # the reference is the initial policy, forward for forward

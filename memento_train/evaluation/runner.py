@@ -20,7 +20,6 @@ Stop tokens: the tokenizer's EOS, ``<|im_end|>`` and the model's ``generation_co
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import time
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from memento_train.data.problems import ProblemSource, map_row, read_rows
 from memento_train.generation.engine import GenerationEngine, GenerationResult
 from memento_train.generation.prompt import generation_prompt_ids
 from memento_train.masking import SpecialTokens
@@ -37,7 +37,7 @@ from memento_train.models import build_tiny_model, tiny_model_config
 from memento_train.tokens import IM_END, special_token_ids
 
 from . import report
-from .config import EvalConfig, EvalConfigError
+from .config import EvalConfig, EvalConfigError, with_model_mask
 from .metrics import KVCost, SampleResult, summarize
 from .scoring import GradingRule, ParsedAnswer, equivalence_classes, equivalent, parse_gold, parse_response
 
@@ -77,57 +77,15 @@ class EvalOutcome:
 
 
 # -- problems ----------------------------------------------------------------------------------------
-def _read_local_rows(path: Path) -> list[dict[str, Any]]:
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(str(path)).to_pylist()
-    text = path.read_text(encoding="utf-8")
-    if suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except ValueError as exc:
-            raise ValueError(f"problems file {str(path)!r} is not valid JSON: {exc}") from exc
-        if not all(isinstance(r, dict) for r in rows):
-            raise ValueError(f"problems file {str(path)!r}: every entry of the JSON list must be an object")
-        return rows
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise ValueError(f"problems file {str(path)!r} line {lineno} is not valid JSON: {exc}") from exc
-        if not isinstance(row, dict):
-            raise ValueError(f"problems file {str(path)!r} line {lineno} is not a JSON object")
-        rows.append(row)
-    return rows
+def problem_source(cfg: EvalConfig) -> ProblemSource:
+    """The problem set of ``cfg`` as a :class:`~memento_train.data.problems.ProblemSource`."""
+    return ProblemSource(path=cfg.problems_path(), hf_config=cfg.problems_config, split=cfg.split,
+                         problem_field=cfg.problem_field, answer_field=cfg.answer_field)
 
 
 def load_problem_rows(cfg: EvalConfig) -> list[dict[str, Any]]:
     """Raw rows of the problem set (local JSONL/JSON/Parquet file or directory, or a hub dataset)."""
-    from memento_train.data.records import resolve_local_files
-
-    source = cfg.problems_path()
-    local = resolve_local_files(source)
-    if local is not None:
-        _, files = local
-        rows: list[dict[str, Any]] = []
-        for f in files:
-            rows.extend(_read_local_rows(Path(f)))
-        return rows
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(source, cfg.problems_config, split=cfg.split)
-    except Exception as exc:
-        raise ValueError(
-            f"could not load hub dataset {source!r} (config {cfg.problems_config!r}, split {cfg.split!r}): {exc}. "
-            "Pass a local .jsonl/.json/.parquet file if you are offline."
-        ) from exc
-    return [dict(r) for r in ds]
+    return read_rows(problem_source(cfg))
 
 
 def load_problems(cfg: EvalConfig) -> list[Problem]:
@@ -137,22 +95,18 @@ def load_problems(cfg: EvalConfig) -> list[Problem]:
         raise ValueError(f"problem set {cfg.problems!r} is empty")
     out: list[Problem] = []
     seen: dict[str, int] = {}
+    source = problem_source(cfg)
     for i, row in enumerate(rows):
         pid = row.get(cfg.id_field)
         pid = f"row{i}" if pid is None or str(pid) == "" else str(pid)
-        for name in (cfg.problem_field, cfg.answer_field):
-            value = row.get(name)
-            if value is None or (isinstance(value, str) and not value.strip()):
-                have = ", ".join(sorted(map(str, row)))
-                hint = f" (set {'problem' if name == cfg.problem_field else 'answer'}_field=COLUMN)" if name not in row else ""
-                raise ValueError(
-                    f"problem set {cfg.problems!r}, record {pid!r} (row {i}): field {name!r} is missing or empty; "
-                    f"the record has: {have}{hint}"
-                )
+        rec = map_row(row, source, i, record_id=pid)
         if pid in seen:
             raise ValueError(f"problem set {cfg.problems!r}: id {pid!r} appears twice (rows {seen[pid]} and {i})")
+        if isinstance(rec["answer"], list):
+            raise ValueError(f"problem set {cfg.problems!r}, record {pid!r}: {len(rec['answer'])} different gold "
+                             f"answers in {cfg.answer_field!r}; memento-eval grades against one")
         seen[pid] = i
-        out.append(Problem(id=pid, problem=str(row[cfg.problem_field]), answer=str(row[cfg.answer_field])))
+        out.append(Problem(id=pid, problem=rec["problem"], answer=rec["answer"]))
         if cfg.limit is not None and len(out) >= cfg.limit:
             break
     return out
@@ -306,7 +260,7 @@ def run_eval(cfg: EvalConfig, *, stream: Any = None) -> EvalOutcome:
 
     stream = sys.stdout if stream is None else stream
     t0 = time.perf_counter()
-    cfg.validate()
+    cfg = with_model_mask(cfg).validate()
     out_dir = Path(os.path.expanduser(cfg.output_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     problems = load_problems(cfg)

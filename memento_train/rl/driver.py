@@ -25,6 +25,7 @@ import yaml
 from memento_train.checkpoint import CheckpointManager, read_state
 from memento_train.cluster import WorkerGroup
 from memento_train.data.pack import plan_bins
+from memento_train.data.problems import ProblemSource, load_problem_records
 from memento_train.data.synthetic import synthetic_records
 from memento_train.generation.prompt import generation_prompt_ids
 from memento_train.generation.sampling import derive_seed
@@ -140,22 +141,12 @@ def loss_token_masks(results: list[dict], scores: list[float], group_size: int, 
 
 # ---------------------------------------------------------------- problems and prompts
 
-def load_problems(path: str, *, synthetic_task=None, num: int) -> list[dict[str, Any]]:
-    """``num`` synthetic records, or the records of a local ``.jsonl`` / ``.json`` / ``.parquet`` file."""
-    if path == "synthetic":
+def load_problems(source: ProblemSource, *, synthetic_task=None, num: int | None) -> list[dict[str, Any]]:
+    """``num`` synthetic records (``source.path == "synthetic"``), or the first ``num`` (``None``: all)
+    records of a problem set (:func:`memento_train.data.problems.load_problem_records`)."""
+    if source.path == "synthetic":
         return synthetic_records(num, synthetic_task)
-    if path.endswith(".jsonl"):
-        records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    elif path.endswith(".json"):
-        records = json.loads(Path(path).read_text())
-    else:
-        import datasets
-
-        records = list(datasets.load_dataset("parquet", data_files=path, split="train"))
-    for i, rec in enumerate(records):
-        if "problem" not in rec or "answer" not in rec:
-            raise ValueError(f"{path}: record {i} lacks 'problem' or 'answer' (fields: {sorted(rec)})")
-    return records
+    return load_problem_records(source, limit=num)
 
 
 def encode_prompts(records: list[dict], tokenizer: Any, max_len: int,
@@ -233,14 +224,18 @@ class _Run:
         self.mask = cfg.rollout.mask.mask_config()
         p = cfg.prompts
         self.records, self.prompts = encode_prompts(
-            load_problems(p.path, synthetic_task=p.synthetic, num=p.num_records), tok, p.max_prompt_len,
-            p.system_prompt)
-        self.eval_records, self.eval_prompts = [], []
+            load_problems(p, synthetic_task=p.synthetic, num=p.num_records), tok, p.max_prompt_len, p.system_prompt)
+        # Evaluation: every set's problems in one list; eval_sets[name] is its slice of it.
+        self.eval_records, self.eval_prompts, self.eval_sets = [], [], {}
         if cfg.eval.every or cfg.eval.at_start:
             e = cfg.eval
             task = replace(p.synthetic, seed=p.synthetic.seed + EVAL_SEED_OFFSET)
-            recs = load_problems(e.path, synthetic_task=task, num=e.num_problems)[: e.num_problems]
-            self.eval_records, self.eval_prompts = encode_prompts(recs, tok, p.max_prompt_len, p.system_prompt)
+            for name, source in e.sets.items():
+                records, prompts = encode_prompts(load_problems(source, synthetic_task=task, num=e.num_problems),
+                                                  tok, p.max_prompt_len, p.system_prompt)
+                self.eval_sets[name] = slice(len(self.eval_records), len(self.eval_records) + len(records))
+                self.eval_records += records
+                self.eval_prompts += prompts
 
     def sampling(self, temperature: float, max_new_tokens: int) -> dict[str, Any]:
         r = self.cfg.rollout
@@ -433,9 +428,15 @@ def _evaluate(run: _Run, pool: RolloutPool, rewards: RewardPool, step: int) -> d
     params = run.sampling(e.temperature, e.max_new_tokens or cfg.rollout.max_new_tokens)
     results, _ = pool.generate(requests, params, max_retries=cfg.faults.max_step_retries)
     scores = run.score(rewards, results, records)[0].scores
-    m = rollout_metrics(results, [len(r.prompt_ids) for r in requests], scores, e.samples)
-    out = {f"eval/{k}": m[k] for k in ("accuracy", "reward_mean", "response_length", "blocks_per_response",
-                                       "peak_kv", "compression_ratio")}
+    lens = [len(r.prompt_ids) for r in requests]
+    m = rollout_metrics(results, lens, scores, e.samples)
+    keys = ("accuracy", "reward_mean", "response_length", "blocks_per_response", "peak_kv", "compression_ratio")
+    out = {f"eval/{k}": m[k] for k in keys}
+    if len(run.eval_sets) > 1:
+        for name, part in run.eval_sets.items():
+            rows = slice(part.start * e.samples, part.stop * e.samples)
+            m = rollout_metrics(results[rows], lens[rows], scores[rows], e.samples)
+            out.update({f"eval/{name}/{k}": m[k] for k in keys})
     out["eval/time_s"] = time.perf_counter() - t0
     return out
 

@@ -10,8 +10,10 @@ whose ``extras`` are what :func:`memento_train.rl.losses.make_loss_fn` reads.
 :class:`RLTrainerWorker` is one trainer rank. ``train_step`` runs, for this rank's share of a step's
 mini-batches: old log-probs of *all* of them first (``engine.forward_only``, when
 ``algorithm.old_logprobs_source=trainer``: π_old is the policy that generated the rollouts, so it is
-read before any update), reference log-probs (a frozen copy of the initial policy, when
-``algorithm.kl_coef > 0``), then per mini-batch ``forward_backward`` with the RL loss and one
+read before any update), reference log-probs (when ``algorithm.kl_coef > 0``: the initial policy held
+by a second engine of the same kind, precision and sharding as the policy's, whose optimizer is never
+stepped, so FSDP2, ZeRO-3 and Megatron run the reference forward exactly as the policy's, through
+:meth:`~memento_train.engines.TrainEngine.logits`), then per mini-batch ``forward_backward`` with the RL loss and one
 optimizer step, timing each phase. From the second mini-batch on π_θ ≠ π_old and the clip range acts. Rank 0 is also the
 sender of the collective weight sync (:mod:`memento_train.rl.collective_sync`): it hosts that group's
 store and broadcasts the gathered weights; the other ranks only take part in the gather.
@@ -97,7 +99,7 @@ def build_rl_micro_batch(docs: Sequence[Mapping[str, np.ndarray]], *, pad_token_
 
 
 class RLTrainerWorker(EngineWorker):
-    """One trainer rank: the policy engine, and the frozen reference policy when the KL needs it."""
+    """One trainer rank: the policy engine, and the reference policy's engine when the KL needs it."""
 
     def __init__(self, config_tree: dict[str, Any]) -> None:
         self.tree = config_tree
@@ -111,13 +113,16 @@ class RLTrainerWorker(EngineWorker):
         self.tokenizer = load_tokenizer(cfg.model)
         model = load_model(cfg.model, self.tokenizer, seed=cfg.seed)
         self.model_config = model.config
-        self.ref = None
-        if cfg.algorithm.uses_reference:
-            # A frozen full copy per rank: fine for the sizes this runs on CPU; at scale the reference
-            # would be a second (sharded, forward-only) engine.
-            self.ref = load_model(cfg.model, self.tokenizer, seed=cfg.seed).eval().to(self.device)
-            self.ref.requires_grad_(False)
         self.engine = build_engine(model, cfg.optim, cfg.engine, self.device)
+        self.ref_engine = None
+        if cfg.algorithm.uses_reference:
+            # The initial weights again, sharded and cast like the policy (an unsharded fp32 copy per rank
+            # would not fit next to a 32B policy, and flash-attn refuses fp32). Only forward_only ever
+            # runs on it: no gradients, and its optimizer state is never allocated (AdamW builds it
+            # lazily on the first step, which never comes).
+            ref = load_model(cfg.model, self.tokenizer, seed=cfg.seed)
+            self.ref_engine = build_engine(ref, cfg.optim, cfg.engine, self.device)
+            self.ref_engine.eval()
         self.pad_id = self.tokenizer.pad_token_id or 0
         return {"rank": self.rank, "num_params": sum(p.numel() for p in model.parameters()),
                 "device": str(self.device)}
@@ -145,13 +150,10 @@ class RLTrainerWorker(EngineWorker):
                 mb.extras["old_logprobs"] = lp
         times["old_logprobs_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        if self.ref is not None:
+        if self.ref_engine is not None:
             fn = make_logprob_fn(temperature=temperature, chunk_size=cfg.algorithm.logprob_chunk_size)
-            with torch.no_grad():
-                for mb in flat:
-                    out = self.ref(input_ids=mb.input_ids[None], position_ids=mb.position_ids[None],
-                                   memento_meta=mb.meta, use_cache=False)
-                    mb.extras["ref_logprobs"] = fn(out.logits[0], mb)
+            for mb, lp in zip(flat, self.ref_engine.forward_only(flat, fn)):
+                mb.extras["ref_logprobs"] = lp
         times["ref_logprobs_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.engine.train()
