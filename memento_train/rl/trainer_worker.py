@@ -143,16 +143,13 @@ class RLTrainerWorker(EngineWorker):
         flat = [mb for mini in batches for mb in mini]
         times: dict[str, float] = {}
         t0 = time.perf_counter()
-        self.engine.eval()
         if cfg.algorithm.old_logprobs_source == "trainer":
-            fn = make_logprob_fn(temperature=temperature, chunk_size=cfg.algorithm.logprob_chunk_size)
-            for mb, lp in zip(flat, self.engine.forward_only(flat, fn)):
+            for mb, lp in zip(flat, self._logprobs(self.engine, flat)):
                 mb.extras["old_logprobs"] = lp
         times["old_logprobs_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if self.ref_engine is not None:
-            fn = make_logprob_fn(temperature=temperature, chunk_size=cfg.algorithm.logprob_chunk_size)
-            for mb, lp in zip(flat, self.ref_engine.forward_only(flat, fn)):
+            for mb, lp in zip(flat, self._logprobs(self.ref_engine, flat)):
                 mb.extras["ref_logprobs"] = lp
         times["ref_logprobs_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -167,6 +164,19 @@ class RLTrainerWorker(EngineWorker):
         times["update_s"] = time.perf_counter() - t0
         plain = [{k: float(v) for k, v in m.items()} for m in metrics]
         return {"metrics": plain, "grad_norms": grad_norms, "times": times}
+
+    def _logprobs(self, engine, batches: list[MicroBatch]) -> list[torch.Tensor]:
+        """``engine``'s log-probs of every micro-batch's labels at the rollout temperature (no grad)."""
+        engine.eval()
+        fn = make_logprob_fn(temperature=self.cfg.rollout.temperature, chunk_size=self.cfg.algorithm.logprob_chunk_size)
+        return engine.forward_only(batches, fn)
+
+    def policy_logprobs(self, micro_docs: list[list[dict[str, np.ndarray]]]) -> list[np.ndarray]:
+        """The policy's log-probs of each micro-batch of documents (from :func:`rollout_document`),
+        computed exactly as ``train_step`` computes π_old: packed, memento-masked, engine forward. Entry
+        ``t`` is the log-prob of token ``t + 1`` of its document (0 where there is no label)."""
+        batches = [build_rl_micro_batch(d, pad_token_id=self.pad_id, device=self.device) for d in micro_docs]
+        return [lp.float().cpu().numpy() for lp in self._logprobs(self.engine, batches)]
 
     # -- weights and checkpoints -------------------------------------------------------------------
     def full_weights(self) -> dict[str, torch.Tensor] | None:
