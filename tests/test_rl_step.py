@@ -82,6 +82,8 @@ def test_forced_block_ends_are_left_out_of_the_loss_by_default(tmp_path):
                   "rollout.mask.max_block_tokens=4", "rollout.max_new_tokens=64")
     assert m["forced_block_ends"] > 0
     assert m["loss_tokens"] == m["train/tokens"] == m["response_tokens"] - m["forced_block_ends"]
+    # token_mean over what remains: the loss is the per-token mean over the trained tokens only
+    assert m["loss"] == pytest.approx(m["train/pg_loss"] + 0.001 * m["kl"], rel=1e-4, abs=1e-7)
 
 
 def test_the_reference_forward_runs_through_a_second_engine_sharded_like_the_policy(tmp_path, monkeypatch):
