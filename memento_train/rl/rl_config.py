@@ -422,10 +422,9 @@ def config_tree(recipe: str | None, overrides: Sequence[str] | dict[str, Any] = 
 
 def build_rl_config(tree: dict[str, Any]) -> RLConfig:
     """Build and validate an :class:`RLConfig` from a merged tree (paths made absolute)."""
-    sets = tree.get("eval", {}).get("sets") if isinstance(tree.get("eval"), dict) else None
-    if isinstance(sets, dict):  # eval.sets.NAME=null drops a set
-        tree = deep_merge(tree, {"eval": {}})
-        tree["eval"] = {**tree["eval"], "sets": {k: v for k, v in sets.items() if v is not None}}
+    ev = tree.get("eval")
+    if isinstance(ev, dict) and isinstance(ev.get("sets"), dict):  # eval.sets.NAME=null drops a set
+        tree = {**tree, "eval": {**ev, "sets": {k: v for k, v in ev["sets"].items() if v is not None}}}
     cfg = build(RLConfig, tree)
     resolve_init_from(cfg.model)
     _apply_trained_mask(cfg, tree)
