@@ -55,7 +55,7 @@ def test_crashed_reward_worker_is_replaced_and_the_batch_rescored(tmp_path, monk
     _, faulty = run(tmp_path / "faulty", "train.total_steps=1", "reward.num_workers=1",
                     "reward.fn=test_rl_faults:crash_once_reward")
     assert os.path.exists(tmp_path / "crashed")
-    assert faulty[0]["reward_retries"] == 1
+    assert faulty[0]["reward_retries"] == 1 and faulty[0]["reward/crashes"] == 1  # logged with the step
     _same_batch(clean[0], faulty[0])
 
 

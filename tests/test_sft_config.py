@@ -58,9 +58,13 @@ def test_every_shipped_recipe_loads():
         assert isinstance(load_recipe(name), dict)
 
 
-def test_stage2_without_a_stage1_checkpoint_names_model_path():
-    with pytest.raises(ConfigError, match=r"model.path is not set; stage 2 starts from the stage-1 model"):
+def test_stage2_without_a_stage1_checkpoint_names_the_command_to_run_first(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the stage-1 recipe's default output_dir is relative: runs/qwen3_8b_stage1
+    with pytest.raises(ConfigError, match=r"export .*runs/qwen3_8b_stage1/hf does not exist; "
+                                          r"run `memento-train recipe=qwen3_8b_stage1` first"):
         load_sft_config("qwen3_8b_stage2", ["data.path=synthetic:4"])
+    with pytest.raises(ConfigError, match=r"model.path is not set; stage 2 starts from the stage-1 model"):
+        load_sft_config("qwen3_8b_stage2", ["data.path=synthetic:4", "model.init_from=null"])
 
 
 def test_stage2_from_a_non_stage1_directory_is_refused(tmp_path):

@@ -48,7 +48,11 @@ class ModelConfig:
 
     Attributes:
         path: a Hugging Face model directory or hub id; ``None`` builds a tiny random model (``tiny``)
-            with the shipped tokenizer.
+            with the shipped tokenizer, unless ``init_from`` names where the model comes from.
+        init_from: the recipe (shipped name or file) of the previous stage: with ``path`` null the model
+            is that recipe's export, ``<its default output_dir>/hf``, so the paper's commands chain
+            with defaults (``qwen3_8b_stage1`` -> ``qwen3_8b_stage2`` -> ``grpo``). When that export
+            does not exist the error names the command to run first.
         tokenizer: tokenizer directory / hub id; ``None`` = ``path``'s (the shipped one for tiny).
         attn_backend: memento attention backend (``auto``, ``segment``, ``sdpa``, ``flex``,
             ``flash_attn``, ``triton``); ``auto`` picks the fastest available on the device for each
@@ -60,6 +64,7 @@ class ModelConfig:
     """
 
     path: str | None = None
+    init_from: str | None = None
     tokenizer: str | None = None
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     attn_backend: str = "auto"
@@ -205,6 +210,25 @@ class SFTConfig:
         return self
 
 
+def resolve_init_from(model: ModelConfig) -> None:
+    """Set ``model.path`` from ``model.init_from`` (see :class:`ModelConfig`) when it is unset; raise
+    :class:`ConfigError` naming the command that produces the export when it does not exist yet."""
+    if model.path is not None or model.init_from is None:
+        return
+    name = model.init_from
+    tree = load_recipe(name)
+    cli = "memento-rl" if "rollout" in tree else "memento-train"
+    out = tree.get("output_dir")
+    if not out:
+        raise ConfigError(f"model.init_from={name!r}: that recipe sets no output_dir to find its export in; "
+                          f"set model.path=<its output_dir>/hf")
+    hf = Path(os.path.abspath(os.path.expanduser(str(out)))) / "hf"
+    if not (hf / EXPORT_MARKER).is_file():
+        raise ConfigError(f"model.init_from={name}: the previous stage's export {hf} does not exist; run "
+                          f"`{cli} recipe={name}` first (it exports there), or set model.path=DIR to its export")
+    model.path = str(hf)
+
+
 def _check_stage1_init(path: str | None) -> None:
     hint = ("stage 2 starts from the stage-1 model: set model.path=<stage-1 output_dir>/hf "
             "(or model.require_stage1_init=false to start from another model)")
@@ -244,6 +268,7 @@ def build_sft_config(tree: dict[str, Any]) -> SFTConfig:
         if not has_key(tree, key):
             raise ConfigError(f"{key} is not set: {why}. Add {key}=true|false to the recipe or command line")
     cfg = build(SFTConfig, tree)
+    resolve_init_from(cfg.model)
     data_path = cfg.data.path
     if parse_source(str(data_path)) is None and not os.path.isabs(str(data_path)) and os.path.exists(str(data_path)):
         cfg.data.path = os.path.abspath(str(data_path))  # workers may run in another directory
