@@ -83,7 +83,15 @@ def _plan_rl(recipe: str | None, opts: dict[str, Any], gpu: str, capacity: float
 
     tree = config_tree(recipe, opts)
     warmup = bool((tree.get("warmup") or {}).get("enabled", False))  # the tiny default trains a tiny model
-    tree, note = _with_base_model(tree, recipe, default=None if warmup else DEFAULT_RL_MODEL)
+    init_from = (tree.get("model") or {}).get("init_from")
+    if (tree.get("model") or {}).get("path") is None and init_from:
+        # The policy is the previous stage's export, which need not exist yet: plan with that recipe's
+        # model and eviction rule.
+        tree = _with_previous_stage(tree, init_from)
+        note = (f"model.path is unset (the export of {init_from}, run it first): planning with the shape of "
+                f"{tree['model']['path']}")
+    else:
+        tree, note = _with_base_model(tree, recipe, default=None if warmup else DEFAULT_RL_MODEL)
     cfg = build_rl_config(tree)
     shape = _shape(cfg.model)
     rollout, prompts, train = cfg.rollout, cfg.prompts, cfg.train
@@ -129,6 +137,18 @@ def _with_base_model(tree: dict[str, Any], recipe: str | None, default: str | No
     else:
         return tree, ""
     return deep_merge(tree, {"model": {"path": base}}), note
+
+
+def _with_previous_stage(tree: dict[str, Any], init_from: str) -> dict[str, Any]:
+    """``tree`` with the model and the unset ``rollout.mask`` options of SFT recipe ``init_from``."""
+    from memento_train.sft.config import config_tree as sft_tree
+
+    stage = sft_tree(init_from, {})
+    rule = {k: v for k, v in ((stage.get("data") or {}).get("mask") or {}).items()
+            if k in ("keep_last_n_blocks", "mask_delimiters")}
+    mask = {**rule, **((tree.get("rollout") or {}).get("mask") or {})}
+    return deep_merge(tree, {"model": {"path": _base_model_path(init_from) or DEFAULT_RL_MODEL},
+                             "rollout": {"mask": mask}})
 
 
 def _shape(mcfg: Any) -> ModelShape:
