@@ -216,7 +216,8 @@ class VLLMEngine:
         self.default_stop: tuple[int, ...] = () if eos is None else (int(eos),)
 
     # -- sampling ---------------------------------------------------------------------------
-    def sampling_params(self, params: SamplingParams, *, n: int | None = None, seed: int | None = None) -> Any:
+    def sampling_params(self, params: SamplingParams, *, n: int | None = None, seed: int | None = None,
+                        extra_args: Mapping[str, Any] | None = None) -> Any:
         """The vLLM ``SamplingParams`` for ``params`` (``n`` / ``seed`` override the params' own)."""
         kwargs = dict(
             n=params.n if n is None else n, temperature=params.temperature, top_p=params.top_p,
@@ -227,6 +228,8 @@ class VLLMEngine:
         )
         if self.backend == "plugin":
             kwargs["detokenize"] = False  # ids are what we return; text is decoded by callers if wanted
+            if extra_args:
+                kwargs["extra_args"] = dict(extra_args)
         return self._sampling_params_factory(**kwargs)
 
     def logprobs_exact(self, params: SamplingParams) -> bool:
@@ -269,12 +272,20 @@ class VLLMEngine:
             results.append([self._convert_overlay(prompt, c, exact) for c in completions])
         return results
 
-    def run(self, requests: Sequence[SequenceRequest], params: SamplingParams) -> list[GenerationResult]:
+    def run(self, requests: Sequence[SequenceRequest], params: SamplingParams, *,
+            extra_args: Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None = None) -> list[GenerationResult]:
         """One result per request, each seeded like the reference engine's sequence (plugin backend).
 
         ``request.seed`` (else ``derive_seed(params.seed, prompt_index, sample_index)``) seeds it;
-        ``max_new_tokens`` overrides the params'. Teacher forcing is not available through vLLM.
+        ``max_new_tokens`` overrides the params'. ``extra_args`` (one mapping for all, or one per
+        request) go to vLLM's ``SamplingParams.extra_args``: e.g. ``{"memento": {"keep_last_n_blocks": 1}}``
+        overrides the engine's eviction options for that request (:mod:`memento_train.serving.config`).
+        Teacher forcing is not available through vLLM.
         """
+        if extra_args is None or isinstance(extra_args, Mapping):
+            extra_args = [extra_args] * len(requests)
+        if len(extra_args) != len(requests):
+            raise ValueError(f"{len(extra_args)} extra_args for {len(requests)} requests")
         if self.backend != "plugin":
             raise NotImplementedError("VLLMEngine.run needs the plugin backend (vLLM 0.32); use generate")
         if any(len(r.forced_token_ids) for r in requests):
@@ -282,14 +293,14 @@ class VLLMEngine:
                                       "ReferenceGenerator.teacher_force")
         base = params.seed if params.seed is not None else random_seed()
         prompts, sps = [], []
-        for r in requests:
+        for r, extra in zip(requests, extra_args):
             prompt = [int(t) for t in r.prompt_ids]
             if not prompt:
                 raise ValueError("every prompt needs at least one token")
             seed = r.seed if r.seed is not None else derive_seed(base, r.prompt_index, r.sample_index)
             one = params if r.max_new_tokens is None else _with_budget(params, r.max_new_tokens)
             prompts.append(prompt)
-            sps.append(self.sampling_params(one, n=1, seed=None if params.greedy else seed))
+            sps.append(self.sampling_params(one, n=1, seed=None if params.greedy else seed, extra_args=extra))
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sps, use_tqdm=False)
         if len(outputs) != len(prompts):
             raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} requests")

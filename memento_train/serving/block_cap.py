@@ -96,8 +96,12 @@ class BlockLengthCap(LogitsProcessor):
         for row in self._rows.values():
             row.catch_up()
 
+    def rows_to_force(self, num_rows: int) -> list[int]:
+        """Batch rows whose next token this processor will force (state as of the last update)."""
+        return [i for i, row in self._rows.items() if row.must_close and i < num_rows]
+
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        self.forced_rows = [i for i, row in self._rows.items() if row.must_close and i < logits.shape[0]]
+        self.forced_rows = self.rows_to_force(logits.shape[0])
         if self.forced_rows:
             rows = torch.tensor(self.forced_rows, device=logits.device)
             keep = logits[rows, self._end].clone()

@@ -21,6 +21,9 @@ from ..masking import SpecialTokens
 
 CONFIG_KEY = "memento"  # in additional_config and in SamplingParams.extra_args
 FLAT_PREFIX = "memento_"  # flat per-request keys (OpenAI vllm_xargs only carries scalars)
+# Diagnostic, per request: track and report evictions but keep the KV (no compaction). What a server
+# that only does the bookkeeping computes; the tests' negative control. Never for real use.
+KEEP_KV_KEY = "memento_debug_keep_kv"
 _MASKING_KEYS = tuple(f.name for f in fields(BlockMaskingConfig))
 
 
@@ -83,6 +86,11 @@ class ServingConfig:
         return cfg
 
 
+def request_keeps_kv(extra_args: Mapping[str, Any] | None) -> bool:
+    """The diagnostic :data:`KEEP_KV_KEY`: evictions are tracked and reported but not applied."""
+    return bool(extra_args and extra_args.get(KEEP_KV_KEY))
+
+
 def validate_request_override(extra_args: Mapping[str, Any] | None) -> None:
     """Check a request's eviction options before it reaches the engine (whatever the engine defaults).
 
@@ -117,7 +125,7 @@ def request_override(extra_args: Mapping[str, Any] | None) -> dict[str, Any]:
     nested = extra_args.get(CONFIG_KEY) or {}
     if not isinstance(nested, Mapping):
         raise ValueError(f"extra_args['{CONFIG_KEY}'] must be a mapping of eviction options")
-    flat = {k[len(FLAT_PREFIX):]: v for k, v in extra_args.items() if k.startswith(FLAT_PREFIX)}
+    flat = {k[len(FLAT_PREFIX):]: v for k, v in extra_args.items() if k.startswith(FLAT_PREFIX) and k != KEEP_KV_KEY}
     out = {**flat, **nested}
     unknown = set(out) - set(_MASKING_KEYS)
     if unknown:

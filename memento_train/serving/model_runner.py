@@ -15,9 +15,11 @@ its subclass). Per step:
 3. Sampling: log-probs are ``log_softmax(logits / T)`` before any logits processor or truncation
    (:class:`MementoSampler`: exact for every temperature, a forced ``<|block_end|>`` gets its model
    log-prob); seeded rows draw with vLLM's exponential race on every device (on CPU vLLM would use
-   its fused Gumbel kernel for them, whose draws differ); a discarded sample (partial prefill, e.g.
-   a chunk ending at an eviction row) leaves its request's generator untouched (vLLM rewinds CUDA
-   Philox offsets, which CPU generators do not have).
+   its fused Gumbel kernel for them, whose draws differ). A row whose token is not a draw leaves its
+   request's generator untouched, as in the reference engine: a discarded sample (partial prefill,
+   e.g. a chunk ending at an eviction row; vLLM rewinds CUDA Philox offsets, which CPU generators do
+   not have) and a ``<|block_end|>`` forced by the block cap. So a seeded sequence's draws do not
+   depend on how it was chunked, preempted or capped.
 4. The output carries :data:`REPORT_FIELD`: per request the physical KV length the step attended
    over and whether the block cap forced its token.
 """
@@ -174,13 +176,18 @@ class MementoRunnerMixin:
     def _sample(self, logits, spec_decode_metadata):
         num_reqs = self.input_batch.num_reqs
         generators = self.input_batch.generators
-        discarded = [int(i) for i in np.flatnonzero(self.discard_request_mask.np[:num_reqs]) if int(i) in generators]
-        saved = {i: generators[i].get_state() for i in discarded}
+        cap = self._block_cap()
+        not_drawn = {int(i) for i in np.flatnonzero(self.discard_request_mask.np[:num_reqs])}
+        not_drawn.update(cap.rows_to_force(num_reqs) if cap is not None else ())
+        saved = {i: generators[i].get_state() for i in not_drawn if i in generators}
         out = super()._sample(logits, spec_decode_metadata)
         for i, state in saved.items():
             generators[i].set_state(state)
-        self._restored_generators = discarded
+        self._restored_generators = list(saved)
         return out
+
+    def _block_cap(self) -> BlockLengthCap | None:
+        return next((p for p in self.input_batch.logitsprocs.all if isinstance(p, BlockLengthCap)), None)
 
     def _bookkeeping_sync(self, *args: Any, **kwargs: Any):
         # vLLM rewinds a discarded row's generator by a Philox offset (CPU generators have none and
@@ -194,7 +201,7 @@ class MementoRunnerMixin:
             self._restored_generators = []
 
     def sample_tokens(self, grammar_output):
-        cap = next((p for p in self.input_batch.logitsprocs.all if isinstance(p, BlockLengthCap)), None)
+        cap = self._block_cap()
         if cap is not None:
             cap.forced_rows = []
         out = super().sample_tokens(grammar_output)

@@ -49,8 +49,10 @@ class Compaction:
 class RequestEvictions:
     """The eviction bookkeeping of one request (module docstring)."""
 
-    def __init__(self, prompt_ids: Sequence[int], special: SpecialTokens, config: MaskConfig) -> None:
+    def __init__(self, prompt_ids: Sequence[int], special: SpecialTokens, config: MaskConfig, *,
+                 physical: bool = True) -> None:
         self.prompt_len = len(prompt_ids)
+        self.compacts = physical  # False: events are recorded, the cache keeps everything (diagnostic)
         self.tracker = BlockTracker(special, config, prompt_len=self.prompt_len)
         for tok in prompt_ids:
             assert not self.tracker.step(int(tok))[2], "prompt tokens never evict"
@@ -92,7 +94,7 @@ class RequestEvictions:
             if index >= len(self.events):  # first time; a replay after preemption is not a new event
                 self.events.append((ev.row, ev.start, ev.stop))
             new_spans.extend(self._not_yet_gone(ev.start, min(ev.stop, num_computed)))
-        if not new_spans:
+        if not new_spans or not self.compacts:
             return None
         removed = merge_spans([(self.physical(a), self.physical(a) + (b - a)) for a, b in merge_spans(new_spans)])
         for a, b in new_spans:

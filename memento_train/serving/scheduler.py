@@ -31,7 +31,7 @@ from vllm.v1.core.kv_cache_manager import KVCacheManager
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from ..generation.engine import BlockMaskingConfig
-from .config import CONFIG_KEY, ServingConfig
+from .config import CONFIG_KEY, ServingConfig, request_keeps_kv
 from .model_runner import EVICTED_FIELD, OPS_FIELD, REPORT_FIELD
 from .request_state import Compaction, RequestEvictions
 
@@ -106,9 +106,11 @@ class MementoScheduler(Scheduler):
         if request.request_id not in self.requests and request.sampling_params is not None:
             if request.resumable:
                 raise ValueError("streaming-input (resumable) requests are not supported with Memento eviction")
-            masking = self.memento.request_masking(request.sampling_params.extra_args)
+            extra = request.sampling_params.extra_args
+            masking = self.memento.request_masking(extra)
             self._tracked[request.request_id] = _Tracked(masking, RequestEvictions(
-                request.prompt_token_ids or [], self.memento.special, masking.mask_config()))
+                request.prompt_token_ids or [], self.memento.special, masking.mask_config(),
+                physical=not request_keeps_kv(extra)))
         super().add_request(request)
 
     # -- tokens in ---------------------------------------------------------------------------
