@@ -28,7 +28,7 @@ import inspect
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from ..masking import SpecialTokens, live_kv_trace, parse
@@ -48,6 +48,58 @@ _REFERENCE_HINT = (
     "the reference engine (memento_train.generation.ReferenceGenerator) generates with the same "
     "eviction rule without vLLM"
 )
+
+
+@dataclass
+class VLLMOptions:
+    """How a ``generator=vllm`` engine is started (vLLM engine-argument names; config section ``vllm``).
+
+    Attributes:
+        dtype: weights and KV dtype (``auto``: the checkpoint's).
+        max_model_len: context length (None: the model's).
+        tensor_parallel_size: GPUs per engine.
+        gpu_memory_utilization: fraction of GPU memory (on vLLM's CPU backend: of host memory) for
+            weights + KV; None keeps the caller's default.
+        kv_cache_memory_gb: an explicit KV cache size instead (the sane choice on CPU).
+        block_size: KV block size in tokens (None: vLLM's default).
+        enforce_eager: no CUDA graphs / torch.compile (faster start, slower steps).
+        engine_args: any other ``vllm.LLM`` keyword.
+    """
+
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None
+    kv_cache_memory_gb: float | None = None
+    block_size: int | None = None
+    enforce_eager: bool = False
+    engine_args: dict = field(default_factory=dict)
+
+    def validate(self, prefix: str = "vllm") -> None:
+        """Raise ValueError naming the option."""
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"{prefix}.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"{prefix}.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
+            raise ValueError(f"{prefix}.kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        for key in ("model", "block_masking_config", "additional_config", "enable_prefix_caching"):
+            if key in self.engine_args:
+                raise ValueError(f"{prefix}.engine_args.{key} is set by memento-train; remove it")
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Keywords for :class:`VLLMEngine` (and through it ``vllm.LLM``)."""
+        out: dict[str, Any] = {"dtype": self.dtype, "tensor_parallel_size": self.tensor_parallel_size,
+                               "enforce_eager": self.enforce_eager}
+        if self.max_model_len is not None:
+            out["max_model_len"] = self.max_model_len
+        if self.gpu_memory_utilization is not None:
+            out["gpu_memory_utilization"] = self.gpu_memory_utilization
+        if self.kv_cache_memory_gb is not None:
+            out["kv_cache_memory_bytes"] = int(self.kv_cache_memory_gb * (1 << 30))
+        if self.block_size is not None:
+            out["block_size"] = self.block_size
+        return {**out, **self.engine_args}
 
 
 def check_vllm_block_masking() -> str:
@@ -338,7 +390,8 @@ class VLLMEngine:
             extra={
                 "engine": "vllm", "backend": "plugin", "kv_trace": "measured", "logprobs_exact": True,
                 "evictions": [tuple(e) for e in report["eviction_events"]], "forced": forced,
-                "preemptions": report["preemptions"], "seed": getattr(sp, "seed", None),
+                "preemptions": report["preemptions"], "replayed_evictions": report["replayed_evictions"],
+                "seed": getattr(sp, "seed", None),
                 "stop_reason": getattr(completion, "stop_reason", None), "anomalies": len(parsed.anomalies),
             },
         )

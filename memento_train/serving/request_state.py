@@ -62,6 +62,7 @@ class RequestEvictions:
         self.evicted = 0  # physical entries removed (= total length of _gone)
         self.events: list[tuple[int, int, int]] = []  # (row, start, stop) at their first application
         self.restarts = 0
+        self.replayed = 0  # evictions re-applied by recomputations after preemption
 
     # -- feeding -------------------------------------------------------------------------------
     def feed(self, token_id: int) -> list[Eviction]:
@@ -122,6 +123,7 @@ class RequestEvictions:
     def restart(self) -> None:
         """The cache was dropped (preemption): it will be recomputed, every eviction is due again."""
         self._due = deque(self.decided)
+        self.replayed += len(self.decided)
         self._gone = []
         self.evicted = 0
         self.restarts += 1

@@ -186,6 +186,7 @@ class MementoScheduler(Scheduler):
             "final_kv": known[-1] if known else 0,
             "forced_block_ends": sum(tracked.forced),
             "preemptions": ev.restarts,
+            "replayed_evictions": ev.replayed,
             "kv_bytes_per_token": self._kv_bytes_per_token,
             "block_masking": tracked.masking.to_dict(),
         }
