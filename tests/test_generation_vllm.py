@@ -146,6 +146,21 @@ def test_block_cap_and_tokenizer_options():
     assert make_engine(tokenizer=TOK).special == SPECIAL
 
 
+def test_dtype_auto_serves_the_checkpoint_dtype_not_vllms_half_precision(tmp_path):
+    """vLLM's own dtype=auto casts a float32 checkpoint to half precision: RL rollouts then differ from a
+    float32 trainer by ~5e-2 in log-prob with the same tokens. auto means the checkpoint's dtype here."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3", "dtype": "float32"}))
+    engine = VLLMEngine(tmp_path, BlockMaskingConfig(), dtype="auto", llm_factory=FakeLLM,
+                        sampling_params_factory=FakeSamplingParams)
+    assert engine.llm.kwargs["dtype"] == "float32"
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))  # transformers 4 key
+    assert make_engine(dtype="auto").llm.kwargs["dtype"] == "auto"  # no config.json: vLLM decides
+    assert VLLMEngine(tmp_path, BlockMaskingConfig(), dtype="auto", llm_factory=FakeLLM,
+                      sampling_params_factory=FakeSamplingParams).llm.kwargs["dtype"] == "bfloat16"
+
+
 def test_prefix_caching_and_bad_logprobs_mode_refused():
     with pytest.raises(ValueError, match="prefix_caching"):
         make_engine(enable_prefix_caching=True)

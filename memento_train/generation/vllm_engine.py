@@ -55,7 +55,7 @@ class VLLMOptions:
     """How a ``generator=vllm`` engine is started (vLLM engine-argument names; config section ``vllm``).
 
     Attributes:
-        dtype: weights and KV dtype (``auto``: the checkpoint's).
+        dtype: weights and KV dtype (``auto``: the checkpoint's own, see :func:`checkpoint_dtype`).
         max_model_len: context length (None: the model's).
         tensor_parallel_size: GPUs per engine.
         gpu_memory_utilization: fraction of GPU memory (on vLLM's CPU backend: of host memory) for
@@ -100,6 +100,24 @@ class VLLMOptions:
         if self.block_size is not None:
             out["block_size"] = self.block_size
         return {**out, **self.engine_args}
+
+
+def checkpoint_dtype(model_path: str | os.PathLike) -> str | None:
+    """The dtype a checkpoint's ``config.json`` declares (``dtype`` / ``torch_dtype``), or None.
+
+    :class:`VLLMEngine` resolves ``dtype="auto"`` with it because vLLM's own ``auto`` serves a float32
+    checkpoint in half precision: RL rollouts would then disagree with a float32 trainer by ~1e-2 in
+    log-prob while producing the same tokens.
+    """
+    import json
+
+    path = os.path.join(str(model_path), "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    value = config.get("dtype") or config.get("torch_dtype")
+    return str(value).replace("torch.", "") if value else None
 
 
 def check_vllm_block_masking() -> str:
@@ -157,8 +175,17 @@ def select_backend(backend: str = "auto") -> str:
 
 
 def _load_weights_on_worker(worker: Any, weights: list) -> int:
-    """Runs inside each vLLM worker (via ``collective_rpc``): the model's own loader shards for TP."""
-    worker.model_runner.model.load_weights(weights=weights)
+    """Runs inside each vLLM worker (via ``collective_rpc``): the model's own loader shards for TP.
+
+    vLLM >= 0.2x reloads in place through ``Worker.reload_weights`` (parameters post-processed after
+    loading, e.g. repacked for the CPU kernels, no longer carry their ``weight_loader``); older
+    versions load through the model.
+    """
+    reload = getattr(worker, "reload_weights", None)
+    if callable(reload):
+        reload(weights_iterator=iter(weights))
+    else:
+        worker.model_runner.model.load_weights(weights=weights)
     return len(weights)
 
 
@@ -170,6 +197,7 @@ class VLLMEngine:
     or ``overlay`` (module docstring). ``llm_factory(**kwargs)`` / ``sampling_params_factory(**kwargs)``
     replace ``vllm.LLM`` / ``vllm.SamplingParams`` (tests inject fakes; the version check is skipped).
     ``enable_weight_sync`` allows :meth:`update_weights` with vLLM's multiprocess engine core.
+    ``dtype="auto"`` means the checkpoint's own dtype (:func:`checkpoint_dtype`), not vLLM's ``auto``.
     Other keywords go to ``vllm.LLM`` (``enforce_eager``, ``block_size``, ``num_gpu_blocks_override``...).
     """
 
@@ -222,6 +250,8 @@ class VLLMEngine:
         if enable_weight_sync:
             os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
+        if dtype == "auto":
+            dtype = checkpoint_dtype(self.model_path) or "auto"
         kwargs: dict[str, Any] = dict(
             model=self.model_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization, seed=seed, logprobs_mode=logprobs_mode,
