@@ -339,6 +339,31 @@ def test_update_weights_through_collective_rpc(monkeypatch):
         make_engine().update_weights([("x", w)])
 
 
+def test_update_of_a_tied_embedding_also_loads_the_head(tmp_path, monkeypatch):
+    """vLLM's CPU build repacks the LM head apart from the tied embedding: updating the embedding alone
+    left the old head serving (RL trainer/rollout log-prob mismatch 2e-2 after the first update)."""
+    import json
+
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    (tmp_path / "config.json").write_text(json.dumps({"tie_word_embeddings": True, "dtype": "float32"}))
+    loaded = []
+
+    class RpcLLM(FakeLLM):
+        def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+            worker = SimpleNamespace(model_runner=SimpleNamespace(model=SimpleNamespace(
+                load_weights=lambda weights: loaded.append(dict(weights)))))
+            return [method(worker, *args, **(kwargs or {}))]
+
+    engine = VLLMEngine(tmp_path, BlockMaskingConfig(), llm_factory=RpcLLM, sampling_params_factory=FakeSamplingParams)
+    emb = torch.randn(4, 2)
+    engine.update_weights([("model.embed_tokens.weight", emb)])
+    assert set(loaded[-1]) == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert torch.equal(loaded[-1]["lm_head.weight"], emb)
+    head = torch.randn(4, 2)
+    engine.update_weights([("model.embed_tokens.weight", emb), ("lm_head.weight", head)])
+    assert torch.equal(loaded[-1]["lm_head.weight"], head)  # an explicit head is kept
+
+
 # -- vLLM detection ----------------------------------------------------------------------------
 def test_missing_vllm_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` -> ImportError

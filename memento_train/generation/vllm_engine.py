@@ -109,15 +109,20 @@ def checkpoint_dtype(model_path: str | os.PathLike) -> str | None:
     checkpoint in half precision: RL rollouts would then disagree with a float32 trainer by ~1e-2 in
     log-prob while producing the same tokens.
     """
+    config = _checkpoint_config(model_path)
+    value = config.get("dtype") or config.get("torch_dtype")
+    return str(value).replace("torch.", "") if value else None
+
+
+def _checkpoint_config(model_path: str | os.PathLike) -> dict:
+    """A local checkpoint's ``config.json`` ({} for hub names and directories without one)."""
     import json
 
     path = os.path.join(str(model_path), "config.json")
     if not os.path.isfile(path):
-        return None
+        return {}
     with open(path, encoding="utf-8") as f:
-        config = json.load(f)
-    value = config.get("dtype") or config.get("torch_dtype")
-    return str(value).replace("torch.", "") if value else None
+        return json.load(f)
 
 
 def check_vllm_block_masking() -> str:
@@ -250,6 +255,8 @@ class VLLMEngine:
         if enable_weight_sync:
             os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
+        config = _checkpoint_config(self.model_path)
+        self.tied_embeddings = bool(config.get("tie_word_embeddings", False))
         if dtype == "auto":
             dtype = checkpoint_dtype(self.model_path) or "auto"
         kwargs: dict[str, Any] = dict(
@@ -465,6 +472,11 @@ class VLLMEngine:
                 "reload the engine from a checkpoint instead"
             )
         weights = [(name, t.detach().to("cpu").contiguous()) for name, t in named_tensors]
+        names = {name for name, _ in weights}
+        if self.tied_embeddings and "lm_head.weight" not in names and "model.embed_tokens.weight" in names:
+            # vLLM's CPU build repacks the LM head apart from the tied embedding after loading: an update
+            # of the embedding alone would leave the old head in place.
+            weights.append(("lm_head.weight", dict(weights)["model.embed_tokens.weight"]))
         rpc(functools.partial(_load_weights_on_worker, weights=weights))
 
     def shutdown(self) -> None:

@@ -138,7 +138,9 @@ class RolloutWorker:
         if not out["aborted"]:
             if self.model is None:
                 t0 = time.perf_counter()
-                self.engine.update_weights((k, v) for k, v in targets.items() if k not in tied)
+                if tied:  # vLLM's CPU build repacks the head apart from the embedding: load both, equal
+                    targets["lm_head.weight"].copy_(targets["model.embed_tokens.weight"])
+                self.engine.update_weights(targets.items())
                 out["load_s"] = out.get("load_s", 0.0) + time.perf_counter() - t0
             self.version = version
         return out
@@ -159,12 +161,16 @@ class RolloutWorker:
                         dtype = getattr(torch, {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
                                         .get(part.get_dtype(), "float32"))
                         buffers[name] = torch.empty(part.get_shape(), dtype=dtype)
-            self._weight_buffers = buffers
-        from transformers import AutoConfig
+            from transformers import AutoConfig
 
-        tied = ({"lm_head.weight"} if getattr(AutoConfig.from_pretrained(self.cfg.model.path),
-                                              "tie_word_embeddings", False) else set())
-        return self._weight_buffers, tied
+            tied = getattr(AutoConfig.from_pretrained(self.cfg.model.path), "tie_word_embeddings", False)
+            self._tied = {"lm_head.weight"} if tied else set()
+            embed = buffers.get("model.embed_tokens.weight")
+            if tied and "lm_head.weight" not in buffers and embed is not None:
+                # exports leave the tied head out; the trainer may still send it
+                buffers["lm_head.weight"] = torch.empty_like(embed)
+            self._weight_buffers = buffers
+        return self._weight_buffers, self._tied
 
     def close_weight_sync(self) -> None:
         """Leave the weight-sync group. Idempotent."""
