@@ -1,8 +1,11 @@
-"""The plugin's per-request bookkeeping (no vLLM needed): at every row a scheduled chunk computes,
-the compacted cache holds exactly the keys the training mask lets that row see, through decode,
-chunked recomputation and preemption at any point, on random (malformed) streams and options."""
+"""The plugin's pieces that need no engine. The per-request bookkeeping: at every row a scheduled chunk
+computes, the compacted cache holds exactly the keys the training mask lets that row see, through
+decode, chunked recomputation and preemption at any point, on random (malformed) streams and options.
+The request options, and the engine arguments (V1 runner pinned, V2 refused)."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -103,6 +106,22 @@ def test_keep_kv_diagnostic_records_events_but_removes_nothing():
     ev = RequestEvictions([1, 2, 10, 50, 11, 12, 50], SP, MaskConfig(keep_last_n_blocks=0), physical=False)
     ev.feed(13)
     assert ev.take_due(7, block_size=4) is None and ev.evicted == 0 and ev.events == [(7, 3, 4)]
+
+
+def test_engine_args_install_the_plugin_and_pin_vllms_v1_model_runner(monkeypatch):
+    pytest.importorskip("vllm", reason="vLLM is not installed")
+    from types import SimpleNamespace
+
+    from memento_train.serving import plugin_engine_args
+    from memento_train.serving.worker import MementoGPUWorker
+
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    kw = plugin_engine_args(ServingConfig(special=SP))
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"  # vLLM 0.32 defaults to V2 on GPUs with Triton
+    assert kw["scheduler_cls"].endswith("MementoScheduler") and kw["async_scheduling"] is False
+    assert kw["enable_prefix_caching"] is False and kw["additional_config"]["memento"]["special"]["block_start"] == 10
+    with pytest.raises(RuntimeError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
+        MementoGPUWorker._make_model_runner(SimpleNamespace(use_v2_model_runner=True))
 
 
 def test_request_options_are_validated_before_they_reach_the_engine():
