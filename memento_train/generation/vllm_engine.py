@@ -272,18 +272,9 @@ class VLLMEngine:
             if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
                 tokenizer = _load_tokenizer(str(tokenizer or model_path))
             self._set_special(tokenizer)
-            from ..serving import ServingConfig, plugin_engine_args
-
-            serving = ServingConfig(special=self.special, block_masking=block_masking, report_traces=report_traces)
-            kwargs.update(plugin_engine_args(serving))
-            kwargs["logprobs_mode"] = "raw_logprobs"  # the plugin's sampler makes these exact at any T
-            self.logprobs_mode = "raw_logprobs"
+            kwargs.update(self._plugin_engine_kwargs(report_traces))
         else:
-            bm = block_masking.to_dict()
-            bm["max_block_tokens"] = bm["max_block_tokens"] or 0  # the overlay's "no cap"
-            kwargs["block_masking_config"] = bm
-            if block_masking.enable and block_masking.max_block_tokens:
-                kwargs["async_scheduling"] = False  # the cap processor needs real ids, not placeholders
+            kwargs.update(self._overlay_engine_kwargs())
         kwargs.update(llm_kwargs)
         kwargs["enable_prefix_caching"] = False
         self.llm_kwargs = kwargs
@@ -293,6 +284,24 @@ class VLLMEngine:
                 tokenizer = self.llm.get_tokenizer()
             self._set_special(tokenizer)
         self._mask_config = block_masking.mask_config()
+
+    def _plugin_engine_kwargs(self, report_traces: bool) -> dict[str, Any]:
+        """vLLM 0.32: the plugin's engine arguments (:func:`memento_train.serving.plugin_engine_args`)."""
+        from ..serving import ServingConfig, plugin_engine_args
+
+        serving = ServingConfig(special=self.special, block_masking=self.block_masking, report_traces=report_traces)
+        self.logprobs_mode = "raw_logprobs"  # the plugin's sampler makes these exact at any temperature
+        return {**plugin_engine_args(serving), "logprobs_mode": "raw_logprobs"}
+
+    def _overlay_engine_kwargs(self) -> dict[str, Any]:
+        """vLLM 0.13 + the overlay: ``block_masking_config`` (the overlay's names; the place for the
+        0.13-specific runtime patches and engine arguments)."""
+        bm = self.block_masking.to_dict()
+        bm["max_block_tokens"] = bm["max_block_tokens"] or 0  # the overlay's "no cap"
+        out: dict[str, Any] = {"block_masking_config": bm}
+        if self.block_masking.enable and self.block_masking.max_block_tokens:
+            out["async_scheduling"] = False  # the cap processor needs real ids, not placeholders
+        return out
 
     def _set_special(self, tokenizer: Any) -> None:
         if isinstance(tokenizer, Mapping):
