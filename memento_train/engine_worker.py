@@ -6,6 +6,7 @@ loops produce one checkpoint layout and one export format.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -15,17 +16,33 @@ from memento_train.export import export_hf
 from memento_train.rank_state import load_rank_state, save_rank_state
 
 
+@contextlib.contextmanager
+def _as_exception(what: str, path: str):
+    """torch.distributed.checkpoint raises ``CheckpointException``, a ``BaseException``: it would slip
+    past every ``except Exception`` (and kill a Ray actor as if it had exited). Make it an error."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except Exception:
+        raise
+    except BaseException as exc:
+        raise RuntimeError(f"checkpoint {what} at {path} failed: {type(exc).__name__}: {exc}") from exc
+
+
 class EngineWorker(DistributedWorker):
     """Base of trainer workers. Subclasses set ``self.engine``, ``self.tokenizer``,
     ``self.model_config`` and ``self.cfg`` (with ``cfg.engine.precision``) in their setup."""
 
     def save(self, path: str) -> None:
         """Write this rank's share of a checkpoint into the staging directory ``path``."""
-        save_rank_state(self.engine, path, self.rank)
+        with _as_exception("save", path):
+            save_rank_state(self.engine, path, self.rank)
 
     def load(self, path: str) -> None:
         """Restore engine state and this rank's RNG from checkpoint ``path``."""
-        load_rank_state(self.engine, path, self.rank)
+        with _as_exception("load", path):
+            load_rank_state(self.engine, path, self.rank)
 
     def export_hf(self, out_dir: str, info: dict[str, Any]) -> str | None:
         """Collective: gather full weights; rank 0 writes the HF model directory."""

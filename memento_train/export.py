@@ -1,38 +1,59 @@
 """Hugging Face export: safetensors weights, tokenizer with chat template, generation config and a
-marker file describing the run, loadable by ``AutoModelForCausalLM.from_pretrained`` and vLLM."""
+marker file describing the run, loadable by ``AutoModelForCausalLM.from_pretrained`` and vLLM.
+
+The marker (``memento_train.json``) always records the eviction rule the model was trained with
+(``mask``: the :class:`~memento_train.masking.MaskConfig` fields). RL rollouts and ``memento-eval``
+read it (:func:`exported_mask`) and default their block masking to it, and a generation config that
+contradicts it is refused unless the user says the mismatch is intended (:func:`apply_exported_mask`):
+a Phi-4 stage-2 model (``mask_delimiters=true``) must not be served with ``mask_delimiters=false``.
+"""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from memento_train.masking import MaskConfig
 from memento_train.tokens import IM_END
 
 MARKER_FILE = "memento_train.json"
+# The options of the eviction rule itself (serving-only options such as max_block_tokens are not).
+MASK_RULE_FIELDS = ("keep_last_n_blocks", "mask_delimiters", "keep_last_block_for_answer")
 
 
 def export_hf(state_dict: dict[str, torch.Tensor], config: Any, tokenizer: Any, out_dir: str | os.PathLike,
               *, info: dict[str, Any], dtype: torch.dtype = torch.bfloat16) -> str:
     """Write a servable HF model directory from full (unsharded) weights; returns ``out_dir``.
 
+    ``state_dict`` is consumed (emptied) while the weights are converted to ``dtype``.
+
     ``config`` is the trained model's config (its attention implementation is reset to ``sdpa`` so the
     export loads without memento-train installed); weights are stored in ``dtype`` (bf16 by default,
     what serving uses; pass ``torch.float32`` to keep full precision). ``info`` (stage, step, mask
-    options...) goes to ``memento_train.json``.
+    options...) goes to ``memento_train.json``; it must hold ``mask``, the eviction rule the weights
+    were trained with (a :class:`~memento_train.masking.MaskConfig` or its fields).
     """
     import transformers
 
+    info = {**info, "mask": _mask_fields(info.get("mask"))}
     os.makedirs(out_dir, exist_ok=True)
     config = copy.deepcopy(config)
     config.use_cache = True
     config._attn_implementation = None
     with torch.device("meta"):
         skeleton = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    weights = {k: v.detach().to("cpu", dtype) for k, v in state_dict.items()}
+    # Converted tensor by tensor, each fp32 original released as soon as its copy exists (the caller
+    # hands over ``state_dict``): the host holds one full copy plus one tensor, not two full copies.
+    weights = {}
+    for k in list(state_dict):
+        weights[k] = state_dict.pop(k).detach().to("cpu", dtype)
     missing, unexpected = skeleton.load_state_dict(weights, strict=False, assign=True)
     tied = set(getattr(skeleton, "all_tied_weights_keys", {}) or {}) | {"lm_head.weight"}
     missing = [k for k in missing if not (k in tied and getattr(config, "tie_word_embeddings", False))]
@@ -53,3 +74,50 @@ def export_hf(state_dict: dict[str, torch.Tensor], config: Any, tokenizer: Any, 
     with open(os.path.join(out_dir, MARKER_FILE), "w") as f:
         json.dump(info, f, indent=2, default=str)
     return str(out_dir)
+
+
+def _mask_fields(mask: Any) -> dict[str, Any]:
+    if mask is None:
+        raise ValueError("export: info['mask'] is required: every export records the eviction rule its "
+                         "weights were trained with (RL and memento-eval default to it)")
+    if isinstance(mask, MaskConfig):
+        return dataclasses.asdict(mask)
+    return dataclasses.asdict(MaskConfig(**{k: v for k, v in dict(mask).items()
+                                            if k in {f.name for f in dataclasses.fields(MaskConfig)}}))
+
+
+def read_export_info(path: str | os.PathLike | None) -> dict[str, Any] | None:
+    """The ``memento_train.json`` of the export at ``path``, or ``None`` when there is none (a hub
+    name, a model not exported by memento-train)."""
+    if path is None:
+        return None
+    marker = Path(os.path.expanduser(str(path))) / MARKER_FILE
+    if not marker.is_file():
+        return None
+    return json.loads(marker.read_text())
+
+
+def exported_mask(path: str | os.PathLike | None) -> MaskConfig | None:
+    """The eviction rule the export at ``path`` was trained with, ``None`` when unknown."""
+    info = read_export_info(path)
+    if info is None or not isinstance(info.get("mask"), dict):
+        return None
+    fields = {f.name for f in dataclasses.fields(MaskConfig)}
+    return MaskConfig(**{k: v for k, v in info["mask"].items() if k in fields})
+
+
+def apply_exported_mask(serving: Any, exported: MaskConfig, given: Iterable[str]) -> tuple[Any, list[str]]:
+    """``serving`` (a :class:`~memento_train.generation.engine.BlockMaskingConfig`) with every rule
+    field not in ``given`` (the options the user set) taken from ``exported``, and one description per
+    field the user set to something else than the model was trained with (``[]`` when they agree).
+    ``enable=false`` counts as ``keep_last_n_blocks=-1``."""
+    given = set(given)
+    fill = {k: getattr(exported, k) for k in MASK_RULE_FIELDS if k not in given}
+    if "keep_last_n_blocks" in fill and "enable" not in given:  # the overlay's way to say "never evict"
+        fill["enable"] = exported.keep_last_n_blocks >= 0
+        fill["keep_last_n_blocks"] = max(exported.keep_last_n_blocks, 0)
+    out = dataclasses.replace(serving, **fill)
+    effective = out.mask_config()
+    mismatches = [f"{k}={getattr(effective, k)!r} (the model: {getattr(exported, k)!r})"
+                  for k in MASK_RULE_FIELDS if getattr(effective, k) != getattr(exported, k)]
+    return out, mismatches

@@ -1,8 +1,14 @@
 """The front shared by the recipe-driven commands (``memento-train``, ``memento-rl``).
 
 Both take ``[show] [recipe=NAME] [section.option=value ...]``, print their docstring for ``help``,
-list the shipped recipes for ``recipes`` and turn a :class:`ConfigError` into one line on stderr and
-exit code 2. Each command supplies only what it does with the parsed arguments.
+list the shipped recipes for ``recipes``, plan a recipe's memory for ``plan`` (see
+:mod:`memento_train.planning.cli`: ``<command> plan recipe=NAME [gpu=H100|H200|B200] [key=value ...]``)
+and turn a :class:`ConfigError` into one line on stderr and exit code 2. Each command supplies only
+what it does with the parsed arguments.
+
+Exit codes: 0 done, 2 bad configuration, 75 (:data:`~memento_train.faults.preemption.EXIT_PREEMPTED`)
+checkpointed and stopped on a preemption signal (run the same command again to continue), 1 a
+checkpoint that cannot be resumed from or written (message on stderr) or any other failure.
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from memento_train.checkpoint import CheckpointError
 from memento_train.config_errors import ConfigError
+from memento_train.faults.preemption import EXIT_PREEMPTED, Preempted
 from memento_train.recipes import available_recipes, split_recipe_arg
 
 
@@ -35,6 +43,15 @@ def run_recipe_cli(prog: str, doc: str, argv: Sequence[str] | None, run: Callabl
         if args and args[0] == "recipes":
             print("\n".join(available_recipes()))
             return 0
+        if args and args[0] == "plan":
+            from memento_train.planning.cli import __doc__ as plan_doc
+            from memento_train.planning.cli import plan_command
+
+            if args[1:2] in (["help"], ["-h"], ["--help"]):
+                print(plan_doc)
+                return 0
+            recipe, rest = split_recipe_arg(args[1:])
+            return plan_command(prog, recipe, rest)
         if args and args[0] in (subcommands or {}):
             return subcommands[args[0]](args[1:])
         show = bool(args) and args[0] == "show"
@@ -43,3 +60,9 @@ def run_recipe_cli(prog: str, doc: str, argv: Sequence[str] | None, run: Callabl
     except ConfigError as exc:
         print(f"{prog}: configuration error: {exc}", file=sys.stderr)
         return 2
+    except Preempted as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except CheckpointError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1

@@ -11,7 +11,6 @@ import os
 from typing import Any, Iterable, Sequence
 
 import torch
-from tokenizers import AddedToken
 
 BLOCK_START = "<|block_start|>"
 BLOCK_END = "<|block_end|>"
@@ -58,7 +57,7 @@ def add_memento_tokens(tokenizer: Any) -> list[str]:
     todo = [t for t in wanted if t not in added]
     if todo:
         tokenizer.add_tokens(
-            [AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False) for t in todo],
+            [_added_token(t, special=True, normalized=False, lstrip=False, rstrip=False) for t in todo],
             special_tokens=True,
         )
     return new
@@ -171,3 +170,11 @@ def save_model_and_tokenizer(model: Any, tokenizer: Any, path: str | os.PathLike
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+
+
+def _added_token(content: str, **kwargs: Any) -> Any:
+    # Imported here: the parser (masking.py) needs this module's token names, and the GPU self-check
+    # runs it on images without `tokenizers`.
+    from tokenizers import AddedToken
+
+    return AddedToken(content, **kwargs)

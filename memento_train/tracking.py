@@ -3,7 +3,8 @@
 The JSONL file (``<output_dir>/metrics.jsonl``, one record per logged step) is the project's own
 record that tests and scripts read; wandb's offline files are binary. On resume the JSONL file is cut
 back to the resumed step, so an interrupted-and-resumed run ends with exactly the records an
-uninterrupted run would have written.
+uninterrupted run would have written; :meth:`RunLogger.rewind` does the same after an in-process
+restart. Secret values given to the logger never reach the file, the console or wandb.
 """
 
 from __future__ import annotations
@@ -55,7 +56,15 @@ class RunLogger:
         config: dict[str, Any] | None = None,
         desc: str = "train",
         progress: bool = True,
+        secrets: list[str] | None = None,
     ) -> None:
+        from memento_train.faults.secrets import scrub
+
+        self._secrets = list(secrets or [])
+        self._scrub = lambda text: scrub(text, self._secrets) if self._secrets else text
+        # wandb records the process's command line (sys.argv) with the run; a secret given there as an
+        # override (cluster.env.HF_TOKEN=...) would end up in its files. The CLI has parsed it already.
+        sys.argv[:] = [self._scrub(a) for a in sys.argv]
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / METRICS_FILE
@@ -93,7 +102,7 @@ class RunLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Record ``metrics`` for optimizer step ``step`` (1-based: the number of steps done)."""
         record = {"step": step, "time": time.time(), **metrics}
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(self._scrub(json.dumps(record)) + "\n")
         self._file.flush()
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
@@ -102,8 +111,21 @@ class RunLogger:
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
             self._bar.update(step - self._bar.n)
 
+    def rewind(self, step: int) -> None:
+        """Forget the records after ``step`` (the run goes back to a checkpoint and redoes them).
+        wandb keeps what it received: it cannot delete logged steps."""
+        self._file.close()
+        kept = [r for r in read_metrics(self.dir) if r.get("step", 0) <= step]
+        with open(self.path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        self._file = open(self.path, "a")
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.refresh()
+
     def write(self, text: str) -> None:
         """Print a line without breaking the progress bar."""
+        text = self._scrub(text)
         if self._bar is not None:
             self._bar.write(text)
         else:

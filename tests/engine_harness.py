@@ -239,6 +239,13 @@ def scenarios(rank: int, world_size: int, kind: str, stage: int, optim_cfg, ckpt
     res["resumed2"] = resumed.full_state_dict()
 
     eng = _engine(kind, stage, optim_cfg, precision="bf16")
+    model = eng.model if kind == "deepspeed" else eng.module
+    res["bf16_buffers"] = {name: b.dtype for name, b in model.named_buffers()}
+    if kind == "deepspeed":
+        model_dtype, grad_accum = eng._engine.get_data_types()
+        res["bf16_deepspeed"] = {"model": model_dtype, "grad_accum": grad_accum,
+                                 "communication": eng._engine.communication_data_type,
+                                 "zero_grad_accum": eng.optimizer.gradient_accumulation_dtype}
     m = _train_step(eng, 1, rank, world_size)
     res["bf16_loss_sum"] = sum(x["loss_sum"] for x in m)
     res["bf16_norm"] = eng.step(LR1)
@@ -291,3 +298,56 @@ def checkpoint_threads_job(rank: int, world_size: int, optim_cfg, ckpt_dir: str)
     model_sd, optim_sd = get_state_dict(engine.module, engine.optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(ckpt_dir, "default_group"))
     return {"before": before, "after": after, "control": _thread_names()}
+
+
+def fsdp2_gradient_bytes(model) -> dict[str, int]:
+    """Bytes of gradient storage this rank holds in an FSDP2 model: ``sharded`` (the sharded parameters'
+    ``.grad``) and ``unsharded`` (what FSDP2 keeps per parameter while gradient sync is off: its
+    private accumulation buffers, read here from torch's FSDP internals)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    out = {"sharded": 0, "unsharded": 0}
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        for group in module._get_fsdp_state()._fsdp_param_groups:
+            for fsdp_param in group.fsdp_params:
+                grad = fsdp_param.sharded_param.grad
+                if grad is not None:
+                    local = grad.to_local()
+                    out["sharded"] += local.numel() * local.element_size()
+                unsharded_param = getattr(fsdp_param, "_unsharded_param", None)
+                for g in (fsdp_param.unsharded_accumulated_grad,
+                          None if unsharded_param is None else unsharded_param.grad):
+                    if g is not None:
+                        out["unsharded"] += g.numel() * g.element_size()
+    return out
+
+
+def fsdp2_micro_batches_job(rank: int, world_size: int, optim_cfg, num_layers: int) -> dict:
+    """One bf16 FSDP2 step of two micro-batches on this rank: how often the attention metadata's
+    interval plan is built, and the gradient storage held between the two micro-batches."""
+    from memento_train.attention import meta as meta_module
+    from memento_train.engines import EngineConfig, build_engine
+
+    builds = []
+    build_plan = meta_module._build_interval_plan
+
+    def counting_build(*args, **kwargs):
+        builds.append(1)
+        return build_plan(*args, **kwargs)
+
+    meta_module._build_interval_plan = counting_build
+    model = tiny_model(num_layers=num_layers)
+    full_fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
+    engine = build_engine(model, optim_cfg, EngineConfig(kind="fsdp2", precision="bf16"), torch.device("cpu"))
+    mbs = micro_batches(1)
+    mine = mbs[rank * 2:(rank + 1) * 2]
+    loss_fn = token_loss_fn(num_loss_tokens(mbs))
+    engine.backward(loss_fn(engine.logits(mine[0]), mine[0])[0], last_micro_batch=False)
+    between = fsdp2_gradient_bytes(engine.module)
+    engine.backward(loss_fn(engine.logits(mine[1]), mine[1])[0], last_micro_batch=True)
+    grads = engine.full_grads()
+    engine.step(LR1)
+    return {"builds": len(builds), "micro_batches": len(mine), "between": between,
+            "full_fp32_bytes": full_fp32_bytes, "grads": grads}

@@ -61,6 +61,45 @@ def cpu_stands_in_for_cuda():
 
 
 @contextlib.contextmanager
+def megatron_native_on_cpu():
+    """CPU-ONLY TEST SHIM: run the megatron engine's CUDA path (Megatron's own DDP and distributed
+    optimizer, torch AdamW inside as without TransformerEngine/Apex) on CPU tensors. On top of
+    :func:`cpu_stands_in_for_cuda`:
+
+    - the engine takes its native path (``uses_megatron_native``);
+    - ``torch.tensor(..., device="cuda")`` allocates on CPU (the optimizer's overflow flag);
+    - ``Tensor.type()`` names CPU tensors as CUDA ones (the optimizer accepts only
+      ``torch.cuda.*Tensor`` parameters);
+    - ``torch.cuda.set_device``, the TP CUDA RNG seeding and forking do nothing (initial weights are
+      replaced by the HF ones anyway).
+    """
+    import megatron.core.tensor_parallel as tensor_parallel
+    from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
+
+    from memento_train.engines import megatron as megatron_engine
+
+    tensor, type_of = torch.tensor, torch.Tensor.type
+
+    def cpu_tensor(*args, device=None, **kwargs):
+        return tensor(*args, device="cpu" if device == "cuda" else device, **kwargs)
+
+    def cuda_type(self, *args, **kwargs):
+        name = type_of(self, *args, **kwargs)
+        if args or kwargs or self.device.type != "cpu":
+            return name
+        return name.replace("torch.", "torch.cuda.", 1)
+
+    with cpu_stands_in_for_cuda(), \
+            mock.patch.object(megatron_engine, "uses_megatron_native", lambda device: True), \
+            mock.patch("torch.tensor", cpu_tensor), \
+            mock.patch.object(torch.Tensor, "type", cuda_type), \
+            mock.patch("torch.cuda.set_device", lambda device: None), \
+            mock.patch.object(tensor_parallel, "model_parallel_cuda_manual_seed", lambda seed: None), \
+            mock.patch.object(CudaRNGStatesTracker, "fork", lambda self, *a, **k: contextlib.nullcontext()):
+        yield
+
+
+@contextlib.contextmanager
 def single_process_group():
     """A world-size-1 gloo group for in-process tests (reuses one that exists; tears down its own)."""
     created = not dist.is_initialized()

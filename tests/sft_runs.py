@@ -45,3 +45,26 @@ def start_and_kill_after(args: list[str], output_dir, *, metrics_lines: int, tim
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def signal_after(cmd: list[str], output_dir, *, metrics_lines: int, sig: int, env: dict | None = None,
+                 timeout: float = 240) -> tuple[int, str]:
+    """Start ``cmd`` (a driver CLI writing to ``output_dir``), send ``sig`` once ``metrics_lines`` steps
+    are logged, and return its exit status and stderr."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    metrics = os.path.join(str(output_dir), "metrics.jsonl")
+    try:
+        deadline = time.time() + timeout
+        while proc.poll() is None and time.time() < deadline:
+            if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= metrics_lines:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the run ended before the signal:\n{proc.stderr.read()[-4000:]}"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, err

@@ -90,6 +90,69 @@ def test_flex_forward_matches_dense_reference_float32(batch, seed):
     assert (out.double() - ref).abs().max().item() < 1e-5
 
 
+def _evicting_meta(n: int) -> MementoAttentionMeta:
+    """Two documents of about n/2 tokens whose middle third is evicted two thirds of the way in."""
+    docs = []
+    for length in (n // 2, n - n // 2):
+        kill = np.full(length, length)
+        kill[length // 3: length // 2] = 2 * length // 3
+        docs.append(kill)
+    return MementoAttentionMeta.from_documents(docs)
+
+
+@pytest.mark.slow  # compiles flex and the block-mask builder once (~20 s on 2 cores)
+def test_compiled_flex_does_not_recompile_when_the_packed_length_changes(monkeypatch):
+    """Micro-batches differ in length; a static compile recompiled per length (and past Dynamo's
+    recompile limit fell back to unfused flex, which materialises the dense scores)."""
+    from torch._dynamo.utils import counters
+
+    from memento_train.attention import flex
+
+    monkeypatch.setattr(flex, "FLEX_COMPILE", True)
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    for n in (300, 517, 700):
+        meta = _evicting_meta(n)
+        q, k, v = _qkv(n, 2, 2, 16, dtype=torch.float32, seed=n)
+        out = memento_attention(q, k, v, meta, backend="flex")
+        ref = memento_attention(q.double(), k.double(), v.double(), meta, backend="segment")
+        assert (out.double() - ref).abs().max().item() < 1e-5
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] >= 1 and graphs == [graphs[0]] * 3, f"graphs compiled after each length: {graphs}"
+
+
+def _largest_allocation(fn) -> int:
+    """Bytes of the largest single CPU allocation made while ``fn`` runs (torch profiler memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    allocations = ("[memory]", "aten::empty", "aten::empty_strided", "aten::empty_like")
+    return max((e.cpu_memory_usage for e in prof.events() if e.name in allocations), default=0)
+
+
+@pytest.mark.slow  # compiles the block-mask builder (~10 s on 2 cores)
+def test_compiled_block_mask_is_built_without_the_dense_mask(monkeypatch):
+    """Eager ``create_block_mask`` evaluates the mask over all T x T pairs (an int64 T x T tensor:
+    8 GiB at 32K tokens); the compiled builder reduces per tile as it evaluates."""
+    from memento_train.attention import flex
+
+    n = 4096
+    assert _largest_allocation(lambda: flex.block_mask_for(_evicting_meta(n), None)) >= n * n  # eager
+    monkeypatch.setattr(flex, "FLEX_COMPILE", True)
+    flex.block_mask_for(_evicting_meta(256), None)  # compile outside the measurement
+    meta = _evicting_meta(n)
+    largest = _largest_allocation(lambda: flex.block_mask_for(meta, None))
+    assert largest < n * n // 64, f"largest allocation {largest} B; a dense boolean mask is {n * n} B"
+    # Same tiles as the eager builder.
+    eager = torch.nn.attention.flex_attention.create_block_mask(
+        flex.memento_mask_mod(meta.doc_ids(), meta.kill_row.long(), None), None, None, n, n, device="cpu")
+    compiled = meta._cache[("flex_block_mask", None)]
+    assert torch.equal(compiled.kv_num_blocks, eager.kv_num_blocks)
+    assert torch.equal(compiled.to_dense(), eager.to_dense())
+
+
 def test_flex_backward_on_cpu_raises_a_clear_error():
     meta = MementoAttentionMeta.from_documents([[2, 3, 3]])
     q, k, v = _qkv(3, 1, 2, 8, dtype=torch.float32, grad=True)
@@ -212,3 +275,50 @@ def test_memento_attention_shape_errors():
         memento_attention(q[:1], k[:1], v[:1], meta)
     with pytest.raises(ValueError, match=r"packed \[T, H, D\]"):
         memento_attention(q[None], k, v, meta)
+
+
+def _many_intervals_meta(blocks: int = 120, prompt: int = 64, block: int = 8) -> MementoAttentionMeta:
+    """One document: a prompt that stays visible, then ``blocks`` blocks whose first half is evicted at
+    the next block's start, so the document has ~``blocks`` intervals and every one gathers the prompt."""
+    n = prompt + blocks * block
+    kill = np.full(n, n)
+    for b in range(blocks - 1):
+        s = prompt + b * block
+        kill[s: s + block // 2] = s + block
+    return MementoAttentionMeta.from_documents([kill])
+
+
+def test_flash_attn_sums_gradients_of_keys_shared_by_many_intervals_in_fp32(monkeypatch):
+    """The prompt's keys are gathered by ~120 intervals, so their gradient is a sum of ~120 bf16 terms.
+    On a GPU, ``index_select``'s backward adds them with bf16 atomics; the backend must add in fp32.
+
+    Real backend code path on CPU: ``import flash_attn`` gives a CPU varlen attention (fp32 inside,
+    bf16 in and out, like the CUDA kernel) and ``index_add`` rounds after every row like CUDA's
+    ``atomicAdd``. A plain ``index_select`` gather is measured the same way, to show what is fixed."""
+    import cuda_emulation
+
+    from memento_train.attention import flash, registry
+
+    cuda_emulation.install_flash_attn(monkeypatch)
+    monkeypatch.setitem(registry._AVAILABILITY, "flash_attn", lambda: None)
+    meta = _many_intervals_meta()
+    assert meta.interval_plan().num_intervals > 100
+    n, prompt = meta.num_tokens, 64
+    q, k, v = _qkv(n, 2, 2, 16, dtype=torch.bfloat16, seed=3, grad=True)
+    upstream = torch.randn(n, 4, 16, generator=torch.Generator().manual_seed(4), dtype=torch.bfloat16)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    exact = torch.autograd.grad(memento_attention(q64, k64, v64, meta, backend="sdpa"), (k64, v64),
+                                upstream.double())
+
+    def relative_errors():
+        with cuda_emulation.AtomicIndexAdd():
+            grads = torch.autograd.grad(memento_attention(q, k, v, meta, backend="flash_attn"), (k, v), upstream)
+        return [float((g[:prompt].double() - e[:prompt]).norm() / e[:prompt].norm()) for g, e in zip(grads, exact)]
+
+    rounding = [float((e[:prompt].to(torch.bfloat16).double() - e[:prompt]).norm() / e[:prompt].norm())
+                for e in exact]  # bf16's floor: the exact gradient rounded once
+    for name, r, f in zip(("dk", "dv"), rounding, relative_errors()):
+        assert f < 2 * r, f"{name}: relative error {f:.2e}, bf16 rounding alone {r:.2e}"
+    monkeypatch.setattr(flash, "gather_rows", lambda x, index: x.index_select(0, index))
+    for name, r, p in zip(("dk", "dv"), rounding, relative_errors()):
+        assert p > 5 * r, f"{name}: a plain gather's bf16 atomics should show: {p:.2e} vs rounding {r:.2e}"

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -142,3 +144,44 @@ def test_batch_size_above_one_is_a_clear_error(model):
             model(input_ids=torch.tensor([[5, 6, 7], [5, 6, 7]]), memento_meta=meta, use_cache=False)
     finally:
         model.set_attn_implementation("sdpa")
+
+
+def test_auto_backend_runs_olmo3_sliding_window_layers_with_eviction_on_cuda(make_tiny_lm, monkeypatch):
+    """``attn_backend=auto`` on a GPU with flash-attn: sliding-window layers must not get ``flash_attn``,
+    which cannot apply a window once keys are evicted (it raised NotImplementedError on Olmo 3).
+
+    Simulated on CPU: tensors report ``is_cuda``, ``import flash_attn`` gives a CPU varlen attention
+    (so the real ``flash_attn`` backend serves the full-attention layer) and flex runs eagerly."""
+    import cuda_emulation
+
+    from memento_train.attention import flex, registry
+
+    model = make_tiny_lm("olmo3", dtype=torch.float32)
+    docs, kill = _docs(2), _kill_rows(2)
+    meta = MementoAttentionMeta.from_documents(kill)
+    assert meta.has_eviction
+    expected = _packed_forward(model, docs, meta, backend="segment")
+
+    used = []
+    for name in ("flash_attn", "flex"):
+        monkeypatch.setitem(registry._BACKENDS, name, _recording(registry._BACKENDS[name], name, used))
+    cuda_emulation.install_flash_attn(monkeypatch)
+    monkeypatch.setitem(registry._AVAILABILITY, "flash_attn", lambda: None)
+    monkeypatch.setattr(flex, "FLEX_COMPILE", False)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager flex on CPU warns that it is unoptimised
+        got = _packed_forward(model, docs, meta, backend="auto")
+    monkeypatch.undo()
+
+    windows = [model.config.sliding_window if t == "sliding_attention" else None for t in model.config.layer_types]
+    assert used == [("flex" if w else "flash_attn", w) for w in windows]  # per layer type, in layer order
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def _recording(fn, name, log):
+    def backend(q, k, v, meta, *, scale, window):
+        log.append((name, window))
+        return fn(q, k, v, meta, scale=scale, window=window)
+
+    return backend

@@ -100,7 +100,8 @@ def test_two_ray_workers_form_a_gloo_group_and_get_per_rank_calls(no_ray_left):
             infos = group.run("info")
             assert [i["rank"] for i in infos] == [0, 1]
             assert [i["world_size"] for i in infos] == [2, 2]
-            assert [i["local_rank"] for i in infos] == [0, 1]  # one node: index among its workers
+            # One node, CPU: the index among its workers (no device is selected by it).
+            assert [i["local_rank"] for i in infos] == [0, 1]
             assert [i["dist"] for i in infos] == [(0, 2, "gloo"), (1, 2, "gloo")]
             assert all(i["device"] == "cpu" and i["tag"] == "t" for i in infos)
             assert infos[0]["pid"] != infos[1]["pid"] and os.getpid() not in {i["pid"] for i in infos}
@@ -177,6 +178,69 @@ def test_shut_down_or_failed_group_stops_the_ray_it_started_and_another_group_ca
         assert err.value.rank == 0 and err.value.method == "Probe.__init__"
         assert "constructor refused" in str(err.value)
         assert not ray.is_initialized()
+
+
+class OneVisibleGpu(DistributedWorker):
+    """A worker on a Ray node that *claims* GPUs (``ray.init(num_gpus=2)``) while torch here is CPU-only.
+
+    Ray gives each actor its own ``CUDA_VISIBLE_DEVICES`` (one entry); ``__init__`` (which runs before
+    the group forms) makes ``torch.cuda`` answer like a CUDA build that sees exactly those devices:
+    ``device_count()`` is the number of entries and ``set_device(i)`` fails like CUDA does for an
+    ordinal beyond them. The process group itself stays gloo.
+    """
+
+    def __init__(self):
+        import torch.cuda as cuda
+
+        visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+        self.set_devices: list[int] = []
+
+        def set_device(device):
+            index = device.index if isinstance(device, torch.device) else int(device)
+            if not 0 <= index < len(visible):
+                raise RuntimeError("CUDA error: invalid device ordinal")
+            self.set_devices.append(index)
+
+        cuda.is_available = lambda: True
+        cuda.device_count = lambda: len(visible)
+        cuda.set_device = set_device
+
+    def deepspeed_device(self) -> dict:
+        """Run DeepSpeed's own device selection (``DeepSpeedEngine._configure_with_arguments`` reads
+        ``LOCAL_RANK``, ``_set_distributed_vars`` calls the CUDA accelerator's ``set_device`` with it)."""
+        from types import SimpleNamespace
+
+        import deepspeed.comm as ds_dist
+        from deepspeed.accelerator import set_accelerator
+        from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
+        from deepspeed.runtime.engine import DeepSpeedEngine
+
+        set_accelerator(CUDA_Accelerator())
+        ds_dist.init_distributed(dist_backend="gloo", dist_init_required=False)
+        engine = SimpleNamespace()
+        DeepSpeedEngine._configure_with_arguments(engine, None, None)
+        DeepSpeedEngine._set_distributed_vars(engine, None)
+        return {"ds_device": str(engine.device), "set_devices": self.set_devices, "device": str(self.device),
+                "local_rank": self.local_rank, "node_local_rank": self.node_local_rank,
+                "env": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "LOCAL_RANK",
+                                                       "MEMENTO_NODE_LOCAL_RANK")}}
+
+
+def test_deepspeed_under_ray_selects_each_workers_own_gpu_from_local_rank(no_ray_left):
+    """Each Ray actor sees one GPU, so ``LOCAL_RANK`` (which DeepSpeed hands to ``set_device``) must be
+    0 on every worker, not the worker's index on its node (rank 1 would ask for device 1 of 1)."""
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False)
+    with time_limit(240, "fake-GPU group"):
+        with WorkerGroup(OneVisibleGpu, ray_cfg(gpus_per_worker=1, backend="gloo")) as group:
+            infos = group.run("deepspeed_device")
+    assert sorted(i["env"]["CUDA_VISIBLE_DEVICES"] for i in infos) == ["0", "1"]  # one GPU per actor
+    assert [i["ds_device"] for i in infos] == ["cuda:0", "cuda:0"]
+    assert [i["device"] for i in infos] == ["cuda:0", "cuda:0"]
+    assert [i["set_devices"] for i in infos] == [[0, 0], [0, 0]]  # the worker's own call, then DeepSpeed's
+    assert [i["env"]["LOCAL_RANK"] for i in infos] == ["0", "0"] and [i["local_rank"] for i in infos] == [0, 0]
+    # The index among the node's workers stays available under its own name.
+    assert [i["node_local_rank"] for i in infos] == [0, 1]
+    assert [i["env"]["MEMENTO_NODE_LOCAL_RANK"] for i in infos] == ["0", "1"]
 
 
 # ---------------------------------------------------------------------- multi-node (simulated)

@@ -180,7 +180,8 @@ def test_full_config_missing_pieces_name_record_and_field(raw_traces, edit, fiel
 def test_load_local_formats(tmp_path, raw_traces):
     cache = str(tmp_path / "cache")
     ds = load_records(DataConfig(path=SAMPLE_TRACES, cache_dir=cache))
-    assert ds.column_names == ["record_id", "problem", "response", "domain", "source", "difficulty", "missing"]
+    assert ds.column_names == ["record_id", "problem", "response", "domain", "source", "difficulty", "missing",
+                               "reject"]
     assert ds["domain"] == ["math", "science", "code"] and ds["difficulty"] == ["0", "0", "0"]
     assert all(re.fullmatch(r"row\d+-[0-9a-f]{8}", r) for r in ds["record_id"])
     # A directory of parquet files, with an id column; the full config.

@@ -94,7 +94,8 @@ def test_missing_field(renderer, row):
 
 
 def test_reasons_are_all_known():
-    assert set(EXPECTED.get(c, c) for c in BAD_RESPONSES) | {V.MISSING_FIELD, V.OVERLONG} == set(V.REASONS)
+    row_reasons = {"bad_json", "empty_line", "not_an_object", "wrong_type"}
+    assert set(EXPECTED.get(c, c) for c in BAD_RESPONSES) | {V.MISSING_FIELD, V.OVERLONG} | row_reasons == set(V.REASONS)
 
 
 def test_overlong_drop_vs_truncate(renderer):
@@ -164,3 +165,67 @@ def test_prepare_overlong_truncate_counts(tmp_path):
     ds, report = prepare_dataset(DataConfig(**base, overlong="truncate"))
     assert ds["record_id"] == ["short", "long"] and report.truncated == 1 and report.dropped == 0
     assert ds["num_tokens"][1] == 120 and len(ds["input_ids"][1]) == 120
+
+
+def _good(rid: str, **extra) -> dict:
+    return {"id": rid, "problem": f"What is {rid}?", "response": GOOD, "domain": "math", **extra}
+
+
+def test_a_jsonl_file_mixing_every_kind_of_bad_line_keeps_every_good_record(tmp_path):
+    lines = [
+        json.dumps(_good("g1")),
+        "{this is not json",                                                     # line 2
+        "",                                                                      # line 3
+        json.dumps(_good("g2", extra={"nested": [1, "a"]}, difficulty=3)),       # unknown columns are ignored
+        json.dumps({"id": "t1", "problem": "p", "response": 5}),                 # line 5
+        json.dumps({"id": "t2", "problem": 3, "response": GOOD}),                # line 6
+        json.dumps([1, 2, 3]),                                                   # line 7
+        json.dumps(_good("g3", difficulty="hard")),
+        json.dumps({"id": "t3", "problem": "p", "response": GOOD, "sentences": "one string"}),  # line 9
+        json.dumps(_good("g4")),
+    ]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    cfg = DataConfig(path=str(data), cache_dir=str(tmp_path / "cache"), max_seq_len=4096)
+    ds, report = prepare_dataset(cfg)
+    assert ds["record_id"] == ["g1", "g2", "g3", "g4"]
+    assert report.total == 10 and report.kept == 4
+    assert report.dropped_by_reason == {"bad_json": 1, "empty_line": 1, "wrong_type": 3, "not_an_object": 1}
+    assert report.examples_by_reason["wrong_type"] == [f"{data}:5", f"{data}:6", f"{data}:9"]
+    assert report.examples_by_reason["bad_json"] == [f"{data}:2"]
+    text = str(report)
+    assert f"empty_line: 1 (e.g. {data}:3)" in text and f"not_an_object: 1 (e.g. {data}:7)" in text
+    cfg.strict = True
+    with pytest.raises(V.InvalidRecordError) as err:
+        prepare_dataset(cfg)
+    assert err.value.reason == "bad_json" and str(err.value).startswith(f"{data}:2: ")
+    # A wrong type names the field and what it should be.
+    data.write_text(lines[0] + "\n" + lines[4] + "\n")
+    with pytest.raises(V.InvalidRecordError, match=r"mixed.jsonl:2: .*wrong_type.*'response' is 5 \(int\), expected a string"):
+        prepare_dataset(cfg)
+
+
+def test_parquet_rows_of_the_wrong_type_are_named_by_row_index_and_the_rest_kept(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "pq"
+    d.mkdir()
+    pq.write_table(pa.Table.from_pylist([_good("a0"), _good("a1")]), d / "a.parquet")
+    # In this file "problem" is an integer column: each of its rows is the wrong type.
+    pq.write_table(pa.Table.from_pylist([{"id": "b0", "problem": 1, "response": GOOD},
+                                         {"id": "b1", "problem": 2, "response": GOOD}]), d / "b.parquet")
+    pq.write_table(pa.Table.from_pylist([_good("c0", sentences=["x"]), _good("c1", sentences=None)]), d / "c.parquet")
+    ds, report = prepare_dataset(DataConfig(path=str(d), cache_dir=str(tmp_path / "cache"), max_seq_len=4096))
+    assert ds["record_id"] == ["a0", "a1", "c0", "c1"]
+    assert report.dropped_by_reason == {"wrong_type": 2}
+    assert report.examples_by_reason["wrong_type"] == [f"{d / 'b.parquet'}[row 0]", f"{d / 'b.parquet'}[row 1]"]
+
+
+def test_a_changed_file_is_read_again_not_served_from_the_row_cache(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(_good("g1")) + "\n")
+    cfg = DataConfig(path=str(data), cache_dir=str(tmp_path / "cache"), max_seq_len=4096)
+    assert prepare_dataset(cfg)[0]["record_id"] == ["g1"]
+    data.write_text(json.dumps(_good("g1")) + "\n" + json.dumps(_good("g2")) + "\n")
+    assert prepare_dataset(cfg)[0]["record_id"] == ["g1", "g2"]

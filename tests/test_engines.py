@@ -122,6 +122,38 @@ def test_fsdp2_save_and_load_leave_no_gloo_thread_or_openmp_team_behind(tmp_path
     assert len(res["control"]) > len(res["before"]), res
 
 
+# -- 3b. FSDP2 across micro-batches ------------------------------------------------------------
+FSDP2_LAYERS = 2  # the reference model's depth
+
+
+@pytest.fixture(scope="module")
+def fsdp2_micro_batches(tmp_path_factory):
+    """Rank 0's observations of one bf16 FSDP2 step of two micro-batches per rank (2 ranks)."""
+    out = tmp_path_factory.mktemp("fsdp2_micro_batches")
+    return H.run_ranks(H.fsdp2_micro_batches_job, 2, (_optim(), FSDP2_LAYERS), str(out))
+
+
+def test_fsdp2_builds_attention_plans_once_per_micro_batch_not_per_layer(fsdp2_micro_batches):
+    """FSDP2's mixed-precision cast copies the forward inputs of every wrapped layer, the metadata
+    included; its derived plans must survive the copy (they were rebuilt in every layer)."""
+    res = fsdp2_micro_batches
+    assert res["builds"] == res["micro_batches"], f"{res['builds']} interval plans for {res['micro_batches']} micro-batches"
+
+
+def test_fsdp2_keeps_gradients_sharded_between_micro_batches(fsdp2_micro_batches):
+    """Each micro-batch reduce-scatters into sharded fp32 gradients: no rank holds an unsharded fp32
+    gradient of the whole model between micro-batches (29 GB for a 7B model)."""
+    res = fsdp2_micro_batches
+    between, full = res["between"], res["full_fp32_bytes"]
+    assert between["unsharded"] == 0, between
+    assert 0 < between["sharded"] <= 0.55 * full, (between, full)  # half of the fp32 model, plus padding
+
+
+def test_fsdp2_per_micro_batch_reduce_scatter_gives_the_reference_gradient(fsdp2_micro_batches, reference):
+    # bf16 compute: the summed gradient matches the fp32 single-process one to bf16 accuracy.
+    _assert_tensors_close(fsdp2_micro_batches["grads"], reference["grads"], rtol=0.05, rel_to_max=0.05)
+
+
 # -- 4. weights out ----------------------------------------------------------------------------
 def test_full_state_dict_has_hf_keys_and_loads_strictly_into_a_fresh_model(job, reference):
     _, res = job
@@ -198,3 +230,32 @@ def test_deepspeed_config_maps_engine_and_optimizer_options():
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (1, 1, 4)
     assert ds["zero_force_ds_cpu_optimizer"] is False
     assert "optimizer" not in ds and "scheduler" not in ds
+    # bf16: micro-batches are accumulated and ranks reduced in fp32, not in bf16.
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
+
+
+def test_deepspeed_floor_is_the_first_release_that_keeps_fp32_buffers_under_bf16():
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from memento_train.engines.deepspeed import MIN_VERSION_KEEPING_FP32_BUFFERS, _check_deepspeed_version
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    pins = [r for extra in project["optional-dependencies"].values() for r in extra if r.startswith("deepspeed")]
+    assert pins and all(re.search(rf">={re.escape(MIN_VERSION_KEEPING_FP32_BUFFERS)}\b", r) for r in pins), pins
+    with pytest.raises(ConfigError, match=r"engine\.precision=bf16 with deepspeed 0\.19\.1.*inv_freq"):
+        _check_deepspeed_version("0.19.1", EngineConfig(kind="deepspeed", precision="bf16"))
+    _check_deepspeed_version("0.19.1", EngineConfig(kind="deepspeed"))  # fp32 casts nothing
+
+
+def test_bf16_engine_keeps_rope_buffers_fp32_and_deepspeed_sums_gradients_in_fp32(job):
+    """The real engines under bf16 on CPU: RoPE's inv_freq stays fp32 (DeepSpeed < 0.19.2 rounded it to
+    bf16), and DeepSpeed accumulates micro-batches and reduces ranks in fp32."""
+    (kind, _), res = job
+    buffers = res["bf16_buffers"]
+    assert any(name.endswith("inv_freq") for name in buffers), buffers
+    assert all(dtype == torch.float32 for name, dtype in buffers.items() if name.endswith("inv_freq")), buffers
+    if kind == "deepspeed":
+        assert res["bf16_deepspeed"] == {"model": torch.bfloat16, "grad_accum": torch.float32,
+                                         "communication": torch.float32, "zero_grad_accum": torch.float32}

@@ -159,16 +159,16 @@ def test_parquet_problems_and_row_ids(tmp_path):
     assert [(p.id, p.problem, p.answer) for p in problems] == [("row0", "1+1?", "2"), ("row1", "2+3?", "5")]
 
 
-def test_prompts_open_thinking_once():
+def test_prompts_end_at_the_assistant_header_as_the_serving_template_does():
     tok = load_shipped_tokenizer()
     problems = load_problems(EvalConfig(output_dir="o", limit=1))
     [ids] = render_prompts(tok, problems)
     text = tok.decode(ids, skip_special_tokens=False)
-    assert text == f"<|im_start|>user\n{problems[0].problem}<|im_end|>\n<|im_start|>assistant\n<think>\n"
-    # A template whose generation prompt already opens <think> is left alone.
+    assert text == f"<|im_start|>user\n{problems[0].problem}<|im_end|>\n<|im_start|>assistant\n"  # no <think>
+    # A template whose generation prompt opens <think> itself is served, hence evaluated, as written.
     tok.chat_template = tok.chat_template.replace("'<|im_start|>assistant\\n'", "'<|im_start|>assistant\\n<think>\\n'")
     [ids2] = render_prompts(tok, problems)
-    assert tok.decode(ids2, skip_special_tokens=False).count("<think>") == 1
+    assert tok.decode(ids2, skip_special_tokens=False).endswith("assistant\n<think>\n")
 
 
 # -- end to end with an injected scripted engine ---------------------------------------------------------

@@ -107,3 +107,24 @@ def test_guard_times_out_off_the_main_thread():
     assert box["value"] == "default" and box["seconds"] < 3
     # In the main thread math-verify's own (signal) timeout is passed through.
     assert scoring._guarded(lambda t: t, default=None, timeout=3) == 3
+
+
+def test_eval_counts_unfinished_and_truncated_responses_wrong_by_default():
+    from memento_train.evaluation.runner import Problem, score_problem
+    from memento_train.generation.engine import GenerationResult
+    from memento_train.tokenizer_assets import load_shipped_tokenizer
+
+    tok = load_shipped_tokenizer()
+
+    def result(text, finish):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        return GenerationResult([1], ids, [0.0] * len(ids), [0] * len(ids), [1] * len(ids), finish)
+
+    results = [result("<think>So x = 42 maybe, wait", "length"),
+               result("<think>x = 42</think> \\boxed{42}", "length"),
+               result("<think>x = 42</think> \\boxed{42}<|im_end|>", "stop")]
+    problem = Problem("p", "What is 6 * 7?", "42")
+    strict = score_problem(problem, results, tok)
+    assert [s.correct for s in strict] == [False, False, True] and strict[0].answer is None
+    lenient = score_problem(problem, results, tok, rule=scoring.GradingRule(require_think_end=False, truncated="score"))
+    assert [s.correct for s in lenient] == [True, True, True]

@@ -205,7 +205,7 @@ def replay_cap(prompt, response, cap):
     return forced
 
 
-def test_max_block_tokens_forces_block_end(model):
+def test_max_block_tokens_forces_block_end_and_flags_each_forced_token(model):
     prefix = [THINK, NL, BS, *W[:3]]
     params = SamplingParams(max_new_tokens=20, n=2, seed=4)
     results = gen_for(model, max_block_tokens=5).generate([PROMPT], params, forced_token_ids=[prefix])[0]
@@ -214,9 +214,11 @@ def test_max_block_tokens_forces_block_end(model):
         assert forced and forced[0] == len(prefix) + 2  # 3 content tokens in the prefix, 2 sampled
         assert all(r.token_ids[i] == BE for i in forced) and r.forced_block_ends == len(forced)
         assert r.kinds[forced[0]] == Kind.BLOCK_DELIM and r.token_ids[: len(prefix)] == prefix
+        # The per-token flag marks exactly the tokens the cap inserted (not the teacher-forced ones).
+        assert [i for i, f in enumerate(r.forced) if f] == forced and len(r.forced) == r.num_tokens
     # The cap belongs to block masking: disabled with it, like the overlay's logits processor.
     off = gen_for(model, enable=False, max_block_tokens=5).generate([PROMPT], params, forced_token_ids=[prefix])[0]
-    assert all(r.forced_block_ends == 0 for r in off)
+    assert all(r.forced_block_ends == 0 and not any(r.forced) for r in off)
 
 
 @pytest.mark.parametrize("keep,kl4a", [(0, False), (1, False), (0, True), (-1, False)])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import os
 import shutil
 import signal
@@ -28,7 +29,7 @@ import pytest
 from memento_train.launch import DEFAULT_ENV, parse_env_assignments
 from memento_train.launch.cli import main, prepare_driver_command
 from memento_train.launch.ray_job import RayJobOptions, build_job_request, submit_and_stream
-from memento_train.launch.slurm import SlurmOptions, render_sbatch_script
+from memento_train.launch.slurm import TEMPLATE, SlurmOptions, render_sbatch_script, render_template
 from memento_train.config_errors import ConfigError
 
 FAKE_SLURM = Path(__file__).parent / "fake_slurm"
@@ -86,6 +87,20 @@ def short_tmp():
     yield Path(path)
     _kill_all(None, path)
     shutil.rmtree(path, ignore_errors=True)
+
+
+def signal_once_running(command_line: str, sig: int):
+    """An ``on_start`` for :func:`run_stand_in_job`: send ``sig`` to the batch shell once a process
+    whose command line contains ``command_line`` (the driver) runs."""
+    def send(proc):
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            if _procs_of(None, command_line):
+                time.sleep(1)
+                proc.send_signal(sig)
+                return
+            time.sleep(0.5)
+    return send
 
 
 def stand_in_options(tmp: Path, **overrides) -> SlurmOptions:
@@ -153,6 +168,22 @@ def where():
 ids = ray.get([where.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
                .remote() for i in range(2)], timeout=60)
 print(f"STAND-IN nodes={len(alive)} distinct_task_nodes={len(set(ids))}", flush=True)
+
+import os, time, urllib.error, urllib.request
+port = os.environ.get("PROBE_DASHBOARD_PORT")
+if port:  # the Jobs API of the job's cluster, without, with a wrong and with the job's token
+    def status(token):
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/jobs/", headers=headers)
+        for _ in range(120):
+            try:
+                return urllib.request.urlopen(req, timeout=10).status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+            except OSError:  # the dashboard is still starting
+                time.sleep(0.5)
+    print(f"DASHBOARD no-token={status(None)} wrong-token={status('0' * 64)} "
+          f"job-token={status(os.environ['RAY_AUTH_TOKEN'])}", flush=True)
 if len(sys.argv) > 1:  # "sleep": keep running until the job is cancelled
     import time
     time.sleep(600)
@@ -176,14 +207,37 @@ def test_rendered_script_is_valid_bash(opts):
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None,
-                    reason="shellcheck not installed (Debian: apt-get install -y shellcheck)")
+NO_SHELLCHECK = pytest.mark.skipif(shutil.which("shellcheck") is None,
+                                   reason="shellcheck not installed (Debian: apt-get install -y shellcheck)")
+
+
+@NO_SHELLCHECK
+def test_the_script_template_is_a_bash_file_that_passes_shellcheck_as_it_is():
+    proc = subprocess.run(["shellcheck", "--shell=bash", TEMPLATE], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@NO_SHELLCHECK
 @pytest.mark.parametrize("opts", [SlurmOptions(**GPU_OPTS), SlurmOptions(nodes=1)], ids=["gpu-full", "cpu-minimal"])
 def test_rendered_script_passes_shellcheck(opts, tmp_path):
     path = tmp_path / "job.sbatch"
     path.write_text(render_sbatch_script(opts, DRIVER))
     proc = subprocess.run(["shellcheck", "--shell=bash", str(path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_rendering_is_plain_substitution_of_every_placeholder_and_nothing_else():
+    template = "#!/bin/bash\nA=__A__\n#@B\nC=(__C__)  # __A__ again\n#@D\nend\n"
+    out = render_template(template, A="1", B="line 1\nline 2", C="'x y' __A__", D="")
+    assert out == "#!/bin/bash\nA=1\nline 1\nline 2\nC=('x y' __A__)  # 1 again\nend\n"  # values not re-scanned
+    with pytest.raises(KeyError, match="placeholders"):
+        render_template(template, A="1", B="", C="")
+    script = render_sbatch_script(SlurmOptions(**GPU_OPTS), DRIVER)
+    assert not re.search(r"__[A-Z_]+__|^#@", script, re.MULTILINE)
+    # Outside the placeholders the rendered script is the template, line for line.
+    template_lines = set(Path(TEMPLATE).read_text().splitlines())
+    rendered = [line for line in script.splitlines() if line in template_lines]
+    assert len(rendered) > 0.8 * len(template_lines)
 
 
 def test_script_requests_the_allocation_and_site_options():
@@ -225,10 +279,38 @@ def test_nccl_defaults_yield_to_the_environment_and_env_option_wins():
 
 def test_every_job_gets_one_ray_auth_mode_and_a_token():
     script = render_sbatch_script(SlurmOptions(nodes=2), ["true"])
-    out = _bash_eval(script, 'echo "$RAY_AUTH_MODE ${#RAY_AUTH_TOKEN}"').split()
-    assert out == ["token", "64"]
-    assert _bash_eval(script, 'echo "$RAY_AUTH_MODE ${RAY_AUTH_TOKEN:-none}"',
-                      env={"RAY_AUTH_MODE": "disabled"}).split() == ["disabled", "none"]
+    out = _bash_eval(script, 'echo "$RAY_AUTH_MODE ${#RAY_AUTH_TOKEN} $DASHBOARD_HOST"').split()
+    assert out == ["token", "64", "0.0.0.0"]
+    # Without authentication the Jobs API (which runs any command) is not offered to the network.
+    assert _bash_eval(script, 'echo "$RAY_AUTH_MODE ${RAY_AUTH_TOKEN:-none} $DASHBOARD_HOST"',
+                      env={"RAY_AUTH_MODE": "disabled"}).split() == ["disabled", "none", "127.0.0.1"]
+
+
+def test_the_job_gets_the_time_limit_signal_and_requeue_is_explicit():
+    directives = lambda script: [line for line in script.splitlines() if line.startswith("#SBATCH ")]  # noqa: E731
+    plain = render_sbatch_script(SlurmOptions(nodes=2), ["true"])
+    assert "#SBATCH --signal=B:USR1@120" in directives(plain) and "#SBATCH --requeue" not in directives(plain)
+    assert _bash_eval(plain, 'echo "$REQUEUE"').strip() == "0"
+    requeue = render_sbatch_script(SlurmOptions(nodes=2, requeue=True, signal_time=300), ["true"])
+    assert {"#SBATCH --signal=B:USR1@300", "#SBATCH --requeue"} <= set(directives(requeue))
+    assert _bash_eval(requeue, 'echo "$REQUEUE"').strip() == "1"
+    assert not any("--signal" in d for d in directives(render_sbatch_script(SlurmOptions(nodes=2, signal_time=0),
+                                                                         ["true"])))
+
+
+def test_secrets_are_refused_where_the_script_or_its_log_would_show_them(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["slurm", "--nodes", "2", "--dry-run", "--env", "WANDB_API_KEY=abc123secret", "--",
+                 "memento-train"]) == 2
+    assert "export WANDB_API_KEY in this shell" in capsys.readouterr().err
+    assert main(["slurm", "--nodes", "2", "--dry-run", "--", "memento-train", "cluster.env.HF_TOKEN=hf_abc123"]) == 2
+    err = capsys.readouterr().err
+    assert "cluster.secret_env=[HF_TOKEN]" in err and "hf_abc123" not in err
+    assert main(["ray", "--address", "http://h:8265", "--no-working-dir", "--dry-run", "--env",
+                 "WANDB_API_KEY=abc123secret", "--", "memento-rl"]) == 0
+    out, err = capsys.readouterr()
+    assert "abc123secret" not in out and json.loads(out)["runtime_env"]["env_vars"]["WANDB_API_KEY"] == "<redacted>"
+    assert "WANDB_API_KEY travel in the job's runtime_env" in err
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -300,9 +382,15 @@ def test_dry_run_prints_the_script_and_submits_nothing(tmp_path, monkeypatch, ca
 def test_bringup_forms_a_two_node_cluster_runs_the_driver_and_tears_down(short_tmp):
     driver = short_tmp / "driver.py"
     driver.write_text(STAND_IN_DRIVER)
-    proc, seconds = run_stand_in_job(short_tmp, stand_in_options(short_tmp), [sys.executable, str(driver)])
+    opts = stand_in_options(short_tmp)
+    proc, seconds = run_stand_in_job(short_tmp, opts, [sys.executable, str(driver)],
+                                     env={"PROBE_DASHBOARD_PORT": str(opts.dashboard_port)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "STAND-IN nodes=2 distinct_task_nodes=2" in proc.stdout
+    # The Jobs API (it runs any command on the cluster) answers only with the job's token.
+    assert "DASHBOARD no-token=401 wrong-token=403 job-token=200" in proc.stdout
+    token_file = short_tmp / "logs" / "1001" / "ray_auth_token"
+    assert token_file.stat().st_mode & 0o077 == 0 and len(token_file.read_text()) == 64
     assert "all 2 node(s) joined" in proc.stdout
     logs = short_tmp / "logs" / "1001"
     assert (logs / "ray-head-node-0.log").stat().st_size > 0
@@ -338,21 +426,50 @@ def test_cancelled_job_stops_the_driver_and_ray(short_tmp):
     driver = short_tmp / "driver.py"
     driver.write_text(STAND_IN_DRIVER)
 
-    def cancel_once_the_driver_runs(proc):
-        # Like scancel or preemption: SIGTERM to the batch shell while the driver is running.
-        deadline = time.time() + 180
-        while time.time() < deadline and proc.poll() is None:
-            if _procs_of(None, f"{driver} sleep"):
-                time.sleep(1)
-                proc.send_signal(signal.SIGTERM)
-                return
-            time.sleep(0.5)
-
+    # Like scancel or preemption: SIGTERM to the batch shell while the driver is running.
     proc, _ = run_stand_in_job(short_tmp, stand_in_options(short_tmp), [sys.executable, str(driver), "sleep"],
-                               on_start=cancel_once_the_driver_runs)
-    assert proc.returncode == 143, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "received SIGTERM" in proc.stdout and "stopping the driver" in proc.stdout
+                               on_start=signal_once_running(f"{driver} sleep", signal.SIGTERM))
+    # The driver gets the SIGTERM (a memento driver would checkpoint); this one, a plain Ray driver, exits
+    # through Ray's SIGTERM handler (status 1 or 15, depending on where it was) and the job with it.
+    assert proc.returncode != 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "received SIGTERM: asking the driver to checkpoint and stop" in proc.stdout
+    assert f"driver exited with status {proc.returncode}" in proc.stdout
     assert "stopping Ray on" in proc.stdout  # and run_stand_in_job found no process left behind
+
+
+PREEMPTIBLE_DRIVER = r'''
+import signal, sys, time
+from pathlib import Path
+
+def stop(signum, frame):  # what memento-train / memento-rl do: checkpoint, then exit 75
+    Path(sys.argv[1]).write_text(signal.Signals(signum).name)
+    sys.exit(75)
+
+signal.signal(signal.SIGUSR1, stop)
+signal.signal(signal.SIGTERM, stop)
+print("PREEMPTIBLE running", flush=True)
+time.sleep(600)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, requeued", [(signal.SIGUSR1, True), (signal.SIGTERM, False)], ids=["USR1", "TERM"])
+def test_the_time_limit_signal_reaches_the_driver_and_a_requeue_job_requeues_itself(short_tmp, sig, requeued):
+    driver, marker = short_tmp / "driver.py", short_tmp / "driver-got"
+    driver.write_text(PREEMPTIBLE_DRIVER)
+
+    # SLURM: --signal=B:USR1@N before the time limit; SIGTERM: scancel.
+    opts = stand_in_options(short_tmp, requeue=True)
+    proc, _ = run_stand_in_job(short_tmp, opts, [sys.executable, str(driver), str(marker)],
+                               env={"FAKE_SLURM_STATE_DIR": str(short_tmp / "slurm")},
+                               on_start=signal_once_running(f"{driver} {marker}", sig))
+    assert proc.returncode == 75, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert marker.read_text() == sig.name  # the batch shell forwarded the signal to the driver
+    assert f"driver checkpointed and stopped on {sig.name}" in proc.stdout
+    requeue_file = short_tmp / "slurm" / "requeued"
+    # Only the time-limit signal requeues: a cancelled job (SIGTERM) must stay cancelled.
+    assert (requeue_file.read_text().split() == ["1001"]) if requeued else not requeue_file.exists()
+    assert ("requeued job 1001" in proc.stdout) == requeued
 
 
 def _sft_cli_missing() -> str | None:

@@ -16,13 +16,13 @@ from memento_train.rl.advantages import broadcast_to_tokens, compute_advantages,
 from memento_train.rl.config import AlgorithmConfig
 from memento_train.rl.logprobs import IGNORE_INDEX, make_logprob_fn, token_logprobs, token_logprobs_and_entropy
 from memento_train.rl.losses import (
+    MAX_K3,
+    aggregation_weights,
     cispo_token_loss,
     kl_penalty,
-    loss_normaliser,
     make_loss_fn,
     ppo_clip_token_loss,
     reduce_metrics,
-    sequence_mean_weights,
 )
 from memento_train.rl.mismatch import importance_weights, logprob_mismatch
 
@@ -247,7 +247,7 @@ def _far_off_policy_batch():
 
 def test_cispo_loss_fn_sends_gradient_to_every_token_even_when_every_ratio_is_clipped():
     logits, mb = _far_off_policy_batch()
-    loss, metrics = make_loss_fn(AlgorithmConfig(kl_coef=0.0), normaliser=3)(logits, mb)
+    loss, metrics = make_loss_fn(AlgorithmConfig(loss_agg="token_mean", kl_coef=0.0), normaliser=3)(logits, mb)
     loss.backward()
     row_norms = logits.grad.norm(dim=1)
     assert (row_norms[:3] > 1e-3).all() and row_norms[3] == 0  # the unlabelled row has no loss
@@ -256,7 +256,7 @@ def test_cispo_loss_fn_sends_gradient_to_every_token_even_when_every_ratio_is_cl
 
 def test_ppo_loss_fn_sends_no_gradient_through_clipped_tokens():
     logits, mb = _far_off_policy_batch()
-    loss, metrics = make_loss_fn(AlgorithmConfig(loss="grpo", kl_coef=0.0), normaliser=3)(logits, mb)
+    loss, metrics = make_loss_fn(AlgorithmConfig(loss_agg="token_mean", loss="grpo", kl_coef=0.0), normaliser=3)(logits, mb)
     loss.backward()
     assert torch.count_nonzero(logits.grad) == 0
     assert reduce_metrics([metrics])["clip_frac"] == 1.0
@@ -284,25 +284,48 @@ def test_kl_estimators_match_their_formulas_and_k3_is_non_negative(lp, ref):
     assert kl_penalty(logp, ref_t, "k1").item() == pytest.approx(-log_rho, abs=1e-9)
     assert kl_penalty(logp, ref_t, "k2").item() == pytest.approx(0.5 * log_rho**2, abs=1e-9)
     k3 = kl_penalty(logp, ref_t, "k3").item()
-    assert k3 == pytest.approx(math.exp(log_rho) - 1 - log_rho, rel=1e-9, abs=1e-12)
+    assert k3 == pytest.approx(min(math.exp(log_rho) - 1 - log_rho, MAX_K3), rel=1e-9, abs=1e-12)
     assert k3 >= 0.0
+
+
+def test_k3_is_clamped_to_ten_and_gets_no_gradient_beyond():
+    # log ρ = 20 (the reference far likelier than the policy): unclamped k3 = e^20 - 21 ≈ 4.85e8
+    logp = torch.tensor([-25.0, -1.0], requires_grad=True)
+    ref = torch.tensor([-5.0, -1.5])
+    k3 = kl_penalty(logp, ref, "k3")
+    assert k3[0].item() == MAX_K3 == 10.0 and k3[1].item() == pytest.approx(math.exp(-0.5) - 1 + 0.5)
+    k3.sum().backward()
+    assert logp.grad[0] == 0 and logp.grad[1] != 0
+
+
+def test_k3_plus_has_k3_values_and_k2_gradients():
+    logp = torch.tensor([-1.0, -2.0, -15.0], requires_grad=True)  # the last: k3 clamped, k2 not
+    ref = torch.tensor([-1.5, -1.0, -2.0])
+    value = kl_penalty(logp, ref, "k3+")
+    torch.testing.assert_close(value, kl_penalty(logp, ref, "k3"))
+    (g_plus,) = torch.autograd.grad(value.sum(), logp)
+    (g_k2,) = torch.autograd.grad(kl_penalty(logp, ref, "k2").sum(), logp)
+    torch.testing.assert_close(g_plus, g_k2)  # ∂/∂logp ½ (ref - logp)² = logp - ref
+    assert g_plus.tolist() == pytest.approx([0.5, -1.0, -13.0])
 
 
 # --------------------------------------------------------------------------------------- aggregation
 
 
-def test_loss_normaliser_per_aggregation():
-    kw = dict(num_response_tokens=700, num_sequences=8, max_response_len=128)
-    assert loss_normaliser("token_mean", **kw) == 700
-    assert loss_normaliser("seq_total", **kw) == 8 * 128  # Dr.GRPO: a constant, whatever the lengths
-    assert loss_normaliser("seq_mean", **kw) == 8
-    assert loss_normaliser("token_mean", num_response_tokens=0, num_sequences=0, max_response_len=1) == 1
-
-
-def test_sequence_mean_weights_are_one_over_each_sequences_loss_tokens():
-    # seq 4 has 3 loss tokens (one masked out of 4), seq 9 has 1
-    w = sequence_mean_weights(torch.tensor([4, 4, 4, 4, 9]), torch.tensor([True, True, False, True, True]))
-    assert w.tolist() == pytest.approx([1 / 3, 1 / 3, 0.0, 1 / 3, 1.0])
+def test_aggregation_weights_and_normaliser_per_loss_agg():
+    # 4 sequences in 2 groups; loss tokens [3, 1, 0, 4] (sequence 2 left entirely out of the loss)
+    n, groups = [3, 1, 0, 4], [0, 0, 1, 1]
+    assert aggregation_weights("token_mean", n, groups) == ([1.0] * 4, 8)
+    assert aggregation_weights("seq_total", n, groups, max_response_len=128) == ([1.0] * 4, 4 * 128)
+    w, z = aggregation_weights("seq_mean", n, groups)
+    assert w == pytest.approx([1 / 3, 1.0, 0.0, 1 / 4]) and z == 3  # sequence 2 does not count
+    w, z = aggregation_weights("group_total", n, groups)
+    assert w == pytest.approx([1 / 4, 1 / 4, 1 / 4, 1 / 4]) and z == 2  # group totals 4 and 4
+    w, z = aggregation_weights("group_total", [5, 0, 0, 0], groups)
+    assert w == pytest.approx([1 / 5, 1 / 5, 0.0, 0.0]) and z == 1  # an empty group does not count
+    assert aggregation_weights("token_mean", [0, 0], [0, 0]) == ([1.0, 1.0], 1)  # loss 0, not 0/0
+    with pytest.raises(ValueError, match="loss_agg"):
+        aggregation_weights("sum", n, groups)
 
 
 def test_loss_fn_hand_value_with_kl_and_entropy_and_masked_garbage():
@@ -317,7 +340,7 @@ def test_loss_fn_hand_value_with_kl_and_entropy_and_masked_garbage():
         labels=torch.tensor([1, -100]), advantages=torch.tensor([2.0, float("nan")]),
         old_logprobs=torch.tensor([math.log(0.75), -math.inf]), ref_logprobs=torch.tensor([LN_HALF, math.nan]),
     )
-    cfg = AlgorithmConfig(kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01)
+    cfg = AlgorithmConfig(loss_agg="token_mean", kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01)
     loss, metrics = make_loss_fn(cfg, normaliser=2)(logits, mb)
     loss.backward()
     assert loss.item() == pytest.approx(0.288477, abs=1e-5)
@@ -337,7 +360,7 @@ def test_tokens_dropped_by_loss_mask_neither_count_nor_leak_nan_gradients(loss):
         old_logprobs=torch.tensor([-1.0, -math.inf, -2.0]), ref_logprobs=torch.tensor([-1.0, nan, -1.0]),
         rollout_logprobs=torch.tensor([-1.0, nan, -2.0]),
     )
-    cfg = AlgorithmConfig(loss=loss, kl_coef=0.1, entropy_coef=0.01, tis_cap=2.0)
+    cfg = AlgorithmConfig(loss_agg="token_mean", loss=loss, kl_coef=0.1, entropy_coef=0.01, tis_cap=2.0)
     loss_value, metrics = make_loss_fn(cfg, normaliser=2)(logits, mb)
     loss_value.backward()
     assert torch.isfinite(loss_value) and torch.isfinite(logits.grad).all() and logits.grad[1].abs().sum() == 0
@@ -345,45 +368,65 @@ def test_tokens_dropped_by_loss_mask_neither_count_nor_leak_nan_gradients(loss):
     assert m["tokens"] == 2 and all(math.isfinite(v) for v in m.values())
 
 
-@pytest.mark.parametrize("loss_agg,seq_ids_needed", [("token_mean", False), ("seq_total", False), ("seq_mean", True)])
+@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_total", "seq_mean", "group_total"])
 @pytest.mark.parametrize("loss", ["cispo", "grpo"])
-def test_micro_batch_losses_add_up_to_the_whole_batch_loss(loss, loss_agg, seq_ids_needed):
-    # The engines' contract: Σ over micro-batches of (micro-batch sum / global normaliser) is the
-    # loss (and gradient) of the whole batch.
+def test_micro_batch_losses_add_up_to_the_whole_batch_loss(loss, loss_agg):
+    # The engines' contract: Σ over micro-batches (and ranks) of (micro-batch sum / mini-batch
+    # normaliser) is the loss and gradient of the whole batch, for every aggregation, also when a
+    # sequence's group is split over micro-batches (sequences 0 and 1 form group 0, sequence 2 group 1,
+    # and the split below separates 0 from 1) and a token is masked out.
     torch.manual_seed(3)
     logits = torch.randn(8, 5, requires_grad=True)
     labels = torch.tensor([-100, 1, 2, 3, -100, 4, 0, 2])
-    seq_ids = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
-    extras = dict(labels=labels, advantages=torch.randn(8), old_logprobs=token_logprobs(logits, labels).detach()
-                  + 0.3 * torch.randn(8), ref_logprobs=torch.randn(8) - 2, seq_ids=seq_ids)
-    cfg = AlgorithmConfig(loss=loss, loss_agg=loss_agg, kl_coef=0.05, entropy_coef=0.01)
-    norm = loss_normaliser(loss_agg, num_response_tokens=6, num_sequences=3, max_response_len=4)
-    fn = make_loss_fn(cfg, norm)
+    mask = torch.tensor([0, 1, 1, 1, 0, 1, 0, 1])  # sequence 2 has one token left out
+    seq_of_token = [0, 0, 0, 1, 1, 2, 2, 2]
+    weights, z = aggregation_weights(loss_agg, [2, 1, 2], [0, 0, 1], max_response_len=4)
+    extras = dict(labels=labels, loss_mask=mask, advantages=torch.randn(8),
+                  old_logprobs=token_logprobs(logits, labels).detach() + 0.3 * torch.randn(8),
+                  ref_logprobs=torch.randn(8) - 2, loss_weights=torch.tensor([weights[i] for i in seq_of_token]))
+    fn = make_loss_fn(AlgorithmConfig(loss=loss, loss_agg=loss_agg, kl_coef=0.05, entropy_coef=0.01), z)
 
     whole, _ = fn(logits, micro_batch(**extras))
     (g_whole,) = torch.autograd.grad(whole, logits)
-    parts = [fn(logits[a:b], micro_batch(**{k: v[a:b] for k, v in extras.items()}))[0] for a, b in [(0, 5), (5, 8)]]
+    parts = [fn(logits[a:b], micro_batch(**{k: v[a:b] for k, v in extras.items()}))[0] for a, b in [(0, 3), (3, 8)]]
     (g_parts,) = torch.autograd.grad(sum(parts), logits)
     torch.testing.assert_close(sum(parts), whole)
     torch.testing.assert_close(g_parts, g_whole)
+
+
+def test_group_total_gives_each_group_its_total_token_mean_averaged_over_groups():
+    # Group 0: one sequence of 1 token (loss 3); group 1: sequences of 1 and 3 tokens (losses 1, 1, 1, 1).
+    # group_total = mean over groups of (group token sum / group tokens) = (3/1 + 4/4) / 2 = 2;
+    # token_mean would give 7/5.
+    logits = torch.zeros(5, 2)  # logp = ln .5 everywhere; CISPO with r = 1: ℓ = -A · ln .5
+    adv = torch.tensor([3.0, 1.0, 1.0, 1.0, 1.0]) / -LN_HALF
+    labels = torch.zeros(5, dtype=torch.long)
+    for agg, expected in [("group_total", 2.0), ("token_mean", 7 / 5)]:
+        weights, z = aggregation_weights(agg, [1, 1, 3], [0, 1, 1])
+        w = torch.tensor([weights[0], weights[1], weights[2], weights[2], weights[2]])
+        mb = micro_batch(labels=labels, advantages=adv, old_logprobs=torch.full((5,), LN_HALF), loss_weights=w)
+        loss, _ = make_loss_fn(AlgorithmConfig(kl_coef=0.0, loss_agg=agg), z)(logits, mb)
+        assert loss.item() == pytest.approx(expected)
 
 
 def test_loss_fn_names_the_missing_extra_and_the_option():
     logits = torch.zeros(2, 3)
     base = dict(labels=torch.tensor([1, 2]), advantages=torch.ones(2))
     with pytest.raises(KeyError, match="old_logprobs.*old_logprobs_source=trainer"):
-        make_loss_fn(AlgorithmConfig(kl_coef=0.0), 2)(logits, micro_batch(**base))
+        make_loss_fn(AlgorithmConfig(loss_agg="token_mean", kl_coef=0.0), 2)(logits, micro_batch(**base))
     with pytest.raises(KeyError, match="ref_logprobs.*kl_coef"):
-        make_loss_fn(AlgorithmConfig(), 2, on_policy=True)(logits, micro_batch(**base))
+        make_loss_fn(AlgorithmConfig(loss_agg="token_mean"), 2, on_policy=True)(logits, micro_batch(**base))
     with pytest.raises(KeyError, match="rollout_logprobs.*old_logprobs_source=rollout"):
-        make_loss_fn(AlgorithmConfig(kl_coef=0.0, old_logprobs_source="rollout"), 2)(logits, micro_batch(**base))
+        make_loss_fn(AlgorithmConfig(loss_agg="token_mean", kl_coef=0.0, old_logprobs_source="rollout"), 2)(logits, micro_batch(**base))
+    with pytest.raises(KeyError, match="loss_weights.*loss_agg=group_total"):
+        make_loss_fn(AlgorithmConfig(kl_coef=0.0), 2, on_policy=True)(logits, micro_batch(**base))
 
 
 def test_rollout_source_uses_rollout_logprobs_as_old_and_logs_the_mismatch():
     logits = torch.zeros(2, 2)  # logp = ln .5 for both tokens
     rollout = torch.tensor([math.log(0.25), LN_HALF])  # r = [2, 1]; |Δ| = [ln 2, 0]
     mb = micro_batch(labels=torch.tensor([0, 1]), advantages=torch.ones(2), rollout_logprobs=rollout)
-    _, metrics = make_loss_fn(AlgorithmConfig(kl_coef=0.0, old_logprobs_source="rollout"), 2)(logits, mb)
+    _, metrics = make_loss_fn(AlgorithmConfig(loss_agg="token_mean", kl_coef=0.0, old_logprobs_source="rollout"), 2)(logits, mb)
     m = reduce_metrics([metrics])
     assert m["ratio/max"] == pytest.approx(2.0) and m["clip_frac"] == pytest.approx(0.5)
     assert m["mismatch/abs"] == pytest.approx(math.log(2) / 2) and m["mismatch/abs/max"] == pytest.approx(math.log(2))
@@ -392,7 +435,7 @@ def test_rollout_source_uses_rollout_logprobs_as_old_and_logs_the_mismatch():
 def test_on_policy_takes_detached_current_logprobs_as_old():
     logits = torch.randn(3, 4, requires_grad=True)
     mb = micro_batch(labels=torch.tensor([0, 1, 2]), advantages=torch.ones(3))
-    loss, metrics = make_loss_fn(AlgorithmConfig(kl_coef=0.0), 3, on_policy=True)(logits, mb)
+    loss, metrics = make_loss_fn(AlgorithmConfig(loss_agg="token_mean", kl_coef=0.0), 3, on_policy=True)(logits, mb)
     m = reduce_metrics([metrics])
     assert m["ratio/max"] == m["ratio/min"] == 1.0 and m["clip_frac"] == 0.0 and m["approx_kl"] == 0.0
 
@@ -403,7 +446,7 @@ def test_tis_weights_scale_the_policy_term_by_the_capped_train_over_rollout_rati
     old = torch.tensor([LN_HALF, LN_HALF])
     rollout = torch.tensor([LN_HALF - math.log(4.0), LN_HALF])
     mb = micro_batch(labels=torch.tensor([0, 1]), advantages=torch.ones(2), old_logprobs=old, rollout_logprobs=rollout)
-    cfg = AlgorithmConfig(kl_coef=0.0, tis_cap=2.0)
+    cfg = AlgorithmConfig(loss_agg="token_mean", kl_coef=0.0, tis_cap=2.0)
     loss, metrics = make_loss_fn(cfg, 2)(logits, mb)
     # CISPO with r = 1: ℓ = -ln .5 per token; weighted (2 + 1) · ln 2 / 2
     assert loss.item() == pytest.approx(3 * math.log(2) / 2, abs=1e-6)
@@ -448,6 +491,8 @@ def test_reduce_metrics_token_weighted_means_extrema_and_totals():
 def test_algorithm_defaults_are_the_papers():
     cfg = AlgorithmConfig().validate()
     assert (cfg.loss, cfg.eps_low, cfg.eps_high, cfg.kl_coef) == ("cispo", 0.2, 0.2, 0.001)
+    assert (cfg.adv_norm, cfg.loss_agg) == ("batch", "group_total")  # batch advantages, 1/Σ_group |o_i|
+    assert not cfg.train_forced_tokens and not cfg.mask_truncated and not cfg.drop_zero_adv_groups
     assert cfg.old_logprobs_source == "trainer" and cfg.uses_reference
 
 

@@ -55,7 +55,7 @@ def test_crashed_reward_worker_is_replaced_and_the_batch_rescored(tmp_path, monk
     _, faulty = run(tmp_path / "faulty", "train.total_steps=1", "reward.num_workers=1",
                     "reward.fn=test_rl_faults:crash_once_reward")
     assert os.path.exists(tmp_path / "crashed")
-    assert faulty[0]["reward_retries"] == 1
+    assert faulty[0]["reward_retries"] == 1 and faulty[0]["reward/crashes"] == 1  # logged with the step
     _same_batch(clean[0], faulty[0])
 
 
@@ -66,6 +66,36 @@ def test_resume_auto_continues_from_the_last_checkpoint_with_the_same_data(tmp_p
     assert CheckpointManager(tmp_path / "split" / "checkpoints").latest()[0] == 2
     _, resumed = run(tmp_path / "split", *over, "resume=auto")
     assert [m["step"] for m in resumed] == [1, 2, 3]
+    for a, b in zip(straight, resumed):
+        _same_batch(a, b)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.slow
+def test_sigterm_to_memento_rl_checkpoints_the_step_exits_75_and_the_rerun_continues_the_same_batches(tmp_path):
+    import signal
+    import sys
+    from pathlib import Path
+
+    from sft_runs import signal_after
+    from test_rl_loop import FAST
+
+    from memento_train.faults.preemption import EXIT_PREEMPTED
+    from memento_train.tracking import read_metrics
+
+    over = ["train.total_steps=4", "checkpoint.every=100"]  # no periodic checkpoint: only the signal's
+    _, straight = run(tmp_path / "straight", *over)
+    out = tmp_path / "preempted"
+    tests_dir = str(Path(__file__).parent)  # the reward function lives in test_rl_loop
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "memento_train.rl.cli", *FAST, *over, f"output_dir={out}"]
+    returncode, err = signal_after(cmd, out, metrics_lines=1, sig=signal.SIGTERM, env=env)
+    assert returncode == EXIT_PREEMPTED, err[-3000:]
+    logged = len(read_metrics(out))
+    assert 1 <= logged < 4 and f"preempted by SIGTERM: stopped after step {logged}" in err
+    assert CheckpointManager(out / "checkpoints").latest()[0] == logged
+    _, resumed = run(out, *over)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
     for a, b in zip(straight, resumed):
         _same_batch(a, b)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)

@@ -23,6 +23,8 @@ FAST = [
     "model.tiny.hidden_size=16", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1",
     "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=24", "reward.num_workers=0",
     "reward.fn=test_rl_loop:length_parity_reward", "checkpoint.export_hf=false", "eval.every=0", "eval.at_start=false",
+    # a random policy never closes </think> and always hits the budget: let the parity reward see it all
+    "reward.require_think_end=false", "reward.truncated=score",
 ]
 
 
@@ -144,8 +146,44 @@ def test_one_step_logs_every_metric_and_trainer_logprobs_match_rollout(tmp_path)
                 "eval/accuracy"):
         assert key in m, key
     assert m["samples"] == 8
-    # fp32 on CPU, same weights, same mask: the trainer recomputes what the rollout engine reported
-    assert m["logprob_mismatch_max"] < 1e-3
+    assert m["logprob_mismatch_max"] < 1e-3  # fp32, same weights, same mask (blocks: the test below)
+
+
+def test_trainer_recomputes_the_rollout_logprobs_of_block_evicting_responses_and_a_causal_mask_would_not(tmp_path):
+    """The warmed policy writes blocks and summaries, so the rollout engine physically evicts KV. The
+    trainer's own path (rollout_document -> packed micro-batch -> engine forward under the memento
+    mask) must reproduce the rollout's log-probs; the same tokens under a plain causal mask must not."""
+    from memento_train.cluster import WorkerGroup
+    from memento_train.rl.driver import encode_prompts, load_problems, sample_seed
+    from memento_train.rl.rollout_worker import RolloutRequest, RolloutWorker
+    from memento_train.rl.trainer_worker import RLTrainerWorker
+    from memento_train.structured_config import to_dict
+
+    cfg = build_rl_config(config_tree(None, [*FAST, f"output_dir={tmp_path}", f"model.path={rl_warmed_policy.ASSET}",
+                                             "rollout.max_new_tokens=160"]))
+    tree = to_dict(cfg)
+    rollout = RolloutWorker(tree)
+    records, prompts = encode_prompts(load_problems(cfg.prompts, synthetic_task=cfg.prompts.synthetic, num=2),
+                                      rollout.tokenizer, cfg.prompts.max_prompt_len)
+    requests = [RolloutRequest(key=i, prompt_ids=prompts[i // 2], seed=sample_seed(0, 0, i)) for i in range(4)]
+    params = {"max_new_tokens": 160, "temperature": 1.0, "top_p": 1.0,
+              "stop_token_ids": (int(rollout.tokenizer.eos_token_id),)}
+    results = rollout.generate(requests, params)
+    special = SpecialTokens.from_mapping(special_token_ids(rollout.tokenizer))
+    mask = cfg.rollout.mask.mask_config()
+    docs = [rollout_document(q.prompt_ids, x["token_ids"], x["logprobs"], 1.0, special, mask)
+            for q, x in zip(requests, results)]
+    evicted = sum(int((d["kill_row"] < len(d["input_ids"])).sum()) for d in docs)
+    assert evicted > 50, "the warmed policy should write (and so evict) blocks"
+    causal = [{**d, "kill_row": np.full(len(d["input_ids"]), len(d["input_ids"]))} for d in docs]
+    with WorkerGroup(RLTrainerWorker, cfg.cluster, tree) as trainer:
+        trainer.run("setup")
+        memento, *plain = trainer._inline.policy_logprobs([docs, causal[:2], causal[2:]])
+    plain = np.concatenate(plain)
+    response = np.concatenate([d["loss_mask"] for d in docs]) > 0
+    rollout_lp = np.concatenate([d["rollout_logprobs"] for d in docs])[response]
+    assert np.abs(memento[response] - rollout_lp).max() < 1e-4
+    assert np.abs(plain[response] - rollout_lp).max() > 1e-2  # the control: eviction changes log-probs
 
 
 def test_mini_batches_update_several_times_against_the_rollout_policy_so_the_clip_range_acts(tmp_path):

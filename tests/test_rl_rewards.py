@@ -76,6 +76,28 @@ def test_math_reward_uses_math_verify_equivalence_after_think(response, gold, ex
     assert math_reward(response, {"answer": gold}) == expected
 
 
+def test_unfinished_or_truncated_responses_score_zero_by_default_and_the_rule_is_an_option():
+    rec = {"answer": "42"}
+    unfinished = "<think>So x = 42 maybe, wait"  # math-verify alone extracts 42 from this
+    finished = "<think>x = 6 * 7</think> The answer is $\\boxed{42}$."
+    texts, reasons = [unfinished, finished, finished], ["length", "stop", "length"]
+    assert math_reward(unfinished, rec) == 1.0  # why the rule is needed
+    with RewardPool.from_config(RewardConfig(num_workers=0)) as pool:
+        batch = pool.score(texts, [rec] * 3, reasons)
+    assert batch.scores == [0.0, 1.0, 0.0] and (batch.truncated, batch.no_think_end) == (2, 0)
+    with RewardPool.from_config(RewardConfig(num_workers=0, truncated="score")) as pool:
+        batch = pool.score(texts, [rec] * 3, reasons)
+    assert batch.scores == [0.0, 1.0, 1.0] and (batch.truncated, batch.no_think_end) == (0, 1)
+    assert batch.metrics()["reward/no_think_end_zeroed"] == 1.0
+    with RewardPool.from_config(RewardConfig(num_workers=0, truncated="score", require_think_end=False)) as pool:
+        assert pool.score(texts, [rec] * 3, reasons).scores == [1.0, 1.0, 1.0]
+
+
+def test_math_reward_accepts_any_of_several_gold_answers():
+    assert math_reward("</think> \\boxed{6}", {"answer": ["5", "6"]}) == 1.0
+    assert math_reward("</think> \\boxed{7}", {"answer": ["5", "6"]}) == 0.0
+
+
 def test_reward_without_gold_answer_raises_naming_the_field():
     with pytest.raises(KeyError, match="answer"):
         math_reward(r"\boxed{1}", {"problem": "x"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import transformers
 
@@ -56,3 +57,40 @@ def test_sliding_window_layers_and_peak_table():
                                    layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"])
     assert layer_windows(cfg) == [8, 8, 8, None]
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops(None) is None
+
+
+@pytest.mark.slow
+def test_secrets_never_reach_config_yaml_logs_metrics_or_wandb_files(tmp_path):
+    """A real run with a wandb key in the environment, secrets in ``cluster.env`` and one forwarded from
+    the driver's environment (``cluster.secret_env``): no byte of any value appears in the run
+    directory (config.yaml, metrics.jsonl, wandb's own files) or in what the CLI printed."""
+    import os
+    import subprocess
+    import sys
+
+    from sft_runs import SMALL
+
+    secrets = {"WANDB_API_KEY": "0123456789abcdef0123456789abcdef01234567",
+               "HF_TOKEN": "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", "MY_SERVICE_CRED": "s3cr3t-from-the-environment",
+               "PLAIN_NAME_MARKED": "marked-secret-value"}
+    env = {**os.environ, "WANDB_API_KEY": secrets["WANDB_API_KEY"], "MY_SERVICE_CRED": secrets["MY_SERVICE_CRED"],
+           "WANDB_SILENT": "true", "HOME": str(tmp_path)}
+    out = tmp_path / "run"
+    args = [a for a in SMALL if a != "logger=none"] + [
+        "recipe=tiny_stage1", "logger=wandb", "wandb.mode=offline", "train.max_steps=2", "checkpoint.export_hf=false",
+        f"cluster.env.HF_TOKEN={secrets['HF_TOKEN']}", f"cluster.env.PLAIN_NAME_MARKED={secrets['PLAIN_NAME_MARKED']}",
+        "cluster.env.NCCL_DEBUG=INFO", "cluster.secret_env=[PLAIN_NAME_MARKED,MY_SERVICE_CRED]", f"output_dir={out}"]
+    proc = subprocess.run([sys.executable, "-m", "memento_train.sft.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))  # wandb did write its files
+    config = (out / "config.yaml").read_text()
+    assert "HF_TOKEN: <redacted>" in config and "PLAIN_NAME_MARKED: <redacted>" in config and "NCCL_DEBUG: INFO" in config
+    leaks = []
+    for f in out.rglob("*"):
+        if f.is_file():
+            data = f.read_bytes()
+            leaks += [(str(f.relative_to(out)), name) for name, v in secrets.items() if v.encode() in data]
+    printed = proc.stdout + proc.stderr
+    leaks += [("output", name) for name, v in secrets.items() if v in printed]
+    assert not leaks, leaks

@@ -1,17 +1,24 @@
 """Memento attention: one entry point, several exact backends, HF registration."""
 
-from .flash import flash_attention_backend, flash_unavailable_reason
+from .flash import FLASH_NO_WINDOW_WITH_EVICTION, flash_attention_backend, flash_unavailable_reason
 from .flex import flex_attention_backend, flex_unavailable_reason
 from .hf import attn_implementation, hf_memento_attention, register_with_transformers
 from .meta import IntervalPlan, MementoAttentionMeta
-from .registry import available_backends, memento_attention, register_backend, resolve_backend
+from .registry import (
+    available_backends,
+    check_backend_for_model,
+    memento_attention,
+    register_backend,
+    resolve_backend,
+)
 from .sdpa import sdpa_attention
 from .segment import segment_attention
 
 register_backend("sdpa", sdpa_attention)
 register_backend("segment", segment_attention)
 register_backend("flex", flex_attention_backend, unavailable_reason=flex_unavailable_reason)
-register_backend("flash_attn", flash_attention_backend, unavailable_reason=flash_unavailable_reason)
+register_backend("flash_attn", flash_attention_backend, unavailable_reason=flash_unavailable_reason,
+                 no_window_with_eviction=FLASH_NO_WINDOW_WITH_EVICTION)
 
 
 # The Triton kernel lives in memento_train.kernels, imported on first use: importing triton is slow,
@@ -35,6 +42,7 @@ __all__ = [
     "MementoAttentionMeta",
     "attn_implementation",
     "available_backends",
+    "check_backend_for_model",
     "hf_memento_attention",
     "memento_attention",
     "register_backend",

@@ -59,6 +59,17 @@ def hf_memento_attention(
     return out[None], None
 
 
+def sliding_window_of(hf_config) -> int | None:
+    """The window HF passes to the attention function of this model's sliding-window layers, or None
+    when it has none: per-layer ``layer_types`` (Qwen3, Olmo 3: ``"sliding_attention"`` layers use
+    ``sliding_window``), else a model-wide ``sliding_window`` (Phi-3/Phi-4 pass it to every layer)."""
+    window = getattr(hf_config, "sliding_window", None)
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is not None:
+        return window if "sliding_attention" in layer_types else None
+    return window or None
+
+
 def _no_mask(*args, **kwargs):
     return None
 

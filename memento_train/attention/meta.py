@@ -42,6 +42,38 @@ class IntervalPlan:
         return int(self.cu_q.numel()) - 1
 
 
+class DerivedCache:
+    """The structures derived from one batch's metadata (interval plan, flex block masks, tile plans),
+    built on first use and shared by every layer.
+
+    Deliberately not a dict: tree-mapping utilities copy dicts and dataclasses field by field (FSDP2's
+    mixed-precision cast of forward inputs does so at every wrapped layer), so a dict would reach each
+    layer as a fresh copy, empty if taken before the first layer filled it, and every layer would
+    rebuild the plans. Other objects pass through those utilities as they are, so all copies of one
+    batch's metadata share this one.
+    """
+
+    __slots__ = ("_entries",)
+
+    def __init__(self) -> None:
+        self._entries: dict = {}
+
+    def __contains__(self, key) -> bool:
+        return key in self._entries
+
+    def __getitem__(self, key):
+        return self._entries[key]
+
+    def __setitem__(self, key, value) -> None:
+        self._entries[key] = value
+
+    def get(self, key, default=None):
+        return self._entries.get(key, default)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 @dataclass
 class MementoAttentionMeta:
     """Per-batch metadata: document boundaries and kill rows, in packed coordinates."""
@@ -49,7 +81,7 @@ class MementoAttentionMeta:
     cu_seqlens: torch.Tensor  # int32 [D+1]
     kill_row: torch.Tensor  # int32 [T]
     max_seqlen: int
-    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+    _cache: DerivedCache = field(default_factory=DerivedCache, repr=False, compare=False)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -128,7 +160,10 @@ class MementoAttentionMeta:
 
     @property
     def has_eviction(self) -> bool:
-        return bool((self.kill_row.long() < self.doc_end()).any())
+        """Whether any key is evicted inside its document (cached: on GPU the test synchronises)."""
+        if "has_eviction" not in self._cache:
+            self._cache["has_eviction"] = bool((self.kill_row.long() < self.doc_end()).any())
+        return self._cache["has_eviction"]
 
     def doc_end(self) -> torch.Tensor:
         cu = self.cu_seqlens.long()

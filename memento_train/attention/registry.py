@@ -12,18 +12,34 @@ from collections.abc import Callable
 
 import torch
 
+from memento_train.config_errors import ConfigError
+
 from .meta import MementoAttentionMeta
 
 Backend = Callable[..., torch.Tensor]
 
 _BACKENDS: dict[str, Backend] = {}
 _AVAILABILITY: dict[str, Callable[[], str | None]] = {}
+# Backends that cannot apply a sliding window once keys are evicted (name -> why).
+_NO_WINDOW_WITH_EVICTION: dict[str, str] = {}
+
+# What ``auto`` tries, in order, on CUDA; on CPU it is always ``segment`` (exact, forward and backward).
+AUTO_CUDA_ORDER = ("flash_attn", "flex")
 
 
-def register_backend(name: str, fn: Backend, *, unavailable_reason: Callable[[], str | None] | None = None) -> None:
-    """Register ``fn`` under ``name``; ``unavailable_reason()`` returns why it cannot run here, or None."""
+def register_backend(name: str, fn: Backend, *, unavailable_reason: Callable[[], str | None] | None = None,
+                     no_window_with_eviction: str | None = None) -> None:
+    """Register ``fn`` under ``name``; ``unavailable_reason()`` returns why it cannot run here, or None.
+
+    ``no_window_with_eviction``: set (to the reason) for a backend that cannot run sliding-window
+    layers on batches with evicted keys; ``auto`` then never picks it for sliding-window layers.
+    """
     _BACKENDS[name] = fn
     _AVAILABILITY[name] = unavailable_reason or (lambda: None)
+    if no_window_with_eviction:
+        _NO_WINDOW_WITH_EVICTION[name] = no_window_with_eviction
+    else:
+        _NO_WINDOW_WITH_EVICTION.pop(name, None)
 
 
 def available_backends() -> dict[str, str | None]:
@@ -31,12 +47,20 @@ def available_backends() -> dict[str, str | None]:
     return {name: _AVAILABILITY[name]() for name in _BACKENDS}
 
 
-def resolve_backend(name: str, q: torch.Tensor | None = None) -> str:
-    """Pick a concrete backend. ``auto``: flash_attn on CUDA when installed, else flex on CUDA,
-    else the exact pure-PyTorch ``segment`` backend (CPU, forward and backward)."""
+def resolve_backend(name: str, q: torch.Tensor | None = None, *, window: int | None = None) -> str:
+    """Pick a concrete backend for one layer type: full attention (``window=None``) or sliding window.
+
+    ``auto``: on CUDA the first available of :data:`AUTO_CUDA_ORDER` that supports the layer type (for
+    sliding-window layers, one that applies the window together with eviction: ``flex``, never
+    ``flash_attn``), else the exact pure-PyTorch ``segment`` backend (CPU, forward and backward). The
+    choice depends on the layer type only, not on the batch, so every batch of a run uses the same
+    kernels per layer.
+    """
     if name == "auto":
         on_cuda = q is not None and q.is_cuda
-        for candidate in (("flash_attn", "flex") if on_cuda else ()) + ("segment",):
+        for candidate in (AUTO_CUDA_ORDER if on_cuda else ()) + ("segment",):
+            if window is not None and candidate in _NO_WINDOW_WITH_EVICTION:
+                continue
             if candidate in _BACKENDS and _AVAILABILITY[candidate]() is None:
                 return candidate
         return "segment"
@@ -46,6 +70,25 @@ def resolve_backend(name: str, q: torch.Tensor | None = None) -> str:
     if reason is not None:
         raise RuntimeError(f"attention backend {name!r} is unavailable: {reason}")
     return name
+
+
+def check_backend_for_model(name: str, *, sliding_window: int | None, evicts: bool,
+                            option: str = "model.attn_backend") -> None:
+    """Raise :class:`ConfigError` (naming ``option``) if backend ``name`` cannot train a model whose
+    layers use ``sliding_window`` (None: no sliding-window layers) with a mask that ``evicts`` keys.
+
+    Availability on the training machines (GPU, installed packages) is not checked: the driver may
+    not run where the workers do.
+    """
+    if name != "auto" and name not in _BACKENDS:
+        raise ConfigError(f"{option}={name!r} is not an attention backend; choose one of "
+                          f"{['auto', *sorted(_BACKENDS)]}")
+    if sliding_window is not None and evicts and name in _NO_WINDOW_WITH_EVICTION:
+        raise ConfigError(
+            f"{option}={name} cannot train this model: it has sliding-window layers (window {sliding_window}) and "
+            f"the mask evicts keys ({_NO_WINDOW_WITH_EVICTION[name]}); set {option}=auto (picks flex for the "
+            f"sliding-window layers) or {option}=flex"
+        )
 
 
 def memento_attention(
@@ -72,4 +115,4 @@ def memento_attention(
     if window is not None and window <= 0:
         raise ValueError(f"sliding window must be positive, got {window}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _BACKENDS[resolve_backend(backend, q)](q, k, v, meta, scale=scale, window=window)
+    return _BACKENDS[resolve_backend(backend, q, window=window)](q, k, v, meta, scale=scale, window=window)

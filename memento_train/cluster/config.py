@@ -10,6 +10,7 @@ interface.
 from __future__ import annotations
 
 import numbers
+import os
 from dataclasses import dataclass, field
 
 from memento_train.config_errors import ConfigError
@@ -39,6 +40,11 @@ class ClusterConfig:
         collective_timeout_s: timeout of torch.distributed collectives.
         env: extra environment variables for the workers (Ray ``runtime_env``; inline mode sets them
             in the driver process for the group's lifetime).
+        secret_env: names of environment variables that hold secrets: their ``env`` values never reach
+            ``config.yaml``, logs or metrics, and names that ``env`` does not set are copied from the
+            driver's environment (so the secret need not be in the config at all). Names that look
+            like secrets (``*API_KEY*``, ``*TOKEN*``, ...) are treated as secret anyway
+            (:mod:`memento_train.faults.secrets`).
     """
 
     address: str | None = None
@@ -51,6 +57,7 @@ class ClusterConfig:
     init_timeout_s: float = 300.0
     collective_timeout_s: float = 1800.0
     env: dict[str, str] = field(default_factory=dict)
+    secret_env: list[str] = field(default_factory=list)
 
     def validate(self, prefix: str = "cluster") -> "ClusterConfig":
         """Check every option; raise :class:`ConfigError` naming the first bad one (``prefix.option``).
@@ -100,8 +107,15 @@ class ClusterConfig:
             if not isinstance(key, str) or not key or "=" in key:
                 raise bad("env", f"invalid environment variable name {key!r}")
             if not isinstance(value, str):
-                raise bad(f"env.{key}", f"expected a string, got {value!r}; quote the value")
+                raise bad(f"env.{key}", "expected a string; quote the value")  # never echo a possible secret
+        if not isinstance(self.secret_env, list) or not all(isinstance(k, str) and k and "=" not in k
+                                                             for k in self.secret_env):
+            raise bad("secret_env", f"expected a list of environment variable names, got {self.secret_env!r}")
         return self
+
+    def worker_env(self) -> dict[str, str]:
+        """``env`` plus the driver environment's values of the ``secret_env`` names it does not set."""
+        return {**{k: os.environ[k] for k in self.secret_env if k in os.environ}, **self.env}
 
 
 def _is_int(value: object) -> bool:

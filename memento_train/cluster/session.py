@@ -17,6 +17,10 @@ from memento_train.cluster.config import ClusterConfig
 
 log = logging.getLogger(__name__)
 
+# The env vars a RaySession of this process gave the Ray job it initialised (None: not ours), so that
+# a group started inside a driver-owned Ray can still use the job's prestarted worker processes.
+_JOB_ENV: dict[str, str] | None = None
+
 
 class RaySession:
     """Ray for one worker group. Use :meth:`open`; :meth:`close` is idempotent."""
@@ -37,14 +41,16 @@ class RaySession:
         """
         import ray
 
+        global _JOB_ENV
         if ray.is_initialized():
             # Someone else (the caller, another group) owns this Ray: use it and never shut it down.
             log.info("cluster: using the Ray instance already initialised in this process")
-            return cls(started=False, job_env=None)
+            return cls(started=False, job_env=_JOB_ENV)
         runtime_env = {"env_vars": dict(worker_env)}
         if cfg.address is not None:
             # Keep Ray's default node IP: forcing 127.0.0.1 makes joining retry the GCS forever.
             ray.init(address=cfg.address, runtime_env=runtime_env)
+            _JOB_ENV = dict(worker_env)
             return cls(started=False, job_env=dict(worker_env))
         # address="local" starts a new cluster even when RAY_ADDRESS is set in the environment;
         # more CPUs than cores lets a 2-core CI machine host workers that reserve more than it has.
@@ -54,6 +60,7 @@ class RaySession:
             include_dashboard=False,
             runtime_env=runtime_env,
         )
+        _JOB_ENV = dict(worker_env)
         return cls(started=True, job_env=dict(worker_env))
 
     def close(self) -> None:
@@ -64,6 +71,8 @@ class RaySession:
         if self.started:
             import ray
 
+            global _JOB_ENV
+            _JOB_ENV = None
             ray.shutdown()
 
 

@@ -18,7 +18,12 @@ import torch.distributed as dist
 
 # Environment variables the group sets in each worker, like torchrun does, so that libraries reading
 # them (DeepSpeed, Megatron, HF Accelerate) agree with the process group that is already initialised.
-DIST_ENV_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+# LOCAL_RANK is the index of the worker's GPU among the GPUs *visible to it* (what DeepSpeed passes to
+# torch.cuda.set_device): 0 under Ray, which gives each actor its own CUDA_VISIBLE_DEVICES. The index
+# among the group's workers on the node is MEMENTO_NODE_LOCAL_RANK.
+NODE_LOCAL_RANK_VAR = "MEMENTO_NODE_LOCAL_RANK"
+DIST_ENV_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                 NODE_LOCAL_RANK_VAR)
 
 
 class DistributedWorker:
@@ -29,17 +34,22 @@ class DistributedWorker:
     or the attributes below. Before any user method runs, the group has set:
 
     * ``self.rank``, ``self.world_size``: the worker's place in the group;
-    * ``self.local_rank``: its index among the group's workers on the same node (same IP address);
+    * ``self.node_local_rank``: its index among the group's workers on the same node (same IP address);
     * ``self.device``: ``cuda:N`` when the worker has GPUs, else ``cpu``;
+    * ``self.local_rank``: on GPU, ``N``, the index of its device among the GPUs visible to it (``0``
+      under Ray, which sets ``CUDA_VISIBLE_DEVICES`` per actor); on CPU, ``node_local_rank``;
 
     and initialised the default ``torch.distributed`` process group (gloo on CPU, nccl on GPU), with
-    ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` in the environment and
+    ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (= ``self.local_rank``, so
+    libraries that call ``torch.cuda.set_device(LOCAL_RANK)``, like DeepSpeed, pick the worker's own
+    GPU), ``LOCAL_WORLD_SIZE`` and ``MEMENTO_NODE_LOCAL_RANK`` in the environment and
     ``torch.set_num_threads(cpus_per_worker)`` applied.
     """
 
     rank: int
     world_size: int
     local_rank: int
+    node_local_rank: int
     device: torch.device
 
     # ------------------------------------------------------------------ group hooks (internal)
@@ -73,7 +83,12 @@ class DistributedWorker:
         master_port: int, backend: str, gpus: float, num_threads: int, init_timeout_s: float,
         collective_timeout_s: float,
     ) -> str:
-        """Join the default process group; returns the device chosen, as a string."""
+        """Join the default process group; returns the device chosen, as a string.
+
+        ``local_rank`` is the worker's index among the group's workers on its node (the group counts
+        them by IP address); the device, and from it ``LOCAL_RANK``, is derived here, in the worker,
+        from what it can see.
+        """
         if dist.is_initialized():
             raise RuntimeError(
                 "torch.distributed is already initialised in this process; a process can be a worker "
@@ -81,14 +96,15 @@ class DistributedWorker:
             )
         self._mt_saved_env = {k: os.environ.get(k) for k in DIST_ENV_VARS}
         self._mt_saved_threads = torch.get_num_threads()
+        self.device = _pick_device(local_rank, gpus)
+        self.rank, self.world_size, self.node_local_rank = rank, world_size, local_rank
+        self.local_rank = self.device.index if self.device.type == "cuda" else local_rank
         os.environ.update({
             "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(rank),
-            "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(local_rank),
-            "LOCAL_WORLD_SIZE": str(local_world_size),
+            "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(self.local_rank),
+            "LOCAL_WORLD_SIZE": str(local_world_size), NODE_LOCAL_RANK_VAR: str(local_rank),
         })
         torch.set_num_threads(num_threads)
-        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
-        self.device = _pick_device(local_rank, gpus)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
 
@@ -101,6 +117,12 @@ class DistributedWorker:
                                 timeout=timedelta(seconds=collective_timeout_s))
         self._mt_owns_group = True
         return str(self.device)
+
+    def _mt_enable_stack_dumps(self, path: str) -> None:
+        """Dump this worker's Python stacks into ``path`` when the group asks (see ``stack_dumps``)."""
+        from memento_train.cluster import stack_dumps
+
+        stack_dumps.register(path)
 
     def _mt_destroy_distributed(self) -> None:
         """Destroy the process group and restore what ``_mt_init_distributed`` changed (inline mode
@@ -125,12 +147,13 @@ class DistributedWorker:
             self._mt_saved_threads = None
 
 
-def _pick_device(local_rank: int, gpus: float) -> torch.device:
-    """The worker's device. GPU paths are untested on the CPU CI machines.
+def _pick_device(node_local_rank: int, gpus: float) -> torch.device:
+    """The worker's device.
 
     Ray sets ``CUDA_VISIBLE_DEVICES`` to the GPUs of each actor, so the actor's GPU is ``cuda:0``.
-    When more GPUs are visible than the worker reserved (inline mode on a multi-GPU host, or Ray with
-    ``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES``), the worker takes ``cuda:local_rank``.
+    When more GPUs are visible than the worker reserved (Ray with
+    ``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES``, or inline mode on a multi-GPU host), the worker
+    takes the GPU Ray assigned to it, else ``cuda:node_local_rank``.
     """
     if not gpus:
         return torch.device("cpu")
@@ -141,5 +164,21 @@ def _pick_device(local_rank: int, gpus: float) -> torch.device:
             "set cluster.gpus_per_worker=0 to run on CPU"
         )
     visible = torch.cuda.device_count()
-    index = 0 if visible <= math.ceil(gpus) else local_rank % visible
-    return torch.device("cuda", index)
+    if visible <= math.ceil(gpus):
+        return torch.device("cuda", 0)
+    assigned = _ray_gpu_ids()
+    if assigned:
+        # Ray's ids are those of the node; with CUDA_VISIBLE_DEVICES set, device N is its N-th entry.
+        listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        first = str(assigned[0])
+        return torch.device("cuda", listed.index(first) if first in listed else int(first) % visible)
+    return torch.device("cuda", node_local_rank % visible)
+
+
+def _ray_gpu_ids() -> list:
+    """The GPU ids Ray assigned to this process (empty outside a Ray actor)."""
+    try:
+        import ray
+    except ImportError:  # pragma: no cover - ray is a dependency
+        return []
+    return list(ray.get_gpu_ids()) if ray.is_initialized() else []

@@ -81,7 +81,9 @@ class WorkerGroup:
     released before the error propagates. Use as a context manager, or call :meth:`shutdown`.
 
     After construction: ``world_size``, ``backend`` (``"gloo"``/``"nccl"``), and per rank ``devices``
-    (as strings), ``local_ranks`` and ``node_ids`` (Ray node ids; ``"inline"`` in inline mode).
+    (as strings), ``local_ranks`` (index among the group's workers on the same node, which workers
+    also see as ``MEMENTO_NODE_LOCAL_RANK``; their ``LOCAL_RANK`` is the index of their GPU among the
+    GPUs visible to them) and ``node_ids`` (Ray node ids; ``"inline"`` in inline mode).
     """
 
     world_size: int
@@ -98,6 +100,8 @@ class WorkerGroup:
         self.devices: list[str] = []
         self.node_ids: list[str] = []
         self.local_ranks: list[int] = []
+        self.pids: list[int] = []
+        self._stack_files: list[str] = []
         self._session: RaySession | None = None
         self._pg = None
         self._actors: list = []
@@ -123,8 +127,11 @@ class WorkerGroup:
         return self.get(self.run_async(method, *args, **kwargs))
 
     def run_each(self, method: str, args_per_rank: list[tuple],
-                 kwargs_per_rank: list[dict] | None = None) -> list:
-        """Call ``method(*args_per_rank[r], **kwargs_per_rank[r])`` on each rank ``r``; results by rank."""
+                 kwargs_per_rank: list[dict] | None = None, *, timeout: float | None = None) -> list:
+        """Call ``method(*args_per_rank[r], **kwargs_per_rank[r])`` on each rank ``r``; results by rank.
+
+        ``timeout``: as in :meth:`get` (``TimeoutError`` naming the ranks still running).
+        """
         if len(args_per_rank) != self.world_size:
             raise ValueError(f"run_each({method!r}): args_per_rank has {len(args_per_rank)} entries, "
                              f"expected one per rank ({self.world_size})")
@@ -135,7 +142,7 @@ class WorkerGroup:
                              f"expected one per rank ({self.world_size})")
         pending = [self._submit(rank, method, tuple(a), dict(k))
                    for rank, (a, k) in enumerate(zip(args_per_rank, kwargs_per_rank))]
-        return self.get(AsyncResults(pending, method, self))
+        return self.get(AsyncResults(pending, method, self), timeout=timeout)
 
     def run_async(self, method: str, *args: Any, **kwargs: Any) -> AsyncResults:
         """Start ``method`` on every rank and return at once; :meth:`get` the results later.
@@ -157,11 +164,35 @@ class WorkerGroup:
             return [future.result() for future in pending]
         return self._wait_all(list(pending), method, timeout)
 
+    # ------------------------------------------------------------------ diagnostics
+
+    def enable_stack_dumps(self, directory: str) -> None:
+        """Let :meth:`dump_stacks` read every worker's Python stacks; each rank appends them to
+        ``directory/rank_NNNNN.txt`` (use shared storage on several nodes). Ray mode only."""
+        if self._inline is not None:
+            return
+        self._stack_files = [os.path.join(directory, f"rank_{r:05d}.txt") for r in range(self.world_size)]
+        self._wait_all([a._mt_enable_stack_dumps.remote(path) for a, path in zip(self._actors, self._stack_files)],
+                       "enable_stack_dumps", self.cfg.init_timeout_s)
+
+    def dump_stacks(self, timeout: float = 20.0) -> dict[int, str]:
+        """Every worker's Python stacks (all threads) now, by rank, even while it is blocked in a
+        collective (see :mod:`memento_train.cluster.stack_dumps`); ``{}`` unless enabled."""
+        from memento_train.cluster import stack_dumps
+
+        if not self._stack_files:
+            return {}
+        offsets = [os.path.getsize(p) if os.path.exists(p) else 0 for p in self._stack_files]
+        stack_dumps.signal_workers(list(zip(self.node_ids, self.pids)), timeout=timeout)
+        texts = stack_dumps.read_new(self._stack_files, offsets, timeout=timeout)
+        return dict(enumerate(texts))
+
     # ------------------------------------------------------------------ lifecycle
 
-    def shutdown(self) -> None:
+    def shutdown(self, graceful: bool = True) -> None:
         """Destroy the workers' process groups, stop the workers, release the placement group, and shut
-        Ray down if this group started it. Idempotent; never raises for an already dead worker."""
+        Ray down if this group started it. Idempotent; never raises for an already dead worker.
+        ``graceful=False`` kills the workers at once (they are known to be hung or half dead)."""
         if self._closed:
             return
         self._closed = True
@@ -178,7 +209,7 @@ class WorkerGroup:
                 os.environ[key] = value
         self._restore_env = {}
         if self._actors:
-            self._stop_actors()
+            self._stop_actors(GRACEFUL_STOP_S if graceful else 0.0)
         if self._pg is not None:
             try:
                 from ray.util.placement_group import remove_placement_group
@@ -203,8 +234,9 @@ class WorkerGroup:
         cfg = self.cfg
         gpus = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else int(torch.cuda.is_available())
         self.backend = _resolve_backend(cfg.backend, gpus)
-        self._restore_env = {k: os.environ.get(k) for k in cfg.env}
-        os.environ.update(cfg.env)
+        env = cfg.worker_env()
+        self._restore_env = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         try:
             worker = self.worker_cls(*args, **kwargs)
         except Exception as exc:
@@ -223,14 +255,7 @@ class WorkerGroup:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         cfg, n = self.cfg, self.world_size
-        env = {
-            **cfg.env,
-            # Torch and BLAS in each worker use the cores it reserved, not every core of the node.
-            "OMP_NUM_THREADS": str(cfg.cpus_per_worker),
-            "PYTHONPATH": os.pathsep.join(
-                worker_code_paths() + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-            ),
-        }
+        env = group_env(cfg)
         self._session = RaySession.open(cfg, needed_cpus=n * cfg.cpus_per_worker, worker_env=env)
         gpus = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1 if cluster_gpus() > 0 else 0)
         self.backend = _resolve_backend(cfg.backend, gpus)
@@ -255,6 +280,7 @@ class WorkerGroup:
         infos = self._wait_all([a._mt_node_info.remote() for a in self._actors],
                                f"{self.worker_cls.__name__}.__init__", cfg.init_timeout_s, _SLOW_START)
         self.node_ids = [info["node_id"] for info in infos]
+        self.pids = [info["pid"] for info in infos]
         self.local_ranks, local_sizes = _local_ranks([info["ip"] for info in infos])
         master_addr = infos[0]["ip"]
         master_port = self._wait_all([self._actors[0]._mt_open_store.remote(master_addr, n, cfg.init_timeout_s)],
@@ -313,7 +339,8 @@ class WorkerGroup:
                 dead = self._first_death(pending, method)
                 if dead is not None:
                     raise dead from None
-                raise WorkerError(rank, method, str(exc), cause=getattr(exc, "cause", None)) from None
+                raise WorkerError(rank, method, _with_collective(str(exc), sorted(pending.values())),
+                                  cause=getattr(exc, "cause", None)) from None
             except ray.exceptions.RayError as exc:  # ActorDiedError, worker crash, node death
                 raise WorkerError(rank, method, f"{type(exc).__name__}: {exc}", died=True) from None
         return results
@@ -335,12 +362,13 @@ class WorkerGroup:
                 return WorkerError(pending[ref], method, f"{type(exc).__name__}: {exc}", died=True)
         return None
 
-    def _stop_actors(self) -> None:
+    def _stop_actors(self, grace_s: float) -> None:
         import ray
 
         try:
-            refs = [actor._mt_destroy_distributed.remote() for actor in self._actors]
-            ray.wait(refs, num_returns=len(refs), timeout=GRACEFUL_STOP_S)
+            if grace_s > 0:
+                refs = [actor._mt_destroy_distributed.remote() for actor in self._actors]
+                ray.wait(refs, num_returns=len(refs), timeout=grace_s)
         except Exception:  # dead actors, Ray already gone: killing below is what matters
             log.debug("cluster: graceful stop failed", exc_info=True)
         for actor in self._actors:
@@ -349,6 +377,19 @@ class WorkerGroup:
             except Exception:
                 log.debug("cluster: ray.kill failed", exc_info=True)
         self._actors = []
+
+
+def group_env(cfg: ClusterConfig) -> dict[str, str]:
+    """The environment of the group's Ray workers (what a driver that opens Ray itself should give the
+    job, so that the group can take over Ray's prestarted worker processes)."""
+    return {
+        **cfg.worker_env(),
+        # Torch and BLAS in each worker use the cores it reserved, not every core of the node.
+        "OMP_NUM_THREADS": str(cfg.cpus_per_worker),
+        "PYTHONPATH": os.pathsep.join(
+            worker_code_paths() + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        ),
+    }
 
 
 def _resolve_backend(backend: str, gpus: float) -> str:
@@ -368,6 +409,18 @@ def _local_ranks(ips: list[str]) -> tuple[list[int], list[int]]:
         local.append(seen[ip])
         seen[ip] += 1
     return local, [seen[ip] for ip in ips]
+
+
+def _with_collective(detail: str, still_running: list[int]) -> str:
+    """Prefix a remote traceback that failed inside a ``torch.distributed`` call (a collective timeout,
+    a peer that closed its connection) with the collective and the ranks that had not finished."""
+    from memento_train.cluster.stack_dumps import innermost_collective
+
+    frame = innermost_collective(detail)
+    if frame is None:
+        return detail
+    peers = f"; rank(s) {still_running} had not finished this call" if still_running else ""
+    return f"failed inside collective {frame}{peers}\n{detail}"
 
 
 def _format_exc(exc: BaseException) -> str:

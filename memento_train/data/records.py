@@ -3,7 +3,8 @@
 Sources (:func:`load_records`):
 
 - a local ``.jsonl``/``.json`` file or ``.parquet`` file, or a directory of them (all files of one
-  format, read in sorted path order) — via ``datasets.load_dataset("json"|"parquet", data_files=...)``;
+  format, read in sorted path order) — row by row (:mod:`.row_reader`), so a broken line or a field of
+  the wrong type rejects that row only, named by ``file:line`` (Parquet: ``file[row N]``);
 - anything else is taken as a Hugging Face hub dataset name and read with
   ``datasets.load_dataset(name, hf_config, split=split)`` (needs network; not exercised offline).
 
@@ -17,7 +18,10 @@ Normalised schema (every record, whatever the source):
 - ``domain``, ``source``, ``difficulty`` (str; "" when absent; ``difficulty`` is stringified so that
   mixed int/str columns of different sources concatenate);
 - ``missing`` (str): "" or the name of the field that made the record unusable, with a reason
-  (validation reports it as ``missing_field`` and strict mode raises with it).
+  (validation reports it as ``missing_field`` and strict mode raises with it);
+- ``reject`` (str): "" or, for a row of a local file that is no record at all, the reason code of
+  :mod:`.row_reader` (``bad_json``, ``empty_line``, ``not_an_object``, ``wrong_type``); its
+  ``record_id`` is then the row's place (``file:line``) and ``missing`` says what is wrong.
 
 ``default`` config: ``response`` already holds the assistant text with the special tokens written
 out (``<think>\\n<|block_start|>…<|block_end|>\\n<|summary_start|>…<|summary_end|>\\n…</think>\\n
@@ -50,9 +54,10 @@ from pathlib import Path
 from typing import Any
 
 from memento_train.data.config import LOCAL_SUFFIXES, DataConfig
+from memento_train.data.row_reader import DETAIL_COLUMN, REJECT_COLUMN, WHERE_COLUMN, load_local_rows
 from memento_train.tokens import BLOCK_END, BLOCK_START, SUMMARY_END, SUMMARY_START, THINK_END, THINK_START
 
-SCHEMA_COLUMNS = ("record_id", "problem", "response", "domain", "source", "difficulty", "missing")
+SCHEMA_COLUMNS = ("record_id", "problem", "response", "domain", "source", "difficulty", "missing", "reject")
 ID_COLUMNS = ("id", "record_id")
 ANSWER_COLUMNS = ("answer", "final_answer")
 
@@ -112,7 +117,8 @@ def _looks_like_path(text: str) -> bool:
 
 
 def load_raw(cfg: DataConfig):
-    """The source as a ``datasets.Dataset`` with its original columns (no normalisation)."""
+    """The source as a ``datasets.Dataset`` (no normalisation): hub and synthetic data with their own
+    columns, local files as :mod:`.row_reader` rows (the known fields plus rejected-row markers)."""
     import datasets
 
     from memento_train.data.synthetic import SyntheticTaskConfig, parse_source, synthetic_records
@@ -123,13 +129,7 @@ def load_raw(cfg: DataConfig):
         return datasets.Dataset.from_list(synthetic_records(n, SyntheticTaskConfig(seed=seed)))
     local = resolve_local_files(cfg.path)
     if local is not None:
-        builder, files = local
-        try:
-            return datasets.load_dataset(
-                builder, data_files={cfg.split: files}, split=cfg.split, cache_dir=cfg.cache_dir
-            )
-        except Exception as exc:  # pyarrow / json parse errors: name the file
-            raise ValueError(f"could not read {builder} data from {files[:3]}: {exc}") from exc
+        return load_local_rows(local[1], cfg.cache_dir)
     try:  # hub dataset (needs network); config name = hf_config
         return datasets.load_dataset(str(cfg.path), cfg.hf_config, split=cfg.split, cache_dir=cfg.cache_dir)
     except Exception as exc:
@@ -216,6 +216,11 @@ def _text(value: Any) -> str:
 
 def normalize_row(row: Mapping[str, Any], index: int, hf_config: str) -> dict[str, Any]:
     """One raw row → the normalised schema (never raises on bad content; see ``missing``)."""
+    reject = row.get(REJECT_COLUMN) or ""
+    if reject:  # not a record (a broken line, a field of the wrong type): keep its place and reason
+        where = str(row.get(WHERE_COLUMN) or f"row {index}")
+        return {"record_id": where, "problem": None, "response": None, "domain": "", "source": "",
+                "difficulty": "", "missing": str(row.get(DETAIL_COLUMN) or reject), "reject": reject}
     record_id = make_record_id(row, index)
     missing = ""
     problem = row.get("problem")
@@ -239,6 +244,7 @@ def normalize_row(row: Mapping[str, Any], index: int, hf_config: str) -> dict[st
         "source": _text(row.get("source")),
         "difficulty": _text(row.get("difficulty")),
         "missing": missing,
+        "reject": "",
     }
 
 

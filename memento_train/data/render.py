@@ -7,8 +7,10 @@ Text layout (no system message unless ``system_prompt`` is set)::
 
 How the text is produced and tokenized:
 
-- The prompt (system + user + assistant header) comes from the tokenizer's chat template with
-  ``add_generation_prompt=True`` when it has one, else from the literal layout above.
+- The prompt (system + user + assistant header) is
+  :func:`memento_train.generation.prompt.generation_prompt_text`: the tokenizer's chat template with
+  ``add_generation_prompt=True`` when it has one, else the literal layout above. RL, evaluation and
+  serving render prompts with the same function, so training sees the bytes the model is served.
 - The response is appended *verbatim*, followed by the template's end-of-turn text (found by rendering
   a sentinel assistant message; ``<|im_end|>\\n`` for ChatML). Templates such as Qwen3's rewrite the
   reasoning of assistant messages (strip or re-wrap ``<think>``), so the response never goes through
@@ -32,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from memento_train.generation.prompt import encode_text, generation_prompt_text
 from memento_train.masking import MaskConfig, ParsedStream, SpecialTokens, parse
 from memento_train.tokens import ASSISTANT, IM_END, IM_START, MEMENTO_TOKENS, THINK_TOKENS
 
@@ -115,13 +118,6 @@ class Renderer:
         self.turn_end = self._find_turn_end()
 
     # -- text ------------------------------------------------------------------------------------
-    def _messages(self, problem: str) -> list[dict[str, str]]:
-        msgs = []
-        if self.system_prompt is not None:
-            msgs.append({"role": "system", "content": self.system_prompt})
-        msgs.append({"role": "user", "content": problem})
-        return msgs
-
     def _find_turn_end(self) -> str:
         default = f"{IM_END}\n"
         if not self.use_template:
@@ -135,16 +131,10 @@ class Renderer:
 
     def prompt_text(self, problem: str) -> str:
         """System + user turn + assistant header, as the model sees it before generating."""
-        if self.use_template:
-            return self.tokenizer.apply_chat_template(
-                self._messages(problem), tokenize=False, add_generation_prompt=True
-            )
-        sys = "" if self.system_prompt is None else f"{IM_START}system\n{self.system_prompt}{IM_END}\n"
-        return f"{sys}{IM_START}user\n{problem}{IM_END}\n{IM_START}{ASSISTANT}\n"
+        return generation_prompt_text(self.tokenizer, problem, self.system_prompt)
 
     def _encode(self, text: str) -> list[int]:
-        # verbose=False: long traces exceed model_max_length on purpose; max_seq_len is enforced later.
-        return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        return encode_text(self.tokenizer, text)
 
     # -- ids and structure ---------------------------------------------------------------------
     def render(self, record: Mapping[str, Any]) -> RenderedExample:

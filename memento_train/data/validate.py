@@ -18,7 +18,13 @@ only field presence is checked on text. Reason codes (stable; counted in :class:
 ``empty_block``             a block with only whitespace between its delimiters
 ``overlong``                more than ``max_seq_len`` tokens (``overlong="drop"``, or a prompt that
                             alone fills ``max_seq_len``)
+``bad_json``                a line of a local file that is not JSON (the record id is ``file:line``)
+``empty_line``              an empty line in a JSON Lines file
+``not_an_object``           a JSON value that is not a ``{...}`` record
+``wrong_type``              a field of another type, e.g. ``"response": 5`` (Parquet: ``file[row N]``)
 ==========================  ===========================================================================
+
+The last four come from reading the file row by row (:mod:`.row_reader`), before any rendering.
 
 A record with several problems is counted once, under its first problem: parser anomalies (the
 offending delimiter) before block-level findings, each in token order.
@@ -37,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from memento_train.data.render import RenderedExample, Renderer
+from memento_train.data.row_reader import ROW_REASONS
 from memento_train.masking import (
     BLOCK_INSIDE_SUMMARY,
     NESTED_BLOCK,
@@ -64,7 +71,7 @@ OVERLONG = "overlong"
 REASONS: tuple[str, ...] = (
     MISSING_FIELD, SUMMARY_WITHOUT_BLOCK, NESTED, UNCLOSED_BLOCK, UNCLOSED_SUMMARY, STRAY_DELIMITER,
     BLOCK_WITHOUT_SUMMARY, SUMMARY_IN_BLOCK, BLOCK_IN_SUMMARY, MISSING_THINK_END, EMPTY_SUMMARY,
-    EMPTY_BLOCK, OVERLONG,
+    EMPTY_BLOCK, OVERLONG, *ROW_REASONS,
 )
 
 # Parser anomaly code -> rejection reason.
@@ -104,7 +111,9 @@ class InvalidRecordError(ValueError):
     def __init__(self, record_id: str, reason: str, position: int | None = None, detail: str = "") -> None:
         self.record_id, self.reason, self.position, self.detail = record_id, reason, position, detail
         where = "" if position is None else f" at token {position}"
-        msg = f"record {record_id!r} is invalid: {reason}{where}"
+        # A row that is no record is named by its place in the file (path:line), not an id.
+        msg = (f"{record_id}: not a valid record: {reason}" if reason in ROW_REASONS
+               else f"record {record_id!r} is invalid: {reason}{where}")
         if detail:
             msg += f": {detail}"
         msg += " (set data.strict=false to skip and count bad records instead)"
@@ -257,6 +266,8 @@ def check_record(
     """Render + validate one normalised record; apply the overlong policy. Never raises for bad data."""
     record_id = str(record.get("record_id", ""))
     missing = record.get("missing") or ""
+    if record.get("reject"):  # a row of the file that is no record (see .row_reader)
+        return Outcome(record_id, None, [Issue(str(record["reject"]), None, missing)])
     if missing or not isinstance(record.get("problem"), str) or not isinstance(record.get("response"), str):
         detail = missing or "problem/response missing"
         return Outcome(record_id, None, [Issue(MISSING_FIELD, None, detail)])

@@ -27,6 +27,10 @@ Contract, for every engine:
   ``loss_fn(logits, mb) -> (loss, metrics)``, backward. The default runs them one after another
   through :meth:`logits` and :meth:`backward`; a pipeline-parallel engine overrides it with its own
   schedule. ``forward_only`` is the no-grad twin (reference / old log-probs, eval loss).
+- Loops that need only per-token log-probs / entropies pass a
+  :class:`~memento_train.engines.head_stats.TokenStatsFn` instead (``fn(stats, mb)``): the engine then
+  runs the model with the fused, chunked LM head (:meth:`token_stats`), which never materialises the
+  ``[T, vocab]`` logits nor keeps them for backward. The SFT loss always does.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from torch import nn
 from memento_train.attention import MementoAttentionMeta
 
 from memento_train.engines.config import EngineConfig
+from memento_train.engines.head_stats import HeadRequest, TokenStats, TokenStatsFn, head_request
 from memento_train.optim import OptimConfig
 
 
@@ -109,22 +114,42 @@ class TrainEngine(ABC):
         )
         return out.logits[0]
 
+    def output_head(self) -> nn.Module:
+        """The module that computes the logits (an HF model's ``lm_head``; tied or not)."""
+        return self.module.get_output_embeddings()
+
+    def token_stats(self, mb: MicroBatch, request: HeadRequest) -> TokenStats:
+        """Forward one micro-batch through the fused LM head: per-token log-probs (and entropies) of
+        ``request.labels``, computed chunk by chunk inside the head module's forward (where sharded
+        engines hold its weight whole); see :mod:`memento_train.engines.head_stats`."""
+        with head_request(self.output_head(), request):
+            out = self.module(input_ids=mb.input_ids[None], position_ids=mb.position_ids[None],
+                              memento_meta=mb.meta, use_cache=False)
+        return TokenStats.unpack(out.logits[0], request)
+
+    def evaluate(self, mb: MicroBatch, fn: Callable[..., Any]) -> Any:
+        """``fn`` on one micro-batch: ``fn(token_stats, mb)`` for a :class:`TokenStatsFn`, else ``fn(logits, mb)``."""
+        if isinstance(fn, TokenStatsFn):
+            return fn(self.token_stats(mb, fn.request(mb)), mb)
+        return fn(self.logits(mb), mb)
+
     def forward_backward(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn) -> list[dict[str, Any]]:
         """Forward + backward every micro-batch of one step (the last one syncs gradients).
 
-        Returns each micro-batch's metrics from ``loss_fn``.
+        ``loss_fn`` is a function of logits or a :class:`TokenStatsFn`. Returns each micro-batch's
+        metrics from ``loss_fn``.
         """
         metrics = []
         for i, mb in enumerate(micro_batches):
-            loss, m = loss_fn(self.logits(mb), mb)
+            loss, m = self.evaluate(mb, loss_fn)
             self.backward(loss, last_micro_batch=i == len(micro_batches) - 1)
             metrics.append(m)
         return metrics
 
     @torch.no_grad()
     def forward_only(self, micro_batches: Sequence[MicroBatch], fn: Callable[[torch.Tensor, MicroBatch], Any]) -> list[Any]:
-        """Evaluate ``fn(logits, mb)`` on every micro-batch without gradients."""
-        return [fn(self.logits(mb), mb) for mb in micro_batches]
+        """Evaluate ``fn(logits, mb)`` (or a :class:`TokenStatsFn`) on every micro-batch without gradients."""
+        return [self.evaluate(mb, fn) for mb in micro_batches]
 
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)

@@ -47,6 +47,15 @@ class EngineConfig:
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError(f"{prefix}.offload_params needs {prefix}.zero_stage=3 (parameters are only "
                               "sharded, hence offloadable, at stage 3)")
+        # The fsdp2 engine refuses these too, but only once every rank has loaded the model: say it here.
+        if self.kind == "fsdp2" and self.offload_optimizer and not self.offload_params:
+            raise ConfigError(f"{prefix}.offload_optimizer alone is not possible with fsdp2 (FSDP2 offloads "
+                              f"parameters, gradients and optimizer state together): set {prefix}.offload_params="
+                              f"true with {prefix}.zero_stage=3, or {prefix}.kind=deepspeed to offload only the "
+                              "optimizer")
+        if self.kind == "fsdp2" and self.precision == "fp16":
+            raise ConfigError(f"{prefix}.precision=fp16 needs dynamic loss scaling, which the fsdp2 engine does "
+                              f"not implement; use {prefix}.precision=bf16, or {prefix}.kind=deepspeed for fp16")
         for name in ("tensor_parallel", "pipeline_parallel"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

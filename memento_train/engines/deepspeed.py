@@ -18,15 +18,22 @@ How the contract maps onto DeepSpeed:
   ``DeepSpeedCPUAdam`` when the optimizer is offloaded, otherwise ``torch.optim.AdamW(fused=True)``
   (DeepSpeed supports it under ZeRO and it needs no JIT build, unlike ``FusedAdam``).
 - **Precision.** ``bf16``/``fp16`` sections of the DeepSpeed config; ZeRO keeps fp32 master weights
-  and optimizer state. ``fp16`` uses DeepSpeed's dynamic loss scaling.
+  and optimizer state. ``fp16`` uses DeepSpeed's dynamic loss scaling. Under ``bf16`` gradients are
+  accumulated over the micro-batches (``data_types.grad_accum_dtype``) and reduced over ranks
+  (``communication_data_type``) in fp32: DeepSpeed's default for both is the model dtype, i.e. bf16
+  sums over 20-30 micro-batches and ranks. Buffers stay in their dtype (fp32 RoPE ``inv_freq``) from
+  DeepSpeed 0.19.2 on (:data:`MIN_VERSION_KEEPING_FP32_BUFFERS`), which the engine requires.
 - **Weights in and out.** Under ``bf16``/``fp16`` the fp32 masters are set from the fp32 weights the
   engine was given (DeepSpeed itself would start them from the rounded low-precision copies), and
   :meth:`DeepSpeedEngine.full_state_dict` gathers the fp32 *masters* (``safe_get_full_fp32_param``,
-  ZeRO-2 and ZeRO-3 alike), not the bf16 copies the module computes with.
+  ZeRO-2 and ZeRO-3 alike), not the bf16 copies the module computes with; only rank 0 keeps the
+  gathered copy. With weights on rank 0 only (other ranks built on meta), the other ranks start from
+  uninitialised storage in the compute dtype and DeepSpeed's broadcast from rank 0 fills it.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -36,9 +43,13 @@ from torch import nn
 from memento_train.config_errors import ConfigError
 from memento_train.engines.base import TrainEngine, register_engine
 from memento_train.engines.config import EngineConfig
+from memento_train.engines.materialize import broadcast_from_rank0, materialize_meta_params, weights_on_rank0_only
 from memento_train.optim import OptimConfig, param_groups
 
 CHECKPOINT_TAG = "engine"
+# First DeepSpeed release whose bf16/fp16 cast leaves fp32 buffers (RoPE inv_freq) alone (PR #8066);
+# before it, module.bfloat16() rounded inv_freq to bf16. pyproject.toml's floor is this version.
+MIN_VERSION_KEEPING_FP32_BUFFERS = "0.19.2"
 
 
 def deepspeed_config(cfg: EngineConfig, optim: OptimConfig, world_size: int, *, client_cpu_optimizer: bool) -> dict:
@@ -65,6 +76,10 @@ def deepspeed_config(cfg: EngineConfig, optim: OptimConfig, world_size: int, *, 
         "steps_per_print": 1 << 30,  # the loops log; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
     }
+    if cfg.precision == "bf16":
+        # Sum micro-batches and ranks in fp32, not in the bf16 the model computes in.
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+        ds["communication_data_type"] = "fp32"
     if client_cpu_optimizer and cfg.offload_optimizer:
         ds["zero_force_ds_cpu_optimizer"] = False
     return ds
@@ -77,7 +92,7 @@ class DeepSpeedEngine(TrainEngine):
         model: an fp32 model on CPU, identical on every rank.
         optim: AdamW settings (the learning rate comes with each :meth:`step`).
         cfg: engine options (``kind`` must be ``deepspeed``).
-        device: this rank's device (``cpu`` with gloo, or ``cuda:<local_rank>``).
+        device: this rank's device (``cpu`` with gloo, or ``cuda:<LOCAL_RANK>``).
     """
 
     name = "deepspeed"
@@ -93,9 +108,17 @@ class DeepSpeedEngine(TrainEngine):
             raise RuntimeError("DeepSpeedEngine needs torch.distributed initialised first (world size 1 included)")
         import deepspeed
 
+        _check_deepspeed_version(deepspeed.__version__, cfg)
         _forget_stale_deepspeed_groups()
         self.world_size = dist.get_world_size()
-        model.to(torch.float32)
+        rank0_weights = weights_on_rank0_only(model)
+        if rank0_weights:
+            # Other ranks were built on meta: give them uninitialised storage in the compute dtype;
+            # DeepSpeed's broadcast from rank 0 fills it (ZeRO-2: the module on the device; ZeRO-3 below:
+            # host pages that stay untouched until their own parameter is received and partitioned).
+            materialize_meta_params(model, self.device if cfg.zero_stage == 2 else "cpu", self.compute_dtype)
+        if cfg.precision == "fp32":
+            model.to(torch.float32)
         groups = param_groups(model, optim.weight_decay)
         hyper = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
         on_cuda = self.device.type == "cuda"
@@ -107,9 +130,21 @@ class DeepSpeedEngine(TrainEngine):
             optimizer = torch.optim.AdamW(groups, fused=on_cuda or None, **hyper)
         config = deepspeed_config(cfg, optim, self.world_size, client_cpu_optimizer=not on_cuda)
         # DeepSpeed casts the module to bf16/fp16 *before* it builds the fp32 master copies, so the
-        # masters would start from rounded weights. Keep references to the given fp32 tensors (not
-        # copies: the caller's model holds them already) and write them into the masters afterwards.
-        originals = [p.data for p in model.parameters()] if cfg.precision != "fp32" else None
+        # masters would start from rounded weights. Keep references to rank 0's given tensors (not
+        # copies: the caller's model holds them already) and write them into the masters afterwards,
+        # unless they are no more precise than the compute dtype (a bf16 checkpoint: nothing to restore).
+        originals = None
+        if cfg.precision != "fp32" and _broadcast_flag(any(p.dtype == torch.float32 for p in model.parameters())):
+            # (rank 0's only: other ranks must not pin their full, soon partitioned, parameters)
+            originals = [p.data if dist.get_rank() == 0 else None for p in model.parameters()]
+        if rank0_weights and cfg.zero_stage == 3:
+            # Partition parameter by parameter now (zero.Init: move one to the device, broadcast it from
+            # rank 0, keep this rank's slice), instead of letting initialize() first move the whole
+            # module to every device and broadcast it there.
+            model.to(self.compute_dtype)
+            # (its config parser may see world size 1 before initialize(): leave the batch size derived)
+            init_config = {k: v for k, v in config.items() if k != "train_batch_size"}
+            deepspeed.zero.Init(module=model, config_dict_or_path=init_config, dtype=self.compute_dtype)
         self._engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=config, dist_init_required=False
         )
@@ -118,10 +153,13 @@ class DeepSpeedEngine(TrainEngine):
         self._boundary_done = False
 
     def _restore_fp32_masters(self, originals: list[torch.Tensor]) -> None:
+        """Set the fp32 masters from rank 0's weights, one parameter at a time (collective)."""
         from deepspeed.utils import safe_set_full_fp32_param
 
         for p, value in zip(self.model.parameters(), originals, strict=True):
-            safe_set_full_fp32_param(p, value.to(device=self._engine.device, dtype=torch.float32))
+            shape = p.ds_shape if hasattr(p, "ds_shape") else p.shape
+            full = broadcast_from_rank0(value, shape, torch.float32)
+            safe_set_full_fp32_param(p, full.to(device=self._engine.device))
 
     # -- training ------------------------------------------------------------------------------
     @property
@@ -133,6 +171,10 @@ class DeepSpeedEngine(TrainEngine):
     def model(self) -> nn.Module:
         """The underlying model (under ZeRO-3 its parameters are partitioned placeholders)."""
         return self._engine.module
+
+    def output_head(self) -> nn.Module:
+        """The HF model's ``lm_head`` (ZeRO-3 gathers its weight in the head's own forward hooks)."""
+        return self.model.get_output_embeddings()
 
     def backward(self, loss: torch.Tensor, *, last_micro_batch: bool) -> None:
         """Backward one micro-batch; ``loss * world_size`` because ZeRO averages over ranks."""
@@ -177,12 +219,15 @@ class DeepSpeedEngine(TrainEngine):
         from deepspeed.utils import safe_get_full_fp32_param
 
         full: dict[int, torch.Tensor] = {}
+        rank0 = dist.get_rank() == 0
         for name, p in self._named_params():  # same order on every rank: each call is collective
             value = safe_get_full_fp32_param(p)
             if value is None:
                 # Not managed by a ZeRO optimizer (e.g. frozen): the module holds it whole.
                 value = p.data
-            full[id(p)] = value.detach().to(device="cpu", dtype=torch.float32).clone()
+            if rank0:  # only rank 0 keeps a host copy: the others drop each gathered tensor at once
+                full[id(p)] = value.detach().to(device="cpu", dtype=torch.float32).clone()
+            del value
         # Every rank asks for the key list, in case a ZeRO hook makes state_dict() collective.
         module_sd = self.model.state_dict(keep_vars=True)
         if dist.get_rank() != 0:
@@ -208,7 +253,26 @@ class DeepSpeedEngine(TrainEngine):
         return out
 
 
+def _broadcast_flag(value: bool) -> bool:
+    """Rank 0's ``value`` on every rank (collective)."""
+    return bool(int(broadcast_from_rank0(torch.tensor([int(value)]), torch.Size([1]), torch.int64)[0]))
+
+
 register_engine("deepspeed", DeepSpeedEngine)
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """``"0.19.2+abc"`` -> ``(0, 19, 2)``."""
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def _check_deepspeed_version(version: str, cfg: EngineConfig) -> None:
+    if cfg.precision != "fp32" and _release(version) < _release(MIN_VERSION_KEEPING_FP32_BUFFERS):
+        raise ConfigError(
+            f"engine.precision={cfg.precision} with deepspeed {version}: releases before "
+            f"{MIN_VERSION_KEEPING_FP32_BUFFERS} round fp32 buffers (RoPE inv_freq) to {cfg.precision}; "
+            f"pip install 'deepspeed>={MIN_VERSION_KEEPING_FP32_BUFFERS},<0.20'"
+        )
 
 
 def _forget_stale_deepspeed_groups() -> None:

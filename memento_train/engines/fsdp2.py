@@ -16,6 +16,14 @@ Mapping of :class:`~memento_train.engines.config.EngineConfig` onto FSDP2:
   ``offload_params=true`` with ``zero_stage=3``, or ``engine.kind=deepspeed``, which offloads the
   optimizer alone).
 
+Gradient accumulation: every micro-batch reduce-scatters its gradients into the sharded fp32
+gradients (sync is never switched off, see :meth:`FSDP2Engine.backward`), so a rank never holds
+unsharded gradients between micro-batches.
+
+Weights on rank 0 only (``load_model(..., rank=r)``: other ranks hold meta parameters): the meta
+model is sharded first and each rank then receives its slice from rank 0, tensor by tensor
+(:mod:`memento_train.engines.materialize`), straight into its fp32 shard on the device.
+
 Gradient reduction: the contract wants the **sum** over ranks (the loop already divides by the
 global token count). FSDP2 averages by default, so every FSDP module is set to gradient divide
 factor 1 with sum-only collectives (``set_gradient_divide_factor(1.0)`` +
@@ -33,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
@@ -42,6 +51,7 @@ from torch.distributed.tensor import DTensor
 from memento_train.config_errors import ConfigError
 from memento_train.engines.base import TrainEngine, register_engine
 from memento_train.engines.config import EngineConfig
+from memento_train.engines.materialize import take_weights, weights_on_rank0_only
 from memento_train.engines.scratch_group import scratch_gloo_group
 from memento_train.optim import OptimConfig, param_groups
 
@@ -80,7 +90,7 @@ class FSDP2Engine(TrainEngine):
         model: an fp32 model on CPU (or already on ``device``), identical on every rank.
         optim: AdamW settings (the learning rate comes with each :meth:`step`).
         cfg: engine options (``kind`` must be ``fsdp2``).
-        device: this rank's device (``cpu`` with gloo, or ``cuda:<local_rank>``).
+        device: this rank's device (``cpu`` with gloo, or ``cuda:<LOCAL_RANK>``).
     """
 
     name = "fsdp2"
@@ -96,10 +106,13 @@ class FSDP2Engine(TrainEngine):
         shard_kwargs: dict = {"mesh": self.mesh, "reshard_after_forward": cfg.zero_stage == 3}
         if cfg.precision != "fp32":
             shard_kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
+        # Weights on rank 0 only (other ranks built on meta): shard the empty model first, then take
+        # each rank's slice from rank 0 tensor by tensor; no rank materialises the whole model.
+        rank0_weights = take_weights(model) if weights_on_rank0_only(model) else False
         if cfg.offload_params:
             # Pinned memory only helps (and only exists) with an accelerator to copy to.
             shard_kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.device.type != "cpu")
-        else:
+        elif rank0_weights is False:
             model.to(self.device)
         model.to(torch.float32)  # master weights are fp32 whatever the compute precision
 
@@ -113,6 +126,9 @@ class FSDP2Engine(TrainEngine):
             if isinstance(m, FSDPModule):
                 m.set_gradient_divide_factor(1.0)
                 m.set_force_sum_reduction_for_comms(True)
+        if rank0_weights is not False:
+            _load_sharded_from_rank0(model, rank0_weights, cpu=cfg.offload_params or self.device.type == "cpu",
+                                     device=self.device)
         self._model = model
         self.optimizer = torch.optim.AdamW(
             param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps
@@ -141,10 +157,14 @@ class FSDP2Engine(TrainEngine):
         return self._model
 
     def backward(self, loss: torch.Tensor, *, last_micro_batch: bool) -> None:
-        """Backward one micro-batch; only the last of a step reduce-scatters (summing over ranks)."""
-        # Non-last micro-batches accumulate unsharded local gradients without communication; the last
-        # one reduce-scatters the accumulated sum.
-        self._model.set_requires_gradient_sync(last_micro_batch)
+        """Backward one micro-batch; every micro-batch reduce-scatters (summing over ranks) into the
+        sharded fp32 gradients, which accumulate over the step.
+
+        Gradient sync is never turned off between micro-batches: FSDP2 would then keep each layer's
+        *unsharded* gradient (fp32 under bf16) until the last one, a full fp32 copy of the model's
+        gradients per rank (29 GB for a 7B model). One reduce-scatter per micro-batch costs
+        communication that overlaps with backward instead.
+        """
         loss.backward()
 
     def _params_with_grads(self) -> list[torch.Tensor]:
@@ -194,6 +214,18 @@ class FSDP2Engine(TrainEngine):
             if p.grad is not None:
                 out[name] = _plain(p.grad).detach().to(device="cpu", dtype=torch.float32).clone()
         return out
+
+
+def _load_sharded_from_rank0(model: nn.Module, state: dict[str, torch.Tensor] | None, *, cpu: bool,
+                             device: torch.device) -> None:
+    """Give the sharded meta ``model`` storage (on CPU when parameters are offloaded) and load rank 0's
+    ``state`` into it: one tensor broadcast at a time, each rank keeping its shard (cast to the
+    parameters' fp32). Buffers were computed on every rank and are kept."""
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    model.to_empty(device="cpu" if cpu else device)
+    for name, b in model.named_buffers():
+        b.copy_(buffers[name])
+    set_model_state_dict(model, state or {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 register_engine("fsdp2", FSDP2Engine)

@@ -11,7 +11,8 @@ Two ways to hold gradients and optimizer state, picked by device:
 
 - **CUDA** (the real runs): Megatron's ``DistributedDataParallel`` (fp32 gradient buffers, reduce-
   scatter over DP) and ``get_megatron_optimizer`` with ``use_distributed_optimizer=True`` (fp32 master
-  weights and Adam state sharded over DP; bf16 model weights with ``engine.precision=bf16``).
+  weights and Adam state sharded over DP; bf16 model weights with ``engine.precision=bf16``), with the
+  weight-decay groups applied and torch AdamW's checkpoints fixed (:mod:`.megatron_optimizer`).
 - **CPU fallback** (CI, gloo): Megatron's DDP and optimizers allocate CUDA tensors unconditionally
   (``torch.cuda.current_device()`` buffers, ``torch.cuda.FloatTensor`` type checks), so on CPU the
   engine does the same arithmetic by hand: a SUM all-reduce of gradients over DP (and of q/k-norm
@@ -51,10 +52,18 @@ from torch import nn
 from memento_train.config_errors import ConfigError
 from memento_train.engines.base import LossFn, MicroBatch, TrainEngine, register_engine
 from memento_train.engines.config import EngineConfig
+from memento_train.engines.head_stats import HeadRequest, TokenStats, TokenStatsFn, head_request
+from memento_train.engines.materialize import BroadcastStateDict, take_weights, weights_on_rank0_only
 from memento_train.engines.scratch_group import scratch_gloo_group
+from memento_train.lm_head import VocabShard
 from memento_train.optim import OptimConfig
 
 CKPT_DIR = "megatron"
+# How the distributed optimizer writes its shards: per gradient bucket, every rank its own slice (no
+# gather; resharding across DP only, like the engine). The default of megatron-core 0.16,
+# "fully_sharded_model_space", builds ShardedTensors with a flattened_range that its own
+# dist_checkpointing then refuses ("ShardedTensor.flattened_range is not supported").
+DISTRIBUTED_OPTIMIZER_CKPT_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def _megatron():
@@ -82,6 +91,11 @@ def init_parallel_state(tensor_parallel: int, pipeline_parallel: int) -> None:
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
                                  pipeline_model_parallel_size=pipeline_parallel)
+
+
+def uses_megatron_native(device: torch.device) -> bool:
+    """Megatron's own DDP and distributed optimizer (CUDA), or the engine's CPU fallback."""
+    return device.type == "cuda"
 
 
 def attention_backend_of(model: nn.Module) -> str:
@@ -118,7 +132,7 @@ class MegatronEngine(TrainEngine):
         model: the HF causal LM (CPU, fp32, memento tokens already added), identical on every rank.
         optim: AdamW settings.
         cfg: ``kind=megatron``, ``tensor_parallel``, ``pipeline_parallel``, ``precision``.
-        device: this rank's device (``cpu`` with gloo, or ``cuda:<local_rank>``).
+        device: this rank's device (``cpu`` with gloo, or ``cuda:<LOCAL_RANK>``).
     """
 
     name = "megatron"
@@ -130,7 +144,7 @@ class MegatronEngine(TrainEngine):
             raise ConfigError(f"MegatronEngine built with engine.kind={cfg.kind!r}; set engine.kind=megatron")
         if not dist.is_initialized():
             raise RuntimeError("MegatronEngine needs torch.distributed initialised first (world size 1 included)")
-        from memento_train.models.megatron_convert import hf_to_megatron, stage_view
+        from memento_train.models.megatron_convert import iter_hf_to_megatron, stage_view
         from memento_train.models.megatron_gpt import (
             build_gpt_model,
             describe_hf_config,
@@ -145,7 +159,7 @@ class MegatronEngine(TrainEngine):
         if cfg.precision == "fp16":
             raise ConfigError("engine.precision=fp16 needs dynamic loss scaling, which the megatron engine does not "
                               "wire up; use engine.precision=bf16")
-        self.native = self.device.type == "cuda"
+        self.native = uses_megatron_native(self.device)
         if not self.native and cfg.precision != "fp32":
             raise ConfigError(
                 f"engine.precision={cfg.precision} with engine.kind=megatron needs CUDA (Megatron's mixed-precision "
@@ -188,16 +202,27 @@ class MegatronEngine(TrainEngine):
                               pre_process=self.pre_process, post_process=self.post_process,
                               backend=attention_backend_of(model))
         self.layer_offset = self._layer_offset(gpt)
-        shard = hf_to_megatron(model.state_dict(), self.arch, tp_rank=self.tp_rank, tp_size=self.tp,
-                               vocab_size=self.vocab_padded)
-        local = stage_view(shard, layer_offset=self.layer_offset, num_layers=len(gpt.decoder.layers),
-                           pre_process=self.pre_process, post_process=self.post_process,
-                           tied=self.arch.tied_embeddings)
-        missing, unexpected = gpt.load_state_dict(local, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
-        if missing or unexpected:
-            raise RuntimeError(f"HF → Megatron conversion mismatch: missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]}")
+        # Weights on rank 0 only (other ranks built on meta): every rank reads rank 0's tensors one at a
+        # time through a broadcasting mapping; each converted tensor goes straight into this stage's
+        # parameters (or is dropped), so a rank holds its slice plus one tensor in flight.
+        hf_weights = BroadcastStateDict(take_weights(model)) if weights_on_rank0_only(model) else model.state_dict()
+        target = gpt.state_dict(keep_vars=True)
+        loaded = set()
+        with torch.no_grad():
+            for name, value in iter_hf_to_megatron(hf_weights, self.arch, tp_rank=self.tp_rank, tp_size=self.tp,
+                                                   vocab_size=self.vocab_padded):
+                local = stage_view({name: value}, layer_offset=self.layer_offset,
+                                   num_layers=len(gpt.decoder.layers), pre_process=self.pre_process,
+                                   post_process=self.post_process, tied=self.arch.tied_embeddings)
+                for key, v in local.items():
+                    if key not in target:
+                        raise RuntimeError(f"HF → Megatron conversion mismatch: unexpected {key}")
+                    target[key].copy_(v)
+                    loaded.add(key)
+        del hf_weights
+        missing = [k for k in target if k not in loaded and not k.endswith("_extra_state")]
+        if missing:
+            raise RuntimeError(f"HF → Megatron conversion mismatch: missing {missing[:5]}")
         gpt.to(self.device)
         if self.native:
             self._wrap_native(gpt)
@@ -212,27 +237,21 @@ class MegatronEngine(TrainEngine):
     # -- wrapping ----------------------------------------------------------------------------------
     def _wrap_native(self, gpt) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer.optimizer_config import ParamKey
 
+        from memento_train.engines.megatron_optimizer import build_distributed_optimizer
+
+        if self.cfg.precision != "fp32":
+            # Every parameter in the compute dtype, as Megatron-LM's Float16Module does (buffers, i.e.
+            # RoPE's inv_freq, stay fp32). Megatron builds its torch norms in fp32 whatever params_dtype
+            # says, and a param group holding both dtypes makes the distributed optimizer order its
+            # shards unlike its own index map: checkpoints paired Adam state with the wrong parameters.
+            for p in gpt.parameters():
+                p.data = p.data.to(self.compute_dtype)
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                    use_distributed_optimizer=True)
         self.model = DistributedDataParallel(config=self.tconfig, ddp_config=ddp_config, module=gpt)
-        o = self.optim_cfg
-        ocfg = OptimizerConfig(
-            optimizer="adam", lr=o.lr, weight_decay=o.weight_decay, adam_beta1=o.betas[0], adam_beta2=o.betas[1],
-            adam_eps=o.eps, bf16=self.cfg.precision == "bf16",
-            params_dtype=self.tconfig.params_dtype, use_distributed_optimizer=True,
-            # clip_grad=inf still computes (and returns) the norm without scaling anything.
-            clip_grad=o.grad_clip if o.grad_clip > 0 else float("inf"),
-        )
-        # optim.param_groups semantics: no decay on biases, norms (1-D) and the input embedding.
-        from megatron.core.optimizer import get_standard_config_overrides
-
-        overrides = get_standard_config_overrides(ocfg)
-        # (A tied model's last pipeline stage holds its copy of the embedding as output_layer.weight.)
-        overrides[ParamKey(name="*embedding.word_embeddings.weight", attr="shared_embedding")] = {"wd_mult": 0.0}
-        self.optimizer = get_megatron_optimizer(ocfg, [self.model], config_overrides=overrides)
+        self.optimizer = build_distributed_optimizer(self.model, self.optim_cfg, bf16=self.cfg.precision == "bf16",
+                                                     params_dtype=self.tconfig.params_dtype)
 
     def _wrap_local(self, gpt) -> None:
         self.model = gpt
@@ -280,6 +299,27 @@ class MegatronEngine(TrainEngine):
                                "call forward_backward / forward_only")
         return self._full_logits(self._model_forward(mb))
 
+    def _vocab_shard(self) -> VocabShard:
+        """This TP rank's rows of the padded output layer (pad rows are not tokens)."""
+        rows = self.vocab_padded // self.tp
+        start = self.tp_rank * rows
+        group = self.ps.get_tensor_model_parallel_group() if self.tp > 1 else None
+        return VocabShard(group=group, start=start, valid=max(0, min(rows, self.arch.vocab_size - start)))
+
+    def _stage_output(self, output_tensor: torch.Tensor, request: HeadRequest | None):
+        """What ``fn`` takes from the last stage's output: token statistics, or the full logits."""
+        if request is not None:
+            return TokenStats.unpack(output_tensor, request)
+        return self._full_logits(output_tensor)
+
+    def token_stats(self, mb: MicroBatch, request: HeadRequest) -> TokenStats:
+        """Vocabulary-parallel fused head over this micro-batch (see :meth:`logits` for PP > 1)."""
+        if self.pp > 1:
+            raise RuntimeError("with engine.pipeline_parallel > 1 token statistics exist only on the last stage; "
+                               "call forward_backward / forward_only")
+        with head_request(self.gpt.output_layer, request, shard=self._vocab_shard(), megatron=True):
+            return TokenStats.unpack(self._model_forward(mb), request)
+
     def forward_backward(self, micro_batches: Sequence[MicroBatch], loss_fn: LossFn) -> list[dict[str, Any]]:
         if self.pp == 1:
             return super().forward_backward(micro_batches, loss_fn)
@@ -299,13 +339,18 @@ class MegatronEngine(TrainEngine):
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            output = self._model_forward(mb)
+            request = fn.request(mb) if isinstance(fn, TokenStatsFn) else None
+            if request is not None and self.post_process:
+                with head_request(self.gpt.output_layer, request, shard=self._vocab_shard(), megatron=True):
+                    output = self._model_forward(mb)
+            else:
+                output = self._model_forward(mb)
 
             def loss_func(output_tensor):
                 # 3-tuple (loss, num_tokens, reduced): with calculate_per_token_loss the schedule leaves
                 # the loss as is (it is already normalised by the loop); num_tokens is unused.
                 one = torch.ones((), dtype=torch.int, device=self.device)
-                out = fn(self._full_logits(output_tensor), mb)
+                out = fn(self._stage_output(output_tensor, request), mb)
                 if forward_only:
                     results.append(out)
                     return torch.zeros((), device=self.device), one, {}
@@ -372,15 +417,18 @@ class MegatronEngine(TrainEngine):
 
     def step(self, lr: float) -> float:
         """Set ``lr``, clip to ``optim.grad_clip`` (0 = off), step, zero grads; return the pre-clip norm."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         if self.native:
+            from memento_train.engines.megatron_optimizer import set_lr_and_weight_decay
+
+            set_lr_and_weight_decay(self.optimizer, lr, self.optim_cfg.weight_decay)
             ok, norm, _ = self.optimizer.step()
             if not ok:
                 warnings.warn("optimizer step skipped (non-finite gradients)", stacklevel=2)
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
             return float(norm) if norm is not None else float("nan")
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         norm = self._grad_norm_local()
         clip = self.optim_cfg.grad_clip
         if clip > 0 and norm > clip:
@@ -394,22 +442,24 @@ class MegatronEngine(TrainEngine):
 
     # -- full views --------------------------------------------------------------------------------
     def _gather_shards(self, local: dict[str, torch.Tensor], *, everyone: bool):
-        """Collect the global-numbered local tensors of DP rank 0's TP×PP ranks; → TP-ordered shards."""
+        """Collect the global-numbered local tensors of DP rank 0's TP×PP ranks; → TP-ordered shards.
+
+        ``everyone=False`` (exports): only rank 0 assembles; the others send one tensor at a time."""
         from memento_train.models.megatron_convert import global_view
 
         mine = None
         if self.dp_rank == 0:
-            g = global_view(local, layer_offset=self.layer_offset, pre_process=self.pre_process,
-                            tied=self.arch.tied_embeddings)
-            mine = (self.tp_rank, {k: v.detach().to("cpu", torch.float32) for k, v in g.items()})
-        # Full weights as pickled objects: over a scratch gloo group (scratch_group.py says why).
+            mine = global_view(local, layer_offset=self.layer_offset, pre_process=self.pre_process,
+                               tied=self.arch.tied_embeddings)
+        # Over a scratch gloo group (scratch_group.py says why), as CPU fp32 tensors.
         with scratch_gloo_group() as group:
             if everyone:
                 parts: list = [None] * dist.get_world_size()
-                dist.all_gather_object(parts, mine, group=group)
+                mine_cpu = None if mine is None else (self.tp_rank, {k: v.detach().to("cpu", torch.float32)
+                                                                     for k, v in mine.items()})
+                dist.all_gather_object(parts, mine_cpu, group=group)
             else:
-                parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-                dist.gather_object(mine, parts, dst=0, group=group)
+                parts = self._gather_to_rank0(mine, group)
         if parts is None:
             return None
         shards: list[dict[str, torch.Tensor]] = [{} for _ in range(self.tp)]
@@ -417,6 +467,33 @@ class MegatronEngine(TrainEngine):
             if part is not None:
                 shards[part[0]].update(part[1])
         return shards
+
+    def _gather_to_rank0(self, mine: dict[str, torch.Tensor] | None, group) -> list | None:
+        """Rank 0: every contributing rank's ``(tp_rank, {name: fp32 CPU tensor})``; others: ``None``.
+        Names and shapes travel first, then each tensor point to point, so a sender never holds more
+        than one extra tensor."""
+        rank = dist.get_rank()
+        index = None if mine is None else (self.tp_rank, [(k, tuple(v.shape)) for k, v in mine.items()])
+        indices = [None] * dist.get_world_size() if rank == 0 else None
+        dist.gather_object(index, indices, dst=0, group=group)
+        if rank != 0:
+            for v in (mine or {}).values():
+                dist.send(v.detach().to("cpu", torch.float32).contiguous(), dst=0, group=group)
+            return None
+        parts: list = [None] * len(indices)
+        for src, entry in enumerate(indices):
+            if entry is None:
+                continue
+            tp_rank, names = entry
+            if src == 0:
+                parts[0] = (tp_rank, {k: v.detach().to("cpu", torch.float32) for k, v in mine.items()})
+                continue
+            received = {}
+            for name, shape in names:
+                received[name] = torch.empty(shape, dtype=torch.float32)
+                dist.recv(received[name], src=src, group=group)
+            parts[src] = (tp_rank, received)
+        return parts
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Collective: HF-named unsharded fp32 CPU weights on rank 0 (tied ``lm_head`` alias included)."""
@@ -462,7 +539,11 @@ class MegatronEngine(TrainEngine):
         model_sd = self.gpt.sharded_state_dict()
         state = {"model": model_sd}
         if self.native:
-            state["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+            from memento_train.engines.megatron_optimizer import ensure_adam_state
+
+            ensure_adam_state(self.optimizer)  # torch AdamW fallback: see megatron_optimizer.py
+            state["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                                   metadata=DISTRIBUTED_OPTIMIZER_CKPT_FORMAT)
         else:
             state["optimizer"] = self._local_optimizer_sharded_state(model_sd, is_loading)
         return state
@@ -526,7 +607,13 @@ class MegatronEngine(TrainEngine):
             state = dist_checkpointing.load(self._sharded_state(is_loading=True), ckpt)
         self.gpt.load_state_dict(state["model"], strict=False)
         if self.native:
-            self.optimizer.load_state_dict(state["optimizer"])
+            from memento_train.engines.megatron_optimizer import restore_adam_steps
+
+            # no_grad: under fp32 the optimizer's main parameters are views of the model's, and the
+            # dp_reshardable loader copies into them without disabling autograd itself.
+            with torch.no_grad():
+                self.optimizer.load_state_dict(state["optimizer"])
+            restore_adam_steps(self.optimizer)  # torch AdamW fallback: see megatron_optimizer.py
             return
         sd = state["optimizer"]
         step = torch.tensor(float(sd.pop("common_step")))

@@ -100,8 +100,17 @@ class EvalConfig:
         k: the k of pass@k and maj@k (each <= n); ``None`` = 1, 2, 4, ... up to n, and n.
         sampling: :class:`SamplingOptions`.
         block_masking: the serving overlay's eviction options
-            (:class:`~memento_train.generation.engine.BlockMaskingConfig` field names).
+            (:class:`~memento_train.generation.engine.BlockMaskingConfig` field names). For a model
+            exported by memento-train the options of the rule itself (``keep_last_n_blocks``,
+            ``mask_delimiters``, ``keep_last_block_for_answer``) that are not given default to the ones
+            it was trained with (its ``memento_train.json``), and given ones must agree with them.
+        allow_mask_mismatch: evaluate with ``block_masking`` options that contradict the model's
+            training rule (e.g. ``block_masking.enable=false`` on a stage-2 model, on purpose).
         system_prompt: optional system message (none by default, as for Qwen3).
+        require_think_end / truncated: the grading rule
+            (:class:`~memento_train.evaluation.scoring.GradingRule`, the same options as RL's
+            ``reward.*``): by default a response without ``</think>`` or one that hit
+            ``max_new_tokens`` is wrong (``require_think_end=false``, ``truncated=score`` grade them).
         output_dir: where ``generations.jsonl``, ``summary.json``, ``summary.md`` and
             ``kv_sawtooth.png`` go (required).
         seed: seeds the tiny model's weights and sampling (batch ``b`` samples with ``seed + b``).
@@ -131,7 +140,10 @@ class EvalConfig:
     k: list[int] | None = None
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     block_masking: BlockMaskingConfig = field(default_factory=BlockMaskingConfig)
+    allow_mask_mismatch: bool = False
     system_prompt: str | None = None
+    require_think_end: bool = True
+    truncated: str = "zero"
     output_dir: str | None = None
     seed: int = 0
     batch_size: int = 32
@@ -141,6 +153,9 @@ class EvalConfig:
     kv_dtype_bytes: int = 2
     plot_samples: int = 4
     progress: bool = True
+    # The block_masking options given explicitly (by a recipe or the command line), so the model's own
+    # rule fills only the others (with_model_mask). Not an option.
+    _mask_keys: frozenset = field(default=frozenset(), repr=False, compare=False)
 
     # -- derived ---------------------------------------------------------------------------------
     @property
@@ -172,6 +187,13 @@ class EvalConfig:
             return str(builtin_problem_path(self.problems[len(BUILTIN_PREFIX):]))
         return self.problems
 
+    @property
+    def grading_rule(self):
+        """The :class:`~memento_train.evaluation.scoring.GradingRule` of ``require_think_end`` / ``truncated``."""
+        from .scoring import GradingRule
+
+        return GradingRule(require_think_end=self.require_think_end, truncated=self.truncated)
+
     def sampling_params(self, *, stop_token_ids: tuple[int, ...] = (), seed: int | None = None) -> SamplingParams:
         s = self.sampling
         return SamplingParams(
@@ -180,7 +202,9 @@ class EvalConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("_mask_keys")
+        return out
 
     # -- validation ------------------------------------------------------------------------------
     def validate(self) -> EvalConfig:
@@ -227,6 +251,10 @@ class EvalConfig:
         for name in ("problem_field", "answer_field", "id_field"):
             if not getattr(self, name):
                 bad(name, "must be a non-empty column name")
+        from .scoring import TRUNCATED_POLICIES
+
+        if self.truncated not in TRUNCATED_POLICIES:
+            bad("truncated", f"must be one of {', '.join(TRUNCATED_POLICIES)} (got {self.truncated!r})")
         from memento_train.data.stats import KV_GEOMETRY
 
         g = self.kv_geometry
@@ -257,6 +285,8 @@ def valid_keys() -> list[str]:
     """Every key ``memento-eval`` accepts (nested ones dotted)."""
     out = []
     for f in fields(EvalConfig):
+        if f.name.startswith("_"):
+            continue
         if f.name in _NESTED:
             out.extend(f"{f.name}.{g.name}" for g in fields(_NESTED[f.name]))
         elif f.name in _FREE_FORM:
@@ -390,7 +420,7 @@ def from_dict(values: dict[str, Any], base: EvalConfig | None = None, *, _raw: d
                 top[head] = {}
             else:
                 raise EvalConfigError(f"{head}: expected a mapping of options (or {head}.<option>=value), got {value!r}")
-        elif rest or head not in hints:
+        elif rest or head not in hints or head.startswith("_"):
             unknown.append(key)
         else:
             top[head] = _coerce(head, value, hints[head], raw.get(key))
@@ -409,6 +439,8 @@ def from_dict(values: dict[str, Any], base: EvalConfig | None = None, *, _raw: d
             top[name] = replace(current, **updates)
         except ValueError as exc:
             raise EvalConfigError(f"{name}: {exc}") from exc
+        if name == "block_masking":
+            top["_mask_keys"] = base._mask_keys | frozenset(updates)
     for name in _FREE_FORM:
         if nested[name]:
             top[name] = {**getattr(base, name), **nested[name]}
@@ -484,7 +516,26 @@ def build_config(argv: list[str] | None = None, base: EvalConfig | None = None) 
     if recipe:
         cfg = from_dict(load_recipe(recipe), cfg)
     cfg = from_dict(values, cfg, _raw=raw)
-    return cfg.validate()
+    return with_model_mask(cfg).validate()
+
+
+def with_model_mask(cfg: EvalConfig) -> EvalConfig:
+    """``cfg`` with the block-masking rule options it does not set taken from the model's export
+    (``memento_train.json``); :class:`EvalConfigError` when a set one contradicts the model's rule,
+    unless ``allow_mask_mismatch``. A model without that file (a hub name, ``tiny``) is left alone."""
+    from memento_train.export import apply_exported_mask, exported_mask
+
+    trained = None if cfg.is_tiny else exported_mask(cfg.model)
+    if trained is None:
+        return cfg
+    masking, mismatches = apply_exported_mask(cfg.block_masking, trained, cfg._mask_keys)
+    if mismatches and not cfg.allow_mask_mismatch:
+        raise EvalConfigError(
+            f"block_masking: {', '.join(mismatches)}: model={cfg.model!r} was trained with another eviction rule "
+            f"(its memento_train.json), so it would be evaluated under a mask it never saw; drop the option to use "
+            f"the model's, or set allow_mask_mismatch=true"
+        )
+    return replace(cfg, block_masking=masking)
 
 
 def describe_options() -> str:
@@ -515,4 +566,5 @@ __all__ = [
     "load_recipe",
     "parse_overrides",
     "valid_keys",
+    "with_model_mask",
 ]

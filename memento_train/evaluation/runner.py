@@ -1,12 +1,13 @@
 """One evaluation run: problems → prompts → engine → scores → metrics → report files.
 
-Prompts. Each problem becomes one user message (after the optional system prompt), rendered with the
-tokenizer's chat template and ``add_generation_prompt=True`` by the same
-:class:`memento_train.data.render.Renderer` that renders training data (literal ChatML when the
-tokenizer has no template). Training responses start with ``<think>\\n``, so ``<think>\\n`` is appended
-— tokenized separately, exactly as the training renderer tokenizes the response — unless the
-template's generation prompt already contains ``<think>`` (some templates open or, with thinking
-disabled, open-and-close it themselves; then it is left as the template wrote it).
+Prompts. Each problem becomes one user message (after the optional system prompt), rendered by
+:func:`memento_train.generation.prompt.generation_prompt_ids`, the function RL rollouts, the training
+data renderer and the vLLM path use: the serving chat template with ``add_generation_prompt=True``,
+nothing appended (the model writes ``<think>`` itself, as it does when served), so eval accuracy is
+measured on the prompts the model is trained and served with.
+
+Grading. :class:`~.scoring.GradingRule` (``require_think_end``, ``truncated``): by default a response
+that never closed ``</think>`` or hit the token budget is wrong, as RL rewards it 0.
 
 Generators (``generator=``). ``reference``: :class:`memento_train.generation.reference.ReferenceGenerator`
 over a model loaded with ``AutoModelForCausalLM.from_pretrained`` (or the tiny random Qwen3); ``vllm``:
@@ -20,7 +21,6 @@ Stop tokens: the tokenizer's EOS, ``<|im_end|>`` and the model's ``generation_co
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import time
@@ -30,17 +30,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from memento_train.data.problems import ProblemSource, map_row, read_rows
 from memento_train.generation.engine import GenerationEngine, GenerationResult
+from memento_train.generation.prompt import generation_prompt_ids
 from memento_train.masking import SpecialTokens
 from memento_train.models import build_tiny_model, tiny_model_config
-from memento_train.tokens import IM_END, THINK_START, special_token_ids
+from memento_train.tokens import IM_END, special_token_ids
 
 from . import report
-from .config import EvalConfig, EvalConfigError
+from .config import EvalConfig, EvalConfigError, with_model_mask
 from .metrics import KVCost, SampleResult, summarize
-from .scoring import equivalence_classes, equivalent, parse_gold, parse_response
-
-THINK_OPEN = THINK_START + "\n"
+from .scoring import GradingRule, ParsedAnswer, equivalence_classes, equivalent, parse_gold, parse_response
 
 EngineFactory = Callable[[EvalConfig, Any], GenerationEngine]
 _ENGINE_OVERRIDE: list[EngineFactory] = []
@@ -78,57 +78,15 @@ class EvalOutcome:
 
 
 # -- problems ----------------------------------------------------------------------------------------
-def _read_local_rows(path: Path) -> list[dict[str, Any]]:
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(str(path)).to_pylist()
-    text = path.read_text(encoding="utf-8")
-    if suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except ValueError as exc:
-            raise ValueError(f"problems file {str(path)!r} is not valid JSON: {exc}") from exc
-        if not all(isinstance(r, dict) for r in rows):
-            raise ValueError(f"problems file {str(path)!r}: every entry of the JSON list must be an object")
-        return rows
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise ValueError(f"problems file {str(path)!r} line {lineno} is not valid JSON: {exc}") from exc
-        if not isinstance(row, dict):
-            raise ValueError(f"problems file {str(path)!r} line {lineno} is not a JSON object")
-        rows.append(row)
-    return rows
+def problem_source(cfg: EvalConfig) -> ProblemSource:
+    """The problem set of ``cfg`` as a :class:`~memento_train.data.problems.ProblemSource`."""
+    return ProblemSource(path=cfg.problems_path(), hf_config=cfg.problems_config, split=cfg.split,
+                         problem_field=cfg.problem_field, answer_field=cfg.answer_field)
 
 
 def load_problem_rows(cfg: EvalConfig) -> list[dict[str, Any]]:
     """Raw rows of the problem set (local JSONL/JSON/Parquet file or directory, or a hub dataset)."""
-    from memento_train.data.records import resolve_local_files
-
-    source = cfg.problems_path()
-    local = resolve_local_files(source)
-    if local is not None:
-        _, files = local
-        rows: list[dict[str, Any]] = []
-        for f in files:
-            rows.extend(_read_local_rows(Path(f)))
-        return rows
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(source, cfg.problems_config, split=cfg.split)
-    except Exception as exc:
-        raise ValueError(
-            f"could not load hub dataset {source!r} (config {cfg.problems_config!r}, split {cfg.split!r}): {exc}. "
-            "Pass a local .jsonl/.json/.parquet file if you are offline."
-        ) from exc
-    return [dict(r) for r in ds]
+    return read_rows(problem_source(cfg))
 
 
 def load_problems(cfg: EvalConfig) -> list[Problem]:
@@ -138,22 +96,18 @@ def load_problems(cfg: EvalConfig) -> list[Problem]:
         raise ValueError(f"problem set {cfg.problems!r} is empty")
     out: list[Problem] = []
     seen: dict[str, int] = {}
+    source = problem_source(cfg)
     for i, row in enumerate(rows):
         pid = row.get(cfg.id_field)
         pid = f"row{i}" if pid is None or str(pid) == "" else str(pid)
-        for name in (cfg.problem_field, cfg.answer_field):
-            value = row.get(name)
-            if value is None or (isinstance(value, str) and not value.strip()):
-                have = ", ".join(sorted(map(str, row)))
-                hint = f" (set {'problem' if name == cfg.problem_field else 'answer'}_field=COLUMN)" if name not in row else ""
-                raise ValueError(
-                    f"problem set {cfg.problems!r}, record {pid!r} (row {i}): field {name!r} is missing or empty; "
-                    f"the record has: {have}{hint}"
-                )
+        rec = map_row(row, source, i, record_id=pid)
         if pid in seen:
             raise ValueError(f"problem set {cfg.problems!r}: id {pid!r} appears twice (rows {seen[pid]} and {i})")
+        if isinstance(rec["answer"], list):
+            raise ValueError(f"problem set {cfg.problems!r}, record {pid!r}: {len(rec['answer'])} different gold "
+                             f"answers in {cfg.answer_field!r}; memento-eval grades against one")
         seen[pid] = i
-        out.append(Problem(id=pid, problem=str(row[cfg.problem_field]), answer=str(row[cfg.answer_field])))
+        out.append(Problem(id=pid, problem=rec["problem"], answer=rec["answer"]))
         if cfg.limit is not None and len(out) >= cfg.limit:
             break
     return out
@@ -262,25 +216,8 @@ def kv_cost_for(cfg: EvalConfig, tokenizer: Any) -> tuple[KVCost | None, str | N
 
 # -- prompts -------------------------------------------------------------------------------------------
 def render_prompts(tokenizer: Any, problems: Sequence[Problem], system_prompt: str | None = None) -> list[list[int]]:
-    """Prompt token ids per problem (chat template + generation prompt, then ``<think>\\n`` if not open)."""
-    from memento_train.data.render import Renderer
-
-    renderer = Renderer(tokenizer, system_prompt=system_prompt)
-
-    def encode(text: str) -> list[int]:  # as the training renderer: no BOS/EOS added
-        return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-
-    think_ids = encode(THINK_OPEN)
-    out = []
-    for p in problems:
-        text = renderer.prompt_text(p.problem)
-        at = text.rfind(p.problem)
-        tail = text[at + len(p.problem):] if at >= 0 else text[-64:]
-        ids = encode(text)
-        if THINK_START not in tail:
-            ids = ids + think_ids
-        out.append(ids)
-    return out
+    """Prompt token ids per problem: :func:`~memento_train.generation.prompt.generation_prompt_ids`."""
+    return [generation_prompt_ids(tokenizer, p.problem, system_prompt) for p in problems]
 
 
 # -- the run ---------------------------------------------------------------------------------------------
@@ -307,7 +244,7 @@ def _generate_and_score(cfg: EvalConfig, engine: Any, tokenizer: Any, problems: 
         t_gen += time.perf_counter() - t1
         _check_results(results, len(chunk), cfg.n, engine)
         for problem, res in zip(chunk, results):
-            samples.extend(score_problem(problem, res, tokenizer, special))
+            samples.extend(score_problem(problem, res, tokenizer, special, cfg.grading_rule))
         bar.update(len(chunk))
     bar.close()
     return samples, t_gen, stops
@@ -324,11 +261,17 @@ def _check_results(results: Any, prompts: int, n: int, engine: Any) -> None:
 
 
 def score_problem(
-    problem: Problem, results: Sequence[GenerationResult], tokenizer: Any, special: SpecialTokens | None = None
+    problem: Problem, results: Sequence[GenerationResult], tokenizer: Any, special: SpecialTokens | None = None,
+    rule: GradingRule | None = None,
 ) -> list[SampleResult]:
+    """Per response: its extracted answer, correctness and majority class. Responses the grading
+    ``rule`` (default :class:`~.scoring.GradingRule`: no ``</think>`` or truncated) rejects have no
+    answer: wrong, and no vote in maj@k."""
+    rule = rule or GradingRule()
     gold = parse_gold(problem.answer)
     texts = [tokenizer.decode(r.token_ids, skip_special_tokens=False) for r in results]
-    preds = [parse_response(t) for t in texts]
+    preds = [ParsedAnswer(None, ()) if rule.ungraded_reason(t, r.finish_reason) else parse_response(t)
+             for t, r in zip(texts, results)]
     classes = equivalence_classes(preds)
     return [
         SampleResult.from_generation(
@@ -343,7 +286,7 @@ def run_eval(cfg: EvalConfig, *, stream: Any = None) -> EvalOutcome:
     """Run the configured evaluation end to end and write the report under ``cfg.output_dir``."""
     stream = sys.stdout if stream is None else stream
     t0 = time.perf_counter()
-    cfg.validate()
+    cfg = with_model_mask(cfg).validate()
     out_dir = Path(os.path.expanduser(cfg.output_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     problems = load_problems(cfg)

@@ -1,8 +1,13 @@
 """Math answer checking with the ``math-verify`` package (no hand-rolled string matching).
 
+- :class:`GradingRule`: which responses can earn credit at all. By default a response without
+  ``</think>`` or one cut off by the token budget (``finish_reason == "length"``) is wrong whatever it
+  contains: otherwise a number picked out of unfinished reasoning ("So x = 42 maybe, wait") would
+  count, and with a 32K budget rambling would pay. RL rewards (``reward.require_think_end``,
+  ``reward.truncated``) and ``memento-eval`` (same option names) apply the same rule.
 - :func:`extract_answer` / :func:`parse_response`: the answer region is the text after the *last*
-  ``</think>`` when the response has one, else the whole response (a response truncated while still
-  thinking is therefore searched in full). ``math_verify.parse`` then extracts from that region with
+  ``</think>`` when the response has one, else the whole response (reachable only when the grading
+  rule lets think-less responses through). ``math_verify.parse`` then extracts from that region with
   a LaTeX config (``\\boxed{...}`` first, then ``$...$`` and "the answer is" anchors) and a plain
   expression config, and turns the match into a SymPy object.
 - :func:`parse_gold`: gold answers (LaTeX or plain, e.g. ``\\frac{1}{2}``, ``2\\sqrt{2}``, ``sqrt(8)``,
@@ -81,6 +86,37 @@ def _guarded(fn: Callable[[int | None], T], default: T, timeout: int = DEFAULT_T
     worker.start()
     worker.join(timeout)
     return box.get("value", default)
+
+
+TRUNCATED_POLICIES = ("zero", "score")
+
+
+@dataclass(frozen=True)
+class GradingRule:
+    """Which responses are graded at all (the rest score 0 / count as wrong).
+
+    Attributes:
+        require_think_end: a response without ``</think>`` gets no credit (the default); ``False``
+            searches the whole text for an answer.
+        truncated: ``zero`` — a response that hit the token budget (``finish_reason == "length"``)
+            gets no credit (the default); ``score`` — it is graded like any other.
+    """
+
+    require_think_end: bool = True
+    truncated: str = "zero"
+
+    def __post_init__(self) -> None:
+        if self.truncated not in TRUNCATED_POLICIES:
+            raise ValueError(f"truncated must be one of {TRUNCATED_POLICIES}, got {self.truncated!r}")
+
+    def ungraded_reason(self, text: str, finish_reason: str | None = None) -> str | None:
+        """``"truncated"`` or ``"no_think_end"`` when the response earns no credit whatever it says,
+        ``None`` when it is graded."""
+        if self.truncated == "zero" and finish_reason == "length":
+            return "truncated"
+        if self.require_think_end and THINK_END not in text:
+            return "no_think_end"
+        return None
 
 
 def answer_region(text: str) -> str:
@@ -214,6 +250,8 @@ def majority_answer(answers: Sequence[str | ParsedAnswer | None], *, timeout: in
 
 
 __all__ = [
+    "TRUNCATED_POLICIES",
+    "GradingRule",
     "ParsedAnswer",
     "answer_region",
     "equivalence_classes",

@@ -79,7 +79,7 @@ def memento_response(
     end: str = "<|im_end|>",
 ) -> str:
     """A well-formed Memento response with ``num_blocks`` blocks and a boxed ``answer``."""
-    parts: list[str] = []  # no "<think>\n": the evaluation prompt already opens thinking
+    parts: list[str] = ["<think>\n"]  # the prompt ends at the assistant header: the model opens thinking
     for b in range(num_blocks):
         body = " ".join(f"step{b}w{w}" for w in range(block_words))
         memo = " ".join(f"memo{b}m{w}" for w in range(summary_words))

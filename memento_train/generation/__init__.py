@@ -7,6 +7,8 @@
 - :mod:`.batched_cache` — :class:`BatchedEvictingCache` (ragged rows of compacted K/V with logical
   positions; per-row eviction physically frees entries) and the ``memento_decode_batched`` HF
   attention function; the parity decoder and the reference engine both run on it;
+- :mod:`.prompt` — :func:`generation_prompt_ids`, the one rendering of a problem into the prompt
+  every generator (and the data renderer) uses;
 - :mod:`.sampling` — temperature / top-k / top-p / min-p with per-sequence seeded generators;
 - :mod:`.reference` — :class:`ReferenceGenerator`, the batched reference engine;
 - :mod:`.vllm_engine` — :class:`VLLMEngine`, the same interface over real vLLM: vLLM 0.32 with this
@@ -21,6 +23,7 @@ from .batched_cache import (
     register_batched_decode_attention,
 )
 from .engine import BlockMaskingConfig, GenerationEngine, GenerationResult, SamplingParams
+from .prompt import generation_prompt_ids, generation_prompt_text
 from .reference import ReferenceGenerator, SequenceRequest
 from .sampling import derive_seed, filter_logits, make_generator, sample_next, token_logprobs
 from .teacher_forced import EvictingDecoder, KVTrace, teacher_forced_logits
@@ -42,6 +45,8 @@ __all__ = [
     "check_vllm_block_masking",
     "derive_seed",
     "filter_logits",
+    "generation_prompt_ids",
+    "generation_prompt_text",
     "make_generator",
     "register_batched_decode_attention",
     "sample_next",

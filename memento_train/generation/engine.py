@@ -88,7 +88,11 @@ class GenerationResult:
     sampled it (temperature 1: the raw policy; greedy counts as temperature 1), before top-k/top-p/
     min-p truncation, which is what the trainer recomputes. ``kv_trace[i]`` is the number of live
     KV entries per layer (prompt included) while token ``i`` was produced; ``kv_bytes`` the bytes
-    held across layers at that moment when the engine can measure them.
+    held across layers at that moment when the engine can measure them. ``forced[i]`` is True when
+    token ``i`` was inserted by the block-length cap (``max_block_tokens``) instead of sampled: the
+    policy did not choose it, so RL leaves it out of the loss (its log-prob is still reported).
+    ``forced_block_ends`` is their count. An engine that cannot tell leaves ``forced`` empty, which is
+    read as "none forced" only when ``forced_block_ends`` is 0.
     """
 
     prompt_ids: list[int]
@@ -100,6 +104,13 @@ class GenerationResult:
     kv_bytes: list[int] | None = None
     forced_block_ends: int = 0  # <|block_end|> tokens forced by max_block_tokens
     extra: dict = field(default_factory=dict)
+    forced: list[bool] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.forced and self.forced_block_ends == 0:
+            self.forced = [False] * len(self.token_ids)
+        elif self.forced and len(self.forced) != len(self.token_ids):
+            raise ValueError(f"forced has {len(self.forced)} flags for {len(self.token_ids)} tokens")
 
     @property
     def num_tokens(self) -> int:

@@ -74,6 +74,7 @@ class _Seq:
     storage: list[int] = field(default_factory=list)
     evictions: list[tuple[int, int, int]] = field(default_factory=list)
     forced_block_ends: int = 0
+    forced: list[bool] = field(default_factory=list)  # per token: inserted by the block cap
     finish_reason: str | None = None
     in_block: bool = False  # block-length cap state (the overlay's BlockLengthCapLogitsProcessor)
     block_count: int = 0
@@ -191,7 +192,7 @@ class ReferenceGenerator:
                         cache.extend(new_cache)
                         logits = torch.cat([logits, new_logits])
                     active += newcomers
-                tokens, logprobs = self._choose(active, logits, params)
+                tokens, logprobs, capped = self._choose(active, logits, params)
                 storage = cache.nbytes() if self.track_storage else 0
                 keep, pending = [], []
                 for row, (s, tok, lp) in enumerate(zip(active, tokens, logprobs)):
@@ -200,6 +201,7 @@ class ReferenceGenerator:
                         s.storage.append(storage)
                     s.tokens.append(tok)
                     s.logprobs.append(lp)
+                    s.forced.append(row in capped)
                     kind, _, evictions = s.tracker.step(tok)
                     s.kinds.append(int(kind))
                     s.count_block_tokens(tok, self.special)
@@ -275,8 +277,10 @@ class ReferenceGenerator:
         return out.logits[:, -1]
 
     def _choose(self, active: list[_Seq], logits: torch.Tensor, params: SamplingParams):
-        """Next token and its log-prob per row: teacher-forced, forced block end, or sampled."""
+        """Next token and its log-prob per row: teacher-forced, forced block end, or sampled; and the
+        rows whose token the block cap inserted."""
         forced: dict[int, int] = {}
+        capped: set[int] = set()
         limit = self.block_cap
         for row, s in enumerate(active):
             i = len(s.tokens)
@@ -285,6 +289,7 @@ class ReferenceGenerator:
             elif limit is not None and s.in_block and s.block_count >= limit:
                 forced[row] = self.special.block_end
                 s.forced_block_ends += 1
+                capped.add(row)
         tokens: list[int] = [0] * len(active)
         logprobs: list[float] = [0.0] * len(active)
         if forced:
@@ -301,7 +306,7 @@ class ReferenceGenerator:
             toks, lps = sample_next(logits[index], params, gens)
             for r, t, lp in zip(free, toks.tolist(), lps.tolist()):
                 tokens[r], logprobs[r] = t, lp
-        return tokens, logprobs
+        return tokens, logprobs, capped
 
     def _result(self, s: _Seq, per_entry: int) -> GenerationResult:
         extra = {
@@ -321,6 +326,7 @@ class ReferenceGenerator:
             kv_bytes=[n * per_entry for n in s.kv_trace],
             forced_block_ends=s.forced_block_ends,
             extra=extra,
+            forced=s.forced,
         )
 
 

@@ -43,6 +43,32 @@ def parse_env_assignments(items: list[str] | None, option: str = "--env") -> dic
     return env
 
 
+def check_secrets_not_inline(driver_cmd: list[str], env: dict[str, str] | None = None, *,
+                             env_option: str | None = "--env") -> None:
+    """Refuse secret values where they would be written down: a driver override such as
+    ``cluster.env.HF_TOKEN=...`` (the script, the batch log and ``ps`` show it) and, when
+    ``env_option`` is given, ``--env SECRET=value`` (rendered into the sbatch script).
+
+    Raises:
+        ConfigError: naming the variable and what to do instead.
+    """
+    from memento_train.faults.secrets import is_secret
+
+    for arg in driver_cmd[1:]:
+        key, sep, value = arg.partition("=")
+        parts = key.split(".")
+        if sep and value and len(parts) == 3 and parts[0].endswith("cluster") and parts[1] == "env" \
+                and is_secret(parts[2]):
+            raise ConfigError(f"{key}=... puts a secret on the command line, where the job script, its log and "
+                              f"`ps` show it: export {parts[2]} in this shell instead and pass "
+                              f"{parts[0]}.secret_env=[{parts[2]}] to the driver")
+    for name, value in (env or {}).items():
+        if env_option and value and is_secret(name):
+            raise ConfigError(f"{env_option} {name}=...: the value of a secret would be written into the job "
+                              f"script; export {name} in this shell instead (sbatch passes the environment to "
+                              f"the job) and have the driver forward it with cluster.secret_env=[{name}]")
+
+
 def driver_override(cmd: list[str], key: str) -> str | None:
     """The value of the last ``key=value`` override in a driver command line, or ``None``.
 
@@ -56,4 +82,4 @@ def driver_override(cmd: list[str], key: str) -> str | None:
     return value
 
 
-__all__ = ["DEFAULT_ENV", "driver_override", "parse_env_assignments"]
+__all__ = ["DEFAULT_ENV", "check_secrets_not_inline", "driver_override", "parse_env_assignments"]

@@ -25,7 +25,8 @@ import sys
 import time
 
 from memento_train.config_errors import ConfigError
-from memento_train.launch import driver_override, parse_env_assignments
+from memento_train.faults.secrets import is_secret, redact_env
+from memento_train.launch import check_secrets_not_inline, driver_override, parse_env_assignments
 
 PROG = "memento-launch"
 
@@ -55,7 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--exclusive", action=argparse.BooleanOptionalAction, default=True,
                    help="request whole nodes (default on)")
     s.add_argument("--requeue", action="store_true",
-                   help="let SLURM requeue the job after preemption (the driver resumes with resume=auto)")
+                   help="let SLURM requeue the job after preemption or node failure, and requeue it when the "
+                        "driver stopped for the time-limit signal (the driver resumes with resume=auto)")
+    s.add_argument("--signal-time", type=int, default=120, metavar="SECONDS",
+                   help="SLURM sends SIGUSR1 this long before the time limit (#SBATCH --signal=B:USR1@N); the "
+                        "driver checkpoints and stops (exit 75); 0 = no signal (default 120)")
     s.add_argument("--sbatch-arg", action="append", default=[], metavar="OPTION",
                    help="extra #SBATCH line, e.g. --sbatch-arg=--constraint=h100 (repeatable)")
     s.add_argument("--log-dir", default="logs/memento-launch",
@@ -145,12 +150,14 @@ def _run_slurm(args: argparse.Namespace, driver: list[str], argv: list[str]) -> 
     opts = SlurmOptions(
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_node=args.cpus_per_node,
         partition=args.partition, time=args.time, account=args.account, qos=args.qos, job_name=args.job_name,
-        exclusive=args.exclusive, requeue=args.requeue, sbatch_args=args.sbatch_arg, log_dir=args.log_dir,
+        exclusive=args.exclusive, requeue=args.requeue, signal_time=args.signal_time,
+        sbatch_args=args.sbatch_arg, log_dir=args.log_dir,
         shared_dir=args.shared_dir, env=parse_env_assignments(args.env), setup=args.setup, python=args.python,
         ray_port=args.ray_port, dashboard_port=args.dashboard_port, ray_temp_dir=args.ray_temp_dir,
         ray_start_args=shlex.split(args.ray_start_args), ray_head_args=shlex.split(args.ray_head_args),
         wait_timeout=args.wait_timeout, stop_grace=args.stop_grace,
     ).validate()
+    check_secrets_not_inline(driver, opts.env)
     workers = args.nodes * args.gpus_per_node if args.gpus_per_node else None
     driver, notes = prepare_driver_command(driver, num_workers=workers)
     if args.requeue and driver_override(driver, "resume") == "never":
@@ -169,7 +176,7 @@ def _run_slurm(args: argparse.Namespace, driver: list[str], argv: list[str]) -> 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.write(script)
-    os.chmod(path, 0o755)
+    os.chmod(path, 0o700)  # the job's own script: readable by you only
     if args.dry_run:
         sys.stdout.write(script)
         print(f"{PROG}: wrote {path}", file=sys.stderr)
@@ -201,6 +208,7 @@ def _run_ray(args: argparse.Namespace, driver: list[str]) -> int:
         submission_id=args.submission_id, entrypoint_num_cpus=args.entrypoint_num_cpus,
         entrypoint_num_gpus=args.entrypoint_num_gpus, wait=not args.no_wait,
     )
+    check_secrets_not_inline(driver, env_option=None)
     # On a Ray cluster the job's cwd is a temporary copy of the working dir: leave output_dir alone
     # (making it absolute here would name a path on this machine) and warn instead.
     driver, notes = prepare_driver_command(driver, absolute_output_dir=False)
@@ -210,8 +218,14 @@ def _run_ray(args: argparse.Namespace, driver: list[str]) -> int:
     for note in notes:
         print(f"{PROG}: note: {note}", file=sys.stderr)
     request = build_job_request(opts, driver)
+    secret = sorted(k for k in request["runtime_env"].get("env_vars", {}) if is_secret(k))
+    if secret:
+        print(f"{PROG}: note: {', '.join(secret)} travel in the job's runtime_env: anyone holding the cluster's "
+              f"Ray token can read them in the dashboard", file=sys.stderr)
     if args.dry_run:
-        print(json.dumps({"address": args.address, **request}, indent=2))
+        env_vars = redact_env(request["runtime_env"].get("env_vars", {}))
+        shown = {**request, "runtime_env": {**request["runtime_env"], "env_vars": env_vars}}
+        print(json.dumps({"address": args.address, **shown}, indent=2))
         return 0
     return submit_and_stream(make_client(args.address), request, address=args.address, wait=opts.wait)
 

@@ -1,10 +1,15 @@
 """SLURM: render the sbatch script that runs a driver command on a Ray cluster over the allocation.
 
-The script (template in :mod:`memento_train.launch.templates`) starts a Ray head on the first node
-and Ray workers on the others with background ``srun`` steps, waits until every node and GPU has
-registered (deadline ``wait_timeout``; the error names the nodes that never joined), checks that
-the checkpoint directory is on storage all nodes share, runs the driver with ``RAY_ADDRESS`` set,
-and stops Ray on every node on exit, failure, ``scancel`` or preemption.
+The script is a real bash file, ``sbatch.sh`` beside this module, rendered by plain text
+substitution (:func:`render_template`): each ``__NAME__`` word and each ``#@NAME`` line is replaced
+by an already shell-quoted value, so the template itself is valid bash that shellcheck lints. It
+starts a Ray head on the first node and Ray workers on the others with background ``srun`` steps,
+waits until every node and GPU has registered (:mod:`memento_train.launch.ray_wait`; deadline
+``wait_timeout``, the error names the nodes that never joined), checks that the checkpoint
+directory is on storage all nodes share, runs the driver with ``RAY_ADDRESS`` set, and stops Ray
+on every node on exit, failure, ``scancel`` or preemption. ``#SBATCH --signal=B:USR1@N`` makes SLURM
+warn the script N seconds before the time limit; the script forwards the signal (and SIGTERM) to the
+driver, which checkpoints and exits 75, and with ``--requeue`` the script then requeues the job.
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ from dataclasses import dataclass, field
 
 from memento_train.config_errors import ConfigError
 from memento_train.launch import DEFAULT_ENV, driver_override
-from memento_train.launch.templates import SBATCH_TEMPLATE
+
+TEMPLATE = os.path.join(os.path.dirname(__file__), "sbatch.sh")
+# A line "#@NAME" (a block of lines) or a word "__NAME__"; one pass, so values are never re-scanned.
+_PLACEHOLDER = re.compile(r"^#@([A-Z][A-Z0-9_]*)\n|__([A-Z][A-Z0-9_]*)__", re.MULTILINE)
 
 # sbatch reads "#SBATCH" lines itself, without a shell: values must be single words.
 _SBATCH_VALUE = re.compile(r"[^\s'\"\\]+\Z")
@@ -34,7 +42,10 @@ class SlurmOptions:
         partition, time, account, qos: the usual sbatch options; ``None`` leaves them to the site.
         job_name: ``--job-name``; also names the batch log ``LOG_DIR/NAME-JOBID.out``.
         exclusive: request whole nodes (``#SBATCH --exclusive``).
-        requeue: let SLURM requeue the job after preemption or node failure (``#SBATCH --requeue``).
+        requeue: let SLURM requeue the job after preemption or node failure (``#SBATCH --requeue``),
+            and requeue it from the script when the driver stopped for the time-limit signal.
+        signal_time: seconds before the time limit at which SLURM sends SIGUSR1 to the batch shell
+            (``#SBATCH --signal=B:USR1@N``) so the driver can checkpoint and stop; 0 sends none.
         sbatch_args: extra ``#SBATCH`` lines, e.g. ``["--constraint=h100", "--mail-type=END"]``.
         log_dir: where the batch log and the per-job, per-node Ray logs go (shared storage).
         shared_dir: directory checked for visibility from every node before Ray starts; ``None`` takes
@@ -61,6 +72,7 @@ class SlurmOptions:
     job_name: str = "memento"
     exclusive: bool = True
     requeue: bool = False
+    signal_time: int = 120
     sbatch_args: list[str] = field(default_factory=list)
     log_dir: str = "logs/memento-launch"
     shared_dir: str | None = None
@@ -92,6 +104,7 @@ class SlurmOptions:
         if self.ray_port == self.dashboard_port:
             raise ConfigError(f"--ray-port and --dashboard-port are both {self.ray_port}; give them different ports")
         positive_int("--wait-timeout", self.wait_timeout, 1)
+        positive_int("--signal-time", self.signal_time, 0)
         positive_int("--stop-grace", self.stop_grace, 1)
         for flag, value in (("--partition", self.partition), ("--time", self.time), ("--account", self.account),
                             ("--qos", self.qos), ("--job-name", self.job_name)):
@@ -124,6 +137,9 @@ def _directives(opts: SlurmOptions, log_dir: str) -> str:
     if opts.requeue:
         # Requeued jobs keep their job id; "open-append" keeps the first attempt's log.
         lines += ["--requeue", "--open-mode=append"]
+    if opts.signal_time:
+        # B: only the batch shell gets it (the Ray steps keep running while the driver checkpoints).
+        lines.append(f"--signal=B:USR1@{opts.signal_time}")
     # %x = job name, %j = job id; the directory must exist at submission (memento-launch creates it).
     lines.append(f"--output={log_dir}/%x-%j.out")
     lines += opts.sbatch_args
@@ -161,9 +177,13 @@ def render_sbatch_script(opts: SlurmOptions, driver_cmd: list[str], *, command_l
     log_dir = absolute(opts.log_dir)
     env_defaults = "\n".join(f'export {k}="${{{k}:-{v}}}"' for k, v in DEFAULT_ENV.items())
     env_overrides = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in opts.env.items()) or "# (none)"
-    return SBATCH_TEMPLATE.substitute(
+    with open(TEMPLATE) as f:
+        template = f.read()
+    return render_template(
+        template,
         COMMAND_LINE=(command_line or "memento-launch slurm ...").replace("\n", " "),
         SBATCH_DIRECTIVES=_directives(opts, log_dir),
+        REQUEUE=int(opts.requeue),
         NUM_NODES=opts.nodes,
         GPUS_PER_NODE=opts.gpus_per_node,
         CPUS_PER_NODE=opts.cpus_per_node or "",
@@ -180,8 +200,25 @@ def render_sbatch_script(opts: SlurmOptions, driver_cmd: list[str], *, command_l
         DRIVER_CMD=_quote_words(driver_cmd),
         ENV_DEFAULTS=env_defaults,
         ENV_OVERRIDES=env_overrides,
-        SETUP="\n".join(opts.setup) or ":  # (none)",
+        SETUP="\n".join(opts.setup),
     )
+
+
+def render_template(template: str, **values) -> str:
+    """Plain substitution: each ``#@NAME`` line becomes ``values[NAME]`` (several lines, or none when
+    empty) and each ``__NAME__`` word ``str(values[NAME])``. Every placeholder must get a value and
+    every value must be used, so a renamed placeholder cannot silently render as itself."""
+    wanted = {block or word for block, word in _PLACEHOLDER.findall(template)}
+    if wanted != set(values):
+        raise KeyError(f"template placeholders {sorted(wanted)} != values {sorted(values)}")
+
+    def substitute(m: re.Match) -> str:
+        if m.group(1):
+            text = str(values[m.group(1)])
+            return text + "\n" if text else ""
+        return str(values[m.group(2)])
+
+    return _PLACEHOLDER.sub(substitute, template)
 
 
 def submit(script_path: str, sbatch: str = "sbatch") -> str:

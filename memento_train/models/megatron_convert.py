@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
@@ -105,37 +105,48 @@ def hf_to_megatron(hf: Mapping[str, Tensor], arch: HFArchitecture, *, tp_rank: i
     ``vocab_size`` is the padded vocabulary of the Megatron model (default: :func:`padded_vocab_size`).
     Tied models get no ``output_layer.weight`` (the embedding serves both ends).
     """
+    return dict(iter_hf_to_megatron(hf, arch, tp_rank=tp_rank, tp_size=tp_size, vocab_size=vocab_size))
+
+
+def iter_hf_to_megatron(hf: Mapping[str, Tensor], arch: HFArchitecture, *, tp_rank: int = 0, tp_size: int = 1,
+                        vocab_size: int | None = None) -> Iterator[tuple[str, Tensor]]:
+    """:func:`hf_to_megatron` one Megatron tensor at a time, reading ``hf`` in a fixed order (the same
+    on every rank: ``hf`` may fetch each tensor from another rank) and keeping nothing between items."""
     vocab = vocab_size or padded_vocab_size(arch.vocab_size, tp_size)
 
+    # Copies, not views: a slice must not keep the whole HF tensor alive (a rank holds only its shard).
     def rows(t: Tensor) -> Tensor:
-        return t.chunk(tp_size, 0)[tp_rank]
+        return t.chunk(tp_size, 0)[tp_rank].clone(memory_format=torch.contiguous_format)
 
     def cols(t: Tensor) -> Tensor:
-        return t.chunk(tp_size, 1)[tp_rank]
+        return t.chunk(tp_size, 1)[tp_rank].clone(memory_format=torch.contiguous_format)
 
-    out = {"embedding.word_embeddings.weight": rows(_pad_rows(hf["model.embed_tokens.weight"], vocab))}
+    yield "embedding.word_embeddings.weight", rows(_pad_rows(hf["model.embed_tokens.weight"], vocab))
     q_rows, kv_rows = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
     for i in range(arch.num_layers):
         h, m = _hf_layer(arch, i), _mg_layer(i)
         if arch.family == "phi3":
             q, k, v = hf[h["qkv"]].split([q_rows, kv_rows, kv_rows], 0)
-            gate, up = hf[h["gate_up"]].chunk(2, 0)
         else:
             q, k, v = hf[h["q"]], hf[h["k"]], hf[h["v"]]
+        yield m["qkv"], rows(_fuse_qkv(arch, q, k, v))
+        del q, k, v
+        if arch.family == "phi3":
+            gate, up = hf[h["gate_up"]].chunk(2, 0)
+        else:
             gate, up = hf[h["gate"]], hf[h["up"]]
-        out[m["input_layernorm"]] = hf[h["input_layernorm"]]
-        out[m["pre_mlp_layernorm"]] = hf[h["post_attention_layernorm"]]
-        out[m["qkv"]] = rows(_fuse_qkv(arch, q, k, v))
-        out[m["proj"]] = cols(hf[h["o"]])
-        out[m["fc1"]] = torch.cat([rows(gate), rows(up)], 0)
-        out[m["fc2"]] = cols(hf[h["down"]])
+        yield m["fc1"], torch.cat([rows(gate), rows(up)], 0)
+        del gate, up
+        yield m["input_layernorm"], hf[h["input_layernorm"]].contiguous()
+        yield m["pre_mlp_layernorm"], hf[h["post_attention_layernorm"]].contiguous()
+        yield m["proj"], cols(hf[h["o"]])
+        yield m["fc2"], cols(hf[h["down"]])
         if arch.qk_layernorm:
-            out[m["q_norm"]] = hf[h["q_norm"]]
-            out[m["k_norm"]] = hf[h["k_norm"]]
-    out["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
+            yield m["q_norm"], hf[h["q_norm"]].contiguous()
+            yield m["k_norm"], hf[h["k_norm"]].contiguous()
+    yield "decoder.final_layernorm.weight", hf["model.norm.weight"].contiguous()
     if not arch.tied_embeddings:
-        out["output_layer.weight"] = rows(_pad_rows(hf["lm_head.weight"], vocab))
-    return {k: v.contiguous() for k, v in out.items()}
+        yield "output_layer.weight", rows(_pad_rows(hf["lm_head.weight"], vocab))
 
 
 # -- Megatron → HF ------------------------------------------------------------------------------

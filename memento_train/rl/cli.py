@@ -5,6 +5,8 @@ Usage::
     memento-rl                                   # embedded default (recipe tiny_rl): tiny model, SFT
                                                  # warm-up, then RL on the synthetic task, CPU
     memento-rl output_dir=/tmp/rl train.total_steps=20
+    memento-rl recipe=grpo                       # the paper's run, from runs/qwen3_8b_stage2/hf (the
+                                                 # default output of memento-train recipe=qwen3_8b_stage2)
     memento-rl recipe=grpo model.path=/ckpt/stage2/hf prompts.path=/data/rl.jsonl output_dir=/shared/rl
     memento-rl recipes                           # list the shipped recipes
     memento-rl show recipe=NAME [key=value ...]  # print the resolved config and exit

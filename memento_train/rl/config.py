@@ -1,8 +1,9 @@
 """Options of the RL algorithm (policy loss, KL, entropy, normalisation) and of the reward.
 
-Defaults follow the Memento paper's RL recipe: CISPO with ε = 0.2 on both sides, a k3 KL penalty to
-the frozen reference with β = 0.001, GRPO group-normalised advantages, token-mean loss, old
-log-probs recomputed by the trainer, and the math-verify reward.
+Defaults follow the Memento paper's RL recipe (Appendix A.2.3): CISPO with ε = 0.2 on both sides, a
+k3 KL penalty to the frozen reference with β = 0.001, batch-level advantage normalisation, the loss
+of each group normalised by that group's total response tokens (MiniMax-M1's 1/Σ_{i∈group}|o_i|), old
+log-probs recomputed by the trainer, and the math-verify reward on responses that finished thinking.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from dataclasses import dataclass
 from memento_train.config_errors import ConfigError
 
 LOSSES = ("cispo", "grpo")
-KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_ESTIMATORS = ("k1", "k2", "k3", "k3+")
 ADV_NORMS = ("group", "drgrpo", "batch")
-LOSS_AGGS = ("token_mean", "seq_total", "seq_mean")
+LOSS_AGGS = ("token_mean", "seq_total", "seq_mean", "group_total")
 OLD_LOGPROBS_SOURCES = ("trainer", "rollout")
 TIS_MODES = ("truncate", "mask")
 
@@ -44,16 +45,29 @@ class AlgorithmConfig:
         kl_coef: β of the per-token KL penalty to the frozen reference policy; 0 disables it (and the
             reference forward pass).
         kl_estimator: ``k1`` = ``log π - log π_ref``; ``k2`` = ``½ (log π - log π_ref)²``;
-            ``k3`` = ``ρ - 1 - log ρ`` with ``ρ = π_ref / π`` (unbiased and ≥ 0; GRPO's choice).
+            ``k3`` = ``ρ - 1 - log ρ`` with ``ρ = π_ref / π`` (unbiased and ≥ 0; GRPO's choice; its
+            value is clamped to ≤ 10); ``k3+`` = k3's value with k2's gradient (straight-through:
+            k2's gradient is the unbiased one).
         entropy_coef: weight of the entropy bonus (loss gets ``- entropy_coef * H``); 0 only logs H.
         adv_norm: ``group`` — ``(R - mean_g) / (std_g + adv_eps)`` (GRPO); ``drgrpo`` — ``R - mean_g``
             (Dr.GRPO, no std); ``batch`` — ``(R - mean_g) / (std_batch(R - mean_g) + adv_eps)``
             (group-centred, then normalised by one std over the whole batch).
         adv_eps: added to the std so all-equal groups get advantage 0, never NaN.
-        loss_agg: how token losses are normalised across the global batch:
-            ``token_mean`` — divide by the number of response tokens (the default);
+        loss_agg: how token losses are normalised across the mini-batch
+            (:func:`memento_train.rl.losses.aggregation_weights`):
+            ``group_total`` — each group's token sum over that group's total response tokens, then the
+            mean over groups (MiniMax-M1 / the Memento paper; the default);
+            ``token_mean`` — divide by the number of response tokens of the mini-batch;
             ``seq_total`` — divide by ``num_sequences * max_response_len``, a constant (Dr.GRPO);
             ``seq_mean`` — mean over each sequence's tokens, then over sequences (original GRPO).
+        mask_truncated: leave responses that hit ``rollout.max_new_tokens`` out of the loss entirely
+            (DAPO's overlong filtering, TRL's ``mask_truncated_completions``); the normaliser then
+            counts only what remains.
+        drop_zero_adv_groups: leave groups whose rewards are all equal (advantage 0, no policy signal)
+            out of the loss, KL term included, so they do not dilute the normaliser.
+        train_forced_tokens: also train the ``<|block_end|>`` tokens that the block-length cap
+            inserted (``GenerationResult.forced``); by default they are left out of the loss, since
+            the policy did not choose them (their log-prob can be around -11).
         old_logprobs_source: ``trainer`` — π_old is recomputed by the trainer before the update
             (the default; the rollout engine's log-probs only feed the mismatch metrics and TIS);
             ``rollout`` — the rollout engine's log-probs are used as π_old directly.
@@ -71,9 +85,12 @@ class AlgorithmConfig:
     kl_coef: float = 0.001
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
-    adv_norm: str = "group"
+    adv_norm: str = "batch"
     adv_eps: float = 1e-6
-    loss_agg: str = "token_mean"
+    loss_agg: str = "group_total"
+    mask_truncated: bool = False
+    drop_zero_adv_groups: bool = False
+    train_forced_tokens: bool = False
     old_logprobs_source: str = "trainer"
     tis_cap: float = 0.0
     tis_mode: str = "truncate"
@@ -127,11 +144,18 @@ class RewardConfig:
         timeout_s: seconds one response may take to score; a timeout scores 0 and is counted.
         num_workers: reward worker processes; 0 scores in the calling process (debugging only:
             no timeout, a crash or hang takes the caller with it).
+        require_think_end: a response without ``</think>`` scores 0 without calling ``fn`` (the
+            default; :class:`~memento_train.evaluation.scoring.GradingRule`). ``false`` hands it to
+            ``fn``, which for the math reward then searches the whole text.
+        truncated: ``zero`` — a response that hit ``rollout.max_new_tokens`` scores 0 without calling
+            ``fn`` (the default); ``score`` — it is scored like any other.
     """
 
     fn: str = DEFAULT_REWARD_FN
     timeout_s: float = 10.0
     num_workers: int = 2
+    require_think_end: bool = True
+    truncated: str = "zero"
 
     def validate(self, prefix: str = "reward") -> RewardConfig:
         """Raise :class:`ConfigError` naming the first bad option (``fn`` must import); returns self."""
@@ -143,4 +167,14 @@ class RewardConfig:
         n = self.num_workers
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ConfigError(f"{prefix}.num_workers must be an int >= 0 (0 scores in-process), got {n!r}")
+        from memento_train.evaluation.scoring import TRUNCATED_POLICIES  # lazy: see grading_rule
+
+        _check_choice(prefix, "truncated", self.truncated, TRUNCATED_POLICIES)
         return self
+
+    @property
+    def grading_rule(self):
+        """The :class:`~memento_train.evaluation.scoring.GradingRule` these options describe."""
+        from memento_train.evaluation.scoring import GradingRule  # lazy: it imports torch via tokens
+
+        return GradingRule(require_think_end=self.require_think_end, truncated=self.truncated)

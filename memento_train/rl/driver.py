@@ -25,15 +25,18 @@ import yaml
 from memento_train.checkpoint import CheckpointManager, read_state
 from memento_train.cluster import WorkerGroup
 from memento_train.data.pack import plan_bins
-from memento_train.data.render import Renderer
+from memento_train.data.problems import ProblemSource, load_problem_records
 from memento_train.data.synthetic import synthetic_records
+from memento_train.faults.preemption import PreemptionGuard
+from memento_train.faults.secrets import redact_config, secret_values
+from memento_train.generation.prompt import generation_prompt_ids
 from memento_train.generation.sampling import derive_seed
 from memento_train.masking import SpecialTokens
 from memento_train.models.loading import load_tokenizer
 from memento_train.optim import lr_at
 from memento_train.rl.advantages import compute_advantages, group_ids_for, group_reward_stats
-from memento_train.rl.losses import loss_normaliser, reduce_metrics
-from memento_train.rl.rewards import RewardPool
+from memento_train.rl.losses import aggregation_weights, reduce_metrics
+from memento_train.rl.rewards import RewardBatch, RewardPool
 from memento_train.rl.rl_config import RLConfig
 from memento_train.rl.rollout_worker import RolloutPool, RolloutRequest
 from memento_train.rl.trainer_worker import RLTrainerWorker, rollout_document
@@ -119,32 +122,43 @@ def rollout_metrics(results: list[dict], prompt_lens: list[int], scores: list[fl
     }
 
 
+def loss_token_masks(results: list[dict], scores: list[float], group_size: int, algorithm) -> list[np.ndarray]:
+    """Per response, which of its tokens the loss trains on (``algorithm`` options, see
+    :class:`~memento_train.rl.config.AlgorithmConfig`): every token, minus the block ends the block cap
+    forced (unless ``train_forced_tokens``), minus whole responses that hit the token budget
+    (``mask_truncated``) or whose group's rewards are all equal (``drop_zero_adv_groups``)."""
+    r = np.asarray(scores, np.float64).reshape(-1, group_size)
+    flat_group = np.repeat(r.max(1) == r.min(1), group_size)
+    out = []
+    for x, all_equal in zip(results, flat_group):
+        keep = np.ones(len(x["token_ids"]), bool)
+        if not algorithm.train_forced_tokens:
+            keep &= ~np.asarray(x["forced"], bool)
+        if (algorithm.mask_truncated and x["finish_reason"] == "length") or \
+                (algorithm.drop_zero_adv_groups and all_equal):
+            keep[:] = False
+        out.append(keep)
+    return out
+
+
 # ---------------------------------------------------------------- problems and prompts
 
-def load_problems(path: str, *, synthetic_task=None, num: int) -> list[dict[str, Any]]:
-    """``num`` synthetic records, or the records of a local ``.jsonl`` / ``.json`` / ``.parquet`` file."""
-    if path == "synthetic":
+def load_problems(source: ProblemSource, *, synthetic_task=None, num: int | None) -> list[dict[str, Any]]:
+    """``num`` synthetic records (``source.path == "synthetic"``), or the first ``num`` (``None``: all)
+    records of a problem set (:func:`memento_train.data.problems.load_problem_records`)."""
+    if source.path == "synthetic":
         return synthetic_records(num, synthetic_task)
-    if path.endswith(".jsonl"):
-        records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    elif path.endswith(".json"):
-        records = json.loads(Path(path).read_text())
-    else:
-        import datasets
-
-        records = list(datasets.load_dataset("parquet", data_files=path, split="train"))
-    for i, rec in enumerate(records):
-        if "problem" not in rec or "answer" not in rec:
-            raise ValueError(f"{path}: record {i} lacks 'problem' or 'answer' (fields: {sorted(rec)})")
-    return records
+    return load_problem_records(source, limit=num)
 
 
-def encode_prompts(records: list[dict], renderer: Renderer, max_len: int) -> tuple[list[dict], list[list[int]]]:
-    """Chat-template prompts (ending with the assistant header, generation starts with ``<think>``);
-    records whose prompt exceeds ``max_len`` tokens are dropped."""
+def encode_prompts(records: list[dict], tokenizer: Any, max_len: int,
+                   system_prompt: str | None = None) -> tuple[list[dict], list[list[int]]]:
+    """Generation prompts (:func:`~memento_train.generation.prompt.generation_prompt_ids`: the serving
+    chat template, ending with the assistant header; the model writes ``<think>`` itself); records whose
+    prompt exceeds ``max_len`` tokens are dropped."""
     kept, ids = [], []
     for rec in records:
-        p = renderer._encode(renderer.prompt_text(rec["problem"]))
+        p = generation_prompt_ids(tokenizer, rec["problem"], system_prompt)
         if len(p) <= max_len:
             kept.append(rec)
             ids.append(p)
@@ -210,30 +224,39 @@ class _Run:
         self.tokenizer = tok
         self.special = SpecialTokens.from_mapping(special_token_ids(tok))
         self.mask = cfg.rollout.mask.mask_config()
-        renderer = Renderer(tok, self.mask, cfg.prompts.system_prompt)
         p = cfg.prompts
         self.records, self.prompts = encode_prompts(
-            load_problems(p.path, synthetic_task=p.synthetic, num=p.num_records), renderer, p.max_prompt_len)
-        self.eval_records, self.eval_prompts = [], []
+            load_problems(p, synthetic_task=p.synthetic, num=p.num_records), tok, p.max_prompt_len, p.system_prompt)
+        # Evaluation: every set's problems in one list; eval_sets[name] is its slice of it.
+        self.eval_records, self.eval_prompts, self.eval_sets = [], [], {}
         if cfg.eval.every or cfg.eval.at_start:
             e = cfg.eval
             task = replace(p.synthetic, seed=p.synthetic.seed + EVAL_SEED_OFFSET)
-            recs = load_problems(e.path, synthetic_task=task, num=e.num_problems)[: e.num_problems]
-            self.eval_records, self.eval_prompts = encode_prompts(recs, renderer, p.max_prompt_len)
+            for name, source in e.sets.items():
+                records, prompts = encode_prompts(load_problems(source, synthetic_task=task, num=e.num_problems),
+                                                  tok, p.max_prompt_len, p.system_prompt)
+                self.eval_sets[name] = slice(len(self.eval_records), len(self.eval_records) + len(records))
+                self.eval_records += records
+                self.eval_prompts += prompts
 
     def sampling(self, temperature: float, max_new_tokens: int) -> dict[str, Any]:
         r = self.cfg.rollout
         return {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": r.top_p,
                 "stop_token_ids": (int(self.tokenizer.eos_token_id),)}
 
-    def score(self, rewards: RewardPool, results: list[dict], records: list[dict]) -> tuple[list[float], int]:
-        """Scores; a batch in which a reward worker crashed is scored again (the reward is a pure
-        function, so retrying changes nothing but the lost items). Returns scores and retries."""
+    def score(self, rewards: RewardPool, results: list[dict], records: list[dict]) -> tuple[RewardBatch, int]:
+        """Scores (with the grading rule's verdicts); a batch in which a reward worker crashed is scored
+        again (the reward is a pure function, so retrying changes nothing but the lost items). Returns
+        the final batch, whose ``crashes`` also count those of the attempts before it, and the retries."""
         texts = [x["text"] for x in results]
+        reasons = [x["finish_reason"] for x in results]
+        crashes = 0
         for attempt in range(self.cfg.faults.max_step_retries + 1):
-            batch = rewards.score(texts, records)
+            batch = rewards.score(texts, records, reasons)
             if not batch.crashes:
-                return batch.scores, attempt
+                batch.crashes = crashes
+                return batch, attempt
+            crashes += batch.crashes
             self.logger.write(f"[memento-rl] {batch.crashes} reward item(s) lost to a crashed reward worker; "
                               f"rescoring the batch ({'; '.join(batch.messages[:2])})")
         raise RuntimeError(f"reward workers kept crashing (faults.max_step_retries={self.cfg.faults.max_step_retries})")
@@ -259,7 +282,8 @@ def run_rl(cfg: RLConfig, tree: dict[str, Any] | None = None, *, progress: bool 
     if cfg.warmup.enabled:
         cfg.model.path = sft_warmup(cfg, progress=progress)
     tree = deep_merge(to_dict(cfg) if tree is None else tree, {"model": to_dict(cfg.model), "output_dir": str(out)})
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tree = redact_config(tree)  # workers get secrets through their environment, never the config
+    (out / "config.yaml").write_text(yaml.safe_dump(redact_config(to_dict(cfg)), sort_keys=False))
 
     ckpts = CheckpointManager(out / "checkpoints", keep_last=cfg.checkpoint.keep_last)
     ckpts.clean_staging()
@@ -268,8 +292,10 @@ def run_rl(cfg: RLConfig, tree: dict[str, Any] | None = None, *, progress: bool 
     total = cfg.train.total_steps
     end = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
     logger = RunLogger(out, total_steps=end, start_step=start, logger=cfg.logger, wandb_cfg=cfg.wandb,
-                       config=to_dict(cfg), desc="rl", progress=progress)
+                       config=redact_config(to_dict(cfg)), desc="rl", progress=progress,
+                       secrets=secret_values(to_dict(cfg)))
     session = _open_ray(cfg)
+    preempt = PreemptionGuard().__enter__()  # after ray.init, which installs its own SIGTERM handler
     trainer = pool = rewards = None
     reward_means: list[float] = []
     hf_dir = None
@@ -305,6 +331,8 @@ def run_rl(cfg: RLConfig, tree: dict[str, Any] | None = None, *, progress: bool 
             if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
                 _save(trainer, ckpts, step + 1)
                 saved_at = step + 1
+            preempt.stop_if_requested(step + 1, end, saved_at, save=lambda: _save(trainer, ckpts, step + 1),
+                                      checkpoint=str(ckpts.root / f"step_{step + 1:08d}"))
         if saved_at != end and end > start:
             _save(trainer, ckpts, end)
         if cfg.checkpoint.export_hf and end == total:
@@ -313,6 +341,7 @@ def run_rl(cfg: RLConfig, tree: dict[str, Any] | None = None, *, progress: bool 
                                               "base_model": cfg.model.path})
             logger.write(f"[memento-rl] exported Hugging Face model to {hf_dir}")
     finally:
+        preempt.__exit__(None, None, None)
         for closer in (rewards, pool, trainer):
             if closer is not None:
                 (closer.close if isinstance(closer, RewardPool) else closer.shutdown)()
@@ -338,29 +367,32 @@ def _step(run: _Run, trainer: WorkerGroup, pool: RolloutPool, rewards: RewardPoo
     rollout_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    scores, reward_retries = run.score(rewards, results, records)
+    reward_batch, reward_retries = run.score(rewards, results, records)
+    scores = reward_batch.scores
     reward_s = time.perf_counter() - t0
 
+    alg = cfg.algorithm
     prompt_lens = [len(r.prompt_ids) for r in requests]
     adv = compute_advantages(torch.tensor(scores, dtype=torch.float64), group_ids_for(n_prompts, g),
-                             cfg.algorithm.adv_norm, cfg.algorithm.adv_eps)
-    docs = [rollout_document(q.prompt_ids, x["token_ids"], x["logprobs"], float(a), run.special, run.mask)
-            for q, x, a in zip(requests, results, adv.tolist())]
+                             alg.adv_norm, alg.adv_eps).tolist()
+    trained = loss_token_masks(results, scores, g, alg)
     # Mini-batches hold whole groups (a group's advantages are relative to each other); each is packed
-    # into micro-batches per rank and normalised over its own tokens (token_mean needs the response
-    # tokens of the whole mini-batch, known only here, before any rank starts).
+    # into micro-batches per rank. Its aggregation weights and normaliser depend on whole sequences and
+    # groups of the mini-batch, which micro-batches and ranks split, so they are computed here.
     minis = [list(range(int(c[0]) * g, (int(c[-1]) + 1) * g))  # array_split keeps the prompt chunks contiguous
              for c in np.array_split(np.arange(n_prompts), cfg.train.mini_batches)]
     per_rank: list[list[list[list[dict]]]] = [[] for _ in range(trainer.world_size)]
     normalisers = []
     for mini in minis:
-        plan = plan_micro_batches([len(docs[i]["input_ids"]) for i in mini], cfg.train.micro_batch_tokens,
+        weights, z = aggregation_weights(alg.loss_agg, [int(trained[i].sum()) for i in mini], [i // g for i in mini],
+                                         max_response_len=cfg.rollout.max_new_tokens)
+        docs = [rollout_document(requests[i].prompt_ids, results[i]["token_ids"], results[i]["logprobs"], adv[i],
+                                 run.special, run.mask, trained=trained[i], weight=w) for i, w in zip(mini, weights)]
+        plan = plan_micro_batches([len(d["input_ids"]) for d in docs], cfg.train.micro_batch_tokens,
                                   trainer.world_size)
         for r in range(trainer.world_size):
-            per_rank[r].append([[docs[mini[i]] for i in mb] for mb in plan[r]])
-        normalisers.append(loss_normaliser(
-            cfg.algorithm.loss_agg, num_response_tokens=sum(len(results[i]["token_ids"]) for i in mini),
-            num_sequences=len(mini), max_response_len=cfg.rollout.max_new_tokens))
+            per_rank[r].append([[docs[i] for i in mb] for mb in plan[r]])
+        normalisers.append(z)
     num_response_tokens = sum(len(x["token_ids"]) for x in results)
     lr = lr_at(step, cfg.train.total_steps, cfg.optim)
     t0 = time.perf_counter()
@@ -378,10 +410,11 @@ def _step(run: _Run, trainer: WorkerGroup, pool: RolloutPool, rewards: RewardPoo
         "entropy": train.get("entropy", 0.0), "approx_kl": train.get("approx_kl", 0.0),
         "logprob_mismatch_mean": train.get("mismatch/abs", 0.0),
         "logprob_mismatch_max": train.get("mismatch/abs/max", 0.0),
-        "grad_norm": float(np.mean(outs[0]["grad_norms"])), "lr": lr, "updates": len(minis), "samples": len(docs),
-        "response_tokens": num_response_tokens,
+        "grad_norm": float(np.mean(outs[0]["grad_norms"])), "lr": lr, "updates": len(minis), "samples": len(results),
+        "response_tokens": num_response_tokens, "loss_tokens": int(sum(int(m.sum()) for m in trained)),
         "gen_tokens_per_s": num_response_tokens / max(rollout_s, 1e-9),
         "rollout_retries": rollout_retries, "reward_retries": reward_retries, "rollout_restarts": pool.restarts,
+        **{k: v for k, v in reward_batch.metrics().items() if k != "reward/mean"},
         "time/rollout_s": rollout_s, "time/reward_s": reward_s,
         "time/old_logprobs_s": max(o["times"]["old_logprobs_s"] for o in outs),
         "time/ref_logprobs_s": max(o["times"]["ref_logprobs_s"] for o in outs),
@@ -402,10 +435,16 @@ def _evaluate(run: _Run, pool: RolloutPool, rewards: RewardPool, step: int) -> d
     records = [r for r in run.eval_records for _ in range(e.samples)]
     params = run.sampling(e.temperature, e.max_new_tokens or cfg.rollout.max_new_tokens)
     results, _ = pool.generate(requests, params, max_retries=cfg.faults.max_step_retries)
-    scores, _ = run.score(rewards, results, records)
-    m = rollout_metrics(results, [len(r.prompt_ids) for r in requests], scores, e.samples)
-    out = {f"eval/{k}": m[k] for k in ("accuracy", "reward_mean", "response_length", "blocks_per_response",
-                                       "peak_kv", "compression_ratio")}
+    scores = run.score(rewards, results, records)[0].scores
+    lens = [len(r.prompt_ids) for r in requests]
+    m = rollout_metrics(results, lens, scores, e.samples)
+    keys = ("accuracy", "reward_mean", "response_length", "blocks_per_response", "peak_kv", "compression_ratio")
+    out = {f"eval/{k}": m[k] for k in keys}
+    if len(run.eval_sets) > 1:
+        for name, part in run.eval_sets.items():
+            rows = slice(part.start * e.samples, part.stop * e.samples)
+            m = rollout_metrics(results[rows], lens[rows], scores[rows], e.samples)
+            out.update({f"eval/{name}/{k}": m[k] for k in keys})
     out["eval/time_s"] = time.perf_counter() - t0
     return out
 

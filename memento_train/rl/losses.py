@@ -8,13 +8,25 @@ Per token ``t`` of a response, with ``r = π_θ / π_old = exp(logp - old_logp)`
 - PPO-clip ("grpo"): ``ℓ = -min(r · A, clip(r, 1 - ε_low, 1 + ε_high) · A)``. Where the clipped branch
   is the minimum (``A > 0, r > 1 + ε_high`` or ``A < 0, r < 1 - ε_low``) the token has no gradient.
 - KL penalty ``β · k(logp, ref_logp)``, with ``ρ = π_ref / π_θ``: ``k1 = -log ρ``,
-  ``k2 = ½ (log ρ)²``, ``k3 = ρ - 1 - log ρ`` (≥ 0).
+  ``k2 = ½ (log ρ)²``, ``k3 = ρ - 1 - log ρ`` (≥ 0, clamped to ≤ 10 as verl does: a log-ratio of 20
+  would otherwise give ~5e8), and ``k3+``: the value of k3, the gradient of k2 (straight-through;
+  k3's expected value is the KL but its expected gradient is not, k2's is).
 - entropy bonus ``- c_H · H``.
 
 The total ``ℓ_t = w_tis · ℓ_pg + β · k + (-c_H · H)`` is aggregated as
-``loss = Σ_t mask_t · a_t · ℓ_t / normaliser`` — the engines' contract: each micro-batch returns its
-token sum over a normaliser of the *whole global batch* (:func:`loss_normaliser`), so gradients add
-up over micro-batches and ranks. ``a_t`` is 1, except for ``seq_mean`` where it is ``1 / |o_i|``.
+``loss = Σ_t mask_t · a_t · ℓ_t / Z`` — the engines' contract: each micro-batch returns its token sum
+over a normaliser ``Z`` of the *whole mini-batch* (all ranks, all micro-batches), so gradients add up
+over micro-batches and ranks. :func:`aggregation_weights` gives the per-sequence ``a_i`` (sent as the
+``loss_weights`` extra) and ``Z`` for each ``algorithm.loss_agg``:
+
+- ``token_mean``: ``a = 1``, ``Z`` = loss tokens of the mini-batch;
+- ``seq_total`` (Dr.GRPO): ``a = 1``, ``Z`` = sequences × ``rollout.max_new_tokens`` (a constant);
+- ``seq_mean`` (GRPO, verl's ``seq-mean-token-mean``): ``a_i = 1 / |o_i|``, ``Z`` = sequences;
+- ``group_total`` (MiniMax-M1 CISPO, the Memento paper): ``a_i = 1 / Σ_{j ∈ group(i)} |o_j|``,
+  ``Z`` = groups: each group's token sum over its own total response tokens, averaged over groups.
+
+``|o_i|`` counts the tokens that remain in the loss (see ``loss_mask``), and sequences / groups with
+none left do not count in ``Z``.
 
 Metrics use one convention so the loop can sum them over micro-batches and ranks
 (:func:`reduce_metrics`): ``name/sum`` is a sum over loss tokens (reported as ``name``, a per-token
@@ -30,7 +42,7 @@ from typing import Any
 
 import torch
 
-from memento_train.rl.config import AlgorithmConfig
+from memento_train.rl.config import LOSS_AGGS, AlgorithmConfig
 from memento_train.rl.logprobs import IGNORE_INDEX, token_logprobs_and_entropy
 from memento_train.rl.mismatch import importance_weights, logprob_mismatch
 
@@ -85,50 +97,58 @@ def ppo_clip_token_loss(
 POLICY_LOSSES = {"cispo": cispo_token_loss, "grpo": ppo_clip_token_loss}
 
 
+# verl's bound on the k3 value: beyond it the penalty's gradient is cut (clamp), so one token whose
+# reference log-prob is far off cannot dominate the step.
+MAX_K3 = 10.0
+
+
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
     """Per-token estimate of KL(π_θ ‖ π_ref) from samples of π_θ, ``log ρ = ref_logp - logp``.
 
-    ``k1 = -log ρ``; ``k2 = ½ (log ρ)²``; ``k3 = ρ - 1 - log ρ`` (≥ 0, Schulman's low-variance one).
+    ``k1 = -log ρ``; ``k2 = ½ (log ρ)²``; ``k3 = min(ρ - 1 - log ρ, 10)`` (≥ 0, Schulman's
+    low-variance one, clamped); ``k3+``: k3's value with k2's gradient (straight-through).
     """
     log_rho = (ref_logp.to(logp) - logp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     if estimator == "k1":
         return -log_rho
     if estimator == "k2":
         return 0.5 * log_rho * log_rho
-    if estimator == "k3":
-        return torch.expm1(log_rho) - log_rho
-    raise ValueError(f"kl_estimator must be one of ('k1', 'k2', 'k3'), got {estimator!r}")
+    if estimator in ("k3", "k3+"):
+        k3 = (torch.expm1(log_rho) - log_rho).clamp(max=MAX_K3)
+        if estimator == "k3":
+            return k3
+        k2 = 0.5 * log_rho * log_rho
+        return k2 + (k3 - k2).detach()
+    raise ValueError(f"kl_estimator must be one of ('k1', 'k2', 'k3', 'k3+'), got {estimator!r}")
 
 
-def sequence_mean_weights(seq_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``1 / (loss tokens of the token's sequence)`` on masked tokens, 0 elsewhere (``seq_mean``).
+def aggregation_weights(loss_agg: str, loss_tokens: Sequence[int], group_ids: Sequence[int] | None = None, *,
+                        max_response_len: int = 1) -> tuple[list[float], float]:
+    """``(a_i per sequence, Z)`` of one mini-batch for ``loss_agg`` (module docstring).
 
-    A sequence must lie wholly inside one micro-batch (packing never splits documents).
+    ``loss_tokens[i]``: response tokens of sequence ``i`` that remain in the loss; ``group_ids[i]``: its
+    group (``group_total`` only); ``max_response_len``: the generation budget (``seq_total`` only, not
+    the longest response of the batch).
     """
-    ids = seq_ids.to(mask.device).long()
-    _, inverse = torch.unique(ids, return_inverse=True)
-    counts = torch.zeros(int(inverse.max()) + 1 if inverse.numel() else 0, device=mask.device)
-    counts.index_add_(0, inverse, mask.float())
-    per_token = counts[inverse]
-    return torch.where(mask, 1.0 / per_token.clamp(min=1.0), torch.zeros_like(per_token))
-
-
-def loss_normaliser(loss_agg: str, *, num_response_tokens: int, num_sequences: int, max_response_len: int) -> float:
-    """The global-batch normaliser that :func:`make_loss_fn` divides each micro-batch's sum by.
-
-    ``token_mean``: loss tokens of the whole global batch (all ranks, all micro-batches);
-    ``seq_total``: ``num_sequences * max_response_len`` (Dr.GRPO's constant; ``max_response_len`` is
-    the generation budget, not the longest response of the batch); ``seq_mean``: ``num_sequences``.
-    """
+    n = [int(t) for t in loss_tokens]
     if loss_agg == "token_mean":
-        value = num_response_tokens
+        weights, z = [1.0] * len(n), sum(n)
     elif loss_agg == "seq_total":
-        value = num_sequences * max_response_len
+        weights, z = [1.0] * len(n), len(n) * max_response_len
     elif loss_agg == "seq_mean":
-        value = num_sequences
+        weights = [1.0 / t if t else 0.0 for t in n]
+        z = sum(1 for t in n if t)
+    elif loss_agg == "group_total":
+        if group_ids is None or len(group_ids) != len(n):
+            raise ValueError("loss_agg=group_total needs one group id per sequence")
+        totals: dict[int, int] = {}
+        for g, t in zip(group_ids, n):
+            totals[g] = totals.get(g, 0) + t
+        weights = [1.0 / totals[g] if totals[g] else 0.0 for g in group_ids]
+        z = sum(1 for t in totals.values() if t)
     else:
-        raise ValueError(f"loss_agg must be one of ('token_mean', 'seq_total', 'seq_mean'), got {loss_agg!r}")
-    return float(max(1, value))  # an empty global batch: loss 0, not 0/0
+        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
+    return weights, float(max(1, z))  # nothing left to train: loss 0, not 0/0
 
 
 def _extra(mb: Any, key: str, why: str) -> torch.Tensor:
@@ -155,7 +175,7 @@ def _masked_extrema(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Ten
 def make_loss_fn(cfg: AlgorithmConfig, normaliser: float, *, temperature: float = 1.0, on_policy: bool = False):
     """The engine ``loss_fn(logits [T, V], mb) -> (loss, metrics)`` for one optimizer step.
 
-    ``normaliser``: from :func:`loss_normaliser` for this step's global batch. ``temperature``: the
+    ``normaliser``: ``Z`` from :func:`aggregation_weights` for this mini-batch. ``temperature``: the
     rollout sampling temperature. ``on_policy=True`` takes ``π_old = sg(π_θ)`` instead of reading old
     log-probs — exact only for the first update on freshly generated rollouts, where it saves the
     recompute forward pass.
@@ -167,8 +187,11 @@ def make_loss_fn(cfg: AlgorithmConfig, normaliser: float, *, temperature: float 
     - ``rollout_logprobs`` — the rollout engine's log-probs: π_old when the source is ``rollout``, and
       else (optional) the mismatch metrics and, with ``cfg.tis_cap > 0``, the TIS weights;
     - ``ref_logprobs`` — when ``cfg.kl_coef > 0``;
-    - ``seq_ids`` — when ``cfg.loss_agg == "seq_mean"`` (one id per sequence, any integers);
-    - ``loss_mask`` — optional bool / 0-1, ANDed with ``labels != -100`` (e.g. drop overlong responses).
+    - ``loss_weights`` — the per-token ``a_i`` of :func:`aggregation_weights`; required for
+      ``seq_mean`` and ``group_total`` (whose weights depend on whole sequences and groups, which
+      micro-batches and ranks split), optional otherwise;
+    - ``loss_mask`` — optional bool / 0-1, ANDed with ``labels != -100`` (forced block ends, truncated
+      responses, all-equal groups: see :func:`memento_train.rl.trainer_worker.rollout_document`).
     """
     cfg.validate()
     if not normaliser > 0:
@@ -210,9 +233,11 @@ def make_loss_fn(cfg: AlgorithmConfig, normaliser: float, *, temperature: float 
             metrics["kl/sum"] = kl.detach().sum()
         if cfg.entropy_coef > 0:
             token_loss = token_loss - cfg.entropy_coef * entropy
-        if cfg.loss_agg == "seq_mean":
-            seq_ids = _extra(mb, "seq_ids", "for algorithm.loss_agg=seq_mean")
-            token_loss = token_loss * sequence_mean_weights(seq_ids, mask)
+        weights = mb.extras.get("loss_weights")
+        if weights is None and cfg.loss_agg in ("seq_mean", "group_total"):
+            weights = _extra(mb, "loss_weights", f"for algorithm.loss_agg={cfg.loss_agg}")
+        if weights is not None:
+            token_loss = token_loss * _masked(weights.to(logp), mask)
         loss = _masked(token_loss, mask).sum() / normaliser
 
         ratio_max, ratio_min = _masked_extrema(ratio, mask)
@@ -269,13 +294,13 @@ def reduce_metrics(metrics: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 
 __all__ = [
+    "MAX_K3",
     "POLICY_LOSSES",
+    "aggregation_weights",
     "cispo_token_loss",
     "kl_penalty",
     "log_ratio",
-    "loss_normaliser",
     "make_loss_fn",
     "ppo_clip_token_loss",
     "reduce_metrics",
-    "sequence_mean_weights",
 ]

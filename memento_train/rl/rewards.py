@@ -48,14 +48,19 @@ def _gold(record: Mapping[str, Any]) -> Any:
 
 
 def math_reward(response: str, record: Mapping[str, Any]) -> float:
-    """1.0 when the response's final answer is math-verify-equivalent to ``record["answer"]``, else 0.0.
+    """1.0 when the response's final answer is math-verify-equivalent to ``record["answer"]`` (or to
+    any of them, when it is a list), else 0.0.
 
     Extraction and equivalence are :func:`memento_train.evaluation.scoring.is_correct`'s: the answer is
     looked for after the last ``</think>`` (the whole text when there is none), ``\\boxed{}`` first.
+    Responses without ``</think>`` or cut off by the budget never reach this function under the
+    default grading rule (:class:`RewardPool`, ``reward.require_think_end`` / ``reward.truncated``).
     """
     from memento_train.evaluation.scoring import is_correct  # lazy: see the module docstring
 
-    return 1.0 if is_correct(response, _gold(record)) else 0.0
+    gold = _gold(record)
+    golds = gold if isinstance(gold, (list, tuple)) else [gold]
+    return 1.0 if any(is_correct(response, g) for g in golds) else 0.0
 
 
 def synthetic_final_answer(response: str) -> int | None:
@@ -145,6 +150,8 @@ class RewardBatch:
     timeouts: int = 0
     errors: int = 0
     crashes: int = 0
+    truncated: int = 0  # scored 0 by the grading rule: hit the token budget
+    no_think_end: int = 0  # scored 0 by the grading rule: no </think>
     wall_s: float = 0.0
     messages: list[str] = field(default_factory=list)  # the first few failure descriptions
 
@@ -159,6 +166,8 @@ class RewardBatch:
             "reward/timeouts": float(self.timeouts),
             "reward/errors": float(self.errors),
             "reward/crashes": float(self.crashes),
+            "reward/truncated_zeroed": float(self.truncated),
+            "reward/no_think_end_zeroed": float(self.no_think_end),
             "reward/score_s": self.wall_s,
             "reward/mean": sum(self.scores) / n if n else 0.0,
         }
@@ -201,8 +210,9 @@ class RewardPool:
     """
 
     def __init__(self, fn: str, *, num_workers: int = 2, timeout_s: float = 10.0,
-                 start_method: str = "spawn", startup_timeout_s: float = 120.0) -> None:
+                 start_method: str = "spawn", startup_timeout_s: float = 120.0, grading_rule: Any = None) -> None:
         self.fn_path = fn
+        self.grading_rule = grading_rule  # evaluation.scoring.GradingRule, or None: score everything
         self.num_workers = int(num_workers)
         self.timeout_s = float(timeout_s)
         self.startup_timeout_s = float(startup_timeout_s)
@@ -214,7 +224,7 @@ class RewardPool:
     @classmethod
     def from_config(cls, cfg: RewardConfig) -> RewardPool:
         cfg.validate()
-        return cls(cfg.fn, num_workers=cfg.num_workers, timeout_s=cfg.timeout_s)
+        return cls(cfg.fn, num_workers=cfg.num_workers, timeout_s=cfg.timeout_s, grading_rule=cfg.grading_rule)
 
     def __enter__(self) -> RewardPool:
         return self
@@ -234,32 +244,50 @@ class RewardPool:
             w.kill()
         self._workers = []
 
-    def score(self, responses: Sequence[str], records: Sequence[Mapping[str, Any]]) -> RewardBatch:
-        """Scores in input order; failures score 0 and are counted in the result and in ``totals``."""
+    def score(self, responses: Sequence[str], records: Sequence[Mapping[str, Any]],
+              finish_reasons: Sequence[str | None] | None = None) -> RewardBatch:
+        """Scores in input order; failures score 0 and are counted in the result and in ``totals``.
+
+        With a grading rule, responses it rejects (``finish_reasons[i] == "length"``, no ``</think>``)
+        score 0 without reaching the reward function, and are counted as ``truncated`` /
+        ``no_think_end``.
+        """
         if len(responses) != len(records):
             raise ValueError(f"got {len(responses)} responses but {len(records)} records")
+        if finish_reasons is not None and len(finish_reasons) != len(responses):
+            raise ValueError(f"got {len(responses)} responses but {len(finish_reasons)} finish reasons")
         t0 = time.monotonic()
         batch = RewardBatch(scores=[0.0] * len(responses))
+        todo = list(range(len(responses)))
+        if self.grading_rule is not None:
+            reasons = finish_reasons or [None] * len(responses)
+            todo = []
+            for i, (text, why) in enumerate(zip(responses, reasons)):
+                verdict = self.grading_rule.ungraded_reason(text, why)
+                if verdict is None:
+                    todo.append(i)
+                else:
+                    setattr(batch, verdict, getattr(batch, verdict) + 1)
         if self.num_workers == 0:
-            self._score_inline(responses, records, batch)
-        elif responses:
-            self._score_in_workers(responses, records, batch)
+            self._score_inline(responses, records, batch, todo)
+        elif todo:
+            self._score_in_workers(responses, records, batch, todo)
         batch.wall_s = time.monotonic() - t0
         for key in ("timeouts", "errors", "crashes"):
             self.totals[key] += getattr(batch, key)
         self.totals["items"] += len(responses)
         return batch
 
-    def _score_inline(self, responses, records, batch: RewardBatch) -> None:
-        for i, (response, record) in enumerate(zip(responses, records)):
+    def _score_inline(self, responses, records, batch: RewardBatch, todo: list[int]) -> None:
+        for i in todo:
             try:
-                batch.scores[i] = _as_score(self._fn(response, record))
+                batch.scores[i] = _as_score(self._fn(responses[i], records[i]))
             except Exception as exc:  # noqa: BLE001
                 batch._fail("errors", i, f"{type(exc).__name__}: {exc}")
 
-    def _score_in_workers(self, responses, records, batch: RewardBatch) -> None:
-        pending = deque(range(len(responses)))
-        remaining = len(responses)
+    def _score_in_workers(self, responses, records, batch: RewardBatch, todo: list[int]) -> None:
+        pending = deque(todo)
+        remaining = len(todo)
         while len(self._workers) < self.num_workers:
             self._workers.append(_Worker(self._ctx, self.fn_path))
         while remaining:

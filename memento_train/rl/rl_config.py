@@ -18,6 +18,7 @@ from typing import Any
 
 from memento_train.cluster.config import ClusterConfig
 from memento_train.config_errors import ConfigError
+from memento_train.data.problems import ProblemSource, check_source
 from memento_train.data.synthetic import SyntheticTaskConfig
 from memento_train.engines.config import EngineConfig
 from memento_train.generation.engine import BlockMaskingConfig
@@ -25,8 +26,9 @@ from memento_train.generation.vllm_engine import VLLMOptions
 from memento_train.optim import OptimConfig
 from memento_train.recipes import load_recipe
 from memento_train.rl.config import AlgorithmConfig, RewardConfig
-from memento_train.sft.config import LOGGERS, RESUME_MODES, ModelConfig, WandbConfig
-from memento_train.structured_config import build, deep_merge, parse_overrides
+from memento_train.export import MASK_RULE_FIELDS, apply_exported_mask, exported_mask
+from memento_train.sft.config import LOGGERS, RESUME_MODES, ModelConfig, WandbConfig, resolve_init_from
+from memento_train.structured_config import build, deep_merge, has_key, parse_overrides
 
 DEFAULT_RECIPE = "tiny_rl"
 PLACEMENTS = ("disaggregated", "colocated")
@@ -35,19 +37,22 @@ ROLLOUT_GENERATORS = ("auto", "reference", "vllm")
 
 
 @dataclass
-class PromptsConfig:
+class PromptsConfig(ProblemSource):
     """Training problems.
 
     Attributes:
-        path: ``synthetic`` (``num_records`` records of the task in ``synthetic``) or a local
-            ``.jsonl`` / ``.json`` / ``.parquet`` file of records with ``problem`` and ``answer``.
-        num_records: synthetic only: how many training problems.
+        path: ``synthetic`` (``num_records`` records of the task in ``synthetic``), or a problem set
+            read by :mod:`memento_train.data.problems`: a local ``.jsonl`` / ``.json`` / ``.parquet``
+            file or directory, or a hub dataset name (with ``hf_config``, ``split``); its
+            ``problem_field`` / ``answer_field`` columns hold the problem and the gold answer.
+        num_records: synthetic: how many training problems; a problem set: use at most its first
+            ``num_records`` (null = all).
         max_prompt_len: prompts longer than this (in tokens, chat template included) are dropped.
         system_prompt: optional system message.
     """
 
     path: str = "synthetic"
-    num_records: int = 4096
+    num_records: int | None = 4096
     synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)
     max_prompt_len: int = 1024
     system_prompt: str | None = None
@@ -64,7 +69,12 @@ class RolloutConfig:
         max_new_tokens: response budget in tokens.
         mask: eviction during generation (``keep_last_n_blocks=0`` evicts a block at its summary's end;
             ``max_block_tokens`` forces ``<|block_end|>`` after that many block tokens, the paper's
-            7K cap). The trainer applies the same rule as its attention mask.
+            7K cap). The trainer applies the same rule as its attention mask. Options of the rule
+            itself (``keep_last_n_blocks``, ``mask_delimiters``, ``keep_last_block_for_answer``) that
+            are not set default to the ones ``model.path`` was trained with (its ``memento_train.json``);
+            set ones must agree with them.
+        allow_mask_mismatch: accept ``rollout.mask`` options that differ from the model's training
+            rule (an experiment on purpose; the policy then learns under another eviction rule).
         generator: ``reference`` (HF model + physical KV eviction, CPU/GPU), ``vllm`` (vLLM 0.32 with
             the Memento plugin, CPU or GPU; or vLLM 0.13 with the overlay), ``auto`` = vllm when
             rollout workers have GPUs, else reference. ``engine`` is its deprecated old name.
@@ -81,6 +91,7 @@ class RolloutConfig:
     max_new_tokens: int = 31744
     mask: BlockMaskingConfig = field(default_factory=lambda: BlockMaskingConfig(keep_last_n_blocks=0,
                                                                                 max_block_tokens=7168))
+    allow_mask_mismatch: bool = False
     generator: str = "auto"
     engine: str | None = None  # deprecated alias of generator
     max_batch_size: int = 256
@@ -116,15 +127,21 @@ class TrainSection:
     log_every: int = 1
 
 
+def _heldout_sets() -> dict[str, ProblemSource]:
+    return {"heldout": ProblemSource(path="synthetic")}
+
+
 @dataclass
 class EvalSection:
     """Periodic evaluation (greedy-free sampling at ``temperature``, ``samples`` per problem).
 
     Attributes:
         every: evaluate every N steps (0 = never); also after the last step when > 0.
-        path: ``synthetic`` (held-out records: the task with seed ``prompts.synthetic.seed + 1``) or a
-            ``.jsonl`` / ``.json`` / ``.parquet`` file with ``problem`` and ``answer`` (e.g. AIME).
-        num_problems: use the first N problems.
+        sets: named problem sets (:class:`~memento_train.data.problems.ProblemSource`; ``path:
+            synthetic`` = held-out records of the task, seeded apart from the training prompts), each
+            logged as ``eval/<name>/accuracy``; ``eval/accuracy`` is over all their problems. A set
+            set to null on the command line (``eval.sets.aime25=null``) is dropped.
+        num_problems: use the first N problems of each set (null = all).
         samples: responses per problem (pass@1 is their mean accuracy).
         temperature: eval sampling temperature (the paper: 0.6).
         max_new_tokens: null = ``rollout.max_new_tokens``.
@@ -132,8 +149,8 @@ class EvalSection:
     """
 
     every: int = 25
-    path: str = "synthetic"
-    num_problems: int = 30
+    sets: dict[str, ProblemSource] = field(default_factory=_heldout_sets)
+    num_problems: int | None = 30
     samples: int = 64
     temperature: float = 0.6
     max_new_tokens: int | None = None
@@ -247,10 +264,10 @@ class RLConfig:
             raise ConfigError(f"rollout.group_size={r.group_size} gives every group advantage 0 with "
                               f"algorithm.adv_norm={self.algorithm.adv_norm}; use group_size >= 2")
         p = self.prompts
-        _positive("prompts.num_records", p.num_records)
+        if p.num_records is not None or p.path == "synthetic":
+            _positive("prompts.num_records", p.num_records)
         _positive("prompts.max_prompt_len", p.max_prompt_len)
-        if p.path != "synthetic" and not os.path.isfile(p.path):
-            raise ConfigError(f"prompts.path={p.path!r} is neither 'synthetic' nor an existing file")
+        _check_source(p, "prompts")
         t = self.train
         _positive("train.total_steps", t.total_steps)
         _positive("train.micro_batch_tokens", t.micro_batch_tokens)
@@ -271,12 +288,15 @@ class RLConfig:
         if e.every < 0:
             raise ConfigError(f"eval.every must be >= 0 (0 = never), got {e.every!r}")
         if e.every or e.at_start:
-            _positive("eval.num_problems", e.num_problems)
+            if not e.sets:
+                raise ConfigError("eval.sets is empty: name at least one problem set, or set eval.every=0")
+            if e.num_problems is not None or any(src.path == "synthetic" for src in e.sets.values()):
+                _positive("eval.num_problems", e.num_problems)
             _positive("eval.samples", e.samples)
             if not e.temperature > 0:
                 raise ConfigError(f"eval.temperature must be > 0, got {e.temperature!r}")
-            if e.path != "synthetic" and not os.path.isfile(e.path):
-                raise ConfigError(f"eval.path={e.path!r} is neither 'synthetic' nor an existing file")
+            for name, src in e.sets.items():
+                _check_source(src, f"eval.sets.{name}")
         w = self.warmup
         if w.enabled:
             if self.model.path is not None:
@@ -331,6 +351,15 @@ class RLConfig:
                 raise ConfigError(f"weight_sync=nccl needs GPUs on the trainer and the rollout workers, but they "
                                   f"get none ({', '.join(no_gpus)}); use weight_sync=collective (NCCL on GPUs, "
                                   f"gloo on CPU), object_store or auto")
+        rollout_gpus = self.rollout_cluster.gpus_per_worker
+        if self.placement == "colocated" and rollout_gpus:
+            raise ConfigError("placement=colocated on GPUs (the rollout engine sleeping beside the trainer) is not "
+                              "implemented; use placement=disaggregated")
+        e = self.engine
+        if e.tensor_parallel > 1 or e.pipeline_parallel > 1:
+            raise ConfigError(f"engine.tensor_parallel={e.tensor_parallel} / engine.pipeline_parallel="
+                              f"{e.pipeline_parallel}: the RL trainer is data parallel only (the policy and the "
+                              "reference are sharded with fsdp2 or ZeRO-3); set both to 1")
         if self.placement == "colocated" and self.rollout_cluster.num_workers != self.cluster.num_workers:
             raise ConfigError(f"placement=colocated runs one rollout engine beside each trainer rank: set "
                               f"rollout_cluster.num_workers={self.cluster.num_workers} (= cluster.num_workers)")
@@ -348,6 +377,53 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
 
 
+def _check_model(cfg: RLConfig) -> None:
+    """What can be known about ``model.path`` before loading it: a local directory exists, its
+    positions hold the longest sequence."""
+    path = cfg.model.path
+    if path is None:
+        return
+    local = os.path.expanduser(path)
+    if path.startswith(("/", "./", "../", "~")) and not os.path.isdir(local):
+        raise ConfigError(f"model.path={path!r} is not a directory (a Hugging Face export, or a hub name)")
+    if os.path.isfile(os.path.join(local, "config.json")):
+        from memento_train.models.loading import model_max_length
+
+        limit = model_max_length(cfg.model)
+        need = cfg.prompts.max_prompt_len + cfg.rollout.max_new_tokens
+        if limit is not None and need > limit:
+            raise ConfigError(f"prompts.max_prompt_len + rollout.max_new_tokens = {need} exceeds the "
+                              f"max_position_embeddings ({limit}) of model.path={path!r}")
+
+
+def _apply_trained_mask(cfg: RLConfig, tree: dict[str, Any]) -> None:
+    """``rollout.mask`` defaults to the rule ``model.path`` was trained with; contradicting it is an
+    error unless ``rollout.allow_mask_mismatch`` (see :func:`memento_train.export.apply_exported_mask`)."""
+    path = cfg.model.path
+    trained = exported_mask(path)
+    given = {k for k in (*MASK_RULE_FIELDS, "enable") if has_key(tree, f"rollout.mask.{k}")}
+    if trained is None:
+        if path is not None and "mask_delimiters" not in given:
+            raise ConfigError(f"model.path={path!r} is not a memento-train export (no memento_train.json), so the "
+                              f"eviction rule it was trained with is unknown: set rollout.mask.mask_delimiters=true|"
+                              f"false (and keep_last_n_blocks) to match it")
+        return
+    cfg.rollout.mask, mismatches = apply_exported_mask(cfg.rollout.mask, trained, given)
+    if mismatches and not cfg.rollout.allow_mask_mismatch:
+        raise ConfigError(f"rollout.mask sets {', '.join(mismatches)}: model.path={path!r} was trained with another "
+                          f"eviction rule (its memento_train.json), so rollouts and the trainer's mask would not be "
+                          f"how the model attends; drop the option to use the model's, or set "
+                          f"rollout.allow_mask_mismatch=true")
+
+
+def _check_source(source: ProblemSource, option: str) -> None:
+    if source.path == "synthetic":
+        return
+    problem = check_source(source, option)
+    if problem:
+        raise ConfigError(f"{problem} (or 'synthetic')")
+
+
 def _positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
@@ -362,11 +438,18 @@ def config_tree(recipe: str | None, overrides: Sequence[str] | dict[str, Any] = 
 
 def build_rl_config(tree: dict[str, Any]) -> RLConfig:
     """Build and validate an :class:`RLConfig` from a merged tree (paths made absolute)."""
+    ev = tree.get("eval")
+    if isinstance(ev, dict) and isinstance(ev.get("sets"), dict):  # eval.sets.NAME=null drops a set
+        tree = {**tree, "eval": {**ev, "sets": {k: v for k, v in ev["sets"].items() if v is not None}}}
     cfg = build(RLConfig, tree)
+    resolve_init_from(cfg.model)
+    _apply_trained_mask(cfg, tree)
+    _check_model(cfg)
     cfg.output_dir = os.path.abspath(os.path.expanduser(cfg.output_dir))
-    for section in (cfg.prompts, cfg.eval):
-        if section.path != "synthetic":
-            section.path = os.path.abspath(os.path.expanduser(section.path))
+    for source in (cfg.prompts, *cfg.eval.sets.values()):
+        local = os.path.expanduser(source.path)
+        if source.path != "synthetic" and os.path.exists(local):  # workers may run elsewhere
+            source.path = os.path.abspath(local)
     return cfg.validate()
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from memento_train.cluster.session import worker_code_paths
+from memento_train.cluster.session import cluster_gpus, worker_code_paths
 from memento_train.generation import ReferenceGenerator, SamplingParams, SequenceRequest
 from memento_train.rl.collective_sync import Rendezvous, WeightSyncGroup
 from memento_train.rl.rl_config import RLConfig
@@ -70,6 +70,8 @@ class RolloutWorker:
         else:
             self.model = load_model(self.cfg.model, self.tokenizer, seed=self.cfg.seed).eval()
             self.model.requires_grad_(False)
+            if torch.cuda.is_available():  # a GPU rollout worker (Ray gave it one; CPU ones see none): bf16
+                self.model.to("cuda", torch.bfloat16)
             self.engine = ReferenceGenerator(self.model, self.tokenizer, self.cfg.rollout.mask,
                                              max_batch_size=self.cfg.rollout.max_batch_size)
         self._weight_buffers: dict[str, torch.Tensor] | None = None
@@ -201,11 +203,15 @@ class RolloutWorker:
         results = self.engine.run(reqs, sp)
         out = []
         for r, g in zip(requests, results):
+            if len(g.forced) != len(g.token_ids):
+                raise RuntimeError(f"rollout worker {self.index}: the generator reported {g.forced_block_ends} "
+                                   f"forced block ends but not which tokens (GenerationResult.forced)")
             out.append({
                 "key": r.key, "token_ids": np.asarray(g.token_ids, np.int64),
                 "logprobs": np.asarray(g.logprobs, np.float32), "kinds": np.asarray(g.kinds, np.int8),
                 "finish_reason": g.finish_reason, "peak_kv": g.peak_kv, "kv_auc": g.kv_auc,
                 "num_blocks": g.num_blocks, "forced_block_ends": g.forced_block_ends,
+                "forced": np.asarray(g.forced, bool),
                 "text": self.tokenizer.decode(g.token_ids, skip_special_tokens=False),
             })
         return out
@@ -230,13 +236,7 @@ class RolloutPool:
         self._weights: Any = None
         self._version = -1
         self.collective: Any = None  # the driver-side collective weight sync, created by its first sync
-        gpus = self.rc.gpus_per_worker or 0
-        if gpus and cfg.placement == "colocated":
-            raise NotImplementedError("placement=colocated on GPUs (vLLM sleep/wake beside the trainer) is not "
-                                      "implemented; use placement=disaggregated")
-        if gpus:
-            raise NotImplementedError("GPU rollout workers are not wired into the RL loop yet; use "
-                                      "rollout_cluster.gpus_per_worker=0 (rollout.generator=vllm runs vLLM's CPU build)")
+        # (GPU colocation is refused by RLConfig.validate, before anything starts.)
         self.workers: list[Any] = [None] * self.num_workers
         for i in range(self.num_workers):
             self.workers[i] = self._start(i)
@@ -255,7 +255,9 @@ class RolloutPool:
         env = {**self.rc.env, "OMP_NUM_THREADS": str(self.rc.cpus_per_worker),
                "PYTHONPATH": os.pathsep.join(worker_code_paths() + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
         actor_cls = ray.remote(RolloutWorker)
-        return actor_cls.options(num_cpus=cpus, num_gpus=0, max_restarts=0, name=None,
+        gpus = self.rc.gpus_per_worker if self.rc.gpus_per_worker is not None else (1 if cluster_gpus() > 0 else 0)
+        gpus = 0 if self.cfg.placement == "colocated" else gpus
+        return actor_cls.options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, name=None,
                                  runtime_env={"env_vars": env}).remote(self.tree, i, self.rc.cpus_per_worker)
 
     def restart(self, i: int) -> None:

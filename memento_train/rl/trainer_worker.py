@@ -10,8 +10,10 @@ whose ``extras`` are what :func:`memento_train.rl.losses.make_loss_fn` reads.
 :class:`RLTrainerWorker` is one trainer rank. ``train_step`` runs, for this rank's share of a step's
 mini-batches: old log-probs of *all* of them first (``engine.forward_only``, when
 ``algorithm.old_logprobs_source=trainer``: π_old is the policy that generated the rollouts, so it is
-read before any update), reference log-probs (a frozen copy of the initial policy, when
-``algorithm.kl_coef > 0``), then per mini-batch ``forward_backward`` with the RL loss and one
+read before any update), reference log-probs (when ``algorithm.kl_coef > 0``: the initial policy held
+by a second engine of the same kind, precision and sharding as the policy's, whose optimizer is never
+stepped, so FSDP2, ZeRO-3 and Megatron run the reference forward exactly as the policy's, through
+:meth:`~memento_train.engines.TrainEngine.logits`), then per mini-batch ``forward_backward`` with the RL loss and one
 optimizer step, timing each phase. From the second mini-batch on π_θ ≠ π_old and the clip range acts. Rank 0 is also the
 sender of the collective weight sync (:mod:`memento_train.rl.collective_sync`): it hosts that group's
 store and broadcasts the gathered weights; the other ranks only take part in the gather.
@@ -40,24 +42,29 @@ from memento_train.sft.batching import padding_batch
 from memento_train.structured_config import build
 
 # Per-token arrays a document carries besides the collate() columns; packed in document order.
-TOKEN_EXTRAS = ("advantages", "rollout_logprobs")
+TOKEN_EXTRAS = ("advantages", "rollout_logprobs", "loss_mask", "loss_weights")
 
 
 def rollout_document(prompt_ids: Sequence[int], response_ids: Sequence[int], rollout_logprobs: Sequence[float],
-                     advantage: float, special: SpecialTokens, mask: MaskConfig) -> dict[str, np.ndarray]:
+                     advantage: float, special: SpecialTokens, mask: MaskConfig, *,
+                     trained: Sequence[bool] | None = None, weight: float = 1.0) -> dict[str, np.ndarray]:
     """One training document from one rollout.
 
     Labels are unshifted here (``-100`` on the prompt); :func:`~memento_train.data.pack.collate`
     shifts them per document, so position ``t`` predicts ``ids[t + 1]``. The per-token extras are
     stored *already shifted the same way*: ``rollout_logprobs[P - 1 + i]`` is the rollout log-prob of
     response token ``i`` (``P`` = prompt length), ``advantages`` is ``advantage`` on exactly those
-    positions and 0 elsewhere.
+    positions and 0 elsewhere, ``loss_mask`` is ``trained[i]`` there (default: every response token;
+    the driver clears forced block ends, truncated responses, ...) and ``loss_weights`` the
+    sequence's aggregation weight ``a_i`` (:func:`~memento_train.rl.losses.aggregation_weights`).
     """
     p, r = len(prompt_ids), len(response_ids)
     if r == 0:
         raise ValueError("a rollout with an empty response cannot be trained on")
     if len(rollout_logprobs) != r:
         raise ValueError(f"{len(rollout_logprobs)} rollout log-probs for {r} response tokens")
+    if trained is not None and len(trained) != r:
+        raise ValueError(f"{len(trained)} loss-mask flags for {r} response tokens")
     ids = np.concatenate([np.asarray(prompt_ids, np.int64), np.asarray(response_ids, np.int64)])
     parsed = parse(ids, special, mask, prompt_len=p)
     labels = ids.copy()
@@ -67,8 +74,13 @@ def rollout_document(prompt_ids: Sequence[int], response_ids: Sequence[int], rol
     lp[p - 1 : n - 1] = rollout_logprobs
     adv = np.zeros(n, np.float32)
     adv[p - 1 : n - 1] = advantage
+    keep = np.zeros(n, np.float32)
+    keep[p - 1 : n - 1] = 1.0 if trained is None else np.asarray(trained, np.float32)
+    weights = np.zeros(n, np.float32)
+    weights[p - 1 : n - 1] = weight
     return {"input_ids": ids, "labels": labels, "kinds": parsed.kinds.astype(np.int8),
-            "kill_row": parsed.kill_row.astype(np.int64), "advantages": adv, "rollout_logprobs": lp}
+            "kill_row": parsed.kill_row.astype(np.int64), "advantages": adv, "rollout_logprobs": lp,
+            "loss_mask": keep, "loss_weights": weights}
 
 
 def build_rl_micro_batch(docs: Sequence[Mapping[str, np.ndarray]], *, pad_token_id: int,
@@ -87,7 +99,7 @@ def build_rl_micro_batch(docs: Sequence[Mapping[str, np.ndarray]], *, pad_token_
 
 
 class RLTrainerWorker(EngineWorker):
-    """One trainer rank: the policy engine, and the frozen reference policy when the KL needs it."""
+    """One trainer rank: the policy engine, and the reference policy's engine when the KL needs it."""
 
     def __init__(self, config_tree: dict[str, Any]) -> None:
         self.tree = config_tree
@@ -101,13 +113,16 @@ class RLTrainerWorker(EngineWorker):
         self.tokenizer = load_tokenizer(cfg.model)
         model = load_model(cfg.model, self.tokenizer, seed=cfg.seed)
         self.model_config = model.config
-        self.ref = None
-        if cfg.algorithm.uses_reference:
-            # A frozen full copy per rank: fine for the sizes this runs on CPU; at scale the reference
-            # would be a second (sharded, forward-only) engine.
-            self.ref = load_model(cfg.model, self.tokenizer, seed=cfg.seed).eval().to(self.device)
-            self.ref.requires_grad_(False)
         self.engine = build_engine(model, cfg.optim, cfg.engine, self.device)
+        self.ref_engine = None
+        if cfg.algorithm.uses_reference:
+            # The initial weights again, sharded and cast like the policy (an unsharded fp32 copy per rank
+            # would not fit next to a 32B policy, and flash-attn refuses fp32). Only forward_only ever
+            # runs on it: no gradients, and its optimizer state is never allocated (AdamW builds it
+            # lazily on the first step, which never comes).
+            ref = load_model(cfg.model, self.tokenizer, seed=cfg.seed)
+            self.ref_engine = build_engine(ref, cfg.optim, cfg.engine, self.device)
+            self.ref_engine.eval()
         self.pad_id = self.tokenizer.pad_token_id or 0
         return {"rank": self.rank, "num_params": sum(p.numel() for p in model.parameters()),
                 "device": str(self.device)}
@@ -128,20 +143,14 @@ class RLTrainerWorker(EngineWorker):
         flat = [mb for mini in batches for mb in mini]
         times: dict[str, float] = {}
         t0 = time.perf_counter()
-        self.engine.eval()
         if cfg.algorithm.old_logprobs_source == "trainer":
-            fn = make_logprob_fn(temperature=temperature, chunk_size=cfg.algorithm.logprob_chunk_size)
-            for mb, lp in zip(flat, self.engine.forward_only(flat, fn)):
+            for mb, lp in zip(flat, self._logprobs(self.engine, flat)):
                 mb.extras["old_logprobs"] = lp
         times["old_logprobs_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        if self.ref is not None:
-            fn = make_logprob_fn(temperature=temperature, chunk_size=cfg.algorithm.logprob_chunk_size)
-            with torch.no_grad():
-                for mb in flat:
-                    out = self.ref(input_ids=mb.input_ids[None], position_ids=mb.position_ids[None],
-                                   memento_meta=mb.meta, use_cache=False)
-                    mb.extras["ref_logprobs"] = fn(out.logits[0], mb)
+        if self.ref_engine is not None:
+            for mb, lp in zip(flat, self._logprobs(self.ref_engine, flat)):
+                mb.extras["ref_logprobs"] = lp
         times["ref_logprobs_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.engine.train()
@@ -155,6 +164,19 @@ class RLTrainerWorker(EngineWorker):
         times["update_s"] = time.perf_counter() - t0
         plain = [{k: float(v) for k, v in m.items()} for m in metrics]
         return {"metrics": plain, "grad_norms": grad_norms, "times": times}
+
+    def _logprobs(self, engine, batches: list[MicroBatch]) -> list[torch.Tensor]:
+        """``engine``'s log-probs of every micro-batch's labels at the rollout temperature (no grad)."""
+        engine.eval()
+        fn = make_logprob_fn(temperature=self.cfg.rollout.temperature, chunk_size=self.cfg.algorithm.logprob_chunk_size)
+        return engine.forward_only(batches, fn)
+
+    def policy_logprobs(self, micro_docs: list[list[dict[str, np.ndarray]]]) -> list[np.ndarray]:
+        """The policy's log-probs of each micro-batch of documents (from :func:`rollout_document`),
+        computed exactly as ``train_step`` computes π_old: packed, memento-masked, engine forward. Entry
+        ``t`` is the log-prob of token ``t + 1`` of its document (0 where there is no label)."""
+        batches = [build_rl_micro_batch(d, pad_token_id=self.pad_id, device=self.device) for d in micro_docs]
+        return [lp.float().cpu().numpy() for lp in self._logprobs(self.engine, batches)]
 
     # -- weights and checkpoints -------------------------------------------------------------------
     def full_weights(self) -> dict[str, torch.Tensor] | None:

@@ -58,10 +58,16 @@ def _train(args: RecipeArgs) -> int:
             print(f"[memento-train] {r.output_dir}: {r.steps} steps, final loss {r.final_loss:.4f}, HF model {r.hf_dir}")
         return 0
     cfg = build_sft_config(tree)
+    from memento_train.sft.driver import check_against_model, run_stage
+
     if show:
+        try:
+            check_against_model(cfg)  # what needs the model's config.json: rejected here, exit 2
+        except OSError as exc:  # no config.json reachable from here (offline, gated hub model)
+            print(f"memento-train: model checks skipped, cannot read the config of model.path={cfg.model.path!r}: "
+                  f"{exc}", file=sys.stderr)
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
-    from memento_train.sft.driver import run_stage
 
     r = run_stage(cfg)
     print(f"[memento-train] {r.output_dir}: {r.steps} steps, final loss {r.final_loss:.4f}, HF model {r.hf_dir}")

@@ -19,6 +19,7 @@ from memento_train.config_errors import ConfigError
 from memento_train.data.config import DataConfig
 from memento_train.data.synthetic import parse_source
 from memento_train.engines.config import EngineConfig
+from memento_train.faults.config import FaultsConfig
 from memento_train.optim import OptimConfig
 from memento_train.recipes import load_recipe
 from memento_train.structured_config import build, deep_merge, has_key, parse_overrides
@@ -27,6 +28,7 @@ from memento_train.structured_config import build, deep_merge, has_key, parse_ov
 EXPORT_MARKER = "memento_train.json"
 LOGGERS = ("wandb", "none")
 RESUME_MODES = ("auto", "never")
+SAVE_ERROR_ACTIONS = ("fail", "retry")
 
 
 @dataclass
@@ -46,16 +48,23 @@ class ModelConfig:
 
     Attributes:
         path: a Hugging Face model directory or hub id; ``None`` builds a tiny random model (``tiny``)
-            with the shipped tokenizer.
+            with the shipped tokenizer, unless ``init_from`` names where the model comes from.
+        init_from: the recipe (shipped name or file) of the previous stage: with ``path`` null the model
+            is that recipe's export, ``<its default output_dir>/hf``, so the paper's commands chain
+            with defaults (``qwen3_8b_stage1`` -> ``qwen3_8b_stage2`` -> ``grpo``). When that export
+            does not exist the error names the command to run first.
         tokenizer: tokenizer directory / hub id; ``None`` = ``path``'s (the shipped one for tiny).
         attn_backend: memento attention backend (``auto``, ``segment``, ``sdpa``, ``flex``,
-            ``flash_attn``, ``triton``); ``auto`` picks the fastest available on the device.
+            ``flash_attn``, ``triton``); ``auto`` picks the fastest available on the device for each
+            layer type (never ``flash_attn`` for sliding-window layers). ``memento-train show``
+            rejects a backend that cannot run the model's layers with the mask.
         gradient_checkpointing: recompute decoder layers in backward (long sequences).
         require_stage1_init: at stage 2, insist that ``path`` is a memento-train stage-1 export.
         trust_remote_code: passed to ``from_pretrained``.
     """
 
     path: str | None = None
+    init_from: str | None = None
     tokenizer: str | None = None
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     attn_backend: str = "auto"
@@ -101,11 +110,16 @@ class CheckpointConfig:
         every: save a resumable checkpoint every N optimizer steps (0 = only at the end).
         keep_last: keep the newest K checkpoints.
         export_hf: write a Hugging Face model (safetensors + tokenizer + chat template) at the end.
+        on_save_error: when writing a checkpoint fails on storage (disk full, quota, permission):
+            ``fail`` stops the run naming the directory and the free space; ``retry`` logs it, keeps
+            training and tries again at the next checkpoint (the final checkpoint must succeed).
+            Either way the partial checkpoint is removed and earlier ones are untouched.
     """
 
     every: int = 50
     keep_last: int = 3
     export_hf: bool = True
+    on_save_error: str = "fail"
 
 
 @dataclass
@@ -134,6 +148,7 @@ class SFTConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     @property
@@ -186,10 +201,32 @@ class SFTConfig:
         c = self.checkpoint
         if c.every < 0 or c.keep_last < 1:
             raise ConfigError(f"checkpoint.every must be >= 0 and checkpoint.keep_last >= 1, got {c.every}, {c.keep_last}")
+        if c.on_save_error not in SAVE_ERROR_ACTIONS:
+            raise ConfigError(f"checkpoint.on_save_error must be one of {SAVE_ERROR_ACTIONS}, got {c.on_save_error!r}")
+        self.faults.validate("faults")
         if self.model.path is None and self.data.max_seq_len > self.model.tiny.max_position_embeddings:
             raise ConfigError(f"data.max_seq_len ({self.data.max_seq_len}) exceeds the tiny model's "
                               f"model.tiny.max_position_embeddings ({self.model.tiny.max_position_embeddings})")
         return self
+
+
+def resolve_init_from(model: ModelConfig) -> None:
+    """Set ``model.path`` from ``model.init_from`` (see :class:`ModelConfig`) when it is unset; raise
+    :class:`ConfigError` naming the command that produces the export when it does not exist yet."""
+    if model.path is not None or model.init_from is None:
+        return
+    name = model.init_from
+    tree = load_recipe(name)
+    cli = "memento-rl" if "rollout" in tree else "memento-train"
+    out = tree.get("output_dir")
+    if not out:
+        raise ConfigError(f"model.init_from={name!r}: that recipe sets no output_dir to find its export in; "
+                          f"set model.path=<its output_dir>/hf")
+    hf = Path(os.path.abspath(os.path.expanduser(str(out)))) / "hf"
+    if not (hf / EXPORT_MARKER).is_file():
+        raise ConfigError(f"model.init_from={name}: the previous stage's export {hf} does not exist; run "
+                          f"`{cli} recipe={name}` first (it exports there), or set model.path=DIR to its export")
+    model.path = str(hf)
 
 
 def _check_stage1_init(path: str | None) -> None:
@@ -231,6 +268,7 @@ def build_sft_config(tree: dict[str, Any]) -> SFTConfig:
         if not has_key(tree, key):
             raise ConfigError(f"{key} is not set: {why}. Add {key}=true|false to the recipe or command line")
     cfg = build(SFTConfig, tree)
+    resolve_init_from(cfg.model)
     data_path = cfg.data.path
     if parse_source(str(data_path)) is None and not os.path.isabs(str(data_path)) and os.path.exists(str(data_path)):
         cfg.data.path = os.path.abspath(str(data_path))  # workers may run in another directory

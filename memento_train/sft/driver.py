@@ -4,6 +4,12 @@ It validates the config, prepares the data once, plans every step, starts the wo
 for each step sends each rank its micro-batches and the learning rate, sums what the ranks report,
 logs, and checkpoints; at the end it exports a Hugging Face model. Workers never decide anything, so
 a run is reproducible from ``(config, step)`` and resuming is just starting at a later step.
+
+Faults (``faults.*``, :mod:`memento_train.faults`): a dead worker process or a hung step (watchdog)
+tears the group down, rebuilds it and resumes from the last valid checkpoint, up to
+``faults.max_restarts`` times; a preemption signal checkpoints at the step boundary and stops; a
+checkpoint write that fails on storage stops the run or, with ``checkpoint.on_save_error=retry``,
+is retried at the next checkpoint.
 """
 
 from __future__ import annotations
@@ -17,10 +23,15 @@ from typing import Any
 import numpy as np
 import yaml
 
-from memento_train.checkpoint import CheckpointManager, read_state
-from memento_train.cluster import WorkerGroup
+from memento_train.checkpoint import CheckpointManager, CheckpointSaveError, read_state
+from memento_train.cluster import WorkerError, WorkerGroup
+from memento_train.cluster.session import RaySession
+from memento_train.cluster.worker_group import group_env
 from memento_train.config_errors import ConfigError
 from memento_train.data.cache import prepare_dataset
+from memento_train.faults.preemption import PreemptionGuard
+from memento_train.faults.secrets import redact_config, secret_values
+from memento_train.faults.watchdog import StepHang, StepWatchdog, describe_stacks
 from memento_train.flops import peak_tflops
 from memento_train.models.loading import load_tokenizer, model_max_length
 from memento_train.optim import lr_at
@@ -42,7 +53,11 @@ class StageResult:
 
 
 def check_against_model(cfg: SFTConfig) -> None:
-    """Checks that need the model's config (read without weights): sequence length vs positions."""
+    """Checks that need the model's config (read without weights): attention backend vs layer types,
+    engine vs architecture, sequence length vs positions."""
+    from memento_train.models.preflight import check_model
+
+    check_model(cfg.model, evicts=cfg.data.mask.keep_last_n_blocks >= 0, engine_kind=cfg.engine.kind)
     limit = model_max_length(cfg.model)
     if limit is not None and cfg.data.max_seq_len > limit:
         raise ConfigError(f"data.max_seq_len ({cfg.data.max_seq_len}) exceeds the model's maximum of {limit} "
@@ -74,7 +89,12 @@ def _aggregate(results: list[dict[str, Any]], plan_loss_tokens: int, elapsed: fl
 
 
 def run_stage(cfg: SFTConfig, tree: dict[str, Any] | None = None, *, progress: bool = True) -> StageResult:
-    """Train one stage described by ``cfg`` (``tree`` is its plain form, sent to the workers)."""
+    """Train one stage described by ``cfg`` (``tree`` is its plain form, sent to the workers).
+
+    Raises :class:`~memento_train.faults.preemption.Preempted` after checkpointing when a preemption
+    signal arrived, and :class:`~memento_train.checkpoint.CheckpointError` (``CheckpointSaveError``)
+    when no checkpoint can be resumed from or written.
+    """
     tree = to_dict(cfg) if tree is None else tree
     check_against_model(cfg)
     out = Path(cfg.output_dir)
@@ -83,7 +103,8 @@ def run_stage(cfg: SFTConfig, tree: dict[str, Any] | None = None, *, progress: b
         cfg.data.cache_dir = str(out / "cache")
         tree = deep_merge(tree, {"data": {"cache_dir": cfg.data.cache_dir}})
     tree = deep_merge(tree, {"output_dir": str(out)})
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    public = redact_config(to_dict(cfg))  # what files, logs and wandb may show
+    (out / "config.yaml").write_text(yaml.safe_dump(public, sort_keys=False))
 
     tokenizer = load_tokenizer(cfg.model)
     dataset, report = prepare_dataset(cfg.data, tokenizer=tokenizer)
@@ -100,62 +121,182 @@ def run_stage(cfg: SFTConfig, tree: dict[str, Any] | None = None, *, progress: b
 
     ckpts = CheckpointManager(out / "checkpoints", keep_last=cfg.checkpoint.keep_last)
     ckpts.clean_staging()
-    resume_from = ckpts.resolve(cfg.resume)
+    resume_from = ckpts.resolve(cfg.resume, warn=_warn)
     start = read_state(resume_from)["step"] if resume_from else 0
 
     logger = RunLogger(out, total_steps=planner.total_steps, start_step=start, logger=cfg.logger,
-                       wandb_cfg=cfg.wandb, config=to_dict(cfg), desc=f"stage {cfg.stage}", progress=progress)
+                       wandb_cfg=cfg.wandb, config=public, desc=f"stage {cfg.stage}", progress=progress,
+                       secrets=secret_values(to_dict(cfg)))
     logger.write(f"[memento-train] stage {cfg.stage}: {report}; {len(lengths)} examples, "
                  f"{planner.total_steps} steps of {cfg.train.global_batch_size} sequences "
                  f"on {cfg.cluster.num_workers} worker(s), engine {cfg.engine.kind}; writing to {out}")
-    group = WorkerGroup(SFTWorker, cfg.cluster, tree, name=f"sft-stage{cfg.stage}")
-    last_loss = None
+    # The driver owns Ray (when used), so a rebuilt worker group reuses it; ray.init also installs a
+    # SIGTERM handler, which the preemption guard below replaces.
+    session = RaySession.open(cfg.cluster, needed_cpus=cfg.cluster.num_workers * cfg.cluster.cpus_per_worker,
+                              worker_env=group_env(cfg.cluster)) if cfg.cluster.use_ray else None
+    stage = _Stage(cfg, redact_config(tree), out, logger, planner, ckpts)
     try:
-        info = group.run("setup")
-        peak = peak_tflops(info[0]["device_name"])
-        dp_rank = [i["dp_rank"] for i in info]
-        # One reporting rank per model replica: tensor/pipeline-parallel peers see the same tokens.
-        reporters = sorted({d: r for r, d in reversed(list(enumerate(dp_rank)))}.values())
-        if resume_from:
-            group.run("load", str(resume_from))
-            logger.write(f"[memento-train] resumed from {resume_from} (step {start})")
-        saved_at = start if resume_from else -1
-        for step in range(start, planner.total_steps):
-            plan = planner.plan(step)
-            lr = lr_at(step, planner.schedule_steps, cfg.optim)
-            t0 = time.perf_counter()
-            results = group.run_each("train_step", [(plan.per_rank[dp_rank[r]], plan.num_loss_tokens, lr)
-                                                    for r in range(group.world_size)])
-            metrics = _aggregate([results[r] for r in reporters], plan.num_loss_tokens,
-                                 time.perf_counter() - t0, peak, group.world_size)
-            if not math.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"loss is {metrics['loss']} at step {step + 1}; lower optim.lr or check the data")
-            metrics.update(lr=lr, epoch=plan.epoch)
-            last_loss = metrics["loss"]
-            if (step + 1) % cfg.train.log_every == 0 or step + 1 == planner.total_steps:
-                logger.log(step + 1, metrics)
-            if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
-                _save(group, ckpts, step + 1, plan.epoch)
-                saved_at = step + 1
-        if saved_at != planner.total_steps:
-            _save(group, ckpts, planner.total_steps, planner.total_steps // planner.steps_per_epoch)
-        hf_dir = None
-        if cfg.checkpoint.export_hf:
-            hf_dir = str(out / "hf")
-            info = {"stage": cfg.stage, "step": planner.total_steps, "mask": to_dict(cfg.data.mask),
-                    "base_model": cfg.model.path, "final_loss": last_loss}
-            group.run("export_hf", hf_dir, info)
-            logger.write(f"[memento-train] exported Hugging Face model to {hf_dir}")
+        with PreemptionGuard() as preempt:
+            stage.run(start, resume_from, preempt)
     finally:
-        group.shutdown()
+        stage.close()
         logger.close()
-    return StageResult(str(out), hf_dir, planner.total_steps, last_loss)
+        if session is not None:
+            session.close()
+    return StageResult(str(out), stage.hf_dir, planner.total_steps, stage.last_loss)
 
 
-def _save(group: WorkerGroup, ckpts: CheckpointManager, step: int, epoch: int) -> None:
-    staging = ckpts.stage(step)
-    group.run("save", str(staging))
-    ckpts.commit(step, staging, {"epoch": epoch, "data_position": step})
+def _warn(message: str) -> None:
+    print(f"[memento-train] warning: {message}", flush=True)
+
+
+class _Stage:
+    """One stage's training loop around a worker group that may be rebuilt (restarts)."""
+
+    def __init__(self, cfg: SFTConfig, tree: dict[str, Any], out: Path, logger: RunLogger,
+                 planner: StepPlanner, ckpts: CheckpointManager) -> None:
+        self.cfg, self.tree, self.out, self.logger, self.planner, self.ckpts = cfg, tree, out, logger, planner, ckpts
+        f = cfg.faults
+        self.watchdog = StepWatchdog(f.watchdog_factor, f.watchdog_min_s, f.watchdog_warmup_steps)
+        self.group: WorkerGroup | None = None
+        self.restarts = 0
+        self.save_failures = 0
+        self.saved_at = -1  # the step of the newest checkpoint written (or resumed from) by this run
+        self.last_loss: float | None = None
+        self.hf_dir: str | None = None
+
+    # ------------------------------------------------------------------ the outer loop: restarts
+
+    def run(self, start: int, resume_from: Path | None, preempt: PreemptionGuard) -> None:
+        while True:
+            try:
+                self._start_group(start, resume_from)
+                self._train(start, preempt)
+                return
+            except Exception as exc:
+                why = self._restartable(exc)
+                if why is None:
+                    raise
+                limit = self.cfg.faults.max_restarts
+                if self.restarts >= limit:
+                    raise RuntimeError(f"{why}; giving up after {self.restarts} restart(s) "
+                                       f"(faults.max_restarts={limit})") from exc
+                self.restarts += 1
+                self._stop_group(graceful=False)  # its ranks are dead, hung or stuck in a collective
+                keep_fresh = self.cfg.resume == "never" and self.saved_at < 0
+                resume_from = None if keep_fresh else self.ckpts.resolve("auto", warn=_warn)
+                start = read_state(resume_from)["step"] if resume_from else 0
+                self.saved_at = start if resume_from else -1
+                self.logger.rewind(start)
+                self.logger.write(f"[memento-train] {why}: restart {self.restarts} of {limit}: rebuilding the "
+                                  f"worker group and resuming from {resume_from or 'the start'} (step {start})")
+
+    def _restartable(self, exc: BaseException) -> str | None:
+        """Why ``exc`` warrants rebuilding the group, or None (a bug, bad config, storage: fail)."""
+        if isinstance(exc, StepHang):
+            return f"step {exc.step} hung" if self.cfg.faults.on_hang == "restart" else None
+        if isinstance(exc, WorkerError) and exc.died:
+            return f"rank {exc.rank} died during {exc.method}()"
+        if isinstance(exc, WorkerError) and exc.detail.startswith("failed inside collective"):
+            return f"rank {exc.rank} {exc.detail.splitlines()[0]}"
+        return None
+
+    def _start_group(self, start: int, resume_from: Path | None) -> None:
+        cfg = self.cfg
+        self.group = WorkerGroup(SFTWorker, cfg.cluster, self.tree, name=f"sft-stage{cfg.stage}")
+        self.group.enable_stack_dumps(str(self.out / "stacks"))
+        info = self.group.run("setup")
+        self.peak = peak_tflops(info[0]["device_name"])
+        self.dp_rank = [i["dp_rank"] for i in info]
+        # One reporting rank per model replica: tensor/pipeline-parallel peers see the same tokens.
+        self.reporters = sorted({d: r for r, d in reversed(list(enumerate(self.dp_rank)))}.values())
+        if resume_from:
+            self.group.run("load", str(resume_from))
+            self.logger.write(f"[memento-train] resumed from {resume_from} (step {start})")
+
+    def _stop_group(self, graceful: bool = True) -> None:
+        if self.group is not None:
+            self.group.shutdown(graceful=graceful)
+            self.group = None
+
+    def close(self) -> None:
+        self._stop_group()
+
+    # ------------------------------------------------------------------ the inner loop: steps
+
+    def _train(self, start: int, preempt: PreemptionGuard) -> None:
+        cfg, planner = self.cfg, self.planner
+        for i, step in enumerate(range(start, planner.total_steps)):
+            metrics = self._step(step, timed=i > 0)
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == planner.total_steps:
+                self.logger.log(step + 1, metrics)
+            if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
+                self._save(step + 1, metrics["epoch"], final=False)
+            preempt.stop_if_requested(step + 1, planner.total_steps, self.saved_at,
+                                      save=lambda: self._save(step + 1, metrics["epoch"], final=True),
+                                      checkpoint=str(self.ckpts.root / f"step_{step + 1:08d}"))
+        if self.saved_at != planner.total_steps:
+            self._save(planner.total_steps, planner.total_steps // planner.steps_per_epoch, final=True)
+        if cfg.checkpoint.export_hf:
+            self.hf_dir = str(self.out / "hf")
+            info = {"stage": cfg.stage, "step": planner.total_steps, "mask": to_dict(cfg.data.mask),
+                    "base_model": cfg.model.path, "final_loss": self.last_loss}
+            self.group.run("export_hf", self.hf_dir, info)
+            self.logger.write(f"[memento-train] exported Hugging Face model to {self.hf_dir}")
+
+    def _step(self, step: int, *, timed: bool) -> dict[str, Any]:
+        """One optimizer step. The first step of a fresh group (compilation, lazy init) is not timed
+        against the median; the others must finish within the watchdog's deadline."""
+        cfg, group = self.cfg, self.group
+        plan = self.planner.plan(step)
+        lr = lr_at(step, self.planner.schedule_steps, cfg.optim)
+        args = [(plan.per_rank[self.dp_rank[r]], plan.num_loss_tokens, lr) for r in range(group.world_size)]
+        kwargs: list[dict[str, Any]] = [{} for _ in range(group.world_size)]
+        if cfg.faults.inject_hang_at_step == step + 1 and self.restarts == 0:
+            kwargs[-1] = {"hang_s": 3600.0}
+        deadline = self.watchdog.deadline() if timed else None
+        t0 = time.perf_counter()
+        try:
+            results = group.run_each("train_step", args, kwargs, timeout=deadline)
+        except TimeoutError:
+            raise self._hang(step + 1, deadline) from None
+        elapsed = time.perf_counter() - t0
+        if timed:
+            self.watchdog.record(elapsed)
+        metrics = _aggregate([results[r] for r in self.reporters], plan.num_loss_tokens, elapsed, self.peak,
+                             group.world_size)
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"loss is {metrics['loss']} at step {step + 1}; lower optim.lr or check the data")
+        metrics.update(lr=lr, epoch=plan.epoch, restarts=self.restarts, checkpoint_save_failures=self.save_failures)
+        self.last_loss = metrics["loss"]
+        return metrics
+
+    def _hang(self, step: int, deadline: float) -> StepHang:
+        """Dump every worker's stacks into ``hangs/`` and name what each rank is doing."""
+        dump_dir = self.out / "hangs" / f"step_{step:08d}-attempt{self.restarts}"
+        dump_dir.mkdir(parents=True, exist_ok=True)
+        stacks = self.group.dump_stacks()
+        for rank, text in stacks.items():
+            (dump_dir / f"rank_{rank:05d}.txt").write_text(text)
+        report = describe_stacks(stacks) if stacks else "  (no stacks: the watchdog needs cluster.use_ray=true)"
+        (dump_dir / "summary.txt").write_text(report + "\n")
+        hang = StepHang(step, deadline, report, str(dump_dir))
+        self.logger.write(f"[memento-train] {hang}")
+        return hang
+
+    def _save(self, step: int, epoch: int, *, final: bool) -> None:
+        group = self.group
+        try:
+            self.ckpts.save(step, {"epoch": epoch, "data_position": step}, lambda d: group.run("save", str(d)))
+        except CheckpointSaveError as exc:
+            if final or self.cfg.checkpoint.on_save_error != "retry":
+                raise
+            self.save_failures += 1
+            self.logger.write(f"[memento-train] warning: {exc}; continuing (checkpoint.on_save_error=retry)")
+            # Every rank must be out of the failed save before the next step's collectives.
+            group.get(group.run_async("_mt_node_info"), timeout=max(60.0, self.cfg.faults.watchdog_min_s))
+            return
+        self.saved_at = step
 
 
 def export_checkpoint(checkpoint: str, out_dir: str, overrides: dict[str, Any] | None = None) -> str:
@@ -172,7 +313,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, overrides: dict[str, Any] |
     group = WorkerGroup(SFTWorker, cfg.cluster, to_dict(cfg), name="sft-export")
     try:
         group.run("setup")
-        group.run("load", str(ckpt))
+        group.run("load", str(CheckpointManager(ckpt.parent).resolve(str(ckpt))))
         info = {"stage": cfg.stage, "step": state["step"], "mask": to_dict(cfg.data.mask), "base_model": cfg.model.path}
         group.run("export_hf", out_dir, info)
     finally:

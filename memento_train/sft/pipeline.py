@@ -25,7 +25,7 @@ def run_pipeline(stages: list[str], overrides: dict[str, Any], *, progress: bool
     for k, name in enumerate(stages):  # validate every stage before any of them starts
         tree = deep_merge(load_recipe(name), overrides)
         if k:  # its model comes from the previous stage, which does not exist yet
-            tree = deep_merge(tree, {"model": {"require_stage1_init": False}})
+            tree = deep_merge(tree, {"model": {"require_stage1_init": False, "init_from": None}})
         cfg = build_sft_config(tree)
         if k < len(stages) - 1 and not cfg.checkpoint.export_hf:
             raise ConfigError("a pipeline stage must export its model for the next one: "

@@ -46,7 +46,8 @@ class SFTWorker(EngineWorker):
         if cfg.train.max_samples is not None:
             dataset = dataset.select(range(min(cfg.train.max_samples, len(dataset))))
         self.dataset = dataset.select_columns(list(_COLUMNS)).with_format("numpy")
-        model = load_model(cfg.model, self.tokenizer, seed=cfg.train.seed)
+        # Rank 0 reads the weights; the others build on meta and get their share from the engine.
+        model = load_model(cfg.model, self.tokenizer, seed=cfg.train.seed, rank=self.rank)
         self.model_config = model.config
         self.flops = FlopCounter(model)
         num_params = sum(p.numel() for p in model.parameters())
@@ -83,11 +84,16 @@ class SFTWorker(EngineWorker):
         self.engine.step(0.0)  # lr 0 clears the accumulated gradients through the engine's own path
         return grads
 
-    def train_step(self, micro_plan: list[list[int]], global_loss_tokens: int, lr: float) -> dict[str, Any]:
+    def train_step(self, micro_plan: list[list[int]], global_loss_tokens: int, lr: float,
+                   hang_s: float = 0.0) -> dict[str, Any]:
         """Forward/backward this rank's micro-batches, then one optimizer step at ``lr``.
 
         Returns this rank's sums (loss, tokens, pairs, ...); the driver adds them up over ranks.
+        ``hang_s`` is the ``faults.inject_hang_at_step`` test hook: sleep that long first, so the
+        other ranks wait for this one inside the step's first collective.
         """
+        if hang_s:
+            time.sleep(hang_s)
         t0 = time.perf_counter()
         batches, packed = self._micro_batches(micro_plan)
         self.engine.train()

@@ -1,78 +1,68 @@
-"""Script templates of ``memento-launch``.
-
-Kept as Python strings rather than ``.sh`` files so that they ship with the package without extra
-package-data configuration. Placeholders are ``@@{NAME}`` (see :class:`ScriptTemplate`), which cannot
-clash with bash's own ``$name`` / ``${name}`` syntax.
-"""
-
-from __future__ import annotations
-
-import string
-
-
-class ScriptTemplate(string.Template):
-    """``string.Template`` with ``@@{NAME}`` placeholders (upper case, case-sensitive).
-
-    Bash uses ``$`` everywhere, so the standard delimiter would force escaping half the script;
-    ``@@`` never occurs in the scripts we render, and a stray one is an error, not a silent gap.
-    """
-
-    delimiter = "@@"
-    idpattern = r"[A-Z][A-Z0-9_]*"
-    flags = 0  # case-sensitive: only upper-case names are placeholders
-
-
-# The sbatch script: a Ray cluster over the SLURM allocation, then the driver command against it.
-# Values substituted here are already shell-quoted by memento_train.launch.slurm.
-SBATCH_TEMPLATE = ScriptTemplate(r"""#!/usr/bin/env bash
+#!/usr/bin/env bash
 # Rendered by memento-launch: a Ray cluster over this SLURM allocation, then the driver command.
-#   @@{COMMAND_LINE}
-@@{SBATCH_DIRECTIVES}
+#   __COMMAND_LINE__
+#@SBATCH_DIRECTIVES
 
+# This file is the template of memento_train/launch/slurm.py: each placeholder word (a name in
+# capitals between double underscores) and each line "#@NAME" (at the start of a line) is replaced by plain text
+# substitution (values already shell-quoted); nothing else changes. The template itself is valid
+# bash and is linted by shellcheck as it is.
+#
 # Bring-up: a Ray head on the first node and a Ray worker on every other node (one background
 # `srun` step per node), a wait until every node (and its GPUs) has registered, the driver command
 # against that cluster, and teardown of Ray on every node on exit, failure, cancellation or
-# preemption (trap).
+# preemption (trap). Preemption: SIGUSR1 (sbatch --signal=B:USR1@N, before the time limit) and
+# SIGTERM (scancel, preemption) are forwarded to the driver, which checkpoints at its next step
+# boundary and exits 75; after SIGUSR1 the job requeues itself when it was submitted with --requeue.
 set -euo pipefail
 
-NUM_NODES=@@{NUM_NODES}
-GPUS_PER_NODE=@@{GPUS_PER_NODE}
-CPUS_PER_NODE=@@{CPUS_PER_NODE}  # empty: Ray counts the CPUs of the step itself
-RAY_PORT=@@{RAY_PORT}
-DASHBOARD_PORT=@@{DASHBOARD_PORT}
-WAIT_TIMEOUT=@@{WAIT_TIMEOUT}  # seconds for every node to join (--wait-timeout)
-STOP_GRACE=@@{STOP_GRACE}  # seconds between SIGTERM and SIGKILL at teardown
-LOG_ROOT=@@{LOG_DIR}
-SHARED_DIR=@@{SHARED_DIR}  # the driver's output_dir: must be visible from every node
-PYTHON=@@{PYTHON}
-RAY_TEMP_DIR=@@{RAY_TEMP_DIR}
-RAY_START_ARGS=(@@{RAY_START_ARGS})
-RAY_HEAD_ARGS=(@@{RAY_HEAD_ARGS})
-DRIVER_CMD=(@@{DRIVER_CMD})
+NUM_NODES=__NUM_NODES__
+GPUS_PER_NODE=__GPUS_PER_NODE__
+CPUS_PER_NODE=__CPUS_PER_NODE__  # empty: Ray counts the CPUs of the step itself
+RAY_PORT=__RAY_PORT__
+DASHBOARD_PORT=__DASHBOARD_PORT__
+WAIT_TIMEOUT=__WAIT_TIMEOUT__  # seconds for every node to join (--wait-timeout)
+STOP_GRACE=__STOP_GRACE__  # seconds between SIGTERM and SIGKILL at teardown
+REQUEUE=__REQUEUE__  # 1: requeue the job when the driver stopped for the time-limit signal
+LOG_ROOT=__LOG_DIR__
+SHARED_DIR=__SHARED_DIR__  # the driver's output_dir: must be visible from every node
+PYTHON=__PYTHON__
+RAY_TEMP_DIR=__RAY_TEMP_DIR__
+RAY_START_ARGS=(__RAY_START_ARGS__)
+RAY_HEAD_ARGS=(__RAY_HEAD_ARGS__)
+DRIVER_CMD=(__DRIVER_CMD__)
 # Each node is labelled with its SLURM name, so a node that never joins can be named.
 NODE_LABEL=memento.slurm-node
+# The driver's "checkpointed and stopped on a preemption signal" status (memento_train.faults).
+EXIT_PREEMPTED=75
 
 # NCCL / network defaults. A value already in the environment wins (sbatch exports the submitting
 # shell's environment), so `NCCL_DEBUG=INFO memento-launch slurm ...` needs no re-rendering.
-@@{ENV_DEFAULTS}
+#@ENV_DEFAULTS
 # --env KEY=VALUE: always wins.
-@@{ENV_OVERRIDES}
+#@ENV_OVERRIDES
 
 # Ray authentication: one mode for every process of the job. Recent Ray turns token auth on for a
 # head that finds ~/.ray/auth_token, but not for nodes or drivers joining by explicit address, which
 # then cannot connect. Token mode with no token given gets a fresh token for this job; srun steps and
-# the driver inherit it through the environment. RAY_AUTH_MODE=disabled turns auth off.
+# the driver inherit it through the environment. RAY_AUTH_MODE=disabled turns auth off, and then
+# the dashboard (Jobs API: it runs any command) listens on the head's loopback address only.
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+GENERATED_TOKEN=0
 if [[ "$RAY_AUTH_MODE" == token && -z "${RAY_AUTH_TOKEN:-}" && -z "${RAY_AUTH_TOKEN_PATH:-}" ]]; then
   RAY_AUTH_TOKEN=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
   export RAY_AUTH_TOKEN
+  GENERATED_TOKEN=1
 fi
+DASHBOARD_HOST=0.0.0.0
+if [[ "$RAY_AUTH_MODE" != token ]]; then DASHBOARD_HOST=127.0.0.1; fi
 
 # --setup commands (modules, virtualenv): before anything needs python or ray. They are the user's
 # own lines, so shellcheck does not follow the files they source.
 # shellcheck disable=SC1090,SC1091
 {
-@@{SETUP}
+  :  # (keeps the block valid without --setup lines)
+#@SETUP
 }
 
 log() { printf '[memento-launch %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
@@ -83,6 +73,15 @@ die() { printf 'memento-launch: error: %s\n' "$*" >&2; exit 1; }
 
 JOB_LOG_DIR="$LOG_ROOT/$SLURM_JOB_ID"
 mkdir -p "$JOB_LOG_DIR"
+if (( ${SLURM_RESTART_COUNT:-0} > 0 )); then
+  log "requeued job: attempt $((SLURM_RESTART_COUNT + 1)); the driver resumes from its last checkpoint"
+fi
+if [[ "$RAY_AUTH_MODE" != token ]]; then
+  log "WARNING: RAY_AUTH_MODE=$RAY_AUTH_MODE: Ray runs without authentication; anyone who can reach the nodes' Ray ports can run code as you"
+elif (( GENERATED_TOKEN )); then
+  # Readable by you only: RAY_AUTH_TOKEN_PATH=<this file> lets you reach the dashboard of this job.
+  (umask 077 && printf '%s' "$RAY_AUTH_TOKEN" > "$JOB_LOG_DIR/ray_auth_token")
+fi
 
 mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 if (( ${#NODES[@]} != NUM_NODES )); then
@@ -103,8 +102,10 @@ if [[ -n "$CPUS_PER_NODE" ]]; then RAY_START_ARGS+=("--num-cpus=$CPUS_PER_NODE")
 # ---------------------------------------------------------------------------------------------
 declare -A RAY_PID=()  # node -> pid of its background srun
 DRIVER_PID=""
+REQUEUE_NOW=0
+STOP_SIGNAL=""  # the signal forwarded to the driver, if any
 
-# shellcheck disable=SC2317  # invoked from a trap
+# shellcheck disable=SC2317,SC2329  # invoked from a trap
 stop_pids() {
   # SIGTERM, then SIGKILL whatever is left after STOP_GRACE seconds: teardown itself never hangs.
   local pid deadline=$((SECONDS + STOP_GRACE))
@@ -116,10 +117,10 @@ stop_pids() {
   done
 }
 
-# shellcheck disable=SC2317  # invoked from a trap
+# shellcheck disable=SC2317,SC2329  # invoked from a trap
 cleanup() {
   local rc=$?
-  trap - EXIT INT TERM
+  trap - EXIT INT TERM USR1
   if [[ -n "$DRIVER_PID" ]]; then
     log "stopping the driver (pid $DRIVER_PID)"
     stop_pids "$DRIVER_PID"
@@ -128,14 +129,29 @@ cleanup() {
     log "stopping Ray on ${!RAY_PID[*]}"
     stop_pids "${RAY_PID[@]}"
   fi
+  if (( REQUEUE_NOW )); then
+    # Last: requeueing ends this attempt. The next one runs this script again from the top.
+    if scontrol requeue "$SLURM_JOB_ID"; then
+      log "requeued job $SLURM_JOB_ID"
+    else
+      log "could not requeue job $SLURM_JOB_ID: resubmit the same command to continue"
+    fi
+  fi
   log "exit status $rc; logs in $JOB_LOG_DIR"
   exit "$rc"
 }
 
-# shellcheck disable=SC2317  # invoked from a trap
+# shellcheck disable=SC2317,SC2329  # invoked from a trap
 on_signal() {
-  # scancel, preemption and the time limit send SIGTERM to the batch shell. The driver runs in
-  # the background and is waited for with `wait`, so this handler runs at once, not after it.
+  # scancel, preemption and the time-limit signal (--signal=B:USR1@N) reach the batch shell. With
+  # the driver running, it gets the signal too and checkpoints at its next step boundary; the main
+  # flow keeps waiting for it. Before the driver runs there is nothing to save: tear down now.
+  if [[ -n "$DRIVER_PID" ]]; then
+    log "received SIG$1: asking the driver to checkpoint and stop"
+    STOP_SIGNAL=$1
+    kill "-$1" "$DRIVER_PID" 2>/dev/null || true
+    return 0
+  fi
   log "received SIG$1: tearing down"
   exit $((128 + $2))
 }
@@ -143,6 +159,7 @@ on_signal() {
 trap cleanup EXIT
 trap 'on_signal TERM 15' TERM
 trap 'on_signal INT 2' INT
+trap 'on_signal USR1 10' USR1
 
 # ---------------------------------------------------------------------------------------------
 # Shared storage: checkpoints must be written where every node (and a requeued job on other
@@ -172,104 +189,17 @@ check_shared_dir() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# Waiting for the cluster: phase "head" waits until the head's GCS port accepts connections;
-# phase "all" until every node has registered with its GPUs. Both fail fast when a node's
-# `ray start` exits, and fail with the names of the missing nodes at the deadline.
+# Waiting for the cluster (memento_train/launch/ray_wait.py): phase "head" until the head's GCS
+# port accepts connections, phase "all" until every node has registered with its GPUs. Both fail
+# fast when a node's `ray start` exits, and with the names of the missing nodes at the deadline.
 # ---------------------------------------------------------------------------------------------
 wait_for_cluster() {
   local rc=0 pids="" node
   for node in "${!RAY_PID[@]}"; do pids+="$node=${RAY_PID[$node]} "; done
-  MEMENTO_WAIT_PHASE=$1 MEMENTO_EXPECTED_NODES="${NODES[*]}" MEMENTO_RAY_PIDS="$pids" \
-  MEMENTO_GPUS_PER_NODE=$GPUS_PER_NODE MEMENTO_DEADLINE=$DEADLINE MEMENTO_WAIT_TIMEOUT=$WAIT_TIMEOUT \
-  MEMENTO_JOB_LOG_DIR=$JOB_LOG_DIR MEMENTO_NODE_LABEL=$NODE_LABEL \
-    timeout $((WAIT_TIMEOUT + 60)) "$PYTHON" - <<'PY' || rc=$?
-import os, socket, sys, time
-
-env = os.environ
-phase, address = env["MEMENTO_WAIT_PHASE"], env["RAY_ADDRESS"]
-host, port = address.rsplit(":", 1)
-expected = env["MEMENTO_EXPECTED_NODES"].split()
-gpus = float(env["MEMENTO_GPUS_PER_NODE"])
-deadline, timeout = float(env["MEMENTO_DEADLINE"]), env["MEMENTO_WAIT_TIMEOUT"]
-pids = dict(item.split("=", 1) for item in env["MEMENTO_RAY_PIDS"].split())
-label = env["MEMENTO_NODE_LABEL"]
-
-
-def log_of(node):
-    role = "head" if node == expected[0] else "worker"
-    return os.path.join(env["MEMENTO_JOB_LOG_DIR"], f"ray-{role}-{node}.log")
-
-
-def fail(msg):
-    print("memento-launch: error: " + msg, file=sys.stderr, flush=True)
-    sys.exit(1)
-
-
-def exited(pid):
-    # The srun is a child of the batch shell, so an exited one can linger as a zombie.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-
-
-def fail_if_exited(nodes):
-    dead = [n for n in nodes if n in pids and exited(int(pids[n]))]
-    if dead:
-        fail("`ray start` exited on " + ", ".join(dead) + " before the node joined the Ray cluster; see "
-             + ", ".join(log_of(n) for n in dead))
-
-
-if phase == "head":
-    while True:
-        try:
-            socket.create_connection((host, int(port)), timeout=2).close()
-            sys.exit(0)
-        except OSError:
-            pass
-        fail_if_exited(expected[:1])
-        if time.time() > deadline:
-            fail(f"the Ray head on {expected[0]} did not accept connections on {address} within {timeout} s "
-                 f"(--wait-timeout); never joined: {', '.join(expected)}; see {log_of(expected[0])}")
-        time.sleep(1)
-
-import ray  # noqa: E402  (only the second phase needs Ray; the GCS is up by now)
-
-ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-try:
-    last = None
-    while True:
-        joined = {}
-        for node in ray.nodes():
-            name = (node.get("Labels") or {}).get(label)
-            if node.get("Alive") and name:
-                joined[name] = joined.get(name, 0.0) + node.get("Resources", {}).get("GPU", 0.0)
-        missing = [n for n in expected if n not in joined]
-        short = [f"{n} ({joined[n]:g} of {gpus:g} GPUs)" for n in expected if n in joined and joined[n] < gpus]
-        ready = len(expected) - len(missing) - len(short)
-        if ready == len(expected):
-            print(f"[memento-launch] all {len(expected)} node(s) joined with {gpus:g} GPU(s) each", flush=True)
-            sys.exit(0)
-        if ready != last:
-            print(f"[memento-launch] {ready}/{len(expected)} node(s) ready; waiting for "
-                  + ", ".join(missing + short), flush=True)
-            last = ready
-        fail_if_exited(missing)
-        if time.time() > deadline:
-            parts = (["never joined: " + ", ".join(missing)] if missing else []) + (
-                ["joined without all their GPUs: " + ", ".join(short)] if short else [])
-            fail(f"only {ready} of {len(expected)} node(s) registered with the Ray cluster at {address} within "
-                 f"{timeout} s (--wait-timeout); " + "; ".join(parts) + ". Their Ray logs: "
-                 + ", ".join(log_of(n.split()[0]) for n in missing + short)
-                 + f". Check those nodes (ray start errors, firewall between nodes on port {port}, GPUs "
-                 "visible to the job), or raise --wait-timeout.")
-        time.sleep(2)
-finally:
-    ray.shutdown()
-PY
+  MEMENTO_EXPECTED_NODES="${NODES[*]}" MEMENTO_RAY_PIDS="$pids" MEMENTO_GPUS_PER_NODE=$GPUS_PER_NODE \
+  MEMENTO_DEADLINE=$DEADLINE MEMENTO_WAIT_TIMEOUT=$WAIT_TIMEOUT MEMENTO_JOB_LOG_DIR=$JOB_LOG_DIR \
+  MEMENTO_NODE_LABEL=$NODE_LABEL \
+    timeout $((WAIT_TIMEOUT + 60)) "$PYTHON" -m memento_train.launch.ray_wait "$1" || rc=$?
   if (( rc == 124 )); then
     die "waiting for the Ray cluster did not finish within $((WAIT_TIMEOUT + 60)) s; see the logs in $JOB_LOG_DIR"
   elif (( rc != 0 )); then
@@ -277,6 +207,8 @@ PY
   fi
 }
 
+"$PYTHON" -c 'import memento_train.launch.ray_wait' 2>/dev/null \
+  || die "$PYTHON cannot import memento_train (needed to wait for the Ray cluster); activate the environment with --setup or point --python at it"
 check_shared_dir
 
 # The address the head registers with: Ray's own default on the head node (forcing 127.0.0.1 or
@@ -294,7 +226,7 @@ DEADLINE=$(( $(date +%s) + WAIT_TIMEOUT ))
 log "starting the Ray head on $HEAD_NODE ($RAY_ADDRESS); log: $JOB_LOG_DIR/ray-head-$HEAD_NODE.log"
 srun --overlap --nodes=1 --ntasks=1 -w "$HEAD_NODE" --output="$JOB_LOG_DIR/ray-head-$HEAD_NODE.log" \
   ray start --head --block --node-ip-address="$HEAD_IP" --port="$RAY_PORT" \
-    --dashboard-host=0.0.0.0 --dashboard-port="$DASHBOARD_PORT" --num-gpus="$GPUS_PER_NODE" \
+    --dashboard-host="$DASHBOARD_HOST" --dashboard-port="$DASHBOARD_PORT" --num-gpus="$GPUS_PER_NODE" \
     --labels="$NODE_LABEL=$HEAD_NODE" "${RAY_START_ARGS[@]}" "${RAY_HEAD_ARGS[@]}" &
 RAY_PID[$HEAD_NODE]=$!
 wait_for_cluster head
@@ -308,13 +240,22 @@ for node in "${WORKER_NODES[@]}"; do
 done
 wait_for_cluster all
 
-log "Ray cluster ready at $RAY_ADDRESS (dashboard http://$HEAD_IP:$DASHBOARD_PORT)"
+log "Ray cluster ready at $RAY_ADDRESS (dashboard http://$DASHBOARD_HOST:$DASHBOARD_PORT, auth: $RAY_AUTH_MODE)"
 log "driver: ${DRIVER_CMD[*]}"
 "${DRIVER_CMD[@]}" &
 DRIVER_PID=$!
 rc=0
-wait "$DRIVER_PID" || rc=$?
+# A trapped signal interrupts `wait`; wait again until the driver has really exited.
+while true; do
+  rc=0
+  wait "$DRIVER_PID" || rc=$?
+  kill -0 "$DRIVER_PID" 2>/dev/null || break
+done
 DRIVER_PID=""
-log "driver exited with status $rc"
+if (( rc == EXIT_PREEMPTED )); then
+  log "driver checkpointed and stopped on SIG${STOP_SIGNAL:-?} (status $rc)"
+  if [[ "$STOP_SIGNAL" == USR1 ]] && (( REQUEUE )); then REQUEUE_NOW=1; fi
+else
+  log "driver exited with status $rc"
+fi
 exit "$rc"
-""")

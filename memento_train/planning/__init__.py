@@ -1,0 +1,1 @@
+"""Memory planning before launch: per-GPU and host memory of a recipe (``memento-train plan``)."""
