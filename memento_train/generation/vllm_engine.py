@@ -37,6 +37,7 @@ What the adapter fixes, and why:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import warnings
@@ -44,8 +45,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import fields, is_dataclass
 from typing import Any
 
+from ..hf_compat import check_served_rope_theta
 from ..masking import SpecialTokens, live_kv_trace, parse
 from ..tokens import IM_END, special_token_ids
+from . import vllm_overlay
 from .engine import BlockMaskingConfig, GenerationResult, SamplingParams
 
 LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
@@ -166,8 +169,13 @@ class VLLMEngine:
             kwargs["async_scheduling"] = False  # the cap processor needs real ids, not placeholders
         kwargs.update(llm_kwargs)
         kwargs["enable_prefix_caching"] = False
+        # vLLM 0.13 + overlay: the project's runtime patch layer (see memento_train.generation.vllm_overlay).
+        self.overlay = vllm_overlay.applies(self.vllm_version)
+        if self.overlay:
+            kwargs = vllm_overlay.engine_kwargs(kwargs)
         self.llm_kwargs = kwargs
         self.llm = llm_factory(**kwargs)
+        check_served_rope_theta(model_path, self.llm)
 
         if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = self.llm.get_tokenizer()
@@ -216,15 +224,18 @@ class VLLMEngine:
         outputs = self.llm.generate(requests, self.sampling_params(params), use_tqdm=False)
         if len(outputs) != len(prompts):
             raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
+        measured = (vllm_overlay.drain_measurements(self.llm, outputs, params.n) if self.overlay
+                    else [[None] * params.n for _ in outputs])
         results = []
-        for prompt, out in zip(prompts, outputs):
+        for prompt, out, engine_log in zip(prompts, outputs, measured):
             completions = sorted(out.outputs, key=lambda c: getattr(c, "index", 0))
             if len(completions) != params.n:
                 raise RuntimeError(f"vLLM returned {len(completions)} samples, expected n={params.n}")
-            results.append([self._convert(prompt, c, exact) for c in completions])
+            results.append([self._convert(prompt, c, exact, m) for c, m in zip(completions, engine_log)])
         return results
 
-    def _convert(self, prompt: list[int], completion: Any, exact: bool) -> GenerationResult:
+    def _convert(self, prompt: list[int], completion: Any, exact: bool,
+                 measured: vllm_overlay.EngineMeasurement | None = None) -> GenerationResult:
         token_ids = [int(t) for t in completion.token_ids]
         if completion.finish_reason not in ("stop", "length"):
             raise RuntimeError(f"vLLM request finished with {completion.finish_reason!r}")
@@ -233,17 +244,24 @@ class VLLMEngine:
         logprobs = [float(completion.logprobs[i][tok].logprob) for i, tok in enumerate(token_ids)]
         n_prompt = len(prompt)
         parsed = parse([*prompt, *token_ids], self.special, self._mask_config, prompt_len=n_prompt)
-        trace = live_kv_trace(parsed.kill_row)[n_prompt - 1 : n_prompt - 1 + len(token_ids)]
+        trace = live_kv_trace(parsed.kill_row)[n_prompt - 1 : n_prompt - 1 + len(token_ids)].tolist()
+        extra: dict[str, Any] = {"kv_trace": "simulated"}
+        if measured is not None:  # what the engine did, not what the rule predicts
+            if len(measured.kv_trace) < len(token_ids):
+                raise RuntimeError(f"vLLM's engine log has {len(measured.kv_trace)} steps for "
+                                   f"{len(token_ids)} tokens (request id {getattr(completion, 'index', 0)})")
+            trace = measured.kv_trace[: len(token_ids)]
+            extra = {"kv_trace": "engine", "evictions": list(measured.evictions)}
         forced = getattr(completion, "forced_block_ends", None)
         if forced is None:
             cap = self.block_masking.max_block_tokens if self.block_masking.enable else None
             forced = replay_block_cap(prompt, token_ids, self.special, cap) if cap else 0
         return GenerationResult(
             prompt_ids=prompt, token_ids=token_ids, logprobs=logprobs,
-            kinds=parsed.kinds[n_prompt:].tolist(), kv_trace=trace.tolist(),
+            kinds=parsed.kinds[n_prompt:].tolist(), kv_trace=trace,
             finish_reason=completion.finish_reason, kv_bytes=None, forced_block_ends=int(forced),
             extra={
-                "engine": "vllm", "kv_trace": "simulated", "logprobs_mode": self.logprobs_mode,
+                **extra, "engine": "vllm", "logprobs_mode": self.logprobs_mode,
                 "logprobs_exact": exact, "stop_reason": getattr(completion, "stop_reason", None),
                 "text": getattr(completion, "text", None), "anomalies": len(parsed.anomalies),
             },
@@ -265,7 +283,9 @@ class VLLMEngine:
                 "(the Memento overlay is 0.13); reload the engine from a checkpoint instead"
             )
         weights = [(name, t.detach().to("cpu").contiguous()) for name, t in named_tensors]
-        rpc(_load_weights_on_worker, args=(weights,))
+        # Inside a partial the tensors are cloudpickled with the function; as collective_rpc `args` the
+        # multiprocess engine core's msgpack encoder would turn them into nested lists.
+        rpc(functools.partial(_load_weights_on_worker, weights=weights))
 
 
 def replay_block_cap(prompt: Sequence[int], response: Sequence[int], special: SpecialTokens, cap: int) -> int:
