@@ -93,24 +93,37 @@ def loaded_rope_theta(hf_config: Any) -> float | None:
     return None if theta is None else float(theta)
 
 
-def check_served_rope_theta(model_dir: str | os.PathLike, llm: Any) -> None:
-    """Raise ValueError if vLLM loaded ``model_dir`` with another RoPE base than its ``config.json``.
+def check_served_rope_theta(model_dir: str | os.PathLike, hf_config: Any = None) -> None:
+    """Raise ValueError if vLLM reads ``model_dir`` with another RoPE base than its ``config.json`` declares.
 
-    Reads ``llm.llm_engine.model_config.hf_config`` (what vLLM built its rotary embedding from); a
-    directory without ``config.json`` or an engine without that attribute (tests' fakes) is not checked.
+    ``hf_config``: the config object vLLM builds the model from; by default vLLM's own loader
+    (``vllm.transformers_utils.config.get_config``, which applies vLLM's RoPE patching) reads it, before
+    any weight is loaded. A directory without ``config.json`` is not checked.
     """
     path = Path(model_dir) / "config.json"
-    hf_config = getattr(getattr(getattr(llm, "llm_engine", None), "model_config", None), "hf_config", None)
-    if not path.is_file() or hf_config is None:
+    if not path.is_file():
         return
+    if hf_config is None:
+        from vllm.transformers_utils.config import get_config
+
+        hf_config = get_config(str(model_dir), trust_remote_code=False)
     declared = rope_theta_of(json.loads(path.read_text()))
     served = loaded_rope_theta(hf_config)
     if declared is None or served is None or math.isclose(declared, served, rel_tol=1e-9):
         return
     raise ValueError(
-        f"{path}: declares RoPE base (rope_theta) {declared:g}, but vLLM loaded the model with {served:g}, so "
-        "it would generate with the wrong positions. The config keeps rope_theta only inside "
-        "rope_parameters (a transformers-5 file), which transformers 4.x does not read: add a top-level "
-        "\"rope_theta\" (memento_train.hf_compat.add_legacy_keys(model_dir) does it; memento-train "
-        "exports write it)"
+        f"{path}: declares RoPE base (rope_theta) {declared:g}, but vLLM reads {served:g} (transformers "
+        f"{_transformers_version()}), so it would generate with the wrong positions. The file keeps "
+        "rope_theta only inside rope_parameters (a transformers-5 config), which transformers 4.x does not "
+        "read: add a top-level \"rope_theta\" (memento_train.hf_compat.add_legacy_keys(model_dir) does it; "
+        "memento-train exports write it)"
     )
+
+
+def _transformers_version() -> str:
+    try:
+        import transformers
+
+        return str(transformers.__version__)
+    except ImportError:
+        return "not installed"

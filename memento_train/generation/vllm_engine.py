@@ -37,6 +37,7 @@ What the adapter fixes, and why:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import os
@@ -50,6 +51,8 @@ from ..masking import SpecialTokens, live_kv_trace, parse
 from ..tokens import IM_END, special_token_ids
 from . import vllm_overlay
 from .engine import BlockMaskingConfig, GenerationResult, SamplingParams
+from .reference import SequenceRequest
+from .sampling import derive_seed, random_seed
 
 LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
 _INSTALL_HINT = (
@@ -174,8 +177,9 @@ class VLLMEngine:
         if self.overlay:
             kwargs = vllm_overlay.engine_kwargs(kwargs)
         self.llm_kwargs = kwargs
+        if self.vllm_version is not None:  # real vLLM: refuse a RoPE base it would misread, before loading
+            check_served_rope_theta(model_path)
         self.llm = llm_factory(**kwargs)
-        check_served_rope_theta(model_path, self.llm)
 
         if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = self.llm.get_tokenizer()
@@ -190,13 +194,14 @@ class VLLMEngine:
         self._mask_config = block_masking.mask_config()
 
     # -- sampling ---------------------------------------------------------------------------
-    def sampling_params(self, params: SamplingParams) -> Any:
-        """The vLLM ``SamplingParams`` for ``params`` (see the module docstring for each choice)."""
+    def sampling_params(self, params: SamplingParams, *, n: int | None = None, seed: int | None = None) -> Any:
+        """The vLLM ``SamplingParams`` for ``params`` (``n`` / ``seed`` override the params' own)."""
         return self._sampling_params_factory(
-            n=params.n, temperature=params.temperature, top_p=params.top_p,
-            top_k=params.top_k if params.top_k > 0 else -1, min_p=params.min_p, seed=params.seed,
-            max_tokens=params.max_new_tokens, stop_token_ids=list(params.stop_token_ids or self.default_stop),
-            ignore_eos=True, logprobs=1, skip_special_tokens=False,
+            n=params.n if n is None else n, temperature=params.temperature, top_p=params.top_p,
+            top_k=params.top_k if params.top_k > 0 else -1, min_p=params.min_p,
+            seed=params.seed if seed is None else seed, max_tokens=params.max_new_tokens,
+            stop_token_ids=list(params.stop_token_ids or self.default_stop), ignore_eos=True, logprobs=1,
+            skip_special_tokens=False,
         )
 
     def logprobs_exact(self, params: SamplingParams) -> bool:
@@ -212,27 +217,68 @@ class VLLMEngine:
         prompts = [[int(t) for t in p] for p in prompts]
         if any(not p for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        if self.overlay:  # one request per sample, seeded like the reference engine's sequences
+            flat = self.run([SequenceRequest(p, prompt_index=i, sample_index=s)
+                             for i, p in enumerate(prompts) for s in range(params.n)], params)
+            return [flat[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
+        exact = self._check_logprobs(params)
+        requests = [{"prompt_token_ids": p} for p in prompts]  # == vllm.inputs.TokensPrompt
+        outputs = self.llm.generate(requests, self.sampling_params(params), use_tqdm=False)
+        if len(outputs) != len(prompts):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
+        results = []
+        for prompt, out in zip(prompts, outputs):
+            completions = sorted(out.outputs, key=lambda c: getattr(c, "index", 0))
+            if len(completions) != params.n:
+                raise RuntimeError(f"vLLM returned {len(completions)} samples, expected n={params.n}")
+            results.append([self._convert(prompt, c, exact) for c in completions])
+        return results
+
+    def run(self, requests: Sequence[SequenceRequest], params: SamplingParams) -> list[GenerationResult]:
+        """One result per request (vLLM 0.13 + overlay), what ``RolloutWorker`` calls.
+
+        ``request.seed`` (else ``derive_seed(params.seed, prompt_index, sample_index)``, the reference
+        engine's rule) seeds each request, so seeded sampling reproduces the reference engine token for
+        token; ``max_new_tokens`` overrides the params'. Each result carries the engine's own log:
+        the evictions it executed and the physical KV length of every step (``extra["kv_trace"] ==
+        "engine"``).
+        """
+        if not self.overlay:
+            raise NotImplementedError("VLLMEngine.run needs vLLM 0.13 + the Memento overlay; use generate")
+        if any(len(r.forced_token_ids) for r in requests):
+            raise NotImplementedError("teacher-forced prefixes are not supported by VLLMEngine; use "
+                                      "ReferenceGenerator.teacher_force")
+        exact = self._check_logprobs(params)
+        base = params.seed if params.seed is not None else random_seed()
+        prompts, sps = [], []
+        for r in requests:
+            prompt = [int(t) for t in r.prompt_ids]
+            if not prompt:
+                raise ValueError("every prompt needs at least one token")
+            seed = r.seed if r.seed is not None else derive_seed(base, r.prompt_index, r.sample_index)
+            one = params if r.max_new_tokens is None else dataclasses.replace(params, max_new_tokens=r.max_new_tokens)
+            prompts.append(prompt)
+            sps.append(self.sampling_params(one, n=1, seed=None if params.greedy else seed))
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sps, use_tqdm=False)
+        if len(outputs) != len(prompts):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} requests")
+        measured = vllm_overlay.drain_measurements(self.llm, outputs)
+        results = []
+        for prompt, out, m in zip(prompts, outputs, measured):
+            [completion] = out.outputs
+            results.append(self._convert(prompt, completion, exact, m))
+        return results
+
+    def _check_logprobs(self, params: SamplingParams) -> bool:
         exact = self.logprobs_exact(params)
         if not exact:
             warnings.warn(
                 f"logprobs_mode={self.logprobs_mode!r} with temperature={params.temperature}, "
                 f"top_k={params.top_k}, top_p={params.top_p}, min_p={params.min_p}: vLLM's log-probs "
                 "differ from log_softmax(logits / T) before truncation (see memento_train.generation."
-                "vllm_engine)", stacklevel=2,
+                "vllm_engine)", stacklevel=3,
             )
-        requests = [{"prompt_token_ids": p} for p in prompts]  # == vllm.inputs.TokensPrompt
-        outputs = self.llm.generate(requests, self.sampling_params(params), use_tqdm=False)
-        if len(outputs) != len(prompts):
-            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
-        measured = (vllm_overlay.drain_measurements(self.llm, outputs, params.n) if self.overlay
-                    else [[None] * params.n for _ in outputs])
-        results = []
-        for prompt, out, engine_log in zip(prompts, outputs, measured):
-            completions = sorted(out.outputs, key=lambda c: getattr(c, "index", 0))
-            if len(completions) != params.n:
-                raise RuntimeError(f"vLLM returned {len(completions)} samples, expected n={params.n}")
-            results.append([self._convert(prompt, c, exact, m) for c, m in zip(completions, engine_log)])
-        return results
+        return exact
 
     def _convert(self, prompt: list[int], completion: Any, exact: bool,
                  measured: vllm_overlay.EngineMeasurement | None = None) -> GenerationResult:
@@ -248,8 +294,8 @@ class VLLMEngine:
         extra: dict[str, Any] = {"kv_trace": "simulated"}
         if measured is not None:  # what the engine did, not what the rule predicts
             if len(measured.kv_trace) < len(token_ids):
-                raise RuntimeError(f"vLLM's engine log has {len(measured.kv_trace)} steps for "
-                                   f"{len(token_ids)} tokens (request id {getattr(completion, 'index', 0)})")
+                raise RuntimeError(f"vLLM's engine log has {len(measured.kv_trace)} sampled steps for "
+                                   f"{len(token_ids)} tokens: are the Memento patches loaded in the engine?")
             trace = measured.kv_trace[: len(token_ids)]
             extra = {"kv_trace": "engine", "evictions": list(measured.evictions)}
         forced = getattr(completion, "forced_block_ends", None)

@@ -20,7 +20,6 @@ This module imports nothing from vLLM at import time.
 from __future__ import annotations
 
 import importlib
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,23 +83,31 @@ class EngineMeasurement:
     evictions: list[tuple[int, int, int]] = field(default_factory=list)  # (row, start, stop) executed
 
 
-def engine_request_ids(output: Any, n: int) -> list[str]:
-    """vLLM's engine-side request id of each sample of ``output`` (``n > 1`` fans out to children)."""
-    rid = str(output.request_id)
-    return [rid] if n == 1 else [f"{i}_{rid}" for i in range(n)]
-
-
-def drain_measurements(llm: Any, outputs: Sequence[Any], n: int) -> list[list[EngineMeasurement]]:
-    """Pop the engine log of every sample of ``outputs`` (per output, in completion-index order).
+def drain_measurements(llm: Any, outputs: Sequence[Any]) -> list[EngineMeasurement]:
+    """Pop the engine log of each (single-sample) request output of ``llm.generate``.
 
     Reads rank 0's log (every tensor-parallel rank runs the same steps).
     """
-    ids = [engine_request_ids(o, n) for o in outputs]
-    flat = [rid for group in ids for rid in group]
-    logs = llm.collective_rpc("memento_drain_engine_log", args=(flat,))[0]
-    return [[EngineMeasurement(kv_trace=[int(x) for x in logs.get(rid, {}).get("kv_trace", [])],
-                               evictions=[tuple(int(v) for v in e) for e in logs.get(rid, {}).get("evictions", [])])
-             for rid in group] for group in ids]
+    ids = [str(o.request_id) for o in outputs]
+    logs = llm.collective_rpc("memento_drain_engine_log", args=(ids,))[0]
+    return [EngineMeasurement(kv_trace=[int(x) for x in logs.get(rid, {}).get("kv_trace", [])],
+                              evictions=[tuple(int(v) for v in e) for e in logs.get(rid, {}).get("evictions", [])])
+            for rid in ids]
+
+
+def sequential_chunks(ops: Sequence[tuple[int, int, int, int]]) -> list[list[tuple[int, int, int, int]]]:
+    """Split copy ops into runs that may each be done as one gather-then-scatter with the result of
+    doing every op in order: a run ends before an op that reads, or rewrites, a slot the run wrote."""
+    chunks: list[list[tuple[int, int, int, int]]] = []
+    written: set[tuple[int, int]] = set()
+    for op in ops:
+        src, dst = (op[0], op[1]), (op[2], op[3])
+        if not chunks or src in written or dst in written:
+            chunks.append([])
+            written = set()
+        chunks[-1].append(op)
+        written.add(dst)
+    return chunks
 
 
 def overlay_installed() -> bool:
@@ -161,7 +168,3 @@ def _transformers_version() -> str | None:
         return str(transformers.__version__)
     except ImportError:
         return None
-
-
-def insecure_serialization_enabled() -> bool:
-    return os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION", "") not in ("", "0")

@@ -17,13 +17,16 @@ What is fixed, and why:
    prefill's logits (the prompt blocks still visible) and the overlay's own first-token path compacts
    the prompt blocks before that token is fed: the evicted keys get kill row ``prompt_len``, the rule
    in ``memento_train.masking`` (DESIGN.md section 2).
-2. The overlay's KV compaction copy knows only the FlashAttention/FlashInfer cache layouts. vLLM's CPU
+2. One step that compacts twice (a multi-turn prompt holding several finished blocks) keeps only the
+   last compaction's copy list (the overlay assigns instead of appending), so the KV of every block
+   after the first evicted one is wrong. :class:`MementoOverlayScheduler` concatenates the lists.
+3. The overlay's KV compaction copy knows only the FlashAttention/FlashInfer cache layouts. vLLM's CPU
    backend stores ``[2, blocks, kv_heads, block_size, head_dim]`` and its kernels keep each block's
    keys transposed (and the layout depends on the kernel ISA), so the overlay's copy indexes the head
    axis with a slot offset: an ``IndexError`` or, for small offsets, silently wrong data.
    :func:`cpu_execute_kv_copy_operations` copies slot by slot through a per-layout index map that it
    learns once from the CPU cache-write kernel itself (:func:`cpu_slot_layout`).
-3. Engine measurements: the scheduler forwards each executed eviction ``(row, start, stop)`` with the
+4. Engine measurements: the scheduler forwards each executed eviction ``(row, start, stop)`` with the
    step that performs its KV copy, and the model runner records, per request and per sampled step,
    the physical KV length the attention kernel reads (``seq_lens``). VLLMEngine drains both with
    ``collective_rpc("memento_drain_engine_log", ...)`` and reports them instead of simulating them.
@@ -42,13 +45,15 @@ import torch
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+from memento_train.generation.vllm_overlay import sequential_chunks
+
 PATCH_VERSION = 1  # bumped when the patch set changes; `memento-vllm doctor` prints it
 EVICTIONS_ATTR = "memento_evictions"  # SchedulerOutput attribute: {req_id: [(row, start, stop), ...]}
 _MAX_FINISHED_LOGS = 4096  # engine logs kept for requests nobody drained (bounded memory)
 
 
 class MementoOverlayScheduler(Scheduler):
-    """The overlay's scheduler with fix 1 and eviction reporting (fix 3); everything else inherited."""
+    """The overlay's scheduler with fixes 1 and 2 and eviction reporting (4); everything else inherited."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -65,7 +70,13 @@ class MementoOverlayScheduler(Scheduler):
         return out
 
     def mask_token_span(self, request_id: str, start_position: int, end_position: int) -> Any:
+        # Fix 2: the overlay *assigns* each compaction's copy list to pending_kv_copy_operations[req], so
+        # when one step compacts twice (a multi-turn prompt with several finished blocks) the first
+        # list is lost and the second, which assumes the first already ran, copies the wrong slots.
+        earlier = self.pending_kv_copy_operations.pop(request_id, None)
         result = super().mask_token_span(request_id, start_position, end_position)
+        if earlier:
+            self.pending_kv_copy_operations[request_id] = [*earlier, *self.pending_kv_copy_operations.get(request_id, [])]
         request = self.requests.get(request_id)
         if request is not None and getattr(result, "success", False):
             # Row = the logical position of the token whose input step first misses the span: the
@@ -178,23 +189,24 @@ def cpu_slot_layout(isa: str, dtype: torch.dtype, num_kv_heads: int, block_size:
 def cpu_execute_kv_copy_operations(self, kv_copy_operations: dict[str, list[tuple[int, int, int, int]]]) -> None:
     """Layout-aware replacement of the overlay's ``_execute_kv_copy_operations`` for vLLM's CPU backend.
 
-    Each op ``(src_block, src_offset, dst_block, dst_offset)`` moves one token's keys and values. All
-    sources are read before any destination is written; compaction moves tokens only towards the
-    front, so this equals the overlay's sequential order.
+    Each op ``(src_block, src_offset, dst_block, dst_offset)`` moves one token's keys and values, with
+    the result of running them in order (:func:`sequential_chunks`; a compaction moves tokens towards
+    the front, so its ops usually form one vectorised run, and a second compaction starts another).
     """
     ops = [op for per_request in kv_copy_operations.values() for op in per_request]
     if not ops or not self.kv_caches:
         return
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    src_block, src_off, dst_block, dst_off = torch.tensor(ops, dtype=torch.int64).T
+    runs = [torch.tensor(chunk, dtype=torch.int64).T for chunk in sequential_chunks(ops)]
     for kv_cache in self.kv_caches:
         _, num_blocks, num_kv_heads, block_size, head_size = kv_cache.shape
         isa = _get_attn_isa(kv_cache.dtype, block_size)
         indices = cpu_slot_layout(isa, kv_cache.dtype, num_kv_heads, block_size, head_size)
         for half, index in zip(kv_cache, indices):
             flat = half.view(num_blocks, -1)
-            flat[dst_block[:, None], index[dst_off]] = flat[src_block[:, None], index[src_off]]
+            for src_block, src_off, dst_block, dst_off in runs:
+                flat[dst_block[:, None], index[dst_off]] = flat[src_block[:, None], index[src_off]]
 
 
 def install_worker_patches() -> None:
