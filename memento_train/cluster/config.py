@@ -10,6 +10,7 @@ interface.
 from __future__ import annotations
 
 import numbers
+import os
 from dataclasses import dataclass, field
 
 from memento_train.config_errors import ConfigError
@@ -39,6 +40,9 @@ class ClusterConfig:
         collective_timeout_s: timeout of torch.distributed collectives.
         env: extra environment variables for the workers (Ray ``runtime_env``; inline mode sets them
             in the driver process for the group's lifetime).
+        python: the Python interpreter of the workers (Ray ``runtime_env`` ``py_executable``), e.g. the
+            separate vLLM 0.13 environment of rollout workers (``docs/vllm.md``); same Python minor
+            version and Ray version as the driver. ``None``: the driver's. Rollout workers only.
     """
 
     address: str | None = None
@@ -51,6 +55,7 @@ class ClusterConfig:
     init_timeout_s: float = 300.0
     collective_timeout_s: float = 1800.0
     env: dict[str, str] = field(default_factory=dict)
+    python: str | None = None
 
     def validate(self, prefix: str = "cluster") -> "ClusterConfig":
         """Check every option; raise :class:`ConfigError` naming the first bad one (``prefix.option``).
@@ -101,6 +106,15 @@ class ClusterConfig:
                 raise bad("env", f"invalid environment variable name {key!r}")
             if not isinstance(value, str):
                 raise bad(f"env.{key}", f"expected a string, got {value!r}; quote the value")
+        if self.python is not None:
+            if prefix != "rollout_cluster":
+                raise bad("python", "a second interpreter is supported for rollout workers only "
+                                    "(rollout_cluster.python, docs/vllm.md)")
+            if not self.use_ray:
+                raise bad("python", "needs use_ray=true (inline workers run in the driver's interpreter)")
+            if not (os.path.isfile(self.python) and os.access(self.python, os.X_OK)):
+                raise bad("python", f"{self.python!r} is not an executable file (e.g. VENV/bin/python of "
+                                    "scripts/install_vllm_overlay.sh)")
         return self
 
 

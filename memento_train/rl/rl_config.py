@@ -300,6 +300,14 @@ class RLConfig:
                 raise ConfigError(f"weight_sync=nccl needs GPUs on the trainer and the rollout workers, but they "
                                   f"get none ({', '.join(no_gpus)}); use weight_sync=collective (NCCL on GPUs, "
                                   f"gloo on CPU), object_store or auto")
+        if self.rollout.engine == "vllm":
+            if self.model.path is None:
+                raise ConfigError("rollout.engine=vllm serves model.path with vLLM: set model.path to a Hugging Face "
+                                  "directory (e.g. a stage-2 export), and warmup.enabled=false")
+            if self.weight_sync in ("collective", "nccl"):
+                raise ConfigError(f"weight_sync={self.weight_sync} writes into a PyTorch model; vLLM rollout workers "
+                                  "load weights through VLLMEngine.update_weights: use weight_sync=object_store "
+                                  "(or auto)")
         if self.placement == "colocated" and self.rollout_cluster.num_workers != self.cluster.num_workers:
             raise ConfigError(f"placement=colocated runs one rollout engine beside each trainer rank: set "
                               f"rollout_cluster.num_workers={self.cluster.num_workers} (= cluster.num_workers)")

@@ -61,11 +61,27 @@ class RolloutWorker:
         self.cfg: RLConfig = build(RLConfig, config_tree)  # validated by the driver already
         self.index = index
         self.tokenizer = load_tokenizer(self.cfg.model)
+        self.version = -1  # the weight version loaded (-1: the initial weights from model.path)
+        if self.cfg.rollout.engine == "vllm":
+            self.model, self.engine = None, self._vllm_engine()
+            return
         self.model = load_model(self.cfg.model, self.tokenizer, seed=self.cfg.seed).eval()
         self.model.requires_grad_(False)
         self.engine = ReferenceGenerator(self.model, self.tokenizer, self.cfg.rollout.mask,
                                          max_batch_size=self.cfg.rollout.max_batch_size)
-        self.version = -1  # the weight version loaded (-1: the initial weights from model.path)
+
+    def _vllm_engine(self) -> Any:
+        """vLLM (``VLLMEngine``) on ``model.path``; fp32 without GPUs, like the reference engine."""
+        from memento_train.generation.vllm_engine import VLLMEngine
+
+        cfg = self.cfg
+        if cfg.model.path is None:
+            raise ValueError("rollout.engine=vllm needs model.path (a Hugging Face directory vLLM can load)")
+        gpus = cfg.rollout_cluster.gpus_per_worker or 0
+        return VLLMEngine(cfg.model.path, cfg.rollout.mask, dtype="bfloat16" if gpus else "float32",
+                          max_model_len=cfg.prompts.max_prompt_len + cfg.rollout.max_new_tokens, seed=cfg.seed,
+                          gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, enable_weight_sync=True,
+                          enforce_eager=not gpus)
 
     def ping(self) -> int:
         return os.getpid()
@@ -73,6 +89,10 @@ class RolloutWorker:
     def load_weights(self, state: dict[str, torch.Tensor], version: int) -> float:
         """Copy ``state`` (full fp32 weights, HF names) into the model in place; returns seconds taken."""
         t0 = time.perf_counter()
+        if self.model is None:  # vLLM: its own loader, in every engine worker
+            self.engine.update_weights(state.items())
+            self.version = version
+            return time.perf_counter() - t0
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         tied = {"lm_head.weight"} if getattr(self.model.config, "tie_word_embeddings", False) else set()
         if unexpected or set(missing) - tied:
@@ -169,9 +189,9 @@ class RolloutPool:
         if gpus and cfg.placement == "colocated":
             raise NotImplementedError("placement=colocated on GPUs (vLLM sleep/wake beside the trainer) is not "
                                       "implemented; use placement=disaggregated")
-        if gpus or cfg.rollout.engine == "vllm":
-            raise NotImplementedError("GPU rollout workers (rollout.engine=vllm) are not wired into the RL loop yet; "
-                                      "use rollout_cluster.gpus_per_worker=0 and rollout.engine=reference|auto")
+        if gpus:
+            raise NotImplementedError("GPU rollout workers are not wired into the RL loop yet; "
+                                      "use rollout_cluster.gpus_per_worker=0")
         self.workers: list[Any] = [None] * self.num_workers
         for i in range(self.num_workers):
             self.workers[i] = self._start(i)
@@ -190,8 +210,11 @@ class RolloutPool:
         env = {**self.rc.env, "OMP_NUM_THREADS": str(self.rc.cpus_per_worker),
                "PYTHONPATH": os.pathsep.join(worker_code_paths() + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
         actor_cls = ray.remote(RolloutWorker)
+        runtime_env: dict[str, Any] = {"env_vars": env}
+        if self.rc.python:  # e.g. the vLLM 0.13 + overlay environment (docs/vllm.md)
+            runtime_env["py_executable"] = self.rc.python
         return actor_cls.options(num_cpus=cpus, num_gpus=0, max_restarts=0, name=None,
-                                 runtime_env={"env_vars": env}).remote(self.tree, i, self.rc.cpus_per_worker)
+                                 runtime_env=runtime_env).remote(self.tree, i, self.rc.cpus_per_worker)
 
     def restart(self, i: int) -> None:
         """Replace worker ``i`` by a fresh one holding the current weights."""
