@@ -69,8 +69,11 @@ def _engine(setup, monkeypatch_env: dict[str, str], bm=None):
     from memento_train.generation.vllm_engine import VLLMEngine
 
     with _env(monkeypatch_env):
+        # A 64-token step budget splits every prefill into chunks (prompts are 50-250 tokens): the chunk
+        # boundaries, the deferred compaction after the last one and the seeded generators' discarded
+        # draws are all exercised.
         return VLLMEngine(ASSET, bm or setup["bm"], dtype="float32", max_model_len=512, enforce_eager=True,
-                          seed=0, enable_weight_sync=True)
+                          seed=0, enable_weight_sync=True, max_num_batched_tokens=64, max_num_seqs=16)
 
 
 @contextlib.contextmanager
@@ -136,9 +139,9 @@ def _requests(prompts, seed: int | None):
     return [SequenceRequest(p, seed=None if seed is None else seed + i, prompt_index=i) for i, p in enumerate(prompts)]
 
 
-def compare(name: str, engine, setup, prompts, params, *, ref=None) -> dict:
+def compare(name: str, engine, setup, prompts, params, *, ref=None) -> list:
     """Run both engines on the same seeded requests; assert identical tokens/evictions/KV trace and close
-    log-probs; record a parity-table row."""
+    log-probs; record a parity-table row. Returns vLLM's results."""
     reqs = _requests(prompts, params.seed)
     with _deadline(600, f"vLLM ({name})"):
         got = engine.run(reqs, params)
@@ -163,7 +166,7 @@ def compare(name: str, engine, setup, prompts, params, *, ref=None) -> dict:
                                                                        for w in want], row
     assert [g.kv_trace for g in got] == [w.kv_trace for w in want], row
     assert len(ev_got) == len(ev_want)
-    return row
+    return got
 
 
 def _sampling(setup, **kw):
@@ -188,9 +191,9 @@ def multi_turn_prompts(setup) -> list[list[int]]:
 
 # -- tests ----------------------------------------------------------------------------------------------
 def test_greedy_rollouts_equal_the_reference_engine(mp_engine, setup):
-    row = compare("greedy, keep 0, cap 96 (multiprocess core)", mp_engine, setup, setup["prompts"],
+    got = compare("greedy, keep 0, cap 96 (multiprocess core)", mp_engine, setup, setup["prompts"],
                   _sampling(setup, temperature=0.0))
-    assert int(row["evictions_equal"].split("/")[1]) >= len(setup["prompts"]) // 2, "too few evictions to test"
+    assert sum(len(g.extra["evictions"]) for g in got) >= len(got) // 2, "too few evictions to test"
 
 
 def test_seeded_sampling_equals_the_reference_engine(mp_engine, setup):
@@ -200,11 +203,10 @@ def test_seeded_sampling_equals_the_reference_engine(mp_engine, setup):
 
 def test_prompts_with_finished_blocks_generate_and_evict_at_prompt_len(mp_engine, setup):
     prompts = multi_turn_prompts(setup)
-    row = compare("multi-turn, finished blocks in prompt", mp_engine, setup, prompts,
-                  _sampling(setup, temperature=0.0))
-    got = mp_engine.run(_requests(prompts, None), _sampling(setup, temperature=0.0, max_new_tokens=4))
-    at_prompt_len = [e for p, g in zip(prompts, got) for e in g.extra["evictions"] if e[0] == len(p)]
-    assert at_prompt_len, f"the prompt's finished blocks must be evicted at prompt_len ({row})"
+    got = compare("multi-turn, finished blocks in prompt", mp_engine, setup, prompts, _sampling(setup, temperature=0.0))
+    at_prompt_len = [len([e for e in g.extra["evictions"] if e[0] == len(p)]) for p, g in zip(prompts, got)]
+    assert all(at_prompt_len) and max(at_prompt_len) >= 2, \
+        f"every prompt's finished blocks are evicted at prompt_len, several in one step: {at_prompt_len}"
 
 
 def test_prompts_with_finished_blocks_do_not_livelock_without_eviction(setup):

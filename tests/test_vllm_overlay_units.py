@@ -62,3 +62,63 @@ def test_one_compaction_is_one_vectorised_run():
     # A second compaction of the same step reads slots the first one wrote: a new run.
     again = [(0, 3, 0, 2), (1, 0, 0, 3)]
     assert sequential_chunks(ops + again) == [ops, again]
+
+
+# -- rollout workers in the vLLM 0.13 environment (docs/vllm.md) ------------------------------------------
+def test_rollout_workers_may_run_in_a_second_interpreter(tmp_path):
+    import sys
+
+    from memento_train.cluster.config import ClusterConfig
+    from memento_train.config_errors import ConfigError
+
+    assert ClusterConfig(python=sys.executable).validate("rollout_cluster").python == sys.executable
+    with pytest.raises(ConfigError, match=r"rollout_cluster\.python: .*nope.* is not an executable file"):
+        ClusterConfig(python=str(tmp_path / "nope")).validate("rollout_cluster")
+    with pytest.raises(ConfigError, match=r"^cluster\.python: a second interpreter is supported for rollout workers"):
+        ClusterConfig(python=sys.executable).validate("cluster")
+    with pytest.raises(ConfigError, match=r"rollout_cluster\.python: needs use_ray=true"):
+        ClusterConfig(python=sys.executable, use_ray=False).validate("rollout_cluster")
+
+
+def test_vllm_rollouts_need_a_model_directory_and_object_store_weight_sync(tmp_path):
+    from memento_train.config_errors import ConfigError
+    from memento_train.rl.rl_config import build_rl_config, config_tree
+
+    base = ["logger=none", f"output_dir={tmp_path}", "rollout.engine=vllm"]
+    with pytest.raises(ConfigError, match="rollout.engine=vllm serves model.path"):
+        build_rl_config(config_tree(None, base))
+    model = ["model.path=tests/assets/tiny_rl_warmed", "warmup.enabled=false"]
+    with pytest.raises(ConfigError, match="weight_sync=collective .*VLLMEngine.update_weights"):
+        build_rl_config(config_tree(None, [*base, *model, "weight_sync=collective"]))
+    assert build_rl_config(config_tree(None, [*base, *model])).rollout.engine == "vllm"
+
+
+def test_rollout_actors_start_with_the_configured_interpreter(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    import ray
+
+    from memento_train.rl import rollout_worker
+    from memento_train.rl.rl_config import build_rl_config, config_tree
+
+    started = []
+
+    class Actor:
+        def __init__(self):
+            self.ping = types.SimpleNamespace(remote=lambda: "pong")
+
+    class Remote:
+        def options(self, **kw):
+            started.append(kw)
+            return types.SimpleNamespace(remote=lambda *a: Actor())
+
+    monkeypatch.setattr(ray, "remote", lambda cls: Remote())
+    monkeypatch.setattr(ray, "get", lambda refs: refs)
+    cfg = build_rl_config(config_tree(None, ["logger=none", f"output_dir={tmp_path}",
+                                             f"rollout_cluster.python={sys.executable}", "rollout_cluster.num_workers=2"]))
+    rollout_worker.RolloutPool(cfg, {})
+    assert [kw["runtime_env"].get("py_executable") for kw in started] == [sys.executable] * 2
+    cfg = build_rl_config(config_tree(None, ["logger=none", f"output_dir={tmp_path}"]))
+    rollout_worker.RolloutPool(cfg, {})
+    assert "py_executable" not in started[-1]["runtime_env"]

@@ -26,7 +26,12 @@ What is fixed, and why:
    axis with a slot offset: an ``IndexError`` or, for small offsets, silently wrong data.
    :func:`cpu_execute_kv_copy_operations` copies slot by slot through a per-layout index map that it
    learns once from the CPU cache-write kernel itself (:func:`cpu_slot_layout`).
-4. Engine measurements: the scheduler forwards each executed eviction ``(row, start, stop)`` with the
+4. Seeded sampling with chunked prefill crashes vLLM 0.13 on CPU: a request whose prefill spans steps
+   has its sample discarded, and vLLM rewinds its seeded generator with ``set_offset``, which CPU
+   generators lack ("CPU Generator does not use offset"; the engine dies). On CPU the patched model
+   runner restores the generator's state around the discarded draw instead (the same stream as a
+   request that was never chunked).
+5. Engine measurements: the scheduler forwards each executed eviction ``(row, start, stop)`` with the
    step that performs its KV copy, and the model runner records, per request and per sampled step,
    the physical KV length the attention kernel reads (``seq_lens``). VLLMEngine drains both with
    ``collective_rpc("memento_drain_engine_log", ...)`` and reports them instead of simulating them.
@@ -41,19 +46,20 @@ import functools
 from collections import OrderedDict
 from typing import Any
 
+import numpy as np
 import torch
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from memento_train.generation.vllm_overlay import sequential_chunks
 
-PATCH_VERSION = 1  # bumped when the patch set changes; `memento-vllm doctor` prints it
+PATCH_VERSION = 2  # bumped when the patch set changes; `memento-vllm doctor` prints it
 EVICTIONS_ATTR = "memento_evictions"  # SchedulerOutput attribute: {req_id: [(row, start, stop), ...]}
 _MAX_FINISHED_LOGS = 4096  # engine logs kept for requests nobody drained (bounded memory)
 
 
 class MementoOverlayScheduler(Scheduler):
-    """The overlay's scheduler with fixes 1 and 2 and eviction reporting (4); everything else inherited."""
+    """The overlay's scheduler with fixes 1 and 2 and eviction reporting (5); everything else inherited."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -209,6 +215,39 @@ def cpu_execute_kv_copy_operations(self, kv_copy_operations: dict[str, list[tupl
                 flat[dst_block[:, None], index[dst_off]] = flat[src_block[:, None], index[src_off]]
 
 
+def _cpu_sample_restoring_discarded_generators(original):
+    @functools.wraps(original)
+    def _sample(self, *args, **kwargs):
+        # Rows whose sample is discarded (a prefill chunk that is not the last) still draw from their
+        # seeded generator; vLLM undoes that with `set_offset`, which only CUDA generators have (on CPU
+        # it raises and kills the engine). Restore the generator's state instead.
+        n = self.input_batch.num_reqs
+        saved = {}
+        for i in np.nonzero(self.discard_request_mask.np[:n])[0]:
+            gen = self.input_batch.generators.get(int(i))
+            if gen is not None:
+                saved[int(i)] = gen.get_state()
+        out = original(self, *args, **kwargs)
+        for i, state in saved.items():
+            self.input_batch.generators[i].set_state(state)
+        return out
+
+    return _sample
+
+
+def _cpu_bookkeeping_without_generator_rewind(original):
+    @functools.wraps(original)
+    def _bookkeeping_sync(self, *args, **kwargs):
+        generators = self.input_batch.generators
+        self.input_batch.generators = {}  # already restored by _sample; hide them from the offset rewind
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            self.input_batch.generators = generators
+
+    return _bookkeeping_sync
+
+
 def install_worker_patches() -> None:
     """Patch the model runner classes once per process (idempotent)."""
     if getattr(GPUModelRunner, "_memento_patch_version", None) == PATCH_VERSION:
@@ -221,6 +260,8 @@ def install_worker_patches() -> None:
         CPUModelRunner = None
     if CPUModelRunner is not None:
         CPUModelRunner._execute_kv_copy_operations = cpu_execute_kv_copy_operations
+        CPUModelRunner._sample = _cpu_sample_restoring_discarded_generators(GPUModelRunner._sample)
+        CPUModelRunner._bookkeeping_sync = _cpu_bookkeeping_without_generator_rewind(GPUModelRunner._bookkeeping_sync)
     GPUModelRunner._memento_patch_version = PATCH_VERSION
 
 
