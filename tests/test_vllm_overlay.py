@@ -290,6 +290,23 @@ def test_negative_control_without_kv_copies_diverges(inproc_engine, setup, monke
     assert diverged >= 1 and all(d >= 0 for d in late), late
 
 
+def test_a_model_whose_rope_base_vllm_misreads_is_refused_before_loading(setup, tmp_path):
+    """A transformers-5 config.json (rope_theta only in rope_parameters): transformers 4.57, hence vLLM
+    0.13, would silently use 10000 instead of 1e6."""
+    import json
+    import shutil
+
+    from memento_train.generation.vllm_engine import VLLMEngine
+
+    shutil.copytree(ASSET, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg.pop("rope_theta")
+    cfg["rope_parameters"]["rope_theta"] = 1e6
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"rope_theta\) 1e\+06, but vLLM reads 10000"):
+        VLLMEngine(tmp_path / "m", setup["bm"], dtype="float32", max_model_len=512)
+
+
 @pytest.mark.parametrize("dtype,block_size", [(torch.float32, 16), (torch.float32, 32), (torch.bfloat16, 32)])
 def test_cpu_kv_copy_moves_slots_like_the_cache_write_kernel(dtype, block_size):
     """Copying slot a -> b must leave b holding exactly what the CPU kernel writes for that token at b
