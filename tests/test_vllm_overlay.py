@@ -46,34 +46,28 @@ PARITY_ROWS: list[dict] = []  # printed as one table at the end of the module (-
 @pytest.fixture(scope="module")
 def setup():
     """Tokenizer, RL task prompts, rollout options and the fp32 reference engine on the warmed policy."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from memento_train.data.render import Renderer
     from memento_train.generation import ReferenceGenerator
-    from memento_train.rl.driver import encode_prompts, load_problems
-    from memento_train.rl.rl_config import build_rl_config, config_tree
+    from memento_train.generation.vllm_doctor import task_prompts
 
-    cfg = build_rl_config(config_tree(None, ["logger=none", "output_dir=unused", f"model.path={ASSET}",
-                                             "warmup.enabled=false"]))
-    tok = AutoTokenizer.from_pretrained(str(ASSET))
-    p = cfg.prompts
-    _, prompts = encode_prompts(load_problems(p.path, synthetic_task=p.synthetic, num=8),
-                                Renderer(tok, cfg.rollout.mask.mask_config(), p.system_prompt), p.max_prompt_len)
+    cfg, tok, prompts = task_prompts(ASSET, 8)
     model = AutoModelForCausalLM.from_pretrained(str(ASSET), dtype=torch.float32).eval()
     ref = ReferenceGenerator(model, tok, cfg.rollout.mask)
     return {"tok": tok, "prompts": prompts, "bm": cfg.rollout.mask, "model": model, "ref": ref,
             "max_new_tokens": cfg.rollout.max_new_tokens}
 
 
-def _engine(setup, monkeypatch_env: dict[str, str], bm=None):
+def _engine(setup, monkeypatch_env: dict[str, str], bm=None, *, chunked: bool):
+    """``chunked``: a 64-token step budget splits every prefill into chunks (prompts are 50-250 tokens),
+    exercising chunk boundaries, the compaction after the last chunk and the seeded generators'
+    discarded draws; unchunked prefills end in one step, the case where the overlay alone livelocks."""
     from memento_train.generation.vllm_engine import VLLMEngine
 
+    budget = {"max_num_batched_tokens": 64, "max_num_seqs": 16} if chunked else {}
     with _env(monkeypatch_env):
-        # A 64-token step budget splits every prefill into chunks (prompts are 50-250 tokens): the chunk
-        # boundaries, the deferred compaction after the last one and the seeded generators' discarded
-        # draws are all exercised.
         return VLLMEngine(ASSET, bm or setup["bm"], dtype="float32", max_model_len=512, enforce_eager=True,
-                          seed=0, enable_weight_sync=True, max_num_batched_tokens=64, max_num_seqs=16)
+                          seed=0, enable_weight_sync=True, **budget)
 
 
 @contextlib.contextmanager
@@ -97,16 +91,17 @@ CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
 @pytest.fixture(scope="module")
 def mp_engine(setup):
-    """The default (multiprocess) engine core."""
-    engine = _engine(setup, {**CPU_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+    """The default (multiprocess) engine core, prefills in chunks."""
+    engine = _engine(setup, {**CPU_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}, chunked=True)
     yield engine
     _shutdown(engine)
 
 
 @pytest.fixture(scope="module")
 def inproc_engine(setup):
-    """The in-process engine core (the model runner lives in this process: the control can patch it)."""
-    engine = _engine(setup, {**CPU_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    """The in-process engine core (the model runner lives in this process: the control can patch it),
+    whole prefills."""
+    engine = _engine(setup, {**CPU_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, chunked=False)
     yield engine
     _shutdown(engine)
 
@@ -201,9 +196,14 @@ def test_seeded_sampling_equals_the_reference_engine(mp_engine, setup):
             _sampling(setup, temperature=1.0, seed=1234))
 
 
-def test_prompts_with_finished_blocks_generate_and_evict_at_prompt_len(mp_engine, setup):
+@pytest.mark.parametrize("core", ["mp_engine", "inproc_engine"], ids=["chunked-prefill", "whole-prefill"])
+def test_prompts_with_finished_blocks_generate_and_evict_at_prompt_len(core, setup, request):
+    """Whole prefills: the overlay alone never schedules these requests again (livelock)."""
+    engine = request.getfixturevalue(core)
     prompts = multi_turn_prompts(setup)
-    got = compare("multi-turn, finished blocks in prompt", mp_engine, setup, prompts, _sampling(setup, temperature=0.0))
+    got = compare(f"multi-turn, finished blocks in prompt ({core.split('_')[0]}, "
+                  f"{'chunked' if core == 'mp_engine' else 'whole'} prefill)", engine, setup, prompts,
+                  _sampling(setup, temperature=0.0))
     at_prompt_len = [len([e for e in g.extra["evictions"] if e[0] == len(p)]) for p, g in zip(prompts, got)]
     assert all(at_prompt_len) and max(at_prompt_len) >= 2, \
         f"every prompt's finished blocks are evicted at prompt_len, several in one step: {at_prompt_len}"
@@ -214,7 +214,7 @@ def test_prompts_with_finished_blocks_do_not_livelock_without_eviction(setup):
     from dataclasses import replace
 
     bm = replace(setup["bm"], keep_last_n_blocks=-1)
-    engine = _engine(setup, {**CPU_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}, bm=bm)
+    engine = _engine(setup, {**CPU_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}, bm=bm, chunked=False)
     try:
         from memento_train.generation import ReferenceGenerator
 

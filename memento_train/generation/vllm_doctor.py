@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import vllm_overlay
 
@@ -75,24 +76,34 @@ def _model_rows(model: Path) -> list[Row]:
     return rows
 
 
-def parity_row(model: Path, tokens: int) -> Row:
-    """Greedy, eviction on, fp32: VLLMEngine vs ReferenceGenerator on two task prompts."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def task_prompts(model: Path, num: int) -> tuple[Any, Any, list[list[int]]]:
+    """The RL default's config for ``model``, its tokenizer and the first ``num`` task prompts (token ids,
+    chat template included): what the parity checks generate from."""
+    from transformers import AutoTokenizer
 
     from ..data.render import Renderer
     from ..rl.driver import encode_prompts, load_problems
     from ..rl.rl_config import build_rl_config, config_tree
-    from .engine import SamplingParams
-    from .reference import ReferenceGenerator, SequenceRequest
-    from .vllm_engine import VLLMEngine
 
     cfg = build_rl_config(config_tree(None, ["logger=none", "output_dir=unused", f"model.path={model}",
                                              "warmup.enabled=false"]))
     tok = AutoTokenizer.from_pretrained(str(model))
     p = cfg.prompts
-    _, prompts = encode_prompts(load_problems(p.path, synthetic_task=p.synthetic, num=2),
+    _, prompts = encode_prompts(load_problems(p.path, synthetic_task=p.synthetic, num=num),
                                 Renderer(tok, cfg.rollout.mask.mask_config(), p.system_prompt), p.max_prompt_len)
+    return cfg, tok, prompts
+
+
+def parity_row(model: Path, tokens: int) -> Row:
+    """Greedy, eviction on, fp32: VLLMEngine vs ReferenceGenerator on two task prompts."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .engine import SamplingParams
+    from .reference import ReferenceGenerator, SequenceRequest
+    from .vllm_engine import VLLMEngine
+
+    cfg, tok, prompts = task_prompts(model, 2)
     params = SamplingParams(max_new_tokens=tokens, temperature=0.0)
     reqs = [SequenceRequest(q, prompt_index=i) for i, q in enumerate(prompts)]
     t0 = time.perf_counter()
