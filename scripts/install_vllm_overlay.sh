@@ -68,8 +68,8 @@ else
     "${PIP[@]}" install "vllm==0.13.0"
 fi
 
-step "ray $RAY_VERSION, pytest, math-verify (rollout actors, tests, memento-eval scoring)"
-"${PIP[@]}" install "ray==$RAY_VERSION" pytest "math-verify[antlr4-13-2]>=0.7"
+step "ray $RAY_VERSION, pytest, math-verify, matplotlib (rollout actors, tests, memento-eval scoring and plots)"
+"${PIP[@]}" install "ray==$RAY_VERSION" pytest "math-verify[antlr4-13-2]>=0.7" "matplotlib>=3.7"
 
 if ! command -v rsync >/dev/null; then
     step "rsync (install_overlay.sh needs it)"
