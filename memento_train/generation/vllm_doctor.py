@@ -111,6 +111,7 @@ def parity_row(model: Path, tokens: int) -> Row:
     engine = VLLMEngine(model, cfg.rollout.mask, dtype="float32", max_model_len=512, enforce_eager=True, seed=0)
     t1 = time.perf_counter()
     try:
+        live = engine.llm.collective_rpc("memento_patch_version")  # the worker extension answers per worker
         got = engine.run(reqs, params)
     finally:
         core = getattr(getattr(engine.llm, "llm_engine", None), "engine_core", None)
@@ -126,9 +127,9 @@ def parity_row(model: Path, tokens: int) -> Row:
     ev_g = [[tuple(e) for e in g.extra.get("evictions", [])] for g in got]
     ev_w = [[tuple(e) for e in w.extra["evictions"]] for w in want]
     kv = all(g.extra.get("kv_trace") == "engine" and g.kv_trace == w.kv_trace for g, w in zip(got, want))
-    ok = same == len(prompts) and lp < 1e-4 and ev_g == ev_w and kv
+    ok = same == len(prompts) and lp < 1e-4 and ev_g == ev_w and kv and bool(live)
     n_ev = sum(len(e) for e in ev_w)
-    detail = (f"tokens {same}/{len(prompts)} equal, max|dlogprob| {lp:.1e}, evictions "
+    detail = (f"patches v{live[0]} live in {len(live)} engine worker(s); tokens {same}/{len(prompts)} equal, max|dlogprob| {lp:.1e}, evictions "
               f"{'equal' if ev_g == ev_w else 'DIFFER'} ({n_ev}), engine KV trace {'equal' if kv else 'DIFFERS'}; "
               f"engine start {t1 - t0:.0f} s, generate {t2 - t1:.1f} s")
     return Row("parity vs ReferenceGenerator", "ok" if ok else "FAIL", detail)
