@@ -122,3 +122,18 @@ def test_rollout_actors_start_with_the_configured_interpreter(monkeypatch, tmp_p
     cfg = build_rl_config(config_tree(None, ["logger=none", f"output_dir={tmp_path}"]))
     rollout_worker.RolloutPool(cfg, {})
     assert "py_executable" not in started[-1]["runtime_env"]
+
+
+def test_status_never_loads_the_patches_into_another_vllm(monkeypatch):
+    """Importing vllm_overlay_patches patches vLLM's model runner: only ever on vLLM 0.13."""
+    import sys
+    import types
+
+    fake = types.ModuleType("vllm")
+    fake.__version__ = "0.32.0"
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.delitem(sys.modules, vllm_overlay.PATCHES_MODULE, raising=False)
+    st = vllm_overlay.status()
+    assert st.vllm_version == "0.32.0" and st.patches.startswith("not loaded")
+    assert vllm_overlay.PATCHES_MODULE not in sys.modules
+    assert any("not 0.13.x" in p for p in st.problems)

@@ -148,12 +148,15 @@ def status() -> OverlayStatus:
     if not overlay:
         problems.append("the Memento overlay is not applied (vllm.config.block_masking missing); "
                         f"install: {INSTALL_COMMAND}")
-    try:
-        mod = importlib.import_module(PATCHES_MODULE)
-        patches = f"importable (v{mod.PATCH_VERSION})"
-    except Exception as exc:  # noqa: BLE001 - reported, not raised
-        patches = f"not importable: {type(exc).__name__}: {exc}"
-        problems.append(f"{PATCHES_MODULE} does not import: {exc}")
+    if not applies(version):  # importing the patches would patch another vLLM's model runner
+        patches = "not loaded (written for vLLM 0.13)"
+    else:
+        try:
+            mod = importlib.import_module(PATCHES_MODULE)
+            patches = f"importable (v{mod.PATCH_VERSION})"
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            patches = f"not importable: {type(exc).__name__}: {exc}"
+            problems.append(f"{PATCHES_MODULE} does not import: {exc}")
     try:
         platform = "cpu" if on_cpu_platform() else "gpu"
     except Exception as exc:  # noqa: BLE001
