@@ -427,11 +427,17 @@ def test_unsupported_vllm_names_version_plugin_and_overlay(monkeypatch, engine_a
 def test_vllm_with_block_masking_is_accepted(monkeypatch, init, engine_args):
     _fake_vllm(monkeypatch, "0.13.1.dev0+memento", init, engine_args)
     assert check_vllm_block_masking() == "0.13.1.dev0+memento"
+    platforms = types.ModuleType("vllm.platforms")  # vLLM's CPU platform: the rms_norm workaround applies
+    platforms.current_platform = SimpleNamespace(is_cpu=lambda: True)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
     engine = VLLMEngine("/m", BlockMaskingConfig(), max_model_len=2048)  # vllm.LLM / SamplingParams used
-    assert engine.vllm_version == "0.13.1.dev0+memento"
-    assert engine.llm.kwargs["block_masking_config"]["enable"] is True
-    res = engine.generate([PROMPT], SamplingParams(n=2))
-    assert [r.token_ids for r in res[0]] == [MEMENTO, TRUNCATED]
+    assert engine.vllm_version == "0.13.1.dev0+memento" and engine.overlay
+    kw = engine.llm.kwargs
+    assert kw["block_masking_config"]["enable"] is True
+    # the project's runtime patch layer for vLLM 0.13 + overlay (memento_train.generation.vllm_overlay)
+    assert kw["scheduler_cls"].endswith("vllm_overlay_patches.MementoOverlayScheduler")
+    assert kw["worker_extension_cls"].endswith("vllm_overlay_patches.MementoOverlayWorkerExtension")
+    assert kw["compilation_config"] == {"custom_ops": ["-rms_norm"]}
 
 
 # -- the real thing (GPU + vLLM 0.13 with the overlay) -------------------------------------------

@@ -11,8 +11,11 @@ One interface, two backends (``backend=``; ``auto`` picks by the installed vLLM)
   temperature (exact). Samples are separate requests seeded like the reference engine's sequences
   (``derive_seed(seed, prompt, sample)``), so seeded sampling reproduces it token for token.
 - ``overlay`` — vLLM 0.13 with Microsoft's block-masking overlay (``block_masking_config`` engine
-  argument). Its KV trace and kinds are simulated with :func:`memento_train.masking.parse` (the rule
-  the overlay applies); log-probs follow ``logprobs_mode`` (see :meth:`VLLMEngine.logprobs_exact`).
+  argument) and this project's runtime patch layer (:mod:`memento_train.generation.vllm_overlay`):
+  the evictions and KV length per step come from the engine's log; without the patch layer (a fake
+  engine in tests) they are simulated with :func:`memento_train.masking.parse`. The block cap's forced
+  tokens are replayed from the ids (:func:`forced_by_block_cap`); log-probs follow ``logprobs_mode``
+  (see :meth:`VLLMEngine.logprobs_exact`).
 
 Common choices: ``enable_prefix_caching=False`` (a cached prefix would hand a request KV entries of
 blocks another request evicted); ``TokensPrompt``-shaped requests; ``ignore_eos=True`` with explicit
@@ -31,8 +34,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
+from ..hf_compat import check_served_rope_theta
 from ..masking import SpecialTokens, live_kv_trace, parse
 from ..tokens import IM_END, special_token_ids
+from . import vllm_overlay
 from .engine import BlockMaskingConfig, GenerationResult, SamplingParams
 from .reference import SequenceRequest
 from .sampling import derive_seed, random_seed
@@ -277,7 +282,13 @@ class VLLMEngine:
             kwargs.update(self._overlay_engine_kwargs())
         kwargs.update(llm_kwargs)
         kwargs["enable_prefix_caching"] = False
+        # vLLM 0.13 + overlay: the project's runtime patch layer (see memento_train.generation.vllm_overlay).
+        self.overlay = self.backend == "overlay" and vllm_overlay.applies(self.vllm_version)
+        if self.overlay:
+            kwargs = vllm_overlay.engine_kwargs(kwargs)
         self.llm_kwargs = kwargs
+        if self.vllm_version is not None:  # real vLLM: refuse a RoPE base it would misread, before loading
+            check_served_rope_theta(model_path)
         self.llm = llm_factory(**kwargs)
         if self.backend == "overlay":
             if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
@@ -345,19 +356,12 @@ class VLLMEngine:
         prompts = [[int(t) for t in p] for p in prompts]
         if any(not p for p in prompts):
             raise ValueError("every prompt needs at least one token")
-        if self.backend == "plugin":
+        if self.backend == "plugin" or self.overlay:  # one request per sample, seeded like the reference engine
             requests = [SequenceRequest(p, prompt_index=i, sample_index=s)
                         for i, p in enumerate(prompts) for s in range(params.n)]
             flat = self.run(requests, params)
             return [flat[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
-        exact = self.logprobs_exact(params)
-        if not exact:
-            warnings.warn(
-                f"logprobs_mode={self.logprobs_mode!r} with temperature={params.temperature}, "
-                f"top_k={params.top_k}, top_p={params.top_p}, min_p={params.min_p}: vLLM's log-probs "
-                "differ from log_softmax(logits / T) before truncation (see memento_train.generation."
-                "vllm_engine)", stacklevel=2,
-            )
+        exact = self._check_logprobs(params)
         requests = [{"prompt_token_ids": p} for p in prompts]  # == vllm.inputs.TokensPrompt
         outputs = self.llm.generate(requests, self.sampling_params(params), use_tqdm=False)
         if len(outputs) != len(prompts):
@@ -372,23 +376,29 @@ class VLLMEngine:
 
     def run(self, requests: Sequence[SequenceRequest], params: SamplingParams, *,
             extra_args: Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None = None) -> list[GenerationResult]:
-        """One result per request, each seeded like the reference engine's sequence (plugin backend).
+        """One result per request, each seeded like the reference engine's sequence (what ``RolloutWorker`` calls).
 
         ``request.seed`` (else ``derive_seed(params.seed, prompt_index, sample_index)``) seeds it;
-        ``max_new_tokens`` overrides the params'. ``extra_args`` (one mapping for all, or one per
-        request) go to vLLM's ``SamplingParams.extra_args``: e.g. ``{"memento": {"keep_last_n_blocks": 1}}``
-        overrides the engine's eviction options for that request (:mod:`memento_train.serving.config`).
-        Teacher forcing is not available through vLLM.
+        ``max_new_tokens`` overrides the params'. Each result carries what the engine measured: the
+        evictions it executed and the physical KV length of every step (the plugin's report on vLLM
+        0.32, the patch layer's engine log on vLLM 0.13 + overlay). ``extra_args`` (plugin only; one
+        mapping for all, or one per request) go to vLLM's ``SamplingParams.extra_args``: e.g.
+        ``{"memento": {"keep_last_n_blocks": 1}}`` overrides the engine's eviction options for that
+        request (:mod:`memento_train.serving.config`). Teacher forcing is not available through vLLM.
         """
         if extra_args is None or isinstance(extra_args, Mapping):
             extra_args = [extra_args] * len(requests)
         if len(extra_args) != len(requests):
             raise ValueError(f"{len(extra_args)} extra_args for {len(requests)} requests")
-        if self.backend != "plugin":
-            raise NotImplementedError("VLLMEngine.run needs the plugin backend (vLLM 0.32); use generate")
+        if self.backend != "plugin" and not self.overlay:
+            raise NotImplementedError("VLLMEngine.run needs vLLM 0.32 (the plugin) or vLLM 0.13 + the Memento "
+                                      "overlay; use generate")
+        if self.backend != "plugin" and any(e for e in extra_args):
+            raise NotImplementedError("per-request extra_args need the plugin backend (vLLM 0.32)")
         if any(len(r.forced_token_ids) for r in requests):
             raise NotImplementedError("teacher-forced prefixes are not supported by VLLMEngine; use "
                                       "ReferenceGenerator.teacher_force")
+        exact = self._check_logprobs(params)
         base = params.seed if params.seed is not None else random_seed()
         prompts, sps = [], []
         for r, extra in zip(requests, extra_args):
@@ -402,7 +412,21 @@ class VLLMEngine:
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sps, use_tqdm=False)
         if len(outputs) != len(prompts):
             raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} requests")
-        return [self._convert_plugin(p, out, sp) for p, out, sp in zip(prompts, outputs, sps)]
+        if self.backend == "plugin":
+            return [self._convert_plugin(p, out, sp) for p, out, sp in zip(prompts, outputs, sps)]
+        measured = vllm_overlay.drain_measurements(self.llm, outputs)
+        return [self._convert_overlay(p, out.outputs[0], exact, m) for p, out, m in zip(prompts, outputs, measured)]
+
+    def _check_logprobs(self, params: SamplingParams) -> bool:
+        exact = self.logprobs_exact(params)
+        if not exact:
+            warnings.warn(
+                f"logprobs_mode={self.logprobs_mode!r} with temperature={params.temperature}, "
+                f"top_k={params.top_k}, top_p={params.top_p}, min_p={params.min_p}: vLLM's log-probs "
+                "differ from log_softmax(logits / T) before truncation (see memento_train.generation."
+                "vllm_engine)", stacklevel=3,
+            )
+        return exact
 
     # -- results -------------------------------------------------------------------------------
     def _completion(self, completion: Any) -> tuple[list[int], list[float]]:
@@ -432,7 +456,7 @@ class VLLMEngine:
             kinds=parsed.kinds[len(prompt):].tolist(), kv_trace=kv_trace,
             finish_reason=completion.finish_reason,
             kv_bytes=None if not per_token else [n * int(per_token) for n in kv_trace],
-            forced_block_ends=sum(forced),
+            forced_block_ends=sum(forced), forced=forced,
             extra={
                 "engine": "vllm", "backend": "plugin", "kv_trace": "measured", "logprobs_exact": True,
                 "evictions": [tuple(e) for e in report["eviction_events"]], "forced": forced,
@@ -441,25 +465,33 @@ class VLLMEngine:
                 "stop_reason": getattr(completion, "stop_reason", None), "anomalies": len(parsed.anomalies),
             },
         )
-        if hasattr(result, "forced"):  # GenerationResult.forced (added with the rl branch)
-            result.forced = forced
         return result
 
-    def _convert_overlay(self, prompt: list[int], completion: Any, exact: bool) -> GenerationResult:
+    def _convert_overlay(self, prompt: list[int], completion: Any, exact: bool,
+                         measured: vllm_overlay.EngineMeasurement | None = None) -> GenerationResult:
         token_ids, logprobs = self._completion(completion)
         n_prompt = len(prompt)
         parsed = parse([*prompt, *token_ids], self.special, self._mask_config, prompt_len=n_prompt)
-        trace = live_kv_trace(parsed.kill_row)[n_prompt - 1 : n_prompt - 1 + len(token_ids)]
+        trace = live_kv_trace(parsed.kill_row)[n_prompt - 1 : n_prompt - 1 + len(token_ids)].tolist()
+        extra: dict[str, Any] = {"kv_trace": "simulated"}
+        if measured is not None:  # what the engine did, not what the rule predicts
+            if len(measured.kv_trace) < len(token_ids):
+                raise RuntimeError(f"vLLM's engine log has {len(measured.kv_trace)} sampled steps for "
+                                   f"{len(token_ids)} tokens: are the Memento patches loaded in the engine?")
+            trace = measured.kv_trace[: len(token_ids)]
+            extra = {"kv_trace": "engine", "evictions": list(measured.evictions)}
+        # The overlay reports no per-token flags: replay its cap (a deterministic rule over the ids).
+        cap = self.block_masking.max_block_tokens if self.block_masking.enable else None
+        flags = forced_by_block_cap(prompt, token_ids, self.special, cap) if cap else [False] * len(token_ids)
         forced = getattr(completion, "forced_block_ends", None)
-        if forced is None:
-            cap = self.block_masking.max_block_tokens if self.block_masking.enable else None
-            forced = replay_block_cap(prompt, token_ids, self.special, cap) if cap else 0
+        forced = sum(flags) if forced is None else forced
         return GenerationResult(
             prompt_ids=prompt, token_ids=token_ids, logprobs=logprobs,
-            kinds=parsed.kinds[n_prompt:].tolist(), kv_trace=trace.tolist(),
+            kinds=parsed.kinds[n_prompt:].tolist(), kv_trace=trace,
             finish_reason=completion.finish_reason, kv_bytes=None, forced_block_ends=int(forced),
+            forced=flags if int(forced) == sum(flags) else [],
             extra={
-                "engine": "vllm", "backend": "overlay", "kv_trace": "simulated", "logprobs_mode": self.logprobs_mode,
+                **extra, "engine": "vllm", "backend": "overlay", "logprobs_mode": self.logprobs_mode,
                 "logprobs_exact": exact, "stop_reason": getattr(completion, "stop_reason", None),
                 "text": getattr(completion, "text", None), "anomalies": len(parsed.anomalies),
             },
@@ -486,6 +518,8 @@ class VLLMEngine:
             # vLLM's CPU build repacks the LM head apart from the tied embedding after loading: an update
             # of the embedding alone would leave the old head in place.
             weights.append(("lm_head.weight", dict(weights)["model.embed_tokens.weight"]))
+        # Inside a partial the tensors are cloudpickled with the function; as collective_rpc `args` the
+        # multiprocess engine core's msgpack encoder would turn them into nested lists.
         rpc(functools.partial(_load_weights_on_worker, weights=weights))
 
     def shutdown(self) -> None:
@@ -516,17 +550,24 @@ def _installed_vllm_version() -> str | None:
 
 
 def replay_block_cap(prompt: Sequence[int], response: Sequence[int], special: SpecialTokens, cap: int) -> int:
-    """Count the ``<|block_end|>`` tokens the overlay's block-length cap forced into ``response``.
+    """Count the ``<|block_end|>`` tokens the overlay's block-length cap forced into ``response``
+    (:func:`forced_by_block_cap` gives the per-token flags)."""
+    return sum(forced_by_block_cap(prompt, response, special, cap))
+
+
+def forced_by_block_cap(prompt: Sequence[int], response: Sequence[int], special: SpecialTokens,
+                        cap: int) -> list[bool]:
+    """Per response token: whether the overlay's block-length cap forced it (a ``<|block_end|>``).
 
     Mirrors ``BlockLengthCapLogitsProcessor``: scanning prompt then response, ``<|block_start|>``
     opens a block and resets the count, ``<|block_end|>`` closes it, other non-delimiter tokens inside
     a block count; a response token sampled while the count is ``>= cap`` was forced.
     """
     delims = {special.block_start, special.block_end, special.summary_start, special.summary_end}
-    in_block, count, forced = False, 0, 0
+    in_block, count, forced = False, 0, []
     for pos, tok in enumerate([*prompt, *response]):
-        if pos >= len(prompt) and in_block and count >= cap and tok == special.block_end:
-            forced += 1
+        if pos >= len(prompt):
+            forced.append(in_block and count >= cap and tok == special.block_end)
         if tok == special.block_start:
             in_block, count = True, 0
         elif tok == special.block_end:

@@ -257,8 +257,11 @@ class RolloutPool:
         actor_cls = ray.remote(RolloutWorker)
         gpus = self.rc.gpus_per_worker if self.rc.gpus_per_worker is not None else (1 if cluster_gpus() > 0 else 0)
         gpus = 0 if self.cfg.placement == "colocated" else gpus
+        runtime_env: dict[str, Any] = {"env_vars": env}
+        if self.rc.python:  # e.g. the vLLM 0.13 + overlay environment (docs/vllm.md)
+            runtime_env["py_executable"] = self.rc.python
         return actor_cls.options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, name=None,
-                                 runtime_env={"env_vars": env}).remote(self.tree, i, self.rc.cpus_per_worker)
+                                 runtime_env=runtime_env).remote(self.tree, i, self.rc.cpus_per_worker)
 
     def restart(self, i: int) -> None:
         """Replace worker ``i`` by a fresh one holding the current weights."""
