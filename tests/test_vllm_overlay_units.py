@@ -80,17 +80,15 @@ def test_rollout_workers_may_run_in_a_second_interpreter(tmp_path):
         ClusterConfig(python=sys.executable, use_ray=False).validate("rollout_cluster")
 
 
-def test_vllm_rollouts_need_a_model_directory_and_object_store_weight_sync(tmp_path):
+def test_vllm_rollouts_need_a_checkpoint_directory(tmp_path):
     from memento_train.config_errors import ConfigError
     from memento_train.rl.rl_config import build_rl_config, config_tree
 
-    base = ["logger=none", f"output_dir={tmp_path}", "rollout.engine=vllm"]
-    with pytest.raises(ConfigError, match="rollout.engine=vllm serves model.path"):
+    base = ["logger=none", f"output_dir={tmp_path}", "rollout.generator=vllm", "warmup.enabled=false"]
+    with pytest.raises(ConfigError, match="rollout.generator=vllm loads the policy from a checkpoint directory"):
         build_rl_config(config_tree(None, base))
-    model = ["model.path=tests/assets/tiny_rl_warmed", "warmup.enabled=false"]
-    with pytest.raises(ConfigError, match="weight_sync=collective .*VLLMEngine.update_weights"):
-        build_rl_config(config_tree(None, [*base, *model, "weight_sync=collective"]))
-    assert build_rl_config(config_tree(None, [*base, *model])).rollout.engine == "vllm"
+    cfg = build_rl_config(config_tree(None, [*base, "model.path=tests/assets/tiny_rl_warmed", "weight_sync=collective"]))
+    assert cfg.rollout.generator == "vllm"  # collective sync loads host buffers into vLLM (update_weights)
 
 
 def test_rollout_actors_start_with_the_configured_interpreter(monkeypatch, tmp_path):
