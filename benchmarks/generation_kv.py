@@ -15,6 +15,16 @@ tokenizer) are teacher-forced token by token through a tiny random Qwen3 with
 
     python benchmarks/generation_kv.py                 # ~1-2 min on 2 CPU cores (1 torch thread)
     python benchmarks/generation_kv.py --no-alone      # skip the batch-1 storage runs
+
+``--generator vllm`` measures real decoding instead (vLLM has no teacher forcing): the warmed tiny
+policy (``--model``, default ``tests/assets/tiny_rl_warmed``) answers ``--prompts`` problems of the
+synthetic task, single- and multi-turn, through vLLM 0.32 + the Memento plugin with eviction on and off
+(one engine, per-request options), and through the reference generator on the same prompts and seeds.
+Per mode: decode tokens/s (wall time of the batch, prefill included, engine start excluded), per-sequence
+peak and AUC of the KV entries the engine attended over (vLLM: measured by the plugin), peak KV bytes
+(the engine's bytes per token), and vLLM vs reference ratios from the same run::
+
+    python benchmarks/generation_kv.py --generator vllm --prompts 64 --max-new-tokens 160
 """
 
 from __future__ import annotations
@@ -72,8 +82,82 @@ def run_mode(model, tok, bm: BlockMaskingConfig, traces, *, alone: bool, growth:
     return gen, results, elapsed, alone_peaks
 
 
+def vllm_benchmark(args) -> None:
+    """The ``--generator vllm`` rows (module docstring)."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "tests"))
+    import vllm_harness as vh  # the tests' prompts and engine settings
+
+    from memento_train.generation import SamplingParams, SequenceRequest, VLLMEngine
+
+    model_path = args.model or vh.ASSET
+    tok = vh.tokenizer()
+    prompts = vh.single_turn_prompts(tok, args.prompts - args.prompts // 4) + vh.multi_turn_prompts(tok, args.prompts // 4)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=0,
+                            stop_token_ids=(tok.convert_tokens_to_ids("<|im_end|>"),))
+    modes = {"on": BlockMaskingConfig(keep_last_n_blocks=0), "off": BlockMaskingConfig(enable=False)}
+    requests = [SequenceRequest(p, prompt_index=i) for i, p in enumerate(prompts)]
+    options = {**vh.ENGINE_OPTIONS, "dtype": args.dtype}
+    if args.device == "cuda":
+        options.update(enforce_eager=False, gpu_memory_utilization=0.3)
+        options.pop("block_size")
+    t0 = time.perf_counter()
+    engine = VLLMEngine(model_path, modes["on"], seed=0, **options)
+    start_s = time.perf_counter() - t0
+    rows = {}
+    try:
+        engine.run(requests[:2], params, extra_args=vh.memento_args(modes["on"]))  # warm-up
+        for name, bm in modes.items():
+            t0 = time.perf_counter()
+            results = engine.run(requests, params, extra_args=vh.memento_args(bm))
+            rows[("vllm", name)] = (results, time.perf_counter() - t0)
+    finally:
+        engine.shutdown()
+    model = vh.reference_model().to(args.device)
+    for name, bm in modes.items():
+        gen = ReferenceGenerator(model, tok, bm, max_batch_size=len(prompts))
+        t0 = time.perf_counter()
+        results = gen.run(requests, params)
+        rows[("reference", name)] = (results, time.perf_counter() - t0)
+
+    bpt = rows[("vllm", "on")][0][0].kv_bytes[0] // rows[("vllm", "on")][0][0].kv_trace[0]
+    print(f"model: {model_path} ({args.dtype} on {args.device}); {len(prompts)} prompts "
+          f"({args.prompts // 4} multi-turn), max_new_tokens={args.max_new_tokens}, T={args.temperature}; "
+          f"vLLM engine start {start_s:.1f} s (excluded); KV bytes/token measured by the plugin: {bpt}")
+    header = (f"{'generator':>9} {'evict':>5} | {'tokens':>6} {'seconds':>7} {'decode tok/s':>12} | "
+              f"{'peak KV (max/mean)':>18} {'KV AUC':>9} | {'peak KV bytes (max)':>19}")
+    print(header)
+    print("-" * len(header))
+    for (gen_name, mode), (results, seconds) in rows.items():
+        n = sum(r.num_tokens for r in results)
+        peaks = [r.peak_kv for r in results]
+        auc = sum(r.kv_auc for r in results)
+        print(f"{gen_name:>9} {mode:>5} | {n:>6} {seconds:>7.2f} {n / seconds:>12,.1f} | "
+              f"{max(peaks):>8} / {sum(peaks) / len(peaks):>7.1f} {auc:>9} | {fmt_bytes(max(peaks) * bpt):>19}")
+    print("-" * len(header))
+    v_on, v_off = rows[("vllm", "on")], rows[("vllm", "off")]
+    r_on = rows[("reference", "on")]
+    same = all(a.token_ids == b.token_ids and a.kv_trace == b.kv_trace for a, b in zip(v_on[0], r_on[0]))
+    auc_ratio = sum(r.kv_auc for r in v_off[0]) / sum(r.kv_auc for r in v_on[0])
+    peak_ratio = sum(r.peak_kv for r in v_off[0]) / sum(r.peak_kv for r in v_on[0])
+    tps = {k: sum(r.num_tokens for r in v[0]) / v[1] for k, v in rows.items()}
+    print(f"vLLM eviction off/on: sum of per-sequence peaks x{peak_ratio:.2f}, KV AUC x{auc_ratio:.2f}; "
+          f"decode tok/s on/off x{tps[('vllm', 'on')] / tps[('vllm', 'off')]:.2f}; "
+          f"vLLM/reference decode tok/s (eviction on) x{tps[('vllm', 'on')] / tps[('reference', 'on')]:.2f}; "
+          f"vLLM tokens and KV traces equal the reference's: {same}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--generator", default="reference", choices=["reference", "vllm"],
+                    help="reference: teacher-force the sample traces; vllm: decode through vLLM + the plugin")
+    ap.add_argument("--model", default=None, help="--generator vllm: checkpoint (default: the warmed tiny policy)")
+    ap.add_argument("--prompts", type=int, default=64, help="--generator vllm: number of prompts")
+    ap.add_argument("--max-new-tokens", type=int, default=160, help="--generator vllm")
+    ap.add_argument("--temperature", type=float, default=0.0, help="--generator vllm (0 = greedy)")
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
@@ -85,6 +169,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.generator == "vllm":
+        vllm_benchmark(args)
+        return
 
     tok = load_shipped_tokenizer()
     ids = special_token_ids(tok)

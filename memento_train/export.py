@@ -1,5 +1,6 @@
 """Hugging Face export: safetensors weights, tokenizer with chat template, generation config and a
-marker file describing the run, loadable by ``AutoModelForCausalLM.from_pretrained`` and vLLM.
+marker file describing the run, loadable by ``AutoModelForCausalLM.from_pretrained`` (transformers 4.56+
+and 5.x alike, see :mod:`memento_train.hf_compat`) and vLLM.
 
 The marker (``memento_train.json``) always records the eviction rule the model was trained with
 (``mask``: the :class:`~memento_train.masking.MaskConfig` fields). RL rollouts and ``memento-eval``
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from memento_train.masking import MaskConfig
+from memento_train.hf_compat import add_legacy_keys
 from memento_train.tokens import IM_END
 
 MARKER_FILE = "memento_train.json"
@@ -71,6 +73,7 @@ def export_hf(state_dict: dict[str, torch.Tensor], config: Any, tokenizer: Any, 
     skeleton.generation_config = gen
     skeleton.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    add_legacy_keys(out_dir)  # transformers 4.x (vLLM 0.13) reads rope_theta / torch_dtype / the tokenizer class
     with open(os.path.join(out_dir, MARKER_FILE), "w") as f:
         json.dump(info, f, indent=2, default=str)
     return str(out_dir)

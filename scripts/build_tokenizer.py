@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerFast
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from memento_train.hf_compat import add_legacy_keys  # noqa: E402
 from memento_train.tokens import (  # noqa: E402
     ASSISTANT,
     CHATML_TEMPLATE,
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         raise RuntimeError(f"built vocab has {len(tok)} entries, expected {VOCAB_SIZE}")
     args.out.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(args.out))
+    add_legacy_keys(args.out)  # a tokenizer class transformers 4.x (vLLM 0.13) can load too
     print(f"wrote {args.out} (vocab {len(tok)})")
     for name, i in special_token_ids(tok).items():
         print(f"  {name!r}: {i}")

@@ -33,7 +33,7 @@ def run(capsys, *argv):
 # -- configuration -------------------------------------------------------------------------------------
 def test_defaults_are_the_embedded_default():
     cfg = build_config(["output_dir=/tmp/x"])
-    assert cfg.model == "tiny" and cfg.engine == "reference" and cfg.n == 4
+    assert cfg.model == "tiny" and cfg.generator == "reference" and cfg.n == 4
     assert cfg.sampling.temperature == 0.6 and cfg.sampling.top_p == 0.95
     assert cfg.max_new_tokens == 96 and cfg.ks == [1, 2, 4]
     assert cfg.block_masking.keep_last_n_blocks == 0 and cfg.block_masking.enable
@@ -95,7 +95,8 @@ def test_json_recipe_top_level(tmp_path):
         (["output_dir=o", "sampling.temperature=hot"], "sampling.temperature: expected a number"),
         (["output_dir=o", "block_masking.keep_last_n_blocks=-2"], "block_masking: keep_last_n_blocks"),
         (["output_dir=o", "block_masking.enable=maybe"], "block_masking.enable: expected true or false"),
-        (["output_dir=o", "engine=hf"], "engine: must be one of reference, vllm"),
+        (["output_dir=o", "generator=hf"], "generator: must be one of reference, vllm"),
+        (["output_dir=o", "engine=hf"], "generator: must be one of reference, vllm"),  # the deprecated name
         (["output_dir=o", "problems=./missing.jsonl"], "problems: './missing.jsonl' does not exist"),
         (["output_dir=o", "kv_geometry=qwen9"], "kv_geometry: must be 'auto', one of qwen3-8b"),
         (["output_dir=o", "model=./no/such/ckpt"], "model: './no/such/ckpt' is not a checkpoint directory"),
@@ -265,7 +266,7 @@ def test_embedded_default_with_reference_engine(tmp_path, capsys):
     m = summary["metrics"]
     assert m["num_samples"] == 4 * 3 and m["samples_per_problem"] == 4
     assert summary["meta"]["engine"] == "ReferenceGenerator"
-    assert summary["config"]["model"] == "tiny" and summary["config"]["engine"] == "reference"
+    assert summary["config"]["model"] == "tiny" and summary["config"]["generator"] == "reference"
     gens = read_generations(out_dir / "generations.jsonl")
     assert all(1 <= g["num_tokens"] <= 96 for g in gens)
     assert all(g["peak_kv"] >= g["prompt_tokens"] for g in gens)
@@ -343,9 +344,10 @@ def test_vllm_engine_wiring_with_fake_llm(tmp_path, capsys):
         "progress": False, "plot_samples": 1, "block_masking": {"keep_last_n_blocks": 1},
         "engine_kwargs": {"llm_factory": FakeLLM, "sampling_params_factory": dict},
     })
+    assert cfg.generator == "vllm"  # `engine` is the deprecated name of the key
     outcome = run_eval(cfg.validate())
     kw = built["kwargs"]
-    assert kw["model"] == str(ckpt) and kw["dtype"] == "bfloat16" and kw["seed"] == 0
+    assert kw["model"] == str(ckpt) and kw["dtype"] == "float32" and kw["seed"] == 0  # dtype=auto on CPU
     assert kw["block_masking_config"]["keep_last_n_blocks"] == 1 and kw["enable_prefix_caching"] is False
     sp = built["sampling"]
     assert sp["temperature"] == 0.6 and sp["top_p"] == 0.95 and sp["max_tokens"] == 32768

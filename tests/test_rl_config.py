@@ -191,8 +191,6 @@ def test_memento_eval_uses_the_models_mask_and_refuses_a_contradiction(tmp_path,
 @pytest.mark.parametrize("overrides,named", [
     (["engine.offload_optimizer=true"], r"engine.offload_optimizer alone is not possible with fsdp2"),
     (["engine.precision=fp16"], r"engine.precision=fp16"),
-    (["rollout.engine=vllm"], r"rollout.engine=vllm .*not wired.*rollout.engine=reference"),
-    (["rollout.engine=auto"], r"rollout.engine=auto .*not wired"),  # auto on GPU rollout workers = vLLM
     (["placement=colocated"], r"placement=colocated on GPUs"),
     (["engine.kind=megatron", "engine.tensor_parallel=2"], r"engine.tensor_parallel=2.*data parallel only"),
 ])
@@ -213,7 +211,7 @@ def test_the_shipped_grpo_recipe_passes_show(tmp_path, capsys):
     rc, out, err = run_cli(rl_main, capsys, "show", "recipe=grpo", *OFFLINE,
                            f"model.path={fake_export(tmp_path / 's2', stage=2)}")
     assert rc == 0, err
-    assert "engine: reference" in out  # the recipe says which rollout generator it uses
+    assert "generator: vllm" in out  # the recipe says which rollout generator it uses
 
 
 def test_tiny_default_still_builds():

@@ -45,6 +45,9 @@ class ClusterConfig:
             driver's environment (so the secret need not be in the config at all). Names that look
             like secrets (``*API_KEY*``, ``*TOKEN*``, ...) are treated as secret anyway
             (:mod:`memento_train.faults.secrets`).
+        python: the Python interpreter of the workers (Ray ``runtime_env`` ``py_executable``), e.g. the
+            separate vLLM 0.13 environment of rollout workers (``docs/vllm.md``); same Python minor
+            version and Ray version as the driver. ``None``: the driver's. Rollout workers only.
     """
 
     address: str | None = None
@@ -58,6 +61,7 @@ class ClusterConfig:
     collective_timeout_s: float = 1800.0
     env: dict[str, str] = field(default_factory=dict)
     secret_env: list[str] = field(default_factory=list)
+    python: str | None = None
 
     def validate(self, prefix: str = "cluster") -> "ClusterConfig":
         """Check every option; raise :class:`ConfigError` naming the first bad one (``prefix.option``).
@@ -111,6 +115,15 @@ class ClusterConfig:
         if not isinstance(self.secret_env, list) or not all(isinstance(k, str) and k and "=" not in k
                                                              for k in self.secret_env):
             raise bad("secret_env", f"expected a list of environment variable names, got {self.secret_env!r}")
+        if self.python is not None:
+            if prefix != "rollout_cluster":
+                raise bad("python", "a second interpreter is supported for rollout workers only "
+                                    "(rollout_cluster.python, docs/vllm.md)")
+            if not self.use_ray:
+                raise bad("python", "needs use_ray=true (inline workers run in the driver's interpreter)")
+            if not (os.path.isfile(self.python) and os.access(self.python, os.X_OK)):
+                raise bad("python", f"{self.python!r} is not an executable file (e.g. VENV/bin/python of "
+                                    "scripts/install_vllm_overlay.sh)")
         return self
 
     def worker_env(self) -> dict[str, str]:

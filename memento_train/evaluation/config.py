@@ -3,7 +3,7 @@
 Sources, later ones win:
 
 1. the dataclass defaults below (the *embedded default*: the shipped ``math_small`` problem set, the
-   ``tiny`` random model, the reference engine, n=4, 96 new tokens — a CPU plumbing check);
+   ``tiny`` random model, the reference generator, n=4, 96 new tokens — a CPU plumbing check);
 2. ``recipe=PATH`` (YAML with PyYAML installed, or JSON): its ``eval:`` section, or the whole file when it
    has none. A top-level ``block_masking:`` section is inherited when the ``eval:`` section has none,
    so one recipe's eviction options serve training, rollout and evaluation;
@@ -26,13 +26,15 @@ import json
 import os
 import types
 import typing
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Union
 
 from memento_train.generation.engine import BlockMaskingConfig, SamplingParams
 
-ENGINES = ("reference", "vllm")
+GENERATORS = ("reference", "vllm")
+ENGINES = GENERATORS  # the old name
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 DEVICES = ("auto", "cpu", "cuda")
 BUILTIN_PREFIX = "builtin:"
@@ -88,10 +90,12 @@ class EvalConfig:
             tokens, so blocks per response is ~0 — it checks the plumbing, not the method), or a local HF
             checkpoint directory / hub name for ``AutoModelForCausalLM.from_pretrained``.
         tokenizer: tokenizer directory / hub name; ``None`` = the model's (the shipped one for ``tiny``).
-        engine: ``reference`` (:class:`memento_train.generation.reference.ReferenceGenerator`, physical
-            KV eviction, any device) or ``vllm`` (:mod:`memento_train.generation.vllm_engine`, GPU).
-        engine_kwargs: extra keyword arguments for the engine constructor (e.g. vLLM's
-            ``gpu_memory_utilization``).
+        generator: ``reference`` (:class:`memento_train.generation.reference.ReferenceGenerator`, physical
+            KV eviction, any device) or ``vllm`` (:class:`memento_train.generation.vllm_engine.VLLMEngine`:
+            vLLM 0.32 with the Memento plugin, CPU or GPU; or vLLM 0.13 with the overlay). ``engine`` is
+            the deprecated old name of this key.
+        engine_kwargs: extra keyword arguments for the generator's constructor (e.g. vLLM's
+            ``gpu_memory_utilization``, ``kv_cache_memory_bytes``, ``enforce_eager``, ``max_model_len``).
         n: samples per problem.
         k: the k of pass@k and maj@k (each <= n); ``None`` = 1, 2, 4, ... up to n, and n.
         sampling: :class:`SamplingOptions`.
@@ -130,7 +134,7 @@ class EvalConfig:
     limit: int | None = None
     model: str = TINY_MODEL
     tokenizer: str | None = None
-    engine: str = "reference"
+    generator: str = "reference"
     engine_kwargs: dict = field(default_factory=dict)
     n: int = 4
     k: list[int] | None = None
@@ -208,8 +212,8 @@ class EvalConfig:
         def bad(option: str, msg: str) -> None:
             raise EvalConfigError(f"{option}: {msg}")
 
-        if self.engine not in ENGINES:
-            bad("engine", f"must be one of {', '.join(ENGINES)} (got {self.engine!r})")
+        if self.generator not in GENERATORS:
+            bad("generator", f"must be one of {', '.join(GENERATORS)} (got {self.generator!r})")
         if self.dtype not in DTYPES:
             bad("dtype", f"must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
@@ -241,8 +245,9 @@ class EvalConfig:
                 "builtin:math_small, or a hub dataset name such as 'org/name')")
         if not self.is_tiny and _looks_local(self.model) and not os.path.isdir(os.path.expanduser(self.model)):
             bad("model", f"{self.model!r} is not a checkpoint directory (or pass model=tiny)")
-        if self.engine == "vllm" and self.is_tiny:
-            bad("engine", "vllm needs a real checkpoint directory in model=...; the tiny model runs with engine=reference")
+        if self.generator == "vllm" and self.is_tiny:
+            bad("generator", "vllm needs a real checkpoint directory in model=...; the tiny model runs with "
+                "generator=reference")
         for name in ("problem_field", "answer_field", "id_field"):
             if not getattr(self, name):
                 bad(name, "must be a non-empty column name")
@@ -400,6 +405,10 @@ def from_dict(values: dict[str, Any], base: EvalConfig | None = None, *, _raw: d
     unknown: list[str] = []
     for key, value in (values or {}).items():
         key = str(key)
+        if key == "engine":  # the old name of `generator`
+            warnings.warn("memento-eval: `engine` is deprecated; use `generator`", DeprecationWarning, stacklevel=2)
+            raw = {**raw, "generator": raw.get("engine", value)} if "engine" in raw else raw
+            key = "generator"
         head, _, rest = key.partition(".")
         if head in nested:
             if rest:
@@ -547,6 +556,7 @@ __all__ = [
     "BUILTIN_PREFIX",
     "ENGINES",
     "EvalConfig",
+    "GENERATORS",
     "EvalConfigError",
     "SamplingOptions",
     "build_config",

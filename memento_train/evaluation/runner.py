@@ -9,10 +9,11 @@ measured on the prompts the model is trained and served with.
 Grading. :class:`~.scoring.GradingRule` (``require_think_end``, ``truncated``): by default a response
 that never closed ``</think>`` or hit the token budget is wrong, as RL rewards it 0.
 
-Engines. ``reference``: :class:`memento_train.generation.reference.ReferenceGenerator` over a model
-loaded with ``AutoModelForCausalLM.from_pretrained`` (or the tiny random Qwen3); ``vllm``:
-:class:`memento_train.generation.vllm_engine.VLLMEngine` (imported lazily; GPU). Tests and dry runs
-inject any other :class:`~memento_train.generation.engine.GenerationEngine` with :func:`engine_override`.
+Generators (``generator=``). ``reference``: :class:`memento_train.generation.reference.ReferenceGenerator`
+over a model loaded with ``AutoModelForCausalLM.from_pretrained`` (or the tiny random Qwen3); ``vllm``:
+:class:`memento_train.generation.vllm_engine.VLLMEngine` (vLLM 0.32 + the Memento plugin on CPU or GPU,
+imported lazily; stopped after the run). Tests and dry runs inject any other
+:class:`~memento_train.generation.engine.GenerationEngine` with :func:`engine_override`.
 
 Stop tokens: the tokenizer's EOS, ``<|im_end|>`` and the model's ``generation_config.eos_token_id``.
 """
@@ -152,31 +153,29 @@ def load_model(cfg: EvalConfig, tokenizer: Any) -> Any:
 
 
 def build_engine(cfg: EvalConfig, tokenizer: Any) -> GenerationEngine:
-    """The configured engine (or the :func:`engine_override` factory's)."""
+    """The configured generator (or the :func:`engine_override` factory's)."""
     if _ENGINE_OVERRIDE:
         return _ENGINE_OVERRIDE[-1](cfg, tokenizer)
-    if cfg.engine == "reference":
+    if cfg.generator == "reference":
         try:
             from memento_train.generation.reference import ReferenceGenerator
         except ImportError as exc:
             raise RuntimeError(
-                f"engine=reference needs memento_train.generation.reference.ReferenceGenerator ({exc})"
+                f"generator=reference needs memento_train.generation.reference.ReferenceGenerator ({exc})"
             ) from exc
         model = load_model(cfg, tokenizer)
         return ReferenceGenerator(model, tokenizer, cfg.block_masking, **cfg.engine_kwargs)
-    if cfg.engine == "vllm":
-        try:
-            from memento_train.generation.vllm_engine import VLLMEngine
-        except ImportError as exc:
-            raise RuntimeError(
-                f"engine=vllm needs vLLM with the Memento block-masking overlay and "
-                f"memento_train.generation.vllm_engine (pip install 'memento-train[vllm]'): {exc}"
-            ) from exc
-        dtype = "bfloat16" if cfg.dtype == "auto" else cfg.dtype
+    if cfg.generator == "vllm":
+        import torch
+
+        from memento_train.generation.vllm_engine import VLLMEngine
+
+        # dtype=auto: as for the reference model, float32 on CPU (vLLM's CPU build) and bfloat16 on CUDA.
+        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
         return VLLMEngine(
             cfg.model, cfg.block_masking, tokenizer=cfg.tokenizer, dtype=dtype, seed=cfg.seed, **cfg.engine_kwargs
         )
-    raise EvalConfigError(f"engine: unknown engine {cfg.engine!r}")
+    raise EvalConfigError(f"generator: unknown generator {cfg.generator!r}")
 
 
 def stop_token_ids(tokenizer: Any, engine: Any = None) -> tuple[int, ...]:
@@ -222,6 +221,35 @@ def render_prompts(tokenizer: Any, problems: Sequence[Problem], system_prompt: s
 
 
 # -- the run ---------------------------------------------------------------------------------------------
+def _generate_and_score(cfg: EvalConfig, engine: Any, tokenizer: Any, problems: Sequence[Problem],
+                        prompts: list[list[int]]) -> tuple[list[SampleResult], float, tuple[int, ...]]:
+    """Every problem's ``n`` samples, scored; seconds spent generating; the stop ids used."""
+    from tqdm.auto import tqdm
+
+    stops = stop_token_ids(tokenizer, engine)
+    special = SpecialTokens.from_mapping(special_token_ids(tokenizer))
+    samples: list[SampleResult] = []
+    # progress=false disables the bar; otherwise tqdm's defaults and TQDM_* environment variables apply.
+    bar_kwargs = {} if cfg.progress else {"disable": True}
+    bar = tqdm(total=len(problems), unit="problem", desc="memento-eval", file=sys.stderr, **bar_kwargs)
+    t_gen = 0.0
+    for b, start in enumerate(range(0, len(problems), cfg.batch_size)):
+        chunk = problems[start:start + cfg.batch_size]
+        params = cfg.sampling_params(stop_token_ids=stops, seed=cfg.seed + b)
+        t1 = time.perf_counter()
+        with warnings.catch_warnings():
+            # Evaluation never uses log-probs; the vLLM adapter's inexact-logprobs warning is noise here.
+            warnings.filterwarnings("ignore", message=r".*log-probs differ.*")
+            results = engine.generate(prompts[start:start + cfg.batch_size], params)
+        t_gen += time.perf_counter() - t1
+        _check_results(results, len(chunk), cfg.n, engine)
+        for problem, res in zip(chunk, results):
+            samples.extend(score_problem(problem, res, tokenizer, special, cfg.grading_rule))
+        bar.update(len(chunk))
+    bar.close()
+    return samples, t_gen, stops
+
+
 def _check_results(results: Any, prompts: int, n: int, engine: Any) -> None:
     name = type(engine).__name__
     if not isinstance(results, list) or len(results) != prompts:
@@ -256,8 +284,6 @@ def score_problem(
 
 def run_eval(cfg: EvalConfig, *, stream: Any = None) -> EvalOutcome:
     """Run the configured evaluation end to end and write the report under ``cfg.output_dir``."""
-    from tqdm.auto import tqdm
-
     stream = sys.stdout if stream is None else stream
     t0 = time.perf_counter()
     cfg = with_model_mask(cfg).validate()
@@ -268,28 +294,13 @@ def run_eval(cfg: EvalConfig, *, stream: Any = None) -> EvalOutcome:
     prompts = render_prompts(tokenizer, problems, cfg.system_prompt)
     kv_cost, kv_note = kv_cost_for(cfg, tokenizer)
     engine = build_engine(cfg, tokenizer)
-    stops = stop_token_ids(tokenizer, engine)
-    special = SpecialTokens.from_mapping(special_token_ids(tokenizer))
+    try:
+        samples, t_gen, stops = _generate_and_score(cfg, engine, tokenizer, problems, prompts)
+    finally:
+        shutdown = getattr(engine, "shutdown", None)
+        if shutdown is not None:  # vLLM: stop its engine processes
+            shutdown()
 
-    samples: list[SampleResult] = []
-    # progress=false disables the bar; otherwise tqdm's defaults and TQDM_* environment variables apply.
-    bar_kwargs = {} if cfg.progress else {"disable": True}
-    bar = tqdm(total=len(problems), unit="problem", desc="memento-eval", file=sys.stderr, **bar_kwargs)
-    t_gen = 0.0
-    for b, start in enumerate(range(0, len(problems), cfg.batch_size)):
-        chunk = problems[start:start + cfg.batch_size]
-        params = cfg.sampling_params(stop_token_ids=stops, seed=cfg.seed + b)
-        t1 = time.perf_counter()
-        with warnings.catch_warnings():
-            # Evaluation never uses log-probs; the vLLM adapter's inexact-logprobs warning is noise here.
-            warnings.filterwarnings("ignore", message=r".*log-probs differ.*")
-            results = engine.generate(prompts[start:start + cfg.batch_size], params)
-        t_gen += time.perf_counter() - t1
-        _check_results(results, len(chunk), cfg.n, engine)
-        for problem, res in zip(chunk, results):
-            samples.extend(score_problem(problem, res, tokenizer, special, cfg.grading_rule))
-        bar.update(len(chunk))
-    bar.close()
 
     metrics = summarize(samples, cfg.ks, kv_cost)
     engine_name = type(engine).__name__
@@ -321,7 +332,7 @@ def run_eval(cfg: EvalConfig, *, stream: Any = None) -> EvalOutcome:
     report.write_generations(files["generations"], samples)
     bm = cfg.block_masking
     evict = f"keep_last_n_blocks={bm.keep_last_n_blocks}" if bm.enable else "eviction off"
-    subtitle = f"model={cfg.model}, engine={cfg.engine} ({engine_name}), {evict}"
+    subtitle = f"model={cfg.model}, generator={cfg.generator} ({engine_name}), {evict}"
     (out_dir / report.SAWTOOTH_PNG).unlink(missing_ok=True)  # never leave a previous run's plot behind
     if cfg.plot_samples:
         plotted = report.plot_kv_sawtooth(

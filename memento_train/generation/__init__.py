@@ -11,8 +11,9 @@
   every generator (and the data renderer) uses;
 - :mod:`.sampling` — temperature / top-k / top-p / min-p with per-sequence seeded generators;
 - :mod:`.reference` — :class:`ReferenceGenerator`, the batched reference engine;
-- :mod:`.vllm_engine` — :class:`VLLMEngine`, the adapter for vLLM with the Memento block-masking
-  overlay (vLLM is imported only when an engine is built).
+- :mod:`.vllm_engine` — :class:`VLLMEngine`, the same interface over real vLLM: vLLM 0.32 with this
+  package's plugin (:mod:`memento_train.serving`) or vLLM 0.13 with the Memento overlay (vLLM is
+  imported only when an engine is built).
 """
 
 from .batched_cache import (

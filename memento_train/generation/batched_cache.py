@@ -92,6 +92,9 @@ class BatchedEvictingLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def get_max_cache_shape(self) -> int:  # transformers 4.x's abstract name for get_max_length
+        return -1
+
 
 def _pad_slots(t: torch.Tensor, capacity: int) -> torch.Tensor:
     return F.pad(t, (0, 0, 0, capacity - t.shape[2]))

@@ -11,6 +11,7 @@ per step, sampling, eviction and its block cap), ``algorithm`` / ``reward`` (:mo
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from memento_train.data.problems import ProblemSource, check_source
 from memento_train.data.synthetic import SyntheticTaskConfig
 from memento_train.engines.config import EngineConfig
 from memento_train.generation.engine import BlockMaskingConfig
+from memento_train.generation.vllm_engine import VLLMOptions
 from memento_train.optim import OptimConfig
 from memento_train.recipes import load_recipe
 from memento_train.rl.config import AlgorithmConfig, RewardConfig
@@ -31,7 +33,7 @@ from memento_train.structured_config import build, deep_merge, has_key, parse_ov
 DEFAULT_RECIPE = "tiny_rl"
 PLACEMENTS = ("disaggregated", "colocated")
 SYNC_METHODS = ("auto", "object_store", "collective", "nccl", "inplace")
-ROLLOUT_ENGINES = ("auto", "reference", "vllm")
+ROLLOUT_GENERATORS = ("auto", "reference", "vllm")
 
 
 @dataclass
@@ -73,11 +75,13 @@ class RolloutConfig:
             set ones must agree with them.
         allow_mask_mismatch: accept ``rollout.mask`` options that differ from the model's training
             rule (an experiment on purpose; the policy then learns under another eviction rule).
-        engine: ``reference`` (HF model + physical KV eviction, CPU/GPU), ``vllm`` (GPU, Memento
-            overlay; not wired into the loop yet), ``auto`` = vllm when rollout workers have GPUs, else
-            reference.
+        generator: ``reference`` (HF model + physical KV eviction, CPU/GPU), ``vllm`` (vLLM 0.32 with
+            the Memento plugin, CPU or GPU; or vLLM 0.13 with the overlay), ``auto`` = vllm when
+            rollout workers have GPUs, else reference. ``engine`` is its deprecated old name.
         max_batch_size: sequences decoding together per rollout worker (reference engine).
-        gpu_memory_utilization: vLLM's memory fraction (colocated: leave room for the trainer).
+        gpu_memory_utilization: vLLM's memory fraction (colocated: leave room for the trainer; on
+            vLLM's CPU backend a fraction of host memory, so prefer ``vllm.kv_cache_memory_gb``).
+        vllm: how the vLLM engine starts (:class:`~memento_train.generation.vllm_engine.VLLMOptions`).
     """
 
     group_size: int = 8
@@ -88,9 +92,17 @@ class RolloutConfig:
     mask: BlockMaskingConfig = field(default_factory=lambda: BlockMaskingConfig(keep_last_n_blocks=0,
                                                                                 max_block_tokens=7168))
     allow_mask_mismatch: bool = False
-    engine: str = "auto"
+    generator: str = "auto"
+    engine: str | None = None  # deprecated alias of generator
     max_batch_size: int = 256
     gpu_memory_utilization: float = 0.5
+    vllm: VLLMOptions = field(default_factory=VLLMOptions)
+
+    def resolved_generator(self, rollout_gpus: int) -> str:
+        """``reference`` or ``vllm`` (``auto``: vllm when the rollout workers have GPUs)."""
+        if self.generator != "auto":
+            return self.generator
+        return "vllm" if rollout_gpus else "reference"
 
 
 @dataclass
@@ -231,7 +243,7 @@ class RLConfig:
         self.rollout_cluster.validate("rollout_cluster")
         _choice("placement", self.placement, PLACEMENTS)
         _choice("weight_sync", self.weight_sync, SYNC_METHODS)
-        _choice("rollout.engine", self.rollout.engine, ROLLOUT_ENGINES)
+        self._check_generator()
         _choice("logger", self.logger, LOGGERS)
         if self.resume not in RESUME_MODES and not os.path.isdir(self.resume):
             raise ConfigError(f"resume must be 'auto', 'never' or an existing checkpoint directory, got {self.resume!r}")
@@ -303,6 +315,24 @@ class RLConfig:
         self._check_placement()
         return self
 
+    def _check_generator(self) -> None:
+        r = self.rollout
+        if r.engine is not None:  # the old name of the key
+            _choice("rollout.engine", r.engine, ROLLOUT_GENERATORS)
+            if r.generator not in ("auto", r.engine):
+                raise ConfigError(f"rollout.engine={r.engine} (deprecated) contradicts rollout.generator={r.generator}; "
+                                  "set rollout.generator only")
+            warnings.warn("rollout.engine is deprecated; use rollout.generator", DeprecationWarning, stacklevel=3)
+            r.generator, r.engine = r.engine, None
+        _choice("rollout.generator", r.generator, ROLLOUT_GENERATORS)
+        try:
+            r.vllm.validate("rollout.vllm")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        if r.generator == "vllm" and self.model.path is None and not self.warmup.enabled:
+            raise ConfigError("rollout.generator=vllm loads the policy from a checkpoint directory: set model.path "
+                              "(an HF export) or warmup.enabled=true (the warm-up exports one)")
+
     def _check_placement(self) -> None:
         # GPU-only paths are configured here but not implemented on CPU; say so before anything starts.
         if self.weight_sync == "inplace":
@@ -322,14 +352,6 @@ class RLConfig:
                                   f"get none ({', '.join(no_gpus)}); use weight_sync=collective (NCCL on GPUs, "
                                   f"gloo on CPU), object_store or auto")
         rollout_gpus = self.rollout_cluster.gpus_per_worker
-        generator = self.rollout.engine
-        if generator == "auto" and (rollout_gpus or (rollout_gpus is None and self.rollout_cluster.address is None
-                                                     and _cuda_available())):
-            generator = "vllm"
-        if generator == "vllm":
-            raise ConfigError(f"rollout.engine={self.rollout.engine} means vLLM rollouts (GPU rollout workers), which "
-                              "are not wired into the RL loop yet; set rollout.engine=reference (the reference "
-                              "generator with physical KV eviction, on the rollout workers' GPUs or CPUs)")
         if self.placement == "colocated" and rollout_gpus:
             raise ConfigError("placement=colocated on GPUs (the rollout engine sleeping beside the trainer) is not "
                               "implemented; use placement=disaggregated")
@@ -353,12 +375,6 @@ class RLConfig:
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _check_model(cfg: RLConfig) -> None:

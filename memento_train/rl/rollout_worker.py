@@ -1,9 +1,11 @@
 """Rollout workers: full copies of the policy that sample groups of responses with block eviction.
 
-:class:`RolloutWorker` holds one generation engine (the :class:`~memento_train.generation.ReferenceGenerator`
-on CPU; vLLM with the Memento overlay on GPU, guarded and untested here) and answers ``generate``
-with per-sequence seeds, so a request gives the same tokens whichever worker runs it and however
-often it is retried. :class:`RolloutPool` owns the workers: inline objects (``use_ray=false``) or Ray
+:class:`RolloutWorker` holds one generator (``rollout.generator``): the
+:class:`~memento_train.generation.ReferenceGenerator` (HF model, any device) or
+:class:`~memento_train.generation.VLLMEngine` (vLLM 0.32 with the Memento plugin; on CPU in the tests),
+and answers ``generate`` with per-sequence seeds, so a request gives the same tokens whichever worker
+runs it and however often it is retried (both generators seed a sequence alike, so even switching
+generator does not change them). :class:`RolloutPool` owns the workers: inline objects (``use_ray=false``) or Ray
 actors, one per ``rollout_cluster`` worker. It shards a step's requests over them, and when a worker
 dies mid-step (or raises) it starts a fresh one, loads the current weights into it and reruns *that
 worker's* shard: every request is answered exactly once, so the batch has no lost or duplicated
@@ -51,7 +53,7 @@ class RolloutRequest:
 
 
 class RolloutWorker:
-    """One rollout engine. Built from the plain config tree (cheap to send to a Ray actor)."""
+    """One rollout generator. Built from the plain config tree (cheap to send to a Ray actor)."""
 
     def __init__(self, config_tree: dict[str, Any], index: int = 0, num_threads: int | None = None) -> None:
         from memento_train.models.loading import load_model, load_tokenizer
@@ -61,13 +63,35 @@ class RolloutWorker:
         self.cfg: RLConfig = build(RLConfig, config_tree)  # validated by the driver already
         self.index = index
         self.tokenizer = load_tokenizer(self.cfg.model)
-        self.model = load_model(self.cfg.model, self.tokenizer, seed=self.cfg.seed).eval()
-        self.model.requires_grad_(False)
-        if torch.cuda.is_available():  # a GPU rollout worker (Ray gave it one; CPU ones see none): bf16
-            self.model.to("cuda", torch.bfloat16)
-        self.engine = ReferenceGenerator(self.model, self.tokenizer, self.cfg.rollout.mask,
-                                         max_batch_size=self.cfg.rollout.max_batch_size)
+        self.generator = self.cfg.rollout.resolved_generator(self.cfg.rollout_cluster.gpus_per_worker or 0)
+        self.model = None
+        if self.generator == "vllm":
+            self.engine = self._start_vllm()
+        else:
+            self.model = load_model(self.cfg.model, self.tokenizer, seed=self.cfg.seed).eval()
+            self.model.requires_grad_(False)
+            if torch.cuda.is_available():  # a GPU rollout worker (Ray gave it one; CPU ones see none): bf16
+                self.model.to("cuda", torch.bfloat16)
+            self.engine = ReferenceGenerator(self.model, self.tokenizer, self.cfg.rollout.mask,
+                                             max_batch_size=self.cfg.rollout.max_batch_size)
+        self._weight_buffers: dict[str, torch.Tensor] | None = None
         self.version = -1  # the weight version loaded (-1: the initial weights from model.path)
+
+    def _start_vllm(self):
+        from memento_train.generation import VLLMEngine
+
+        r = self.cfg.rollout
+        options = {"gpu_memory_utilization": r.gpu_memory_utilization, **r.vllm.engine_kwargs()}
+        # The multiprocess engine core: its own process, so vLLM's torch.distributed state never meets an
+        # inline trainer's; weight updates cross to it pickled (enable_weight_sync).
+        return VLLMEngine(self.cfg.model.path, r.mask, tokenizer=self.tokenizer, seed=self.cfg.seed,
+                          enable_weight_sync=True, **options)
+
+    def close(self) -> None:
+        """Stop the vLLM engine (its processes); the reference generator needs nothing. Idempotent."""
+        shutdown = getattr(self.engine, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
 
     def ping(self) -> int:
         return os.getpid()
@@ -75,6 +99,10 @@ class RolloutWorker:
     def load_weights(self, state: dict[str, torch.Tensor], version: int) -> float:
         """Copy ``state`` (full fp32 weights, HF names) into the model in place; returns seconds taken."""
         t0 = time.perf_counter()
+        if self.model is None:  # vLLM: its own loader maps HF names onto its (fused, sharded) parameters
+            self.engine.update_weights(state.items())
+            self.version = version
+            return time.perf_counter() - t0
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         tied = {"lm_head.weight"} if getattr(self.model.config, "tie_word_embeddings", False) else set()
         if unexpected or set(missing) - tied:
@@ -84,14 +112,16 @@ class RolloutWorker:
         return time.perf_counter() - t0
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The current weights (tests: weight-sync equality)."""
+        """The current weights (tests: weight-sync equality; the reference generator's HF model only)."""
+        if self.model is None:
+            raise NotImplementedError("a vLLM rollout worker holds vLLM's fused parameters, not an HF state dict")
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     # -- collective weight sync (see memento_train.rl.weight_sync) ---------------------------------
     def join_weight_sync(self, rdv: Rendezvous, rank: int) -> None:
         """Join the weight-sync group as ``rank`` (>= 1); blocks until every member has joined."""
         self.close_weight_sync()
-        device = next(self.model.parameters()).device
+        device = next(self.model.parameters()).device if self.model is not None else torch.device("cpu")
         self._ws_group = WeightSyncGroup(rdv, rank, device=device)
 
     def receive_weights(self, version: int) -> dict[str, float]:
@@ -101,13 +131,48 @@ class RolloutWorker:
         group = getattr(self, "_ws_group", None)
         if group is None:
             raise RuntimeError(f"rollout worker {self.index}: receive_weights before join_weight_sync")
-        # The state_dict's tensors share storage with the parameters: copying into them loads in place.
-        targets = self.model.state_dict()
-        tied = {"lm_head.weight"} if getattr(self.model.config, "tie_word_embeddings", False) else set()
+        if self.model is None:  # vLLM: receive into HF-shaped host buffers, then load them into the engine
+            targets, tied = self._hf_weight_buffers()
+        else:  # the state_dict's tensors share storage with the parameters: copying into them loads in place
+            targets = self.model.state_dict()
+            tied = {"lm_head.weight"} if getattr(self.model.config, "tie_word_embeddings", False) else set()
         out = group.receive(targets, optional=tied, who=f"rollout worker {self.index}")
         if not out["aborted"]:
+            if self.model is None:
+                t0 = time.perf_counter()
+                if tied:  # vLLM's CPU build repacks the head apart from the embedding: load both, equal
+                    targets["lm_head.weight"].copy_(targets["model.embed_tokens.weight"])
+                self.engine.update_weights(targets.items())
+                out["load_s"] = out.get("load_s", 0.0) + time.perf_counter() - t0
             self.version = version
         return out
+
+    def _hf_weight_buffers(self) -> tuple[dict[str, torch.Tensor], set[str]]:
+        """Host tensors with the checkpoint's names, shapes and dtypes (read from its safetensors
+        headers once), and the tied names that may be absent."""
+        if self._weight_buffers is None:
+            from pathlib import Path
+
+            from safetensors import safe_open
+
+            buffers = {}
+            for path in sorted(Path(self.cfg.model.path).glob("*.safetensors")):
+                with safe_open(str(path), framework="pt") as f:
+                    for name in f.keys():
+                        part = f.get_slice(name)
+                        dtype = getattr(torch, {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+                                        .get(part.get_dtype(), "float32"))
+                        buffers[name] = torch.empty(part.get_shape(), dtype=dtype)
+            from transformers import AutoConfig
+
+            tied = getattr(AutoConfig.from_pretrained(self.cfg.model.path), "tie_word_embeddings", False)
+            self._tied = {"lm_head.weight"} if tied else set()
+            embed = buffers.get("model.embed_tokens.weight")
+            if tied and "lm_head.weight" not in buffers and embed is not None:
+                # exports leave the tied head out; the trainer may still send it
+                buffers["lm_head.weight"] = torch.empty_like(embed)
+            self._weight_buffers = buffers
+        return self._weight_buffers, self._tied
 
     def close_weight_sync(self) -> None:
         """Leave the weight-sync group. Idempotent."""
@@ -171,7 +236,7 @@ class RolloutPool:
         self._weights: Any = None
         self._version = -1
         self.collective: Any = None  # the driver-side collective weight sync, created by its first sync
-        # (GPU colocation and vLLM rollouts are refused by RLConfig.validate, before anything starts.)
+        # (GPU colocation is refused by RLConfig.validate, before anything starts.)
         self.workers: list[Any] = [None] * self.num_workers
         for i in range(self.num_workers):
             self.workers[i] = self._start(i)
@@ -192,8 +257,11 @@ class RolloutPool:
         actor_cls = ray.remote(RolloutWorker)
         gpus = self.rc.gpus_per_worker if self.rc.gpus_per_worker is not None else (1 if cluster_gpus() > 0 else 0)
         gpus = 0 if self.cfg.placement == "colocated" else gpus
+        runtime_env: dict[str, Any] = {"env_vars": env}
+        if self.rc.python:  # e.g. the vLLM 0.13 + overlay environment (docs/vllm.md)
+            runtime_env["py_executable"] = self.rc.python
         return actor_cls.options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, name=None,
-                                 runtime_env={"env_vars": env}).remote(self.tree, i, self.rc.cpus_per_worker)
+                                 runtime_env=runtime_env).remote(self.tree, i, self.rc.cpus_per_worker)
 
     def restart(self, i: int) -> None:
         """Replace worker ``i`` by a fresh one holding the current weights."""
@@ -205,6 +273,8 @@ class RolloutPool:
                 ray.kill(old, no_restart=True)
             except Exception:  # already dead: that is why we restart it
                 pass
+        elif old is not None:
+            old.close()
         self.workers[i] = self._start(i)
         self.restarts += 1
         if self._weights is not None:
@@ -228,6 +298,10 @@ class RolloutPool:
                     ray.kill(w, no_restart=True)
                 except Exception:
                     pass
+        else:
+            for w in self.workers:
+                if w is not None:
+                    w.close()
         self.workers = []
 
     # -- calls -----------------------------------------------------------------------------------
