@@ -83,7 +83,7 @@ def test_grpo_recipe_is_the_papers_run(tmp_path):
     assert (a.adv_norm, a.loss_agg) == ("batch", "group_total")
     r = cfg.rollout
     assert (r.group_size, r.prompts_per_step, r.temperature, r.max_new_tokens) == (8, 240, 1.0, 31744)
-    assert r.mask.max_block_tokens == 7168 and r.engine == "reference"
+    assert r.mask.max_block_tokens == 7168 and r.generator == "vllm"
     assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.grad_clip, cfg.optim.schedule) == (1e-6, 10, 1.0, "cosine")
     p = cfg.prompts
     assert (p.path, p.problem_field, p.answer_field, p.max_prompt_len) == (
