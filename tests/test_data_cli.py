@@ -11,9 +11,15 @@ import datasets
 import numpy as np
 import pytest
 
+from tokenizer_dirs import base_tokenizer_without_memento_tokens
+
+from memento_train.data.cache import prepare_dataset
 from memento_train.data.cli import main
-from memento_train.data.pack import IGNORE_INDEX, batch_from_row
+from memento_train.data.config import DataConfig
+from memento_train.data.pack import IGNORE_INDEX
 from memento_train.data.stats import KV_GEOMETRY, load_geometry
+from memento_train.masking import MaskConfig
+from memento_train.tokenizer_assets import load_shipped_tokenizer
 
 
 def run(capsys, *argv):
@@ -61,35 +67,57 @@ def test_geometry_table_and_config_json(tmp_path):
         load_geometry("llama-9000")
 
 
-def test_prepare_writes_loadable_dataset(capsys, tmp_path):
-    out_dir = tmp_path / "packed"
+def test_prepare_writes_the_tokenized_examples_training_reads(capsys, tmp_path):
+    out_dir = tmp_path / "prepared"
     rc, out, err = run(capsys, "prepare", str(tmp_path / "missing.jsonl"), "--output", str(out_dir))
     assert rc == 2 and "does not exist" in err
     from memento_train.data.config import SAMPLE_TRACES
 
-    rc, out, err = run(capsys, "prepare", SAMPLE_TRACES, "--output", str(out_dir), "--cache-dir",
-                       str(tmp_path / "c"), "--pack-tokens", "8192", "--pad-to", "64")
+    rc, out, err = run(capsys, "prepare", SAMPLE_TRACES, "--output", str(out_dir), "--cache-dir", str(tmp_path / "c"))
     assert rc == 0, err
-    assert "3 kept" in out and "wrote 2 packed micro-batches" in out
+    assert "3 kept" in out and "wrote 3 tokenized examples" in out and f"data.prepared={out_dir}" in out
     ds = datasets.load_from_disk(str(out_dir))
-    assert len(ds) == 2
-    batches = [batch_from_row(r) for r in ds]
-    ids = [r for b in batches for r in b.record_ids]
-    assert len(ids) == len(set(ids)) == 3  # every record packed exactly once
-    for b in batches:
-        assert b.num_tokens % 64 == 0 and int(b.doc_lengths.sum()) <= 8192
-        cu = b.cu_seqlens.tolist()
-        assert all(b.labels[e - 1] == IGNORE_INDEX for e in cu[1:])
-        assert (b.kill_row.long() <= b.num_tokens).all()
+    cached, _ = prepare_dataset(DataConfig(path=SAMPLE_TRACES, cache_dir=str(tmp_path / "c"),
+                                           mask=MaskConfig(keep_last_n_blocks=0)), tokenizer=load_shipped_tokenizer())
+    assert {c: ds[c] for c in ds.column_names} == {c: cached[c] for c in cached.column_names}
+    assert all(row[0] == IGNORE_INDEX for row in ds["labels"])  # the prompt is not trained
     meta = json.loads((out_dir / "memento_prepare.json").read_text())
-    assert meta["num_batches"] == 2 and meta["config"]["mask"]["keep_last_n_blocks"] == 0
+    assert meta["num_examples"] == 3 and meta["key"]["mask"]["keep_last_n_blocks"] == 0
+    assert meta["validation"]["kept"] == 3 and meta["tokenizer"]["added_memento_tokens"] == {}
     # Existing output is not overwritten silently.
     rc, out, err = run(capsys, "prepare", SAMPLE_TRACES, "--output", str(out_dir))
     assert rc == 2 and "--overwrite" in err
-    # A budget smaller than a record is a clear error.
-    rc, out, err = run(capsys, "prepare", SAMPLE_TRACES, "--output", str(tmp_path / "p2"), "--cache-dir",
-                       str(tmp_path / "c"), "--pack-tokens", "1000")
-    assert rc == 2 and "--pack-tokens" in err
+    # Packing options belong to the trainer now (train.micro_batch_tokens / pad_to_multiple).
+    with pytest.raises(SystemExit) as exc:
+        main(["prepare", SAMPLE_TRACES, "--output", str(tmp_path / "p2"), "--pack-tokens", "8192"])
+    assert exc.value.code == 2
+
+
+def test_prepare_adds_the_memento_tokens_a_base_tokenizer_lacks_with_the_ids_training_gives(capsys, tmp_path):
+    from memento_train.data.config import SAMPLE_TRACES
+    from memento_train.models.loading import load_tokenizer
+    from memento_train.sft.config import ModelConfig
+    from memento_train.tokens import MEMENTO_TOKENS, special_token_ids
+
+    base = base_tokenizer_without_memento_tokens(tmp_path / "base")
+    rc, out, err = run(capsys, "prepare", SAMPLE_TRACES, "--tokenizer", str(base), "--output",
+                       str(tmp_path / "p"), "--cache-dir", str(tmp_path / "c"))
+    assert rc == 0, err
+    trained = special_token_ids(load_tokenizer(ModelConfig(tokenizer=str(base))))  # what a run adds
+    line = next(ln for ln in out.splitlines() if "added the memento tokens" in ln)
+    for t in MEMENTO_TOKENS:
+        assert f"{t}={trained[t]}" in line
+    meta = json.loads((tmp_path / "p" / "memento_prepare.json").read_text())
+    assert meta["tokenizer"]["added_memento_tokens"] == {t: trained[t] for t in MEMENTO_TOKENS}
+    # base + the added tokens is the shipped tokenizer here, so the examples equal the shipped ones.
+    rc, out, err = run(capsys, "prepare", SAMPLE_TRACES, "--output", str(tmp_path / "s"), "--cache-dir",
+                       str(tmp_path / "c"))
+    assert rc == 0 and "added the memento tokens" not in out
+    a, b = datasets.load_from_disk(str(tmp_path / "p")), datasets.load_from_disk(str(tmp_path / "s"))
+    assert a["input_ids"] == b["input_ids"] and a["kill_row"] == b["kill_row"]
+    # stats says so too, on stderr (stdout may be JSON).
+    rc, out, err = run(capsys, "stats", "--json", "--tokenizer", str(base), "--cache-dir", str(tmp_path / "c"))
+    assert rc == 0 and "added the memento tokens" in err and json.loads(out)["validation"]["kept"] == 3
 
 
 @pytest.mark.parametrize(

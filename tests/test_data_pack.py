@@ -15,10 +15,7 @@ from memento_train.data.config import SAMPLE_TRACES, DataConfig
 from memento_train.data.pack import (
     IGNORE_INDEX,
     OverlongDocumentError,
-    PackingStats,
-    batch_from_row,
     collate,
-    iter_packed_batches,
     pack_examples,
     plan_bins,
 )
@@ -104,9 +101,6 @@ def test_packing_invariants(lengths, extra, pad_to, seed):
     assert sorted(seen) == sorted(by_id)
     assert stats.num_bins == len(batches) and stats.real_tokens == sum(lengths)
     assert 0 < stats.efficiency <= 1 and abs(stats.padding_pct - 100 * (1 - stats.efficiency)) < 1e-9
-    # Round trip through an Arrow-style row.
-    again = batch_from_row(batches[0].to_row())
-    assert (again.kill_row == batches[0].kill_row).all() and again.record_ids == batches[0].record_ids
 
 
 def test_best_fit_decreasing_known_case():
@@ -207,21 +201,3 @@ def test_num_proc_2_equals_num_proc_1(tmp_path, tok):
     two, r2 = prepare_dataset(DataConfig(path=str(path), cache_dir=str(tmp_path / "c2"), num_proc=2), tokenizer=tok)
     assert _columns(one) == _columns(two)
     assert r1.to_dict() == r2.to_dict()
-
-
-def test_iter_packed_batches_over_arrow(tmp_path, tok):
-    path = _dataset_file(tmp_path, extra_bad=False)
-    ds, _ = prepare_dataset(DataConfig(path=str(path), cache_dir=str(tmp_path / "c")), tokenizer=tok)
-    max_tokens = max(ds["num_tokens"])
-    stats = PackingStats(0, 0, 0, max_tokens)
-    by_id = {r["record_id"]: {k: np.asarray(r[k]) for k in ("input_ids", "labels", "kill_row", "kinds")}
-             for r in ds}
-    seen = []
-    for batch in iter_packed_batches(ds, max_tokens, window=2, shuffle_seed=3, stats=stats, pad_to=8):
-        check_batch(batch, by_id, max_tokens, 8)
-        seen += batch.record_ids
-    assert sorted(seen) == sorted(ds["record_id"])
-    assert stats.num_docs == len(ds) and stats.real_tokens == sum(ds["num_tokens"])
-    order_a = [b.record_ids for b in iter_packed_batches(ds, max_tokens, shuffle_seed=5)]
-    order_b = [b.record_ids for b in iter_packed_batches(ds, max_tokens, shuffle_seed=5)]
-    assert order_a == order_b

@@ -8,6 +8,8 @@ Modules, one idea each:
 - :mod:`.validate` — rejection reasons, :class:`ValidationReport`, strict mode;
 - :mod:`.pack` — best-fit-decreasing packing into :class:`PackedBatch`;
 - :mod:`.cache` — :func:`prepare_dataset`, the fingerprinted Arrow cache;
+- :mod:`.prepared` — :func:`load_examples`: a run's examples, from ``memento-data prepare``'s directory
+  (``data.prepared``) or rendered in the run, checked against the model's tokenizer;
 - :mod:`.synthetic` — the deterministic running-total Memento task (blocks need their summaries);
 - :mod:`.stats` / :mod:`.cli` — ``memento-data stats``, ``prepare`` and ``synth``.
 """
@@ -17,12 +19,11 @@ from memento_train.data.config import DataConfig, DataConfigError
 from memento_train.data.pack import (
     PackedBatch,
     PackingStats,
-    batch_from_row,
     collate,
-    iter_packed_batches,
     pack_examples,
     plan_bins,
 )
+from memento_train.data.prepared import load_examples
 from memento_train.data.records import RecordFieldError, assemble_full_response, load_records
 from memento_train.data.render import IGNORE_INDEX, RenderedExample, Renderer, load_tokenizer, render_record
 from memento_train.data.synthetic import SyntheticTaskConfig, synthetic_record, synthetic_records
@@ -37,7 +38,7 @@ from memento_train.data.validate import (
 __all__ = [
     "DataConfig", "DataConfigError", "IGNORE_INDEX", "InvalidRecordError", "PackedBatch", "PackingStats",
     "REASONS", "RecordFieldError", "RenderedExample", "Renderer", "SyntheticTaskConfig", "ValidationReport", "assemble_full_response",
-    "batch_from_row", "check_record", "collate", "iter_packed_batches", "load_records", "load_tokenizer",
+    "check_record", "collate", "load_examples", "load_records", "load_tokenizer",
     "pack_examples", "plan_bins", "prepare_dataset", "render_record", "synthetic_record", "synthetic_records",
     "validate_records",
 ]

@@ -119,18 +119,29 @@ def _source_signature(cfg: DataConfig) -> list[Any]:
     return sig
 
 
-def cache_fingerprint(cfg: DataConfig, tokenizer: Any, records_fingerprint: str = "") -> str:
-    """Hash of everything that changes the rendered examples (``strict``/``num_proc`` excluded)."""
-    payload = {
+def rendering_key(cfg: DataConfig, tokenizer: Any) -> dict[str, Any]:
+    """Every option that changes how a record becomes a token stream (not which records there are).
+
+    Part of the cache fingerprint, and stored by ``memento-data prepare`` so that a training run with
+    ``data.prepared`` can check it renders the same way (:mod:`.prepared`).
+    """
+    return {
         "version": CACHE_VERSION,
-        "source": _source_signature(cfg),
-        "records": records_fingerprint,
-        "hf_config": cfg.hf_config,
         "system_prompt": cfg.system_prompt,
         "max_seq_len": cfg.max_seq_len,
         "overlong": cfg.overlong,
         "mask": asdict(cfg.mask),
         "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
+
+
+def cache_fingerprint(cfg: DataConfig, tokenizer: Any, records_fingerprint: str = "") -> str:
+    """Hash of everything that changes the rendered examples (``strict``/``num_proc`` excluded)."""
+    payload = {
+        **rendering_key(cfg, tokenizer),
+        "source": _source_signature(cfg),
+        "records": records_fingerprint,
+        "hf_config": cfg.hf_config,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 

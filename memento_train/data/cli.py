@@ -2,17 +2,24 @@
 
     memento-data stats [PATH] [--tokenizer T] [--max-seq-len N] [--pack-tokens N]
                        [--model-config qwen3-8b|PATH/config.json] [--json]
-    memento-data prepare PATH --output DIR [--pack-tokens N] [--pad-to M] [--num-proc P] ...
+    memento-data prepare PATH --output DIR [--tokenizer T] [--keep-last-n-blocks K] [--num-proc P] ...
     memento-data synth N --output FILE.jsonl [--seed S] [--offset K]
 
 ``stats`` renders and validates every record (PATH defaults to the shipped sample traces) and prints
 per-domain block/summary lengths, compression, simulated peak-KV / KV-AUC for keep_last_n_blocks 0 vs
 -1 (and GB for a model's KV geometry), packing efficiency and the validation report.
 
-``prepare`` pre-tokenizes through the Arrow cache (:func:`.cache.prepare_dataset`), packs into
-micro-batches of at most ``--pack-tokens`` tokens and writes them with ``save_to_disk``: load them
-with ``datasets.load_from_disk(DIR)`` and turn rows into tensors with
-:func:`memento_train.data.pack.batch_from_row`. ``DIR/memento_prepare.json`` holds the report.
+``prepare`` renders and validates every record once, exactly as training does
+(:func:`.cache.prepare_dataset`), and writes the tokenized examples to ``DIR`` (:mod:`.prepared`):
+train on them with ``memento-train ... data.prepared=DIR``, which skips tokenization and refuses a
+directory rendered with other options (tokenizer, mask, ``--max-seq-len``, ``--overlong``,
+``--system-prompt``) than the run's. Packing into micro-batches happens in the trainer, per step.
+``DIR/memento_prepare.json`` holds the rendering options and the validation report.
+
+Both commands tokenize with ``--tokenizer`` (default: the shipped one). A base tokenizer without the
+memento tokens (e.g. ``Qwen/Qwen3-8B``) gets them added by the function training uses
+(:func:`memento_train.tokens.load_tokenizer_with_memento_tokens`), so the ids are the ones a run on
+that base model produces; the output names the added tokens and their ids.
 
 ``synth`` writes N records of the deterministic synthetic running-total task
 (:mod:`.synthetic`) as OpenMementos-format JSONL.
@@ -29,7 +36,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from typing import Any
 
 from memento_train.data.config import SAMPLE_TRACES, DataConfig, DataConfigError
@@ -47,7 +53,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask-delimiters", action="store_true", help="evict block delimiters too (Phi-4)")
     p.add_argument("--keep-last-block-for-answer", action="store_true")
     p.add_argument("--cache-dir", default=None, help="Arrow / datasets cache directory")
-    p.add_argument("--pack-tokens", type=int, default=None, help="micro-batch token budget (default: --max-seq-len)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,15 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--kv-dtype-bytes", type=int, default=2, help="bytes per KV value (2 = bf16)")
     st.add_argument("--limit", type=int, default=None, help="only the first N records")
     st.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    st.add_argument("--pack-tokens", type=int, default=None, help="micro-batch token budget (default: --max-seq-len)")
 
-    pr = sub.add_parser("prepare", help="pre-tokenize + pack into an Arrow dataset on disk")
+    pr = sub.add_parser("prepare", help="tokenize once into a directory training reads (data.prepared=DIR)")
     pr.add_argument("path", help="dataset: .jsonl/.json/.parquet file, directory, or hub name")
-    pr.add_argument("--output", required=True, help="directory for save_to_disk")
+    pr.add_argument("--output", required=True, help="directory to write (train with data.prepared=DIR)")
     _add_common(pr)
     pr.add_argument("--keep-last-n-blocks", type=int, default=0, help="-1 = stage 1 (no eviction), 0 = stage 2")
-    pr.add_argument("--pad-to", type=int, default=None, help="pad each micro-batch to a multiple of this")
     pr.add_argument("--num-proc", type=int, default=1)
-    pr.add_argument("--shuffle-seed", type=int, default=None, help="shuffle records before packing")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
 
     sy = sub.add_parser("synth", help="write records of the synthetic running-total Memento task")
@@ -105,7 +109,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from memento_train.data.records import load_records
-    from memento_train.data.render import Renderer, load_tokenizer
+    from memento_train.data.render import Renderer
     from memento_train.data.stats import dataset_stats, load_geometry
     from memento_train.data.validate import ValidationReport, check_record
 
@@ -114,7 +118,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     geometry = load_geometry(args.model_config, args.kv_dtype_bytes)
-    renderer = Renderer(load_tokenizer(cfg.tokenizer), cfg.mask, cfg.system_prompt)
+    renderer = Renderer(_load_tokenizer(cfg, sys.stderr)[0], cfg.mask, cfg.system_prompt)
     records = load_records(cfg)
     n = len(records) if args.limit is None else min(args.limit, len(records))
     report, kept = ValidationReport(), []
@@ -140,65 +144,37 @@ def _json_default(x: Any) -> Any:
     return str(x)
 
 
-def cmd_prepare(args: argparse.Namespace) -> int:
-    import datasets
-    from tqdm import tqdm
+def _load_tokenizer(cfg: DataConfig, out: Any) -> tuple[Any, dict[str, int]]:
+    """``cfg.tokenizer`` with the memento tokens and ``{token: id}`` of those it had to add (said on ``out``)."""
+    from memento_train.data.render import load_data_tokenizer
 
+    tokenizer, added = load_data_tokenizer(cfg.tokenizer)
+    if added:
+        ids = ", ".join(f"{t}={i}" for t, i in added.items())
+        print(f"tokenizer {cfg.tokenizer}: added the memento tokens it lacked, as training on this base "
+              f"model does: {ids} ({len(tokenizer)} tokens now)", file=out)
+    return tokenizer, added
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
     from memento_train.data.cache import prepare_dataset
-    from memento_train.data.pack import PackingStats, iter_packed_batches, packed_features
-    from memento_train.data.render import load_tokenizer
+    from memento_train.data.prepared import write_prepared
 
     cfg = _config(args, args.keep_last_n_blocks)
-    pack_tokens = _pack_tokens(args)
-    if args.pad_to is not None and args.pad_to < 1:
-        raise ValueError(f"--pad-to must be >= 1, got {args.pad_to}")
     out = os.path.abspath(args.output)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         if not args.overwrite:
             raise ValueError(f"--output {out} already exists and is not empty; pass --overwrite to replace it")
         shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)
-    tokenizer = load_tokenizer(cfg.tokenizer)
+    tokenizer, added = _load_tokenizer(cfg, sys.stdout)
     ds, report = prepare_dataset(cfg, tokenizer=tokenizer)
     print(report)
     if len(ds) == 0:
         raise ValueError("no valid records left after validation; nothing to write")
-    longest = max(ds["num_tokens"])
-    if longest > pack_tokens:
-        raise ValueError(
-            f"a record has {longest} tokens > --pack-tokens={pack_tokens}; raise --pack-tokens "
-            "or lower --max-seq-len (with --overlong truncate)"
-        )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    pstats = PackingStats(0, 0, 0, pack_tokens)
-
-    def rows():
-        batches = iter_packed_batches(ds, pack_tokens, pad_to=args.pad_to, pad_token_id=pad_id,
-                                      shuffle_seed=args.shuffle_seed, stats=pstats)
-        for b in tqdm(batches, desc="pack", unit="batch", disable=None, file=sys.stderr):
-            yield b.to_row()
-
-    with tempfile.TemporaryDirectory(dir=cfg.cache_dir) as tmp:
-        packed = datasets.Dataset.from_generator(
-            rows, features=packed_features(), cache_dir=tmp, fingerprint=f"memento-pack-{os.getpid()}"
-        )
-        packed.save_to_disk(out)
-    summary = {
-        "output": out,
-        "num_batches": len(packed),
-        "validation": report.to_dict(),
-        "packing": pstats.to_dict(),
-        "config": {
-            "path": str(cfg.path), "hf_config": cfg.hf_config, "split": cfg.split, "max_seq_len": cfg.max_seq_len,
-            "overlong": cfg.overlong, "pack_tokens": pack_tokens, "pad_to": args.pad_to,
-            "mask": {"keep_last_n_blocks": cfg.mask.keep_last_n_blocks, "mask_delimiters": cfg.mask.mask_delimiters,
-                     "keep_last_block_for_answer": cfg.mask.keep_last_block_for_answer},
-            "tokenizer": cfg.tokenizer or "shipped",
-        },
-    }
-    with open(os.path.join(out, "memento_prepare.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-    print(pstats)
-    print(f"wrote {len(packed)} packed micro-batches to {out} (load with datasets.load_from_disk)")
+    manifest = write_prepared(ds, out, cfg=cfg, tokenizer=tokenizer, tokenizer_source=cfg.tokenizer,
+                              added_tokens=added, report=report)
+    print(f"wrote {manifest['num_examples']} tokenized examples ({manifest['num_tokens']} tokens, longest "
+          f"{manifest['longest']}) to {out}; train on them with data.prepared={out}")
     return 0
 
 

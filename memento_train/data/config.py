@@ -47,7 +47,15 @@ class DataConfig:
             ``None`` uses the ``datasets`` default cache.
         mask: eviction options (``keep_last_n_blocks`` etc.) used to compute kill rows.
         tokenizer: a tokenizer directory or hub name for ``AutoTokenizer``; ``None`` = the tiny
-            tokenizer shipped with the package.
+            tokenizer shipped with the package. The memento tokens are added when it lacks them, as
+            training adds them. In a training run the data is tokenized with the *model's* tokenizer
+            (``model.tokenizer`` / ``model.path``): setting this there only asserts that it is the same
+            tokenizer, and a different one is refused naming both.
+        prepared: a directory written by ``memento-data prepare``: training reads its tokenized
+            examples instead of rendering ``path`` (no tokenization on the cluster). Its rendering
+            options (tokenizer, ``mask``, ``max_seq_len``, ``overlong``, ``system_prompt``) must equal
+            this run's or the run is refused naming the difference; ``path``, ``hf_config``,
+            ``split``, ``strict``, ``num_proc`` and ``cache_dir`` are then not used.
     """
 
     path: str = SAMPLE_TRACES
@@ -61,6 +69,7 @@ class DataConfig:
     cache_dir: str | None = None
     mask: MaskConfig = field(default_factory=MaskConfig)
     tokenizer: str | None = None
+    prepared: str | None = None
 
     def validate(self) -> DataConfig:
         """Check every option; raise :class:`DataConfigError` naming the first bad one. Returns self."""
@@ -97,6 +106,16 @@ class DataConfig:
                 f"data.tokenizer must be a tokenizer directory / hub name, or None for the shipped one, "
                 f"got {self.tokenizer!r}"
             )
+        if self.prepared is not None:
+            from memento_train.data.prepared import MANIFEST
+
+            if not isinstance(self.prepared, (str, os.PathLike)) or not os.path.isfile(
+                    os.path.join(os.path.expanduser(str(self.prepared)), MANIFEST)):
+                raise DataConfigError(
+                    f"data.prepared={self.prepared!r} is not a directory written by `memento-data prepare` "
+                    f"(no {MANIFEST} in it); run `memento-data prepare DATA --output DIR` first, or drop "
+                    "data.prepared to tokenize data.path in the run"
+                )
         return self
 
     @classmethod

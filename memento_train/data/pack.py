@@ -26,7 +26,7 @@ own end. ``doc_lengths``/``record_ids`` list the real documents only; ``num_pad`
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,52 +60,6 @@ class PackedBatch:
     @property
     def num_loss_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
-
-    def to_row(self) -> dict[str, Any]:
-        """Numpy arrays and plain values, for an Arrow dataset row (see :func:`batch_from_row`)."""
-        return {
-            "input_ids": self.input_ids.numpy(),
-            "labels": self.labels.numpy(),
-            "position_ids": self.position_ids.numpy(),
-            "cu_seqlens": self.cu_seqlens.numpy(),
-            "kill_row": self.kill_row.numpy(),
-            "kinds": self.kinds.numpy(),
-            "doc_lengths": self.doc_lengths.numpy(),
-            "max_seqlen": self.max_seqlen,
-            "num_pad": self.num_pad,
-            "record_ids": list(self.record_ids),
-        }
-
-
-def packed_features():
-    """Arrow schema of a dataset of :class:`PackedBatch` rows (compact dtypes; widened on load)."""
-    import datasets
-
-    ints = datasets.List(datasets.Value("int32"))
-    return datasets.Features(
-        {
-            "input_ids": ints, "labels": ints, "position_ids": ints, "cu_seqlens": ints, "kill_row": ints,
-            "kinds": datasets.List(datasets.Value("int8")), "doc_lengths": ints,
-            "max_seqlen": datasets.Value("int32"), "num_pad": datasets.Value("int32"),
-            "record_ids": datasets.List(datasets.Value("string")),
-        }
-    )
-
-
-def batch_from_row(row: Mapping[str, Any]) -> PackedBatch:
-    """Inverse of :meth:`PackedBatch.to_row` (e.g. a row of a dataset written by ``memento-data prepare``)."""
-    return PackedBatch(
-        input_ids=torch.as_tensor(np.asarray(row["input_ids"]), dtype=torch.int64),
-        labels=torch.as_tensor(np.asarray(row["labels"]), dtype=torch.int64),
-        position_ids=torch.as_tensor(np.asarray(row["position_ids"]), dtype=torch.int64),
-        cu_seqlens=torch.as_tensor(np.asarray(row["cu_seqlens"]), dtype=torch.int32),
-        kill_row=torch.as_tensor(np.asarray(row["kill_row"]), dtype=torch.int32),
-        kinds=torch.as_tensor(np.asarray(row["kinds"]), dtype=torch.int8),
-        doc_lengths=torch.as_tensor(np.asarray(row["doc_lengths"]), dtype=torch.int32),
-        max_seqlen=int(row["max_seqlen"]),
-        num_pad=int(row.get("num_pad", 0)),
-        record_ids=[str(r) for r in row.get("record_ids", [])],
-    )
 
 
 @dataclass
@@ -285,38 +239,3 @@ def pack_examples(
     batches = [collate([examples[i] for i in b], pad_to=pad_to, pad_token_id=pad_token_id) for b in bins]
     stats = PackingStats(len(lengths), len(bins), sum(lengths), max_tokens)
     return batches, stats
-
-
-def iter_packed_batches(
-    dataset: Any,
-    max_tokens: int,
-    *,
-    pad_to: int | None = None,
-    pad_token_id: int = 0,
-    window: int = 1024,
-    shuffle_seed: int | None = None,
-    stats: PackingStats | None = None,
-) -> Iterator[PackedBatch]:
-    """Stream packed batches from an Arrow dataset of rendered examples (as written by :mod:`.cache`).
-
-    The dataset is read ``window`` rows at a time (optionally in a seeded random order) and each window
-    is packed on its own, so memory stays bounded. Pass a fresh ``PackingStats(0, 0, 0, max_tokens)``
-    as ``stats`` to accumulate counts while iterating.
-    """
-    n = len(dataset)
-    order = np.arange(n)
-    if shuffle_seed is not None:
-        order = np.random.default_rng(shuffle_seed).permutation(n)
-    columns = [c for c in ("input_ids", "labels", "kinds", "kill_row", "prompt_len", "record_id")
-               if c in dataset.column_names]
-    table = dataset.select_columns(columns).with_format("numpy")
-    for lo in range(0, n, window):
-        chunk = table[[int(i) for i in order[lo : lo + window]]]
-        rows = [{c: chunk[c][j] for c in columns} for j in range(len(chunk["input_ids"]))]
-        batches, st = pack_examples(rows, max_tokens, pad_to=pad_to, pad_token_id=pad_token_id)
-        if stats is not None:
-            stats.num_docs += st.num_docs
-            stats.num_bins += st.num_bins
-            stats.real_tokens += st.real_tokens
-        yield from batches
-

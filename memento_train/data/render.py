@@ -66,15 +66,21 @@ class RenderedExample:
 
 
 def load_tokenizer(spec: str | None = None) -> Any:
-    """``AutoTokenizer.from_pretrained(spec)``, or the tokenizer shipped with the package for ``None``."""
-    if spec is None:
-        from memento_train.tokenizer_assets import load_shipped_tokenizer
+    """The tokenizer the data is rendered with: ``spec``'s (the shipped one for ``None``) with the memento
+    tokens added exactly as training adds them
+    (:func:`memento_train.tokens.load_tokenizer_with_memento_tokens`)."""
+    return load_data_tokenizer(spec)[0]
 
-        return load_shipped_tokenizer()
-    from transformers import AutoTokenizer
+
+def load_data_tokenizer(spec: str | None = None) -> tuple[Any, dict[str, int]]:
+    """Like :func:`load_tokenizer`, also returning ``{token: id}`` of the memento tokens it added.
+
+    A tokenizer that cannot be loaded raises ``ValueError`` naming it and what to pass instead.
+    """
+    from memento_train.tokens import load_tokenizer_with_memento_tokens
 
     try:
-        return AutoTokenizer.from_pretrained(str(spec))
+        return load_tokenizer_with_memento_tokens(spec)
     except Exception as exc:
         raise ValueError(
             f"could not load tokenizer {str(spec)!r}: {exc}. Pass a local tokenizer directory "

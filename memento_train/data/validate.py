@@ -196,6 +196,13 @@ class ValidationReport:
             "examples_by_reason": dict(sorted(self.examples_by_reason.items())),
         }
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ValidationReport:
+        """Inverse of :meth:`to_dict` (e.g. the report stored by ``memento-data prepare``)."""
+        return cls(total=int(d["total"]), kept=int(d["kept"]), dropped_by_reason=dict(d["dropped_by_reason"]),
+                   truncated=int(d["truncated"]), examples_by_reason={k: list(v) for k, v in
+                                                                      d["examples_by_reason"].items()})
+
     def __str__(self) -> str:
         pct = 100.0 * self.kept / self.total if self.total else 0.0
         lines = [

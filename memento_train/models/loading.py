@@ -21,24 +21,13 @@ import torch
 from torch import nn
 
 from memento_train.attention.hf import attn_implementation
-from memento_train.tokens import CHATML_TEMPLATE, add_memento_tokens, prepare_model_and_tokenizer
+from memento_train.tokens import add_memento_tokens, load_tokenizer_with_memento_tokens, prepare_model_and_tokenizer
 
 
 def load_tokenizer(mcfg: Any) -> Any:
     """The run's tokenizer with the memento tokens: ``model.tokenizer`` or ``model.path``'s, else the
-    shipped one (tiny models)."""
-    source = mcfg.tokenizer or mcfg.path
-    if source is None:
-        from memento_train.tokenizer_assets import load_shipped_tokenizer
-
-        tok = load_shipped_tokenizer()
-    else:
-        import transformers
-
-        tok = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=mcfg.trust_remote_code)
-    add_memento_tokens(tok)
-    if not getattr(tok, "chat_template", None):
-        tok.chat_template = CHATML_TEMPLATE
+    shipped one (tiny models). See :func:`memento_train.tokens.load_tokenizer_with_memento_tokens`."""
+    tok, _ = load_tokenizer_with_memento_tokens(mcfg.tokenizer or mcfg.path, trust_remote_code=mcfg.trust_remote_code)
     return tok
 
 

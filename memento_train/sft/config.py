@@ -272,6 +272,8 @@ def build_sft_config(tree: dict[str, Any]) -> SFTConfig:
     data_path = cfg.data.path
     if parse_source(str(data_path)) is None and not os.path.isabs(str(data_path)) and os.path.exists(str(data_path)):
         cfg.data.path = os.path.abspath(str(data_path))  # workers may run in another directory
+    if cfg.data.prepared is not None:
+        cfg.data.prepared = os.path.abspath(os.path.expanduser(str(cfg.data.prepared)))
     cfg.output_dir = os.path.abspath(os.path.expanduser(cfg.output_dir))
     return cfg.validate()
 

@@ -28,7 +28,7 @@ from memento_train.cluster import WorkerError, WorkerGroup
 from memento_train.cluster.session import RaySession
 from memento_train.cluster.worker_group import group_env
 from memento_train.config_errors import ConfigError
-from memento_train.data.cache import prepare_dataset
+from memento_train.data.prepared import check_examples_source, load_examples
 from memento_train.faults.preemption import PreemptionGuard
 from memento_train.faults.secrets import redact_config, secret_values
 from memento_train.faults.watchdog import StepHang, StepWatchdog, describe_stacks
@@ -52,9 +52,10 @@ class StageResult:
     final_loss: float | None
 
 
-def check_against_model(cfg: SFTConfig) -> None:
-    """Checks that need the model's config (read without weights): attention backend vs layer types,
-    engine vs architecture, sequence length vs positions."""
+def check_against_model(cfg: SFTConfig, tokenizer: Any = None) -> None:
+    """Checks that need the model's config or tokenizer (no weights): attention backend vs layer
+    types, engine vs architecture, sequence length vs positions, and the data's tokenizer and
+    ``data.prepared`` directory vs the model's tokenizer (``tokenizer``, loaded when not given)."""
     from memento_train.models.preflight import check_model
 
     check_model(cfg.model, evicts=cfg.data.mask.keep_last_n_blocks >= 0, engine_kind=cfg.engine.kind)
@@ -62,6 +63,9 @@ def check_against_model(cfg: SFTConfig) -> None:
     if limit is not None and cfg.data.max_seq_len > limit:
         raise ConfigError(f"data.max_seq_len ({cfg.data.max_seq_len}) exceeds the model's maximum of {limit} "
                           f"positions (max_position_embeddings); lower data.max_seq_len")
+    if cfg.data.tokenizer is not None or cfg.data.prepared is not None:
+        tokenizer = load_tokenizer(cfg.model) if tokenizer is None else tokenizer
+        check_examples_source(cfg.data, tokenizer, cfg.model.tokenizer or cfg.model.path)
 
 
 def _aggregate(results: list[dict[str, Any]], plan_loss_tokens: int, elapsed: float, peak: float | None,
@@ -96,7 +100,8 @@ def run_stage(cfg: SFTConfig, tree: dict[str, Any] | None = None, *, progress: b
     when no checkpoint can be resumed from or written.
     """
     tree = to_dict(cfg) if tree is None else tree
-    check_against_model(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    check_against_model(cfg, tokenizer)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.data.cache_dir is None:  # one shared cache: the driver renders, workers load it
@@ -106,8 +111,7 @@ def run_stage(cfg: SFTConfig, tree: dict[str, Any] | None = None, *, progress: b
     public = redact_config(to_dict(cfg))  # what files, logs and wandb may show
     (out / "config.yaml").write_text(yaml.safe_dump(public, sort_keys=False))
 
-    tokenizer = load_tokenizer(cfg.model)
-    dataset, report = prepare_dataset(cfg.data, tokenizer=tokenizer)
+    dataset, report = load_examples(cfg.data, tokenizer, cfg.model.tokenizer or cfg.model.path)
     if cfg.train.max_samples is not None:
         dataset = dataset.select(range(min(cfg.train.max_samples, len(dataset))))
     lengths = np.asarray(dataset["num_tokens"], dtype=np.int64)
@@ -127,7 +131,8 @@ def run_stage(cfg: SFTConfig, tree: dict[str, Any] | None = None, *, progress: b
     logger = RunLogger(out, total_steps=planner.total_steps, start_step=start, logger=cfg.logger,
                        wandb_cfg=cfg.wandb, config=public, desc=f"stage {cfg.stage}", progress=progress,
                        secrets=secret_values(to_dict(cfg)))
-    logger.write(f"[memento-train] stage {cfg.stage}: {report}; {len(lengths)} examples, "
+    source = f"prepared in {cfg.data.prepared}, " if cfg.data.prepared else ""
+    logger.write(f"[memento-train] stage {cfg.stage}: {report}; {source}{len(lengths)} examples, "
                  f"{planner.total_steps} steps of {cfg.train.global_batch_size} sequences "
                  f"on {cfg.cluster.num_workers} worker(s), engine {cfg.engine.kind}; writing to {out}")
     # The driver owns Ray (when used), so a rebuilt worker group reuses it; ray.init also installs a

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from memento_train.data.cache import prepare_dataset
+from memento_train.data.prepared import load_examples
 from memento_train.engine_worker import EngineWorker
 from memento_train.engines import build_engine
 from memento_train.flops import FlopCounter
@@ -35,14 +35,14 @@ class SFTWorker(EngineWorker):
         self.cfg: SFTConfig = build_sft_config(config_tree)
 
     def setup(self) -> dict[str, Any]:
-        """Load tokenizer, data (from the driver-prepared cache) and model; build the engine."""
+        """Load tokenizer, data (the driver-rendered cache or ``data.prepared``) and model; build the engine."""
         import datasets
 
         datasets.disable_progress_bars()  # the driver already showed them while preparing the cache
         cfg = self.cfg
         seed_everything(cfg.train.seed)
         self.tokenizer = load_tokenizer(cfg.model)
-        dataset, _ = prepare_dataset(cfg.data, tokenizer=self.tokenizer)
+        dataset, _ = load_examples(cfg.data, self.tokenizer, cfg.model.tokenizer or cfg.model.path)
         if cfg.train.max_samples is not None:
             dataset = dataset.select(range(min(cfg.train.max_samples, len(dataset))))
         self.dataset = dataset.select_columns(list(_COLUMNS)).with_format("numpy")
