@@ -197,13 +197,13 @@ class MegatronEngine(TrainEngine):
         load_hf_weights(gpt, hf_weights, self.arch, tp_rank=self.tp_rank)
         del hf_weights
         gpt.to(self.device)
-        self.cpu: CpuFallback | None = None  # the CPU fallback's gradients and optimizer (off CUDA)
+        self.cpu_fallback: CpuFallback | None = None  # the CPU fallback's gradients and optimizer (off CUDA)
         if self.native:
             self._wrap_native(gpt)
         else:
             self.model = gpt
-            self.cpu = CpuFallback(gpt, optim, self.arch, ps)
-            self.optimizer = self.cpu.optimizer
+            self.cpu_fallback = CpuFallback(gpt, optim, self.arch, ps)
+            self.optimizer = self.cpu_fallback.optimizer
 
     # -- wrapping ----------------------------------------------------------------------------------
     def _wrap_native(self, gpt) -> None:
@@ -349,7 +349,7 @@ class MegatronEngine(TrainEngine):
 
             finalize_model_grads([self.model])
             return
-        self.cpu.finalize_grads()
+        self.cpu_fallback.finalize_grads()
 
     def step(self, lr: float) -> float:
         """Set ``lr``, clip to ``optim.grad_clip`` (0 = off), step, zero grads; return the pre-clip norm."""
@@ -363,7 +363,7 @@ class MegatronEngine(TrainEngine):
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
             return float(norm) if norm is not None else float("nan")
-        return self.cpu.step(lr)
+        return self.cpu_fallback.step(lr)
 
     # -- full views --------------------------------------------------------------------------------
     def _gather_shards(self, local: dict[str, torch.Tensor], *, everyone: bool):
@@ -470,7 +470,7 @@ class MegatronEngine(TrainEngine):
             state["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                                                    metadata=DISTRIBUTED_OPTIMIZER_CKPT_FORMAT)
         else:
-            state["optimizer"] = self.cpu.optimizer_sharded_state(model_sd, is_loading)
+            state["optimizer"] = self.cpu_fallback.optimizer_sharded_state(model_sd, is_loading)
         return state
 
     def _checkpoint_io(self):
@@ -524,7 +524,7 @@ class MegatronEngine(TrainEngine):
                 self.optimizer.load_state_dict(state["optimizer"])
             restore_adam_steps(self.optimizer)  # torch AdamW fallback: see megatron_optimizer.py
             return
-        self.cpu.load_optimizer_state(state["optimizer"])
+        self.cpu_fallback.load_optimizer_state(state["optimizer"])
 
 
 register_engine("megatron", MegatronEngine)
