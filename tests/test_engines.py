@@ -259,3 +259,22 @@ def test_bf16_engine_keeps_rope_buffers_fp32_and_deepspeed_sums_gradients_in_fp3
     if kind == "deepspeed":
         assert res["bf16_deepspeed"] == {"model": torch.bfloat16, "grad_accum": torch.float32,
                                          "communication": torch.float32, "zero_grad_accum": torch.float32}
+
+
+@pytest.mark.parametrize("kind", ["fsdp2", "deepspeed", "megatron"])
+def test_engine_public_methods_are_the_engine_contract(kind):
+    """Test tooling lives in tests/: an engine class has no public method beyond :class:`TrainEngine`'s
+    (the megatron engine once carried an ``export_hf`` that only tests called)."""
+    import importlib
+    import inspect
+
+    from memento_train.engines.base import _ENGINES, TrainEngine
+
+    if kind == "megatron":
+        pytest.importorskip("megatron.core")
+    importlib.import_module(f"memento_train.engines.{kind}")
+
+    def public_methods(cls) -> set[str]:
+        return {name for name, _ in inspect.getmembers(cls, inspect.isfunction) if not name.startswith("_")}
+
+    assert public_methods(_ENGINES[kind]) - public_methods(TrainEngine) == set()

@@ -1,4 +1,4 @@
-"""HF ↔ Megatron weight conversion: bit-identical round trips, TP layouts, vocab padding, safetensors.
+"""HF ↔ Megatron weight conversion: bit-identical round trips, TP layouts, vocab padding, the HF export.
 
 Pure tensor code (no process group): shards for every TP rank are built and merged back.
 """
@@ -121,34 +121,27 @@ def test_pipeline_stage_views_partition_the_model(tied):
     assert set(merged) == set(shard) and all(torch.equal(merged[k], shard[k]) for k in shard)
 
 
-def test_safetensors_export_round_trip(tmp_path):
-    from memento_train.models.megatron_convert import (
-        hf_to_megatron,
-        load_hf_safetensors,
-        megatron_to_hf,
-        save_hf_safetensors,
-    )
-    from memento_train.models.megatron_gpt import describe_hf_config
-
-    model = _tiny("qwen3", tied=True)
-    arch = describe_hf_config(model.config)
-    model.save_pretrained(tmp_path / "hf")
-    loaded = load_hf_safetensors(str(tmp_path / "hf"))
-    loaded.setdefault("lm_head.weight", loaded["model.embed_tokens.weight"])
-    shards = [hf_to_megatron(loaded, arch, tp_rank=r, tp_size=2) for r in range(2)]
-    names = save_hf_safetensors(megatron_to_hf(shards, arch), str(tmp_path / "out"), arch, max_shard_bytes=20_000)
-    assert len(names) > 1 and (tmp_path / "out" / "model.safetensors.index.json").exists()
-    again = load_hf_safetensors(str(tmp_path / "out"))
-    assert "lm_head.weight" not in again  # tied alias left out, as HF does
-    for name, t in model.state_dict().items():
-        if name != "lm_head.weight":
-            assert torch.equal(again[name], t), name
-    # and HF itself loads the export
+def test_tp2_shards_through_the_hf_export_reload_bit_identical(tmp_path):
+    """TP=2 Megatron shards → :func:`megatron_to_hf` → the production HF export → transformers: every
+    weight (memento rows included) comes back bit-identical and the tied head is tied again."""
     import transformers as tf
 
-    model.config.save_pretrained(tmp_path / "out")
+    from memento_train.export import export_hf
+    from memento_train.masking import MaskConfig
+    from memento_train.models.megatron_convert import hf_to_megatron, megatron_to_hf
+    from memento_train.models.megatron_gpt import architecture_of
+    from memento_train.tokenizer_assets import load_shipped_tokenizer
+
+    model = _tiny("qwen3", tied=True)
+    arch = architecture_of(model)
+    shards = [hf_to_megatron(model.state_dict(), arch, tp_rank=r, tp_size=2) for r in range(2)]
+    export_hf(megatron_to_hf(shards, arch), model.config, load_shipped_tokenizer(), tmp_path / "out", info={"mask": MaskConfig()},
+              dtype=torch.float32)
     reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
+    again = reloaded.state_dict()
+    for name, t in model.state_dict().items():
+        assert torch.equal(again[name], t), name
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
 
 
 def test_unsupported_configs_name_the_option():

@@ -167,13 +167,20 @@ def test_save_load_resumes_identically(tmp_path):
 
 
 def test_export_hf_loads_in_transformers(tmp_path):
+    """The production export path (``EngineWorker.export_hf``): the engine's ``full_state_dict`` written
+    by :func:`memento_train.export.export_hf` loads in transformers with the trained weights."""
     import transformers as tf
+
+    from memento_train.export import export_hf
+    from memento_train.masking import MaskConfig
+    from memento_train.tokenizer_assets import load_shipped_tokenizer
 
     with single_process_group():
         engine = make_engine(tied=True)
         train(engine, STEP_SEEDS[:1])
-        engine.export_hf(str(tmp_path))
         state = engine.full_state_dict()
+    export_hf(dict(state), tiny_hf(tied=True).config, load_shipped_tokenizer(), tmp_path, info={"mask": MaskConfig()},
+              dtype=torch.float32)
     reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path)
     for name, w in reloaded.state_dict().items():
         assert torch.equal(w, state[name]), name

@@ -55,11 +55,11 @@ def megatron_logits(family: str, tied: bool, tp: int, *, causal: bool = False):
 
     from memento_train.attention import MementoAttentionMeta
     from memento_train.engines.megatron import _GatherVocab, init_parallel_state
-    from memento_train.models.megatron_convert import hf_to_megatron
+    from memento_train.models.megatron_convert import load_hf_weights
     from memento_train.models.megatron_gpt import (
         MementoPackedSeqParams,
+        architecture_of,
         build_gpt_model,
-        describe_hf_config,
         transformer_config_from_hf,
     )
 
@@ -69,11 +69,9 @@ def megatron_logits(family: str, tied: bool, tp: int, *, causal: bool = False):
         meta = MementoAttentionMeta.causal(meta.cu_seqlens)
     init_parallel_state(tp, 1)
     try:
-        arch = describe_hf_config(hf.config)
+        arch = architecture_of(hf)
         gpt = build_gpt_model(hf.config, transformer_config_from_hf(hf.config, tensor_parallel=tp))
-        shard = hf_to_megatron(hf.state_dict(), arch, tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp)
-        missing, unexpected = gpt.load_state_dict(shard, strict=False)
-        assert not unexpected and all(k.endswith("_extra_state") for k in missing)
+        load_hf_weights(gpt, hf.state_dict(), arch, tp_rank=ps.get_tensor_model_parallel_rank())
         gpt.eval()
         with torch.no_grad():
             out = gpt(input_ids=ids[None], position_ids=pos[None], attention_mask=None,

@@ -15,6 +15,7 @@ from memento_train.data.cache import prepare_dataset
 from memento_train.models.loading import load_tokenizer
 from memento_train.sft.cli import main
 from memento_train.sft.config import load_sft_config
+from memento_train.sft.loss import sft_loss_fn
 from memento_train.sft.worker import SFTWorker
 from memento_train.structured_config import to_dict
 from memento_train.tracking import read_metrics
@@ -23,8 +24,22 @@ METRIC_KEYS = {"loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_work
                "padding_pct", "evicted_pair_frac", "blocks", "summary_tokens", "sequences", "epoch"}
 
 
+class GradientProbeWorker(SFTWorker):
+    """The SFT worker plus a test hook: the reduced full gradients of one step's loss."""
+
+    def gradients(self, micro_plan: list[list[int]], global_loss_tokens: int) -> dict[str, torch.Tensor]:
+        """The weights stay unchanged (the step runs at lr 0 to clear the gradients) but the optimizer
+        moments advance: do not keep training."""
+        batches, _ = self._micro_batches(micro_plan)
+        self.engine.train()
+        self.engine.forward_backward(batches, sft_loss_fn(global_loss_tokens))
+        grads = self.engine.full_grads()
+        self.engine.step(0.0)  # lr 0 clears the accumulated gradients through the engine's own path
+        return grads
+
+
 def _grads(tree, cluster: ClusterConfig, per_rank_plans, loss_tokens):
-    with WorkerGroup(SFTWorker, cluster, tree) as group:
+    with WorkerGroup(GradientProbeWorker, cluster, tree) as group:
         group.run("setup")
         return group.run_each("gradients", [(plan, loss_tokens) for plan in per_rank_plans])[0]
 

@@ -2,8 +2,10 @@
 
 Construction (``build_engine(hf_model, optim, cfg, device)``): Megatron's parallel state is set up on
 the existing default process group (``TP = engine.tensor_parallel``, ``PP = engine.pipeline_parallel``,
-``DP = world / (TP·PP)``), a :class:`~memento_train.models.megatron_gpt.MementoGPTModel` is built from
-the HF config and the HF weights are converted in, sliced for this rank's TP shard and PP stage.
+``DP = world / (TP·PP)``); the model itself comes from :mod:`memento_train.models`: this rank's stage of
+a :class:`~memento_train.models.megatron_gpt.MementoGPTModel` built from the HF config, with the HF
+weights converted in (:func:`~memento_train.models.megatron_convert.load_hf_weights`), sliced for this
+rank's TP shard and PP stage. The engine only wraps it.
 Activation recompute (full, every layer) is on when the HF model had gradient checkpointing enabled
 (``sft.gradient_checkpointing``).
 
@@ -13,12 +15,9 @@ Two ways to hold gradients and optimizer state, picked by device:
   scatter over DP) and ``get_megatron_optimizer`` with ``use_distributed_optimizer=True`` (fp32 master
   weights and Adam state sharded over DP; bf16 model weights with ``engine.precision=bf16``), with the
   weight-decay groups applied and torch AdamW's checkpoints fixed (:mod:`.megatron_optimizer`).
-- **CPU fallback** (CI, gloo): Megatron's DDP and optimizers allocate CUDA tensors unconditionally
-  (``torch.cuda.current_device()`` buffers, ``torch.cuda.FloatTensor`` type checks), so on CPU the
-  engine does the same arithmetic by hand: a SUM all-reduce of gradients over DP (and of q/k-norm
-  gradients over TP, and of a tied embedding over the first/last pipeline stages, as Megatron's
-  ``finalize_model_grads`` does), the global norm counting TP-replicated parameters once, and
-  ``torch.optim.AdamW`` with :func:`memento_train.optim.param_groups` semantics. fp32 only.
+- **CPU fallback** (CI, gloo): Megatron's DDP and optimizers allocate CUDA tensors unconditionally,
+  so on CPU :class:`~memento_train.engines.megatron_cpu.CpuFallback` does the same arithmetic by hand
+  (:mod:`.megatron_cpu`). fp32 only.
 
 ``engine.zero_stage`` does not apply (the distributed optimizer is Megatron's ZeRO-1 over DP);
 offloading is refused. The memento-attention backend is the one the HF model was switched to
@@ -37,7 +36,6 @@ directory and renamed, so a crash never leaves a half-written ``megatron/`` dire
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import shutil
@@ -54,6 +52,7 @@ from memento_train.engines.base import LossFn, MicroBatch, TrainEngine, register
 from memento_train.engines.config import EngineConfig
 from memento_train.engines.head_stats import HeadRequest, TokenStats, TokenStatsFn, head_request
 from memento_train.engines.materialize import BroadcastStateDict, take_weights, weights_on_rank0_only
+from memento_train.engines.megatron_cpu import CpuFallback, cpu_checkpoint_shim
 from memento_train.engines.scratch_group import scratch_gloo_group
 from memento_train.lm_head import VocabShard
 from memento_train.optim import OptimConfig
@@ -98,14 +97,6 @@ def uses_megatron_native(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def attention_backend_of(model: nn.Module) -> str:
-    """The memento-attention backend the loop chose for the HF model (``memento_<backend>``), else ``auto``."""
-    from memento_train.attention.hf import PREFIX
-
-    impl = getattr(model.config, "_attn_implementation", None) or ""
-    return impl[len(PREFIX):] if impl.startswith(PREFIX) else "auto"
-
-
 class _GatherVocab(torch.autograd.Function):
     """All-gather vocabulary shards along the last dim; backward keeps this rank's slice.
 
@@ -144,10 +135,11 @@ class MegatronEngine(TrainEngine):
             raise ConfigError(f"MegatronEngine built with engine.kind={cfg.kind!r}; set engine.kind=megatron")
         if not dist.is_initialized():
             raise RuntimeError("MegatronEngine needs torch.distributed initialised first (world size 1 included)")
-        from memento_train.models.megatron_convert import iter_hf_to_megatron, stage_view
+        from memento_train.models.megatron_convert import load_hf_weights
         from memento_train.models.megatron_gpt import (
+            architecture_of,
+            attention_backend_of,
             build_gpt_model,
-            describe_hf_config,
             padded_vocab_size,
             transformer_config_from_hf,
         )
@@ -179,10 +171,7 @@ class MegatronEngine(TrainEngine):
         self.pp_rank = ps.get_pipeline_model_parallel_rank()
         self.dp_rank = ps.get_data_parallel_rank()
         self.dp_size = ps.get_data_parallel_world_size()
-        self.hf_config = model.config
-        # The embedding's rows are the truth (memento tokens may have grown it past config.vocab_size).
-        self.arch = dataclasses.replace(describe_hf_config(model.config),
-                                        vocab_size=model.get_input_embeddings().weight.shape[0])
+        self.arch = architecture_of(model)
         self.vocab_padded = padded_vocab_size(self.arch.vocab_size, self.tp)
         self.pre_process = ps.is_pipeline_first_stage()
         self.post_process = ps.is_pipeline_last_stage()
@@ -201,38 +190,20 @@ class MegatronEngine(TrainEngine):
         gpt = build_gpt_model(model.config, self.tconfig, vocab_size=self.vocab_padded,
                               pre_process=self.pre_process, post_process=self.post_process,
                               backend=attention_backend_of(model))
-        self.layer_offset = self._layer_offset(gpt)
+        self.layer_offset = gpt.layer_offset
         # Weights on rank 0 only (other ranks built on meta): every rank reads rank 0's tensors one at a
-        # time through a broadcasting mapping; each converted tensor goes straight into this stage's
-        # parameters (or is dropped), so a rank holds its slice plus one tensor in flight.
+        # time through a broadcasting mapping, so a rank holds its slice plus one tensor in flight.
         hf_weights = BroadcastStateDict(take_weights(model)) if weights_on_rank0_only(model) else model.state_dict()
-        target = gpt.state_dict(keep_vars=True)
-        loaded = set()
-        with torch.no_grad():
-            for name, value in iter_hf_to_megatron(hf_weights, self.arch, tp_rank=self.tp_rank, tp_size=self.tp,
-                                                   vocab_size=self.vocab_padded):
-                local = stage_view({name: value}, layer_offset=self.layer_offset,
-                                   num_layers=len(gpt.decoder.layers), pre_process=self.pre_process,
-                                   post_process=self.post_process, tied=self.arch.tied_embeddings)
-                for key, v in local.items():
-                    if key not in target:
-                        raise RuntimeError(f"HF → Megatron conversion mismatch: unexpected {key}")
-                    target[key].copy_(v)
-                    loaded.add(key)
+        load_hf_weights(gpt, hf_weights, self.arch, tp_rank=self.tp_rank)
         del hf_weights
-        missing = [k for k in target if k not in loaded and not k.endswith("_extra_state")]
-        if missing:
-            raise RuntimeError(f"HF → Megatron conversion mismatch: missing {missing[:5]}")
         gpt.to(self.device)
+        self.cpu_fallback: CpuFallback | None = None  # the CPU fallback's gradients and optimizer (off CUDA)
         if self.native:
             self._wrap_native(gpt)
         else:
-            self._wrap_local(gpt)
-
-    @staticmethod
-    def _layer_offset(gpt) -> int:
-        layers = gpt.decoder.layers
-        return (layers[0].layer_number - 1) if len(layers) else 0
+            self.model = gpt
+            self.cpu_fallback = CpuFallback(gpt, optim, self.arch, ps)
+            self.optimizer = self.cpu_fallback.optimizer
 
     # -- wrapping ----------------------------------------------------------------------------------
     def _wrap_native(self, gpt) -> None:
@@ -252,18 +223,6 @@ class MegatronEngine(TrainEngine):
         self.model = DistributedDataParallel(config=self.tconfig, ddp_config=ddp_config, module=gpt)
         self.optimizer = build_distributed_optimizer(self.model, self.optim_cfg, bf16=self.cfg.precision == "bf16",
                                                      params_dtype=self.tconfig.params_dtype)
-
-    def _wrap_local(self, gpt) -> None:
-        self.model = gpt
-        decay, no_decay = [], []
-        for name, p in gpt.named_parameters():
-            # optim.param_groups semantics; a tied model's last-stage embedding copy is an embedding too.
-            embedding = "embedding" in name or getattr(p, "shared_embedding", False)
-            (no_decay if p.ndim < 2 or "norm" in name or embedding else decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.optim_cfg.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        o = self.optim_cfg
-        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas), eps=o.eps)
 
     @property
     def module(self) -> nn.Module:
@@ -390,30 +349,7 @@ class MegatronEngine(TrainEngine):
 
             finalize_model_grads([self.model])
             return
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.dp_size > 1 and params:
-            _all_reduce_coalesced([p.grad for p in params], self.ps.get_data_parallel_group())
-        if self.tp > 1 and self.arch.qk_layernorm:
-            # q/k norms are shared by all heads but each TP rank only sees its own heads.
-            qk = [p.grad for n, p in self.model.named_parameters()
-                  if p.grad is not None and ("q_layernorm" in n or "k_layernorm" in n)]
-            _all_reduce_coalesced(qk, self.ps.get_tensor_model_parallel_group())
-        if self.pp > 1 and self.arch.tied_embeddings and (self.pre_process or self.post_process):
-            w = self.gpt.shared_embedding_or_output_weight()
-            if w.grad is not None:
-                dist.all_reduce(w.grad, group=self.ps.get_embedding_group())
-
-    def _grad_norm_local(self) -> float:
-        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-
-        sq = torch.zeros((), dtype=torch.float64)
-        for p in self.model.parameters():
-            counted = param_is_not_tensor_parallel_duplicate(p) and not getattr(p, "shared", False)
-            if p.grad is not None and counted:
-                sq += p.grad.detach().double().pow(2).sum().cpu()
-        if self.tp * self.pp > 1:
-            dist.all_reduce(sq, group=self.ps.get_model_parallel_group())
-        return float(sq.sqrt())
+        self.cpu_fallback.finalize_grads()
 
     def step(self, lr: float) -> float:
         """Set ``lr``, clip to ``optim.grad_clip`` (0 = off), step, zero grads; return the pre-clip norm."""
@@ -427,18 +363,7 @@ class MegatronEngine(TrainEngine):
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
             return float(norm) if norm is not None else float("nan")
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        norm = self._grad_norm_local()
-        clip = self.optim_cfg.grad_clip
-        if clip > 0 and norm > clip:
-            coef = clip / (norm + 1e-6)
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(coef)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return self.cpu_fallback.step(lr)
 
     # -- full views --------------------------------------------------------------------------------
     def _gather_shards(self, local: dict[str, torch.Tensor], *, everyone: bool):
@@ -545,28 +470,12 @@ class MegatronEngine(TrainEngine):
             state["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                                                    metadata=DISTRIBUTED_OPTIMIZER_CKPT_FORMAT)
         else:
-            state["optimizer"] = self._local_optimizer_sharded_state(model_sd, is_loading)
+            state["optimizer"] = self.cpu_fallback.optimizer_sharded_state(model_sd, is_loading)
         return state
 
-    def _local_optimizer_sharded_state(self, model_sd: dict, is_loading: bool) -> dict:
-        from megatron.core.dist_checkpointing.optimizer import (
-            get_param_id_to_sharded_param_map,
-            optim_state_to_sharding_state,
-        )
-
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if is_loading:  # Adam state must exist to describe its shards
-            for p in params:
-                st = self.optimizer.state[p]
-                if not st:
-                    st.update(step=torch.zeros(()), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-        sd = self.optimizer.state_dict()
-        # state_dict() shares the per-parameter dicts with the live optimizer: copy before editing.
-        sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
-        steps = {float(st.pop("step")) for st in sd["state"].values() if "step" in st}
-        optim_state_to_sharding_state(sd, get_param_id_to_sharded_param_map(model_sd, params), exclude_keys=("step",))
-        sd["common_step"] = max(steps) if steps else 0.0  # every parameter steps together
-        return sd
+    def _checkpoint_io(self):
+        """The CPU shim around ``dist_checkpointing`` (see :func:`.megatron_cpu.cpu_checkpoint_shim`)."""
+        return contextlib.nullcontext() if self.native else cpu_checkpoint_shim()
 
     def save(self, path: str) -> None:
         """Collective: model + optimizer with ``dist_checkpointing`` under ``path/megatron`` (atomic rename)."""
@@ -577,7 +486,7 @@ class MegatronEngine(TrainEngine):
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         dist.barrier()
-        with _cpu_only_checkpoint_shim(not self.native):
+        with self._checkpoint_io():
             dist_checkpointing.save(self._sharded_state(is_loading=False), tmp)
         dist.barrier()
         if dist.get_rank() == 0:
@@ -603,7 +512,7 @@ class MegatronEngine(TrainEngine):
                 f"engine.pipeline_parallel={saved['pipeline_parallel']}; resume with the same values (or start "
                 "a new run from its HF export)"
             )
-        with _cpu_only_checkpoint_shim(not self.native):
+        with self._checkpoint_io():
             state = dist_checkpointing.load(self._sharded_state(is_loading=True), ckpt)
         self.gpt.load_state_dict(state["model"], strict=False)
         if self.native:
@@ -615,50 +524,7 @@ class MegatronEngine(TrainEngine):
                 self.optimizer.load_state_dict(state["optimizer"])
             restore_adam_steps(self.optimizer)  # torch AdamW fallback: see megatron_optimizer.py
             return
-        sd = state["optimizer"]
-        step = torch.tensor(float(sd.pop("common_step")))
-        for st in sd["state"].values():
-            st["step"] = step.clone()
-        self.optimizer.load_state_dict(sd)
-
-    # -- export ------------------------------------------------------------------------------------
-    def export_hf(self, path: str) -> None:
-        """Collective: write the trained weights as HF safetensors (+ config) under ``path`` on rank 0."""
-        from memento_train.models.megatron_convert import save_hf_safetensors
-
-        sd = self.full_state_dict()
-        if sd is not None:
-            save_hf_safetensors(sd, path, self.arch)
-            self.hf_config.save_pretrained(path)
-        dist.barrier()
-
-
-@contextlib.contextmanager
-def _cpu_only_checkpoint_shim(active: bool):
-    """CPU-ONLY SHIM (never active on CUDA): ``dist_checkpointing``'s ``torch_dist`` strategy assumes
-    CUDA: it calls ``torch.cuda.synchronize()`` after its non-blocking device-to-host copies and
-    all-reduces a failure flag allocated on ``torch.cuda.current_device()``. For the duration of a CPU
-    save/load the first is a no-op and the second answers ``"cpu"``."""
-    if not active:
-        yield
-        return
-    from unittest import mock
-
-    with mock.patch("torch.cuda.synchronize", lambda *args, **kwargs: None), \
-            mock.patch("torch.cuda.current_device", lambda: "cpu"):
-        yield
-
-
-def _all_reduce_coalesced(tensors: list[torch.Tensor], group) -> None:
-    """SUM all-reduce of many tensors in one flat buffer (one collective instead of one per tensor)."""
-    if not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, group=group)
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset: offset + t.numel()].view_as(t))
-        offset += t.numel()
+        self.cpu_fallback.load_optimizer_state(state["optimizer"])
 
 
 register_engine("megatron", MegatronEngine)

@@ -25,13 +25,11 @@ Conversion is pure slicing and concatenation, so HF → Megatron → HF is bit-i
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from memento_train.models.megatron_gpt import HFArchitecture, padded_vocab_size
+from memento_train.models.megatron_gpt import HFArchitecture, MementoGPTModel, padded_vocab_size
 
 Tensor = torch.Tensor
 
@@ -154,7 +152,7 @@ def megatron_to_hf(shards: Sequence[Mapping[str, Tensor]], arch: HFArchitecture)
     """The HF state dict (keys of ``model.state_dict()``) from the TP shards, in TP-rank order.
 
     Tied models get ``lm_head.weight`` as the same tensor as ``model.embed_tokens.weight`` (as HF's
-    own ``state_dict()`` does); drop it before writing safetensors (:func:`save_hf_safetensors` does).
+    own ``state_dict()`` does); :func:`memento_train.export.export_hf` ties it again when it writes.
     """
     def cat_rows(name: str) -> Tensor:
         return torch.cat([s[name] for s in shards], 0)
@@ -228,48 +226,27 @@ def global_view(local: Mapping[str, Tensor], *, layer_offset: int, pre_process: 
     return out
 
 
-# -- safetensors ----------------------------------------------------------------------------------
-def load_hf_safetensors(path: str) -> dict[str, Tensor]:
-    """All tensors of an HF checkpoint directory (``*.safetensors``, sharded or not) or one file."""
-    from safetensors.torch import load_file
+# -- into a live model ----------------------------------------------------------------------------
+def load_hf_weights(gpt: MementoGPTModel, hf: Mapping[str, Tensor], arch: HFArchitecture, *, tp_rank: int) -> None:
+    """Copy an HF state dict into this rank's pipeline stage of ``gpt``, converted for TP rank ``tp_rank``.
 
-    if os.path.isfile(path):
-        return load_file(path)
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {path!r}")
-    out: dict[str, Tensor] = {}
-    for f in files:
-        out.update(load_file(os.path.join(path, f)))
-    return out
-
-
-def save_hf_safetensors(state: Mapping[str, Tensor], path: str, arch: HFArchitecture,
-                        max_shard_bytes: int = 5 * 2**30) -> list[str]:
-    """Write ``state`` as HF safetensors under directory ``path`` (sharded with an index above
-    ``max_shard_bytes``); the tied ``lm_head.weight`` alias is left out, as HF does. Returns file names."""
-    from safetensors.torch import save_file
-
-    os.makedirs(path, exist_ok=True)
-    items = [(k, v) for k, v in state.items() if not (arch.tied_embeddings and k == "lm_head.weight")]
-    shards: list[dict[str, Tensor]] = [{}]
-    size = 0
-    for k, v in items:
-        nbytes = v.numel() * v.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v.detach().cpu().contiguous()
-        size += nbytes
-    if len(shards) == 1:
-        names = ["model.safetensors"]
-    else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
-        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for _, v in items)},
-                 "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
-        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-            json.dump(index, f, indent=2)
-    return names
+    ``hf`` is read one tensor at a time in :func:`iter_hf_to_megatron`'s order (it may fetch each one
+    from another rank); each converted tensor goes straight into the stage's parameters or is dropped,
+    so a rank holds its slice plus one tensor in flight. Any name the model lacks or leaves unloaded
+    raises: a conversion mismatch must never train from initial weights.
+    """
+    target = gpt.state_dict(keep_vars=True)
+    loaded = set()
+    with torch.no_grad():
+        for name, value in iter_hf_to_megatron(hf, arch, tp_rank=tp_rank, tp_size=gpt.config.tensor_model_parallel_size,
+                                               vocab_size=gpt.vocab_size):
+            local = stage_view({name: value}, layer_offset=gpt.layer_offset, num_layers=len(gpt.decoder.layers),
+                               pre_process=gpt.pre_process, post_process=gpt.post_process, tied=arch.tied_embeddings)
+            for key, v in local.items():
+                if key not in target:
+                    raise RuntimeError(f"HF → Megatron conversion mismatch: unexpected {key}")
+                target[key].copy_(v)
+                loaded.add(key)
+    missing = [k for k in target if k not in loaded and not k.endswith("_extra_state")]
+    if missing:
+        raise RuntimeError(f"HF → Megatron conversion mismatch: missing {missing[:5]}")

@@ -1,6 +1,6 @@
 """Megatron-core ``GPTModel`` built from a Hugging Face config, with memento attention as core attention.
 
-Three pieces, all small:
+Four pieces, all small:
 
 - :func:`describe_hf_config` reads the HF config of a Qwen3, Llama-family or Phi-3/Phi-4 model into an
   :class:`HFArchitecture` (the shapes conversion and the Megatron config need) and refuses what the
@@ -14,10 +14,14 @@ Three pieces, all small:
 - :class:`MementoGPTModel` is ``GPTModel`` whose rotary embedding follows the batch's ``position_ids``
   (logical positions, DESIGN.md §2) with the HF model's own inverse frequencies, instead of Megatron's
   "0..len-1 per packed sequence", so RoPE is bit-for-bit what the HF model computes.
+- :func:`build_gpt_model` builds one pipeline stage of it for an HF config (:func:`architecture_of` and
+  :func:`attention_backend_of` read what a loaded HF model adds to its config); the weights come in
+  through :func:`~memento_train.models.megatron_convert.load_hf_weights`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -113,6 +117,21 @@ def describe_hf_config(hf_config) -> HFArchitecture:
         norm_eps=hf_config.rms_norm_eps,
         max_position_embeddings=hf_config.max_position_embeddings,
     )
+
+
+def architecture_of(hf_model) -> HFArchitecture:
+    """:func:`describe_hf_config` of a loaded HF model, with the vocabulary its embedding really has (the
+    embedding's rows are the truth: memento tokens may have grown it past ``config.vocab_size``)."""
+    rows = hf_model.get_input_embeddings().weight.shape[0]
+    return dataclasses.replace(describe_hf_config(hf_model.config), vocab_size=rows)
+
+
+def attention_backend_of(hf_model) -> str:
+    """The memento-attention backend the loop chose for the HF model (``memento_<backend>``), else ``auto``."""
+    from memento_train.attention.hf import PREFIX
+
+    impl = getattr(hf_model.config, "_attn_implementation", None) or ""
+    return impl[len(PREFIX):] if impl.startswith(PREFIX) else "auto"
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
@@ -280,6 +299,12 @@ class MementoGPTModel(GPTModel):
         # A plain attribute, not a buffer: derived from the HF config (never checkpointed) and never
         # cast by model.to(bf16), which would round the frequencies.
         self._inv_freq = {torch.device("cpu"): inv_freq.to(torch.float32).cpu()}
+
+    @property
+    def layer_offset(self) -> int:
+        """Global index of this pipeline stage's first layer (0 on the first stage)."""
+        layers = self.decoder.layers
+        return (layers[0].layer_number - 1) if len(layers) else 0
 
     def rope_angles(self, position_ids: torch.Tensor) -> torch.Tensor:
         """Per-token RoPE angles ``[T, 1, 1, rotary_dim]`` in fp32 (non-interleaved halves, as HF)."""

@@ -74,16 +74,6 @@ class SFTWorker(EngineWorker):
             packed.append(pb if indices else None)
         return batches, packed
 
-    def gradients(self, micro_plan: list[list[int]], global_loss_tokens: int) -> dict[str, torch.Tensor]:
-        """Diagnostics: the reduced full gradients of one step's loss. The weights stay unchanged (the
-        step runs at lr 0 to clear the gradients) but the optimizer moments advance: do not keep training."""
-        batches, _ = self._micro_batches(micro_plan)
-        self.engine.train()
-        self.engine.forward_backward(batches, sft_loss_fn(global_loss_tokens))
-        grads = self.engine.full_grads()
-        self.engine.step(0.0)  # lr 0 clears the accumulated gradients through the engine's own path
-        return grads
-
     def train_step(self, micro_plan: list[list[int]], global_loss_tokens: int, lr: float,
                    hang_s: float = 0.0) -> dict[str, Any]:
         """Forward/backward this rank's micro-batches, then one optimizer step at ``lr``.
