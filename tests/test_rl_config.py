@@ -12,7 +12,7 @@ import pytest
 
 from memento_train.config_errors import ConfigError
 from memento_train.export import MARKER_FILE, export_hf, exported_mask
-from memento_train.masking import MaskConfig
+from memento_train.masking import BlockMaskingConfig
 from memento_train.rl.cli import main as rl_main
 from memento_train.rl.driver import encode_prompts, load_problems
 from memento_train.rl.rewards import math_reward
@@ -166,8 +166,8 @@ def test_every_export_records_its_mask(tmp_path):
     with pytest.raises(ValueError, match="info\\['mask'\\] is required"):
         export_hf(model.state_dict(), model.config, tok, tmp_path / "a", info={"stage": 2})
     export_hf(model.state_dict(), model.config, tok, tmp_path / "b",
-              info={"stage": 2, "mask": MaskConfig(keep_last_n_blocks=0, mask_delimiters=True)})
-    assert exported_mask(tmp_path / "b") == MaskConfig(keep_last_n_blocks=0, mask_delimiters=True)
+              info={"stage": 2, "mask": BlockMaskingConfig(keep_last_n_blocks=0, mask_delimiters=True)})
+    assert exported_mask(tmp_path / "b") == BlockMaskingConfig(keep_last_n_blocks=0, mask_delimiters=True)
 
 
 def test_memento_eval_uses_the_models_mask_and_refuses_a_contradiction(tmp_path, capsys):

@@ -129,7 +129,7 @@ def cache_fingerprint(cfg: DataConfig, tokenizer: Any, records_fingerprint: str 
         "system_prompt": cfg.system_prompt,
         "max_seq_len": cfg.max_seq_len,
         "overlong": cfg.overlong,
-        "mask": asdict(cfg.mask),
+        "mask": cfg.block_masking.rule_dict(),  # the rule alone: generation-only options do not change the cache
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -154,7 +154,7 @@ def prepare_dataset(cfg: DataConfig, *, tokenizer: Any = None, load_from_cache: 
     """
     cfg.validate()
     tokenizer = load_tokenizer(cfg.tokenizer) if tokenizer is None else tokenizer
-    renderer = Renderer(tokenizer, cfg.mask, cfg.system_prompt)
+    renderer = Renderer(tokenizer, cfg.block_masking, cfg.system_prompt)
     records = load_records(cfg)
     fp = cache_fingerprint(cfg, tokenizer, getattr(records, "_fingerprint", ""))
     kwargs: dict[str, Any] = {}

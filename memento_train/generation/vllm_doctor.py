@@ -90,7 +90,7 @@ def task_prompts(model: Path, num: int) -> tuple[Any, Any, list[list[int]]]:
     tok = AutoTokenizer.from_pretrained(str(model))
     p = cfg.prompts
     _, prompts = encode_prompts(load_problems(p.path, synthetic_task=p.synthetic, num=num),
-                                Renderer(tok, cfg.rollout.mask.mask_config(), p.system_prompt), p.max_prompt_len)
+                                Renderer(tok, cfg.rollout.mask.rule(), p.system_prompt), p.max_prompt_len)
     return cfg, tok, prompts
 
 

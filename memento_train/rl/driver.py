@@ -223,7 +223,7 @@ class _Run:
         tok = load_tokenizer(cfg.model)
         self.tokenizer = tok
         self.special = SpecialTokens.from_mapping(special_token_ids(tok))
-        self.mask = cfg.rollout.mask.mask_config()
+        self.mask = cfg.rollout.mask.rule()
         p = cfg.prompts
         self.records, self.prompts = encode_prompts(
             load_problems(p, synthetic_task=p.synthetic, num=p.num_records), tok, p.max_prompt_len, p.system_prompt)
