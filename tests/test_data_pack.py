@@ -192,7 +192,7 @@ def test_cache_round_trip_and_fingerprint(tmp_path, tok, examples):
     ds2, _ = prepare_dataset(cfg, tokenizer=tok)
     assert ds2.cache_files[0]["filename"] == ds.cache_files[0]["filename"] and _columns(ds2) == _columns(ds)
     prepare_dataset(DataConfig(path=str(path), cache_dir=str(tmp_path / "cache"), max_seq_len=8192,
-                               mask=BlockMaskingConfig(keep_last_n_blocks=-1)), tokenizer=tok)
+                               block_masking=BlockMaskingConfig(keep_last_n_blocks=-1)), tokenizer=tok)
     assert len(os.listdir(prepared)) == 2
     other = load_shipped_tokenizer()
     other.chat_template = "{{ messages[0]['content'] }}"

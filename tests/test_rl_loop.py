@@ -170,7 +170,7 @@ def test_trainer_recomputes_the_rollout_logprobs_of_block_evicting_responses_and
               "stop_token_ids": (int(rollout.tokenizer.eos_token_id),)}
     results = rollout.generate(requests, params)
     special = SpecialTokens.from_mapping(special_token_ids(rollout.tokenizer))
-    mask = cfg.rollout.mask.rule()
+    mask = cfg.rollout.block_masking.rule()
     docs = [rollout_document(q.prompt_ids, x["token_ids"], x["logprobs"], 1.0, special, mask)
             for q, x in zip(requests, results)]
     evicted = sum(int((d["kill_row"] < len(d["input_ids"])).sum()) for d in docs)
