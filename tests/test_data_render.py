@@ -219,7 +219,7 @@ def test_bad_paths_and_options(tmp_path):
     assert cfg.block_masking == BlockMaskingConfig(keep_last_n_blocks=-1)
     with pytest.raises(ConfigError, match="keep_last_n_blocks"):
         DataConfig.from_dict({"block_masking": {"keep_last_n_blocks": -2}})
-    with pytest.deprecated_call(match="data.block_masking is deprecated; use data.block_masking"):  # the old key
+    with pytest.deprecated_call(match="data.mask is deprecated; use data.block_masking"):  # the old key
         assert DataConfig.from_dict({"mask": {"keep_last_n_blocks": -1}}).block_masking == cfg.block_masking
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
