@@ -3,7 +3,8 @@ marker file describing the run, loadable by ``AutoModelForCausalLM.from_pretrain
 and 5.x alike, see :mod:`memento_train.hf_compat`) and vLLM.
 
 The marker (``memento_train.json``) always records the eviction rule the model was trained with
-(``mask``: the :class:`~memento_train.masking.MaskConfig` fields). RL rollouts and ``memento-eval``
+(``block_masking``: :meth:`~memento_train.masking.BlockMaskingConfig.rule_dict`; exports written
+before the two mask configs became one call it ``mask``, which is still read). RL rollouts, ``memento-eval`` and ``memento-serve``
 read it (:func:`exported_mask`) and default their block masking to it, and a generation config that
 contradicts it is refused unless the user says the mismatch is intended (:func:`apply_exported_mask`):
 a Phi-4 stage-2 model (``mask_delimiters=true``) must not be served with ``mask_delimiters=false``.
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from memento_train.masking import MaskConfig
+from memento_train.masking import BlockMaskingConfig
 from memento_train.hf_compat import add_legacy_keys
 from memento_train.tokens import IM_END
 
@@ -39,12 +40,14 @@ def export_hf(state_dict: dict[str, torch.Tensor], config: Any, tokenizer: Any, 
     ``config`` is the trained model's config (its attention implementation is reset to ``sdpa`` so the
     export loads without memento-train installed); weights are stored in ``dtype`` (bf16 by default,
     what serving uses; pass ``torch.float32`` to keep full precision). ``info`` (stage, step, mask
-    options...) goes to ``memento_train.json``; it must hold ``mask``, the eviction rule the weights
-    were trained with (a :class:`~memento_train.masking.MaskConfig` or its fields).
+    options...) goes to ``memento_train.json``; it must hold ``block_masking``, the eviction rule the
+    weights were trained with (a :class:`~memento_train.masking.BlockMaskingConfig` or its fields;
+    ``mask`` is its old name).
     """
     import transformers
 
-    info = {**info, "mask": _mask_fields(info.get("mask"))}
+    info = dict(info)
+    info["block_masking"] = _rule_fields(info.pop("block_masking", None) or info.pop("mask", None))
     os.makedirs(out_dir, exist_ok=True)
     config = copy.deepcopy(config)
     config.use_cache = True
@@ -79,14 +82,18 @@ def export_hf(state_dict: dict[str, torch.Tensor], config: Any, tokenizer: Any, 
     return str(out_dir)
 
 
-def _mask_fields(mask: Any) -> dict[str, Any]:
+def _rule_fields(mask: Any) -> dict[str, Any]:
     if mask is None:
-        raise ValueError("export: info['mask'] is required: every export records the eviction rule its "
-                         "weights were trained with (RL and memento-eval default to it)")
-    if isinstance(mask, MaskConfig):
-        return dataclasses.asdict(mask)
-    return dataclasses.asdict(MaskConfig(**{k: v for k, v in dict(mask).items()
-                                            if k in {f.name for f in dataclasses.fields(MaskConfig)}}))
+        raise ValueError("export: info['block_masking'] is required: every export records the eviction rule "
+                         "its weights were trained with (RL, memento-eval and memento-serve default to it)")
+    if not isinstance(mask, BlockMaskingConfig):
+        mask = _masking_from_fields(mask)
+    return mask.rule_dict()
+
+
+def _masking_from_fields(fields: Any) -> BlockMaskingConfig:
+    known = {f.name for f in dataclasses.fields(BlockMaskingConfig)}
+    return BlockMaskingConfig(**{k: v for k, v in dict(fields).items() if k in known})
 
 
 def read_export_info(path: str | os.PathLike | None) -> dict[str, Any] | None:
@@ -100,17 +107,17 @@ def read_export_info(path: str | os.PathLike | None) -> dict[str, Any] | None:
     return json.loads(marker.read_text())
 
 
-def exported_mask(path: str | os.PathLike | None) -> MaskConfig | None:
+def exported_mask(path: str | os.PathLike | None) -> BlockMaskingConfig | None:
     """The eviction rule the export at ``path`` was trained with, ``None`` when unknown."""
-    info = read_export_info(path)
-    if info is None or not isinstance(info.get("mask"), dict):
+    info = read_export_info(path) or {}
+    rule = info.get("block_masking", info.get("mask"))  # "mask": exports written before the rename
+    if not isinstance(rule, dict):
         return None
-    fields = {f.name for f in dataclasses.fields(MaskConfig)}
-    return MaskConfig(**{k: v for k, v in info["mask"].items() if k in fields})
+    return _masking_from_fields(rule).rule()
 
 
-def apply_exported_mask(serving: Any, exported: MaskConfig, given: Iterable[str]) -> tuple[Any, list[str]]:
-    """``serving`` (a :class:`~memento_train.generation.engine.BlockMaskingConfig`) with every rule
+def apply_exported_mask(serving: Any, exported: BlockMaskingConfig, given: Iterable[str]) -> tuple[Any, list[str]]:
+    """``serving`` (a :class:`~memento_train.masking.BlockMaskingConfig`) with every rule
     field not in ``given`` (the options the user set) taken from ``exported``, and one description per
     field the user set to something else than the model was trained with (``[]`` when they agree).
     ``enable=false`` counts as ``keep_last_n_blocks=-1``."""
@@ -120,7 +127,7 @@ def apply_exported_mask(serving: Any, exported: MaskConfig, given: Iterable[str]
         fill["enable"] = exported.keep_last_n_blocks >= 0
         fill["keep_last_n_blocks"] = max(exported.keep_last_n_blocks, 0)
     out = dataclasses.replace(serving, **fill)
-    effective = out.mask_config()
+    effective = out.rule()
     mismatches = [f"{k}={getattr(effective, k)!r} (the model: {getattr(exported, k)!r})"
                   for k in MASK_RULE_FIELDS if getattr(effective, k) != getattr(exported, k)]
     return out, mismatches

@@ -26,9 +26,11 @@ a masked training forward sees exactly the keys an evicting decode saw:
 from __future__ import annotations
 
 import enum
+import warnings
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -47,31 +49,94 @@ class Kind(enum.IntEnum):
 
 
 @dataclass(frozen=True)
-class MaskConfig:
-    """Eviction options; names match the serving overlay's ``block_masking_config``."""
+class BlockMaskingConfig:
+    """The eviction options, under the Memento vLLM overlay's names (its ``block_masking_config``):
+    one class for the training mask (``data.block_masking``), rollouts (``rollout.block_masking``),
+    ``memento-eval`` (``block_masking``) and serving, so a rule is written once and means one thing.
 
+    The rule (what a query row can see; training and serving must agree):
+        enable: ``false`` never evicts (the overlay's switch; the same as ``keep_last_n_blocks=-1``).
+        keep_last_n_blocks: completed blocks that stay visible; ``0`` evicts each block when its
+            summary ends, ``-1`` never evicts (stage 1's full causal attention).
+        mask_delimiters: ``<|block_start|>``/``<|block_end|>`` are evicted with their block (Phi-4).
+        keep_last_block_for_answer: evict at the next ``<|block_start|>`` instead of at the summary's
+            end, so the answer still sees the last block (needs ``keep_last_n_blocks=0``).
+        require_assistant_section: track blocks only after the ``<|im_start|>assistant`` header
+            (what the serving tracker does); ``false`` tracks a bare token stream from position 0.
+
+    Generation only (they decide what is generated, not what is visible; the overlay takes them in
+    the same dict, so they live here and ride along to every generator; the training mask, the
+    data cache and exports ignore them):
+        max_block_tokens: force ``<|block_end|>`` after this many block tokens (the paper's RL cap:
+            7168); ``None`` = no cap.
+        compact_on_summary_end: free evicted KV slots at once (the reference generator and the vLLM
+            plugin always do; ``false`` only exists for the overlay).
+    """
+
+    enable: bool = True
     keep_last_n_blocks: int = 0
     mask_delimiters: bool = False
     keep_last_block_for_answer: bool = False
     require_assistant_section: bool = True
+    max_block_tokens: int | None = None
+    compact_on_summary_end: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.keep_last_n_blocks, int) or self.keep_last_n_blocks < -1:
+        if isinstance(self.keep_last_n_blocks, bool) or not isinstance(self.keep_last_n_blocks, int) \
+                or self.keep_last_n_blocks < -1:
             raise ValueError(
                 f"keep_last_n_blocks must be an int >= -1 (-1 = never evict, stage 1), "
                 f"got {self.keep_last_n_blocks!r}"
             )
-        if self.keep_last_block_for_answer and self.keep_last_n_blocks > 0:
+        if self.enable and self.keep_last_block_for_answer and self.keep_last_n_blocks > 0:
             # The serving engine's rule evicts one block per <|block_start|> in this mode; it is
             # defined (and conformance-tested) only with keep_last_n_blocks=0.
             raise ValueError(
                 "keep_last_block_for_answer=true requires keep_last_n_blocks=0 (or -1, no eviction); "
                 f"got keep_last_n_blocks={self.keep_last_n_blocks}"
             )
+        if self.max_block_tokens is not None and self.max_block_tokens < 1:
+            raise ValueError(f"max_block_tokens must be >= 1 or None (got {self.max_block_tokens})")
 
     @property
     def evicts(self) -> bool:
-        return self.keep_last_n_blocks >= 0
+        return self.enable and self.keep_last_n_blocks >= 0
+
+    def rule(self) -> BlockMaskingConfig:
+        """The visibility rule alone, in one spelling: ``enable=false`` folded into
+        ``keep_last_n_blocks=-1`` and the generation-only options at their defaults. Two configs
+        mask alike exactly when their rules are equal."""
+        return BlockMaskingConfig(
+            keep_last_n_blocks=self.keep_last_n_blocks if self.enable else -1,
+            mask_delimiters=self.mask_delimiters,
+            keep_last_block_for_answer=self.keep_last_block_for_answer and self.evicts,
+            require_assistant_section=self.require_assistant_section,
+        )
+
+    def rule_dict(self) -> dict[str, Any]:
+        """:meth:`rule` as the plain mapping exports record (``memento_train.json``) and the data cache
+        fingerprints: the fields of :data:`RULE_FIELDS`."""
+        rule = self.rule()
+        return {name: getattr(rule, name) for name in RULE_FIELDS}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The overlay's ``block_masking_config`` / the plugin's options (every field but the
+        tracker-only ``require_assistant_section``, which serving always has on)."""
+        out = asdict(self)
+        out.pop("require_assistant_section")
+        return out
+
+
+# The options of the visibility rule itself, in the canonical form of BlockMaskingConfig.rule().
+RULE_FIELDS = ("keep_last_n_blocks", "mask_delimiters", "keep_last_block_for_answer", "require_assistant_section")
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MaskConfig":  # the training-side name before the two mask configs became one
+        warnings.warn("memento_train.masking.MaskConfig is deprecated; use BlockMaskingConfig (the same "
+                      "options; enable=false is keep_last_n_blocks=-1)", DeprecationWarning, stacklevel=2)
+        return BlockMaskingConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -156,7 +221,7 @@ class BlockTracker:
     def __init__(
         self,
         special: SpecialTokens,
-        config: MaskConfig,
+        config: BlockMaskingConfig,
         *,
         prompt_len: int | None = None,
     ) -> None:
@@ -314,7 +379,7 @@ class ParsedStream:
 def parse(
     token_ids: Sequence[int] | np.ndarray,
     special: SpecialTokens | Mapping[str, int],
-    config: MaskConfig,
+    config: BlockMaskingConfig,
     *,
     prompt_len: int | None = None,
 ) -> ParsedStream:
@@ -358,7 +423,7 @@ def kill_rows(
     prompt_len: int | None = None,
 ) -> list[int]:
     """Entry k: the first query row that can no longer see key k, or ``len(token_ids)`` if never."""
-    config = MaskConfig(
+    config = BlockMaskingConfig(
         keep_last_n_blocks=keep_last_n_blocks,
         mask_delimiters=mask_delimiters,
         keep_last_block_for_answer=keep_last_block_for_answer,

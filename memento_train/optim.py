@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 from memento_train.config_errors import ConfigError
-
-SCHEDULES = ("cosine", "linear", "constant")
+from memento_train.structured_config import check_types
 
 
 @dataclass
@@ -36,13 +36,14 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    schedule: str = "cosine"
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = 0.05
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
 
     def validate(self, prefix: str = "optim") -> OptimConfig:
         """Raise :class:`ConfigError` naming the first bad option; returns self."""
+        check_types(self, prefix)
         if not (self.lr > 0):
             raise ConfigError(f"{prefix}.lr must be > 0, got {self.lr!r}")
         betas = tuple(self.betas)
@@ -55,8 +56,6 @@ class OptimConfig:
             raise ConfigError(f"{prefix}.weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.grad_clip < 0:
             raise ConfigError(f"{prefix}.grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip!r}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"{prefix}.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not (0.0 <= self.warmup_ratio < 1.0):
             raise ConfigError(f"{prefix}.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.warmup_steps < 0:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from memento_train.attention.meta import MementoAttentionMeta
-from memento_train.masking import MaskConfig, parse
+from memento_train.masking import BlockMaskingConfig, parse
 
 # Synthetic ids; only the delimiters and the assistant header matter to the parser.
 SPECIAL = {
@@ -49,7 +49,7 @@ def memento_batch(total_tokens: int, *, seed: int = 0, doc_tokens: int = 12_000,
     ``scale`` shrinks every unit (prompt, block, summary, answer) for miniature batches that still evict.
     """
     rng = np.random.default_rng(seed)
-    config = MaskConfig(keep_last_n_blocks=keep_last_n_blocks)
+    config = BlockMaskingConfig(keep_last_n_blocks=keep_last_n_blocks)
     units = {k: max(1, round(n * scale)) for k, n in (("prompt", 200), ("block", 1150), ("summary", 190),
                                                       ("answer", 150))}
     kill_rows, remaining = [], total_tokens

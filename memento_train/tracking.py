@@ -16,8 +16,10 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+# The ``logger`` option of SFT and RL runs: wandb (plus the JSONL file) or the JSONL file alone.
+Logger = Literal["wandb", "none"]
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id"
 

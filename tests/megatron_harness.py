@@ -150,7 +150,7 @@ def memento_batch(seed: int = 0, *, keep_last_n_blocks: int = 0, mask_delimiters
     """``(input_ids, position_ids, meta)``: three packed ChatML Memento documents (~30 tokens each)
     with complete blocks, so the mask really evicts (asserted)."""
     from memento_train.attention import MementoAttentionMeta
-    from memento_train.masking import MaskConfig, parse
+    from memento_train.masking import BlockMaskingConfig, parse
 
     rng = np.random.default_rng(seed)
 
@@ -164,7 +164,7 @@ def memento_batch(seed: int = 0, *, keep_last_n_blocks: int = 0, mask_delimiters
             ids += [BS, *words(b), BE, SS, *words(2), SE]
         ids += [ETHINK, *words(3), IM_END]
         docs.append(ids)
-    cfg = MaskConfig(keep_last_n_blocks=keep_last_n_blocks, mask_delimiters=mask_delimiters)
+    cfg = BlockMaskingConfig(keep_last_n_blocks=keep_last_n_blocks, mask_delimiters=mask_delimiters)
     parsed = [parse(d, SPECIAL, cfg) for d in docs]
     assert any(p.evictions for p in parsed), "the batch must evict something"
     meta = MementoAttentionMeta.from_documents([p.kill_row for p in parsed])

@@ -13,7 +13,7 @@ SMALL = [
     "model.tiny.num_kv_heads=1", "data.path=synthetic:48", "train.global_batch_size=8",
     "train.micro_batch_tokens=2048", "cluster.use_ray=false", "cluster.num_workers=1", "optim.lr=1e-2",
 ]
-STAGE2 = ["stage=2", "data.mask.keep_last_n_blocks=0", "model.require_stage1_init=false"]
+STAGE2 = ["stage=2", "data.block_masking.keep_last_n_blocks=0", "model.require_stage1_init=false"]
 
 
 def cli(*args: str, output_dir, timeout: float = 300) -> subprocess.CompletedProcess:

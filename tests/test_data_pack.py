@@ -21,7 +21,7 @@ from memento_train.data.pack import (
 )
 from memento_train.data.records import normalize_row
 from memento_train.data.render import Renderer
-from memento_train.masking import Kind, MaskConfig, dense_mask
+from memento_train.masking import Kind, BlockMaskingConfig, dense_mask
 from memento_train.tokenizer_assets import load_shipped_tokenizer
 
 
@@ -127,7 +127,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def examples(tok):
-    r = Renderer(tok, MaskConfig(keep_last_n_blocks=0))
+    r = Renderer(tok, BlockMaskingConfig(keep_last_n_blocks=0))
     with open(SAMPLE_TRACES, encoding="utf-8") as f:
         recs = [normalize_row(json.loads(line), i, "default") for i, line in enumerate(f)]
     return [r.render(x) for x in recs]
@@ -186,7 +186,7 @@ def test_cache_round_trip_and_fingerprint(tmp_path, tok, examples):
     ds2, _ = prepare_dataset(cfg, tokenizer=tok)
     assert ds2.cache_files[0]["filename"] == ds.cache_files[0]["filename"] and _columns(ds2) == _columns(ds)
     prepare_dataset(DataConfig(path=str(path), cache_dir=str(tmp_path / "cache"), max_seq_len=8192,
-                               mask=MaskConfig(keep_last_n_blocks=-1)), tokenizer=tok)
+                               block_masking=BlockMaskingConfig(keep_last_n_blocks=-1)), tokenizer=tok)
     assert len(os.listdir(prepared)) == 2
     other = load_shipped_tokenizer()
     other.chat_template = "{{ messages[0]['content'] }}"

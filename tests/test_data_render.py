@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from memento_train import tokens as T
-from memento_train.data.config import SAMPLE_TRACES, DataConfig, DataConfigError
+from memento_train.config_errors import ConfigError
+from memento_train.data.config import SAMPLE_TRACES, DataConfig
 from memento_train.data.records import (
     RecordFieldError,
     assemble_full_response,
@@ -21,7 +22,7 @@ from memento_train.data.records import (
     normalize_row,
 )
 from memento_train.data.render import IGNORE_INDEX, Renderer
-from memento_train.masking import Kind, MaskConfig, kill_rows, parse
+from memento_train.masking import Kind, BlockMaskingConfig, kill_rows, parse
 from memento_train.tokenizer_assets import load_shipped_tokenizer
 
 # CI layout: <parent>/main (repo root) and <parent>/shared (see tests/conftest.py).
@@ -38,7 +39,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def renderer(tok):
-    return Renderer(tok, MaskConfig(keep_last_n_blocks=0))
+    return Renderer(tok, BlockMaskingConfig(keep_last_n_blocks=0))
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +92,13 @@ def test_real_traces_render(renderer, traces, tok):
 
 
 def test_stage1_renders_no_eviction(tok, traces):
-    r = Renderer(tok, MaskConfig(keep_last_n_blocks=-1))
+    r = Renderer(tok, BlockMaskingConfig(keep_last_n_blocks=-1))
     ex = r.render(traces[0])
     assert (ex.kill_row == ex.num_tokens).all()
 
 
 def test_mask_delimiters_evicts_delimiters(tok, traces):
-    r = Renderer(tok, MaskConfig(keep_last_n_blocks=0, mask_delimiters=True))
+    r = Renderer(tok, BlockMaskingConfig(keep_last_n_blocks=0, mask_delimiters=True))
     ex = r.render(traces[1])
     b = ex.parsed.blocks[0]
     assert ex.kill_row[b.start] == b.summary_end and ex.kill_row[b.end] == b.summary_end
@@ -210,18 +211,20 @@ def test_bad_paths_and_options(tmp_path):
         ({"split": ""}, "split"),
     ]
     for kwargs, name in bad:
-        with pytest.raises(DataConfigError, match=name):
+        with pytest.raises(ConfigError, match=name):
             DataConfig(**kwargs).validate()
-    with pytest.raises(DataConfigError, match="unknown data option"):
+    with pytest.raises(ConfigError, match=r"unknown option data.max_len \(did you mean data.max_seq_len\?\)"):
         DataConfig.from_dict({"max_len": 3})
-    cfg = DataConfig.from_dict({"max_seq_len": 64, "mask": {"keep_last_n_blocks": -1}})
-    assert cfg.mask == MaskConfig(keep_last_n_blocks=-1)
-    with pytest.raises(DataConfigError, match="keep_last_n_blocks"):
-        DataConfig.from_dict({"mask": {"keep_last_n_blocks": -2}})
+    cfg = DataConfig.from_dict({"max_seq_len": 64, "block_masking": {"keep_last_n_blocks": -1}})
+    assert cfg.block_masking == BlockMaskingConfig(keep_last_n_blocks=-1)
+    with pytest.raises(ConfigError, match="keep_last_n_blocks"):
+        DataConfig.from_dict({"block_masking": {"keep_last_n_blocks": -2}})
+    with pytest.deprecated_call(match="data.mask is deprecated; use data.block_masking"):  # the old key
+        assert DataConfig.from_dict({"mask": {"keep_last_n_blocks": -1}}).block_masking == cfg.block_masking
 
 
 def test_renderer_is_consistent_with_parse_under_other_masks(tok, traces):
-    for mask in (MaskConfig(keep_last_n_blocks=1), MaskConfig(keep_last_n_blocks=0, keep_last_block_for_answer=True)):
+    for mask in (BlockMaskingConfig(keep_last_n_blocks=1), BlockMaskingConfig(keep_last_n_blocks=0, keep_last_block_for_answer=True)):
         r = Renderer(tok, mask)
         ex = r.render(traces[0])
         ref = parse(ex.input_ids, r.special, replace(mask), prompt_len=ex.prompt_len)

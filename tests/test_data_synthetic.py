@@ -11,7 +11,7 @@ from memento_train.data.render import Renderer
 from memento_train.data.synthetic import SyntheticTaskConfig, synthetic_record, synthetic_records
 from memento_train.data.validate import validate_records
 from memento_train.evaluation.scoring import is_correct
-from memento_train.masking import Kind, MaskConfig
+from memento_train.masking import Kind, BlockMaskingConfig
 from memento_train.tokenizer_assets import load_shipped_tokenizer
 
 TOK = load_shipped_tokenizer()
@@ -57,7 +57,7 @@ def test_records_pass_validation_without_drops():
 
 
 def test_under_memento_attention_a_block_sees_the_previous_summary_but_not_the_previous_block():
-    renderer = Renderer(TOK, MaskConfig(keep_last_n_blocks=0))
+    renderer = Renderer(TOK, BlockMaskingConfig(keep_last_n_blocks=0))
     for record in RECORDS[:10]:
         ex = renderer.render(_record_for_pipeline(record))
         blocks = ex.parsed.blocks

@@ -12,7 +12,7 @@ from memento_train.data.cache import prepare_dataset
 from memento_train.data.config import DataConfig
 from memento_train.data.records import normalize_row
 from memento_train.data.render import Renderer
-from memento_train.masking import MaskConfig
+from memento_train.masking import BlockMaskingConfig
 from memento_train.tokenizer_assets import load_shipped_tokenizer
 
 BS, BE, SS, SE = "<|block_start|>", "<|block_end|>", "<|summary_start|>", "<|summary_end|>"
@@ -49,7 +49,7 @@ EXPECTED = {"stray_summary_end": V.STRAY_DELIMITER, "block_without_summary_at_en
 
 @pytest.fixture(scope="module")
 def renderer():
-    return Renderer(load_shipped_tokenizer(), MaskConfig(keep_last_n_blocks=0))
+    return Renderer(load_shipped_tokenizer(), BlockMaskingConfig(keep_last_n_blocks=0))
 
 
 def rec(response, rid="r1", problem="What is 2 + 2?"):

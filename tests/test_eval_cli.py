@@ -10,16 +10,12 @@ import sys
 
 import pytest
 
+from memento_train.config_errors import ConfigError
 from memento_train.evaluation.cli import main
-from memento_train.evaluation.config import (
-    EvalConfig,
-    EvalConfigError,
-    build_config,
-    builtin_problem_path,
-    valid_keys,
-)
+from memento_train.evaluation.config import EvalConfig, build_config, builtin_problem_path
+from memento_train.structured_config import options_of
 from memento_train.evaluation.report import read_generations
-from memento_train.evaluation.runner import engine_override, load_problems, render_prompts
+from memento_train.evaluation.runner import generator_override, load_problems, render_prompts
 from memento_train.evaluation.scripted import ScriptedEngine, memento_response
 from memento_train.tokenizer_assets import load_shipped_tokenizer
 
@@ -45,13 +41,15 @@ def test_overrides_nested_and_coerced():
     cfg = build_config([
         "output_dir=o", "n=8", "k=1,4,8", "sampling.temperature=1", "sampling.max_new_tokens=64",
         "block_masking.keep_last_n_blocks=-1", "block_masking.mask_delimiters=true", "system_prompt=yes",
-        "limit=null", "engine_kwargs.max_batch_size=16", "progress=false",
+        "limit=null", "generator_kwargs.max_batch_size=16", "progress=false",
     ])
     assert cfg.n == 8 and cfg.ks == [1, 4, 8]
     assert cfg.sampling.temperature == 1.0 and cfg.max_new_tokens == 64
     assert cfg.block_masking.keep_last_n_blocks == -1 and cfg.block_masking.mask_delimiters is True
     assert cfg.system_prompt == "yes" and cfg.limit is None and cfg.progress is False
-    assert cfg.engine_kwargs == {"max_batch_size": 16}
+    assert cfg.generator_kwargs == {"max_batch_size": 16}
+    with pytest.deprecated_call(match="engine_kwargs is deprecated; use generator_kwargs"):
+        assert build_config(["output_dir=o", "engine_kwargs.max_batch_size=8"]).generator_kwargs == {"max_batch_size": 8}
     assert build_config(["output_dir=o", "k=[1, 2]"]).ks == [1, 2]
     assert build_config(["output_dir=o", "n=6"]).ks == [1, 2, 4, 6]
 
@@ -78,50 +76,77 @@ def test_json_recipe_top_level(tmp_path):
     assert cfg.n == 3 and not cfg.block_masking.enable and cfg.output_dir == "o"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"eval": {"temprature": 1}}))
-    with pytest.raises(EvalConfigError, match="temprature"):
+    with pytest.raises(ConfigError, match="temprature"):
         build_config([f"recipe={bad}", "output_dir=o"])
 
 
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["output_dir=o", "temprature=0.6"], "unknown option(s) temprature; valid keys: problems"),
-        (["output_dir=o", "sampling.temprature=0.6"], "sampling.temperature"),
-        (["output_dir=o", "block_masking.keep_last=0"], "block_masking.keep_last_n_blocks"),
-        (["output_dir=o", "n=four"], "n: expected an integer"),
-        (["output_dir=o", "n=0"], "n: must be >= 1"),
-        (["output_dir=o", "k=8"], "k: every k must be in [1, n=4]"),
-        (["output_dir=o", "sampling.top_p=1.5"], "sampling: top_p must be in (0, 1]"),
-        (["output_dir=o", "sampling.temperature=hot"], "sampling.temperature: expected a number"),
-        (["output_dir=o", "block_masking.keep_last_n_blocks=-2"], "block_masking: keep_last_n_blocks"),
-        (["output_dir=o", "block_masking.enable=maybe"], "block_masking.enable: expected true or false"),
-        (["output_dir=o", "generator=hf"], "generator: must be one of reference, vllm"),
-        (["output_dir=o", "engine=hf"], "generator: must be one of reference, vllm"),  # the deprecated name
-        (["output_dir=o", "problems=./missing.jsonl"], "problems: './missing.jsonl' does not exist"),
-        (["output_dir=o", "kv_geometry=qwen9"], "kv_geometry: must be 'auto', one of qwen3-8b"),
-        (["output_dir=o", "model=./no/such/ckpt"], "model: './no/such/ckpt' is not a checkpoint directory"),
-        ([], "output_dir: is required"),
-        (["output_dir"], "is not key=value"),
-        (["output_dir=o", "recipe=/nope.yaml"], "recipe: '/nope.yaml' does not exist"),
+        (["output_dir=o", "temprature=0.6"],
+         "unknown option temprature; valid options at the top level: "),
+        (["output_dir=o", "sampling.temprature=0.6"], "(did you mean sampling.temperature?)"),
+        (["output_dir=o", "block_masking.keep_last=0"], "(did you mean block_masking.keep_last_n_blocks?)"),
+        (["output_dir=o", "n=four"], "n must be an integer, got 'four'"),
+        (["output_dir=o", "n=0"], "n must be >= 1"),
+        (["output_dir=o", "k=8"], "k must be in [1, n=4], got 8"),
+        (["output_dir=o", "sampling.top_p=1.5"], "sampling.top_p must be in (0, 1]"),
+        (["output_dir=o", "sampling.temperature=hot"], "sampling.temperature must be a number"),
+        (["output_dir=o", "block_masking.keep_last_n_blocks=-2"], "block_masking: keep_last_n_blocks must be an int >= -1"),
+        (["output_dir=o", "block_masking.enable=maybe"], "block_masking.enable must be true or false"),
+        (["output_dir=o", "progress=1"], "progress must be true or false, got 1"),  # was accepted before
+        (["output_dir=o", "generator=hf"], "generator must be one of reference, vllm; got 'hf'"),
+        (["output_dir=o", "engine=hf"], "generator must be one of reference, vllm"),  # the deprecated name
+        (["output_dir=o", "problems=./missing.jsonl"], "problems './missing.jsonl' does not exist"),
+        (["output_dir=o", "kv_geometry=qwen9"], "kv_geometry must be 'auto', one of qwen3-8b"),
+        (["output_dir=o", "model=./no/such/ckpt"], "model './no/such/ckpt' is not a checkpoint directory"),
+        ([], "output_dir is required"),
+        (["output_dir"], "is not an override; write key=value"),
+        (["output_dir=o", "recipe=/nope.yaml"], "unknown recipe '/nope.yaml'"),
     ],
 )
 def test_config_errors_exit_2(capsys, args, needle):
     rc, out, err = run(capsys, *args)
     assert rc == 2
-    assert err.startswith("memento-eval: error: ")
+    assert err.startswith("memento-eval: configuration error: ") and err.count("\n") == 1
     assert needle in err, err
 
 
 def test_unknown_key_lists_every_valid_key(capsys):
     rc, _, err = run(capsys, "output_dir=o", "bogus=1")
     assert rc == 2
-    for key in valid_keys():
+    for key in options_of(EvalConfig):
         assert key in err
 
 
 def test_help(capsys):
     rc, out, _ = run(capsys, "--help")
     assert rc == 0 and "output_dir=PATH" in out and "sampling.temperature=0.6" in out
+    assert "block_masking.keep_last_n_blocks=0" in out and "generator=reference" in out
+
+
+def test_recipe_names_resolve_shipped_recipes_with_defaults(tmp_path, capsys):
+    rc, out, _ = run(capsys, "show", "recipe=tiny_eval", "n=2")
+    assert rc == 0 and "n: 2" in out and "problems: builtin:math_small" in out
+    child = tmp_path / "child.yaml"  # an eval recipe built on the shipped one
+    child.write_text("defaults: [tiny_eval]\nsampling: {temperature: 0.3}\n")
+    cfg = build_config([f"recipe={child}", "output_dir=o"])
+    assert cfg.sampling.temperature == 0.3 and cfg.sampling.top_p == 0.95 and cfg.n == 4
+    rc, out, _ = run(capsys, "recipes")
+    assert rc == 0 and "tiny_eval" in out.split()
+
+
+def test_a_training_recipe_evaluates_its_export(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # tiny_stage1's output_dir is relative: runs/tiny
+    rc, _, err = run(capsys, "recipe=tiny_stage1", "output_dir=o")
+    assert rc == 2 and "evaluates that recipe's export" in err and "run `memento-train recipe=tiny_stage1` first" in err
+    export = tmp_path / "runs" / "tiny" / "hf"
+    export.mkdir(parents=True)
+    (export / "memento_train.json").write_text(json.dumps(
+        {"stage": 1, "block_masking": {"keep_last_n_blocks": -1, "mask_delimiters": False}}))
+    cfg = build_config(["recipe=tiny_stage1", "output_dir=o"])
+    assert cfg.model == str(export) and cfg.block_masking.rule().keep_last_n_blocks == -1  # the export's rule
+    assert cfg.n == 4 and cfg.generator == "reference"  # the rest is tiny_eval's
 
 
 # -- problems and prompts ------------------------------------------------------------------------------
@@ -194,7 +219,7 @@ def _scripted_factory(answers_by_problem: dict[str, str]):
 def test_cli_end_to_end_with_scripted_engine(tmp_path, capsys):
     problems = load_problems(EvalConfig(output_dir="o"))
     out_dir = tmp_path / "out"
-    with engine_override(_scripted_factory({p.problem: p.answer for p in problems})):
+    with generator_override(_scripted_factory({p.problem: p.answer for p in problems})):
         rc, out, err = run(capsys, f"output_dir={out_dir}", "sampling.max_new_tokens=4000", "progress=false",
                            "kv_geometry=qwen3-8b", "batch_size=5")
     assert rc == 0, err
@@ -234,7 +259,7 @@ def test_cli_end_to_end_with_scripted_engine(tmp_path, capsys):
 
 def test_cli_no_eviction_reports_ratio_one(tmp_path, capsys):
     problems = load_problems(EvalConfig(output_dir="o", limit=2))
-    with engine_override(_scripted_factory({p.problem: p.answer for p in problems})):
+    with generator_override(_scripted_factory({p.problem: p.answer for p in problems})):
         rc, _, err = run(capsys, f"output_dir={tmp_path}", "limit=2", "n=2", "sampling.max_new_tokens=4000",
                          "block_masking.enable=false", "progress=false", "plot_samples=0")
     assert rc == 0, err
@@ -280,7 +305,7 @@ def test_console_script_entry_point():
         [sys.executable, "-m", "memento_train.evaluation.cli", "n=0"], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 2
-    assert proc.stderr.startswith("memento-eval: error: ")
+    assert proc.stderr.startswith("memento-eval: configuration error: ")
     exe = shutil.which("memento-eval")
     if exe is not None:  # installed with `pip install -e .`
         proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
@@ -342,7 +367,7 @@ def test_vllm_engine_wiring_with_fake_llm(tmp_path, capsys):
     cfg = from_dict({
         "engine": "vllm", "model": str(ckpt), "output_dir": str(tmp_path / "out"), "limit": 2, "n": 2,
         "progress": False, "plot_samples": 1, "block_masking": {"keep_last_n_blocks": 1},
-        "engine_kwargs": {"llm_factory": FakeLLM, "sampling_params_factory": dict},
+        "generator_kwargs": {"llm_factory": FakeLLM, "sampling_params_factory": dict},
     })
     assert cfg.generator == "vllm"  # `engine` is the deprecated name of the key
     outcome = run_eval(cfg.validate())

@@ -201,7 +201,7 @@ def test_scripted_engine_sawtooth_and_counts(tok):
     assert trace[0] == len(prompt)
     assert res.peak_kv < len(prompt) + res.num_tokens - 1  # eviction lowered the peak
     # The trace is live_kv_trace of the parsed stream, shifted by one (row p + i - 1 produced token i).
-    parsed = parse(prompt + res.token_ids, special_token_ids(tok), BlockMaskingConfig().mask_config(), prompt_len=len(prompt))
+    parsed = parse(prompt + res.token_ids, special_token_ids(tok), BlockMaskingConfig().rule(), prompt_len=len(prompt))
     live = live_kv_trace(parsed.kill_row)
     assert res.kv_trace == live[len(prompt) - 1 : -1].tolist()
 

@@ -127,7 +127,7 @@ def family_model(request, make_tiny_lm):
 def test_generator_logprobs_equal_packed_training_forward(family_model, keep_last_n_blocks, record_property):
     family, model = family_model
     bm = BlockMaskingConfig(keep_last_n_blocks=keep_last_n_blocks, mask_delimiters=FAMILIES[family])
-    cfg = bm.mask_config()
+    cfg = bm.rule()
     # 1) temperature 1: teacher-forced real traces, samples after a structured prefix, plain samples.
     plain = ReferenceGenerator(model, TOK, bm).run(
         requests_for(TRACES, sample_tokens=24, n=2), SamplingParams(temperature=1.0, seed=7))
@@ -188,7 +188,7 @@ def test_low_precision_parity_for_information(make_tiny_lm, family, dtype, bound
     bm = BlockMaskingConfig(keep_last_n_blocks=0, mask_delimiters=FAMILIES[family])
     results = ReferenceGenerator(model, TOK, bm).run(requests_for(TRACES, sample_tokens=16, n=1),
                                                      SamplingParams(temperature=1.0, seed=5))
-    worst = max_diff(results, packed_logprobs(model, results, bm.mask_config()))
+    worst = max_diff(results, packed_logprobs(model, results, bm.rule()))
     record_property("max_abs_diff_logprob", worst)
     print(f"\nGEN-PARITY {family} {str(dtype)[6:]} N=0: max|Δlogprob|={worst:.3e}")
     assert worst < bound

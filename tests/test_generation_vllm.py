@@ -210,7 +210,7 @@ def test_results_follow_the_parser(cfg):
             ids, reason = engine.llm.script[j % 2]
             assert res.prompt_ids == prompt and res.token_ids == ids and res.finish_reason == reason
             np.testing.assert_allclose(res.logprobs, [-(i + 1) / 10 for i in range(len(ids))])
-            p = parse(prompt + ids, IDS, cfg.mask_config(), prompt_len=len(prompt))
+            p = parse(prompt + ids, IDS, cfg.rule(), prompt_len=len(prompt))
             assert res.kinds == p.kinds[len(prompt):].tolist()
             live = live_kv_trace(p.kill_row)
             assert res.kv_trace == live[len(prompt) - 1 : len(prompt) - 1 + len(ids)].tolist()
@@ -478,10 +478,10 @@ def test_real_vllm_logprobs_match_evicting_decoder(tmp_path):
     diffs, evictions = [], 0
     for res in out[0]:
         ids = res.prompt_ids + res.token_ids
-        logits, _ = teacher_forced_logits(ref, ids, IDS, bm.mask_config(), prompt_len=len(res.prompt_ids))
+        logits, _ = teacher_forced_logits(ref, ids, IDS, bm.rule(), prompt_len=len(res.prompt_ids))
         rows = torch.arange(len(res.prompt_ids) - 1, len(ids) - 1)
         lp = torch.log_softmax(logits[rows], -1).gather(1, torch.tensor(res.token_ids)[:, None])[:, 0]
         diffs.append((lp - torch.tensor(res.logprobs, dtype=lp.dtype)).abs())
-        evictions += len(parse(ids, IDS, bm.mask_config(), prompt_len=len(res.prompt_ids)).evictions)
+        evictions += len(parse(ids, IDS, bm.rule(), prompt_len=len(res.prompt_ids)).evictions)
     d = torch.cat(diffs)
     assert d.mean().item() < 0.05 and d.max().item() < 0.3, (d.mean().item(), d.max().item(), evictions)

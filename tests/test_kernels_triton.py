@@ -24,7 +24,7 @@ import torch
 from memento_train.attention import MementoAttentionMeta, available_backends, memento_attention
 from memento_train.kernels import build_tile_plan, triton_config
 from memento_train.kernels.function import interpreting, parse_config
-from memento_train.masking import MaskConfig, dense_mask, parse
+from memento_train.masking import BlockMaskingConfig, dense_mask, parse
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 SPECIAL = {"<|im_start|>": 1, "assistant": 2, "<|block_start|>": 10, "<|block_end|>": 11,
@@ -49,7 +49,7 @@ def mementos_meta(seed: int, total: int, *, doc_tokens: int, block=24, summary=6
                 break
             ids += unit
         ids = (ids + [100] * budget)[:budget]
-        kill_rows.append(parse(ids, SPECIAL, MaskConfig(keep_last_n_blocks=keep_last_n_blocks)).kill_row)
+        kill_rows.append(parse(ids, SPECIAL, BlockMaskingConfig(keep_last_n_blocks=keep_last_n_blocks)).kill_row)
         remaining -= budget
     return MementoAttentionMeta.from_documents(kill_rows, device=device)
 

@@ -324,7 +324,7 @@ def test_secrets_are_refused_where_the_script_or_its_log_would_show_them(capsys,
 def test_bad_slurm_option_is_an_error_naming_it(argv, flag, capsys):
     assert main(["slurm", *argv, "--dry-run", "--", "memento-train"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("memento-launch: error:") and flag in err
+    assert err.startswith("memento-launch: configuration error:") and flag in err
 
 
 def test_missing_driver_command_says_where_to_put_it(capsys):

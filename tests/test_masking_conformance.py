@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from memento_train.masking import MaskConfig, kill_rows, parse
+from memento_train.masking import BlockMaskingConfig, kill_rows, parse
 
 # CI clones the repository with shared/ beside it: <parent>/<repo> and <parent>/shared.
 CASES_PATH = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "eviction_cases.json"
@@ -55,7 +55,7 @@ _SINGLE_TURN = [(i, c) for i, c in enumerate(_CASES) if c["kind"] != "multi_turn
 @pytest.mark.parametrize("case", [c for _, c in _SINGLE_TURN], ids=[_case_id(i, c) for i, c in _SINGLE_TURN])
 def test_default_prompt_len_gives_the_engine_kill_rows_for_single_turn(case):
     """Single-turn streams need no explicit prompt_len: the default reproduces the engine exactly."""
-    parsed = parse(case["ids"], _DATA["special_token_ids"], MaskConfig(**_options(case)))
+    parsed = parse(case["ids"], _DATA["special_token_ids"], BlockMaskingConfig(**_options(case)))
     assert parsed.kill_row.tolist() == case["kill_rows"]
     # The default prompt ends right after the 'assistant' token (DESIGN.md §2); the engine's prompt
     # also holds the header's trailing newline. That token is plain text and, in a single turn, no

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from memento_train.masking import (
     BlockTracker,
     Kind,
-    MaskConfig,
+    BlockMaskingConfig,
     SpecialTokens,
     dense_mask,
     kill_rows,
@@ -144,7 +144,7 @@ def malformed_streams(draw, max_size=70):
 @st.composite
 def mask_configs(draw):
     n = draw(st.integers(-1, 3))
-    return MaskConfig(
+    return BlockMaskingConfig(
         keep_last_n_blocks=n,
         mask_delimiters=draw(st.booleans()),
         keep_last_block_for_answer=n <= 0 and draw(st.booleans()),
@@ -208,7 +208,7 @@ def _kr(ids, cfg, prompt_len=None):
 
 
 def _cfg(n, delims=False, kl4a=False, require=True):
-    return MaskConfig(keep_last_n_blocks=n, mask_delimiters=delims, keep_last_block_for_answer=kl4a,
+    return BlockMaskingConfig(keep_last_n_blocks=n, mask_delimiters=delims, keep_last_block_for_answer=kl4a,
                       require_assistant_section=require)
 
 
@@ -444,8 +444,8 @@ def test_packed_dense_mask_is_block_diagonal(docs, cfg, window):
 
 def test_keep_last_block_for_answer_with_n_above_zero_is_rejected_up_front():
     with pytest.raises(ValueError, match="keep_last_block_for_answer=true requires keep_last_n_blocks=0"):
-        MaskConfig(keep_last_n_blocks=2, keep_last_block_for_answer=True)
-    MaskConfig(keep_last_n_blocks=-1, keep_last_block_for_answer=True)  # no eviction: allowed
+        BlockMaskingConfig(keep_last_n_blocks=2, keep_last_block_for_answer=True)
+    BlockMaskingConfig(keep_last_n_blocks=-1, keep_last_block_for_answer=True)  # no eviction: allowed
 
 
 @SETTINGS

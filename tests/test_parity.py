@@ -27,7 +27,7 @@ from memento_train.generation import (
     register_batched_decode_attention,
     teacher_forced_logits,
 )
-from memento_train.masking import MaskConfig, kv_bytes_per_token, live_kv_trace, parse
+from memento_train.masking import BlockMaskingConfig, kv_bytes_per_token, live_kv_trace, parse
 
 from synthetic_ids import ASSISTANT, BE, BS, ETHINK, IM_END, IM_START, NL, SE, SPECIAL, SS, THINK, USER  # noqa: F401
 TOL64 = 1e-10
@@ -79,7 +79,7 @@ def memento_documents() -> list[tuple[list[int], int | None]]:
 
 
 DOCS = memento_documents()
-# keep_last_block_for_answer is defined with N <= 0 only (MaskConfig rejects N > 0).
+# keep_last_block_for_answer is defined with N <= 0 only (BlockMaskingConfig rejects N > 0).
 CONFIGS = [(n, kl4a) for n in (-1, 0, 1, 2) for kl4a in (False, True) if not (kl4a and n > 0)]
 
 
@@ -97,7 +97,7 @@ def packed_logits(model, docs, kill_rows, backend: str) -> list[torch.Tensor]:
     return list(out.split([len(d) for d, _ in docs]))
 
 
-def run_parity(model, mask_config: MaskConfig):
+def run_parity(model, mask_config: BlockMaskingConfig):
     parsed = [parse(d, SPECIAL, mask_config, prompt_len=pl) for d, pl in DOCS]
     kill_rows = [p.kill_row for p in parsed]
     train = packed_logits(model, DOCS, kill_rows, "segment")
@@ -115,7 +115,7 @@ def family_model(request, make_tiny_lm):
 def test_training_forward_equals_evicting_decode(family_model, keep_last_n_blocks, keep_last_block_for_answer,
                                                  record_property):
     family, model = family_model
-    cfg = MaskConfig(keep_last_n_blocks=keep_last_n_blocks, mask_delimiters=FAMILIES[family],
+    cfg = BlockMaskingConfig(keep_last_n_blocks=keep_last_n_blocks, mask_delimiters=FAMILIES[family],
                      keep_last_block_for_answer=keep_last_block_for_answer)
     parsed, train, decoded = run_parity(model, cfg)
     sdpa = packed_logits(model, DOCS, [p.kill_row for p in parsed], "sdpa")
@@ -149,8 +149,8 @@ def test_training_forward_equals_evicting_decode(family_model, keep_last_n_block
 def test_eviction_changes_logits(family_model):
     """Not vacuous: with eviction, logits after the first eviction differ from plain causal decoding."""
     family, model = family_model
-    evict = MaskConfig(keep_last_n_blocks=0, mask_delimiters=FAMILIES[family])
-    never = MaskConfig(keep_last_n_blocks=-1, mask_delimiters=FAMILIES[family])
+    evict = BlockMaskingConfig(keep_last_n_blocks=0, mask_delimiters=FAMILIES[family])
+    never = BlockMaskingConfig(keep_last_n_blocks=-1, mask_delimiters=FAMILIES[family])
     ids, pl = DOCS[0]
     first = min(ev.row for ev in parse(ids, SPECIAL, evict).evictions)
     a, ta = teacher_forced_logits(model, ids, SPECIAL, evict, prompt_len=pl)
@@ -164,7 +164,7 @@ def test_float32_parity_for_information(family_model, make_tiny_lm, record_prope
     """Same comparison in float32 (the precision used on CPU training runs): loose bound, recorded."""
     family, _ = family_model
     model = make_tiny_lm(family, dtype=torch.float32)
-    cfg = MaskConfig(keep_last_n_blocks=0, mask_delimiters=FAMILIES[family])
+    cfg = BlockMaskingConfig(keep_last_n_blocks=0, mask_delimiters=FAMILIES[family])
     _, train, decoded = run_parity(model, cfg)
     worst = max((lg - t).abs().max().item() for t, (lg, _) in zip(train, decoded))
     record_property("max_abs_diff_float32", worst)
@@ -176,7 +176,7 @@ def test_float32_parity_for_information(family_model, make_tiny_lm, record_prope
 def test_feed_equals_step_by_step(make_tiny_lm):
     """``feed`` (one forward per run between eviction rows) == one token at a time, trace included."""
     model = make_tiny_lm("olmo3")
-    cfg = MaskConfig(keep_last_n_blocks=1)
+    cfg = BlockMaskingConfig(keep_last_n_blocks=1)
     for ids, pl in DOCS:
         ref, ref_trace = teacher_forced_logits(model, ids, SPECIAL, cfg, prompt_len=pl)
         dec = EvictingDecoder(model, SPECIAL, cfg, prompt_len=pl)
@@ -224,5 +224,5 @@ def test_decode_attention_needs_the_cache(make_tiny_lm):
 
 def test_empty_stream(make_tiny_lm):
     model = make_tiny_lm("qwen3")
-    logits, trace = teacher_forced_logits(model, [], SPECIAL, MaskConfig())
+    logits, trace = teacher_forced_logits(model, [], SPECIAL, BlockMaskingConfig())
     assert logits.shape == (0, 128) and trace.entries.size == 0

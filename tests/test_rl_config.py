@@ -12,7 +12,7 @@ import pytest
 
 from memento_train.config_errors import ConfigError
 from memento_train.export import MARKER_FILE, export_hf, exported_mask
-from memento_train.masking import MaskConfig
+from memento_train.masking import BlockMaskingConfig
 from memento_train.rl.cli import main as rl_main
 from memento_train.rl.driver import encode_prompts, load_problems
 from memento_train.rl.rewards import math_reward
@@ -83,7 +83,7 @@ def test_grpo_recipe_is_the_papers_run(tmp_path):
     assert (a.adv_norm, a.loss_agg) == ("batch", "group_total")
     r = cfg.rollout
     assert (r.group_size, r.prompts_per_step, r.temperature, r.max_new_tokens) == (8, 240, 1.0, 31744)
-    assert r.mask.max_block_tokens == 7168 and r.generator == "vllm"
+    assert r.block_masking.max_block_tokens == 7168 and r.generator == "vllm"
     assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.grad_clip, cfg.optim.schedule) == (1e-6, 10, 1.0, "cosine")
     p = cfg.prompts
     assert (p.path, p.problem_field, p.answer_field, p.max_prompt_len) == (
@@ -136,26 +136,26 @@ def test_aime_eval_sets_map_and_a_set_can_be_dropped(tmp_path, monkeypatch):
 def test_rollout_mask_defaults_to_the_models_and_a_contradiction_is_refused(tmp_path):
     phi4 = fake_export(tmp_path / "phi4", stage=2, mask_delimiters=True)  # a Phi-4 stage-2 export
     cfg = load_rl_config("grpo", [*OFFLINE, f"model.path={phi4}"])
-    assert cfg.rollout.mask.mask_delimiters and cfg.rollout.mask.keep_last_n_blocks == 0
-    assert cfg.rollout.mask.max_block_tokens == 7168  # the recipe's serving option stays
-    with pytest.raises(ConfigError, match=r"rollout.mask sets mask_delimiters=False \(the model: True\).*"
+    assert cfg.rollout.block_masking.mask_delimiters and cfg.rollout.block_masking.keep_last_n_blocks == 0
+    assert cfg.rollout.block_masking.max_block_tokens == 7168  # the recipe's serving option stays
+    with pytest.raises(ConfigError, match=r"rollout.block_masking sets mask_delimiters=False \(the model: True\).*"
                                           r"rollout.allow_mask_mismatch=true"):
-        load_rl_config("grpo", [*OFFLINE, f"model.path={phi4}", "rollout.mask.mask_delimiters=false"])
-    cfg = load_rl_config("grpo", [*OFFLINE, f"model.path={phi4}", "rollout.mask.mask_delimiters=false",
+        load_rl_config("grpo", [*OFFLINE, f"model.path={phi4}", "rollout.block_masking.mask_delimiters=false"])
+    cfg = load_rl_config("grpo", [*OFFLINE, f"model.path={phi4}", "rollout.block_masking.mask_delimiters=false",
                                   "rollout.allow_mask_mismatch=true"])
-    assert not cfg.rollout.mask.mask_delimiters
+    assert not cfg.rollout.block_masking.mask_delimiters
     stage1 = fake_export(tmp_path / "s1", stage=1, keep=-1)  # RL needs a model trained to evict
-    with pytest.raises(ConfigError, match="rollout.mask must evict"):
+    with pytest.raises(ConfigError, match="rollout.block_masking must evict"):
         load_rl_config("grpo", [*OFFLINE, f"model.path={stage1}"])
 
 
 def test_a_model_without_a_marker_must_state_its_mask(tmp_path):
     plain = fake_export(tmp_path / "plain", stage=2)
     (plain / MARKER_FILE).unlink()
-    with pytest.raises(ConfigError, match="not a memento-train export.*rollout.mask.mask_delimiters"):
+    with pytest.raises(ConfigError, match="not a memento-train export.*rollout.block_masking.mask_delimiters"):
         load_rl_config("grpo", [*OFFLINE, f"model.path={plain}"])
-    cfg = load_rl_config("grpo", [*OFFLINE, f"model.path={plain}", "rollout.mask.mask_delimiters=true"])
-    assert cfg.rollout.mask.mask_delimiters
+    cfg = load_rl_config("grpo", [*OFFLINE, f"model.path={plain}", "rollout.block_masking.mask_delimiters=true"])
+    assert cfg.rollout.block_masking.mask_delimiters
 
 
 def test_every_export_records_its_mask(tmp_path):
@@ -163,11 +163,23 @@ def test_every_export_records_its_mask(tmp_path):
 
     tok = load_shipped_tokenizer()
     model = build_tiny_model(tok, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1)
-    with pytest.raises(ValueError, match="info\\['mask'\\] is required"):
+    with pytest.raises(ValueError, match="info\\['block_masking'\\] is required"):
         export_hf(model.state_dict(), model.config, tok, tmp_path / "a", info={"stage": 2})
     export_hf(model.state_dict(), model.config, tok, tmp_path / "b",
-              info={"stage": 2, "mask": MaskConfig(keep_last_n_blocks=0, mask_delimiters=True)})
-    assert exported_mask(tmp_path / "b") == MaskConfig(keep_last_n_blocks=0, mask_delimiters=True)
+              info={"stage": 2, "block_masking": BlockMaskingConfig(keep_last_n_blocks=0, mask_delimiters=True,
+                                                                     max_block_tokens=64)})
+    marker = json.loads((tmp_path / "b" / MARKER_FILE).read_text())
+    assert marker["block_masking"] == {"keep_last_n_blocks": 0, "mask_delimiters": True,  # the rule alone
+                                       "keep_last_block_for_answer": False, "require_assistant_section": True}
+    assert exported_mask(tmp_path / "b") == BlockMaskingConfig(keep_last_n_blocks=0, mask_delimiters=True)
+
+
+def test_exports_written_before_the_rename_are_still_read(tmp_path):
+    # memento_train.json of older exports calls the rule "mask"; enable=false is keep_last_n_blocks=-1.
+    old = fake_export(tmp_path / "old", stage=1, mask_delimiters=True, keep=-1)
+    assert "mask" in json.loads((old / MARKER_FILE).read_text())
+    assert exported_mask(old) == BlockMaskingConfig(keep_last_n_blocks=-1, mask_delimiters=True)
+    assert exported_mask(old) == BlockMaskingConfig(enable=False, mask_delimiters=True).rule()
 
 
 def test_memento_eval_uses_the_models_mask_and_refuses_a_contradiction(tmp_path, capsys):
@@ -217,3 +229,15 @@ def test_the_shipped_grpo_recipe_passes_show(tmp_path, capsys):
 def test_tiny_default_still_builds():
     cfg = build_rl_config(config_tree(None, OFFLINE))
     assert cfg.warmup.enabled and cfg.model.path is None and list(cfg.eval.sets) == ["heldout"]
+
+
+def test_rollout_mask_and_engine_are_deprecated_aliases():
+    with pytest.deprecated_call(match="rollout.mask is deprecated; use rollout.block_masking"):
+        cfg = load_rl_config("tiny_rl", [*OFFLINE, "rollout.mask.max_block_tokens=50"])
+    assert cfg.rollout.block_masking.max_block_tokens == 50
+    with pytest.deprecated_call(match="rollout.engine is deprecated; use rollout.generator"):
+        assert load_rl_config("tiny_rl", [*OFFLINE, "rollout.engine=reference"]).rollout.generator == "reference"
+    with pytest.raises(ConfigError, match=r"rollout.engine='reference' \(deprecated\) contradicts "
+                                          r"rollout.generator='vllm'; set rollout.generator only"), \
+            pytest.deprecated_call():
+        load_rl_config("tiny_rl", [*OFFLINE, "rollout.engine=reference", "rollout.generator=vllm"])

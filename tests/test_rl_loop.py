@@ -10,7 +10,7 @@ import torch
 import rl_warmed_policy
 from memento_train.data.render import Renderer
 from memento_train.data.synthetic import SyntheticTaskConfig, synthetic_record
-from memento_train.masking import MaskConfig, SpecialTokens, parse
+from memento_train.masking import BlockMaskingConfig, SpecialTokens, parse
 from memento_train.rl.driver import plan_micro_batches, prompt_indices, run_rl
 from memento_train.rl.rl_config import build_rl_config, config_tree
 from memento_train.rl.trainer_worker import build_rl_micro_batch, rollout_document
@@ -78,7 +78,7 @@ def _tokenizer():
 
 def test_rollout_document_trains_response_tokens_with_rollout_mask_logprobs_and_advantage():
     tok = _tokenizer()
-    mask = MaskConfig(keep_last_n_blocks=0)
+    mask = BlockMaskingConfig(keep_last_n_blocks=0)
     special = SpecialTokens.from_mapping(special_token_ids(tok))
     rec = synthetic_record(0, SyntheticTaskConfig(min_blocks=2, max_blocks=2))
     ren = Renderer(tok, mask)
@@ -170,7 +170,7 @@ def test_trainer_recomputes_the_rollout_logprobs_of_block_evicting_responses_and
               "stop_token_ids": (int(rollout.tokenizer.eos_token_id),)}
     results = rollout.generate(requests, params)
     special = SpecialTokens.from_mapping(special_token_ids(rollout.tokenizer))
-    mask = cfg.rollout.mask.mask_config()
+    mask = cfg.rollout.block_masking.rule()
     docs = [rollout_document(q.prompt_ids, x["token_ids"], x["logprobs"], 1.0, special, mask)
             for q, x in zip(requests, results)]
     evicted = sum(int((d["kill_row"] < len(d["input_ids"])).sum()) for d in docs)

@@ -79,7 +79,7 @@ def test_forced_block_ends_are_left_out_of_the_loss_by_default(tmp_path):
     """The warmed policy writes blocks; a block cap of 4 tokens forces <|block_end|> into them. (With
     ``algorithm.train_forced_tokens=true`` they stay: test_loss_token_masks_... above.)"""
     _, (m,) = run(tmp_path, "train.total_steps=1", f"model.path={rl_warmed_policy.ASSET}",
-                  "rollout.mask.max_block_tokens=4", "rollout.max_new_tokens=64")
+                  "rollout.block_masking.max_block_tokens=4", "rollout.max_new_tokens=64")
     assert m["forced_block_ends"] > 0
     assert m["loss_tokens"] == m["train/tokens"] == m["response_tokens"] - m["forced_block_ends"]
     # token_mean over what remains: the loss is the per-token mean over the trained tokens only

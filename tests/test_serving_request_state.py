@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memento_train.generation import BlockMaskingConfig
-from memento_train.masking import MaskConfig, SpecialTokens, parse
+from memento_train.masking import SpecialTokens, parse
 from memento_train.serving.config import ServingConfig, request_keeps_kv, validate_request_override
 from memento_train.serving.request_state import RequestEvictions, merge_spans
 from synthetic_ids import SPECIAL
@@ -85,7 +85,7 @@ def test_prompt_blocks_of_an_earlier_turn_are_due_at_prompt_len_together():
     w = 50
     turn = [BS, w, w, BE, SS, w, SE]
     prompt = [IM_START, ASSISTANT, *turn, *turn, w, IM_START, ASSISTANT]
-    ev = RequestEvictions(prompt, SP, MaskConfig(keep_last_n_blocks=0))
+    ev = RequestEvictions(prompt, SP, BlockMaskingConfig(keep_last_n_blocks=0))
     assert ev.next_row() is None  # nothing evicts while the prompt is read
     ev.feed(w)  # the first generated token (position prompt_len) brings both blocks due
     assert [(e.row, e.start, e.stop) for e in ev.decided] == [(len(prompt), 3, 5), (len(prompt), 10, 12)]
@@ -95,7 +95,7 @@ def test_prompt_blocks_of_an_earlier_turn_are_due_at_prompt_len_together():
 
 
 def test_overdue_eviction_is_an_error_and_merge_joins_touching_spans():
-    ev = RequestEvictions([1, 2, 10, 50, 11, 12, 50, 13], SP, MaskConfig(keep_last_n_blocks=0), physical=True)
+    ev = RequestEvictions([1, 2, 10, 50, 11, 12, 50, 13], SP, BlockMaskingConfig(keep_last_n_blocks=0), physical=True)
     ev.feed(50)
     with pytest.raises(RuntimeError, match="overdue"):
         ev.take_due(9, block_size=4)
@@ -103,7 +103,7 @@ def test_overdue_eviction_is_an_error_and_merge_joins_touching_spans():
 
 
 def test_keep_kv_diagnostic_records_events_but_removes_nothing():
-    ev = RequestEvictions([1, 2, 10, 50, 11, 12, 50], SP, MaskConfig(keep_last_n_blocks=0), physical=False)
+    ev = RequestEvictions([1, 2, 10, 50, 11, 12, 50], SP, BlockMaskingConfig(keep_last_n_blocks=0), physical=False)
     ev.feed(13)
     assert ev.take_due(7, block_size=4) is None and ev.evicted == 0 and ev.events == [(7, 3, 4)]
 

@@ -53,8 +53,8 @@ def setup():
 
     cfg, tok, prompts = task_prompts(ASSET, 8)
     model = AutoModelForCausalLM.from_pretrained(str(ASSET), dtype=torch.float32).eval()
-    ref = ReferenceGenerator(model, tok, cfg.rollout.mask)
-    return {"tok": tok, "prompts": prompts, "bm": cfg.rollout.mask, "model": model, "ref": ref,
+    ref = ReferenceGenerator(model, tok, cfg.rollout.block_masking)
+    return {"tok": tok, "prompts": prompts, "bm": cfg.rollout.block_masking, "model": model, "ref": ref,
             "max_new_tokens": cfg.rollout.max_new_tokens}
 
 

@@ -16,7 +16,6 @@ import numpy as np
 from memento_train.data.render import Renderer
 from memento_train.data.synthetic import SyntheticTaskConfig, synthetic_record
 from memento_train.generation import BlockMaskingConfig, GenerationResult
-from memento_train.masking import MaskConfig
 from memento_train.tokens import special_token_ids
 
 ASSET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_rl_warmed")
@@ -50,7 +49,7 @@ def tokenizer():
 
 def single_turn_prompts(tok, count: int) -> list[list[int]]:
     """Problems of the synthetic task rendered as the RL driver renders them."""
-    renderer = Renderer(tok, MaskConfig())
+    renderer = Renderer(tok, BlockMaskingConfig())
     out = []
     for i in range(count):
         rec = synthetic_record(i, TASKS[i % len(TASKS)])

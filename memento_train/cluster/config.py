@@ -12,11 +12,10 @@ from __future__ import annotations
 import numbers
 import os
 from dataclasses import dataclass, field
+from typing import Literal
 
 from memento_train.config_errors import ConfigError
-
-PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-BACKENDS = ("auto", "gloo", "nccl")
+from memento_train.structured_config import check_types
 
 
 @dataclass
@@ -55,8 +54,8 @@ class ClusterConfig:
     num_workers: int = 1
     gpus_per_worker: float | None = None
     cpus_per_worker: int = 1
-    placement_strategy: str = "PACK"
-    backend: str = "auto"
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
     init_timeout_s: float = 300.0
     collective_timeout_s: float = 1800.0
     env: dict[str, str] = field(default_factory=dict)
@@ -72,8 +71,7 @@ class ClusterConfig:
         def bad(option: str, msg: str) -> ConfigError:
             return ConfigError(f"{prefix}.{option}: {msg}")
 
-        if not isinstance(self.use_ray, bool):
-            raise bad("use_ray", f"expected true or false, got {self.use_ray!r}")
+        check_types(self, prefix)
         if self.address is not None:
             if not isinstance(self.address, str) or not self.address.strip():
                 raise bad("address", f"expected null (start a local Ray cluster), 'auto', 'HOST:PORT' or "
@@ -93,11 +91,6 @@ class ClusterConfig:
                 raise bad("gpus_per_worker", f"fractions are only allowed below 1 (GPU sharing), got {g!r}")
         if not _is_int(self.cpus_per_worker) or self.cpus_per_worker < 1:
             raise bad("cpus_per_worker", f"expected an integer >= 1, got {self.cpus_per_worker!r}")
-        if self.placement_strategy not in PLACEMENT_STRATEGIES:
-            raise bad("placement_strategy", f"expected one of {', '.join(PLACEMENT_STRATEGIES)}, "
-                                            f"got {self.placement_strategy!r}")
-        if self.backend not in BACKENDS:
-            raise bad("backend", f"expected one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.backend == "nccl" and self.gpus_per_worker == 0:
             raise bad("backend", "nccl needs GPUs but gpus_per_worker=0; use backend=gloo (or auto) "
                                  "or give workers GPUs")

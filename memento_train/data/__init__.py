@@ -15,7 +15,7 @@ Modules, one idea each:
 """
 
 from memento_train.data.cache import prepare_dataset
-from memento_train.data.config import DataConfig, DataConfigError
+from memento_train.data.config import DataConfig
 from memento_train.data.pack import (
     PackedBatch,
     PackingStats,
@@ -36,9 +36,17 @@ from memento_train.data.validate import (
 )
 
 __all__ = [
-    "DataConfig", "DataConfigError", "IGNORE_INDEX", "InvalidRecordError", "PackedBatch", "PackingStats",
+    "DataConfig", "IGNORE_INDEX", "InvalidRecordError", "PackedBatch", "PackingStats",
     "REASONS", "RecordFieldError", "RenderedExample", "Renderer", "SyntheticTaskConfig", "ValidationReport", "assemble_full_response",
     "check_record", "collate", "load_examples", "load_records", "load_tokenizer",
     "pack_examples", "plan_bins", "prepare_dataset", "render_record", "synthetic_record", "synthetic_records",
     "validate_records",
 ]
+
+
+def __getattr__(name: str):
+    if name == "DataConfigError":  # deprecated alias of ConfigError (see memento_train.data.config)
+        from memento_train.data import config
+
+        return getattr(config, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -130,7 +129,7 @@ def rendering_key(cfg: DataConfig, tokenizer: Any) -> dict[str, Any]:
         "system_prompt": cfg.system_prompt,
         "max_seq_len": cfg.max_seq_len,
         "overlong": cfg.overlong,
-        "mask": asdict(cfg.mask),
+        "mask": cfg.block_masking.rule_dict(),  # the rule alone: generation-only options do not change the cache
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
 
@@ -165,7 +164,7 @@ def prepare_dataset(cfg: DataConfig, *, tokenizer: Any = None, load_from_cache: 
     """
     cfg.validate()
     tokenizer = load_tokenizer(cfg.tokenizer) if tokenizer is None else tokenizer
-    renderer = Renderer(tokenizer, cfg.mask, cfg.system_prompt)
+    renderer = Renderer(tokenizer, cfg.block_masking, cfg.system_prompt)
     records = load_records(cfg)
     fp = cache_fingerprint(cfg, tokenizer, getattr(records, "_fingerprint", ""))
     kwargs: dict[str, Any] = {}

@@ -24,7 +24,9 @@ that base model produces; the output names the added tokens and their ids.
 ``synth`` writes N records of the deterministic synthetic running-total task
 (:mod:`.synthetic`) as OpenMementos-format JSONL.
 
-Exit status: 0 on success, 2 on bad input (with a one-line ``memento-data: error: ...`` message).
+Exit status: 0 on success, 2 on bad input: a bad flag or option value prints one line
+``memento-data: configuration error: ...`` (the form of every memento CLI), a bad dataset
+``memento-data: error: ...``.
 """
 
 from __future__ import annotations
@@ -38,17 +40,18 @@ import shutil
 import sys
 from typing import Any
 
-from memento_train.data.config import SAMPLE_TRACES, DataConfig, DataConfigError
-from memento_train.masking import MaskConfig
+from memento_train.config_errors import ConfigError, FlagParser, report_config_error
+from memento_train.data.config import HF_CONFIGS, OVERLONG_POLICIES, SAMPLE_TRACES, DataConfig
+from memento_train.structured_config import build
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory or hub name (default: the shipped one)")
-    p.add_argument("--hf-config", default="default", choices=["default", "full"], help="record schema")
+    p.add_argument("--hf-config", default="default", choices=HF_CONFIGS, help="record schema")
     p.add_argument("--split", default="train")
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--max-seq-len", type=int, default=32768, help="longest record in tokens (default 32768)")
-    p.add_argument("--overlong", default="drop", choices=["drop", "truncate"])
+    p.add_argument("--overlong", default="drop", choices=OVERLONG_POLICIES)
     p.add_argument("--strict", action="store_true", help="fail on the first invalid record")
     p.add_argument("--mask-delimiters", action="store_true", help="evict block delimiters too (Phi-4)")
     p.add_argument("--keep-last-block-for-answer", action="store_true")
@@ -56,7 +59,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="memento-data", description="Inspect and pre-tokenize Memento datasets.")
+    ap = FlagParser(prog="memento-data", description="Inspect and pre-tokenize Memento datasets.")
     sub = ap.add_subparsers(dest="command", required=True)
 
     st = sub.add_parser("stats", help="block/summary/KV statistics and the validation report")
@@ -86,22 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace, keep_last_n_blocks: int = 0) -> DataConfig:
-    mask = MaskConfig(
-        keep_last_n_blocks=keep_last_n_blocks,
-        mask_delimiters=args.mask_delimiters,
-        keep_last_block_for_answer=args.keep_last_block_for_answer,
-    )
-    return DataConfig(
-        path=args.path, hf_config=args.hf_config, split=args.split, system_prompt=args.system_prompt,
-        max_seq_len=args.max_seq_len, overlong=args.overlong, strict=args.strict,
-        num_proc=getattr(args, "num_proc", 1), cache_dir=args.cache_dir, mask=mask, tokenizer=args.tokenizer,
-    ).validate()
+    """The flags as a :class:`DataConfig`, built and validated like every config (errors: ConfigError)."""
+    block_masking = {"keep_last_n_blocks": keep_last_n_blocks, "mask_delimiters": args.mask_delimiters,
+                     "keep_last_block_for_answer": args.keep_last_block_for_answer}
+    values = {"path": args.path, "hf_config": args.hf_config, "split": args.split, "system_prompt": args.system_prompt,
+              "max_seq_len": args.max_seq_len, "overlong": args.overlong, "strict": args.strict,
+              "num_proc": getattr(args, "num_proc", 1), "cache_dir": args.cache_dir, "block_masking": block_masking,
+              "tokenizer": args.tokenizer}
+    return build(DataConfig, values, "data").validate()
 
 
 def _pack_tokens(args: argparse.Namespace) -> int:
     n = args.max_seq_len if args.pack_tokens is None else args.pack_tokens
     if n < 1:
-        raise ValueError(f"--pack-tokens must be >= 1, got {n}")
+        raise ConfigError(f"--pack-tokens must be >= 1, got {n}")
     return n
 
 
@@ -116,9 +117,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     cfg = _config(args)
     pack_tokens = _pack_tokens(args)
     if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
     geometry = load_geometry(args.model_config, args.kv_dtype_bytes)
-    renderer = Renderer(_load_tokenizer(cfg, sys.stderr)[0], cfg.mask, cfg.system_prompt)
+    renderer = Renderer(_load_tokenizer(cfg, sys.stderr)[0], cfg.block_masking, cfg.system_prompt)
     records = load_records(cfg)
     n = len(records) if args.limit is None else min(args.limit, len(records))
     report, kept = ValidationReport(), []
@@ -193,16 +194,16 @@ _COMMANDS = {"stats": cmd_stats, "prepare": cmd_prepare, "synth": cmd_synth}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # a bad flag: one configuration-error line, exit 2
     from memento_train.data.validate import InvalidRecordError
 
     try:
         return _COMMANDS[args.command](args)
+    except ConfigError as exc:  # name the command-line flag, not the config field
+        flag = re.sub(r"\bdata\.(?:block_masking\.)?(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(exc))
+        return report_config_error("memento-data", flag)
     except (InvalidRecordError, FileNotFoundError, ValueError, OSError) as exc:
-        msg = str(exc)
-        if isinstance(exc, DataConfigError):  # name the command-line flag, not the config field
-            msg = re.sub(r"\bdata\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), msg)
-        print(f"memento-data: error: {msg}", file=sys.stderr)
+        print(f"memento-data: error: {exc}", file=sys.stderr)
         return 2
 
 

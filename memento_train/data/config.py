@@ -1,27 +1,38 @@
 """Configuration of the data pipeline: where records come from and how they become token streams.
 
 One :class:`DataConfig` drives loading (:mod:`.records`), rendering (:mod:`.render`), validation
-(:mod:`.validate`) and the pre-tokenized Arrow cache (:mod:`.cache`). Its ``mask`` field is the same
-:class:`~memento_train.masking.MaskConfig` the trainer and the serving engine use, so the kill rows
-stored in the cache are exactly the ones attention will apply.
+(:mod:`.validate`) and the pre-tokenized Arrow cache (:mod:`.cache`). Its ``block_masking`` field is
+the same :class:`~memento_train.masking.BlockMaskingConfig` rollouts, ``memento-eval`` and the serving
+engine use, so the kill rows stored in the cache are exactly the ones attention will apply. It is
+built like every other config (:func:`memento_train.structured_config.build`) and its errors are
+:class:`~memento_train.config_errors.ConfigError`.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
-from typing import Any
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
 
-from memento_train.masking import MaskConfig
+from memento_train.config_errors import ConfigError
+from memento_train.masking import BlockMaskingConfig
+from memento_train.structured_config import build, check_types, renamed_from
 
-HF_CONFIGS = ("default", "full")
-OVERLONG_POLICIES = ("drop", "truncate")
+HfConfig = Literal["default", "full"]
+OverlongPolicy = Literal["drop", "truncate"]
+HF_CONFIGS = get_args(HfConfig)
+OVERLONG_POLICIES = get_args(OverlongPolicy)
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 SAMPLE_TRACES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "sample_traces.jsonl")
 
 
-class DataConfigError(ValueError):
-    """A :class:`DataConfig` option has a value the pipeline cannot use; the message names it."""
+def __getattr__(name: str) -> Any:
+    if name == "DataConfigError":  # data config errors are ConfigErrors, like every other option's
+        warnings.warn("DataConfigError is deprecated; catch memento_train.config_errors.ConfigError",
+                      DeprecationWarning, stacklevel=2)
+        return ConfigError
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -45,7 +56,8 @@ class DataConfig:
         num_proc: worker processes for ``datasets.map`` (1 = in-process).
         cache_dir: directory for the pre-tokenized Arrow cache (and the ``datasets`` download cache);
             ``None`` uses the ``datasets`` default cache.
-        mask: eviction options (``keep_last_n_blocks`` etc.) used to compute kill rows.
+        block_masking: eviction options (``keep_last_n_blocks`` etc.) used to compute kill rows
+            (``mask`` is its deprecated old name).
         tokenizer: a tokenizer directory or hub name for ``AutoTokenizer``; ``None`` = the tiny
             tokenizer shipped with the package. The memento tokens are added when it lacks them, as
             training adds them. In a training run the data is tokenized with the *model's* tokenizer
@@ -59,84 +71,45 @@ class DataConfig:
     """
 
     path: str = SAMPLE_TRACES
-    hf_config: str = "default"
+    hf_config: HfConfig = "default"
     split: str = "train"
     system_prompt: str | None = None
     max_seq_len: int = 32768
-    overlong: str = "drop"
+    overlong: OverlongPolicy = "drop"
     strict: bool = False
     num_proc: int = 1
     cache_dir: str | None = None
-    mask: MaskConfig = field(default_factory=MaskConfig)
+    block_masking: BlockMaskingConfig = field(default_factory=BlockMaskingConfig, metadata=renamed_from("mask"))
     tokenizer: str | None = None
     prepared: str | None = None
 
-    def validate(self) -> DataConfig:
-        """Check every option; raise :class:`DataConfigError` naming the first bad one. Returns self."""
-        if not isinstance(self.path, (str, os.PathLike)) or not str(self.path).strip():
-            raise DataConfigError(
-                f"data.path must be a file, a directory or a hub dataset name, got {self.path!r}"
-            )
-        if self.hf_config not in HF_CONFIGS:
-            raise DataConfigError(f"data.hf_config must be one of {HF_CONFIGS}, got {self.hf_config!r}")
-        if not isinstance(self.split, str) or not self.split:
-            raise DataConfigError(f"data.split must be a non-empty string such as 'train', got {self.split!r}")
-        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
-            raise DataConfigError(
-                f"data.system_prompt must be a string or None, got {type(self.system_prompt).__name__}"
-            )
-        if isinstance(self.max_seq_len, bool) or not isinstance(self.max_seq_len, int) or self.max_seq_len < 2:
-            raise DataConfigError(f"data.max_seq_len must be an int >= 2, got {self.max_seq_len!r}")
-        if self.overlong not in OVERLONG_POLICIES:
-            raise DataConfigError(f"data.overlong must be one of {OVERLONG_POLICIES}, got {self.overlong!r}")
-        if not isinstance(self.strict, bool):
-            raise DataConfigError(f"data.strict must be true or false, got {self.strict!r}")
-        if isinstance(self.num_proc, bool) or not isinstance(self.num_proc, int) or self.num_proc < 1:
-            raise DataConfigError(f"data.num_proc must be an int >= 1, got {self.num_proc!r}")
-        if self.cache_dir is not None and not isinstance(self.cache_dir, (str, os.PathLike)):
-            raise DataConfigError(f"data.cache_dir must be a directory path or None, got {self.cache_dir!r}")
-        if not isinstance(self.mask, MaskConfig):
-            raise DataConfigError(
-                "data.mask must be a memento_train.masking.MaskConfig "
-                f"(use DataConfig.from_dict for plain dicts), got {type(self.mask).__name__}"
-            )
-        tok = self.tokenizer
-        if tok is not None and (not isinstance(tok, (str, os.PathLike)) or not str(tok)):
-            raise DataConfigError(
-                f"data.tokenizer must be a tokenizer directory / hub name, or None for the shipped one, "
-                f"got {self.tokenizer!r}"
-            )
+    def validate(self, prefix: str = "data") -> DataConfig:
+        """Check every option; raise :class:`ConfigError` naming the first bad one. Returns self."""
+        check_types(self, prefix)
+        if not str(self.path).strip():
+            raise ConfigError(f"{prefix}.path must be a file, a directory or a hub dataset name, got {self.path!r}")
+        if not self.split:
+            raise ConfigError(f"{prefix}.split must be a non-empty string such as 'train', got {self.split!r}")
+        if self.max_seq_len < 2:
+            raise ConfigError(f"{prefix}.max_seq_len must be an int >= 2, got {self.max_seq_len!r}")
+        if self.num_proc < 1:
+            raise ConfigError(f"{prefix}.num_proc must be an int >= 1, got {self.num_proc!r}")
+        if self.tokenizer is not None and not str(self.tokenizer):
+            raise ConfigError(f"{prefix}.tokenizer must be a tokenizer directory / hub name, or null for the "
+                              f"shipped one, got {self.tokenizer!r}")
         if self.prepared is not None:
             from memento_train.data.prepared import MANIFEST
 
-            if not isinstance(self.prepared, (str, os.PathLike)) or not os.path.isfile(
-                    os.path.join(os.path.expanduser(str(self.prepared)), MANIFEST)):
-                raise DataConfigError(
-                    f"data.prepared={self.prepared!r} is not a directory written by `memento-data prepare` "
+            if not os.path.isfile(os.path.join(os.path.expanduser(str(self.prepared)), MANIFEST)):
+                raise ConfigError(
+                    f"{prefix}.prepared={self.prepared!r} is not a directory written by `memento-data prepare` "
                     f"(no {MANIFEST} in it); run `memento-data prepare DATA --output DIR` first, or drop "
-                    "data.prepared to tokenize data.path in the run"
+                    f"{prefix}.prepared to tokenize {prefix}.path in the run"
                 )
         return self
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DataConfig:
-        """Build from a plain mapping (e.g. a YAML recipe's ``data:`` section); ``mask`` may be a dict.
-
-        Unknown keys raise :class:`DataConfigError` listing the accepted ones.
-        """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise DataConfigError(f"unknown data option(s) {unknown}; accepted: {sorted(known)}")
-        values = dict(values)
-        mask = values.get("mask")
-        if isinstance(mask, dict):
-            mask_known = {f.name for f in fields(MaskConfig)}
-            bad = sorted(set(mask) - mask_known)
-            if bad:
-                raise DataConfigError(f"unknown data.mask option(s) {bad}; accepted: {sorted(mask_known)}")
-            try:
-                values["mask"] = MaskConfig(**mask)
-            except ValueError as exc:
-                raise DataConfigError(f"data.mask: {exc}") from exc
-        return cls(**values).validate()
+        """Build and validate from a plain mapping (e.g. a YAML recipe's ``data:`` section), with the
+        rules of every config (:func:`memento_train.structured_config.build`)."""
+        return build(cls, values, "data").validate()

@@ -35,8 +35,8 @@ FORMAT = "memento-examples-v1"
 # The `memento-data prepare` flag that sets each rendering option (named in mismatch errors).
 _PREPARE_FLAGS = {
     "max_seq_len": "--max-seq-len", "overlong": "--overlong", "system_prompt": "--system-prompt",
-    "mask.keep_last_n_blocks": "--keep-last-n-blocks", "mask.mask_delimiters": "--mask-delimiters",
-    "mask.keep_last_block_for_answer": "--keep-last-block-for-answer",
+    "block_masking.keep_last_n_blocks": "--keep-last-n-blocks", "block_masking.mask_delimiters": "--mask-delimiters",
+    "block_masking.keep_last_block_for_answer": "--keep-last-block-for-answer",
 }
 
 
@@ -81,7 +81,8 @@ def read_manifest(directory: str) -> dict[str, Any]:
 
 def _flat(key: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in key.items() if k != "mask"}
-    out.update({f"mask.{k}": v for k, v in key.get("mask", {}).items()})
+    # The key keeps the name "mask" (cache fingerprints stay stable); the option is data.block_masking.
+    out.update({f"block_masking.{k}": v for k, v in key.get("mask", {}).items()})
     return out
 
 

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from memento_train.generation.prompt import encode_text, generation_prompt_text
-from memento_train.masking import MaskConfig, ParsedStream, SpecialTokens, parse
+from memento_train.masking import BlockMaskingConfig, ParsedStream, SpecialTokens, parse
 from memento_train.tokens import ASSISTANT, IM_END, IM_START, MEMENTO_TOKENS, THINK_TOKENS
 
 IGNORE_INDEX = -100
@@ -112,11 +112,11 @@ class Renderer:
         system_prompt: optional system message.
     """
 
-    def __init__(self, tokenizer: Any, mask: MaskConfig | None = None, system_prompt: str | None = None) -> None:
+    def __init__(self, tokenizer: Any, mask: BlockMaskingConfig | None = None, system_prompt: str | None = None) -> None:
         from memento_train.tokens import special_token_ids
 
         self.tokenizer = tokenizer
-        self.mask = mask or MaskConfig()
+        self.mask = mask or BlockMaskingConfig()
         self.system_prompt = system_prompt
         self.special_ids: dict[str, int] = special_token_ids(tokenizer)  # raises naming a non-atomic token
         self.special = SpecialTokens.from_mapping(self.special_ids)
@@ -204,7 +204,7 @@ class Renderer:
 
 
 def render_record(
-    record: Mapping[str, Any], tokenizer: Any, mask: MaskConfig | None = None, system_prompt: str | None = None
+    record: Mapping[str, Any], tokenizer: Any, mask: BlockMaskingConfig | None = None, system_prompt: str | None = None
 ) -> RenderedExample:
     """One-off convenience: ``Renderer(tokenizer, mask, system_prompt).render(record)``.
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from memento_train.config_errors import ConfigError
+from memento_train.structured_config import check_types
 
-ENGINE_KINDS = ("fsdp2", "deepspeed", "megatron")
-PRECISIONS = ("bf16", "fp16", "fp32")
+EngineKind = Literal["fsdp2", "deepspeed", "megatron"]
+Precision = Literal["bf16", "fp16", "fp32"]
+ENGINE_KINDS = get_args(EngineKind)
 
 
 @dataclass
@@ -28,9 +31,9 @@ class EngineConfig:
         pipeline_parallel: pipeline-parallel size (megatron only).
     """
 
-    kind: str = "fsdp2"
-    precision: str = "fp32"
-    zero_stage: int = 2
+    kind: EngineKind = "fsdp2"
+    precision: Precision = "fp32"
+    zero_stage: Literal[2, 3] = 2
     offload_optimizer: bool = False
     offload_params: bool = False
     tensor_parallel: int = 1
@@ -38,12 +41,7 @@ class EngineConfig:
 
     def validate(self, prefix: str = "engine") -> EngineConfig:
         """Raise :class:`ConfigError` naming the first bad option; returns self."""
-        if self.kind not in ENGINE_KINDS:
-            raise ConfigError(f"{prefix}.kind must be one of {ENGINE_KINDS}, got {self.kind!r}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"{prefix}.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.zero_stage not in (2, 3):
-            raise ConfigError(f"{prefix}.zero_stage must be 2 or 3, got {self.zero_stage!r}")
+        check_types(self, prefix)
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError(f"{prefix}.offload_params needs {prefix}.zero_stage=3 (parameters are only "
                               "sharded, hence offloadable, at stage 3)")
@@ -58,7 +56,7 @@ class EngineConfig:
                               f"not implement; use {prefix}.precision=bf16, or {prefix}.kind=deepspeed for fp16")
         for name in ("tensor_parallel", "pipeline_parallel"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if v < 1:
                 raise ConfigError(f"{prefix}.{name} must be an int >= 1, got {v!r}")
             if v > 1 and self.kind != "megatron":
                 raise ConfigError(f"{prefix}.{name}={v} needs {prefix}.kind=megatron "

@@ -1,21 +1,20 @@
 """``memento-eval``: accuracy and KV evaluation of Memento models.
 
-- :mod:`.config` — :class:`EvalConfig` (defaults < ``recipe=`` < ``key=value`` overrides, validated);
+- :mod:`.config` — :class:`EvalConfig` (``recipe=NAME|PATH`` < ``key=value`` overrides, validated);
 - :mod:`.scoring` — answer extraction and equivalence with ``math-verify``;
 - :mod:`.metrics` — pass@k (unbiased), maj@k, KV peak / AUC (tokens, GB), compression, blocks;
 - :mod:`.report` — ``generations.jsonl``, ``summary.json`` / ``summary.md``, ``kv_sawtooth.png``;
-- :mod:`.runner` — problems → prompts → engine → scores → report (:func:`run_eval`);
+- :mod:`.runner` — problems → prompts → generator → scores → report (:func:`run_eval`);
 - :mod:`.scripted` — :class:`ScriptedEngine`, canned responses with real block/KV bookkeeping;
 - :mod:`.cli` — the ``memento-eval`` console script.
 """
 
-from .config import EvalConfig, EvalConfigError, SamplingOptions, build_config
+from .config import EvalConfig, SamplingOptions, build_config
 from .metrics import KVCost, SampleResult, mean_maj_at_k, mean_pass_at_k, pass_at_k, summarize
 from .scoring import equivalence_classes, extract_answer, is_correct, majority_answer
 
 __all__ = [
     "EvalConfig",
-    "EvalConfigError",
     "KVCost",
     "SampleResult",
     "SamplingOptions",
@@ -29,3 +28,11 @@ __all__ = [
     "pass_at_k",
     "summarize",
 ]
+
+
+def __getattr__(name: str):
+    if name == "EvalConfigError":  # deprecated alias of ConfigError (see memento_train.evaluation.config)
+        from . import config
+
+        return getattr(config, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

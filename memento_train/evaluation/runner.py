@@ -1,4 +1,4 @@
-"""One evaluation run: problems → prompts → engine → scores → metrics → report files.
+"""One evaluation run: problems → prompts → generator → scores → metrics → report files.
 
 Prompts. Each problem becomes one user message (after the optional system prompt), rendered by
 :func:`memento_train.generation.prompt.generation_prompt_ids`, the function RL rollouts, the training
@@ -13,7 +13,7 @@ Generators (``generator=``). ``reference``: :class:`memento_train.generation.ref
 over a model loaded with ``AutoModelForCausalLM.from_pretrained`` (or the tiny random Qwen3); ``vllm``:
 :class:`memento_train.generation.vllm_engine.VLLMEngine` (vLLM 0.32 + the Memento plugin on CPU or GPU,
 imported lazily; stopped after the run). Tests and dry runs inject any other
-:class:`~memento_train.generation.engine.GenerationEngine` with :func:`engine_override`.
+:class:`~memento_train.generation.engine.GenerationEngine` with :func:`generator_override`.
 
 Stop tokens: the tokenizer's EOS, ``<|im_end|>`` and the model's ``generation_config.eos_token_id``.
 """
@@ -38,25 +38,27 @@ from memento_train.models import build_tiny_model, tiny_model_config
 from memento_train.tokens import IM_END, special_token_ids
 
 from . import report
-from .config import EvalConfig, EvalConfigError, with_model_mask
+from memento_train.config_errors import ConfigError
+
+from .config import EvalConfig, with_model_mask
 from .metrics import KVCost, SampleResult, summarize
 from .scoring import GradingRule, ParsedAnswer, equivalence_classes, equivalent, parse_gold, parse_response
 
-EngineFactory = Callable[[EvalConfig, Any], GenerationEngine]
-_ENGINE_OVERRIDE: list[EngineFactory] = []
+GeneratorFactory = Callable[[EvalConfig, Any], GenerationEngine]
+_GENERATOR_OVERRIDE: list[GeneratorFactory] = []
 
 
 @contextlib.contextmanager
-def engine_override(factory: EngineFactory) -> Iterator[None]:
-    """Within the block, :func:`run_eval` builds its engine with ``factory(cfg, tokenizer)``.
+def generator_override(factory: GeneratorFactory) -> Iterator[None]:
+    """Within the block, :func:`run_eval` builds its generator with ``factory(cfg, tokenizer)``.
 
-    The internal hook the CLI tests use to run ``memento-eval`` end to end with a fake engine.
+    The internal hook the CLI tests use to run ``memento-eval`` end to end with a fake generator.
     """
-    _ENGINE_OVERRIDE.append(factory)
+    _GENERATOR_OVERRIDE.append(factory)
     try:
         yield
     finally:
-        _ENGINE_OVERRIDE.remove(factory)
+        _GENERATOR_OVERRIDE.remove(factory)
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ def _device_and_dtype(cfg: EvalConfig) -> tuple[str, Any]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EvalConfigError(f"device: {cfg.device!r} requested but CUDA is not available (use device=cpu)")
+        raise ConfigError(f"device={cfg.device!r} requested but CUDA is not available (use device=cpu)")
     if cfg.dtype == "auto":
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     else:
@@ -152,10 +154,11 @@ def load_model(cfg: EvalConfig, tokenizer: Any) -> Any:
     return model.to(device).eval()
 
 
-def build_engine(cfg: EvalConfig, tokenizer: Any) -> GenerationEngine:
-    """The configured generator (or the :func:`engine_override` factory's)."""
-    if _ENGINE_OVERRIDE:
-        return _ENGINE_OVERRIDE[-1](cfg, tokenizer)
+def build_generator(cfg: EvalConfig, tokenizer: Any) -> GenerationEngine:
+    """The configured generator (or the :func:`generator_override` factory's). Not to be confused
+    with :func:`memento_train.engines.build_engine`, which builds a *training* engine."""
+    if _GENERATOR_OVERRIDE:
+        return _GENERATOR_OVERRIDE[-1](cfg, tokenizer)
     if cfg.generator == "reference":
         try:
             from memento_train.generation.reference import ReferenceGenerator
@@ -164,7 +167,7 @@ def build_engine(cfg: EvalConfig, tokenizer: Any) -> GenerationEngine:
                 f"generator=reference needs memento_train.generation.reference.ReferenceGenerator ({exc})"
             ) from exc
         model = load_model(cfg, tokenizer)
-        return ReferenceGenerator(model, tokenizer, cfg.block_masking, **cfg.engine_kwargs)
+        return ReferenceGenerator(model, tokenizer, cfg.block_masking, **cfg.generator_kwargs)
     if cfg.generator == "vllm":
         import torch
 
@@ -173,9 +176,9 @@ def build_engine(cfg: EvalConfig, tokenizer: Any) -> GenerationEngine:
         # dtype=auto: as for the reference model, float32 on CPU (vLLM's CPU build) and bfloat16 on CUDA.
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
         return VLLMEngine(
-            cfg.model, cfg.block_masking, tokenizer=cfg.tokenizer, dtype=dtype, seed=cfg.seed, **cfg.engine_kwargs
+            cfg.model, cfg.block_masking, tokenizer=cfg.tokenizer, dtype=dtype, seed=cfg.seed, **cfg.generator_kwargs
         )
-    raise EvalConfigError(f"generator: unknown generator {cfg.generator!r}")
+    raise ConfigError(f"generator must be one of reference, vllm; got {cfg.generator!r}")
 
 
 def stop_token_ids(tokenizer: Any, engine: Any = None) -> tuple[int, ...]:
@@ -201,7 +204,7 @@ def kv_cost_for(cfg: EvalConfig, tokenizer: Any) -> tuple[KVCost | None, str | N
         try:
             return KVCost.from_geometry(load_geometry(os.path.expanduser(cfg.kv_geometry), cfg.kv_dtype_bytes)), None
         except ValueError as exc:
-            raise EvalConfigError(f"kv_geometry: {exc}") from exc
+            raise ConfigError(f"kv_geometry: {exc}") from exc
     if cfg.is_tiny:
         return KVCost.from_hf_config(tiny_model_config(tokenizer), cfg.kv_dtype_bytes, name="tiny-qwen3"), None
     try:
@@ -293,7 +296,7 @@ def run_eval(cfg: EvalConfig, *, stream: Any = None) -> EvalOutcome:
     tokenizer = load_tokenizer(cfg)
     prompts = render_prompts(tokenizer, problems, cfg.system_prompt)
     kv_cost, kv_note = kv_cost_for(cfg, tokenizer)
-    engine = build_engine(cfg, tokenizer)
+    engine = build_generator(cfg, tokenizer)
     try:
         samples, t_gen, stops = _generate_and_score(cfg, engine, tokenizer, problems, prompts)
     finally:
@@ -305,7 +308,7 @@ def run_eval(cfg: EvalConfig, *, stream: Any = None) -> EvalOutcome:
     metrics = summarize(samples, cfg.ks, kv_cost)
     engine_name = type(engine).__name__
     notes = []
-    if _ENGINE_OVERRIDE:
+    if _GENERATOR_OVERRIDE:
         notes.append(f"engine overridden in process: responses come from {engine_name}, not from model={cfg.model}.")
     elif cfg.is_tiny:
         notes.append(
@@ -355,8 +358,8 @@ def run_eval(cfg: EvalConfig, *, stream: Any = None) -> EvalOutcome:
 __all__ = [
     "EvalOutcome",
     "Problem",
-    "build_engine",
-    "engine_override",
+    "build_generator",
+    "generator_override",
     "kv_cost_for",
     "load_model",
     "load_problems",

@@ -32,7 +32,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 from memento_train.tokens import THINK_END
 
@@ -88,7 +88,9 @@ def _guarded(fn: Callable[[int | None], T], default: T, timeout: int = DEFAULT_T
     return box.get("value", default)
 
 
-TRUNCATED_POLICIES = ("zero", "score")
+# What a response that hit max_new_tokens scores: 0 without grading, or graded like any other.
+TruncatedPolicy = Literal["zero", "score"]
+TRUNCATED_POLICIES = get_args(TruncatedPolicy)
 
 
 @dataclass(frozen=True)

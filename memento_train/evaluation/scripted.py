@@ -56,7 +56,7 @@ class ScriptedEngine:
             ids = ids[: params.max_new_tokens]
         p = len(prompt)
         stream = prompt + ids
-        parsed = parse(stream, self.special, self.block_masking.mask_config(), prompt_len=p)
+        parsed = parse(stream, self.special, self.block_masking.rule(), prompt_len=p)
         live = live_kv_trace(parsed.kill_row)
         # Token i is sampled from the logits of row p + i - 1: that row's live KV is what it saw.
         trace = [int(live[p + i - 1]) for i in range(len(ids))]

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 from memento_train.config_errors import ConfigError
+from memento_train.structured_config import check_types
 
-HANG_ACTIONS = ("restart", "fail")
 
 
 @dataclass
@@ -38,11 +39,13 @@ class FaultsConfig:
     watchdog_factor: float = 10.0
     watchdog_min_s: float = 300.0
     watchdog_warmup_steps: int = 3
-    on_hang: str = "restart"
+    on_hang: Literal["restart", "fail"] = "restart"
     inject_hang_at_step: int | None = None
 
     def validate(self, prefix: str = "faults") -> "FaultsConfig":
         """Raise :class:`ConfigError` naming the first bad option; returns self."""
+        check_types(self, prefix)
+
         def number(name: str, minimum: float) -> None:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < minimum:
@@ -57,8 +60,6 @@ class FaultsConfig:
             raise ConfigError(f"{prefix}.watchdog_factor={self.watchdog_factor} would call every other step a "
                               "hang; use a multiple > 1 of the median step time (e.g. 10), or 0 to disable")
         number("watchdog_min_s", 0.0)
-        if self.on_hang not in HANG_ACTIONS:
-            raise ConfigError(f"{prefix}.on_hang must be one of {HANG_ACTIONS}, got {self.on_hang!r}")
         s = self.inject_hang_at_step
         if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 1):
             raise ConfigError(f"{prefix}.inject_hang_at_step must be null or a step >= 1, got {s!r}")

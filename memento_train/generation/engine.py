@@ -1,20 +1,20 @@
-"""The contract every generation engine implements (reference generator, vLLM adapter, fakes).
+"""The contract every generator implements (reference generator, vLLM adapter, fakes).
 
-RL rollouts and ``memento-eval`` talk to engines only through :class:`GenerationEngine`; the
-eviction options travel as :class:`BlockMaskingConfig`, whose field names are the serving overlay's
-(``block_masking_config`` in the Memento vLLM overlay), so one config serves training, rollout and
-serving.
+RL rollouts and ``memento-eval`` talk to generators only through :class:`GenerationEngine`; the
+eviction options travel as :class:`~memento_train.masking.BlockMaskingConfig` (re-exported here),
+whose field names are the serving overlay's (``block_masking_config`` in the Memento vLLM overlay),
+so one config serves training, rollout and serving.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from memento_train.masking import Kind, MaskConfig
+from memento_train.masking import BlockMaskingConfig, Kind
 
 
 @dataclass(frozen=True)
@@ -50,34 +50,6 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
-
-
-@dataclass(frozen=True)
-class BlockMaskingConfig:
-    """Eviction options with the serving overlay's names (``block_masking_config``)."""
-
-    enable: bool = True
-    keep_last_n_blocks: int = 0
-    mask_delimiters: bool = False
-    compact_on_summary_end: bool = True  # free evicted slots at once (the reference engine always does)
-    keep_last_block_for_answer: bool = False
-    max_block_tokens: int | None = None  # force <|block_end|> after this many block tokens (RL: 7K)
-
-    def __post_init__(self) -> None:
-        if self.max_block_tokens is not None and self.max_block_tokens < 1:
-            raise ValueError(f"max_block_tokens must be >= 1 or None (got {self.max_block_tokens})")
-        self.mask_config()  # validates the shared options
-
-    def mask_config(self) -> MaskConfig:
-        """The training-side config of the same rule (``enable=False`` means never evict)."""
-        return MaskConfig(
-            keep_last_n_blocks=self.keep_last_n_blocks if self.enable else -1,
-            mask_delimiters=self.mask_delimiters,
-            keep_last_block_for_answer=self.keep_last_block_for_answer and self.enable,
-        )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -143,3 +115,6 @@ class GenerationEngine(Protocol):
     ) -> list[list[GenerationResult]]:
         """``params.n`` results for each prompt (token-id lists), in prompt order."""
         ...
+
+
+__all__ = ["BlockMaskingConfig", "GenerationEngine", "GenerationResult", "SamplingParams"]

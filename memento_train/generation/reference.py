@@ -122,7 +122,7 @@ class ReferenceGenerator:
             raise ValueError(f"max_batch_size must be >= 1 (got {max_batch_size})")
         self.model = model
         self.block_masking = block_masking or BlockMaskingConfig()
-        self.mask_config = self.block_masking.mask_config()
+        self.mask_config = self.block_masking.rule()
         self.special, self.default_stop = _resolve_special(tokenizer_or_special_ids)
         # The cap is the overlay's logits processor, active only with block masking enabled.
         self.block_cap = self.block_masking.max_block_tokens if self.block_masking.enable else None

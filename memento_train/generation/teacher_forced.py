@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..masking import BlockTracker, Eviction, Kind, MaskConfig, SpecialTokens
+from ..masking import BlockTracker, Eviction, Kind, BlockMaskingConfig, SpecialTokens
 from ..attention.hf import attn_implementation_set
 from .batched_cache import BATCHED_DECODE_ATTN, BatchedEvictingCache, register_batched_decode_attention
 
@@ -67,7 +67,7 @@ class EvictingDecoder:
         self,
         model,
         special_token_ids: SpecialTokens | Mapping[str, int],
-        mask_config: MaskConfig,
+        mask_config: BlockMaskingConfig,
         *,
         prompt_len: int | None = None,
     ) -> None:
@@ -172,7 +172,7 @@ def teacher_forced_logits(
     model,
     token_ids: Sequence[int],
     special_token_ids: SpecialTokens | Mapping[str, int],
-    mask_config: MaskConfig,
+    mask_config: BlockMaskingConfig,
     prompt_len: int | None = None,
 ) -> tuple[torch.Tensor, KVTrace]:
     """Feed ``token_ids`` one token at a time through ``model`` with physical KV eviction.

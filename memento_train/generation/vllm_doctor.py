@@ -90,7 +90,7 @@ def task_prompts(model: Path, num: int) -> tuple[Any, Any, list[list[int]]]:
     tok = AutoTokenizer.from_pretrained(str(model))
     p = cfg.prompts
     _, prompts = encode_prompts(load_problems(p.path, synthetic_task=p.synthetic, num=num),
-                                Renderer(tok, cfg.rollout.mask.mask_config(), p.system_prompt), p.max_prompt_len)
+                                Renderer(tok, cfg.rollout.block_masking.rule(), p.system_prompt), p.max_prompt_len)
     return cfg, tok, prompts
 
 
@@ -108,7 +108,7 @@ def parity_row(model: Path, tokens: int) -> Row:
     reqs = [SequenceRequest(q, prompt_index=i) for i, q in enumerate(prompts)]
     t0 = time.perf_counter()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    engine = VLLMEngine(model, cfg.rollout.mask, dtype="float32", max_model_len=512, enforce_eager=True, seed=0)
+    engine = VLLMEngine(model, cfg.rollout.block_masking, dtype="float32", max_model_len=512, enforce_eager=True, seed=0)
     t1 = time.perf_counter()
     try:
         live = engine.llm.collective_rpc("memento_patch_version")  # the worker extension answers per worker
@@ -119,7 +119,7 @@ def parity_row(model: Path, tokens: int) -> Row:
             core.shutdown()
     t2 = time.perf_counter()
     ref = ReferenceGenerator(AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval(), tok,
-                             cfg.rollout.mask)
+                             cfg.rollout.block_masking)
     want = ref.run(reqs, params)
     same = sum(g.token_ids == w.token_ids for g, w in zip(got, want))
     lp = max((abs(a - b) for g, w in zip(got, want) if g.token_ids == w.token_ids

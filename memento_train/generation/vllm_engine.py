@@ -294,7 +294,7 @@ class VLLMEngine:
             if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
                 tokenizer = self.llm.get_tokenizer()
             self._set_special(tokenizer)
-        self._mask_config = block_masking.mask_config()
+        self._mask_config = block_masking.rule()
 
     def _plugin_engine_kwargs(self, report_traces: bool) -> dict[str, Any]:
         """vLLM 0.32: the plugin's engine arguments (:func:`memento_train.serving.plugin_engine_args`)."""
@@ -449,7 +449,7 @@ class VLLMEngine:
             raise RuntimeError(f"the Memento report has {len(kv_trace)} KV lengths for {len(token_ids)} tokens")
         forced = [bool(f) for f in report["forced"]]
         masking = BlockMaskingConfig(**report["block_masking"])
-        parsed = parse([*prompt, *token_ids], self.special, masking.mask_config(), prompt_len=len(prompt))
+        parsed = parse([*prompt, *token_ids], self.special, masking.rule(), prompt_len=len(prompt))
         per_token = report.get("kv_bytes_per_token")
         result = GenerationResult(
             prompt_ids=prompt, token_ids=token_ids, logprobs=logprobs,

@@ -11,8 +11,13 @@ Usage::
 driver, teardown) and submits it with ``sbatch`` (``--dry-run`` prints it instead). ``ray`` submits
 through the Ray Jobs API of an existing cluster and streams the logs. See ``docs/multinode.md``.
 
-Exit codes: 0 success, 2 bad options (``memento-launch: error: ...`` on stderr), 1 a failure
-(sbatch rejected the script, the Ray job failed), 130 interrupted while following a Ray job.
+Before anything is submitted, a ``memento-train`` / ``memento-rl`` driver's ``recipe=`` and
+``key=value`` options are built into its config tree with the rules of every memento CLI (unknown
+keys, choices, types; :func:`check_driver_options`), so a typo fails here, not after the queue wait.
+
+Exit codes: 0 success, 2 bad options (``memento-launch: configuration error: ...`` on stderr, the form
+of every memento CLI), 1 a failure (sbatch rejected the script, the Ray job failed), 130 interrupted
+while following a Ray job.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import shlex
 import sys
 import time
 
-from memento_train.config_errors import ConfigError
+from memento_train.config_errors import ConfigError, FlagParser, report_config_error
 from memento_train.faults.secrets import is_secret, redact_env
 from memento_train.launch import check_secrets_not_inline, driver_override, parse_env_assignments
 
@@ -36,7 +41,7 @@ MEMENTO_DRIVERS = ("memento-train", "memento-rl")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         prog=PROG, description="Run memento-train / memento-rl on a multi-node SLURM or Ray cluster. "
                                "The driver command goes after --. Guide: docs/multinode.md")
     sub = parser.add_subparsers(dest="backend", required=True, metavar="{slurm,ray}")
@@ -144,6 +149,33 @@ def prepare_driver_command(cmd: list[str], *, num_workers: int | None = None, cw
     return cmd, notes
 
 
+def check_driver_options(cmd: list[str]) -> None:
+    """Build a memento driver's config tree from its ``recipe=`` and ``key=value`` arguments (each
+    stage's, for a pipeline recipe): :class:`ConfigError` on an unknown key, a bad choice or a value
+    of the wrong type. Nothing that depends on the cluster (paths, checkpoints, GPUs) is checked:
+    the driver validates that when it starts. Other commands and driver subcommands pass unchecked."""
+    if not cmd or os.path.basename(cmd[0]) not in MEMENTO_DRIVERS:
+        return
+    args = cmd[1:]
+    if args and "=" not in args[0] and args[0] != "show":  # export, plan, recipes, help...
+        return
+    from memento_train.recipes import split_recipe_arg
+    from memento_train.structured_config import build
+
+    recipe, overrides = split_recipe_arg(args[1:] if args and args[0] == "show" else args)
+    if os.path.basename(cmd[0]) == "memento-rl":
+        from memento_train.rl.rl_config import RLConfig, config_tree
+
+        build(RLConfig, config_tree(recipe, overrides))
+        return
+    from memento_train.sft.config import SFTConfig, config_tree
+
+    tree = config_tree(recipe, overrides)
+    stages = tree.pop("stages", None)
+    for stage_tree in [config_tree(name, overrides) for name in stages] if stages else [tree]:
+        build(SFTConfig, stage_tree)
+
+
 def _run_slurm(args: argparse.Namespace, driver: list[str], argv: list[str]) -> int:
     from memento_train.launch.slurm import SlurmOptions, render_sbatch_script, submit
 
@@ -160,6 +192,7 @@ def _run_slurm(args: argparse.Namespace, driver: list[str], argv: list[str]) -> 
     check_secrets_not_inline(driver, opts.env)
     workers = args.nodes * args.gpus_per_node if args.gpus_per_node else None
     driver, notes = prepare_driver_command(driver, num_workers=workers)
+    check_driver_options(driver)
     if args.requeue and driver_override(driver, "resume") == "never":
         notes.append("--requeue with resume=never: a requeued job starts from scratch; use resume=auto")
     if driver_override(driver, "output_dir") is None and not args.shared_dir:
@@ -212,6 +245,7 @@ def _run_ray(args: argparse.Namespace, driver: list[str]) -> int:
     # On a Ray cluster the job's cwd is a temporary copy of the working dir: leave output_dir alone
     # (making it absolute here would name a path on this machine) and warn instead.
     driver, notes = prepare_driver_command(driver, absolute_output_dir=False)
+    check_driver_options(driver)
     warning = output_dir_warning(driver)
     if warning and driver and os.path.basename(driver[0]) in MEMENTO_DRIVERS:
         notes.append(warning)
@@ -243,8 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             return _run_slurm(args, driver, argv)
         return _run_ray(args, driver)
     except ConfigError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+        return report_config_error(PROG, exc)
     except RuntimeError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1

@@ -67,7 +67,7 @@ def _plan_sft(recipe: str | None, opts: dict[str, Any], gpu: str, capacity: floa
         cfg = build_sft_config(deep_merge(stage_tree, {"model": {"require_stage1_init": False}}))
         shape = _shape(cfg.model)
         work = Workload(tokens=cfg.train.micro_batch_tokens, doc_tokens=cfg.data.max_seq_len,
-                        keep_last_n_blocks=cfg.data.mask.keep_last_n_blocks,
+                        keep_last_n_blocks=cfg.data.block_masking.keep_last_n_blocks,
                         checkpointing=cfg.model.gradient_checkpointing, backend=_gpu_backend(cfg.model.attn_backend))
         par = _parallel(cfg.engine, cfg.optim, cfg.cluster.num_workers)
         note = "; ".join(x for x in (note, _refusal_note(cfg.engine)) if x)
@@ -98,7 +98,7 @@ def _plan_rl(recipe: str | None, opts: dict[str, Any], gpu: str, capacity: float
     algorithm = cfg.algorithm
     reference = bool(getattr(algorithm, "uses_reference", getattr(algorithm, "kl_coef", 0) > 0))
     work = Workload(tokens=train.micro_batch_tokens, doc_tokens=prompts.max_prompt_len + rollout.max_new_tokens,
-                    keep_last_n_blocks=rollout.mask.keep_last_n_blocks, checkpointing=cfg.model.gradient_checkpointing,
+                    keep_last_n_blocks=rollout.block_masking.keep_last_n_blocks, checkpointing=cfg.model.gradient_checkpointing,
                     backend=_gpu_backend(cfg.model.attn_backend), with_entropy=True, reference_model=reference)
     par = _parallel(cfg.engine, cfg.optim, cfg.cluster.num_workers)
     note = "; ".join(x for x in (note, _refusal_note(cfg.engine)) if x)
@@ -140,15 +140,19 @@ def _with_base_model(tree: dict[str, Any], recipe: str | None, default: str | No
 
 
 def _with_previous_stage(tree: dict[str, Any], init_from: str) -> dict[str, Any]:
-    """``tree`` with the model and the unset ``rollout.mask`` options of SFT recipe ``init_from``."""
+    """``tree`` with the model and the unset ``rollout.block_masking`` options of SFT recipe ``init_from``."""
+    from memento_train.rl.rl_config import RLConfig
+    from memento_train.sft.config import SFTConfig
     from memento_train.sft.config import config_tree as sft_tree
+    from memento_train.structured_config import canonical_tree
 
-    stage = sft_tree(init_from, {})
-    rule = {k: v for k, v in ((stage.get("data") or {}).get("mask") or {}).items()
+    stage = canonical_tree(SFTConfig, sft_tree(init_from, {}))
+    tree = canonical_tree(RLConfig, tree)
+    rule = {k: v for k, v in ((stage.get("data") or {}).get("block_masking") or {}).items()
             if k in ("keep_last_n_blocks", "mask_delimiters")}
-    mask = {**rule, **((tree.get("rollout") or {}).get("mask") or {})}
+    mask = {**rule, **((tree.get("rollout") or {}).get("block_masking") or {})}
     return deep_merge(tree, {"model": {"path": _base_model_path(init_from) or DEFAULT_RL_MODEL},
-                             "rollout": {"mask": mask}})
+                             "rollout": {"block_masking": mask}})
 
 
 def _shape(mcfg: Any) -> ModelShape:

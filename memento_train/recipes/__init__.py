@@ -5,6 +5,11 @@ stage-2 recipe only states what differs from stage 1. ``recipe=NAME`` finds ``NA
 ``recipe=path/to/file.yaml`` reads any file (its ``defaults`` may name shipped recipes or files next
 to it). A recipe with ``stages: [a, b]`` is a pipeline: each stage runs in turn, the next one
 initialised from the previous one's export (see :mod:`memento_train.sft.pipeline`).
+
+Given the config class a recipe is for (``schema``), each file's deprecated option names are
+replaced by the current ones *before* it is merged with its bases, so a renamed option given under
+its old name still overrides the base recipe's value (see
+:func:`memento_train.structured_config.canonical_tree`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any
 import yaml
 
 from memento_train.config_errors import ConfigError
-from memento_train.structured_config import deep_merge
+from memento_train.structured_config import canonical_tree, deep_merge
 
 RECIPE_DIR = Path(__file__).resolve().parent
 
@@ -44,8 +49,10 @@ def recipe_path(name: str, relative_to: Path | None = None) -> Path:
                       "(or pass a path to a .yaml file)")
 
 
-def load_recipe(name: str, *, relative_to: Path | None = None, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The merged tree of recipe ``name`` (its ``defaults`` resolved; the key itself removed)."""
+def load_recipe(name: str, *, schema: type | None = None, relative_to: Path | None = None,
+                _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The merged tree of recipe ``name`` (its ``defaults`` resolved; the key itself removed), each
+    file's deprecated option names replaced when the config class ``schema`` is given."""
     path = recipe_path(name, relative_to)
     key = str(path.resolve())
     if key in _seen:
@@ -61,9 +68,10 @@ def load_recipe(name: str, *, relative_to: Path | None = None, _seen: tuple[str,
         bases = [bases]
     merged: dict[str, Any] = {}
     for base in bases:
-        merged = deep_merge(merged, load_recipe(str(base), relative_to=path.parent, _seen=_seen + (key,)))
+        merged = deep_merge(merged, load_recipe(str(base), schema=schema, relative_to=path.parent,
+                                                _seen=_seen + (key,)))
     merged.pop("stages", None)  # a pipeline's stage list is not inherited by recipes built on it
-    return deep_merge(merged, tree)
+    return deep_merge(merged, tree if schema is None else canonical_tree(schema, tree))
 
 
 def split_recipe_arg(args: list[str]) -> tuple[str | None, list[str]]:

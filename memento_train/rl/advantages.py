@@ -16,9 +16,13 @@ have different sizes (e.g. after filtering failed rollouts).
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 
-ADV_MODES = ("group", "drgrpo", "batch")
+from memento_train.rl.config import AdvNorm
+
+ADV_MODES = get_args(AdvNorm)  # the algorithm.adv_norm choices
 
 
 def group_ids_for(num_groups: int, group_size: int) -> torch.Tensor:

@@ -10,26 +10,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from memento_train.config_errors import ConfigError
+from memento_train.evaluation.scoring import TruncatedPolicy
+from memento_train.structured_config import check_types
 
-LOSSES = ("cispo", "grpo")
-KL_ESTIMATORS = ("k1", "k2", "k3", "k3+")
-ADV_NORMS = ("group", "drgrpo", "batch")
-LOSS_AGGS = ("token_mean", "seq_total", "seq_mean", "group_total")
-OLD_LOGPROBS_SOURCES = ("trainer", "rollout")
-TIS_MODES = ("truncate", "mask")
+AdvNorm = Literal["group", "drgrpo", "batch"]
+LossAgg = Literal["token_mean", "seq_total", "seq_mean", "group_total"]
+ADV_NORMS = get_args(AdvNorm)
+LOSS_AGGS = get_args(LossAgg)
 
 DEFAULT_REWARD_FN = "memento_train.rl.rewards:math_reward"
 
 
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _check_choice(prefix: str, name: str, value, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{prefix}.{name} must be one of {choices}, got {value!r}")
 
 
 @dataclass
@@ -79,31 +75,26 @@ class AlgorithmConfig:
             memory to ``chunk * vocab * 4`` bytes).
     """
 
-    loss: str = "cispo"
+    loss: Literal["cispo", "grpo"] = "cispo"
     eps_low: float = 0.2
     eps_high: float = 0.2
     kl_coef: float = 0.001
-    kl_estimator: str = "k3"
+    kl_estimator: Literal["k1", "k2", "k3", "k3+"] = "k3"
     entropy_coef: float = 0.0
-    adv_norm: str = "batch"
+    adv_norm: AdvNorm = "batch"
     adv_eps: float = 1e-6
-    loss_agg: str = "group_total"
+    loss_agg: LossAgg = "group_total"
     mask_truncated: bool = False
     drop_zero_adv_groups: bool = False
     train_forced_tokens: bool = False
-    old_logprobs_source: str = "trainer"
+    old_logprobs_source: Literal["trainer", "rollout"] = "trainer"
     tis_cap: float = 0.0
-    tis_mode: str = "truncate"
+    tis_mode: Literal["truncate", "mask"] = "truncate"
     logprob_chunk_size: int = 512
 
     def validate(self, prefix: str = "algorithm") -> AlgorithmConfig:
         """Raise :class:`ConfigError` naming the first bad option; returns self."""
-        _check_choice(prefix, "loss", self.loss, LOSSES)
-        _check_choice(prefix, "kl_estimator", self.kl_estimator, KL_ESTIMATORS)
-        _check_choice(prefix, "adv_norm", self.adv_norm, ADV_NORMS)
-        _check_choice(prefix, "loss_agg", self.loss_agg, LOSS_AGGS)
-        _check_choice(prefix, "old_logprobs_source", self.old_logprobs_source, OLD_LOGPROBS_SOURCES)
-        _check_choice(prefix, "tis_mode", self.tis_mode, TIS_MODES)
+        check_types(self, prefix)
         if not (_finite(self.eps_low) and 0.0 <= self.eps_low <= 1.0):
             raise ConfigError(f"{prefix}.eps_low must be in [0, 1] (the ratio's lower clip is 1 - eps_low), "
                               f"got {self.eps_low!r}")
@@ -155,10 +146,11 @@ class RewardConfig:
     timeout_s: float = 10.0
     num_workers: int = 2
     require_think_end: bool = True
-    truncated: str = "zero"
+    truncated: TruncatedPolicy = "zero"
 
     def validate(self, prefix: str = "reward") -> RewardConfig:
         """Raise :class:`ConfigError` naming the first bad option (``fn`` must import); returns self."""
+        check_types(self, prefix)
         from memento_train.rl.rewards import load_reward_fn  # lazy: rewards imports this module
 
         load_reward_fn(self.fn, option=f"{prefix}.fn")
@@ -167,9 +159,6 @@ class RewardConfig:
         n = self.num_workers
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ConfigError(f"{prefix}.num_workers must be an int >= 0 (0 scores in-process), got {n!r}")
-        from memento_train.evaluation.scoring import TRUNCATED_POLICIES  # lazy: see grading_rule
-
-        _check_choice(prefix, "truncated", self.truncated, TRUNCATED_POLICIES)
         return self
 
     @property

@@ -187,8 +187,8 @@ def warmup_stage_tree(cfg: RLConfig, out: Path, data: Path) -> dict[str, Any]:
         "model": {"path": None, "require_stage1_init": False, "tiny": to_dict(cfg.model.tiny),
                   "attn_backend": cfg.model.attn_backend},
         "data": {"path": str(data), "max_seq_len": cfg.prompts.max_prompt_len + cfg.rollout.max_new_tokens,
-                 "mask": {"keep_last_n_blocks": cfg.rollout.mask.keep_last_n_blocks,
-                          "mask_delimiters": cfg.rollout.mask.mask_delimiters}},
+                 "block_masking": {"keep_last_n_blocks": cfg.rollout.block_masking.keep_last_n_blocks,
+                          "mask_delimiters": cfg.rollout.block_masking.mask_delimiters}},
         "optim": {"lr": w.lr, "warmup_ratio": 0.05, "min_lr_ratio": 0.1},
         "train": {"epochs": w.steps * w.global_batch_size / w.num_records, "max_steps": w.steps,
                   "global_batch_size": w.global_batch_size, "micro_batch_tokens": 1024, "seed": cfg.seed},
@@ -223,7 +223,7 @@ class _Run:
         tok = load_tokenizer(cfg.model)
         self.tokenizer = tok
         self.special = SpecialTokens.from_mapping(special_token_ids(tok))
-        self.mask = cfg.rollout.mask.mask_config()
+        self.mask = cfg.rollout.block_masking.rule()
         p = cfg.prompts
         self.records, self.prompts = encode_prompts(
             load_problems(p, synthetic_task=p.synthetic, num=p.num_records), tok, p.max_prompt_len, p.system_prompt)
@@ -337,7 +337,7 @@ def run_rl(cfg: RLConfig, tree: dict[str, Any] | None = None, *, progress: bool 
             _save(trainer, ckpts, end)
         if cfg.checkpoint.export_hf and end == total:
             hf_dir = str(out / "hf")
-            trainer.run("export_hf", hf_dir, {"stage": "rl", "step": end, "mask": to_dict(run.mask),
+            trainer.run("export_hf", hf_dir, {"stage": "rl", "step": end, "block_masking": to_dict(run.mask),
                                               "base_model": cfg.model.path})
             logger.write(f"[memento-rl] exported Hugging Face model to {hf_dir}")
     finally:

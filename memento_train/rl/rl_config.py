@@ -3,7 +3,7 @@ overrides, validated before any worker starts.
 
 Sections: ``model`` (the policy; ``model.path`` null + ``warmup.enabled`` = a tiny model SFT-warmed on
 the synthetic task first), ``prompts`` (where problems come from), ``rollout`` (group size, prompts
-per step, sampling, eviction and its block cap), ``algorithm`` / ``reward`` (:mod:`.config`), ``optim``,
+per step, sampling, ``block_masking`` and its block cap), ``algorithm`` / ``reward`` (:mod:`.config`), ``optim``,
 ``engine``, ``cluster`` (trainer workers), ``rollout_cluster`` (rollout workers), ``placement``,
 ``weight_sync``, ``train`` (steps, micro-batches), ``eval``, ``checkpoint``, ``faults``, logging.
 """
@@ -11,29 +11,28 @@ per step, sampling, eviction and its block cap), ``algorithm`` / ``reward`` (:mo
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from memento_train.cluster.config import ClusterConfig
 from memento_train.config_errors import ConfigError
 from memento_train.data.problems import ProblemSource, check_source
 from memento_train.data.synthetic import SyntheticTaskConfig
 from memento_train.engines.config import EngineConfig
-from memento_train.generation.engine import BlockMaskingConfig
 from memento_train.generation.vllm_engine import VLLMOptions
 from memento_train.optim import OptimConfig
 from memento_train.recipes import load_recipe
 from memento_train.rl.config import AlgorithmConfig, RewardConfig
 from memento_train.export import MASK_RULE_FIELDS, apply_exported_mask, exported_mask
-from memento_train.sft.config import LOGGERS, RESUME_MODES, ModelConfig, WandbConfig, resolve_init_from
-from memento_train.structured_config import build, deep_merge, has_key, parse_overrides
+from memento_train.masking import BlockMaskingConfig
+from memento_train.sft.config import RESUME_MODES, ModelConfig, WandbConfig, resolve_init_from
+from memento_train.structured_config import (
+    build, canonical_tree, check_types, deep_merge, has_key, parse_overrides, renamed_from,
+)
+from memento_train.tracking import Logger
 
 DEFAULT_RECIPE = "tiny_rl"
-PLACEMENTS = ("disaggregated", "colocated")
-SYNC_METHODS = ("auto", "object_store", "collective", "nccl", "inplace")
-ROLLOUT_GENERATORS = ("auto", "reference", "vllm")
 
 
 @dataclass
@@ -67,13 +66,13 @@ class RolloutConfig:
         prompts_per_step: prompts per optimizer step (batch = ``prompts_per_step * group_size``).
         temperature, top_p: sampling (the loss and log-probs use the same temperature).
         max_new_tokens: response budget in tokens.
-        mask: eviction during generation (``keep_last_n_blocks=0`` evicts a block at its summary's end;
+        block_masking: eviction during generation (``keep_last_n_blocks=0`` evicts a block at its summary's end;
             ``max_block_tokens`` forces ``<|block_end|>`` after that many block tokens, the paper's
             7K cap). The trainer applies the same rule as its attention mask. Options of the rule
             itself (``keep_last_n_blocks``, ``mask_delimiters``, ``keep_last_block_for_answer``) that
             are not set default to the ones ``model.path`` was trained with (its ``memento_train.json``);
-            set ones must agree with them.
-        allow_mask_mismatch: accept ``rollout.mask`` options that differ from the model's training
+            set ones must agree with them. ``mask`` is its deprecated old name.
+        allow_mask_mismatch: accept ``rollout.block_masking`` options that differ from the model's training
             rule (an experiment on purpose; the policy then learns under another eviction rule).
         generator: ``reference`` (HF model + physical KV eviction, CPU/GPU), ``vllm`` (vLLM 0.32 with
             the Memento plugin, CPU or GPU; or vLLM 0.13 with the overlay), ``auto`` = vllm when
@@ -89,11 +88,11 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 31744
-    mask: BlockMaskingConfig = field(default_factory=lambda: BlockMaskingConfig(keep_last_n_blocks=0,
-                                                                                max_block_tokens=7168))
+    block_masking: BlockMaskingConfig = field(
+        default_factory=lambda: BlockMaskingConfig(keep_last_n_blocks=0, max_block_tokens=7168),
+        metadata=renamed_from("mask"))
     allow_mask_mismatch: bool = False
-    generator: str = "auto"
-    engine: str | None = None  # deprecated alias of generator
+    generator: Literal["auto", "reference", "vllm"] = field(default="auto", metadata=renamed_from("engine"))
     max_batch_size: int = 256
     gpu_memory_utilization: float = 0.5
     vllm: VLLMOptions = field(default_factory=VLLMOptions)
@@ -214,7 +213,7 @@ class RLConfig:
     output_dir: str = "runs/memento-rl"
     resume: str = "auto"
     seed: int = 0
-    logger: str = "wandb"
+    logger: Logger = "wandb"
     model: ModelConfig = field(default_factory=ModelConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -224,8 +223,8 @@ class RLConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     rollout_cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    placement: str = "disaggregated"
-    weight_sync: str = "auto"
+    placement: Literal["disaggregated", "colocated"] = "disaggregated"
+    weight_sync: Literal["auto", "object_store", "collective", "nccl", "inplace"] = "auto"
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     warmup: WarmupSection = field(default_factory=WarmupSection)
@@ -235,16 +234,14 @@ class RLConfig:
 
     def validate(self) -> RLConfig:
         """Static checks; raise :class:`ConfigError` naming the option to change. Returns self."""
+        check_types(self)
         self.algorithm.validate("algorithm")
         self.reward.validate("reward")
         self.optim.validate("optim")
         self.engine.validate("engine")
         self.cluster.validate("cluster")
         self.rollout_cluster.validate("rollout_cluster")
-        _choice("placement", self.placement, PLACEMENTS)
-        _choice("weight_sync", self.weight_sync, SYNC_METHODS)
         self._check_generator()
-        _choice("logger", self.logger, LOGGERS)
         if self.resume not in RESUME_MODES and not os.path.isdir(self.resume):
             raise ConfigError(f"resume must be 'auto', 'never' or an existing checkpoint directory, got {self.resume!r}")
         r = self.rollout
@@ -257,9 +254,9 @@ class RLConfig:
         if r.top_p < 1 and self.algorithm.old_logprobs_source == "rollout":
             raise ConfigError("rollout.top_p < 1 with algorithm.old_logprobs_source=rollout: the rollout log-probs "
                               "are of the untruncated policy, set rollout.top_p=1")
-        if not r.mask.enable or r.mask.keep_last_n_blocks < 0:
-            raise ConfigError("rollout.mask must evict (enable=true, keep_last_n_blocks>=0): Memento RL trains "
-                              "on block-evicting rollouts")
+        if not r.block_masking.evicts:
+            raise ConfigError("rollout.block_masking must evict (enable=true, keep_last_n_blocks>=0): Memento RL "
+                              "trains on block-evicting rollouts")
         if r.group_size < 2 and self.algorithm.adv_norm in ("group", "drgrpo"):
             raise ConfigError(f"rollout.group_size={r.group_size} gives every group advantage 0 with "
                               f"algorithm.adv_norm={self.algorithm.adv_norm}; use group_size >= 2")
@@ -317,14 +314,6 @@ class RLConfig:
 
     def _check_generator(self) -> None:
         r = self.rollout
-        if r.engine is not None:  # the old name of the key
-            _choice("rollout.engine", r.engine, ROLLOUT_GENERATORS)
-            if r.generator not in ("auto", r.engine):
-                raise ConfigError(f"rollout.engine={r.engine} (deprecated) contradicts rollout.generator={r.generator}; "
-                                  "set rollout.generator only")
-            warnings.warn("rollout.engine is deprecated; use rollout.generator", DeprecationWarning, stacklevel=3)
-            r.generator, r.engine = r.engine, None
-        _choice("rollout.generator", r.generator, ROLLOUT_GENERATORS)
         try:
             r.vllm.validate("rollout.vllm")
         except ValueError as exc:
@@ -372,11 +361,6 @@ class RLConfig:
         return self.rollout.prompts_per_step * self.rollout.group_size
 
 
-def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
-
-
 def _check_model(cfg: RLConfig) -> None:
     """What can be known about ``model.path`` before loading it: a local directory exists, its
     positions hold the longest sequence."""
@@ -397,20 +381,20 @@ def _check_model(cfg: RLConfig) -> None:
 
 
 def _apply_trained_mask(cfg: RLConfig, tree: dict[str, Any]) -> None:
-    """``rollout.mask`` defaults to the rule ``model.path`` was trained with; contradicting it is an
+    """``rollout.block_masking`` defaults to the rule ``model.path`` was trained with; contradicting it is an
     error unless ``rollout.allow_mask_mismatch`` (see :func:`memento_train.export.apply_exported_mask`)."""
     path = cfg.model.path
     trained = exported_mask(path)
-    given = {k for k in (*MASK_RULE_FIELDS, "enable") if has_key(tree, f"rollout.mask.{k}")}
+    given = {k for k in (*MASK_RULE_FIELDS, "enable") if has_key(tree, f"rollout.block_masking.{k}")}
     if trained is None:
         if path is not None and "mask_delimiters" not in given:
             raise ConfigError(f"model.path={path!r} is not a memento-train export (no memento_train.json), so the "
-                              f"eviction rule it was trained with is unknown: set rollout.mask.mask_delimiters=true|"
-                              f"false (and keep_last_n_blocks) to match it")
+                              f"eviction rule it was trained with is unknown: set rollout.block_masking."
+                              f"mask_delimiters=true|false (and keep_last_n_blocks) to match it")
         return
-    cfg.rollout.mask, mismatches = apply_exported_mask(cfg.rollout.mask, trained, given)
+    cfg.rollout.block_masking, mismatches = apply_exported_mask(cfg.rollout.block_masking, trained, given)
     if mismatches and not cfg.rollout.allow_mask_mismatch:
-        raise ConfigError(f"rollout.mask sets {', '.join(mismatches)}: model.path={path!r} was trained with another "
+        raise ConfigError(f"rollout.block_masking sets {', '.join(mismatches)}: model.path={path!r} was trained with another "
                           f"eviction rule (its memento_train.json), so rollouts and the trainer's mask would not be "
                           f"how the model attends; drop the option to use the model's, or set "
                           f"rollout.allow_mask_mismatch=true")
@@ -431,13 +415,14 @@ def _positive(name: str, value: Any) -> None:
 
 def config_tree(recipe: str | None, overrides: Sequence[str] | dict[str, Any] = ()) -> dict[str, Any]:
     """The merged plain tree of ``recipe`` (``None`` = the embedded tiny CPU default) and overrides."""
-    base = load_recipe(recipe or DEFAULT_RECIPE)
+    base = load_recipe(recipe or DEFAULT_RECIPE, schema=RLConfig)
     top = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
-    return deep_merge(base, top)
+    return deep_merge(base, canonical_tree(RLConfig, top))
 
 
 def build_rl_config(tree: dict[str, Any]) -> RLConfig:
     """Build and validate an :class:`RLConfig` from a merged tree (paths made absolute)."""
+    tree = canonical_tree(RLConfig, tree)  # deprecated names (rollout.block_masking, rollout.engine) -> current ones
     ev = tree.get("eval")
     if isinstance(ev, dict) and isinstance(ev.get("sets"), dict):  # eval.sets.NAME=null drops a set
         tree = {**tree, "eval": {**ev, "sets": {k: v for k, v in ev["sets"].items() if v is not None}}}

@@ -72,7 +72,7 @@ class RolloutWorker:
             self.model.requires_grad_(False)
             if torch.cuda.is_available():  # a GPU rollout worker (Ray gave it one; CPU ones see none): bf16
                 self.model.to("cuda", torch.bfloat16)
-            self.engine = ReferenceGenerator(self.model, self.tokenizer, self.cfg.rollout.mask,
+            self.engine = ReferenceGenerator(self.model, self.tokenizer, self.cfg.rollout.block_masking,
                                              max_batch_size=self.cfg.rollout.max_batch_size)
         self._weight_buffers: dict[str, torch.Tensor] | None = None
         self.version = -1  # the weight version loaded (-1: the initial weights from model.path)
@@ -84,7 +84,7 @@ class RolloutWorker:
         options = {"gpu_memory_utilization": r.gpu_memory_utilization, **r.vllm.engine_kwargs()}
         # The multiprocess engine core: its own process, so vLLM's torch.distributed state never meets an
         # inline trainer's; weight updates cross to it pickled (enable_weight_sync).
-        return VLLMEngine(self.cfg.model.path, r.mask, tokenizer=self.tokenizer, seed=self.cfg.seed,
+        return VLLMEngine(self.cfg.model.path, r.block_masking, tokenizer=self.tokenizer, seed=self.cfg.seed,
                           enable_weight_sync=True, **options)
 
     def close(self) -> None:

@@ -32,7 +32,7 @@ from memento_train.attention import MementoAttentionMeta
 from memento_train.data.pack import IGNORE_INDEX, collate
 from memento_train.engine_worker import EngineWorker
 from memento_train.engines import MicroBatch, build_engine
-from memento_train.masking import MaskConfig, SpecialTokens, parse
+from memento_train.masking import BlockMaskingConfig, SpecialTokens, parse
 from memento_train.rank_state import seed_everything
 from memento_train.rl.collective_sync import Rendezvous, WeightSyncGroup, open_store
 from memento_train.rl.logprobs import make_logprob_fn
@@ -46,7 +46,7 @@ TOKEN_EXTRAS = ("advantages", "rollout_logprobs", "loss_mask", "loss_weights")
 
 
 def rollout_document(prompt_ids: Sequence[int], response_ids: Sequence[int], rollout_logprobs: Sequence[float],
-                     advantage: float, special: SpecialTokens, mask: MaskConfig, *,
+                     advantage: float, special: SpecialTokens, mask: BlockMaskingConfig, *,
                      trained: Sequence[bool] | None = None, weight: float = 1.0) -> dict[str, np.ndarray]:
     """One training document from one rollout.
 

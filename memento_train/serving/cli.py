@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 
-from ..export import MARKER_FILE
-from ..generation.engine import BlockMaskingConfig
+from ..export import MASK_RULE_FIELDS, exported_mask
+from ..masking import BlockMaskingConfig
 from .config import ServingConfig
 
 
@@ -54,12 +53,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def checkpoint_mask(model: str) -> dict:
     """The eviction options a memento-train export recorded (``memento_train.json``), else {}."""
-    path = os.path.join(os.path.expanduser(model), MARKER_FILE)
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        mask = json.load(f).get("mask") or {}
-    return {k: mask[k] for k in ("keep_last_n_blocks", "mask_delimiters", "keep_last_block_for_answer") if k in mask}
+    trained = exported_mask(model)
+    return {} if trained is None else {k: getattr(trained, k) for k in MASK_RULE_FIELDS}
 
 
 def serving_config(args: argparse.Namespace, tokenizer_path: str) -> ServingConfig:

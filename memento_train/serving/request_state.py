@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..masking import BlockTracker, Eviction, MaskConfig, SpecialTokens
+from ..masking import BlockTracker, Eviction, BlockMaskingConfig, SpecialTokens
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class Compaction:
 class RequestEvictions:
     """The eviction bookkeeping of one request (module docstring)."""
 
-    def __init__(self, prompt_ids: Sequence[int], special: SpecialTokens, config: MaskConfig, *,
+    def __init__(self, prompt_ids: Sequence[int], special: SpecialTokens, config: BlockMaskingConfig, *,
                  physical: bool = True) -> None:
         self.prompt_len = len(prompt_ids)
         self.compacts = physical  # False: events are recorded, the cache keeps everything (diagnostic)

@@ -109,7 +109,7 @@ class MementoScheduler(Scheduler):
             extra = request.sampling_params.extra_args
             masking = self.memento.request_masking(extra)
             self._tracked[request.request_id] = _Tracked(masking, RequestEvictions(
-                request.prompt_token_ids or [], self.memento.special, masking.mask_config(),
+                request.prompt_token_ids or [], self.memento.special, masking.rule(),
                 physical=not request_keeps_kv(extra)))
         super().add_request(request)
 

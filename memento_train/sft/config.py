@@ -1,7 +1,7 @@
 """The SFT run's configuration: one typed tree, built from a recipe plus ``key=value`` overrides and
 validated before any worker starts.
 
-Stage 1 and stage 2 differ only in ``data.mask.keep_last_n_blocks`` (-1: full causal attention;
+Stage 1 and stage 2 differ only in ``data.block_masking.keep_last_n_blocks`` (-1: full causal attention;
 >= 0: memento attention) and in where the weights come from (stage 2 starts from stage 1's export).
 """
 
@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from memento_train.cluster.config import ClusterConfig
 from memento_train.config_errors import ConfigError
@@ -22,13 +22,13 @@ from memento_train.engines.config import EngineConfig
 from memento_train.faults.config import FaultsConfig
 from memento_train.optim import OptimConfig
 from memento_train.recipes import load_recipe
-from memento_train.structured_config import build, deep_merge, has_key, parse_overrides
+from memento_train.tracking import Logger
+from memento_train.structured_config import build, canonical_tree, check_types, deep_merge, has_key, parse_overrides
 
 # Written next to every HF export; stage 2 reads it to check that it starts from a stage-1 model.
 EXPORT_MARKER = "memento_train.json"
-LOGGERS = ("wandb", "none")
+# resume: one of these, or a checkpoint directory (so the option is a str checked in validate()).
 RESUME_MODES = ("auto", "never")
-SAVE_ERROR_ACTIONS = ("fail", "retry")
 
 
 @dataclass
@@ -119,7 +119,7 @@ class CheckpointConfig:
     every: int = 50
     keep_last: int = 3
     export_hf: bool = True
-    on_save_error: str = "fail"
+    on_save_error: Literal["fail", "retry"] = "fail"
 
 
 @dataclass
@@ -129,7 +129,7 @@ class WandbConfig:
     project: str = "memento-train"
     entity: str | None = None
     name: str | None = None
-    mode: str = "auto"
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     tags: list[str] = field(default_factory=list)
 
 
@@ -140,7 +140,7 @@ class SFTConfig:
     output_dir: str = "runs/memento-sft"
     stage: int = 1
     resume: str = "auto"
-    logger: str = "wandb"
+    logger: Logger = "wandb"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -158,27 +158,24 @@ class SFTConfig:
 
     def validate(self) -> SFTConfig:
         """Static checks (no model download); raise :class:`ConfigError` naming what to change."""
+        check_types(self)
         self.data.validate()
         self.optim.validate("optim")
         self.engine.validate("engine")
         self.cluster.validate("cluster")
         if self.stage not in (1, 2):
             raise ConfigError(f"stage must be 1 (full attention) or 2 (memento attention), got {self.stage!r}")
-        keep = self.data.mask.keep_last_n_blocks
+        keep = self.data.block_masking.rule().keep_last_n_blocks
         if self.stage == 1 and keep != -1:
-            raise ConfigError(f"stage 1 trains with full causal attention: set data.mask.keep_last_n_blocks=-1 "
+            raise ConfigError(f"stage 1 trains with full causal attention: set data.block_masking.keep_last_n_blocks=-1 "
                               f"(got {keep}), or stage=2 for memento attention")
         if self.stage == 2 and keep < 0:
-            raise ConfigError("stage 2 trains with memento attention: set data.mask.keep_last_n_blocks>=0 "
-                              "(0 = evict each block at its summary's end)")
+            raise ConfigError("stage 2 trains with memento attention: set data.block_masking.keep_last_n_blocks>=0 "
+                              "and data.block_masking.enable=true (0 = evict each block at its summary's end)")
         if self.stage == 2 and self.model.require_stage1_init:
             _check_stage1_init(self.model.path)
         if self.resume not in RESUME_MODES and not os.path.isdir(self.resume):
             raise ConfigError(f"resume must be 'auto', 'never' or an existing checkpoint directory, got {self.resume!r}")
-        if self.logger not in LOGGERS:
-            raise ConfigError(f"logger must be one of {LOGGERS}, got {self.logger!r}")
-        if self.wandb.mode not in ("auto", "online", "offline", "disabled"):
-            raise ConfigError(f"wandb.mode must be auto, online, offline or disabled, got {self.wandb.mode!r}")
         mp = self.engine.tensor_parallel * self.engine.pipeline_parallel
         if self.cluster.num_workers % mp:
             raise ConfigError(f"cluster.num_workers ({self.cluster.num_workers}) must be a multiple of "
@@ -201,8 +198,6 @@ class SFTConfig:
         c = self.checkpoint
         if c.every < 0 or c.keep_last < 1:
             raise ConfigError(f"checkpoint.every must be >= 0 and checkpoint.keep_last >= 1, got {c.every}, {c.keep_last}")
-        if c.on_save_error not in SAVE_ERROR_ACTIONS:
-            raise ConfigError(f"checkpoint.on_save_error must be one of {SAVE_ERROR_ACTIONS}, got {c.on_save_error!r}")
         self.faults.validate("faults")
         if self.model.path is None and self.data.max_seq_len > self.model.tiny.max_position_embeddings:
             raise ConfigError(f"data.max_seq_len ({self.data.max_seq_len}) exceeds the tiny model's "
@@ -244,7 +239,7 @@ def _check_stage1_init(path: str | None) -> None:
 
 # Keys every recipe must set explicitly because the right value depends on the model family.
 REQUIRED_EXPLICIT = {
-    "data.mask.mask_delimiters": "whether <|block_start|>/<|block_end|> are evicted with their block must match "
+    "data.block_masking.mask_delimiters": "whether <|block_start|>/<|block_end|> are evicted with their block must match "
     "how the model is served (Memento's Qwen3/Olmo recipes use false, Phi-4-reasoning true)",
 }
 
@@ -257,13 +252,14 @@ def config_tree(recipe: str | None, overrides: Sequence[str] | dict[str, Any] = 
 
     A pipeline recipe keeps its ``stages`` list in the tree (see :mod:`memento_train.sft.pipeline`).
     """
-    base = load_recipe(recipe or DEFAULT_RECIPE)
+    base = load_recipe(recipe or DEFAULT_RECIPE, schema=SFTConfig)
     top = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
-    return deep_merge(base, top)
+    return deep_merge(base, canonical_tree(SFTConfig, top))
 
 
 def build_sft_config(tree: dict[str, Any]) -> SFTConfig:
     """Build and validate an :class:`SFTConfig` from a merged tree."""
+    tree = canonical_tree(SFTConfig, tree)  # deprecated names (data.block_masking) -> current ones
     for key, why in REQUIRED_EXPLICIT.items():
         if not has_key(tree, key):
             raise ConfigError(f"{key} is not set: {why}. Add {key}=true|false to the recipe or command line")

@@ -58,7 +58,7 @@ def check_against_model(cfg: SFTConfig, tokenizer: Any = None) -> None:
     ``data.prepared`` directory vs the model's tokenizer (``tokenizer``, loaded when not given)."""
     from memento_train.models.preflight import check_model
 
-    check_model(cfg.model, evicts=cfg.data.mask.keep_last_n_blocks >= 0, engine_kind=cfg.engine.kind)
+    check_model(cfg.model, evicts=cfg.data.block_masking.keep_last_n_blocks >= 0, engine_kind=cfg.engine.kind)
     limit = model_max_length(cfg.model)
     if limit is not None and cfg.data.max_seq_len > limit:
         raise ConfigError(f"data.max_seq_len ({cfg.data.max_seq_len}) exceeds the model's maximum of {limit} "
@@ -244,7 +244,7 @@ class _Stage:
             self._save(planner.total_steps, planner.total_steps // planner.steps_per_epoch, final=True)
         if cfg.checkpoint.export_hf:
             self.hf_dir = str(self.out / "hf")
-            info = {"stage": cfg.stage, "step": planner.total_steps, "mask": to_dict(cfg.data.mask),
+            info = {"stage": cfg.stage, "step": planner.total_steps, "block_masking": to_dict(cfg.data.block_masking),
                     "base_model": cfg.model.path, "final_loss": self.last_loss}
             self.group.run("export_hf", self.hf_dir, info)
             self.logger.write(f"[memento-train] exported Hugging Face model to {self.hf_dir}")
@@ -319,7 +319,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, overrides: dict[str, Any] |
     try:
         group.run("setup")
         group.run("load", str(CheckpointManager(ckpt.parent).resolve(str(ckpt))))
-        info = {"stage": cfg.stage, "step": state["step"], "mask": to_dict(cfg.data.mask), "base_model": cfg.model.path}
+        info = {"stage": cfg.stage, "step": state["step"], "block_masking": to_dict(cfg.data.block_masking), "base_model": cfg.model.path}
         group.run("export_hf", out_dir, info)
     finally:
         group.shutdown()
