@@ -84,7 +84,7 @@ def test_training_from_a_prepared_directory_logs_the_losses_of_training_from_raw
 
 
 @pytest.mark.parametrize("extra, needles", [
-    (["--keep-last-n-blocks", "-1"], ["data.mask.keep_last_n_blocks: prepared with -1, this run has 0",
+    (["--keep-last-n-blocks", "-1"], ["data.block_masking.keep_last_n_blocks: prepared with -1, this run has 0",
                                       "--keep-last-n-blocks 0"]),
     (["--max-seq-len", "2048"], ["data.max_seq_len: prepared with 2048, this run has 1024", "--max-seq-len 1024"]),
     (["--system-prompt", "Be brief."], ["data.system_prompt: prepared with 'Be brief.', this run has None"]),

@@ -23,7 +23,7 @@ from memento_train.hf_compat import (
     rope_theta_of,
 )
 from memento_train.tokenizer_assets import shipped_tokenizer_path
-from memento_train.masking import MaskConfig
+from memento_train.masking import BlockMaskingConfig
 
 IS_V4 = int(transformers.__version__.split(".")[0]) < 5
 ASSET = Path(__file__).resolve().parent / "assets" / "tiny_rl_warmed"
@@ -117,7 +117,7 @@ def test_export_hf_writes_the_legacy_keys(tmp_path):
     tok = load_shipped_tokenizer()
     cfg = transformers.Qwen3Config(**{k: v for k, v in V5_QWEN3.items() if k not in ("architectures", "model_type", "dtype")})
     model = transformers.Qwen3ForCausalLM(cfg)
-    out = Path(export_hf(model.state_dict(), cfg, tok, tmp_path / "hf", info={"mask": MaskConfig()}, dtype=torch.bfloat16))
+    out = Path(export_hf(model.state_dict(), cfg, tok, tmp_path / "hf", info={"block_masking": BlockMaskingConfig()}, dtype=torch.bfloat16))
     written = json.loads((out / "config.json").read_text())
     assert written["rope_theta"] == 1e6 and written["rope_parameters"]["rope_theta"] == 1e6
     assert written["torch_dtype"] == "bfloat16"

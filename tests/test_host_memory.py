@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from memento_train.masking import MaskConfig
+from memento_train.masking import BlockMaskingConfig
 
 import engine_harness as H
 from host_memory import MALLOC_ENV, peak, reset_peak, rss
@@ -64,7 +64,7 @@ def _measure(rank: int, make_engine, out_dir: str, checkpoint_path: str) -> dict
     if rank == 0:
         ref = load_file(os.path.join(checkpoint_path, "model.safetensors"))
         mismatched = [k for k, v in ref.items() if not torch.equal(state[k], v)]
-        export_hf(state, model_config, tok, out_dir, info={"mask": MaskConfig()}, dtype=torch.float32)
+        export_hf(state, model_config, tok, out_dir, info={"block_masking": BlockMaskingConfig()}, dtype=torch.float32)
     del state
     gc.collect()
     export_peak = peak() - before

@@ -127,7 +127,7 @@ def test_tp2_shards_through_the_hf_export_reload_bit_identical(tmp_path):
     import transformers as tf
 
     from memento_train.export import export_hf
-    from memento_train.masking import MaskConfig
+    from memento_train.masking import BlockMaskingConfig
     from memento_train.models.megatron_convert import hf_to_megatron, megatron_to_hf
     from memento_train.models.megatron_gpt import architecture_of
     from memento_train.tokenizer_assets import load_shipped_tokenizer
@@ -135,7 +135,7 @@ def test_tp2_shards_through_the_hf_export_reload_bit_identical(tmp_path):
     model = _tiny("qwen3", tied=True)
     arch = architecture_of(model)
     shards = [hf_to_megatron(model.state_dict(), arch, tp_rank=r, tp_size=2) for r in range(2)]
-    export_hf(megatron_to_hf(shards, arch), model.config, load_shipped_tokenizer(), tmp_path / "out", info={"mask": MaskConfig()},
+    export_hf(megatron_to_hf(shards, arch), model.config, load_shipped_tokenizer(), tmp_path / "out", info={"block_masking": BlockMaskingConfig()},
               dtype=torch.float32)
     reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     again = reloaded.state_dict()

@@ -172,14 +172,14 @@ def test_export_hf_loads_in_transformers(tmp_path):
     import transformers as tf
 
     from memento_train.export import export_hf
-    from memento_train.masking import MaskConfig
+    from memento_train.masking import BlockMaskingConfig
     from memento_train.tokenizer_assets import load_shipped_tokenizer
 
     with single_process_group():
         engine = make_engine(tied=True)
         train(engine, STEP_SEEDS[:1])
         state = engine.full_state_dict()
-    export_hf(dict(state), tiny_hf(tied=True).config, load_shipped_tokenizer(), tmp_path, info={"mask": MaskConfig()},
+    export_hf(dict(state), tiny_hf(tied=True).config, load_shipped_tokenizer(), tmp_path, info={"block_masking": BlockMaskingConfig()},
               dtype=torch.float32)
     reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path)
     for name, w in reloaded.state_dict().items():
