@@ -135,9 +135,9 @@ def _status_name(status) -> str:
 
 
 # A freshly started head answers HTTP 500 "No available agent to submit job" until its job agent is
-# up (seconds); that is a wait, not an error.
+# up (seconds; over a minute on a loaded small head); that is a wait, not an error.
 AGENT_NOT_READY = "No available agent to submit job"
-AGENT_WAIT_S = 60.0
+AGENT_WAIT_S = 180.0  # generous: a loaded 2-core head took over a minute
 
 
 def _submit_when_agent_ready(client, request: dict[str, Any], wait_s: float = AGENT_WAIT_S) -> str:
