@@ -15,11 +15,25 @@ import sys
 import time
 import uuid
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id"
+# Where a run's metrics go besides the JSONL file (``logger``).
+LOGGERS = ("wandb", "none")
+
+
+@dataclass
+class WandbConfig:
+    """wandb run options; ``mode=auto`` is online with an API key, offline without one."""
+
+    project: str = "memento-train"
+    entity: str | None = None
+    name: str | None = None
+    mode: str = "auto"
+    tags: list[str] = field(default_factory=list)
 
 
 def wandb_mode(mode: str) -> str:

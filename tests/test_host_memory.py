@@ -77,7 +77,7 @@ def load_export_job(rank: int, world_size: int, checkpoint_path: str, configs: l
     from memento_train.engines import EngineConfig, build_engine
     from memento_train.models.loading import load_model, load_tokenizer
     from memento_train.optim import OptimConfig
-    from memento_train.sft.config import ModelConfig
+    from memento_train.models.config import ModelConfig
 
     mcfg = ModelConfig(path=checkpoint_path, attn_backend="segment")
     results = {}
@@ -145,7 +145,7 @@ def megatron_load_job(checkpoint_path: str, out_dir: str) -> list:
     from memento_train.engines import EngineConfig, build_engine
     from memento_train.models.loading import load_model, load_tokenizer
     from memento_train.optim import OptimConfig
-    from memento_train.sft.config import ModelConfig
+    from memento_train.models.config import ModelConfig
 
     mcfg = ModelConfig(path=checkpoint_path, attn_backend="segment")
 

@@ -71,7 +71,7 @@ def test_warmup_unboxed_answer_rate_must_be_a_fraction_and_reaches_the_warmup_da
 
 def _tokenizer():
     from memento_train.models.loading import load_tokenizer
-    from memento_train.sft.config import ModelConfig
+    from memento_train.models.config import ModelConfig
 
     return load_tokenizer(ModelConfig())
 

@@ -10,13 +10,14 @@ initialised from the previous one's export (see :mod:`memento_train.sft.pipeline
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from memento_train.config_errors import ConfigError
-from memento_train.structured_config import deep_merge
+from memento_train.structured_config import deep_merge, parse_overrides
 
 RECIPE_DIR = Path(__file__).resolve().parent
 
@@ -75,3 +76,10 @@ def split_recipe_arg(args: list[str]) -> tuple[str | None, list[str]]:
         else:
             rest.append(a)
     return recipe, rest
+
+
+def recipe_tree(recipe: str, overrides: Sequence[str] | dict[str, Any] = ()) -> dict[str, Any]:
+    """The merged plain tree of ``recipe`` (a shipped name or a file) and the overrides on top of it
+    (``key=value`` arguments, or an already nested mapping). A pipeline recipe keeps its ``stages``."""
+    top = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    return deep_merge(load_recipe(recipe), top)

@@ -16,19 +16,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from memento_train.checkpoint import RESUME_MODES
 from memento_train.cluster.config import ClusterConfig
 from memento_train.config_errors import ConfigError
 from memento_train.data.problems import ProblemSource, check_source
 from memento_train.data.synthetic import SyntheticTaskConfig
 from memento_train.engines.config import EngineConfig
+from memento_train.export import MASK_RULE_FIELDS, apply_exported_mask, exported_mask
 from memento_train.generation.engine import BlockMaskingConfig
 from memento_train.generation.vllm_engine import VLLMOptions
+from memento_train.models.config import ModelConfig, resolve_init_from
 from memento_train.optim import OptimConfig
-from memento_train.recipes import load_recipe
+from memento_train.recipes import recipe_tree
 from memento_train.rl.config import AlgorithmConfig, RewardConfig
-from memento_train.export import MASK_RULE_FIELDS, apply_exported_mask, exported_mask
-from memento_train.sft.config import LOGGERS, RESUME_MODES, ModelConfig, WandbConfig, resolve_init_from
-from memento_train.structured_config import build, deep_merge, has_key, parse_overrides
+from memento_train.structured_config import build, has_key
+from memento_train.tracking import LOGGERS, WandbConfig
 
 DEFAULT_RECIPE = "tiny_rl"
 PLACEMENTS = ("disaggregated", "colocated")
@@ -431,9 +433,7 @@ def _positive(name: str, value: Any) -> None:
 
 def config_tree(recipe: str | None, overrides: Sequence[str] | dict[str, Any] = ()) -> dict[str, Any]:
     """The merged plain tree of ``recipe`` (``None`` = the embedded tiny CPU default) and overrides."""
-    base = load_recipe(recipe or DEFAULT_RECIPE)
-    top = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
-    return deep_merge(base, top)
+    return recipe_tree(recipe or DEFAULT_RECIPE, overrides)
 
 
 def build_rl_config(tree: dict[str, Any]) -> RLConfig:
