@@ -11,11 +11,12 @@ import rl_warmed_policy
 from memento_train.data.render import Renderer
 from memento_train.data.synthetic import SyntheticTaskConfig, synthetic_record
 from memento_train.masking import MaskConfig, SpecialTokens, parse
-from memento_train.rl.driver import plan_micro_batches, prompt_indices, run_rl
+from memento_train.rl.driver import prompt_indices, run_rl
 from memento_train.rl.rl_config import build_rl_config, config_tree
-from memento_train.rl.trainer_worker import build_rl_micro_batch, rollout_document
+from memento_train.rl.trainer_worker import TOKEN_EXTRAS, rollout_document
 from memento_train.tokens import special_token_ids
 from memento_train.tracking import read_metrics
+from memento_train.training.micro_batches import build_micro_batch, plan_micro_batches
 
 # A random, very small policy and a tiny batch: plumbing tests, seconds per step, inline workers.
 FAST = [
@@ -87,7 +88,7 @@ def test_rollout_document_trains_response_tokens_with_rollout_mask_logprobs_and_
     lps = -np.arange(1, len(response) + 1, dtype=np.float32) / 100
     docs = [rollout_document(prompt, response, lps, 1.5, special, mask),
             rollout_document(prompt, response[:5], lps[:5], -0.5, special, mask)]
-    mb = build_rl_micro_batch(docs, pad_token_id=0, device=torch.device("cpu"))
+    mb, _ = build_micro_batch(docs, pad_token_id=0, device=torch.device("cpu"), token_extras=TOKEN_EXTRAS)
     p, n = len(prompt), len(prompt) + len(response)
     labels, adv, rlp = mb.extras["labels"], mb.extras["advantages"], mb.extras["rollout_logprobs"]
     # document 1: position t predicts ids[t + 1]; only response tokens are trained

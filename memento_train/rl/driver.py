@@ -24,7 +24,6 @@ import yaml
 
 from memento_train.checkpoint import CheckpointManager, read_state
 from memento_train.cluster import WorkerGroup
-from memento_train.data.pack import plan_bins
 from memento_train.data.problems import ProblemSource, load_problem_records
 from memento_train.data.synthetic import synthetic_records
 from memento_train.faults.preemption import PreemptionGuard
@@ -42,6 +41,7 @@ from memento_train.rl.rollout_worker import RolloutPool, RolloutRequest
 from memento_train.rl.trainer_worker import RLTrainerWorker, rollout_document
 from memento_train.rl.weight_sync import sync_weights
 from memento_train.structured_config import deep_merge, to_dict
+from memento_train.training.micro_batches import plan_micro_batches
 from memento_train.tokens import special_token_ids
 from memento_train.tracking import RunLogger
 
@@ -77,23 +77,6 @@ def prompt_indices(step: int, seed: int, num_prompts: int, per_step: int) -> np.
 def sample_seed(seed: int, step: int, key: int) -> int:
     """The sampling seed of response ``key`` (``prompt_pos * group_size + sample``) at ``step``."""
     return derive_seed(seed, step, key)
-
-
-def plan_micro_batches(lengths: list[int], micro_batch_tokens: int, world_size: int) -> list[list[list[int]]]:
-    """Per rank, micro-batches of document indices: best-fit packing, dealt largest-first to the
-    least-loaded rank, every rank padded (with empty micro-batches) to the same count."""
-    bins = plan_bins(lengths, micro_batch_tokens)
-    bins.sort(key=lambda b: -sum(lengths[i] for i in b))
-    per_rank: list[list[list[int]]] = [[] for _ in range(world_size)]
-    load = [0] * world_size
-    for b in bins:
-        r = min(range(world_size), key=lambda i: (load[i], len(per_rank[i]), i))
-        per_rank[r].append(list(b))
-        load[r] += sum(lengths[i] for i in b)
-    depth = max(1, max(len(p) for p in per_rank))
-    for p in per_rank:
-        p.extend([] for _ in range(depth - len(p)))
-    return per_rank
 
 
 def rollout_metrics(results: list[dict], prompt_lens: list[int], scores: list[float], group_size: int) -> dict[str, float]:

@@ -20,9 +20,9 @@ from memento_train.flops import FlopCounter
 from memento_train.masking import Kind
 from memento_train.models.loading import load_model, load_tokenizer
 from memento_train.rank_state import seed_everything
-from memento_train.sft.batching import build_micro_batch
 from memento_train.sft.config import SFTConfig, build_sft_config
 from memento_train.sft.loss import sft_loss_fn
+from memento_train.training.micro_batches import build_micro_batch
 
 _COLUMNS = ("input_ids", "labels", "kinds", "kill_row")
 
