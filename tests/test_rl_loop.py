@@ -50,7 +50,7 @@ def test_prompt_order_is_a_pure_function_of_seed_and_step():
 
 def test_warmup_unboxed_answer_rate_must_be_a_fraction_and_reaches_the_warmup_data(tmp_path, monkeypatch):
     from memento_train.config_errors import ConfigError
-    from memento_train.rl import driver
+    from memento_train.pipelines import rl_warmup
 
     with pytest.raises(ConfigError, match="warmup.unboxed_answer_rate"):
         build_rl_config(config_tree(None, [f"output_dir={tmp_path}", "warmup.unboxed_answer_rate=1.0"]))
@@ -62,12 +62,21 @@ def test_warmup_unboxed_answer_rate_must_be_a_fraction_and_reaches_the_warmup_da
     def stop(*args, **kwargs):  # stop at the SFT stage: only the warm-up data it was handed matters here
         raise Stop
 
-    monkeypatch.setattr("memento_train.sft.driver.run_stage", stop)
+    monkeypatch.setattr(rl_warmup, "run_stage", stop)
     with pytest.raises(Stop):
-        driver.sft_warmup(cfg, progress=False)
+        rl_warmup.sft_warmup(cfg, progress=False)
     lines = (tmp_path / "sft_warmup" / "data.jsonl").read_text().splitlines()
     unboxed = sum("\\boxed" not in line for line in lines)
     assert len(lines) == 200 and 0.6 < unboxed / 200 < 0.9
+
+
+def test_run_rl_with_the_warmup_enabled_but_not_run_names_the_pipeline_that_runs_it(tmp_path):
+    from memento_train.config_errors import ConfigError
+
+    cfg = build_rl_config(config_tree(None, [f"output_dir={tmp_path}", "logger=none"]))
+    with pytest.raises(ConfigError, match="warm_up_then_run_rl"):
+        run_rl(cfg, progress=False)
+    assert not (tmp_path / "config.yaml").exists()  # refused before the run directory is touched
 
 
 def _tokenizer():

@@ -30,7 +30,7 @@ from memento_train.cluster.worker_group import group_env
 from memento_train.config_errors import ConfigError
 from memento_train.data.cache import prepare_dataset
 from memento_train.faults.preemption import PreemptionGuard
-from memento_train.faults.secrets import redact_config, secret_values
+from memento_train.faults.secrets import redact_config
 from memento_train.faults.watchdog import StepHang, StepWatchdog, describe_stacks
 from memento_train.flops import peak_tflops
 from memento_train.models.loading import load_tokenizer, model_max_length
@@ -40,6 +40,7 @@ from memento_train.sft.config import SFTConfig, build_sft_config
 from memento_train.sft.worker import SFTWorker
 from memento_train.structured_config import deep_merge, to_dict
 from memento_train.tracking import RunLogger
+from memento_train.training.run_dir import export_hf, open_logger, resume_point, save_checkpoint, write_run_config
 
 
 @dataclass
@@ -103,8 +104,7 @@ def run_stage(cfg: SFTConfig, tree: dict[str, Any] | None = None, *, progress: b
         cfg.data.cache_dir = str(out / "cache")
         tree = deep_merge(tree, {"data": {"cache_dir": cfg.data.cache_dir}})
     tree = deep_merge(tree, {"output_dir": str(out)})
-    public = redact_config(to_dict(cfg))  # what files, logs and wandb may show
-    (out / "config.yaml").write_text(yaml.safe_dump(public, sort_keys=False))
+    public = write_run_config(cfg)
 
     tokenizer = load_tokenizer(cfg.model)
     dataset, report = prepare_dataset(cfg.data, tokenizer=tokenizer)
@@ -119,14 +119,9 @@ def run_stage(cfg: SFTConfig, tree: dict[str, Any] | None = None, *, progress: b
                           seed=cfg.train.seed, shuffle=cfg.train.shuffle, epochs=cfg.train.epochs,
                           max_steps=cfg.train.max_steps)
 
-    ckpts = CheckpointManager(out / "checkpoints", keep_last=cfg.checkpoint.keep_last)
-    ckpts.clean_staging()
-    resume_from = ckpts.resolve(cfg.resume, warn=_warn)
-    start = read_state(resume_from)["step"] if resume_from else 0
-
-    logger = RunLogger(out, total_steps=planner.total_steps, start_step=start, logger=cfg.logger,
-                       wandb_cfg=cfg.wandb, config=public, desc=f"stage {cfg.stage}", progress=progress,
-                       secrets=secret_values(to_dict(cfg)))
+    ckpts, resume_from, start = resume_point(cfg, warn=_warn)
+    logger = open_logger(cfg, public, total_steps=planner.total_steps, start_step=start, desc=f"stage {cfg.stage}",
+                         progress=progress)
     logger.write(f"[memento-train] stage {cfg.stage}: {report}; {len(lengths)} examples, "
                  f"{planner.total_steps} steps of {cfg.train.global_batch_size} sequences "
                  f"on {cfg.cluster.num_workers} worker(s), engine {cfg.engine.kind}; writing to {out}")
@@ -238,11 +233,9 @@ class _Stage:
         if self.saved_at != planner.total_steps:
             self._save(planner.total_steps, planner.total_steps // planner.steps_per_epoch, final=True)
         if cfg.checkpoint.export_hf:
-            self.hf_dir = str(self.out / "hf")
             info = {"stage": cfg.stage, "step": planner.total_steps, "mask": to_dict(cfg.data.mask),
                     "base_model": cfg.model.path, "final_loss": self.last_loss}
-            self.group.run("export_hf", self.hf_dir, info)
-            self.logger.write(f"[memento-train] exported Hugging Face model to {self.hf_dir}")
+            self.hf_dir = export_hf(self.group, self.out, info, self.logger, "memento-train")
 
     def _step(self, step: int, *, timed: bool) -> dict[str, Any]:
         """One optimizer step. The first step of a fresh group (compilation, lazy init) is not timed
@@ -287,7 +280,7 @@ class _Stage:
     def _save(self, step: int, epoch: int, *, final: bool) -> None:
         group = self.group
         try:
-            self.ckpts.save(step, {"epoch": epoch, "data_position": step}, lambda d: group.run("save", str(d)))
+            save_checkpoint(group, self.ckpts, step, {"epoch": epoch, "data_position": step})
         except CheckpointSaveError as exc:
             if final or self.cfg.checkpoint.on_save_error != "retry":
                 raise
