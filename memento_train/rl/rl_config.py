@@ -3,7 +3,7 @@ overrides, validated before any worker starts.
 
 Sections: ``model`` (the policy; ``model.path`` null + ``warmup.enabled`` = a tiny model SFT-warmed on
 the synthetic task first), ``prompts`` (where problems come from), ``rollout`` (group size, prompts
-per step, sampling, eviction and its block cap), ``algorithm`` / ``reward`` (:mod:`.config`), ``optim``,
+per step, sampling, eviction and its block cap), ``algorithm`` (:mod:`.config`) / ``reward`` (:mod:`.rewards`), ``optim``,
 ``engine``, ``cluster`` (trainer workers), ``rollout_cluster`` (rollout workers), ``placement``,
 ``weight_sync``, ``train`` (steps, micro-batches), ``eval``, ``checkpoint``, ``faults``, logging.
 """
@@ -28,7 +28,8 @@ from memento_train.generation.vllm_engine import VLLMOptions
 from memento_train.models.config import ModelConfig, resolve_init_from
 from memento_train.optim import OptimConfig
 from memento_train.recipes import recipe_tree
-from memento_train.rl.config import AlgorithmConfig, RewardConfig
+from memento_train.rl.config import AlgorithmConfig
+from memento_train.rl.rewards import RewardConfig
 from memento_train.structured_config import build, has_key
 from memento_train.tracking import LOGGERS, WandbConfig
 
