@@ -80,10 +80,10 @@ def test_run_rl_with_the_warmup_enabled_but_not_run_names_the_pipeline_that_runs
 
 
 def _tokenizer():
-    from memento_train.models.loading import load_tokenizer
+    from memento_train.models.loading import run_tokenizer
     from memento_train.models.config import ModelConfig
 
-    return load_tokenizer(ModelConfig())
+    return run_tokenizer(ModelConfig())
 
 
 def test_rollout_document_trains_response_tokens_with_rollout_mask_logprobs_and_advantage():

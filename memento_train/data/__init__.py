@@ -24,7 +24,7 @@ from memento_train.data.pack import (
     plan_bins,
 )
 from memento_train.data.records import RecordFieldError, assemble_full_response, load_records
-from memento_train.data.render import IGNORE_INDEX, RenderedExample, Renderer, load_tokenizer, render_record
+from memento_train.data.render import IGNORE_INDEX, RenderedExample, Renderer, render_record
 from memento_train.data.synthetic import SyntheticTaskConfig, synthetic_record, synthetic_records
 from memento_train.data.validate import (
     REASONS,
@@ -37,7 +37,7 @@ from memento_train.data.validate import (
 __all__ = [
     "DataConfig", "DataConfigError", "IGNORE_INDEX", "InvalidRecordError", "PackedBatch", "PackingStats",
     "REASONS", "RecordFieldError", "RenderedExample", "Renderer", "SyntheticTaskConfig", "ValidationReport", "assemble_full_response",
-    "batch_from_row", "check_record", "collate", "iter_packed_batches", "load_records", "load_tokenizer",
+    "batch_from_row", "check_record", "collate", "iter_packed_batches", "load_records",
     "pack_examples", "plan_bins", "prepare_dataset", "render_record", "synthetic_record", "synthetic_records",
     "validate_records",
 ]

@@ -105,9 +105,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from memento_train.data.records import load_records
-    from memento_train.data.render import Renderer, load_tokenizer
+    from memento_train.data.render import Renderer
     from memento_train.data.stats import dataset_stats, load_geometry
     from memento_train.data.validate import ValidationReport, check_record
+    from memento_train.models.loading import load_tokenizer
 
     cfg = _config(args)
     pack_tokens = _pack_tokens(args)
@@ -146,7 +147,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     from memento_train.data.cache import prepare_dataset
     from memento_train.data.pack import PackingStats, iter_packed_batches, packed_features
-    from memento_train.data.render import load_tokenizer
+    from memento_train.models.loading import load_tokenizer
 
     cfg = _config(args, args.keep_last_n_blocks)
     pack_tokens = _pack_tokens(args)

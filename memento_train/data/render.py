@@ -65,23 +65,6 @@ class RenderedExample:
         return int(self.input_ids.shape[0])
 
 
-def load_tokenizer(spec: str | None = None) -> Any:
-    """``AutoTokenizer.from_pretrained(spec)``, or the tokenizer shipped with the package for ``None``."""
-    if spec is None:
-        from memento_train.tokenizer_assets import load_shipped_tokenizer
-
-        return load_shipped_tokenizer()
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(spec))
-    except Exception as exc:
-        raise ValueError(
-            f"could not load tokenizer {str(spec)!r}: {exc}. Pass a local tokenizer directory "
-            "(with tokenizer.json / tokenizer_config.json), or omit it to use the shipped tokenizer."
-        ) from exc
-
-
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A hash of everything about ``tokenizer`` that changes token ids or the rendered text."""
     h = hashlib.sha256()

@@ -29,7 +29,7 @@ from memento_train.faults.secrets import redact_config
 from memento_train.generation.prompt import generation_prompt_ids
 from memento_train.generation.sampling import derive_seed
 from memento_train.masking import SpecialTokens
-from memento_train.models.loading import load_tokenizer
+from memento_train.models.loading import run_tokenizer
 from memento_train.optim import lr_at
 from memento_train.rl.advantages import compute_advantages, group_ids_for, group_reward_stats
 from memento_train.rl.losses import aggregation_weights, reduce_metrics
@@ -156,7 +156,7 @@ class _Run:
 
     def __init__(self, cfg: RLConfig, tree: dict[str, Any], logger: RunLogger) -> None:
         self.cfg, self.tree, self.logger = cfg, tree, logger
-        tok = load_tokenizer(cfg.model)
+        tok = run_tokenizer(cfg.model)
         self.tokenizer = tok
         self.special = SpecialTokens.from_mapping(special_token_ids(tok))
         self.mask = cfg.rollout.mask.mask_config()

@@ -91,11 +91,11 @@ class RLTrainerWorker(EngineWorker):
         self.cfg: RLConfig = build(RLConfig, config_tree)
 
     def setup(self) -> dict[str, Any]:
-        from memento_train.models.loading import load_model, load_tokenizer
+        from memento_train.models.loading import load_model, run_tokenizer
 
         cfg = self.cfg
         seed_everything(cfg.seed)
-        self.tokenizer = load_tokenizer(cfg.model)
+        self.tokenizer = run_tokenizer(cfg.model)
         model = load_model(cfg.model, self.tokenizer, seed=cfg.seed)
         self.model_config = model.config
         self.engine = build_engine(model, cfg.optim, cfg.engine, self.device)

@@ -33,7 +33,7 @@ from memento_train.faults.preemption import PreemptionGuard
 from memento_train.faults.secrets import redact_config
 from memento_train.faults.watchdog import StepHang, StepWatchdog, describe_stacks
 from memento_train.flops import peak_tflops
-from memento_train.models.loading import load_tokenizer, model_max_length
+from memento_train.models.loading import model_max_length, run_tokenizer
 from memento_train.optim import lr_at
 from memento_train.sft.batching import StepPlanner, loss_token_count
 from memento_train.sft.config import SFTConfig, build_sft_config
@@ -106,7 +106,7 @@ def run_stage(cfg: SFTConfig, tree: dict[str, Any] | None = None, *, progress: b
     tree = deep_merge(tree, {"output_dir": str(out)})
     public = write_run_config(cfg)
 
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = run_tokenizer(cfg.model)
     dataset, report = prepare_dataset(cfg.data, tokenizer=tokenizer)
     if cfg.train.max_samples is not None:
         dataset = dataset.select(range(min(cfg.train.max_samples, len(dataset))))
