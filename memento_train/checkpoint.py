@@ -42,6 +42,8 @@ FULL_HASH_BYTES = 4 << 20  # files up to this size are hashed whole
 _WINDOW_BYTES = 1 << 20  # larger files: sha256 of the size and three windows of this size
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _STAGING_PREFIX = ".staging-"
+# ``resume`` values besides a checkpoint directory (see :meth:`CheckpointManager.resolve`).
+RESUME_MODES = ("auto", "never")
 
 
 class CheckpointError(RuntimeError):

@@ -63,32 +63,6 @@ def add_memento_tokens(tokenizer: Any) -> list[str]:
     return new
 
 
-def load_tokenizer_with_memento_tokens(
-    source: str | os.PathLike | None = None, *, trust_remote_code: bool = False
-) -> tuple[Any, dict[str, int]]:
-    """The tokenizer every memento-train tool tokenizes with, and the tokens this call added.
-
-    ``source``'s tokenizer (``AutoTokenizer``; ``None`` = the tiny one shipped with the package), with
-    the memento and think tokens added by :func:`add_memento_tokens` and :data:`CHATML_TEMPLATE` as chat
-    template when it has none. Training (:func:`memento_train.models.loading.load_tokenizer`) and the
-    data pipeline (``memento-data``, :func:`memento_train.data.render.load_tokenizer`) both load
-    through here, so a base tokenizer (e.g. ``Qwen/Qwen3-8B``) gets the same ids in both. Returns
-    ``(tokenizer, {token: id})``, the mapping empty when the tokenizer already had every token.
-    """
-    if source is None:
-        from memento_train.tokenizer_assets import load_shipped_tokenizer
-
-        tok = load_shipped_tokenizer()
-    else:
-        import transformers
-
-        tok = transformers.AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
-    added = {t: int(tok.convert_tokens_to_ids(t)) for t in add_memento_tokens(tok)}
-    if not getattr(tok, "chat_template", None):
-        tok.chat_template = CHATML_TEMPLATE
-    return tok, added
-
-
 def _single_id(tokenizer: Any, token: str) -> int:
     ids = tokenizer.encode(token, add_special_tokens=False)
     if len(ids) != 1:

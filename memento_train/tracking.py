@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,17 @@ from typing import Any, Literal
 Logger = Literal["wandb", "none"]
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id"
+
+
+@dataclass
+class WandbConfig:
+    """wandb run options; ``mode=auto`` is online with an API key, offline without one."""
+
+    project: str = "memento-train"
+    entity: str | None = None
+    name: str | None = None
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    tags: list[str] = field(default_factory=list)
 
 
 def wandb_mode(mode: str) -> str:

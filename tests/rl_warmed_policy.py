@@ -32,7 +32,7 @@ def _config(output_dir: str, *extra: str):
 
 def fingerprint() -> dict[str, str]:
     """SHA-256 of the warm-up's stage config, training records and shipped tokenizer files."""
-    from memento_train.rl.driver import warmup_records, warmup_stage_tree
+    from memento_train.pipelines.rl_warmup import warmup_records, warmup_stage_tree
     from memento_train.tokenizer_assets import shipped_tokenizer_path
 
     cfg = _config("OUT")
@@ -61,7 +61,7 @@ def stale_reason() -> str | None:
 
 def rebuild() -> Path:
     """Run the default recipe's warm-up and store its Hugging Face export (and fingerprint) in ASSET."""
-    from memento_train.rl.driver import sft_warmup
+    from memento_train.pipelines.rl_warmup import sft_warmup
 
     with tempfile.TemporaryDirectory() as tmp:
         hf = Path(sft_warmup(_config(tmp), progress=True))

@@ -95,15 +95,15 @@ def test_prepare_writes_the_tokenized_examples_training_reads(capsys, tmp_path):
 
 def test_prepare_adds_the_memento_tokens_a_base_tokenizer_lacks_with_the_ids_training_gives(capsys, tmp_path):
     from memento_train.data.config import SAMPLE_TRACES
-    from memento_train.models.loading import load_tokenizer
-    from memento_train.sft.config import ModelConfig
+    from memento_train.models.loading import run_tokenizer
+    from memento_train.models.config import ModelConfig
     from memento_train.tokens import MEMENTO_TOKENS, special_token_ids
 
     base = base_tokenizer_without_memento_tokens(tmp_path / "base")
     rc, out, err = run(capsys, "prepare", SAMPLE_TRACES, "--tokenizer", str(base), "--output",
                        str(tmp_path / "p"), "--cache-dir", str(tmp_path / "c"))
     assert rc == 0, err
-    trained = special_token_ids(load_tokenizer(ModelConfig(tokenizer=str(base))))  # what a run adds
+    trained = special_token_ids(run_tokenizer(ModelConfig(tokenizer=str(base))))  # what a run adds
     line = next(ln for ln in out.splitlines() if "added the memento tokens" in ln)
     for t in MEMENTO_TOKENS:
         assert f"{t}={trained[t]}" in line

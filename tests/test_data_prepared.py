@@ -17,7 +17,7 @@ from tokenizer_dirs import base_tokenizer_without_memento_tokens, tokenizer_with
 from memento_train.config_errors import ConfigError
 from memento_train.data.cli import main as data_main
 from memento_train.data.prepared import MANIFEST, load_examples
-from memento_train.models.loading import load_tokenizer
+from memento_train.models.loading import run_tokenizer
 from memento_train.sft.batching import StepPlanner, build_micro_batch, loss_token_count
 from memento_train.sft.cli import main as train_main
 from memento_train.sft.config import load_sft_config
@@ -51,7 +51,7 @@ def _planner(cfg, ds):
 
 def test_prepared_directory_gives_the_examples_and_micro_batches_of_the_raw_records(tmp_path, prepared):
     raw_cfg, prep_cfg = _cfg(tmp_path), _cfg(tmp_path, f"data.prepared={prepared}")
-    tok = load_tokenizer(raw_cfg.model)
+    tok = run_tokenizer(raw_cfg.model)
     raw, raw_report = load_examples(raw_cfg.data, tok, None)
     prep, prep_report = load_examples(prep_cfg.data, tok, None)
     assert prep.column_names == raw.column_names
@@ -107,12 +107,12 @@ def test_a_prepared_directory_tokenized_with_another_tokenizer_is_refused_naming
     cfg = _cfg(tmp_path, f"data.prepared={tmp_path / 'p'}")
     with pytest.raises(ConfigError, match=r"tokenizer: prepared with '.*other_tok'.*this run's model tokenizes "
                                           r"with the shipped tokenizer.*\(no --tokenizer\)"):
-        load_examples(cfg.data, load_tokenizer(cfg.model), None)
+        load_examples(cfg.data, run_tokenizer(cfg.model), None)
     # A base tokenizer the memento tokens were added to (as training adds them) is the same tokenizer.
     base = base_tokenizer_without_memento_tokens(tmp_path / "base_tok")
     _prepare(tmp_path / "b", "--tokenizer", str(base), cache=tmp_path / "c")
     cfg = _cfg(tmp_path, f"data.prepared={tmp_path / 'b'}")
-    assert len(load_examples(cfg.data, load_tokenizer(cfg.model), None)[0]) == 48
+    assert len(load_examples(cfg.data, run_tokenizer(cfg.model), None)[0]) == 48
 
 
 def test_data_prepared_must_be_a_prepared_directory_of_this_format(tmp_path, prepared):
@@ -123,7 +123,7 @@ def test_data_prepared_must_be_a_prepared_directory_of_this_format(tmp_path, pre
     (old / MANIFEST).write_text(json.dumps({"num_batches": 2, "config": {}}))  # the old packed layout
     cfg = _cfg(tmp_path, f"data.prepared={old}")
     with pytest.raises(ConfigError, match="older `memento-data prepare`.*re-run"):
-        load_examples(cfg.data, load_tokenizer(cfg.model), None)
+        load_examples(cfg.data, run_tokenizer(cfg.model), None)
 
 
 def test_data_tokenizer_other_than_the_models_is_refused_naming_both(capsys, tmp_path):

@@ -76,15 +76,15 @@ def _measure(rank: int, make_engine, out_dir: str, checkpoint_path: str) -> dict
 
 def load_export_job(rank: int, world_size: int, checkpoint_path: str, configs: list, out_dir: str) -> list:
     from memento_train.engines import EngineConfig, build_engine
-    from memento_train.models.loading import load_model, load_tokenizer
+    from memento_train.models.loading import load_model, run_tokenizer
     from memento_train.optim import OptimConfig
-    from memento_train.sft.config import ModelConfig
+    from memento_train.models.config import ModelConfig
 
     mcfg = ModelConfig(path=checkpoint_path, attn_backend="segment")
     results = {}
     for i, (kind, stage, how) in enumerate([configs[0], *configs]):  # the first run warms up (imports)
         def make_engine():
-            tok = load_tokenizer(mcfg)
+            tok = run_tokenizer(mcfg)
             model = load_model(mcfg, tok, seed=0, rank=rank if how == "rank0" else None)
             engine = build_engine(model, OptimConfig(), EngineConfig(kind=kind, zero_stage=stage), torch.device("cpu"))
             return engine, model.config, tok
@@ -144,14 +144,14 @@ def test_deepspeed_rank1_loads_from_rank0_and_exports_nothing(checkpoint, tmp_pa
 def megatron_load_job(checkpoint_path: str, out_dir: str) -> list:
     rank = dist.get_rank()
     from memento_train.engines import EngineConfig, build_engine
-    from memento_train.models.loading import load_model, load_tokenizer
+    from memento_train.models.loading import load_model, run_tokenizer
     from memento_train.optim import OptimConfig
-    from memento_train.sft.config import ModelConfig
+    from memento_train.models.config import ModelConfig
 
     mcfg = ModelConfig(path=checkpoint_path, attn_backend="segment")
 
     def make_engine():
-        tok = load_tokenizer(mcfg)
+        tok = run_tokenizer(mcfg)
         model = load_model(mcfg, tok, seed=0, rank=rank)
         engine = build_engine(model, OptimConfig(), EngineConfig(kind="megatron", tensor_parallel=2),
                               torch.device("cpu"))

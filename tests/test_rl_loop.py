@@ -11,11 +11,12 @@ import rl_warmed_policy
 from memento_train.data.render import Renderer
 from memento_train.data.synthetic import SyntheticTaskConfig, synthetic_record
 from memento_train.masking import BlockMaskingConfig, SpecialTokens, parse
-from memento_train.rl.driver import plan_micro_batches, prompt_indices, run_rl
+from memento_train.rl.driver import prompt_indices, run_rl
 from memento_train.rl.rl_config import build_rl_config, config_tree
-from memento_train.rl.trainer_worker import build_rl_micro_batch, rollout_document
+from memento_train.rl.trainer_worker import TOKEN_EXTRAS, rollout_document
 from memento_train.tokens import special_token_ids
 from memento_train.tracking import read_metrics
+from memento_train.training.micro_batches import build_micro_batch, plan_micro_batches
 
 # A random, very small policy and a tiny batch: plumbing tests, seconds per step, inline workers.
 FAST = [
@@ -49,7 +50,7 @@ def test_prompt_order_is_a_pure_function_of_seed_and_step():
 
 def test_warmup_unboxed_answer_rate_must_be_a_fraction_and_reaches_the_warmup_data(tmp_path, monkeypatch):
     from memento_train.config_errors import ConfigError
-    from memento_train.rl import driver
+    from memento_train.pipelines import rl_warmup
 
     with pytest.raises(ConfigError, match="warmup.unboxed_answer_rate"):
         build_rl_config(config_tree(None, [f"output_dir={tmp_path}", "warmup.unboxed_answer_rate=1.0"]))
@@ -61,19 +62,28 @@ def test_warmup_unboxed_answer_rate_must_be_a_fraction_and_reaches_the_warmup_da
     def stop(*args, **kwargs):  # stop at the SFT stage: only the warm-up data it was handed matters here
         raise Stop
 
-    monkeypatch.setattr("memento_train.sft.driver.run_stage", stop)
+    monkeypatch.setattr(rl_warmup, "run_stage", stop)
     with pytest.raises(Stop):
-        driver.sft_warmup(cfg, progress=False)
+        rl_warmup.sft_warmup(cfg, progress=False)
     lines = (tmp_path / "sft_warmup" / "data.jsonl").read_text().splitlines()
     unboxed = sum("\\boxed" not in line for line in lines)
     assert len(lines) == 200 and 0.6 < unboxed / 200 < 0.9
 
 
-def _tokenizer():
-    from memento_train.models.loading import load_tokenizer
-    from memento_train.sft.config import ModelConfig
+def test_run_rl_with_the_warmup_enabled_but_not_run_names_the_pipeline_that_runs_it(tmp_path):
+    from memento_train.config_errors import ConfigError
 
-    return load_tokenizer(ModelConfig())
+    cfg = build_rl_config(config_tree(None, [f"output_dir={tmp_path}", "logger=none"]))
+    with pytest.raises(ConfigError, match="warm_up_then_run_rl"):
+        run_rl(cfg, progress=False)
+    assert not (tmp_path / "config.yaml").exists()  # refused before the run directory is touched
+
+
+def _tokenizer():
+    from memento_train.models.loading import run_tokenizer
+    from memento_train.models.config import ModelConfig
+
+    return run_tokenizer(ModelConfig())
 
 
 def test_rollout_document_trains_response_tokens_with_rollout_mask_logprobs_and_advantage():
@@ -87,7 +97,7 @@ def test_rollout_document_trains_response_tokens_with_rollout_mask_logprobs_and_
     lps = -np.arange(1, len(response) + 1, dtype=np.float32) / 100
     docs = [rollout_document(prompt, response, lps, 1.5, special, mask),
             rollout_document(prompt, response[:5], lps[:5], -0.5, special, mask)]
-    mb = build_rl_micro_batch(docs, pad_token_id=0, device=torch.device("cpu"))
+    mb, _ = build_micro_batch(docs, pad_token_id=0, device=torch.device("cpu"), token_extras=TOKEN_EXTRAS)
     p, n = len(prompt), len(prompt) + len(response)
     labels, adv, rlp = mb.extras["labels"], mb.extras["advantages"], mb.extras["rollout_logprobs"]
     # document 1: position t predicts ids[t + 1]; only response tokens are trained

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 from memento_train.config_errors import ConfigError
 from memento_train.data.synthetic import synthetic_records
-from memento_train.rl.config import DEFAULT_REWARD_FN, RewardConfig
 from memento_train.rl.rewards import (
+    DEFAULT_REWARD_FN,
+    RewardConfig,
     RewardPool,
     load_reward_fn,
     math_reward,

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memento_train.data.pack import IGNORE_INDEX
-from memento_train.sft.batching import StepPlanner, build_micro_batch, loss_token_count
+from memento_train.sft.batching import StepPlanner, loss_token_count
+from memento_train.training.micro_batches import build_micro_batch
 
 
 def planner(lengths, **kw):

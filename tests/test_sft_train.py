@@ -12,7 +12,7 @@ from sft_runs import SMALL, STAGE2, cli
 
 from memento_train.cluster import ClusterConfig, WorkerGroup
 from memento_train.data.cache import prepare_dataset
-from memento_train.models.loading import load_tokenizer
+from memento_train.models.loading import run_tokenizer
 from memento_train.sft.cli import main
 from memento_train.sft.config import load_sft_config
 from memento_train.sft.loss import sft_loss_fn
@@ -50,7 +50,7 @@ def test_gradients_equal_for_one_big_batch_1x4_accumulation_and_2_workers_x2(tmp
     cfg = load_sft_config("tiny_stage1", [*SMALL, *STAGE2, f"engine.kind={engine}", f"output_dir={tmp_path}",
                                           f"data.cache_dir={tmp_path / 'cache'}"])
     tree = to_dict(cfg)
-    ds, _ = prepare_dataset(cfg.data, tokenizer=load_tokenizer(cfg.model))
+    ds, _ = prepare_dataset(cfg.data, tokenizer=run_tokenizer(cfg.model))
     loss_tokens = sum(int((torch.tensor(x)[1:] != -100).sum()) for x in ds.select(range(8))["labels"])
     idx = list(range(8))
     inline = ClusterConfig(use_ray=False)

@@ -25,7 +25,7 @@ from memento_train.data.pack import (
 )
 from memento_train.data.prepared import load_examples
 from memento_train.data.records import RecordFieldError, assemble_full_response, load_records
-from memento_train.data.render import IGNORE_INDEX, RenderedExample, Renderer, load_tokenizer, render_record
+from memento_train.data.render import IGNORE_INDEX, RenderedExample, Renderer, render_record
 from memento_train.data.synthetic import SyntheticTaskConfig, synthetic_record, synthetic_records
 from memento_train.data.validate import (
     REASONS,
@@ -38,7 +38,7 @@ from memento_train.data.validate import (
 __all__ = [
     "DataConfig", "IGNORE_INDEX", "InvalidRecordError", "PackedBatch", "PackingStats",
     "REASONS", "RecordFieldError", "RenderedExample", "Renderer", "SyntheticTaskConfig", "ValidationReport", "assemble_full_response",
-    "check_record", "collate", "load_examples", "load_records", "load_tokenizer",
+    "check_record", "collate", "load_examples", "load_records",
     "pack_examples", "plan_bins", "prepare_dataset", "render_record", "synthetic_record", "synthetic_records",
     "validate_records",
 ]

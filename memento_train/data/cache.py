@@ -31,9 +31,10 @@ import numpy as np
 
 from memento_train.data.config import DataConfig
 from memento_train.data.records import load_records, resolve_local_files
-from memento_train.data.render import Renderer, load_tokenizer, tokenizer_fingerprint
+from memento_train.data.render import Renderer, tokenizer_fingerprint
 from memento_train.data.synthetic import parse_source
 from memento_train.data.validate import InvalidRecordError, ValidationReport, check_record
+from memento_train.models.loading import load_tokenizer
 
 CACHE_VERSION = "memento-data-v1"
 EXAMPLE_COLUMNS = ("input_ids", "labels", "kinds", "kill_row", "prompt_len", "num_tokens", "record_id", "domain")

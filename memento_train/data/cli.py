@@ -18,7 +18,7 @@ directory rendered with other options (tokenizer, mask, ``--max-seq-len``, ``--o
 
 Both commands tokenize with ``--tokenizer`` (default: the shipped one). A base tokenizer without the
 memento tokens (e.g. ``Qwen/Qwen3-8B``) gets them added by the function training uses
-(:func:`memento_train.tokens.load_tokenizer_with_memento_tokens`), so the ids are the ones a run on
+(:func:`memento_train.models.loading.load_tokenizer`), so the ids are the ones a run on
 that base model produces; the output names the added tokens and their ids.
 
 ``synth`` writes N records of the deterministic synthetic running-total task
@@ -147,9 +147,9 @@ def _json_default(x: Any) -> Any:
 
 def _load_tokenizer(cfg: DataConfig, out: Any) -> tuple[Any, dict[str, int]]:
     """``cfg.tokenizer`` with the memento tokens and ``{token: id}`` of those it had to add (said on ``out``)."""
-    from memento_train.data.render import load_data_tokenizer
+    from memento_train.models.loading import load_tokenizer_and_added
 
-    tokenizer, added = load_data_tokenizer(cfg.tokenizer)
+    tokenizer, added = load_tokenizer_and_added(cfg.tokenizer)
     if added:
         ids = ", ".join(f"{t}={i}" for t, i in added.items())
         print(f"tokenizer {cfg.tokenizer}: added the memento tokens it lacked, as training on this base "

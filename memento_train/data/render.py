@@ -65,29 +65,6 @@ class RenderedExample:
         return int(self.input_ids.shape[0])
 
 
-def load_tokenizer(spec: str | None = None) -> Any:
-    """The tokenizer the data is rendered with: ``spec``'s (the shipped one for ``None``) with the memento
-    tokens added exactly as training adds them
-    (:func:`memento_train.tokens.load_tokenizer_with_memento_tokens`)."""
-    return load_data_tokenizer(spec)[0]
-
-
-def load_data_tokenizer(spec: str | None = None) -> tuple[Any, dict[str, int]]:
-    """Like :func:`load_tokenizer`, also returning ``{token: id}`` of the memento tokens it added.
-
-    A tokenizer that cannot be loaded raises ``ValueError`` naming it and what to pass instead.
-    """
-    from memento_train.tokens import load_tokenizer_with_memento_tokens
-
-    try:
-        return load_tokenizer_with_memento_tokens(spec)
-    except Exception as exc:
-        raise ValueError(
-            f"could not load tokenizer {str(spec)!r}: {exc}. Pass a local tokenizer directory "
-            "(with tokenizer.json / tokenizer_config.json), or omit it to use the shipped tokenizer."
-        ) from exc
-
-
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A hash of everything about ``tokenizer`` that changes token ids or the rendered text."""
     h = hashlib.sha256()

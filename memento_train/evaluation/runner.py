@@ -26,7 +26,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,9 @@ from memento_train.data.problems import ProblemSource, map_row, read_rows
 from memento_train.generation.engine import GenerationEngine, GenerationResult
 from memento_train.generation.prompt import generation_prompt_ids
 from memento_train.masking import SpecialTokens
-from memento_train.models import build_tiny_model, tiny_model_config
+from memento_train.models import tiny_model_config
+from memento_train.models.config import ModelConfig, TinyModelConfig
+from memento_train.models.loading import load_model, load_tokenizer
 from memento_train.tokens import IM_END, special_token_ids
 
 from . import report
@@ -45,6 +47,8 @@ from .metrics import KVCost, SampleResult, summarize
 from .scoring import GradingRule, ParsedAnswer, equivalence_classes, equivalent, parse_gold, parse_response
 
 GeneratorFactory = Callable[[EvalConfig, Any], GenerationEngine]
+# ``model=tiny``: a seeded random 2-layer Qwen3, smaller than the training runs' default tiny model.
+EVAL_TINY = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=4096)
 _GENERATOR_OVERRIDE: list[GeneratorFactory] = []
 
 
@@ -116,13 +120,10 @@ def load_problems(cfg: EvalConfig) -> list[Problem]:
 
 
 # -- model, tokenizer, engine ----------------------------------------------------------------------------
-def load_tokenizer(cfg: EvalConfig) -> Any:
-    """The shipped tokenizer for ``model=tiny`` (unless ``tokenizer`` is set), else the model's."""
-    from memento_train.data.render import load_tokenizer as _load
-
-    if cfg.tokenizer is None and cfg.is_tiny:
-        return _load(None)
-    return _load(cfg.tokenizer or cfg.model)
+def _model_config(cfg: EvalConfig) -> ModelConfig:
+    """The evaluated model as :func:`~memento_train.models.loading.load_model` takes it: ``model=tiny`` is
+    the random :data:`EVAL_TINY` model with the shipped tokenizer (unless ``tokenizer`` is set)."""
+    return ModelConfig(path=None if cfg.is_tiny else cfg.model, tokenizer=cfg.tokenizer, tiny=EVAL_TINY)
 
 
 def _device_and_dtype(cfg: EvalConfig) -> tuple[str, Any]:
@@ -140,20 +141,6 @@ def _device_and_dtype(cfg: EvalConfig) -> tuple[str, Any]:
     return device, dtype
 
 
-def load_model(cfg: EvalConfig, tokenizer: Any) -> Any:
-    """The tiny model, or ``AutoModelForCausalLM.from_pretrained(cfg.model)`` on the configured device."""
-    device, dtype = _device_and_dtype(cfg)
-    if cfg.is_tiny:
-        return build_tiny_model(tokenizer, seed=cfg.seed, dtype=dtype, device=device)
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
-    except Exception as exc:
-        raise ValueError(f"could not load model {cfg.model!r}: {exc}") from exc
-    return model.to(device).eval()
-
-
 def build_generator(cfg: EvalConfig, tokenizer: Any) -> GenerationEngine:
     """The configured generator (or the :func:`generator_override` factory's). Not to be confused
     with :func:`memento_train.engines.build_engine`, which builds a *training* engine."""
@@ -166,7 +153,8 @@ def build_generator(cfg: EvalConfig, tokenizer: Any) -> GenerationEngine:
             raise RuntimeError(
                 f"generator=reference needs memento_train.generation.reference.ReferenceGenerator ({exc})"
             ) from exc
-        model = load_model(cfg, tokenizer)
+        device, dtype = _device_and_dtype(cfg)
+        model = load_model(_model_config(cfg), tokenizer, seed=cfg.seed, training=False, dtype=dtype, device=device)
         return ReferenceGenerator(model, tokenizer, cfg.block_masking, **cfg.generator_kwargs)
     if cfg.generator == "vllm":
         import torch
@@ -206,7 +194,8 @@ def kv_cost_for(cfg: EvalConfig, tokenizer: Any) -> tuple[KVCost | None, str | N
         except ValueError as exc:
             raise ConfigError(f"kv_geometry: {exc}") from exc
     if cfg.is_tiny:
-        return KVCost.from_hf_config(tiny_model_config(tokenizer), cfg.kv_dtype_bytes, name="tiny-qwen3"), None
+        tiny = tiny_model_config(tokenizer, **asdict(EVAL_TINY))
+        return KVCost.from_hf_config(tiny, cfg.kv_dtype_bytes, name="tiny-qwen3"), None
     try:
         from transformers import AutoConfig
 
@@ -293,7 +282,10 @@ def run_eval(cfg: EvalConfig, *, stream: Any = None) -> EvalOutcome:
     out_dir = Path(os.path.expanduser(cfg.output_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     problems = load_problems(cfg)
-    tokenizer = load_tokenizer(cfg)
+    mcfg = _model_config(cfg)
+    # As the checkpoint ships it: a checkpoint without the memento tokens is named by the special-token
+    # check rather than given ids its model does not know.
+    tokenizer = load_tokenizer(mcfg.tokenizer or mcfg.path, add_memento_tokens=False)
     prompts = render_prompts(tokenizer, problems, cfg.system_prompt)
     kv_cost, kv_note = kv_cost_for(cfg, tokenizer)
     engine = build_generator(cfg, tokenizer)
@@ -361,9 +353,7 @@ __all__ = [
     "build_generator",
     "generator_override",
     "kv_cost_for",
-    "load_model",
     "load_problems",
-    "load_tokenizer",
     "render_prompts",
     "run_eval",
     "score_problem",

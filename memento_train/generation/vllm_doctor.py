@@ -64,11 +64,10 @@ def _model_rows(model: Path) -> list[Row]:
     except Exception as exc:  # noqa: BLE001 - reported in the table
         rows.append(Row("RoPE base as vLLM reads it", "FAIL", f"{type(exc).__name__}: {exc}"))
     try:
-        from transformers import AutoTokenizer
-
+        from ..models.loading import load_tokenizer
         from ..tokens import special_token_ids
 
-        tok = AutoTokenizer.from_pretrained(str(model))
+        tok = load_tokenizer(model, add_memento_tokens=False)
         ids = special_token_ids(tok)
         rows.append(Row("tokenizer readable", "ok", f"{type(tok).__name__}, {len(ids)} memento/ChatML ids atomic"))
     except Exception as exc:  # noqa: BLE001
@@ -79,26 +78,23 @@ def _model_rows(model: Path) -> list[Row]:
 def task_prompts(model: Path, num: int) -> tuple[Any, Any, list[list[int]]]:
     """The RL default's config for ``model``, its tokenizer and the first ``num`` task prompts (token ids,
     chat template included): what the parity checks generate from."""
-    from transformers import AutoTokenizer
-
-    from ..data.render import Renderer
+    from ..models.loading import load_tokenizer
     from ..rl.driver import encode_prompts, load_problems
     from ..rl.rl_config import build_rl_config, config_tree
 
     cfg = build_rl_config(config_tree(None, ["logger=none", "output_dir=unused", f"model.path={model}",
                                              "warmup.enabled=false"]))
-    tok = AutoTokenizer.from_pretrained(str(model))
+    tok = load_tokenizer(model, add_memento_tokens=False)
     p = cfg.prompts
-    _, prompts = encode_prompts(load_problems(p.path, synthetic_task=p.synthetic, num=num),
-                                Renderer(tok, cfg.rollout.block_masking.rule(), p.system_prompt), p.max_prompt_len)
+    _, prompts = encode_prompts(load_problems(p, synthetic_task=p.synthetic, num=num), tok, p.max_prompt_len,
+                                p.system_prompt)
     return cfg, tok, prompts
 
 
 def parity_row(model: Path, tokens: int) -> Row:
     """Greedy, eviction on, fp32: VLLMEngine vs ReferenceGenerator on two task prompts."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
+    from ..models.config import ModelConfig
+    from ..models.loading import load_model
     from .engine import SamplingParams
     from .reference import ReferenceGenerator, SequenceRequest
     from .vllm_engine import VLLMEngine
@@ -118,7 +114,7 @@ def parity_row(model: Path, tokens: int) -> Row:
         if core is not None:
             core.shutdown()
     t2 = time.perf_counter()
-    ref = ReferenceGenerator(AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval(), tok,
+    ref = ReferenceGenerator(load_model(ModelConfig(path=str(model)), tok, seed=0, training=False), tok,
                              cfg.rollout.block_masking)
     want = ref.run(reqs, params)
     same = sum(g.token_ids == w.token_ids for g, w in zip(got, want))

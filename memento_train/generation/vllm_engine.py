@@ -275,7 +275,9 @@ class VLLMEngine:
         if self.backend == "plugin":
             # Plugin: the special ids must be known before the engine starts (its scheduler tracks them).
             if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
-                tokenizer = _load_tokenizer(str(tokenizer or model_path))
+                from ..models.loading import load_tokenizer
+
+                tokenizer = load_tokenizer(tokenizer or model_path, add_memento_tokens=False)
             self._set_special(tokenizer)
             kwargs.update(self._plugin_engine_kwargs(report_traces))
         else:
@@ -535,12 +537,6 @@ def _with_budget(params: SamplingParams, max_new_tokens: int) -> SamplingParams:
     from dataclasses import replace
 
     return replace(params, max_new_tokens=int(max_new_tokens))
-
-
-def _load_tokenizer(path: str) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
 
 
 def _installed_vllm_version() -> str | None:

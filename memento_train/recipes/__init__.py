@@ -15,13 +15,14 @@ its old name still overrides the base recipe's value (see
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from memento_train.config_errors import ConfigError
-from memento_train.structured_config import canonical_tree, deep_merge
+from memento_train.structured_config import canonical_tree, deep_merge, parse_overrides
 
 RECIPE_DIR = Path(__file__).resolve().parent
 
@@ -83,3 +84,15 @@ def split_recipe_arg(args: list[str]) -> tuple[str | None, list[str]]:
         else:
             rest.append(a)
     return recipe, rest
+
+
+def recipe_tree(recipe: str, overrides: Sequence[str] | dict[str, Any] = (), *,
+                schema: type | None = None) -> dict[str, Any]:
+    """The merged plain tree of ``recipe`` (a shipped name or a file) and the overrides on top of it
+    (``key=value`` arguments, or an already nested mapping). A pipeline recipe keeps its ``stages``.
+    With the config class ``schema``, deprecated option names are replaced in each recipe file and in
+    the overrides before they are merged (so an old key on the command line still beats a recipe's)."""
+    top = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    if schema is not None:
+        top = canonical_tree(schema, top)
+    return deep_merge(load_recipe(recipe, schema=schema), top)

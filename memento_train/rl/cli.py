@@ -38,9 +38,9 @@ def _run(args: RecipeArgs) -> int:
     if args.show:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
-    from memento_train.rl.driver import run_rl
+    from memento_train.pipelines.rl_warmup import warm_up_then_run_rl
 
-    result = run_rl(cfg)
+    result = warm_up_then_run_rl(cfg)
     r = result.reward_means
     print(f"[memento-rl] {result.output_dir}: {result.steps} steps; mean reward first/last step "
           f"{r[0] if r else float('nan'):.3f} -> {r[-1] if r else float('nan'):.3f}; HF model {result.hf_dir}")

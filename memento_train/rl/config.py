@@ -1,4 +1,5 @@
-"""Options of the RL algorithm (policy loss, KL, entropy, normalisation) and of the reward.
+"""Options of the RL algorithm (policy loss, KL, entropy, normalisation); the reward's are
+:class:`memento_train.rl.rewards.RewardConfig`.
 
 Defaults follow the Memento paper's RL recipe (Appendix A.2.3): CISPO with ε = 0.2 on both sides, a
 k3 KL penalty to the frozen reference with β = 0.001, batch-level advantage normalisation, the loss
@@ -13,15 +14,12 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from memento_train.config_errors import ConfigError
-from memento_train.evaluation.scoring import TruncatedPolicy
 from memento_train.structured_config import check_types
 
 AdvNorm = Literal["group", "drgrpo", "batch"]
 LossAgg = Literal["token_mean", "seq_total", "seq_mean", "group_total"]
 ADV_NORMS = get_args(AdvNorm)
 LOSS_AGGS = get_args(LossAgg)
-
-DEFAULT_REWARD_FN = "memento_train.rl.rewards:math_reward"
 
 
 def _finite(v) -> bool:
@@ -123,47 +121,3 @@ class AlgorithmConfig:
     def uses_reference(self) -> bool:
         """Whether the loop needs reference-policy log-probs (``ref_logprobs``)."""
         return self.kl_coef > 0
-
-
-@dataclass
-class RewardConfig:
-    """How rollouts are scored.
-
-    Attributes:
-        fn: ``pkg.module:function`` of a reward function ``fn(response: str, record: dict) -> float``
-            (``record`` is the dataset record: ``answer``, ``problem``, ...). Default: math-verify.
-        timeout_s: seconds one response may take to score; a timeout scores 0 and is counted.
-        num_workers: reward worker processes; 0 scores in the calling process (debugging only:
-            no timeout, a crash or hang takes the caller with it).
-        require_think_end: a response without ``</think>`` scores 0 without calling ``fn`` (the
-            default; :class:`~memento_train.evaluation.scoring.GradingRule`). ``false`` hands it to
-            ``fn``, which for the math reward then searches the whole text.
-        truncated: ``zero`` — a response that hit ``rollout.max_new_tokens`` scores 0 without calling
-            ``fn`` (the default); ``score`` — it is scored like any other.
-    """
-
-    fn: str = DEFAULT_REWARD_FN
-    timeout_s: float = 10.0
-    num_workers: int = 2
-    require_think_end: bool = True
-    truncated: TruncatedPolicy = "zero"
-
-    def validate(self, prefix: str = "reward") -> RewardConfig:
-        """Raise :class:`ConfigError` naming the first bad option (``fn`` must import); returns self."""
-        check_types(self, prefix)
-        from memento_train.rl.rewards import load_reward_fn  # lazy: rewards imports this module
-
-        load_reward_fn(self.fn, option=f"{prefix}.fn")
-        if not (_finite(self.timeout_s) and self.timeout_s > 0):
-            raise ConfigError(f"{prefix}.timeout_s must be a finite number > 0, got {self.timeout_s!r}")
-        n = self.num_workers
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ConfigError(f"{prefix}.num_workers must be an int >= 0 (0 scores in-process), got {n!r}")
-        return self
-
-    @property
-    def grading_rule(self):
-        """The :class:`~memento_train.evaluation.scoring.GradingRule` these options describe."""
-        from memento_train.evaluation.scoring import GradingRule  # lazy: it imports torch via tokens
-
-        return GradingRule(require_think_end=self.require_think_end, truncated=self.truncated)

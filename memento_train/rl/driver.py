@@ -10,7 +10,6 @@ mask → weights synced to the rollout workers → metrics logged (JSONL + wandb
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -20,19 +19,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
-from memento_train.checkpoint import CheckpointManager, read_state
 from memento_train.cluster import WorkerGroup
-from memento_train.data.pack import plan_bins
+from memento_train.config_errors import ConfigError
 from memento_train.data.problems import ProblemSource, load_problem_records
 from memento_train.data.synthetic import synthetic_records
 from memento_train.faults.preemption import PreemptionGuard
-from memento_train.faults.secrets import redact_config, secret_values
+from memento_train.faults.secrets import redact_config
 from memento_train.generation.prompt import generation_prompt_ids
 from memento_train.generation.sampling import derive_seed
 from memento_train.masking import SpecialTokens
-from memento_train.models.loading import load_tokenizer
+from memento_train.models.loading import run_tokenizer
 from memento_train.optim import lr_at
 from memento_train.rl.advantages import compute_advantages, group_ids_for, group_reward_stats
 from memento_train.rl.losses import aggregation_weights, reduce_metrics
@@ -42,6 +39,8 @@ from memento_train.rl.rollout_worker import RolloutPool, RolloutRequest
 from memento_train.rl.trainer_worker import RLTrainerWorker, rollout_document
 from memento_train.rl.weight_sync import sync_weights
 from memento_train.structured_config import deep_merge, to_dict
+from memento_train.training.micro_batches import plan_micro_batches
+from memento_train.training.run_dir import export_hf, open_logger, resume_point, save_checkpoint, write_run_config
 from memento_train.tokens import special_token_ids
 from memento_train.tracking import RunLogger
 
@@ -77,23 +76,6 @@ def prompt_indices(step: int, seed: int, num_prompts: int, per_step: int) -> np.
 def sample_seed(seed: int, step: int, key: int) -> int:
     """The sampling seed of response ``key`` (``prompt_pos * group_size + sample``) at ``step``."""
     return derive_seed(seed, step, key)
-
-
-def plan_micro_batches(lengths: list[int], micro_batch_tokens: int, world_size: int) -> list[list[list[int]]]:
-    """Per rank, micro-batches of document indices: best-fit packing, dealt largest-first to the
-    least-loaded rank, every rank padded (with empty micro-batches) to the same count."""
-    bins = plan_bins(lengths, micro_batch_tokens)
-    bins.sort(key=lambda b: -sum(lengths[i] for i in b))
-    per_rank: list[list[list[int]]] = [[] for _ in range(world_size)]
-    load = [0] * world_size
-    for b in bins:
-        r = min(range(world_size), key=lambda i: (load[i], len(per_rank[i]), i))
-        per_rank[r].append(list(b))
-        load[r] += sum(lengths[i] for i in b)
-    depth = max(1, max(len(p) for p in per_rank))
-    for p in per_rank:
-        p.extend([] for _ in range(depth - len(p)))
-    return per_rank
 
 
 def rollout_metrics(results: list[dict], prompt_lens: list[int], scores: list[float], group_size: int) -> dict[str, float]:
@@ -167,52 +149,6 @@ def encode_prompts(records: list[dict], tokenizer: Any, max_len: int,
     return kept, ids
 
 
-# ---------------------------------------------------------------- warm-up
-
-def warmup_records(cfg: RLConfig) -> list[dict]:
-    """The warm-up's SFT traces: the RL task's generator, its own seed, the sloppy teacher's rate."""
-    w = cfg.warmup
-    task = replace(cfg.prompts.synthetic, seed=cfg.prompts.synthetic.seed + WARMUP_DATA_SEED_OFFSET,
-                   unboxed_answer_rate=w.unboxed_answer_rate)
-    return synthetic_records(w.num_records, task)
-
-
-def warmup_stage_tree(cfg: RLConfig, out: Path, data: Path) -> dict[str, Any]:
-    """The SFT stage config of the warm-up (``tiny_stage2`` + the RL run's model, mask and lengths)."""
-    from memento_train.recipes import load_recipe
-
-    w = cfg.warmup
-    return deep_merge(load_recipe("tiny_stage2"), {
-        "output_dir": str(out), "logger": "none", "resume": "auto",
-        "model": {"path": None, "require_stage1_init": False, "tiny": to_dict(cfg.model.tiny),
-                  "attn_backend": cfg.model.attn_backend},
-        "data": {"path": str(data), "max_seq_len": cfg.prompts.max_prompt_len + cfg.rollout.max_new_tokens,
-                 "block_masking": {"keep_last_n_blocks": cfg.rollout.block_masking.keep_last_n_blocks,
-                          "mask_delimiters": cfg.rollout.block_masking.mask_delimiters}},
-        "optim": {"lr": w.lr, "warmup_ratio": 0.05, "min_lr_ratio": 0.1},
-        "train": {"epochs": w.steps * w.global_batch_size / w.num_records, "max_steps": w.steps,
-                  "global_batch_size": w.global_batch_size, "micro_batch_tokens": 1024, "seed": cfg.seed},
-        "cluster": {"use_ray": False, "num_workers": 1, "cpus_per_worker": cfg.cluster.cpus_per_worker},
-        "checkpoint": {"every": 0, "keep_last": 1, "export_hf": True},
-    })
-
-
-def sft_warmup(cfg: RLConfig, *, progress: bool = True) -> str:
-    """Run (or reuse) the short SFT warm-up; returns its Hugging Face export directory."""
-    from memento_train.sft.config import build_sft_config
-    from memento_train.sft.driver import run_stage
-
-    out = Path(cfg.output_dir) / "sft_warmup"
-    hf = out / "hf"
-    if (hf / "memento_train.json").is_file():
-        return str(hf)
-    out.mkdir(parents=True, exist_ok=True)
-    data = out / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in warmup_records(cfg)))
-    result = run_stage(build_sft_config(warmup_stage_tree(cfg, out, data)), progress=progress)
-    return str(result.hf_dir)
-
-
 # ---------------------------------------------------------------- the loop
 
 class _Run:
@@ -220,7 +156,7 @@ class _Run:
 
     def __init__(self, cfg: RLConfig, tree: dict[str, Any], logger: RunLogger) -> None:
         self.cfg, self.tree, self.logger = cfg, tree, logger
-        tok = load_tokenizer(cfg.model)
+        tok = run_tokenizer(cfg.model)
         self.tokenizer = tok
         self.special = SpecialTokens.from_mapping(special_token_ids(tok))
         self.mask = cfg.rollout.block_masking.rule()
@@ -276,24 +212,28 @@ def _open_ray(cfg: RLConfig):
 
 
 def run_rl(cfg: RLConfig, tree: dict[str, Any] | None = None, *, progress: bool = True) -> RLResult:
-    """Run ``cfg`` to ``train.total_steps`` (or ``train.max_steps``); resumable with ``resume=auto``."""
+    """Run ``cfg`` to ``train.total_steps`` (or ``train.max_steps``); resumable with ``resume=auto``.
+
+    The policy starts from ``model.path``; with ``warmup.enabled`` that is the SFT warm-up's export,
+    made first by :func:`memento_train.pipelines.rl_warmup.warm_up_then_run_rl`."""
+    if cfg.warmup.enabled and cfg.model.path is None:
+        raise ConfigError("warmup.enabled=true: the policy is the SFT warm-up's export, which run_rl does not "
+                          "train; run memento_train.pipelines.rl_warmup.warm_up_then_run_rl(cfg) (what memento-rl "
+                          "does), or set model.path")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.warmup.enabled:
-        cfg.model.path = sft_warmup(cfg, progress=progress)
     tree = deep_merge(to_dict(cfg) if tree is None else tree, {"model": to_dict(cfg.model), "output_dir": str(out)})
     tree = redact_config(tree)  # workers get secrets through their environment, never the config
-    (out / "config.yaml").write_text(yaml.safe_dump(redact_config(to_dict(cfg)), sort_keys=False))
+    public = write_run_config(cfg)
 
-    ckpts = CheckpointManager(out / "checkpoints", keep_last=cfg.checkpoint.keep_last)
-    ckpts.clean_staging()
-    resume_from = ckpts.resolve(cfg.resume)
-    start = read_state(resume_from)["step"] if resume_from else 0
+    ckpts, resume_from, start = resume_point(cfg)
     total = cfg.train.total_steps
     end = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
-    logger = RunLogger(out, total_steps=end, start_step=start, logger=cfg.logger, wandb_cfg=cfg.wandb,
-                       config=redact_config(to_dict(cfg)), desc="rl", progress=progress,
-                       secrets=secret_values(to_dict(cfg)))
+    logger = open_logger(cfg, public, total_steps=end, start_step=start, desc="rl", progress=progress)
+
+    def save(step: int) -> None:
+        save_checkpoint(trainer, ckpts, step, {"data_position": step})
+
     session = _open_ray(cfg)
     preempt = PreemptionGuard().__enter__()  # after ray.init, which installs its own SIGTERM handler
     trainer = pool = rewards = None
@@ -329,17 +269,15 @@ def run_rl(cfg: RLConfig, tree: dict[str, Any] | None = None, *, progress: bool 
                              f"acc {metrics['accuracy']:.3f} len {metrics['response_length']:.0f} "
                              f"step {metrics['time/step_s']:.1f}s")
             if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
-                _save(trainer, ckpts, step + 1)
+                save(step + 1)
                 saved_at = step + 1
-            preempt.stop_if_requested(step + 1, end, saved_at, save=lambda: _save(trainer, ckpts, step + 1),
+            preempt.stop_if_requested(step + 1, end, saved_at, save=lambda: save(step + 1),
                                       checkpoint=str(ckpts.root / f"step_{step + 1:08d}"))
         if saved_at != end and end > start:
-            _save(trainer, ckpts, end)
+            save(end)
         if cfg.checkpoint.export_hf and end == total:
-            hf_dir = str(out / "hf")
-            trainer.run("export_hf", hf_dir, {"stage": "rl", "step": end, "block_masking": to_dict(run.mask),
-                                              "base_model": cfg.model.path})
-            logger.write(f"[memento-rl] exported Hugging Face model to {hf_dir}")
+            hf_dir = export_hf(trainer, out, {"stage": "rl", "step": end, "block_masking": to_dict(run.mask),
+                                              "base_model": cfg.model.path}, logger, "memento-rl")
     finally:
         preempt.__exit__(None, None, None)
         for closer in (rewards, pool, trainer):
@@ -447,9 +385,3 @@ def _evaluate(run: _Run, pool: RolloutPool, rewards: RewardPool, step: int) -> d
             out.update({f"eval/{name}/{k}": m[k] for k in keys})
     out["eval/time_s"] = time.perf_counter() - t0
     return out
-
-
-def _save(trainer: WorkerGroup, ckpts: CheckpointManager, step: int) -> None:
-    staging = ckpts.stage(step)
-    trainer.run("save", str(staging))
-    ckpts.commit(step, staging, {"data_position": step})

@@ -30,12 +30,14 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, Literal
 
 from memento_train.config_errors import ConfigError
-from memento_train.rl.config import RewardConfig
+from memento_train.rl.config import _finite
+from memento_train.structured_config import check_types
 
 RewardFn = Callable[[str, Mapping[str, Any]], float]
+DEFAULT_REWARD_FN = "memento_train.rl.rewards:math_reward"
 
 _BOXED_INT = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}")
 _INT = re.compile(r"-?\d+")
@@ -140,6 +142,49 @@ def _worker_main(fn_path: str, conn: Connection) -> None:
 
 
 _FAILURE_LABEL = {"timeouts": "timeout", "errors": "error", "crashes": "crash"}
+
+
+@dataclass
+class RewardConfig:
+    """How rollouts are scored.
+
+    Attributes:
+        fn: ``pkg.module:function`` of a reward function ``fn(response: str, record: dict) -> float``
+            (``record`` is the dataset record: ``answer``, ``problem``, ...). Default: math-verify.
+        timeout_s: seconds one response may take to score; a timeout scores 0 and is counted.
+        num_workers: reward worker processes; 0 scores in the calling process (debugging only:
+            no timeout, a crash or hang takes the caller with it).
+        require_think_end: a response without ``</think>`` scores 0 without calling ``fn`` (the
+            default; :class:`~memento_train.evaluation.scoring.GradingRule`). ``false`` hands it to
+            ``fn``, which for the math reward then searches the whole text.
+        truncated: ``zero`` — a response that hit ``rollout.max_new_tokens`` scores 0 without calling
+            ``fn`` (the default); ``score`` — it is scored like any other.
+    """
+
+    fn: str = DEFAULT_REWARD_FN
+    timeout_s: float = 10.0
+    num_workers: int = 2
+    require_think_end: bool = True
+    # evaluation.scoring.TruncatedPolicy, spelled out: reward workers import this module without torch.
+    truncated: Literal["zero", "score"] = "zero"
+
+    def validate(self, prefix: str = "reward") -> RewardConfig:
+        """Raise :class:`ConfigError` naming the first bad option (``fn`` must import); returns self."""
+        check_types(self, prefix)
+        load_reward_fn(self.fn, option=f"{prefix}.fn")
+        if not (_finite(self.timeout_s) and self.timeout_s > 0):
+            raise ConfigError(f"{prefix}.timeout_s must be a finite number > 0, got {self.timeout_s!r}")
+        n = self.num_workers
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ConfigError(f"{prefix}.num_workers must be an int >= 0 (0 scores in-process), got {n!r}")
+        return self
+
+    @property
+    def grading_rule(self):
+        """The :class:`~memento_train.evaluation.scoring.GradingRule` these options describe."""
+        from memento_train.evaluation.scoring import GradingRule  # lazy: it imports torch via tokens
+
+        return GradingRule(require_think_end=self.require_think_end, truncated=self.truncated)
 
 
 @dataclass

@@ -3,7 +3,7 @@ overrides, validated before any worker starts.
 
 Sections: ``model`` (the policy; ``model.path`` null + ``warmup.enabled`` = a tiny model SFT-warmed on
 the synthetic task first), ``prompts`` (where problems come from), ``rollout`` (group size, prompts
-per step, sampling, ``block_masking`` and its block cap), ``algorithm`` / ``reward`` (:mod:`.config`), ``optim``,
+per step, sampling, ``block_masking`` and its block cap), ``algorithm`` (:mod:`.config`) / ``reward`` (:mod:`.rewards`), ``optim``,
 ``engine``, ``cluster`` (trainer workers), ``rollout_cluster`` (rollout workers), ``placement``,
 ``weight_sync``, ``train`` (steps, micro-batches), ``eval``, ``checkpoint``, ``faults``, logging.
 """
@@ -15,22 +15,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from memento_train.checkpoint import RESUME_MODES
 from memento_train.cluster.config import ClusterConfig
 from memento_train.config_errors import ConfigError
 from memento_train.data.problems import ProblemSource, check_source
 from memento_train.data.synthetic import SyntheticTaskConfig
 from memento_train.engines.config import EngineConfig
-from memento_train.generation.vllm_engine import VLLMOptions
-from memento_train.optim import OptimConfig
-from memento_train.recipes import load_recipe
-from memento_train.rl.config import AlgorithmConfig, RewardConfig
 from memento_train.export import MASK_RULE_FIELDS, apply_exported_mask, exported_mask
 from memento_train.masking import BlockMaskingConfig
-from memento_train.sft.config import RESUME_MODES, ModelConfig, WandbConfig, resolve_init_from
-from memento_train.structured_config import (
-    build, canonical_tree, check_types, deep_merge, has_key, parse_overrides, renamed_from,
-)
-from memento_train.tracking import Logger
+from memento_train.generation.vllm_engine import VLLMOptions
+from memento_train.models.config import ModelConfig, resolve_init_from
+from memento_train.optim import OptimConfig
+from memento_train.recipes import recipe_tree
+from memento_train.rl.config import AlgorithmConfig
+from memento_train.rl.rewards import RewardConfig
+from memento_train.structured_config import build, canonical_tree, check_types, has_key, renamed_from
+from memento_train.tracking import Logger, WandbConfig
 
 DEFAULT_RECIPE = "tiny_rl"
 
@@ -415,9 +415,7 @@ def _positive(name: str, value: Any) -> None:
 
 def config_tree(recipe: str | None, overrides: Sequence[str] | dict[str, Any] = ()) -> dict[str, Any]:
     """The merged plain tree of ``recipe`` (``None`` = the embedded tiny CPU default) and overrides."""
-    base = load_recipe(recipe or DEFAULT_RECIPE, schema=RLConfig)
-    top = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
-    return deep_merge(base, canonical_tree(RLConfig, top))
+    return recipe_tree(recipe or DEFAULT_RECIPE, overrides, schema=RLConfig)
 
 
 def build_rl_config(tree: dict[str, Any]) -> RLConfig:

@@ -56,13 +56,13 @@ class RolloutWorker:
     """One rollout generator. Built from the plain config tree (cheap to send to a Ray actor)."""
 
     def __init__(self, config_tree: dict[str, Any], index: int = 0, num_threads: int | None = None) -> None:
-        from memento_train.models.loading import load_model, load_tokenizer
+        from memento_train.models.loading import load_model, run_tokenizer
 
         if num_threads:
             torch.set_num_threads(num_threads)
         self.cfg: RLConfig = build(RLConfig, config_tree)  # validated by the driver already
         self.index = index
-        self.tokenizer = load_tokenizer(self.cfg.model)
+        self.tokenizer = run_tokenizer(self.cfg.model)
         self.generator = self.cfg.rollout.resolved_generator(self.cfg.rollout_cluster.gpus_per_worker or 0)
         self.model = None
         if self.generator == "vllm":

@@ -4,8 +4,9 @@
 log-probs) into a training document with the *same* memento mask the rollout used
 (:func:`memento_train.masking.parse` over prompt + response gives the kill rows the generator evicted
 by), per-token advantages and the rollout log-probs aligned with the shifted labels.
-:func:`build_rl_micro_batch` packs documents into one :class:`~memento_train.engines.MicroBatch`
-whose ``extras`` are what :func:`memento_train.rl.losses.make_loss_fn` reads.
+:func:`~memento_train.training.micro_batches.build_micro_batch` packs documents into one
+:class:`~memento_train.engines.MicroBatch` whose ``extras`` (:data:`TOKEN_EXTRAS`) are what
+:func:`memento_train.rl.losses.make_loss_fn` reads.
 
 :class:`RLTrainerWorker` is one trainer rank. ``train_step`` runs, for this rank's share of a step's
 mini-batches: old log-probs of *all* of them first (``engine.forward_only``, when
@@ -28,8 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from memento_train.attention import MementoAttentionMeta
-from memento_train.data.pack import IGNORE_INDEX, collate
+from memento_train.data.pack import IGNORE_INDEX
 from memento_train.engine_worker import EngineWorker
 from memento_train.engines import MicroBatch, build_engine
 from memento_train.masking import BlockMaskingConfig, SpecialTokens, parse
@@ -38,8 +38,8 @@ from memento_train.rl.collective_sync import Rendezvous, WeightSyncGroup, open_s
 from memento_train.rl.logprobs import make_logprob_fn
 from memento_train.rl.losses import make_loss_fn
 from memento_train.rl.rl_config import RLConfig
-from memento_train.sft.batching import padding_batch
 from memento_train.structured_config import build
+from memento_train.training.micro_batches import build_micro_batch
 
 # Per-token arrays a document carries besides the collate() columns; packed in document order.
 TOKEN_EXTRAS = ("advantages", "rollout_logprobs", "loss_mask", "loss_weights")
@@ -83,21 +83,6 @@ def rollout_document(prompt_ids: Sequence[int], response_ids: Sequence[int], rol
             "loss_mask": keep, "loss_weights": weights}
 
 
-def build_rl_micro_batch(docs: Sequence[Mapping[str, np.ndarray]], *, pad_token_id: int,
-                         device: torch.device) -> MicroBatch:
-    """Pack ``docs`` (from :func:`rollout_document`) into one micro-batch; no docs = a padding batch
-    (keeps this rank's collectives in step; it has no loss tokens)."""
-    packed = collate(list(docs), pad_token_id=pad_token_id) if docs else padding_batch(pad_token_id)
-    extras = {"labels": packed.labels.to(device)}
-    for key in TOKEN_EXTRAS:
-        values = np.concatenate([d[key] for d in docs]) if docs else np.zeros(0, np.float32)
-        values = np.pad(values, (0, packed.num_tokens - values.shape[0]))
-        extras[key] = torch.from_numpy(values.astype(np.float32)).to(device)
-    meta = MementoAttentionMeta.from_packed(packed.cu_seqlens, packed.kill_row, device=device)
-    return MicroBatch(input_ids=packed.input_ids.to(device), position_ids=packed.position_ids.to(device),
-                      meta=meta, extras=extras)
-
-
 class RLTrainerWorker(EngineWorker):
     """One trainer rank: the policy engine, and the reference policy's engine when the KL needs it."""
 
@@ -106,11 +91,11 @@ class RLTrainerWorker(EngineWorker):
         self.cfg: RLConfig = build(RLConfig, config_tree)
 
     def setup(self) -> dict[str, Any]:
-        from memento_train.models.loading import load_model, load_tokenizer
+        from memento_train.models.loading import load_model, run_tokenizer
 
         cfg = self.cfg
         seed_everything(cfg.seed)
-        self.tokenizer = load_tokenizer(cfg.model)
+        self.tokenizer = run_tokenizer(cfg.model)
         model = load_model(cfg.model, self.tokenizer, seed=cfg.seed)
         self.model_config = model.config
         self.engine = build_engine(model, cfg.optim, cfg.engine, self.device)
@@ -138,8 +123,7 @@ class RLTrainerWorker(EngineWorker):
             raise ValueError(f"{len(mini_batches)} mini-batches but {len(normalisers)} normalisers")
         cfg = self.cfg
         temperature = cfg.rollout.temperature
-        batches = [[build_rl_micro_batch(d, pad_token_id=self.pad_id, device=self.device) for d in micro_docs]
-                   for micro_docs in mini_batches]
+        batches = [[self._micro_batch(d) for d in micro_docs] for micro_docs in mini_batches]
         flat = [mb for mini in batches for mb in mini]
         times: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -165,6 +149,11 @@ class RLTrainerWorker(EngineWorker):
         plain = [{k: float(v) for k, v in m.items()} for m in metrics]
         return {"metrics": plain, "grad_norms": grad_norms, "times": times}
 
+    def _micro_batch(self, docs: Sequence[Mapping[str, np.ndarray]]) -> MicroBatch:
+        """``docs`` (from :func:`rollout_document`) packed into one micro-batch whose ``extras`` are what
+        :func:`memento_train.rl.losses.make_loss_fn` reads; no docs = a padding micro-batch."""
+        return build_micro_batch(docs, pad_token_id=self.pad_id, device=self.device, token_extras=TOKEN_EXTRAS)[0]
+
     def _logprobs(self, engine, batches: list[MicroBatch]) -> list[torch.Tensor]:
         """``engine``'s log-probs of every micro-batch's labels at the rollout temperature (no grad)."""
         engine.eval()
@@ -175,7 +164,7 @@ class RLTrainerWorker(EngineWorker):
         """The policy's log-probs of each micro-batch of documents (from :func:`rollout_document`),
         computed exactly as ``train_step`` computes π_old: packed, memento-masked, engine forward. Entry
         ``t`` is the log-prob of token ``t + 1`` of its document (0 where there is no label)."""
-        batches = [build_rl_micro_batch(d, pad_token_id=self.pad_id, device=self.device) for d in micro_docs]
+        batches = [self._micro_batch(d) for d in micro_docs]
         return [lp.float().cpu().numpy() for lp in self._logprobs(self.engine, batches)]
 
     # -- weights and checkpoints -------------------------------------------------------------------

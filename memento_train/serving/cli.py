@@ -59,9 +59,8 @@ def checkpoint_mask(model: str) -> dict:
 
 def serving_config(args: argparse.Namespace, tokenizer_path: str) -> ServingConfig:
     """Eviction options: the checkpoint's < the flags; special ids from the model's tokenizer."""
-    from transformers import AutoTokenizer
-
     from ..masking import SpecialTokens
+    from ..models.loading import load_tokenizer
     from ..tokens import special_token_ids
 
     options = checkpoint_mask(args.model)
@@ -70,7 +69,7 @@ def serving_config(args: argparse.Namespace, tokenizer_path: str) -> ServingConf
             options[name] = getattr(args, name)
     if args.no_eviction:
         options["enable"] = False
-    special = SpecialTokens.from_mapping(special_token_ids(AutoTokenizer.from_pretrained(tokenizer_path)))
+    special = SpecialTokens.from_mapping(special_token_ids(load_tokenizer(tokenizer_path, add_memento_tokens=False)))
     return ServingConfig(special=special, block_masking=BlockMaskingConfig(**options),
                          report_traces=args.report_traces)
 

@@ -13,15 +13,13 @@ global batch however it is split into micro-batches and ranks.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from memento_train.attention import MementoAttentionMeta
-from memento_train.data.pack import IGNORE_INDEX, PackedBatch, collate, plan_bins
-from memento_train.engines import MicroBatch
+from memento_train.data.pack import IGNORE_INDEX
+from memento_train.training.micro_batches import plan_micro_batches
 
 
 @dataclass
@@ -86,21 +84,11 @@ class StepPlanner:
         return self._order(epoch)[lo : lo + self.global_batch_size]
 
     def plan(self, step: int) -> StepPlan:
-        """Pack step ``step``'s examples best-fit-decreasing into micro-batches of at most
-        ``micro_batch_tokens`` tokens, then deal them to ranks, largest first, to the rank with the
-        fewest tokens so far; pad every rank to the same number of micro-batches."""
+        """Step ``step``'s examples packed into micro-batches and dealt to ranks
+        (:func:`~memento_train.training.micro_batches.plan_micro_batches`)."""
         idx = self.indices(step)
-        bins = [[int(idx[j]) for j in b] for b in plan_bins(self.lengths[idx].tolist(), self.micro_batch_tokens)]
-        bins.sort(key=lambda b: -int(self.lengths[b].sum()))
-        per_rank: list[list[list[int]]] = [[] for _ in range(self.world_size)]
-        load = [0] * self.world_size
-        for b in bins:
-            r = min(range(self.world_size), key=lambda i: (load[i], len(per_rank[i]), i))
-            per_rank[r].append(b)
-            load[r] += int(self.lengths[b].sum())
-        depth = max(1, max(len(p) for p in per_rank))
-        for p in per_rank:
-            p.extend([] for _ in range(depth - len(p)))
+        plan = plan_micro_batches(self.lengths[idx].tolist(), self.micro_batch_tokens, self.world_size)
+        per_rank = [[[int(idx[j]) for j in mb] for mb in rank] for rank in plan]
         return StepPlan(step=step, epoch=step // self.steps_per_epoch, per_rank=per_rank,
                         num_loss_tokens=int(self.loss_tokens[idx].sum()), num_sequences=int(idx.size))
 
@@ -108,23 +96,3 @@ class StepPlanner:
 def loss_token_count(labels: np.ndarray) -> int:
     """Loss tokens of one rendered example once labels are shifted (the first label never counts)."""
     return int((np.asarray(labels)[1:] != IGNORE_INDEX).sum())
-
-
-def padding_batch(pad_token_id: int) -> PackedBatch:
-    """A one-token micro-batch with no loss: keeps a rank's collectives in step with the others."""
-    row = {"input_ids": np.array([pad_token_id]), "labels": np.array([IGNORE_INDEX]),
-           "kinds": np.array([0], np.int8), "kill_row": np.array([1])}
-    return collate([row])
-
-
-def build_micro_batch(rows: Sequence[Mapping], *, pad_to: int, pad_token_id: int, device: torch.device) -> tuple[MicroBatch, PackedBatch]:
-    """Collate rendered examples into one packed :class:`MicroBatch` on ``device`` (empty = padding)."""
-    packed = collate(list(rows), pad_to=pad_to, pad_token_id=pad_token_id) if rows else padding_batch(pad_token_id)
-    meta = MementoAttentionMeta.from_packed(packed.cu_seqlens, packed.kill_row, device=device)
-    mb = MicroBatch(
-        input_ids=packed.input_ids.to(device),
-        position_ids=packed.position_ids.to(device),
-        meta=meta,
-        extras={"labels": packed.labels.to(device)},
-    )
-    return mb, packed

@@ -14,63 +14,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from memento_train.checkpoint import RESUME_MODES
 from memento_train.cluster.config import ClusterConfig
 from memento_train.config_errors import ConfigError
 from memento_train.data.config import DataConfig
 from memento_train.data.synthetic import parse_source
 from memento_train.engines.config import EngineConfig
+from memento_train.export import (
+    MARKER_FILE as EXPORT_MARKER,  # stage 2 reads it: is this a stage-1 model?
+)
 from memento_train.faults.config import FaultsConfig
+from memento_train.models.config import ModelConfig, resolve_init_from
 from memento_train.optim import OptimConfig
-from memento_train.recipes import load_recipe
-from memento_train.tracking import Logger
-from memento_train.structured_config import build, canonical_tree, check_types, deep_merge, has_key, parse_overrides
-
-# Written next to every HF export; stage 2 reads it to check that it starts from a stage-1 model.
-EXPORT_MARKER = "memento_train.json"
-# resume: one of these, or a checkpoint directory (so the option is a str checked in validate()).
-RESUME_MODES = ("auto", "never")
-
-
-@dataclass
-class TinyModelConfig:
-    """Shape of the random-weight Qwen3-style model used when ``model.path`` is unset (CPU runs)."""
-
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    max_position_embeddings: int = 4096
-
-
-@dataclass
-class ModelConfig:
-    """Which model to train and how it computes attention.
-
-    Attributes:
-        path: a Hugging Face model directory or hub id; ``None`` builds a tiny random model (``tiny``)
-            with the shipped tokenizer, unless ``init_from`` names where the model comes from.
-        init_from: the recipe (shipped name or file) of the previous stage: with ``path`` null the model
-            is that recipe's export, ``<its default output_dir>/hf``, so the paper's commands chain
-            with defaults (``qwen3_8b_stage1`` -> ``qwen3_8b_stage2`` -> ``grpo``). When that export
-            does not exist the error names the command to run first.
-        tokenizer: tokenizer directory / hub id; ``None`` = ``path``'s (the shipped one for tiny).
-        attn_backend: memento attention backend (``auto``, ``segment``, ``sdpa``, ``flex``,
-            ``flash_attn``, ``triton``); ``auto`` picks the fastest available on the device for each
-            layer type (never ``flash_attn`` for sliding-window layers). ``memento-train show``
-            rejects a backend that cannot run the model's layers with the mask.
-        gradient_checkpointing: recompute decoder layers in backward (long sequences).
-        require_stage1_init: at stage 2, insist that ``path`` is a memento-train stage-1 export.
-        trust_remote_code: passed to ``from_pretrained``.
-    """
-
-    path: str | None = None
-    init_from: str | None = None
-    tokenizer: str | None = None
-    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-    attn_backend: str = "auto"
-    gradient_checkpointing: bool = False
-    require_stage1_init: bool = True
-    trust_remote_code: bool = False
+from memento_train.recipes import recipe_tree
+from memento_train.structured_config import build, canonical_tree, check_types, has_key
+from memento_train.tracking import Logger, WandbConfig
 
 
 @dataclass
@@ -120,17 +78,6 @@ class CheckpointConfig:
     keep_last: int = 3
     export_hf: bool = True
     on_save_error: Literal["fail", "retry"] = "fail"
-
-
-@dataclass
-class WandbConfig:
-    """wandb run options; ``mode=auto`` is online with an API key, offline without one."""
-
-    project: str = "memento-train"
-    entity: str | None = None
-    name: str | None = None
-    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
-    tags: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -205,25 +152,6 @@ class SFTConfig:
         return self
 
 
-def resolve_init_from(model: ModelConfig) -> None:
-    """Set ``model.path`` from ``model.init_from`` (see :class:`ModelConfig`) when it is unset; raise
-    :class:`ConfigError` naming the command that produces the export when it does not exist yet."""
-    if model.path is not None or model.init_from is None:
-        return
-    name = model.init_from
-    tree = load_recipe(name)
-    cli = "memento-rl" if "rollout" in tree else "memento-train"
-    out = tree.get("output_dir")
-    if not out:
-        raise ConfigError(f"model.init_from={name!r}: that recipe sets no output_dir to find its export in; "
-                          f"set model.path=<its output_dir>/hf")
-    hf = Path(os.path.abspath(os.path.expanduser(str(out)))) / "hf"
-    if not (hf / EXPORT_MARKER).is_file():
-        raise ConfigError(f"model.init_from={name}: the previous stage's export {hf} does not exist; run "
-                          f"`{cli} recipe={name}` first (it exports there), or set model.path=DIR to its export")
-    model.path = str(hf)
-
-
 def _check_stage1_init(path: str | None) -> None:
     hint = ("stage 2 starts from the stage-1 model: set model.path=<stage-1 output_dir>/hf "
             "(or model.require_stage1_init=false to start from another model)")
@@ -252,9 +180,7 @@ def config_tree(recipe: str | None, overrides: Sequence[str] | dict[str, Any] = 
 
     A pipeline recipe keeps its ``stages`` list in the tree (see :mod:`memento_train.sft.pipeline`).
     """
-    base = load_recipe(recipe or DEFAULT_RECIPE, schema=SFTConfig)
-    top = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
-    return deep_merge(base, canonical_tree(SFTConfig, top))
+    return recipe_tree(recipe or DEFAULT_RECIPE, overrides, schema=SFTConfig)
 
 
 def build_sft_config(tree: dict[str, Any]) -> SFTConfig:

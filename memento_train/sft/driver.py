@@ -30,16 +30,17 @@ from memento_train.cluster.worker_group import group_env
 from memento_train.config_errors import ConfigError
 from memento_train.data.prepared import check_examples_source, load_examples
 from memento_train.faults.preemption import PreemptionGuard
-from memento_train.faults.secrets import redact_config, secret_values
+from memento_train.faults.secrets import redact_config
 from memento_train.faults.watchdog import StepHang, StepWatchdog, describe_stacks
 from memento_train.flops import peak_tflops
-from memento_train.models.loading import load_tokenizer, model_max_length
+from memento_train.models.loading import model_max_length, run_tokenizer
 from memento_train.optim import lr_at
 from memento_train.sft.batching import StepPlanner, loss_token_count
 from memento_train.sft.config import SFTConfig, build_sft_config
 from memento_train.sft.worker import SFTWorker
 from memento_train.structured_config import deep_merge, to_dict
 from memento_train.tracking import RunLogger
+from memento_train.training.run_dir import export_hf, open_logger, resume_point, save_checkpoint, write_run_config
 
 
 @dataclass
@@ -64,7 +65,7 @@ def check_against_model(cfg: SFTConfig, tokenizer: Any = None) -> None:
         raise ConfigError(f"data.max_seq_len ({cfg.data.max_seq_len}) exceeds the model's maximum of {limit} "
                           f"positions (max_position_embeddings); lower data.max_seq_len")
     if cfg.data.tokenizer is not None or cfg.data.prepared is not None:
-        tokenizer = load_tokenizer(cfg.model) if tokenizer is None else tokenizer
+        tokenizer = run_tokenizer(cfg.model) if tokenizer is None else tokenizer
         check_examples_source(cfg.data, tokenizer, cfg.model.tokenizer or cfg.model.path)
 
 
@@ -100,7 +101,7 @@ def run_stage(cfg: SFTConfig, tree: dict[str, Any] | None = None, *, progress: b
     when no checkpoint can be resumed from or written.
     """
     tree = to_dict(cfg) if tree is None else tree
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = run_tokenizer(cfg.model)
     check_against_model(cfg, tokenizer)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,8 +109,7 @@ def run_stage(cfg: SFTConfig, tree: dict[str, Any] | None = None, *, progress: b
         cfg.data.cache_dir = str(out / "cache")
         tree = deep_merge(tree, {"data": {"cache_dir": cfg.data.cache_dir}})
     tree = deep_merge(tree, {"output_dir": str(out)})
-    public = redact_config(to_dict(cfg))  # what files, logs and wandb may show
-    (out / "config.yaml").write_text(yaml.safe_dump(public, sort_keys=False))
+    public = write_run_config(cfg)
 
     dataset, report = load_examples(cfg.data, tokenizer, cfg.model.tokenizer or cfg.model.path)
     if cfg.train.max_samples is not None:
@@ -123,14 +123,9 @@ def run_stage(cfg: SFTConfig, tree: dict[str, Any] | None = None, *, progress: b
                           seed=cfg.train.seed, shuffle=cfg.train.shuffle, epochs=cfg.train.epochs,
                           max_steps=cfg.train.max_steps)
 
-    ckpts = CheckpointManager(out / "checkpoints", keep_last=cfg.checkpoint.keep_last)
-    ckpts.clean_staging()
-    resume_from = ckpts.resolve(cfg.resume, warn=_warn)
-    start = read_state(resume_from)["step"] if resume_from else 0
-
-    logger = RunLogger(out, total_steps=planner.total_steps, start_step=start, logger=cfg.logger,
-                       wandb_cfg=cfg.wandb, config=public, desc=f"stage {cfg.stage}", progress=progress,
-                       secrets=secret_values(to_dict(cfg)))
+    ckpts, resume_from, start = resume_point(cfg, warn=_warn)
+    logger = open_logger(cfg, public, total_steps=planner.total_steps, start_step=start, desc=f"stage {cfg.stage}",
+                         progress=progress)
     source = f"prepared in {cfg.data.prepared}, " if cfg.data.prepared else ""
     logger.write(f"[memento-train] stage {cfg.stage}: {report}; {source}{len(lengths)} examples, "
                  f"{planner.total_steps} steps of {cfg.train.global_batch_size} sequences "
@@ -243,11 +238,9 @@ class _Stage:
         if self.saved_at != planner.total_steps:
             self._save(planner.total_steps, planner.total_steps // planner.steps_per_epoch, final=True)
         if cfg.checkpoint.export_hf:
-            self.hf_dir = str(self.out / "hf")
             info = {"stage": cfg.stage, "step": planner.total_steps, "block_masking": to_dict(cfg.data.block_masking),
                     "base_model": cfg.model.path, "final_loss": self.last_loss}
-            self.group.run("export_hf", self.hf_dir, info)
-            self.logger.write(f"[memento-train] exported Hugging Face model to {self.hf_dir}")
+            self.hf_dir = export_hf(self.group, self.out, info, self.logger, "memento-train")
 
     def _step(self, step: int, *, timed: bool) -> dict[str, Any]:
         """One optimizer step. The first step of a fresh group (compilation, lazy init) is not timed
@@ -292,7 +285,7 @@ class _Stage:
     def _save(self, step: int, epoch: int, *, final: bool) -> None:
         group = self.group
         try:
-            self.ckpts.save(step, {"epoch": epoch, "data_position": step}, lambda d: group.run("save", str(d)))
+            save_checkpoint(group, self.ckpts, step, {"epoch": epoch, "data_position": step})
         except CheckpointSaveError as exc:
             if final or self.cfg.checkpoint.on_save_error != "retry":
                 raise

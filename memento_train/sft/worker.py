@@ -18,11 +18,11 @@ from memento_train.engine_worker import EngineWorker
 from memento_train.engines import build_engine
 from memento_train.flops import FlopCounter
 from memento_train.masking import Kind
-from memento_train.models.loading import load_model, load_tokenizer
+from memento_train.models.loading import load_model, run_tokenizer
 from memento_train.rank_state import seed_everything
-from memento_train.sft.batching import build_micro_batch
 from memento_train.sft.config import SFTConfig, build_sft_config
 from memento_train.sft.loss import sft_loss_fn
+from memento_train.training.micro_batches import build_micro_batch
 
 _COLUMNS = ("input_ids", "labels", "kinds", "kill_row")
 
@@ -41,7 +41,7 @@ class SFTWorker(EngineWorker):
         datasets.disable_progress_bars()  # the driver already showed them while preparing the cache
         cfg = self.cfg
         seed_everything(cfg.train.seed)
-        self.tokenizer = load_tokenizer(cfg.model)
+        self.tokenizer = run_tokenizer(cfg.model)
         dataset, _ = load_examples(cfg.data, self.tokenizer, cfg.model.tokenizer or cfg.model.path)
         if cfg.train.max_samples is not None:
             dataset = dataset.select(range(min(cfg.train.max_samples, len(dataset))))
