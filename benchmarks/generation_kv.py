@@ -40,7 +40,7 @@ from memento_train.data import Renderer
 from memento_train.generation import BlockMaskingConfig, ReferenceGenerator
 from memento_train.masking import live_kv_trace, parse
 from memento_train.models import build_tiny_model
-from memento_train.tokenizer_assets import load_shipped_tokenizer
+from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 from memento_train.tokens import special_token_ids
 
 BIG_MODEL_BYTES_PER_TOKEN = 36 * 8 * 128 * 2 * 2  # Qwen3-8B: layers x kv heads x head_dim x (K+V) x bf16

@@ -28,9 +28,9 @@ from shapes import memento_batch  # noqa: E402
 from memento_train.attention import MementoAttentionMeta  # noqa: E402
 from memento_train.attention.hf import attn_implementation  # noqa: E402
 from memento_train.engines import EngineConfig, MicroBatch, build_engine  # noqa: E402
-from memento_train.flops import FlopCounter, peak_tflops  # noqa: E402
-from memento_train.optim import OptimConfig  # noqa: E402
-from memento_train.sft.loss import sft_loss_fn  # noqa: E402
+from memento_train.training.flops import FlopCounter, peak_tflops  # noqa: E402
+from memento_train.training.optim import OptimConfig  # noqa: E402
+from memento_train.sft.losses import sft_loss_fn  # noqa: E402
 
 PRESETS = {  # hidden, layers, heads, kv heads, intermediate, vocab
     "cpu-tiny": (256, 4, 8, 4, 768, 8192),

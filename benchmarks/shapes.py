@@ -1,3 +1,3 @@
-"""The benchmarks' OpenMementos-shaped batches; they live in :mod:`memento_train.trace_shapes`."""
+"""The benchmarks' OpenMementos-shaped batches; they live in :mod:`memento_train.planning.trace_shapes`."""
 
-from memento_train.trace_shapes import PLAIN, SPECIAL, memento_batch, memento_document  # noqa: F401
+from memento_train.planning.trace_shapes import PLAIN, SPECIAL, memento_batch, memento_document  # noqa: F401

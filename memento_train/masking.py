@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .tokens import ASSISTANT, BLOCK_END, BLOCK_START, IM_START, SUMMARY_END, SUMMARY_START
+from memento_train.tokens import ASSISTANT, BLOCK_END, BLOCK_START, IM_START, SUMMARY_END, SUMMARY_START
 
 
 class Kind(enum.IntEnum):

@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerFast
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from memento_train.hf_compat import add_legacy_keys  # noqa: E402
+from memento_train.export.compat import add_legacy_keys  # noqa: E402
 from memento_train.tokens import (  # noqa: E402
     ASSISTANT,
     CHATML_TEMPLATE,

@@ -136,7 +136,7 @@ def _peak_gib(base: int) -> float | None:
 
 def _batch(sz: Sizes, keep: int = 0):
     from memento_train.attention.meta import MementoAttentionMeta
-    from memento_train.trace_shapes import memento_batch
+    from memento_train.planning.trace_shapes import memento_batch
 
     meta, lengths = memento_batch(sz.tokens, doc_tokens=sz.doc_tokens, keep_last_n_blocks=max(keep, 0),
                                   scale=sz.shape_scale)
@@ -265,7 +265,7 @@ def step_sft_loss_memory(sz: Sizes) -> dict:
     torch = _torch()
     import torch.nn.functional as F
 
-    from memento_train.lm_head import fused_token_loss_sum
+    from memento_train.models.lm_head import fused_token_loss_sum
 
     dtype = torch.bfloat16 if _cuda() else torch.float32
     g = torch.Generator(device=_device()).manual_seed(0)
@@ -283,7 +283,7 @@ def step_sft_loss_memory(sz: Sizes) -> dict:
     def fused():
         return fused_token_loss_sum(hidden, weight, labels)
 
-    def plain():  # what sft/loss.py did: full logits, then fp32 cross-entropy in 4096-row chunks
+    def plain():  # what sft/losses.py did: full logits, then fp32 cross-entropy in 4096-row chunks
         logits = hidden @ weight.t()
         return sum(F.cross_entropy(logits[i:i + 4096].float(), labels[i:i + 4096], reduction="sum")
                    for i in range(0, t, 4096))
@@ -405,7 +405,7 @@ def step_flex_compile(sz: Sizes) -> dict:
 
 
 def _shorter_batch(sz: Sizes):
-    from memento_train.trace_shapes import memento_batch
+    from memento_train.planning.trace_shapes import memento_batch
 
     meta, _ = memento_batch(sz.tokens - 1000, doc_tokens=sz.doc_tokens, scale=sz.shape_scale)
     return meta.to(_device())
@@ -469,9 +469,9 @@ def _qwen_shaped(sz: Sizes, backend: str):
 
 def step_sft_step(sz: Sizes) -> dict:
     torch = _torch()
-    from memento_train.flops import PEAK_BF16_TFLOPS
-    from memento_train.lm_head import fused_token_loss_sum
-    from memento_train.trace_shapes import memento_batch
+    from memento_train.training.flops import PEAK_BF16_TFLOPS
+    from memento_train.models.lm_head import fused_token_loss_sum
+    from memento_train.planning.trace_shapes import memento_batch
 
     backend = "triton" if _cuda() else "segment"
     if _cuda():

@@ -29,7 +29,7 @@ def tiny_model(seed: int = SEED, *, hidden_size: int = HIDDEN, num_layers: int =
     """The tiny Qwen3 (hidden 32, 2 layers, shipped tokenizer) with memento ``segment`` attention."""
     from memento_train.attention.hf import attn_implementation
     from memento_train.models.tiny import build_tiny_model
-    from memento_train.tokenizer_assets import load_shipped_tokenizer
+    from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 
     model = build_tiny_model(load_shipped_tokenizer(), seed=seed, hidden_size=hidden_size, num_layers=num_layers)
     model.set_attn_implementation(attn_implementation("segment"))
@@ -91,7 +91,7 @@ def _logits(model, mb):
 
 def reference_run(optim_cfg) -> dict[str, Any]:
     """Single-process plain PyTorch: gradients, pre-clip norms and weights after two AdamW steps."""
-    from memento_train.optim import param_groups
+    from memento_train.training.optim import param_groups
 
     model = tiny_model()
     opt = torch.optim.AdamW(param_groups(model, optim_cfg.weight_decay), lr=LR1, betas=optim_cfg.betas,
@@ -122,7 +122,7 @@ def reference_run(optim_cfg) -> dict[str, Any]:
 
 def _step_without_optimizer_state(weights: dict, optim_cfg) -> dict:
     """Step 2 from ``weights`` with a fresh AdamW: what a resume that lost the optimizer gives."""
-    from memento_train.optim import param_groups
+    from memento_train.training.optim import param_groups
 
     model = tiny_model()
     model.load_state_dict(weights)
@@ -277,7 +277,7 @@ def _thread_names() -> list[str]:
 
 def checkpoint_threads_job(rank: int, world_size: int, optim_cfg, ckpt_dir: str) -> dict:
     """This process's threads around an FSDP2 save + load, then around a plain ``dcp.save`` on the
-    default group (the control that shows what the engine avoids; see ``engines/scratch_group.py``)."""
+    default group (the control that shows what the engine avoids; see ``engines/bulk_gather.py``)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 

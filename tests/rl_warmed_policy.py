@@ -25,7 +25,7 @@ WARMUP_OVERRIDES = ["logger=none"]
 
 
 def _config(output_dir: str, *extra: str):
-    from memento_train.rl.rl_config import build_rl_config, config_tree
+    from memento_train.rl.config import build_rl_config, config_tree
 
     return build_rl_config(config_tree(None, [*WARMUP_OVERRIDES, f"output_dir={output_dir}", *extra]))
 
@@ -33,7 +33,7 @@ def _config(output_dir: str, *extra: str):
 def fingerprint() -> dict[str, str]:
     """SHA-256 of the warm-up's stage config, training records and shipped tokenizer files."""
     from memento_train.pipelines.rl_warmup import warmup_records, warmup_stage_tree
-    from memento_train.tokenizer_assets import shipped_tokenizer_path
+    from memento_train.models.shipped_tokenizer import shipped_tokenizer_path
 
     cfg = _config("OUT")
     tree = warmup_stage_tree(cfg, Path("OUT"), Path("DATA"))

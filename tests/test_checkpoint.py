@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from memento_train import checkpoint as C
-from memento_train.checkpoint import STATE_FILE, CheckpointError, CheckpointManager, read_state, verify_checkpoint
+from memento_train.checkpoint import manager as C
+from memento_train.checkpoint.manager import STATE_FILE, CheckpointError, CheckpointManager, read_state, verify_checkpoint
 
 
 def write(mgr: CheckpointManager, step: int) -> None:

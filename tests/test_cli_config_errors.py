@@ -1,6 +1,6 @@
 """Every memento CLI answers the same bad configuration the same way: one stderr line
 ``<prog>: configuration error: <message naming the option>`` and exit code 2 (one builder, one error
-type: :mod:`memento_train.structured_config`, :class:`memento_train.config_errors.ConfigError`)."""
+type: :mod:`memento_train.config.tree`, :class:`memento_train.config.errors.ConfigError`)."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def test_the_same_bad_input_gets_the_same_answer_from_every_cli(kind, capsys, tm
 
 
 def test_bool_strictness_is_the_same_for_overrides_and_recipes(tmp_path):
-    from memento_train.config_errors import ConfigError
+    from memento_train.config.errors import ConfigError
     from memento_train.evaluation.config import load_eval_config
     from memento_train.sft.config import load_sft_config
 

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from memento_train.cluster import ClusterConfig, DistributedWorker, WorkerError, WorkerGroup
-from memento_train.config_errors import ConfigError
+from memento_train.config.errors import ConfigError
 
 ray = pytest.importorskip("ray")
 

@@ -19,7 +19,7 @@ from memento_train.data.config import DataConfig
 from memento_train.data.pack import IGNORE_INDEX
 from memento_train.data.stats import KV_GEOMETRY, load_geometry
 from memento_train.masking import BlockMaskingConfig
-from memento_train.tokenizer_assets import load_shipped_tokenizer
+from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 
 
 def run(capsys, *argv):

@@ -22,7 +22,7 @@ from memento_train.data.pack import (
 from memento_train.data.records import normalize_row
 from memento_train.data.render import Renderer
 from memento_train.masking import Kind, BlockMaskingConfig, dense_mask
-from memento_train.tokenizer_assets import load_shipped_tokenizer
+from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 
 
 def make_doc(rng: np.random.Generator, n: int, rid: str) -> dict:

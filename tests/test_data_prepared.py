@@ -14,11 +14,12 @@ import torch
 from sft_runs import SMALL, STAGE2
 from tokenizer_dirs import base_tokenizer_without_memento_tokens, tokenizer_with_other_template
 
-from memento_train.config_errors import ConfigError
+from memento_train.config.errors import ConfigError
 from memento_train.data.cli import main as data_main
 from memento_train.data.prepared import MANIFEST, load_examples
 from memento_train.models.loading import run_tokenizer
-from memento_train.sft.batching import StepPlanner, build_micro_batch, loss_token_count
+from memento_train.sft.batching import StepPlanner, loss_token_count
+from memento_train.training.micro_batches import build_micro_batch
 from memento_train.sft.cli import main as train_main
 from memento_train.sft.config import load_sft_config
 
@@ -72,7 +73,7 @@ def test_prepared_directory_gives_the_examples_and_micro_batches_of_the_raw_reco
 
 def test_training_from_a_prepared_directory_logs_the_losses_of_training_from_raw_records(tmp_path, prepared):
     from memento_train.sft.driver import run_stage
-    from memento_train.tracking import read_metrics
+    from memento_train.training.tracking import read_metrics
 
     args = ["train.max_steps=2", "checkpoint.export_hf=false"]
     raw = run_stage(_cfg(tmp_path / "raw", *args), progress=False)

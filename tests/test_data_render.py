@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from memento_train import tokens as T
-from memento_train.config_errors import ConfigError
+from memento_train.config.errors import ConfigError
 from memento_train.data.config import SAMPLE_TRACES, DataConfig
 from memento_train.data.records import (
     RecordFieldError,
@@ -23,7 +23,7 @@ from memento_train.data.records import (
 )
 from memento_train.data.render import IGNORE_INDEX, Renderer
 from memento_train.masking import Kind, BlockMaskingConfig, kill_rows, parse
-from memento_train.tokenizer_assets import load_shipped_tokenizer
+from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 
 # CI layout: <parent>/main (repo root) and <parent>/shared (see tests/conftest.py).
 SHARED_TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "memento_traces.jsonl"

@@ -12,7 +12,7 @@ from memento_train.data.synthetic import SyntheticTaskConfig, synthetic_record, 
 from memento_train.data.validate import validate_records
 from memento_train.evaluation.scoring import is_correct
 from memento_train.masking import Kind, BlockMaskingConfig
-from memento_train.tokenizer_assets import load_shipped_tokenizer
+from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 
 TOK = load_shipped_tokenizer()
 RECORDS = synthetic_records(40, SyntheticTaskConfig(seed=7))

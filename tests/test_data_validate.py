@@ -13,7 +13,7 @@ from memento_train.data.config import DataConfig
 from memento_train.data.records import normalize_row
 from memento_train.data.render import Renderer
 from memento_train.masking import BlockMaskingConfig
-from memento_train.tokenizer_assets import load_shipped_tokenizer
+from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 
 BS, BE, SS, SE = "<|block_start|>", "<|block_end|>", "<|summary_start|>", "<|summary_end|>"
 

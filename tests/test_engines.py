@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import engine_harness as H
-from memento_train.config_errors import ConfigError
+from memento_train.config.errors import ConfigError
 from memento_train.engines import EngineConfig, build_engine
-from memento_train.optim import OptimConfig
+from memento_train.training.optim import OptimConfig
 
 CONFIGS = [
     pytest.param(("fsdp2", 2), id="fsdp2-zero2"),

@@ -10,14 +10,14 @@ import sys
 
 import pytest
 
-from memento_train.config_errors import ConfigError
+from memento_train.config.errors import ConfigError
 from memento_train.evaluation.cli import main
 from memento_train.evaluation.config import EvalConfig, build_config, builtin_problem_path
-from memento_train.structured_config import options_of
+from memento_train.config.tree import options_of
 from memento_train.evaluation.report import read_generations
 from memento_train.evaluation.runner import generator_override, load_problems, render_prompts
 from memento_train.evaluation.scripted import ScriptedEngine, memento_response
-from memento_train.tokenizer_assets import load_shipped_tokenizer
+from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 
 
 def run(capsys, *argv):

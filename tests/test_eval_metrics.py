@@ -23,7 +23,7 @@ from memento_train.evaluation.metrics import (
 from memento_train.evaluation.scripted import ScriptedEngine, memento_response
 from memento_train.generation.engine import BlockMaskingConfig, SamplingParams
 from memento_train.masking import Kind, kv_bytes_per_token, live_kv_trace, parse
-from memento_train.tokenizer_assets import load_shipped_tokenizer
+from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 from memento_train.tokens import IM_END, special_token_ids
 
 

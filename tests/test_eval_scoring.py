@@ -112,7 +112,7 @@ def test_guard_times_out_off_the_main_thread():
 def test_eval_counts_unfinished_and_truncated_responses_wrong_by_default():
     from memento_train.evaluation.runner import Problem, score_problem
     from memento_train.generation.engine import GenerationResult
-    from memento_train.tokenizer_assets import load_shipped_tokenizer
+    from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 
     tok = load_shipped_tokenizer()
 

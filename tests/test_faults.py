@@ -13,7 +13,7 @@ from memento_train.faults.config import FaultsConfig
 from memento_train.faults.preemption import EXIT_PREEMPTED, PreemptionGuard, Preempted
 from memento_train.faults.secrets import REDACTED, redact_config, scrub, secret_values
 from memento_train.faults.watchdog import StepWatchdog, describe_stacks
-from memento_train.config_errors import ConfigError
+from memento_train.config.errors import ConfigError
 
 SITE = "/usr/lib/python3.11/site-packages"
 # What faulthandler writes for a Ray actor blocked in FSDP's all-gather: helper threads first, the

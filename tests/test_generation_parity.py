@@ -26,7 +26,7 @@ from memento_train.attention import MementoAttentionMeta, attn_implementation
 from memento_train.data import Renderer
 from memento_train.generation import BlockMaskingConfig, ReferenceGenerator, SamplingParams, SequenceRequest
 from memento_train.masking import Kind, parse
-from memento_train.tokenizer_assets import load_shipped_tokenizer
+from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 from memento_train.tokens import special_token_ids
 
 TOK = load_shipped_tokenizer()

@@ -11,7 +11,7 @@ from memento_train.data.render import Renderer
 from memento_train.evaluation.runner import Problem, render_prompts
 from memento_train.generation.prompt import generation_prompt_ids, generation_prompt_text
 from memento_train.rl.driver import encode_prompts
-from memento_train.tokenizer_assets import load_shipped_tokenizer
+from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 
 PROBLEM = "Compute $3 + 4 \\cdot 5$ (mod 10)."
 # A Qwen3-style template: the generation prompt may differ from the plain ChatML one (here it opens an

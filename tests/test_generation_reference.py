@@ -27,7 +27,7 @@ from memento_train.generation import (
     token_logprobs,
 )
 from memento_train.masking import Kind, kv_bytes_per_token, live_kv_trace, parse
-from memento_train.tokenizer_assets import load_shipped_tokenizer
+from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 from memento_train.tokens import special_token_ids
 
 TOK = load_shipped_tokenizer()

@@ -25,7 +25,7 @@ from memento_train.generation.vllm_engine import (
     replay_block_cap,
 )
 from memento_train.masking import Kind, SpecialTokens, live_kv_trace, parse
-from memento_train.tokenizer_assets import load_shipped_tokenizer
+from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 from memento_train.tokens import special_token_ids
 
 TOK = load_shipped_tokenizer()

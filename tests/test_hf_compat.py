@@ -15,14 +15,14 @@ import torch
 import transformers
 from tokenizers import Tokenizer
 
-from memento_train.hf_compat import (
+from memento_train.export.compat import (
     add_legacy_keys,
     check_served_rope_theta,
     legacy_config,
     legacy_tokenizer_config,
     rope_theta_of,
 )
-from memento_train.tokenizer_assets import shipped_tokenizer_path
+from memento_train.models.shipped_tokenizer import shipped_tokenizer_path
 from memento_train.masking import BlockMaskingConfig
 
 IS_V4 = int(transformers.__version__.split(".")[0]) < 5
@@ -111,8 +111,8 @@ def test_warmed_policy_config_declares_its_rope_base_for_both_major_versions():
 
 @pytest.mark.skipif(IS_V4, reason="exports are written with transformers 5 (memento-train's training side)")
 def test_export_hf_writes_the_legacy_keys(tmp_path):
-    from memento_train.export import export_hf
-    from memento_train.tokenizer_assets import load_shipped_tokenizer
+    from memento_train.export.writer import export_hf
+    from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 
     tok = load_shipped_tokenizer()
     cfg = transformers.Qwen3Config(**{k: v for k, v in V5_QWEN3.items() if k not in ("architectures", "model_type", "dtype")})

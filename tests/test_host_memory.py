@@ -29,7 +29,7 @@ def checkpoint(tmp_path_factory) -> tuple[str, int]:
     """An fp32 HF checkpoint (with the shipped tokenizer) and its weight bytes."""
     import transformers
 
-    from memento_train.tokenizer_assets import load_shipped_tokenizer
+    from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 
     tok = load_shipped_tokenizer()
     cfg = transformers.Qwen3Config(vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=FFN,
@@ -48,7 +48,7 @@ def _measure(rank: int, make_engine, out_dir: str, checkpoint_path: str) -> dict
     and (rank 0) the HF export; checks rank 0's gathered weights against the checkpoint."""
     from safetensors.torch import load_file
 
-    from memento_train.export import export_hf
+    from memento_train.export.writer import export_hf
 
     gc.collect()
     base = rss()
@@ -77,7 +77,7 @@ def _measure(rank: int, make_engine, out_dir: str, checkpoint_path: str) -> dict
 def load_export_job(rank: int, world_size: int, checkpoint_path: str, configs: list, out_dir: str) -> list:
     from memento_train.engines import EngineConfig, build_engine
     from memento_train.models.loading import load_model, run_tokenizer
-    from memento_train.optim import OptimConfig
+    from memento_train.training.optim import OptimConfig
     from memento_train.models.config import ModelConfig
 
     mcfg = ModelConfig(path=checkpoint_path, attn_backend="segment")
@@ -145,7 +145,7 @@ def megatron_load_job(checkpoint_path: str, out_dir: str) -> list:
     rank = dist.get_rank()
     from memento_train.engines import EngineConfig, build_engine
     from memento_train.models.loading import load_model, run_tokenizer
-    from memento_train.optim import OptimConfig
+    from memento_train.training.optim import OptimConfig
     from memento_train.models.config import ModelConfig
 
     mcfg = ModelConfig(path=checkpoint_path, attn_backend="segment")

@@ -30,7 +30,7 @@ from memento_train.launch import DEFAULT_ENV, parse_env_assignments
 from memento_train.launch.cli import main, prepare_driver_command
 from memento_train.launch.ray_job import RayJobOptions, build_job_request, submit_and_stream
 from memento_train.launch.slurm import TEMPLATE, SlurmOptions, render_sbatch_script, render_template
-from memento_train.config_errors import ConfigError
+from memento_train.config.errors import ConfigError
 
 FAKE_SLURM = Path(__file__).parent / "fake_slurm"
 REPO = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""The fused, chunked LM head + cross-entropy (``memento_train/lm_head.py``) and how engines run it.
+"""The fused, chunked LM head + cross-entropy (``memento_train/models/lm_head.py``) and how engines run it.
 
 - fp64: log-probs, entropies and the SFT loss equal the plain ``logits -> log_softmax`` path, values
   and gradients, for any chunking, temperature, ignore-index and loss-mask pattern (hypothesis).
@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 import engine_harness as H
 from memento_train.engines.head_stats import HeadRequest, TokenStats, TokenStatsFn, head_request, token_logprob_fn
-from memento_train.lm_head import VocabShard, fused_token_logprobs
-from memento_train.sft.loss import sft_loss_fn, token_loss_sum
+from memento_train.models.lm_head import VocabShard, fused_token_logprobs
+from memento_train.sft.losses import sft_loss_fn, token_loss_sum
 
 
 def _plain(hidden, weight, labels, temperature=1.0):
@@ -100,7 +100,7 @@ def _logits(model, mb):
 @pytest.mark.parametrize("family,tied", [("qwen3", False), ("qwen3", True), ("phi3", False), ("olmo3", False)])
 def test_sft_loss_equals_the_plain_loss_normalised_by_global_tokens_in_fp64(family, tied):
     """Several micro-batches (one with a loss mask, one with no loss token at all), each divided by the
-    loss tokens of the whole step, as sft/loss.py did with logits: same loss, same parameter gradients."""
+    loss tokens of the whole step, as sft/losses.py did with logits: same loss, same parameter gradients."""
     model = _tiny_lm(family, tied=tied)
     mbs = H.micro_batches(1, n=3)
     mbs[1].extras["loss_mask"] = (torch.arange(mbs[1].num_tokens) % 3 != 0)
@@ -175,9 +175,9 @@ def one_rank_group(tmp_path):
 
 def test_sft_step_saves_no_vocab_sized_tensor_for_backward(one_rank_group):
     """Through the FSDP2 engine, the SFT loss saves only O(T·H) beyond the decoder itself; the plain
-    logits loss (what sft/loss.py did) saves a full fp32 [T, vocab] log-softmax."""
+    logits loss (what sft/losses.py did) saves a full fp32 [T, vocab] log-softmax."""
     from memento_train.engines import EngineConfig, build_engine
-    from memento_train.optim import OptimConfig
+    from memento_train.training.optim import OptimConfig
 
     mb = H.micro_batches(1, n=1)[0]
     n_tok, tokens = mb.num_tokens, int((mb.extras["labels"] != -100).sum())
@@ -204,7 +204,7 @@ def _rank_share(rank, world_size):
 def sharded_grads_job(rank: int, world_size: int, configs: list) -> dict:
     """Per (kind, stage, tied): full gradients of the fused SFT loss and of the plain logits loss."""
     from memento_train.engines import EngineConfig, build_engine
-    from memento_train.optim import OptimConfig
+    from memento_train.training.optim import OptimConfig
 
     out = {}
     for kind, stage, tied in configs:

@@ -126,11 +126,11 @@ def test_tp2_shards_through_the_hf_export_reload_bit_identical(tmp_path):
     weight (memento rows included) comes back bit-identical and the tied head is tied again."""
     import transformers as tf
 
-    from memento_train.export import export_hf
+    from memento_train.export.writer import export_hf
     from memento_train.masking import BlockMaskingConfig
     from memento_train.models.megatron_convert import hf_to_megatron, megatron_to_hf
     from memento_train.models.megatron_gpt import architecture_of
-    from memento_train.tokenizer_assets import load_shipped_tokenizer
+    from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 
     model = _tiny("qwen3", tied=True)
     arch = architecture_of(model)
@@ -147,7 +147,7 @@ def test_tp2_shards_through_the_hf_export_reload_bit_identical(tmp_path):
 def test_unsupported_configs_name_the_option():
     import transformers as tf
 
-    from memento_train.config_errors import ConfigError
+    from memento_train.config.errors import ConfigError
     from memento_train.models.megatron_gpt import describe_hf_config, transformer_config_from_hf
 
     sliding = tf.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=4,

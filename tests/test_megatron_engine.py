@@ -28,7 +28,7 @@ STEP_SEEDS = [[0, 1], [2, 3]]  # two optimizer steps of two micro-batches each
 
 
 def optim_config():
-    from memento_train.optim import OptimConfig
+    from memento_train.training.optim import OptimConfig
 
     # Clipping is active: the first step's gradient norm is ~1.1.
     return OptimConfig(lr=LR, weight_decay=0.1, grad_clip=0.5)
@@ -81,7 +81,7 @@ def train(engine, step_seeds=STEP_SEEDS) -> dict:
 def train_hf_adamw(tied: bool = False) -> dict:
     """The reference: the HF model with memento attention and plain ``torch.optim.AdamW``."""
     from memento_train.attention import attn_implementation
-    from memento_train.optim import param_groups
+    from memento_train.training.optim import param_groups
 
     model = tiny_hf(tied)
     model.set_attn_implementation(attn_implementation("segment"))
@@ -168,12 +168,12 @@ def test_save_load_resumes_identically(tmp_path):
 
 def test_export_hf_loads_in_transformers(tmp_path):
     """The production export path (``EngineWorker.export_hf``): the engine's ``full_state_dict`` written
-    by :func:`memento_train.export.export_hf` loads in transformers with the trained weights."""
+    by :func:`memento_train.export.writer.export_hf` loads in transformers with the trained weights."""
     import transformers as tf
 
-    from memento_train.export import export_hf
+    from memento_train.export.writer import export_hf
     from memento_train.masking import BlockMaskingConfig
-    from memento_train.tokenizer_assets import load_shipped_tokenizer
+    from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 
     with single_process_group():
         engine = make_engine(tied=True)
@@ -200,7 +200,7 @@ def test_core_attention_uses_the_models_memento_backend():
 
 
 def test_bad_configs_name_the_option():
-    from memento_train.config_errors import ConfigError
+    from memento_train.config.errors import ConfigError
 
     from memento_train.engines import EngineConfig, build_engine
 
@@ -269,7 +269,7 @@ def test_native_megatron_applies_weight_decay_only_to_matrices_not_to_norms_bias
     """A step with zero gradients: Adam's update is 0, so only decoupled weight decay moves weights.
     Weight matrices shrink by (1 - lr * wd); norms, biases and the embedding must not move."""
     from memento_train.engines import EngineConfig, build_engine
-    from memento_train.optim import OptimConfig
+    from memento_train.training.optim import OptimConfig
 
     lr, wd = 1e-2, 0.5
     model = tiny_hf()

@@ -21,7 +21,7 @@ def _train_fused(engine) -> dict:
     """As ``test_megatron_engine.train`` but with the SFT loss (fused, vocabulary-parallel head)."""
     from test_megatron_engine import LR, STEP_SEEDS, loss_tokens
 
-    from memento_train.sft.loss import sft_loss_fn
+    from memento_train.sft.losses import sft_loss_fn
 
     losses, norms, grads = [], [], None
     for seeds in STEP_SEEDS:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from memento_train.models import build_tiny_model, tiny_model_config
-from memento_train.tokenizer_assets import load_shipped_tokenizer
+from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 from memento_train.tokens import special_token_ids
 
 TOK = load_shipped_tokenizer()

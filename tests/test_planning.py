@@ -27,7 +27,7 @@ def _model(checkpointing: bool):
     import transformers
 
     from memento_train.attention import attn_implementation
-    from memento_train.tokenizer_assets import load_shipped_tokenizer
+    from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 
     cfg = transformers.Qwen3Config(vocab_size=len(load_shipped_tokenizer()), hidden_size=HIDDEN,
                                    intermediate_size=3 * HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
@@ -43,7 +43,7 @@ def _model(checkpointing: bool):
 
 def _micro_batch(keep: int):
     from memento_train.engines import MicroBatch
-    from memento_train.trace_shapes import memento_batch
+    from memento_train.planning.trace_shapes import memento_batch
 
     meta, lengths = memento_batch(TOKENS, doc_tokens=TOKENS, keep_last_n_blocks=max(keep, 0))
     if keep < 0:
@@ -62,8 +62,8 @@ def measure_job(rank: int, world_size: int, configs: list) -> dict:
     """Per (kind, zero_stage, checkpointing, keep): bytes held after a step, and the peak of one more
     forward + backward above that."""
     from memento_train.engines import EngineConfig, build_engine
-    from memento_train.optim import OptimConfig
-    from memento_train.sft.loss import sft_loss_fn
+    from memento_train.training.optim import OptimConfig
+    from memento_train.sft.losses import sft_loss_fn
 
     out = {}
     for i, config in enumerate([configs[0], *configs]):  # the first run only warms up (imports, caches)
@@ -92,7 +92,7 @@ def measure_job(rank: int, world_size: int, configs: list) -> dict:
 def _planned(config, world_size):
     from memento_train.planning.memory import Parallel, Workload, plan_memory
     from memento_train.planning.shapes import ModelShape
-    from memento_train.tokenizer_assets import load_shipped_tokenizer
+    from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 
     kind, stage, checkpointing, keep = config
     shape = ModelShape(family="qwen3", hidden=HIDDEN, ffn=3 * HIDDEN, layers=LAYERS, heads=4, kv_heads=2,
@@ -141,7 +141,7 @@ def test_planned_activations_and_state_match_measured_peaks(fsdp2_measured, conf
 
 # -- the CLI -------------------------------------------------------------------------------------------
 def _plan(capsys, prog: str, *args: str) -> tuple[int, str]:
-    from memento_train.recipe_cli import run_recipe_cli
+    from memento_train.recipes.cli import run_recipe_cli
 
     code = run_recipe_cli(prog, "", ["plan", *args], lambda a: 0)
     return code, capsys.readouterr().out
@@ -175,7 +175,7 @@ def test_plan_follows_overrides_and_names_a_bad_gpu(capsys):
     _, no_ckpt = _plan(capsys, "memento-train", "recipe=qwen3_8b_stage2", "model.gradient_checkpointing=false")
     assert "gradient checkpointing off" in no_ckpt and "every layer's saved tensors" in no_ckpt
     assert "model.gradient_checkpointing=true" in no_ckpt  # 36 layers of saved activations do not fit
-    from memento_train.recipe_cli import run_recipe_cli
+    from memento_train.recipes.cli import run_recipe_cli
 
     assert run_recipe_cli("memento-train", "", ["plan", "recipe=qwen3_8b_stage2", "gpu=A100"], lambda a: 0) == 2
     assert "gpu='A100' is not known" in capsys.readouterr().err

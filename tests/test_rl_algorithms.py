@@ -9,11 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memento_train.config_errors import ConfigError
+from memento_train.config.errors import ConfigError
 from memento_train.engines.base import MicroBatch
 from memento_train.attention import MementoAttentionMeta
 from memento_train.rl.advantages import broadcast_to_tokens, compute_advantages, group_ids_for, group_reward_stats
-from memento_train.rl.config import AlgorithmConfig
+from memento_train.rl.algorithm import AlgorithmConfig
 from memento_train.rl.logprobs import IGNORE_INDEX, make_logprob_fn, token_logprobs, token_logprobs_and_entropy
 from memento_train.rl.losses import (
     MAX_K3,
@@ -350,7 +350,7 @@ def test_loss_fn_hand_value_with_kl_and_entropy_and_masked_garbage():
     assert m["entropy"] == pytest.approx(0.562335, abs=1e-5) and m["ratio/max"] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("loss", ["cispo", "grpo"])
+@pytest.mark.parametrize("loss", ["cispo", "ppo_clip"])
 def test_tokens_dropped_by_loss_mask_neither_count_nor_leak_nan_gradients(loss):
     # token 1 has a label but loss_mask = 0 and NaN / -inf extras (e.g. an overlong, dropped response)
     logits = torch.randn(3, 4, requires_grad=True)
@@ -369,7 +369,7 @@ def test_tokens_dropped_by_loss_mask_neither_count_nor_leak_nan_gradients(loss):
 
 
 @pytest.mark.parametrize("loss_agg", ["token_mean", "seq_total", "seq_mean", "group_total"])
-@pytest.mark.parametrize("loss", ["cispo", "grpo"])
+@pytest.mark.parametrize("loss", ["cispo", "ppo_clip"])
 def test_micro_batch_losses_add_up_to_the_whole_batch_loss(loss, loss_agg):
     # The engines' contract: Σ over micro-batches (and ranks) of (micro-batch sum / mini-batch
     # normaliser) is the loss and gradient of the whole batch, for every aggregation, also when a
@@ -510,3 +510,11 @@ def test_algorithm_config_errors_name_the_option(option, value):
 def test_tis_with_rollout_old_logprobs_is_rejected():
     with pytest.raises(ConfigError, match="algorithm.tis_cap.*old_logprobs_source"):
         AlgorithmConfig(tis_cap=2.0, old_logprobs_source="rollout").validate()
+
+
+def test_grpo_is_the_old_name_of_the_ppo_clip_loss():
+    """GRPO names the advantage scheme; the clipped loss is PPO's. The old option value still works."""
+    from memento_train.rl.losses import POLICY_LOSSES
+
+    assert AlgorithmConfig(loss="grpo").validate().loss == "ppo_clip"
+    assert POLICY_LOSSES["grpo"] is POLICY_LOSSES["ppo_clip"]

@@ -10,15 +10,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from memento_train.config_errors import ConfigError
-from memento_train.export import MARKER_FILE, export_hf, exported_mask
+from memento_train.config.errors import ConfigError
+from memento_train.export.writer import MARKER_FILE, export_hf, exported_mask
 from memento_train.masking import BlockMaskingConfig
 from memento_train.rl.cli import main as rl_main
 from memento_train.rl.driver import encode_prompts, load_problems
 from memento_train.rl.rewards import math_reward
-from memento_train.rl.rl_config import build_rl_config, config_tree, load_rl_config
+from memento_train.rl.config import build_rl_config, config_tree, load_rl_config
 from memento_train.sft.cli import main as sft_main
-from memento_train.tokenizer_assets import load_shipped_tokenizer
+from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 
 OFFLINE = ["logger=none"]  # hub datasets are named, not read: show never downloads
 

@@ -8,7 +8,7 @@ import os
 import pytest
 from test_rl_loop import run
 
-from memento_train.checkpoint import CheckpointManager
+from memento_train.checkpoint.manager import CheckpointManager
 
 _MARKER = "MEMENTO_TEST_REWARD_CRASH_MARKER"
 
@@ -81,7 +81,7 @@ def test_sigterm_to_memento_rl_checkpoints_the_step_exits_75_and_the_rerun_conti
     from test_rl_loop import FAST
 
     from memento_train.faults.preemption import EXIT_PREEMPTED
-    from memento_train.tracking import read_metrics
+    from memento_train.training.tracking import read_metrics
 
     over = ["train.total_steps=4", "checkpoint.every=100"]  # no periodic checkpoint: only the signal's
     _, straight = run(tmp_path / "straight", *over)

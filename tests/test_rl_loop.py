@@ -12,10 +12,10 @@ from memento_train.data.render import Renderer
 from memento_train.data.synthetic import SyntheticTaskConfig, synthetic_record
 from memento_train.masking import BlockMaskingConfig, SpecialTokens, parse
 from memento_train.rl.driver import prompt_indices, run_rl
-from memento_train.rl.rl_config import build_rl_config, config_tree
+from memento_train.rl.config import build_rl_config, config_tree
 from memento_train.rl.trainer_worker import TOKEN_EXTRAS, rollout_document
 from memento_train.tokens import special_token_ids
-from memento_train.tracking import read_metrics
+from memento_train.training.tracking import read_metrics
 from memento_train.training.micro_batches import build_micro_batch, plan_micro_batches
 
 # A random, very small policy and a tiny batch: plumbing tests, seconds per step, inline workers.
@@ -49,7 +49,7 @@ def test_prompt_order_is_a_pure_function_of_seed_and_step():
 
 
 def test_warmup_unboxed_answer_rate_must_be_a_fraction_and_reaches_the_warmup_data(tmp_path, monkeypatch):
-    from memento_train.config_errors import ConfigError
+    from memento_train.config.errors import ConfigError
     from memento_train.pipelines import rl_warmup
 
     with pytest.raises(ConfigError, match="warmup.unboxed_answer_rate"):
@@ -71,7 +71,7 @@ def test_warmup_unboxed_answer_rate_must_be_a_fraction_and_reaches_the_warmup_da
 
 
 def test_run_rl_with_the_warmup_enabled_but_not_run_names_the_pipeline_that_runs_it(tmp_path):
-    from memento_train.config_errors import ConfigError
+    from memento_train.config.errors import ConfigError
 
     cfg = build_rl_config(config_tree(None, [f"output_dir={tmp_path}", "logger=none"]))
     with pytest.raises(ConfigError, match="warm_up_then_run_rl"):
@@ -127,7 +127,7 @@ def test_weight_sync_gives_rollout_workers_the_trainer_weights(tmp_path):
     from memento_train.rl.rollout_worker import RolloutPool
     from memento_train.rl.trainer_worker import RLTrainerWorker
     from memento_train.rl.weight_sync import sync_weights
-    from memento_train.structured_config import to_dict
+    from memento_train.config.tree import to_dict
 
     cfg = build_rl_config(config_tree(None, [*FAST, f"output_dir={tmp_path}"]))
     tree = to_dict(cfg)
@@ -167,7 +167,7 @@ def test_trainer_recomputes_the_rollout_logprobs_of_block_evicting_responses_and
     from memento_train.rl.driver import encode_prompts, load_problems, sample_seed
     from memento_train.rl.rollout_worker import RolloutRequest, RolloutWorker
     from memento_train.rl.trainer_worker import RLTrainerWorker
-    from memento_train.structured_config import to_dict
+    from memento_train.config.tree import to_dict
 
     cfg = build_rl_config(config_tree(None, [*FAST, f"output_dir={tmp_path}", f"model.path={rl_warmed_policy.ASSET}",
                                              "rollout.max_new_tokens=160"]))

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memento_train.config_errors import ConfigError
+from memento_train.config.errors import ConfigError
 from memento_train.data.synthetic import synthetic_records
 from memento_train.rl.rewards import (
     DEFAULT_REWARD_FN,

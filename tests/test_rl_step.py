@@ -8,7 +8,7 @@ import pytest
 from test_rl_loop import run
 
 import rl_warmed_policy
-from memento_train.rl.config import AlgorithmConfig
+from memento_train.rl.algorithm import AlgorithmConfig
 from memento_train.rl.driver import loss_token_masks
 
 
@@ -91,9 +91,9 @@ def test_the_reference_forward_runs_through_a_second_engine_sharded_like_the_pol
 
     from memento_train.cluster import WorkerGroup
     from memento_train.engines.base import TrainEngine
-    from memento_train.rl.rl_config import build_rl_config, config_tree
+    from memento_train.rl.config import build_rl_config, config_tree
     from memento_train.rl.trainer_worker import RLTrainerWorker
-    from memento_train.structured_config import to_dict
+    from memento_train.config.tree import to_dict
     from test_rl_loop import FAST
 
     cfg = build_rl_config(config_tree(None, [*FAST, f"output_dir={tmp_path}"]))

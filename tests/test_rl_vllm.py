@@ -12,8 +12,8 @@ import pytest
 import rl_warmed_policy
 import vllm_harness as vh
 from memento_train.rl.driver import run_rl
-from memento_train.rl.rl_config import build_rl_config, config_tree
-from memento_train.tracking import read_metrics
+from memento_train.rl.config import build_rl_config, config_tree
+from memento_train.training.tracking import read_metrics
 
 pytestmark = pytest.mark.skipif(vh.plugin_skip_reason() is not None, reason=str(vh.plugin_skip_reason()))
 

@@ -11,7 +11,7 @@ import torch
 from test_rl_loop import FAST
 from test_rl_loop import run as run_fast
 
-from memento_train.config_errors import ConfigError
+from memento_train.config.errors import ConfigError
 from memento_train.rl.collective_sync import (
     Rendezvous,
     TensorSpec,
@@ -24,7 +24,7 @@ from memento_train.rl.collective_sync import (
     state_manifest,
     unflatten_bucket,
 )
-from memento_train.rl.rl_config import build_rl_config, config_tree
+from memento_train.rl.config import build_rl_config, config_tree
 from memento_train.rl.trainer_worker import RLTrainerWorker
 
 
@@ -209,7 +209,7 @@ def test_two_fsdp_ranks_broadcast_to_two_rollout_actors_and_reuse_the_group(tmp_
     from memento_train.rl.driver import _open_ray
     from memento_train.rl.rollout_worker import RolloutPool
     from memento_train.rl.weight_sync import CollectiveWeightSync, sync_weights
-    from memento_train.structured_config import to_dict
+    from memento_train.config.tree import to_dict
 
     cfg = build_rl_config(config_tree(None, [*FAST, f"output_dir={tmp_path}", *RAY, "cluster.num_workers=2",
                                              "rollout_cluster.num_workers=2"]))

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from memento_train.config_errors import ConfigError
+from memento_train.config.errors import ConfigError
 from memento_train.recipes import available_recipes, load_recipe
 from memento_train.sft.cli import main
 from memento_train.sft.config import EXPORT_MARKER, build_sft_config, config_tree, load_sft_config
-from memento_train.structured_config import parse_overrides
+from memento_train.config.tree import parse_overrides
 
 PAPER_RECIPES = ["qwen3_8b_stage1", "qwen3_8b_stage2", "qwen3_32b_stage1", "qwen3_32b_stage2",
                  "phi4_reasoning_stage1", "phi4_reasoning_stage2", "olmo3_7b_stage1", "olmo3_7b_stage2"]

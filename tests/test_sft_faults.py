@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from sft_runs import SMALL
 
-from memento_train.tracking import read_metrics
+from memento_train.training.tracking import read_metrics
 
 pytestmark = pytest.mark.slow  # each run starts Ray and two workers (~30-60 s on 2 cores)
 

@@ -14,11 +14,11 @@ import sys
 import pytest
 from sft_runs import SMALL, cli, signal_after, start_and_kill_after
 
-from memento_train.checkpoint import CheckpointManager, verify_checkpoint
+from memento_train.checkpoint.manager import CheckpointManager, verify_checkpoint
 from memento_train.faults.preemption import EXIT_PREEMPTED
 from memento_train.sft.config import load_sft_config
 from memento_train.sft.driver import run_stage
-from memento_train.tracking import read_metrics
+from memento_train.training.tracking import read_metrics
 
 RUN = ["recipe=tiny_stage1", *SMALL, *["train.max_steps=6", "checkpoint.every=2", "checkpoint.export_hf=false"]]
 
@@ -124,7 +124,7 @@ def _inject_enospc_at(monkeypatch, step: int) -> list[str]:
     """The step-``step`` checkpoint write runs out of space half way: a partial shard, then ENOSPC."""
     import errno
 
-    from memento_train import engine_worker
+    from memento_train.training import worker as engine_worker
 
     real, hits = engine_worker.save_rank_state, []
 
@@ -143,7 +143,7 @@ def _inject_enospc_at(monkeypatch, step: int) -> list[str]:
 
 def test_a_full_disk_at_a_checkpoint_fails_naming_path_and_free_space_and_keeps_the_previous_one(
         tmp_path, straight, monkeypatch):
-    from memento_train.checkpoint import CheckpointSaveError
+    from memento_train.checkpoint.manager import CheckpointSaveError
 
     out = tmp_path / "full"
     hits = _inject_enospc_at(monkeypatch, 4)

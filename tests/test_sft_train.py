@@ -15,10 +15,10 @@ from memento_train.data.cache import prepare_dataset
 from memento_train.models.loading import run_tokenizer
 from memento_train.sft.cli import main
 from memento_train.sft.config import load_sft_config
-from memento_train.sft.loss import sft_loss_fn
+from memento_train.sft.losses import sft_loss_fn
 from memento_train.sft.worker import SFTWorker
-from memento_train.structured_config import to_dict
-from memento_train.tracking import read_metrics
+from memento_train.config.tree import to_dict
+from memento_train.training.tracking import read_metrics
 
 METRIC_KEYS = {"loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_worker", "tflops_per_s_per_worker",
                "padding_pct", "evicted_pair_frac", "blocks", "summary_tokens", "sequences", "epoch"}

@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from memento_train import tokens as T
-from memento_train.tokenizer_assets import load_shipped_tokenizer, shipped_tokenizer_path
+from memento_train.models.shipped_tokenizer import load_shipped_tokenizer, shipped_tokenizer_path
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_SPECIAL = (T.BLOCK_START, T.BLOCK_END, T.SUMMARY_START, T.SUMMARY_END, T.THINK_START, T.THINK_END,

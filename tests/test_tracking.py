@@ -7,8 +7,8 @@ import torch
 import transformers
 
 from memento_train.attention import MementoAttentionMeta
-from memento_train.flops import FlopCounter, layer_windows, peak_tflops
-from memento_train.tracking import RunLogger, read_metrics, wandb_mode
+from memento_train.training.flops import FlopCounter, layer_windows, peak_tflops
+from memento_train.training.tracking import RunLogger, read_metrics, wandb_mode
 
 
 def test_jsonl_is_cut_back_to_the_resumed_step(tmp_path):

@@ -69,7 +69,7 @@ def test_rollout_workers_may_run_in_a_second_interpreter(tmp_path):
     import sys
 
     from memento_train.cluster.config import ClusterConfig
-    from memento_train.config_errors import ConfigError
+    from memento_train.config.errors import ConfigError
 
     assert ClusterConfig(python=sys.executable).validate("rollout_cluster").python == sys.executable
     with pytest.raises(ConfigError, match=r"rollout_cluster\.python: .*nope.* is not an executable file"):
@@ -81,8 +81,8 @@ def test_rollout_workers_may_run_in_a_second_interpreter(tmp_path):
 
 
 def test_vllm_rollouts_need_a_checkpoint_directory(tmp_path):
-    from memento_train.config_errors import ConfigError
-    from memento_train.rl.rl_config import build_rl_config, config_tree
+    from memento_train.config.errors import ConfigError
+    from memento_train.rl.config import build_rl_config, config_tree
 
     base = ["logger=none", f"output_dir={tmp_path}", "rollout.generator=vllm", "warmup.enabled=false"]
     with pytest.raises(ConfigError, match="rollout.generator=vllm loads the policy from a checkpoint directory"):
@@ -98,7 +98,7 @@ def test_rollout_actors_start_with_the_configured_interpreter(monkeypatch, tmp_p
     import ray
 
     from memento_train.rl import rollout_worker
-    from memento_train.rl.rl_config import build_rl_config, config_tree
+    from memento_train.rl.config import build_rl_config, config_tree
 
     started = []
 

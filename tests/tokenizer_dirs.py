@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from memento_train.tokenizer_assets import shipped_tokenizer_path
+from memento_train.models.shipped_tokenizer import shipped_tokenizer_path
 from memento_train.tokens import MEMENTO_TOKENS
 
 

@@ -1,18 +1,18 @@
 """Memento attention: one entry point, several exact backends, HF registration."""
 
-from .flash import FLASH_NO_WINDOW_WITH_EVICTION, flash_attention_backend, flash_unavailable_reason
-from .flex import flex_attention_backend, flex_unavailable_reason
-from .hf import attn_implementation, hf_memento_attention, register_with_transformers
-from .meta import IntervalPlan, MementoAttentionMeta
-from .registry import (
+from memento_train.attention.flash import FLASH_NO_WINDOW_WITH_EVICTION, flash_attention_backend, flash_unavailable_reason
+from memento_train.attention.flex import flex_attention_backend, flex_unavailable_reason
+from memento_train.attention.hf import attn_implementation, hf_memento_attention, register_with_transformers
+from memento_train.attention.meta import IntervalPlan, MementoAttentionMeta
+from memento_train.attention.registry import (
     available_backends,
     check_backend_for_model,
     memento_attention,
     register_backend,
     resolve_backend,
 )
-from .sdpa import sdpa_attention
-from .segment import segment_attention
+from memento_train.attention.sdpa import sdpa_attention
+from memento_train.attention.segment import segment_attention
 
 register_backend("sdpa", sdpa_attention)
 register_backend("segment", segment_attention)

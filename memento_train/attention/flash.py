@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .meta import MementoAttentionMeta
+from memento_train.attention.meta import MementoAttentionMeta
 
 # flash-attn's window counts positions in the gathered (compacted) key list, not logical positions, so
 # it cannot express a logical window once keys have been evicted.

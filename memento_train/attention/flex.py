@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from .meta import MementoAttentionMeta
+from memento_train.attention.meta import MementoAttentionMeta
 
 # None: compile on CUDA only (eager flex is a slow reference); benchmarks may force True on CPU.
 FLEX_COMPILE: bool | None = None

@@ -18,8 +18,8 @@ from __future__ import annotations
 import functools
 from contextlib import contextmanager
 
-from .meta import MementoAttentionMeta
-from .registry import _BACKENDS, memento_attention
+from memento_train.attention.meta import MementoAttentionMeta
+from memento_train.attention.registry import _BACKENDS, memento_attention
 
 PREFIX = "memento_"
 

@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 import torch
 
-from memento_train.config_errors import ConfigError
+from memento_train.config.errors import ConfigError
 
-from .meta import MementoAttentionMeta
+from memento_train.attention.meta import MementoAttentionMeta
 
 Backend = Callable[..., torch.Tensor]
 

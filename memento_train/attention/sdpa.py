@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .meta import MementoAttentionMeta
+from memento_train.attention.meta import MementoAttentionMeta
 
 
 def dense_document_mask(kill_row: torch.Tensor, start: int, end: int, window: int | None) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .meta import MementoAttentionMeta
+from memento_train.attention.meta import MementoAttentionMeta
 
 QUERY_CHUNK = 512  # rows per SDPA call; bounds the score matrix to chunk × visible keys
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from memento_train.cluster.config import ClusterConfig
-from memento_train.config_errors import ConfigError
+from memento_train.config.errors import ConfigError
 from memento_train.cluster.session import RaySession, cluster_gpus, reserve_placement_group, worker_code_paths
 from memento_train.cluster.worker import DistributedWorker
 

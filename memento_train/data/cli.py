@@ -40,9 +40,9 @@ import shutil
 import sys
 from typing import Any
 
-from memento_train.config_errors import ConfigError, FlagParser, report_config_error
+from memento_train.config.errors import ConfigError, FlagParser, report_config_error
 from memento_train.data.config import HF_CONFIGS, OVERLONG_POLICIES, SAMPLE_TRACES, DataConfig
-from memento_train.structured_config import build
+from memento_train.config.tree import build
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

@@ -4,8 +4,8 @@ One :class:`DataConfig` drives loading (:mod:`.records`), rendering (:mod:`.rend
 (:mod:`.validate`) and the pre-tokenized Arrow cache (:mod:`.cache`). Its ``block_masking`` field is
 the same :class:`~memento_train.masking.BlockMaskingConfig` rollouts, ``memento-eval`` and the serving
 engine use, so the kill rows stored in the cache are exactly the ones attention will apply. It is
-built like every other config (:func:`memento_train.structured_config.build`) and its errors are
-:class:`~memento_train.config_errors.ConfigError`.
+built like every other config (:func:`memento_train.config.tree.build`) and its errors are
+:class:`~memento_train.config.errors.ConfigError`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from memento_train.config_errors import ConfigError
+from memento_train.config.errors import ConfigError
 from memento_train.masking import BlockMaskingConfig
-from memento_train.structured_config import build, check_types, renamed_from
+from memento_train.config.tree import build, check_types, renamed_from
 
 HfConfig = Literal["default", "full"]
 OverlongPolicy = Literal["drop", "truncate"]
@@ -29,7 +29,7 @@ SAMPLE_TRACES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets
 
 def __getattr__(name: str) -> Any:
     if name == "DataConfigError":  # data config errors are ConfigErrors, like every other option's
-        warnings.warn("DataConfigError is deprecated; catch memento_train.config_errors.ConfigError",
+        warnings.warn("DataConfigError is deprecated; catch memento_train.config.errors.ConfigError",
                       DeprecationWarning, stacklevel=2)
         return ConfigError
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -111,5 +111,5 @@ class DataConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DataConfig:
         """Build and validate from a plain mapping (e.g. a YAML recipe's ``data:`` section), with the
-        rules of every config (:func:`memento_train.structured_config.build`)."""
+        rules of every config (:func:`memento_train.config.tree.build`)."""
         return build(cls, values, "data").validate()

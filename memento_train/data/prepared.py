@@ -8,7 +8,7 @@ prompt, cache version), the source, the tokenizer and the memento tokens it got,
 
 A run with ``data.prepared=DIR`` loads those examples (:func:`load_examples`) instead of tokenizing
 ``data.path``, after checking that its own rendering key (its data config and the *model's* tokenizer)
-equals the stored one; any difference is a :class:`~memento_train.config_errors.ConfigError` naming
+equals the stored one; any difference is a :class:`~memento_train.config.errors.ConfigError` naming
 the option, both values and the ``memento-data prepare`` flag to change. Packing is not part of this:
 the trainer packs examples into micro-batches step by step (:mod:`memento_train.sft.batching`), the
 same way whether they were prepared or rendered in the run.
@@ -23,7 +23,7 @@ import json
 import os
 from typing import Any
 
-from memento_train.config_errors import ConfigError
+from memento_train.config.errors import ConfigError
 from memento_train.data.cache import CACHE_VERSION, EXAMPLE_COLUMNS, prepare_dataset, rendering_key
 from memento_train.data.config import DataConfig
 from memento_train.data.render import tokenizer_fingerprint

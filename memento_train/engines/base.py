@@ -47,7 +47,7 @@ from memento_train.attention import MementoAttentionMeta
 
 from memento_train.engines.config import EngineConfig
 from memento_train.engines.head_stats import HeadRequest, TokenStats, TokenStatsFn, head_request
-from memento_train.optim import OptimConfig
+from memento_train.training.optim import OptimConfig
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from memento_train.config_errors import ConfigError
-from memento_train.structured_config import check_types
+from memento_train.config.errors import ConfigError
+from memento_train.config.tree import check_types
 
 EngineKind = Literal["fsdp2", "deepspeed", "megatron"]
 Precision = Literal["bf16", "fp16", "fp32"]

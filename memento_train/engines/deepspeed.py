@@ -40,11 +40,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from memento_train.config_errors import ConfigError
+from memento_train.config.errors import ConfigError
 from memento_train.engines.base import TrainEngine, register_engine
 from memento_train.engines.config import EngineConfig
 from memento_train.engines.materialize import broadcast_from_rank0, materialize_meta_params, weights_on_rank0_only
-from memento_train.optim import OptimConfig, param_groups
+from memento_train.training.optim import OptimConfig, param_groups
 
 CHECKPOINT_TAG = "engine"
 # First DeepSpeed release whose bf16/fp16 cast leaves fp32 buffers (RoPE inv_freq) alone (PR #8066);

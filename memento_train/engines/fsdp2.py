@@ -48,12 +48,12 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from memento_train.config_errors import ConfigError
+from memento_train.config.errors import ConfigError
 from memento_train.engines.base import TrainEngine, register_engine
 from memento_train.engines.config import EngineConfig
 from memento_train.engines.materialize import take_weights, weights_on_rank0_only
-from memento_train.engines.scratch_group import scratch_gloo_group
-from memento_train.optim import OptimConfig, param_groups
+from memento_train.engines.bulk_gather import scratch_gloo_group
+from memento_train.training.optim import OptimConfig, param_groups
 
 
 def find_layers(model: nn.Module) -> nn.ModuleList:

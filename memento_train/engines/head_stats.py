@@ -4,7 +4,7 @@ Loops that only need per-token results (the SFT loss, RL log-probs and losses) h
 :class:`TokenStatsFn` instead of a function of logits. The engine then runs the model's forward with
 a :class:`HeadRequest` attached to the module that computes the logits (the Hugging Face ``lm_head``,
 Megatron's ``output_layer``); for that one forward, the module returns the requested per-token
-statistics, computed by :func:`memento_train.lm_head.fused_token_logprobs`, instead of ``[T, V]``
+statistics, computed by :func:`memento_train.models.lm_head.fused_token_logprobs`, instead of ``[T, V]``
 logits. Nothing else in the model changes.
 
 Why inside the head's own forward: sharded engines hold the head weight whole only there. FSDP2
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memento_train.lm_head import DEFAULT_CHUNK_ROWS, IGNORE_INDEX, VocabShard, fused_token_logprobs
+from memento_train.models.lm_head import DEFAULT_CHUNK_ROWS, IGNORE_INDEX, VocabShard, fused_token_logprobs
 
 _REQUEST_ATTR = "_memento_head_request"
 

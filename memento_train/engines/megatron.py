@@ -47,15 +47,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from memento_train.config_errors import ConfigError
+from memento_train.config.errors import ConfigError
 from memento_train.engines.base import LossFn, MicroBatch, TrainEngine, register_engine
 from memento_train.engines.config import EngineConfig
 from memento_train.engines.head_stats import HeadRequest, TokenStats, TokenStatsFn, head_request
 from memento_train.engines.materialize import BroadcastStateDict, take_weights, weights_on_rank0_only
 from memento_train.engines.megatron_cpu import CpuFallback, cpu_checkpoint_shim
-from memento_train.engines.scratch_group import scratch_gloo_group
-from memento_train.lm_head import VocabShard
-from memento_train.optim import OptimConfig
+from memento_train.engines.bulk_gather import scratch_gloo_group
+from memento_train.models.lm_head import VocabShard
+from memento_train.training.optim import OptimConfig
 
 CKPT_DIR = "megatron"
 # How the distributed optimizer writes its shards: per gradient bucket, every rank its own slice (no

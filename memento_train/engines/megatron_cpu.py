@@ -8,7 +8,7 @@ gloo) :class:`CpuFallback` does the same arithmetic on the bare ``MementoGPTMode
   count), of q/k-norm gradients over TP and of a tied embedding over the first/last pipeline stages, as
   Megatron's ``finalize_model_grads`` does;
 - the global gradient norm counting TP-replicated parameters once, clipping, and ``torch.optim.AdamW``
-  with :func:`memento_train.optim.param_groups` semantics; fp32 only;
+  with :func:`memento_train.training.optim.param_groups` semantics; fp32 only;
 - the optimizer state as ``dist_checkpointing`` sharded tensors keyed like the model's.
 
 None of this runs on CUDA, where the engine uses Megatron's own DDP and distributed optimizer
@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from memento_train.models.megatron_gpt import HFArchitecture, MementoGPTModel
-from memento_train.optim import OptimConfig
+from memento_train.training.optim import OptimConfig
 
 
 class CpuFallback:

@@ -22,12 +22,12 @@ from collections.abc import Iterator
 
 import torch
 
-from memento_train.optim import OptimConfig
+from memento_train.training.optim import OptimConfig
 
 
 def build_distributed_optimizer(ddp_model, optim: OptimConfig, *, bf16: bool, params_dtype: torch.dtype):
     """``get_megatron_optimizer`` with the distributed optimizer (fp32 master weights and Adam state
-    sharded over DP) and :func:`memento_train.optim.param_groups`' decay rule: no weight decay on
+    sharded over DP) and :func:`memento_train.training.optim.param_groups`' decay rule: no weight decay on
     biases, norms (1-D) and the input embedding."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
     from megatron.core.optimizer.optimizer_config import ParamKey

@@ -9,9 +9,9 @@
 - :mod:`.cli` — the ``memento-eval`` console script.
 """
 
-from .config import EvalConfig, SamplingOptions, build_config
-from .metrics import KVCost, SampleResult, mean_maj_at_k, mean_pass_at_k, pass_at_k, summarize
-from .scoring import equivalence_classes, extract_answer, is_correct, majority_answer
+from memento_train.evaluation.config import EvalConfig, SamplingOptions, build_config
+from memento_train.evaluation.metrics import KVCost, SampleResult, mean_maj_at_k, mean_pass_at_k, pass_at_k, summarize
+from memento_train.evaluation.scoring import equivalence_classes, extract_answer, is_correct, majority_answer
 
 __all__ = [
     "EvalConfig",
@@ -32,7 +32,7 @@ __all__ = [
 
 def __getattr__(name: str):
     if name == "EvalConfigError":  # deprecated alias of ConfigError (see memento_train.evaluation.config)
-        from . import config
+        from memento_train.evaluation import config
 
         return getattr(config, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,7 +7,7 @@ Usage::
     memento-eval recipes                                   # list the shipped recipes
     memento-eval help                                      # this text and every option
 
-The same front as ``memento-train`` and ``memento-rl`` (:func:`memento_train.recipe_cli.run_recipe_cli`):
+The same front as ``memento-train`` and ``memento-rl`` (:func:`memento_train.recipes.cli.run_recipe_cli`):
 ``recipe=`` takes a shipped name or a file, with ``defaults:`` inheritance; without one the shipped
 ``tiny_eval`` runs (the ``math_small`` problems, 4 samples each, the tiny random Qwen3 and the
 reference generator with eviction on: a plumbing check, accuracy and blocks ~0, that writes the full
@@ -24,11 +24,11 @@ from collections.abc import Sequence
 
 import yaml
 
-from memento_train.config_errors import ConfigError
-from memento_train.recipe_cli import RecipeArgs, run_recipe_cli
-from memento_train.structured_config import describe_options, to_dict
+from memento_train.config.errors import ConfigError
+from memento_train.recipes.cli import RecipeArgs, run_recipe_cli
+from memento_train.config.tree import describe_options, to_dict
 
-from .config import EvalConfig, load_eval_config
+from memento_train.evaluation.config import EvalConfig, load_eval_config
 
 PROG = "memento-eval"
 
@@ -51,7 +51,7 @@ def _run(args: RecipeArgs) -> int:
     if args.show:
         print(yaml.safe_dump(to_dict(cfg.to_dict()), sort_keys=False))
         return 0
-    from .runner import run_eval
+    from memento_train.evaluation.runner import run_eval
 
     try:
         run_eval(cfg)

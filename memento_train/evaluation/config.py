@@ -1,7 +1,7 @@
 """Configuration of ``memento-eval``: one :class:`EvalConfig`, built like every config of the project.
 
 ``memento-eval [show] [recipe=NAME|PATH] [key=value ...]`` follows the rules of ``memento-train`` and
-``memento-rl`` (:mod:`memento_train.structured_config`, :func:`memento_train.recipe_cli.run_recipe_cli`):
+``memento-rl`` (:mod:`memento_train.config.tree`, :func:`memento_train.recipes.cli.run_recipe_cli`):
 the recipe (default :data:`DEFAULT_RECIPE`, the shipped ``tiny_eval``: the ``math_small`` problems, the
 ``tiny`` random model, the reference generator, n=4, 96 new tokens, a CPU plumbing check), then the
 overrides, dotted for nested options (``sampling.temperature=0.6``,
@@ -30,15 +30,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from memento_train.config_errors import ConfigError
+from memento_train.config.errors import ConfigError
 from memento_train.generation.engine import SamplingParams
 from memento_train.masking import BlockMaskingConfig
 from memento_train.recipes import load_recipe
-from memento_train.structured_config import (
+from memento_train.config.tree import (
     build, canonical_tree, check_types, deep_merge, parse_overrides, renamed_from,
 )
 
-from .scoring import TruncatedPolicy
+from memento_train.evaluation.scoring import TruncatedPolicy
 
 Generator = Literal["reference", "vllm"]
 GENERATORS = get_args(Generator)
@@ -58,7 +58,7 @@ _SAMPLING_OPTION = {"max_new_tokens": "sampling.max_new_tokens", "temperature": 
 
 def __getattr__(name: str) -> Any:
     if name == "EvalConfigError":  # memento-eval's errors are ConfigErrors, like every other CLI's
-        warnings.warn("EvalConfigError is deprecated; catch memento_train.config_errors.ConfigError",
+        warnings.warn("EvalConfigError is deprecated; catch memento_train.config.errors.ConfigError",
                       DeprecationWarning, stacklevel=2)
         return ConfigError
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -207,7 +207,7 @@ class EvalConfig:
     @property
     def grading_rule(self):
         """The :class:`~memento_train.evaluation.scoring.GradingRule` of ``require_think_end`` / ``truncated``."""
-        from .scoring import GradingRule
+        from memento_train.evaluation.scoring import GradingRule
 
         return GradingRule(require_think_end=self.require_think_end, truncated=self.truncated)
 
@@ -367,7 +367,7 @@ def with_model_mask(cfg: EvalConfig) -> EvalConfig:
     """``cfg`` with the block-masking rule options it does not set taken from the model's export
     (``memento_train.json``); :class:`ConfigError` when a set one contradicts the model's rule,
     unless ``allow_mask_mismatch``. A model without that file (a hub name, ``tiny``) is left alone."""
-    from memento_train.export import apply_exported_mask, exported_mask
+    from memento_train.export.writer import apply_exported_mask, exported_mask
 
     trained = None if cfg.is_tiny else exported_mask(cfg.model)
     if trained is None:

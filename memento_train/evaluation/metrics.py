@@ -39,7 +39,7 @@ import numpy as np
 from memento_train.generation.engine import GenerationResult
 from memento_train.masking import Kind, BlockMaskingConfig, SpecialTokens, kv_bytes_per_token, parse
 
-from .scoring import majority_class
+from memento_train.evaluation.scoring import majority_class
 
 
 # -- accuracy -------------------------------------------------------------------------------------

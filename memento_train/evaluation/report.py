@@ -19,7 +19,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from .metrics import KVCost, SampleResult
+from memento_train.evaluation.metrics import KVCost, SampleResult
 
 GENERATIONS = "generations.jsonl"
 SUMMARY_JSON = "summary.json"

@@ -39,12 +39,12 @@ from memento_train.models.config import ModelConfig, TinyModelConfig
 from memento_train.models.loading import load_model, load_tokenizer
 from memento_train.tokens import IM_END, special_token_ids
 
-from . import report
-from memento_train.config_errors import ConfigError
+from memento_train.evaluation import report
+from memento_train.config.errors import ConfigError
 
-from .config import EvalConfig, with_model_mask
-from .metrics import KVCost, SampleResult, summarize
-from .scoring import GradingRule, ParsedAnswer, equivalence_classes, equivalent, parse_gold, parse_response
+from memento_train.evaluation.config import EvalConfig, with_model_mask
+from memento_train.evaluation.metrics import KVCost, SampleResult, summarize
+from memento_train.evaluation.scoring import GradingRule, ParsedAnswer, equivalence_classes, equivalent, parse_gold, parse_response
 
 GeneratorFactory = Callable[[EvalConfig, Any], GenerationEngine]
 # ``model=tiny``: a seeded random 2-layer Qwen3, smaller than the training runs' default tiny model.

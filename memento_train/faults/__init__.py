@@ -7,5 +7,5 @@
 - :mod:`.config`: the SFT run's ``faults`` section (restarts of a dead or hung worker group).
 - :mod:`.secrets`: which configuration values are secrets, and keeping them out of files and logs.
 
-Checkpoint integrity lives with the checkpoints (:mod:`memento_train.checkpoint`).
+Checkpoint integrity lives with the checkpoints (:mod:`memento_train.checkpoint.manager`).
 """

@@ -17,7 +17,7 @@ The CLIs turn :class:`Preempted` into exit status :data:`EXIT_PREEMPTED` (75, ``
 "temporary failure, try again"), which the SLURM script answers by requeueing the job; the requeued
 job's ``resume=auto`` continues from that checkpoint. A second signal while the first is being
 honoured stops the driver at once (exit ``128 + signal``): the checkpoint being written then is
-never the one resumed from (see :mod:`memento_train.checkpoint`).
+never the one resumed from (see :mod:`memento_train.checkpoint.manager`).
 """
 
 from __future__ import annotations

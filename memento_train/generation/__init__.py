@@ -16,18 +16,18 @@
   imported only when an engine is built).
 """
 
-from .batched_cache import (
+from memento_train.generation.batched_cache import (
     BATCHED_DECODE_ATTN,
     BatchedEvictingCache,
     batched_decode_attention,
     register_batched_decode_attention,
 )
-from .engine import BlockMaskingConfig, GenerationEngine, GenerationResult, SamplingParams
-from .prompt import generation_prompt_ids, generation_prompt_text
-from .reference import ReferenceGenerator, SequenceRequest
-from .sampling import derive_seed, filter_logits, make_generator, sample_next, token_logprobs
-from .teacher_forced import EvictingDecoder, KVTrace, teacher_forced_logits
-from .vllm_engine import VLLMEngine, check_vllm_block_masking
+from memento_train.generation.engine import BlockMaskingConfig, GenerationEngine, GenerationResult, SamplingParams
+from memento_train.generation.prompt import generation_prompt_ids, generation_prompt_text
+from memento_train.generation.reference import ReferenceGenerator, SequenceRequest
+from memento_train.generation.sampling import derive_seed, filter_logits, make_generator, sample_next, token_logprobs
+from memento_train.generation.teacher_forced import EvictingDecoder, KVTrace, teacher_forced_logits
+from memento_train.generation.vllm_engine import VLLMEngine, check_vllm_block_masking
 
 __all__ = [
     "BATCHED_DECODE_ATTN",

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..attention.hf import register_hf_attention
+from memento_train.attention.hf import register_hf_attention
 
 BATCHED_DECODE_ATTN = "memento_decode_batched"
 

@@ -34,12 +34,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..attention.hf import attn_implementation_set
-from ..masking import BlockTracker, SpecialTokens
-from ..tokens import IM_END
-from .batched_cache import BATCHED_DECODE_ATTN, BatchedEvictingCache, register_batched_decode_attention
-from .engine import BlockMaskingConfig, GenerationResult, SamplingParams
-from .sampling import derive_seed, make_generator, random_seed, sample_next, token_logprobs
+from memento_train.attention.hf import attn_implementation_set
+from memento_train.masking import BlockTracker, SpecialTokens
+from memento_train.tokens import IM_END
+from memento_train.generation.batched_cache import BATCHED_DECODE_ATTN, BatchedEvictingCache, register_batched_decode_attention
+from memento_train.generation.engine import BlockMaskingConfig, GenerationResult, SamplingParams
+from memento_train.generation.sampling import derive_seed, make_generator, random_seed, sample_next, token_logprobs
 
 
 @dataclass
@@ -337,7 +337,7 @@ def _resolve_special(spec) -> tuple[SpecialTokens, tuple[int, ...]]:
     if isinstance(spec, Mapping):
         return SpecialTokens.from_mapping(spec), ((int(spec[IM_END]),) if spec.get(IM_END) is not None else ())
     if hasattr(spec, "get_vocab"):
-        from ..tokens import special_token_ids
+        from memento_train.tokens import special_token_ids
 
         ids = special_token_ids(spec)
         eos = getattr(spec, "eos_token_id", None)

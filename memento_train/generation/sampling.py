@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .engine import SamplingParams
+from memento_train.generation.engine import SamplingParams
 
 
 def derive_seed(seed: int, prompt_index: int, sample_index: int) -> int:

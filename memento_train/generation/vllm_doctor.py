@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import vllm_overlay
+from memento_train.generation import vllm_overlay
 
 TINY_POLICY = Path(__file__).resolve().parents[2] / "tests" / "assets" / "tiny_rl_warmed"
 
@@ -52,7 +52,7 @@ def _version_rows(st: vllm_overlay.OverlayStatus) -> list[Row]:
 
 
 def _model_rows(model: Path) -> list[Row]:
-    from ..hf_compat import check_served_rope_theta, loaded_rope_theta
+    from memento_train.export.compat import check_served_rope_theta, loaded_rope_theta
 
     rows = []
     try:
@@ -64,8 +64,8 @@ def _model_rows(model: Path) -> list[Row]:
     except Exception as exc:  # noqa: BLE001 - reported in the table
         rows.append(Row("RoPE base as vLLM reads it", "FAIL", f"{type(exc).__name__}: {exc}"))
     try:
-        from ..models.loading import load_tokenizer
-        from ..tokens import special_token_ids
+        from memento_train.models.loading import load_tokenizer
+        from memento_train.tokens import special_token_ids
 
         tok = load_tokenizer(model, add_memento_tokens=False)
         ids = special_token_ids(tok)
@@ -78,9 +78,9 @@ def _model_rows(model: Path) -> list[Row]:
 def task_prompts(model: Path, num: int) -> tuple[Any, Any, list[list[int]]]:
     """The RL default's config for ``model``, its tokenizer and the first ``num`` task prompts (token ids,
     chat template included): what the parity checks generate from."""
-    from ..models.loading import load_tokenizer
-    from ..rl.driver import encode_prompts, load_problems
-    from ..rl.rl_config import build_rl_config, config_tree
+    from memento_train.models.loading import load_tokenizer
+    from memento_train.rl.driver import encode_prompts, load_problems
+    from memento_train.rl.config import build_rl_config, config_tree
 
     cfg = build_rl_config(config_tree(None, ["logger=none", "output_dir=unused", f"model.path={model}",
                                              "warmup.enabled=false"]))
@@ -93,11 +93,11 @@ def task_prompts(model: Path, num: int) -> tuple[Any, Any, list[list[int]]]:
 
 def parity_row(model: Path, tokens: int) -> Row:
     """Greedy, eviction on, fp32: VLLMEngine vs ReferenceGenerator on two task prompts."""
-    from ..models.config import ModelConfig
-    from ..models.loading import load_model
-    from .engine import SamplingParams
-    from .reference import ReferenceGenerator, SequenceRequest
-    from .vllm_engine import VLLMEngine
+    from memento_train.models.config import ModelConfig
+    from memento_train.models.loading import load_model
+    from memento_train.generation.engine import SamplingParams
+    from memento_train.generation.reference import ReferenceGenerator, SequenceRequest
+    from memento_train.generation.vllm_engine import VLLMEngine
 
     cfg, tok, prompts = task_prompts(model, 2)
     params = SamplingParams(max_new_tokens=tokens, temperature=0.0)

@@ -34,13 +34,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
-from ..hf_compat import check_served_rope_theta
-from ..masking import SpecialTokens, live_kv_trace, parse
-from ..tokens import IM_END, special_token_ids
-from . import vllm_overlay
-from .engine import BlockMaskingConfig, GenerationResult, SamplingParams
-from .reference import SequenceRequest
-from .sampling import derive_seed, random_seed
+from memento_train.export.compat import check_served_rope_theta
+from memento_train.masking import SpecialTokens, live_kv_trace, parse
+from memento_train.tokens import IM_END, special_token_ids
+from memento_train.generation import vllm_overlay
+from memento_train.generation.engine import BlockMaskingConfig, GenerationResult, SamplingParams
+from memento_train.generation.reference import SequenceRequest
+from memento_train.generation.sampling import derive_seed, random_seed
 
 BACKENDS = ("auto", "plugin", "overlay")
 LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
@@ -165,7 +165,7 @@ def select_backend(backend: str = "auto") -> str:
     """``plugin`` or ``overlay`` for the installed vLLM; RuntimeError naming what to install otherwise."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} (got {backend!r})")
-    from ..serving.engine_args import check_vllm_plugin, plugin_supported, vllm_version
+    from memento_train.serving.engine_args import check_vllm_plugin, plugin_supported, vllm_version
 
     if backend == "plugin":
         check_vllm_plugin()
@@ -275,7 +275,7 @@ class VLLMEngine:
         if self.backend == "plugin":
             # Plugin: the special ids must be known before the engine starts (its scheduler tracks them).
             if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
-                from ..models.loading import load_tokenizer
+                from memento_train.models.loading import load_tokenizer
 
                 tokenizer = load_tokenizer(tokenizer or model_path, add_memento_tokens=False)
             self._set_special(tokenizer)
@@ -300,7 +300,7 @@ class VLLMEngine:
 
     def _plugin_engine_kwargs(self, report_traces: bool) -> dict[str, Any]:
         """vLLM 0.32: the plugin's engine arguments (:func:`memento_train.serving.plugin_engine_args`)."""
-        from ..serving import ServingConfig, plugin_engine_args
+        from memento_train.serving import ServingConfig, plugin_engine_args
 
         serving = ServingConfig(special=self.special, block_masking=self.block_masking, report_traces=report_traces)
         self.logprobs_mode = "raw_logprobs"  # the plugin's sampler makes these exact at any temperature
@@ -540,7 +540,7 @@ def _with_budget(params: SamplingParams, max_new_tokens: int) -> SamplingParams:
 
 
 def _installed_vllm_version() -> str | None:
-    from ..serving.engine_args import vllm_version
+    from memento_train.serving.engine_args import vllm_version
 
     return vllm_version()
 

@@ -13,7 +13,7 @@ package does not import Triton. ``memento_train.attention`` registers the backen
 ``memento_attention(..., backend="triton")`` imports this package on first use.
 """
 
-from .function import (
+from memento_train.kernels.function import (
     KernelConfig,
     MementoTritonAttention,
     TritonConfig,
@@ -22,7 +22,7 @@ from .function import (
     triton_config,
     triton_unavailable_reason,
 )
-from .tiles import TilePlan, build_tile_plan, tile_plan
+from memento_train.kernels.tiles import TilePlan, build_tile_plan, tile_plan
 
 __all__ = [
     "KernelConfig",

@@ -24,8 +24,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import backward, forward
-from .function import GPU_CONFIGS, TritonConfig, parse_config
+from memento_train.kernels import backward, forward
+from memento_train.kernels.function import GPU_CONFIGS, TritonConfig, parse_config
 
 _TENSORS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 _KERNELS = {"fwd": forward._memento_fwd_kernel, "dq": backward._memento_dq_kernel,

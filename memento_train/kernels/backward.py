@@ -23,9 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .forward import dot_precision
-from .tile_ops import keep_mask, keep_mask_t, load_rows, load_vec, store_rows
-from .tiles import TilePlan
+from memento_train.kernels.forward import dot_precision
+from memento_train.kernels.tile_ops import keep_mask, keep_mask_t, load_rows, load_vec, store_rows
+from memento_train.kernels.tiles import TilePlan
 
 
 @triton.jit

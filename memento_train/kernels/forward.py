@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tile_ops import keep_mask, load_rows, load_vec, store_rows
-from .tiles import TilePlan
+from memento_train.kernels.tile_ops import keep_mask, load_rows, load_vec, store_rows
+from memento_train.kernels.tiles import TilePlan
 
 
 @triton.jit

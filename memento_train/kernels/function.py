@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .tiles import tile_plan
+from memento_train.kernels.tiles import tile_plan
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -138,7 +138,7 @@ class MementoTritonAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, meta, scale, window):
-        from .forward import memento_forward
+        from memento_train.kernels.forward import memento_forward
 
         cfg = triton_config(q.shape[-1], q.device)
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -152,7 +152,7 @@ class MementoTritonAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        from .backward import memento_backward
+        from memento_train.kernels.backward import memento_backward
 
         q, k, v, out, lse = ctx.saved_tensors
         meta, cfg, window = ctx.meta, ctx.cfg, ctx.window

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from memento_train.config_errors import ConfigError
+from memento_train.config.errors import ConfigError
 
 # Environment defaults for every launch. NCCL_DEBUG=WARN prints NCCL's own reason when a collective
 # fails; TORCH_NCCL_ASYNC_ERROR_HANDLING=1 turns a timed-out or failed collective into an error

@@ -29,7 +29,7 @@ import shlex
 import sys
 import time
 
-from memento_train.config_errors import ConfigError, FlagParser, report_config_error
+from memento_train.config.errors import ConfigError, FlagParser, report_config_error
 from memento_train.faults.secrets import is_secret, redact_env
 from memento_train.launch import check_secrets_not_inline, driver_override, parse_env_assignments
 
@@ -160,11 +160,11 @@ def check_driver_options(cmd: list[str]) -> None:
     if args and "=" not in args[0] and args[0] != "show":  # export, plan, recipes, help...
         return
     from memento_train.recipes import split_recipe_arg
-    from memento_train.structured_config import build
+    from memento_train.config.tree import build
 
     recipe, overrides = split_recipe_arg(args[1:] if args and args[0] == "show" else args)
     if os.path.basename(cmd[0]) == "memento-rl":
-        from memento_train.rl.rl_config import RLConfig, config_tree
+        from memento_train.rl.config import RLConfig, config_tree
 
         build(RLConfig, config_tree(recipe, overrides))
         return

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 from urllib.parse import urlparse
 
-from memento_train.config_errors import ConfigError
+from memento_train.config.errors import ConfigError
 from memento_train.launch import DEFAULT_ENV, driver_override
 
 # Never worth uploading: version control, caches and our own launch logs. Ray additionally skips

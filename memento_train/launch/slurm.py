@@ -20,7 +20,7 @@ import shlex
 import subprocess
 from dataclasses import dataclass, field
 
-from memento_train.config_errors import ConfigError
+from memento_train.config.errors import ConfigError
 from memento_train.launch import DEFAULT_ENV, driver_override
 
 TEMPLATE = os.path.join(os.path.dirname(__file__), "sbatch.sh")

@@ -9,8 +9,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memento_train.config_errors import ConfigError
-from memento_train.export import MARKER_FILE
+from memento_train.config.errors import ConfigError
+from memento_train.export.writer import MARKER_FILE
 from memento_train.recipes import load_recipe
 
 

@@ -51,7 +51,7 @@ def load_tokenizer_and_added(source: str | os.PathLike | None = None, *, trust_r
     """:func:`load_tokenizer`, and ``{token: id}`` of the tokens it added (empty when the tokenizer had
     them all): ``memento-data`` reports them."""
     if source is None:
-        from memento_train.tokenizer_assets import load_shipped_tokenizer
+        from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 
         tok = load_shipped_tokenizer()
     else:

@@ -152,7 +152,7 @@ def megatron_to_hf(shards: Sequence[Mapping[str, Tensor]], arch: HFArchitecture)
     """The HF state dict (keys of ``model.state_dict()``) from the TP shards, in TP-rank order.
 
     Tied models get ``lm_head.weight`` as the same tensor as ``model.embed_tokens.weight`` (as HF's
-    own ``state_dict()`` does); :func:`memento_train.export.export_hf` ties it again when it writes.
+    own ``state_dict()`` does); :func:`memento_train.export.writer.export_hf` ties it again when it writes.
     """
     def cat_rows(name: str) -> Tensor:
         return torch.cat([s[name] for s in shards], 0)

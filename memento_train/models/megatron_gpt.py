@@ -36,7 +36,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from memento_train.attention import MementoAttentionMeta, memento_attention
-from memento_train.config_errors import ConfigError
+from memento_train.config.errors import ConfigError
 
 FAMILIES = ("qwen3", "llama", "phi3")
 # HF rope types whose inverse frequencies are fixed at construction (no sequence-length dependence).

@@ -25,7 +25,7 @@ def read_hf_config(mcfg: Any) -> Any | None:
 
 def check_model(mcfg: Any, *, evicts: bool, engine_kind: str, prefix: str = "model",
                 hf_config: Any | None = None) -> None:
-    """Raise :class:`~memento_train.config_errors.ConfigError` naming the option when the model cannot
+    """Raise :class:`~memento_train.config.errors.ConfigError` naming the option when the model cannot
     train with these options: the attention backend must support every layer type of the model with
     the mask (``evicts``: memento eviction, i.e. ``keep_last_n_blocks >= 0``), and the megatron engine
     must be able to build the architecture.

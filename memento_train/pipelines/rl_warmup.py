@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from memento_train.data.synthetic import synthetic_records
-from memento_train.export import MARKER_FILE
+from memento_train.export.writer import MARKER_FILE
 from memento_train.recipes import load_recipe
 from memento_train.rl.driver import WARMUP_DATA_SEED_OFFSET, RLResult, run_rl
-from memento_train.rl.rl_config import RLConfig
+from memento_train.rl.config import RLConfig
 from memento_train.sft.config import build_sft_config
 from memento_train.sft.driver import run_stage
-from memento_train.structured_config import deep_merge, to_dict
+from memento_train.config.tree import deep_merge, to_dict
 
 
 def warmup_records(cfg: RLConfig) -> list[dict]:

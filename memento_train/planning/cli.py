@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from memento_train.config_errors import ConfigError
+from memento_train.config.errors import ConfigError
 from memento_train.planning.memory import (
     GPUS,
     GiB,
@@ -32,7 +32,7 @@ from memento_train.planning.memory import (
 )
 from memento_train.planning.shapes import ModelShape, shape_of_model_path, tiny_shape
 from memento_train.recipes import recipe_path
-from memento_train.structured_config import deep_merge, parse_overrides
+from memento_train.config.tree import deep_merge, parse_overrides
 
 DEFAULT_GPU = "H100"
 # memento-rl plan with no model.path (the grpo recipe leaves it to the user): the paper's RL policy.
@@ -40,7 +40,7 @@ DEFAULT_RL_MODEL = "Qwen/Qwen3-8B"
 
 
 def plan_command(prog: str, recipe: str | None, args: list[str]) -> int:
-    """Entry point from :func:`memento_train.recipe_cli.run_recipe_cli` (``<prog> plan ...``)."""
+    """Entry point from :func:`memento_train.recipes.cli.run_recipe_cli` (``<prog> plan ...``)."""
     opts = parse_overrides(args)
     gpu = str(opts.pop("gpu", DEFAULT_GPU))
     capacity = gpu_capacity(gpu)
@@ -79,7 +79,7 @@ def _plan_sft(recipe: str | None, opts: dict[str, Any], gpu: str, capacity: floa
 
 # -- RL ------------------------------------------------------------------------------------------------
 def _plan_rl(recipe: str | None, opts: dict[str, Any], gpu: str, capacity: float) -> bool:
-    from memento_train.rl.rl_config import build_rl_config, config_tree
+    from memento_train.rl.config import build_rl_config, config_tree
 
     tree = config_tree(recipe, opts)
     warmup = bool((tree.get("warmup") or {}).get("enabled", False))  # the tiny default trains a tiny model
@@ -141,10 +141,10 @@ def _with_base_model(tree: dict[str, Any], recipe: str | None, default: str | No
 
 def _with_previous_stage(tree: dict[str, Any], init_from: str) -> dict[str, Any]:
     """``tree`` with the model and the unset ``rollout.block_masking`` options of SFT recipe ``init_from``."""
-    from memento_train.rl.rl_config import RLConfig
+    from memento_train.rl.config import RLConfig
     from memento_train.sft.config import SFTConfig
     from memento_train.sft.config import config_tree as sft_tree
-    from memento_train.structured_config import canonical_tree
+    from memento_train.config.tree import canonical_tree
 
     stage = canonical_tree(SFTConfig, sft_tree(init_from, {}))
     tree = canonical_tree(RLConfig, tree)
@@ -158,7 +158,7 @@ def _with_previous_stage(tree: dict[str, Any], init_from: str) -> dict[str, Any]
 def _shape(mcfg: Any) -> ModelShape:
     if mcfg.path is not None:
         return shape_of_model_path(mcfg.path)
-    from memento_train.tokenizer_assets import load_shipped_tokenizer
+    from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 
     return tiny_shape(mcfg.tiny, len(load_shipped_tokenizer()))
 

@@ -126,7 +126,7 @@ def attention_geometry(tokens: int, doc_tokens: int, keep_last_n_blocks: int,
                        windows: tuple[int | None, ...]) -> AttentionGeometry:
     """Gathered keys and segment-mask sizes from the real interval plan (see ``attention/meta.py``)."""
     from memento_train.attention.meta import MementoAttentionMeta
-    from memento_train.trace_shapes import memento_batch
+    from memento_train.planning.trace_shapes import memento_batch
 
     meta, _ = memento_batch(tokens, doc_tokens=doc_tokens, keep_last_n_blocks=max(keep_last_n_blocks, 0))
     if keep_last_n_blocks < 0:  # stage 1: the same documents, causal
@@ -204,7 +204,7 @@ def activation_lines(s: ModelShape, w: Workload, b: int, geo: AttentionGeometry,
 
 
 def fused_head_bytes(s: ModelShape, w: Workload, b: int, *, tp: int = 1) -> float:
-    """Working set of :mod:`memento_train.lm_head` (one chunk's logits; the fp32 weight-gradient sum)."""
+    """Working set of :mod:`memento_train.models.lm_head` (one chunk's logits; the fp32 weight-gradient sum)."""
     v, c = s.vocab / tp, min(w.head_chunk_rows, w.tokens)
     low = b if b < 4 else 0  # the matmul's low-precision output beside its fp32 copy
     forward = c * v * (4 + 4 + low + (4 if w.with_entropy else 0))  # logits, logsumexp's exp, (p·z)
@@ -349,7 +349,7 @@ def gpu_capacity(name: str) -> float:
     """Bytes of a GPU named in :data:`GPUS` (case-insensitive)."""
     key = name.upper()
     if key not in GPUS:
-        from memento_train.config_errors import ConfigError
+        from memento_train.config.errors import ConfigError
 
         raise ConfigError(f"gpu={name!r} is not known; choose one of {', '.join(GPUS)}")
     return GPUS[key] * GiB

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from memento_train.config_errors import ConfigError
+from memento_train.config.errors import ConfigError
 
 # Published configs of the models the shipped recipes train (the fields the planner reads).
 KNOWN_MODELS: dict[str, dict[str, Any]] = {

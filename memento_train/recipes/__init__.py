@@ -9,7 +9,7 @@ initialised from the previous one's export (see :mod:`memento_train.sft.pipeline
 Given the config class a recipe is for (``schema``), each file's deprecated option names are
 replaced by the current ones *before* it is merged with its bases, so a renamed option given under
 its old name still overrides the base recipe's value (see
-:func:`memento_train.structured_config.canonical_tree`).
+:func:`memento_train.config.tree.canonical_tree`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any
 
 import yaml
 
-from memento_train.config_errors import ConfigError
-from memento_train.structured_config import canonical_tree, deep_merge, parse_overrides
+from memento_train.config.errors import ConfigError
+from memento_train.config.tree import canonical_tree, deep_merge, parse_overrides
 
 RECIPE_DIR = Path(__file__).resolve().parent
 

@@ -1,6 +1,7 @@
 """RL algorithm and reward layer: the pieces the RL loop composes with the training engines.
 
-- :mod:`.config` — :class:`~.config.AlgorithmConfig` (loss, clipping, KL, entropy, advantage and
+- :mod:`.config` — :class:`~.config.RLConfig`, the ``memento-rl`` run's configuration;
+- :mod:`.algorithm` — :class:`~.algorithm.AlgorithmConfig` (loss, clipping, KL, entropy, advantage and
   loss normalisation, old-log-prob source, TIS);
 - :mod:`.logprobs` — token log-probs and entropy from logits and shifted labels (chunked, fp32,
   a custom backward that never materialises a full fp32 ``[T, V]`` softmax);

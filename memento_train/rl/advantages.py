@@ -20,7 +20,7 @@ from typing import get_args
 
 import torch
 
-from memento_train.rl.config import AdvNorm
+from memento_train.rl.algorithm import AdvNorm
 
 ADV_MODES = get_args(AdvNorm)  # the algorithm.adv_norm choices
 

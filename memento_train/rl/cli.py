@@ -23,8 +23,8 @@ from collections.abc import Sequence
 
 import yaml
 
-from memento_train.recipe_cli import RecipeArgs, run_recipe_cli
-from memento_train.structured_config import to_dict
+from memento_train.recipes.cli import RecipeArgs, run_recipe_cli
+from memento_train.config.tree import to_dict
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: RecipeArgs) -> int:
-    from memento_train.rl.rl_config import build_rl_config, config_tree
+    from memento_train.rl.config import build_rl_config, config_tree
 
     cfg = build_rl_config(config_tree(args.recipe, args.overrides))
     if args.show:

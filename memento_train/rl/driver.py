@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from memento_train.cluster import WorkerGroup
-from memento_train.config_errors import ConfigError
+from memento_train.config.errors import ConfigError
 from memento_train.data.problems import ProblemSource, load_problem_records
 from memento_train.data.synthetic import synthetic_records
 from memento_train.faults.preemption import PreemptionGuard
@@ -30,19 +30,19 @@ from memento_train.generation.prompt import generation_prompt_ids
 from memento_train.generation.sampling import derive_seed
 from memento_train.masking import SpecialTokens
 from memento_train.models.loading import run_tokenizer
-from memento_train.optim import lr_at
+from memento_train.training.optim import lr_at
 from memento_train.rl.advantages import compute_advantages, group_ids_for, group_reward_stats
 from memento_train.rl.losses import aggregation_weights, reduce_metrics
 from memento_train.rl.rewards import RewardBatch, RewardPool
-from memento_train.rl.rl_config import RLConfig
+from memento_train.rl.config import RLConfig
 from memento_train.rl.rollout_worker import RolloutPool, RolloutRequest
 from memento_train.rl.trainer_worker import RLTrainerWorker, rollout_document
 from memento_train.rl.weight_sync import sync_weights
-from memento_train.structured_config import deep_merge, to_dict
+from memento_train.config.tree import deep_merge, to_dict
 from memento_train.training.micro_batches import plan_micro_batches
 from memento_train.training.run_dir import export_hf, open_logger, resume_point, save_checkpoint, write_run_config
 from memento_train.tokens import special_token_ids
-from memento_train.tracking import RunLogger
+from memento_train.training.tracking import RunLogger
 
 # Offsets that keep the seed streams of training rollouts, evaluation and the warm-up data apart.
 EVAL_SEED_OFFSET = 1_000_003
@@ -106,7 +106,7 @@ def rollout_metrics(results: list[dict], prompt_lens: list[int], scores: list[fl
 
 def loss_token_masks(results: list[dict], scores: list[float], group_size: int, algorithm) -> list[np.ndarray]:
     """Per response, which of its tokens the loss trains on (``algorithm`` options, see
-    :class:`~memento_train.rl.config.AlgorithmConfig`): every token, minus the block ends the block cap
+    :class:`~memento_train.rl.algorithm.AlgorithmConfig`): every token, minus the block ends the block cap
     forced (unless ``train_forced_tokens``), minus whole responses that hit the token budget
     (``mask_truncated``) or whose group's rewards are all equal (``drop_zero_adv_groups``)."""
     r = np.asarray(scores, np.float64).reshape(-1, group_size)
@@ -151,7 +151,7 @@ def encode_prompts(records: list[dict], tokenizer: Any, max_len: int,
 
 # ---------------------------------------------------------------- the loop
 
-class _Run:
+class _RunState:
     """State of one run (built by :func:`run_rl`); one method per phase keeps the loop readable."""
 
     def __init__(self, cfg: RLConfig, tree: dict[str, Any], logger: RunLogger) -> None:
@@ -240,7 +240,7 @@ def run_rl(cfg: RLConfig, tree: dict[str, Any] | None = None, *, progress: bool 
     reward_means: list[float] = []
     hf_dir = None
     try:
-        run = _Run(cfg, tree, logger)
+        run = _RunState(cfg, tree, logger)
         logger.write(f"[memento-rl] {len(run.prompts)} prompts, {cfg.rollout.prompts_per_step} x "
                      f"{cfg.rollout.group_size} responses per step, steps {start + 1}..{end} of {total}; "
                      f"trainer {cfg.cluster.num_workers} x {cfg.engine.kind}, rollout {cfg.rollout_cluster.num_workers} "
@@ -289,7 +289,7 @@ def run_rl(cfg: RLConfig, tree: dict[str, Any] | None = None, *, progress: bool 
     return RLResult(str(out), hf_dir, end, reward_means)
 
 
-def _step(run: _Run, trainer: WorkerGroup, pool: RolloutPool, rewards: RewardPool, step: int) -> dict[str, Any]:
+def _step(run: _RunState, trainer: WorkerGroup, pool: RolloutPool, rewards: RewardPool, step: int) -> dict[str, Any]:
     cfg = run.cfg
     g, n_prompts = cfg.rollout.group_size, cfg.rollout.prompts_per_step
     t_step = time.perf_counter()
@@ -363,7 +363,7 @@ def _step(run: _Run, trainer: WorkerGroup, pool: RolloutPool, rewards: RewardPoo
     return metrics
 
 
-def _evaluate(run: _Run, pool: RolloutPool, rewards: RewardPool, step: int) -> dict[str, float]:
+def _evaluate(run: _RunState, pool: RolloutPool, rewards: RewardPool, step: int) -> dict[str, float]:
     """Sample ``eval.samples`` responses per eval problem at ``eval.temperature``; pass@1 = accuracy."""
     cfg, e = run.cfg, run.cfg.eval
     t0 = time.perf_counter()

@@ -5,7 +5,7 @@ Per token ``t`` of a response, with ``r = π_θ / π_old = exp(logp - old_logp)`
 - CISPO: ``ℓ = -sg(clip(r, 1 - ε_low, 1 + ε_high)) · A · logp``. The clipped ratio is a detached
   weight, so every token keeps the gradient ``-w · A · ∇logp`` — clipping bounds its size instead of
   zeroing it (MiniMax-M1; the Memento paper's default).
-- PPO-clip ("grpo"): ``ℓ = -min(r · A, clip(r, 1 - ε_low, 1 + ε_high) · A)``. Where the clipped branch
+- PPO-clip ("ppo_clip"; "grpo" is its old name): ``ℓ = -min(r · A, clip(r, 1 - ε_low, 1 + ε_high) · A)``. Where the clipped branch
   is the minimum (``A > 0, r > 1 + ε_high`` or ``A < 0, r < 1 - ε_low``) the token has no gradient.
 - KL penalty ``β · k(logp, ref_logp)``, with ``ρ = π_ref / π_θ``: ``k1 = -log ρ``,
   ``k2 = ½ (log ρ)²``, ``k3 = ρ - 1 - log ρ`` (≥ 0, clamped to ≤ 10 as verl does: a log-ratio of 20
@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from memento_train.rl.config import LOSS_AGGS, AlgorithmConfig
+from memento_train.rl.algorithm import LOSS_AGGS, AlgorithmConfig
 from memento_train.rl.logprobs import IGNORE_INDEX, token_logprobs_and_entropy
 from memento_train.rl.mismatch import importance_weights, logprob_mismatch
 
@@ -94,7 +94,7 @@ def ppo_clip_token_loss(
     return _masked(loss, mask), ratio.detach(), clipped
 
 
-POLICY_LOSSES = {"cispo": cispo_token_loss, "grpo": ppo_clip_token_loss}
+POLICY_LOSSES = {"cispo": cispo_token_loss, "ppo_clip": ppo_clip_token_loss, "grpo": ppo_clip_token_loss}
 
 
 # verl's bound on the k3 value: beyond it the penalty's gradient is cut (clamp), so one token whose

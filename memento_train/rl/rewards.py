@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any, Literal
 
-from memento_train.config_errors import ConfigError
-from memento_train.rl.config import _finite
-from memento_train.structured_config import check_types
+from memento_train.config.errors import ConfigError
+from memento_train.rl.algorithm import _finite
+from memento_train.config.tree import check_types
 
 RewardFn = Callable[[str, Mapping[str, Any]], float]
 DEFAULT_REWARD_FN = "memento_train.rl.rewards:math_reward"

@@ -33,8 +33,8 @@ import torch
 from memento_train.cluster.session import cluster_gpus, worker_code_paths
 from memento_train.generation import ReferenceGenerator, SamplingParams, SequenceRequest
 from memento_train.rl.collective_sync import Rendezvous, WeightSyncGroup
-from memento_train.rl.rl_config import RLConfig
-from memento_train.structured_config import build
+from memento_train.rl.config import RLConfig
+from memento_train.config.tree import build
 
 log = logging.getLogger(__name__)
 

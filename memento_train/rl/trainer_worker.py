@@ -30,15 +30,15 @@ import numpy as np
 import torch
 
 from memento_train.data.pack import IGNORE_INDEX
-from memento_train.engine_worker import EngineWorker
+from memento_train.training.worker import EngineWorker
 from memento_train.engines import MicroBatch, build_engine
 from memento_train.masking import BlockMaskingConfig, SpecialTokens, parse
-from memento_train.rank_state import seed_everything
+from memento_train.checkpoint.rank_state import seed_everything
 from memento_train.rl.collective_sync import Rendezvous, WeightSyncGroup, open_store
 from memento_train.rl.logprobs import make_logprob_fn
 from memento_train.rl.losses import make_loss_fn
-from memento_train.rl.rl_config import RLConfig
-from memento_train.structured_config import build
+from memento_train.rl.config import RLConfig
+from memento_train.config.tree import build
 from memento_train.training.micro_batches import build_micro_batch
 
 # Per-token arrays a document carries besides the collate() columns; packed in document order.

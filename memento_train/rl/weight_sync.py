@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from memento_train.cluster import WorkerGroup
-from memento_train.config_errors import ConfigError
+from memento_train.config.errors import ConfigError
 from memento_train.rl.collective_sync import DEFAULT_BUCKET_BYTES, Rendezvous, WeightSyncMismatch
-from memento_train.rl.rl_config import RLConfig
+from memento_train.rl.config import RLConfig
 from memento_train.rl.rollout_worker import RolloutPool
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from .config import ServingConfig, validate_request_override
+from memento_train.serving.config import ServingConfig, validate_request_override
 
 
 class _CapCounter:

@@ -24,9 +24,9 @@ import json
 import sys
 from collections.abc import Sequence
 
-from ..export import MASK_RULE_FIELDS, exported_mask
-from ..masking import BlockMaskingConfig
-from .config import ServingConfig
+from memento_train.export.writer import MASK_RULE_FIELDS, exported_mask
+from memento_train.masking import BlockMaskingConfig
+from memento_train.serving.config import ServingConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,9 +59,9 @@ def checkpoint_mask(model: str) -> dict:
 
 def serving_config(args: argparse.Namespace, tokenizer_path: str) -> ServingConfig:
     """Eviction options: the checkpoint's < the flags; special ids from the model's tokenizer."""
-    from ..masking import SpecialTokens
-    from ..models.loading import load_tokenizer
-    from ..tokens import special_token_ids
+    from memento_train.masking import SpecialTokens
+    from memento_train.models.loading import load_tokenizer
+    from memento_train.tokens import special_token_ids
 
     options = checkpoint_mask(args.model)
     for name in ("keep_last_n_blocks", "mask_delimiters", "keep_last_block_for_answer", "max_block_tokens"):
@@ -76,7 +76,7 @@ def serving_config(args: argparse.Namespace, tokenizer_path: str) -> ServingConf
 
 def vllm_serve_args(model: str, serving: ServingConfig, rest: Sequence[str]) -> list[str]:
     """``vllm serve`` arguments: the model, the plugin's engine arguments, then the user's."""
-    from .engine_args import plugin_engine_args
+    from memento_train.serving.engine_args import plugin_engine_args
 
     kw = plugin_engine_args(serving)
     return [

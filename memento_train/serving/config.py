@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from ..generation.engine import BlockMaskingConfig
-from ..masking import SpecialTokens
+from memento_train.generation.engine import BlockMaskingConfig
+from memento_train.masking import SpecialTokens
 
 CONFIG_KEY = "memento"  # in additional_config and in SamplingParams.extra_args
 FLAT_PREFIX = "memento_"  # flat per-request keys (OpenAI vllm_xargs only carries scalars)

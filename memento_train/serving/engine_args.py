@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .config import CONFIG_KEY, ServingConfig
+from memento_train.serving.config import CONFIG_KEY, ServingConfig
 
 SUPPORTED_VLLM = ("0.32",)  # minor versions the plugin is written and tested against
 SCHEDULER_CLS = "memento_train.serving.scheduler.MementoScheduler"

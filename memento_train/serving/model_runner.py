@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from vllm.v1.sample.sampler import Sampler
 
-from .block_cap import BlockLengthCap
-from .kv_compaction import SlotLayout, compaction_moves, find_block_dim, move_slots, probe_slot_offsets
+from memento_train.serving.block_cap import BlockLengthCap
+from memento_train.serving.kv_compaction import SlotLayout, compaction_moves, find_block_dim, move_slots, probe_slot_offsets
 
 REPORT_FIELD = "memento_step"  # attribute of ModelRunnerOutput: StepReport
 OPS_FIELD = "memento_compactions"  # attribute of SchedulerOutput: {req_id: Compaction}

@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..masking import BlockTracker, Eviction, BlockMaskingConfig, SpecialTokens
+from memento_train.masking import BlockTracker, Eviction, BlockMaskingConfig, SpecialTokens
 
 
 @dataclass(frozen=True)

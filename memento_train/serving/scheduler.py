@@ -30,10 +30,10 @@ from typing import Any
 from vllm.v1.core.kv_cache_manager import KVCacheManager
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from ..generation.engine import BlockMaskingConfig
-from .config import CONFIG_KEY, ServingConfig, request_keeps_kv
-from .model_runner import EVICTED_FIELD, OPS_FIELD, REPORT_FIELD
-from .request_state import Compaction, RequestEvictions
+from memento_train.generation.engine import BlockMaskingConfig
+from memento_train.serving.config import CONFIG_KEY, ServingConfig, request_keeps_kv
+from memento_train.serving.model_runner import EVICTED_FIELD, OPS_FIELD, REPORT_FIELD
+from memento_train.serving.request_state import Compaction, RequestEvictions
 
 log = logging.getLogger(__name__)
 

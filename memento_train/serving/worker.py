@@ -16,7 +16,7 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
-from .model_runner import MementoRunnerMixin
+from memento_train.serving.model_runner import MementoRunnerMixin
 
 V2_REFUSED = (
     "the Memento vLLM plugin patches vLLM's V1 model runner, but this engine selected the V2 runner; "

@@ -21,9 +21,9 @@ from collections.abc import Sequence
 
 import yaml
 
-from memento_train.config_errors import ConfigError
-from memento_train.recipe_cli import RecipeArgs, run_recipe_cli
-from memento_train.structured_config import parse_overrides, to_dict
+from memento_train.config.errors import ConfigError
+from memento_train.recipes.cli import RecipeArgs, run_recipe_cli
+from memento_train.config.tree import parse_overrides, to_dict
 
 
 def main(argv: Sequence[str] | None = None) -> int:

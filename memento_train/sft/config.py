@@ -14,21 +14,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from memento_train.checkpoint import RESUME_MODES
+from memento_train.checkpoint.manager import RESUME_MODES
 from memento_train.cluster.config import ClusterConfig
-from memento_train.config_errors import ConfigError
+from memento_train.config.errors import ConfigError
 from memento_train.data.config import DataConfig
 from memento_train.data.synthetic import parse_source
 from memento_train.engines.config import EngineConfig
-from memento_train.export import (
+from memento_train.export.writer import (
     MARKER_FILE as EXPORT_MARKER,  # stage 2 reads it: is this a stage-1 model?
 )
 from memento_train.faults.config import FaultsConfig
 from memento_train.models.config import ModelConfig, resolve_init_from
-from memento_train.optim import OptimConfig
+from memento_train.training.optim import OptimConfig
 from memento_train.recipes import recipe_tree
-from memento_train.structured_config import build, canonical_tree, check_types, has_key
-from memento_train.tracking import Logger, WandbConfig
+from memento_train.config.tree import build, canonical_tree, check_types, has_key
+from memento_train.training.tracking import Logger, WandbConfig
 
 
 @dataclass

@@ -23,23 +23,23 @@ from typing import Any
 import numpy as np
 import yaml
 
-from memento_train.checkpoint import CheckpointManager, CheckpointSaveError, read_state
+from memento_train.checkpoint.manager import CheckpointManager, CheckpointSaveError, read_state
 from memento_train.cluster import WorkerError, WorkerGroup
 from memento_train.cluster.session import RaySession
 from memento_train.cluster.worker_group import group_env
-from memento_train.config_errors import ConfigError
+from memento_train.config.errors import ConfigError
 from memento_train.data.prepared import check_examples_source, load_examples
 from memento_train.faults.preemption import PreemptionGuard
 from memento_train.faults.secrets import redact_config
 from memento_train.faults.watchdog import StepHang, StepWatchdog, describe_stacks
-from memento_train.flops import peak_tflops
+from memento_train.training.flops import peak_tflops
 from memento_train.models.loading import model_max_length, run_tokenizer
-from memento_train.optim import lr_at
+from memento_train.training.optim import lr_at
 from memento_train.sft.batching import StepPlanner, loss_token_count
 from memento_train.sft.config import SFTConfig, build_sft_config
 from memento_train.sft.worker import SFTWorker
-from memento_train.structured_config import deep_merge, to_dict
-from memento_train.tracking import RunLogger
+from memento_train.config.tree import deep_merge, to_dict
+from memento_train.training.tracking import RunLogger
 from memento_train.training.run_dir import export_hf, open_logger, resume_point, save_checkpoint, write_run_config
 
 
@@ -97,7 +97,7 @@ def run_stage(cfg: SFTConfig, tree: dict[str, Any] | None = None, *, progress: b
     """Train one stage described by ``cfg`` (``tree`` is its plain form, sent to the workers).
 
     Raises :class:`~memento_train.faults.preemption.Preempted` after checkpointing when a preemption
-    signal arrived, and :class:`~memento_train.checkpoint.CheckpointError` (``CheckpointSaveError``)
+    signal arrived, and :class:`~memento_train.checkpoint.manager.CheckpointError` (``CheckpointSaveError``)
     when no checkpoint can be resumed from or written.
     """
     tree = to_dict(cfg) if tree is None else tree

@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from memento_train.config_errors import ConfigError
+from memento_train.config.errors import ConfigError
 from memento_train.recipes import load_recipe
 from memento_train.sft.config import build_sft_config
 from memento_train.sft.driver import StageResult, run_stage
-from memento_train.structured_config import deep_merge
+from memento_train.config.tree import deep_merge
 
 
 def run_pipeline(stages: list[str], overrides: dict[str, Any], *, progress: bool = True) -> list[StageResult]:

@@ -14,14 +14,14 @@ import numpy as np
 import torch
 
 from memento_train.data.prepared import load_examples
-from memento_train.engine_worker import EngineWorker
+from memento_train.training.worker import EngineWorker
 from memento_train.engines import build_engine
-from memento_train.flops import FlopCounter
+from memento_train.training.flops import FlopCounter
 from memento_train.masking import Kind
 from memento_train.models.loading import load_model, run_tokenizer
-from memento_train.rank_state import seed_everything
+from memento_train.checkpoint.rank_state import seed_everything
 from memento_train.sft.config import SFTConfig, build_sft_config
-from memento_train.sft.loss import sft_loss_fn
+from memento_train.sft.losses import sft_loss_fn
 from memento_train.training.micro_batches import build_micro_batch
 
 _COLUMNS = ("input_ids", "labels", "kinds", "kill_row")

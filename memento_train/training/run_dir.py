@@ -1,8 +1,8 @@
 """A training run's output directory, opened and closed the same way by the SFT and RL drivers.
 
 ``<output_dir>/config.yaml`` holds the resolved config with secrets redacted, ``checkpoints/`` the
-resumable checkpoints (:mod:`memento_train.checkpoint`; ``resume=auto`` picks the newest that
-verifies), ``metrics.jsonl`` and wandb's files the metrics (:class:`~memento_train.tracking.RunLogger`)
+resumable checkpoints (:mod:`memento_train.checkpoint.manager`; ``resume=auto`` picks the newest that
+verifies), ``metrics.jsonl`` and wandb's files the metrics (:class:`~memento_train.training.tracking.RunLogger`)
 and ``hf/`` the final Hugging Face export. The drivers' configs share the fields read here:
 ``output_dir``, ``resume``, ``logger``, ``wandb`` and ``checkpoint.keep_last``.
 """
@@ -15,10 +15,10 @@ from typing import Any
 
 import yaml
 
-from memento_train.checkpoint import CheckpointManager, read_state
+from memento_train.checkpoint.manager import CheckpointManager, read_state
 from memento_train.faults.secrets import redact_config, secret_values
-from memento_train.structured_config import to_dict
-from memento_train.tracking import RunLogger
+from memento_train.config.tree import to_dict
+from memento_train.training.tracking import RunLogger
 
 CHECKPOINT_DIR = "checkpoints"
 HF_DIR = "hf"
@@ -37,7 +37,7 @@ def write_run_config(cfg: Any) -> dict[str, Any]:
 def resume_point(cfg: Any, warn: Callable[[str], None] | None = None) -> tuple[CheckpointManager, Path | None, int]:
     """The run's checkpoints (leftovers of interrupted writes removed), the checkpoint ``cfg.resume``
     resumes from (``None``: a fresh start) and the step it starts at. ``warn`` reports checkpoints that
-    ``resume=auto`` had to skip (:meth:`~memento_train.checkpoint.CheckpointManager.resolve`)."""
+    ``resume=auto`` had to skip (:meth:`~memento_train.checkpoint.manager.CheckpointManager.resolve`)."""
     ckpts = CheckpointManager(Path(cfg.output_dir) / CHECKPOINT_DIR, keep_last=cfg.checkpoint.keep_last)
     ckpts.clean_staging()
     resume_from = ckpts.resolve(cfg.resume, warn=warn)
@@ -56,7 +56,7 @@ def open_logger(cfg: Any, public: dict[str, Any], *, total_steps: int, start_ste
 def save_checkpoint(group: Any, ckpts: CheckpointManager, step: int, state: dict[str, Any]) -> Path:
     """Every rank of ``group`` writes its share (its ``save(dir)``) into a staging directory that is
     committed as the checkpoint of ``step`` with ``state``; a storage failure removes the partial
-    checkpoint and raises :class:`~memento_train.checkpoint.CheckpointSaveError`."""
+    checkpoint and raises :class:`~memento_train.checkpoint.manager.CheckpointSaveError`."""
     return ckpts.save(step, state, lambda staging: group.run("save", str(staging)))
 
 

@@ -2,7 +2,7 @@
 one way a CLI reports it: ``<prog>: configuration error: <message>`` on one stderr line, exit code 2.
 
 ``memento-train``, ``memento-rl`` and ``memento-eval`` report it through
-:func:`memento_train.recipe_cli.run_recipe_cli`; the flag-style ``memento-data`` and ``memento-launch``
+:func:`memento_train.recipes.cli.run_recipe_cli`; the flag-style ``memento-data`` and ``memento-launch``
 use :func:`report_config_error` and :class:`FlagParser` (whose usage errors take the same form).
 """
 

@@ -1,6 +1,6 @@
 """Hugging Face export: safetensors weights, tokenizer with chat template, generation config and a
 marker file describing the run, loadable by ``AutoModelForCausalLM.from_pretrained`` (transformers 4.56+
-and 5.x alike, see :mod:`memento_train.hf_compat`) and vLLM.
+and 5.x alike, see :mod:`memento_train.export.compat`) and vLLM.
 
 The marker (``memento_train.json``) always records the eviction rule the model was trained with
 (``block_masking``: :meth:`~memento_train.masking.BlockMaskingConfig.rule_dict`; exports written
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from memento_train.masking import BlockMaskingConfig
-from memento_train.hf_compat import add_legacy_keys
+from memento_train.export.compat import add_legacy_keys
 from memento_train.tokens import IM_END
 
 MARKER_FILE = "memento_train.json"

@@ -2,7 +2,7 @@
 
 All take ``[show] [recipe=NAME|PATH] [section.option=value ...]``, print their help for ``help``,
 list the shipped recipes for ``recipes``, and turn a :class:`ConfigError` into one line on stderr
-(``<prog>: configuration error: ...``, :func:`~memento_train.config_errors.report_config_error`) and
+(``<prog>: configuration error: ...``, :func:`~memento_train.config.errors.report_config_error`) and
 exit code 2. The training commands also plan a recipe's memory for ``plan`` (see
 :mod:`memento_train.planning.cli`: ``<command> plan recipe=NAME [gpu=H100|H200|B200] [key=value ...]``).
 Each command supplies only what it does with the parsed arguments.
@@ -18,8 +18,8 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from memento_train.checkpoint import CheckpointError
-from memento_train.config_errors import ConfigError, report_config_error
+from memento_train.checkpoint.manager import CheckpointError
+from memento_train.config.errors import ConfigError, report_config_error
 from memento_train.faults.preemption import EXIT_PREEMPTED, Preempted
 from memento_train.recipes import available_recipes, split_recipe_arg
 

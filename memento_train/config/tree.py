@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 import yaml
 
-from memento_train.config_errors import ConfigError
+from memento_train.config.errors import ConfigError
 
 
 def parse_overrides(args: Sequence[str]) -> dict[str, Any]:

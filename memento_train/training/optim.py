@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from memento_train.config_errors import ConfigError
-from memento_train.structured_config import check_types
+from memento_train.config.errors import ConfigError
+from memento_train.config.tree import check_types
 
 
 @dataclass

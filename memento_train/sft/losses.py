@@ -1,6 +1,6 @@
 """The SFT objective: next-token cross-entropy summed over loss tokens, divided by the global count.
 
-The loss comes from the fused, chunked LM head (:mod:`memento_train.lm_head`): engines run the model
+The loss comes from the fused, chunked LM head (:mod:`memento_train.models.lm_head`): engines run the model
 with a :class:`~memento_train.engines.head_stats.TokenStatsFn` and the head returns per-token
 log-probs, so neither the ``[T, vocab]`` logits nor an fp32 log-softmax of them is kept for backward.
 """
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from memento_train.data.pack import IGNORE_INDEX
 from memento_train.engines.head_stats import TokenStats, TokenStatsFn
-from memento_train.lm_head import DEFAULT_CHUNK_ROWS
+from memento_train.models.lm_head import DEFAULT_CHUNK_ROWS
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:

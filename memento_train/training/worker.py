@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from memento_train.cluster import DistributedWorker
-from memento_train.export import export_hf
-from memento_train.rank_state import load_rank_state, save_rank_state
+from memento_train.export.writer import export_hf
+from memento_train.checkpoint.rank_state import load_rank_state, save_rank_state
 
 
 @contextlib.contextmanager

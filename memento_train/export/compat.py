@@ -115,7 +115,7 @@ def check_served_rope_theta(model_dir: str | os.PathLike, hf_config: Any = None)
         f"{path}: declares RoPE base (rope_theta) {declared:g}, but vLLM reads {served:g} (transformers "
         f"{_transformers_version()}), so it would generate with the wrong positions. The file keeps "
         "rope_theta only inside rope_parameters (a transformers-5 config), which transformers 4.x does not "
-        "read: add a top-level \"rope_theta\" (memento_train.hf_compat.add_legacy_keys(model_dir) does it; "
+        "read: add a top-level \"rope_theta\" (memento_train.export.compat.add_legacy_keys(model_dir) does it; "
         "memento-train exports write it)"
     )
 

@@ -1,0 +1,1 @@
+"""Resumable checkpoints: directories with manifests, and one rank's share of them."""

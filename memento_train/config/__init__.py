@@ -1,0 +1,1 @@
+"""Configuration: the typed-tree builder every CLI uses and its one error type."""

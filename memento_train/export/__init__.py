@@ -1,0 +1,1 @@
+"""Hugging Face exports: the writer, and compatibility with transformers 4.x readers."""
