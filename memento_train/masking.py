@@ -1,6 +1,6 @@
 """The visibility rule: one state machine over token ids, and everything derived from it.
 
-This module is the single place that knows Memento block structure (DESIGN.md §2). Data rendering,
+This module is the single place that knows Memento block structure (docs/architecture.md §2). Data rendering,
 validation, the attention mask, the reference decoder's physical eviction, rollout post-processing
 and KV accounting all call it; nothing else re-derives blocks.
 

@@ -1,4 +1,4 @@
-"""Memento special tokens: tokenizer extension and embedding initialisation (DESIGN.md §1).
+"""Memento special tokens: tokenizer extension and embedding initialisation (docs/architecture.md §1).
 
 The four memento delimiters are added as atomic special tokens; their embedding rows (and LM-head
 rows when the head is untied) start as the mean of related existing words plus small Gaussian noise,
@@ -25,7 +25,7 @@ ASSISTANT = "assistant"
 MEMENTO_TOKENS: tuple[str, ...] = (BLOCK_START, BLOCK_END, SUMMARY_START, SUMMARY_END)
 THINK_TOKENS: tuple[str, ...] = (THINK_START, THINK_END)
 
-# Related words whose embeddings seed each new token (DESIGN.md §1).
+# Related words whose embeddings seed each new token (docs/architecture.md §1).
 INIT_WORDS: dict[str, tuple[str, ...]] = {
     BLOCK_START: ("block", "start", "begin", "section", "step"),
     BLOCK_END: ("block", "end", "finish", "section", "done"),

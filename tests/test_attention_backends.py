@@ -1,4 +1,4 @@
-"""Attention backends vs an einsum reference built from ``masking.dense_mask`` (DESIGN.md §4).
+"""Attention backends vs an einsum reference built from ``masking.dense_mask`` (docs/architecture.md §4).
 
 Random packed metadata (document lengths, kill rows, GQA ratios, sliding windows) from hypothesis;
 ``sdpa`` and ``segment`` must match forward and backward in float64, ``flex`` forward in float32;

@@ -57,7 +57,7 @@ def test_default_prompt_len_gives_the_engine_kill_rows_for_single_turn(case):
     """Single-turn streams need no explicit prompt_len: the default reproduces the engine exactly."""
     parsed = parse(case["ids"], _DATA["special_token_ids"], BlockMaskingConfig(**_options(case)))
     assert parsed.kill_row.tolist() == case["kill_rows"]
-    # The default prompt ends right after the 'assistant' token (DESIGN.md §2); the engine's prompt
+    # The default prompt ends right after the 'assistant' token (docs/architecture.md §2); the engine's prompt
     # also holds the header's trailing newline. That token is plain text and, in a single turn, no
     # block can be pending yet, so the one-token difference can never change a kill row.
     assert parsed.prompt_len == case["prompt_len"] - 1

@@ -1,8 +1,8 @@
-"""Property tests of the visibility rule (DESIGN.md §2): ``parse`` / ``kill_rows`` / ``BlockTracker``,
+"""Property tests of the visibility rule (docs/architecture.md §2): ``parse`` / ``kill_rows`` / ``BlockTracker``,
 the dense mask and KV accounting, on random well-formed and malformed token streams.
 
 The strongest check is :func:`reference_kill_rows`: a second, deliberately plain implementation
-written from the DESIGN.md §2 text (no code shared with ``masking.py``), compared with ``kill_rows``
+written from the docs/architecture.md §2 text (no code shared with ``masking.py``), compared with ``kill_rows``
 on random malformed streams under random options. It is itself validated against the serving
 engine's recorded evictions (``shared/fixtures/eviction_cases.json``).
 """
@@ -37,7 +37,7 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 FAST = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-# -- an independent reference implementation, from the DESIGN.md §2 text --------------------------
+# -- an independent reference implementation, from the docs/architecture.md §2 text --------------------------
 @dataclass
 class _Blk:
     start: int
@@ -451,7 +451,7 @@ def test_keep_last_block_for_answer_with_n_above_zero_is_rejected_up_front():
 @SETTINGS
 @given(ids=malformed_streams(), cfg=mask_configs(), data=st.data())
 def test_prompt_blocks_beyond_keep_last_n_die_at_prompt_len(ids, cfg, data):
-    """Deferred compaction (DESIGN.md §2): at prompt_len, every block completed inside the prompt except
+    """Deferred compaction (docs/architecture.md §2): at prompt_len, every block completed inside the prompt except
     the newest keep_last_n_blocks gets kill row prompt_len; none is evicted earlier."""
     prompt_len = data.draw(st.integers(0, len(ids)), label="prompt_len")
     p = parse(ids, SPECIAL, cfg, prompt_len=prompt_len)

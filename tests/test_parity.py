@@ -1,4 +1,4 @@
-"""THE proof (DESIGN.md §2, §6): masked packed training forward == evicting incremental decode.
+"""THE proof (docs/architecture.md §2, §6): masked packed training forward == evicting incremental decode.
 
 For tiny random Qwen3 (mask_delimiters=false), Phi-3 (mask_delimiters=true) and Olmo 3 (sliding and
 full layers, window 8 < block length) in float64, several synthetic Memento documents (well-formed,

@@ -161,7 +161,7 @@ def test_load_reward_fn_rejects_non_callables(fixture_module):
     ("fn", "nope", "pkg.module:function"),
     ("timeout_s", 0, "> 0"),
     ("num_workers", -1, ">= 0"),
-    ("num_workers", 1.5, ">= 0"),
+    ("num_workers", 1.5, "must be an integer"),
 ])
 def test_reward_config_errors_name_the_option(option, value, why):
     assert RewardConfig().validate().fn == DEFAULT_REWARD_FN

@@ -59,7 +59,7 @@ def single_turn_prompts(tok, count: int) -> list[list[int]]:
 
 def multi_turn_prompts(tok, count: int) -> list[list[int]]:
     """A finished earlier turn (its blocks and summaries complete) and a new question: the prompt
-    holds completed blocks, which the tracker evicts at ``prompt_len`` (DESIGN.md §2)."""
+    holds completed blocks, which the tracker evicts at ``prompt_len`` (docs/architecture.md §2)."""
     out = []
     for i in range(count):
         first = synthetic_record(100 + i, TASKS[1])

@@ -3,7 +3,7 @@
 A packed batch holds documents back to back (``cu_seqlens``). For every key position ``kill_row``
 is the first query row (global, packed coordinates) that no longer sees it; a key never evicted has
 ``kill_row`` equal to its document's end. With that, every backend implements one predicate
-(DESIGN.md §2, FlashMask's column-wise form)::
+(docs/architecture.md §2, FlashMask's column-wise form)::
 
     visible(q, k) = same_doc(q, k) and k <= q and q < kill_row[k]   [and q - k < window]
 
@@ -22,7 +22,7 @@ import torch
 
 @dataclass
 class IntervalPlan:
-    """Exact interval formulation of the memento mask (DESIGN.md §4).
+    """Exact interval formulation of the memento mask (docs/architecture.md §4).
 
     Each document is cut at its distinct kill rows. Every query row in an interval ``[a, b)`` sees
     the same set of older keys (those with ``kill_row > a``), so the interval is one attention

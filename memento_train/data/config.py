@@ -25,6 +25,8 @@ HF_CONFIGS = get_args(HfConfig)
 OVERLONG_POLICIES = get_args(OverlongPolicy)
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 SAMPLE_TRACES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "sample_traces.jsonl")
+# The file `memento-data prepare` writes beside the tokenized examples (read by data.prepared).
+PREPARED_MANIFEST = "memento_prepare.json"
 
 
 def __getattr__(name: str) -> Any:
@@ -98,12 +100,10 @@ class DataConfig:
             raise ConfigError(f"{prefix}.tokenizer must be a tokenizer directory / hub name, or null for the "
                               f"shipped one, got {self.tokenizer!r}")
         if self.prepared is not None:
-            from memento_train.data.prepared import MANIFEST
-
-            if not os.path.isfile(os.path.join(os.path.expanduser(str(self.prepared)), MANIFEST)):
+            if not os.path.isfile(os.path.join(os.path.expanduser(str(self.prepared)), PREPARED_MANIFEST)):
                 raise ConfigError(
                     f"{prefix}.prepared={self.prepared!r} is not a directory written by `memento-data prepare` "
-                    f"(no {MANIFEST} in it); run `memento-data prepare DATA --output DIR` first, or drop "
+                    f"(no {PREPARED_MANIFEST} in it); run `memento-data prepare DATA --output DIR` first, or drop "
                     f"{prefix}.prepared to tokenize {prefix}.path in the run"
                 )
         return self

@@ -25,12 +25,12 @@ from typing import Any
 
 from memento_train.config.errors import ConfigError
 from memento_train.data.cache import CACHE_VERSION, EXAMPLE_COLUMNS, prepare_dataset, rendering_key
-from memento_train.data.config import DataConfig
+from memento_train.data.config import PREPARED_MANIFEST, DataConfig
 from memento_train.data.render import tokenizer_fingerprint
 from memento_train.models.loading import load_tokenizer
 from memento_train.data.validate import ValidationReport
 
-MANIFEST = "memento_prepare.json"
+MANIFEST = PREPARED_MANIFEST
 FORMAT = "memento-examples-v1"
 
 # The `memento-data prepare` flag that sets each rendering option (named in mismatch errors).

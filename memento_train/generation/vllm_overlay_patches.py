@@ -16,7 +16,7 @@ What is fixed, and why:
    :class:`MementoOverlayScheduler` never skips sampling. The first token is then sampled from the
    prefill's logits (the prompt blocks still visible) and the overlay's own first-token path compacts
    the prompt blocks before that token is fed: the evicted keys get kill row ``prompt_len``, the rule
-   in ``memento_train.masking`` (DESIGN.md section 2).
+   in ``memento_train.masking`` (docs/architecture.md §2).
 2. One step that compacts twice (a multi-turn prompt holding several finished blocks) keeps only the
    last compaction's copy list (the overlay assigns instead of appending), so the KV of every block
    after the first evicted one is wrong. :class:`MementoOverlayScheduler` concatenates the lists.

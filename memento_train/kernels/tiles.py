@@ -6,7 +6,7 @@ Pure PyTorch, no Triton: built once per batch, block shape and window, and cache
 Tiles are *document-aligned*: a document ``[s, e)`` is cut into query tiles ``s + i*BLOCK_M`` and
 key tiles ``s + j*BLOCK_N`` (the last ones short), so no tile straddles two documents and a pair
 of tiles from different documents is never even listed. For each key tile we take the minimum and
-maximum of ``kill_row`` over its keys (FlashMask's per-tile min/max, DESIGN.md §4). A tile pair
+maximum of ``kill_row`` over its keys (FlashMask's per-tile min/max, docs/architecture.md §4). A tile pair
 with query rows ``[q0, q1)`` and keys ``[k0, k1)`` (``q1``/``k1`` clipped to the document end)
 
 * is **dead** (skipped, never loaded) unless ``k0 < q1`` (some key is not after every query),

@@ -12,7 +12,7 @@ Four pieces, all small:
   which travel on :class:`MementoPackedSeqParams` (Megatron's packed-sequence parameters plus the
   memento metadata), so nothing is global state and activation recompute replays the same mask.
 - :class:`MementoGPTModel` is ``GPTModel`` whose rotary embedding follows the batch's ``position_ids``
-  (logical positions, DESIGN.md §2) with the HF model's own inverse frequencies, instead of Megatron's
+  (logical positions, docs/architecture.md §2) with the HF model's own inverse frequencies, instead of Megatron's
   "0..len-1 per packed sequence", so RoPE is bit-for-bit what the HF model computes.
 - :func:`build_gpt_model` builds one pipeline stage of it for an HF config (:func:`architecture_of` and
   :func:`attention_backend_of` read what a loaded HF model adds to its config); the weights come in
@@ -258,7 +258,7 @@ class MementoCoreAttention(MegatronModule):
                  cp_comm_type: str | None = None, pg_collection=None, *, backend: str = "auto") -> None:
         super().__init__(config=config)
         if config.context_parallel_size != 1:
-            raise ConfigError("memento core attention does not support context parallelism (DESIGN.md §4: use "
+            raise ConfigError("memento core attention does not support context parallelism (docs/architecture.md §4: use "
                               "head parallelism); set context_parallel_size=1")
         self.backend = backend
         self.softmax_scale = softmax_scale if softmax_scale is not None else config.kv_channels ** -0.5

@@ -252,7 +252,7 @@ class RolloutPool:
         import ray
 
         cpus = 0 if self.cfg.placement == "colocated" else self.rc.cpus_per_worker
-        env = {**self.rc.env, "OMP_NUM_THREADS": str(self.rc.cpus_per_worker),
+        env = {**self.rc.worker_env(), "OMP_NUM_THREADS": str(self.rc.cpus_per_worker),
                "PYTHONPATH": os.pathsep.join(worker_code_paths() + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
         actor_cls = ray.remote(RolloutWorker)
         gpus = self.rc.gpus_per_worker if self.rc.gpus_per_worker is not None else (1 if cluster_gpus() > 0 else 0)

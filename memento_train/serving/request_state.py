@@ -9,7 +9,7 @@ applies it (:meth:`take_due`) before scheduling the next tokens, and never lets 
 next due row (:meth:`next_row`). So:
 
 - decode: token ``p`` is sampled, its evictions (row ``p``) are applied before ``p`` is fed;
-- a multi-turn prompt's completed blocks (DESIGN.md §2): the tracker reports them at ``prompt_len``
+- a multi-turn prompt's completed blocks (docs/architecture.md §2): the tracker reports them at ``prompt_len``
   (the first generated token), so they leave the cache after prefill, before that token is fed;
 - preemption: the KV is dropped and recomputed; :meth:`restart` makes every eviction due again, so
   the recomputation runs in chunks that end at each eviction row and reproduces the same cache.
