@@ -58,11 +58,23 @@ FLASH_LIKE = ("causal flash_attn", "causal sdpa-flash")  # "causal FlashAttentio
 def cases(device: str) -> list[tuple[str, str, bool]]:
     """(label, runner, evict). ``runner`` is a memento backend or a causal-only baseline."""
     if device == "cpu":
-        return [("causal segment", "segment", False), ("sdpa dense mask", "sdpa", True),
-                ("flex", "flex", True), ("segment", "segment", True), ("triton", "triton", True)]
-    return [("causal flash_attn", "causal_flash_attn", False), ("causal sdpa-flash", "causal_sdpa", False),
-            ("causal triton", "triton", False), ("sdpa dense mask", "sdpa", True), ("flex", "flex", True),
-            ("flash_attn", "flash_attn", True), ("segment", "segment", True), ("triton", "triton", True)]
+        return [
+            ("causal segment", "segment", False),
+            ("sdpa dense mask", "sdpa", True),
+            ("flex", "flex", True),
+            ("segment", "segment", True),
+            ("triton", "triton", True),
+        ]
+    return [
+        ("causal flash_attn", "causal_flash_attn", False),
+        ("causal sdpa-flash", "causal_sdpa", False),
+        ("causal triton", "triton", False),
+        ("sdpa dense mask", "sdpa", True),
+        ("flex", "flex", True),
+        ("flash_attn", "flash_attn", True),
+        ("segment", "segment", True),
+        ("triton", "triton", True),
+    ]
 
 
 def _rss_mb() -> float:
@@ -84,8 +96,10 @@ def _causal_runner(kind: str, meta, q, k, v, scale):
         cu = meta.cu_seqlens
 
         def run():
-            return flash_attn_varlen_func(q, k, v, cu, cu, meta.max_seqlen, meta.max_seqlen,
-                                          softmax_scale=scale, causal=True)
+            return flash_attn_varlen_func(
+                q, k, v, cu, cu, meta.max_seqlen, meta.max_seqlen, softmax_scale=scale, causal=True
+            )
+
         return run
     # PyTorch SDPA restricted to its FlashAttention kernel: one call per document; K/V heads are
     # expanded for GQA so the flash kernel applies (the expansion is part of what is timed).
@@ -99,10 +113,16 @@ def _causal_runner(kind: str, meta, q, k, v, scale):
         outs = []
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             for s, e in bounds:
-                o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1)[None], kk[s:e].transpose(0, 1)[None],
-                                                   vv[s:e].transpose(0, 1)[None], is_causal=True, scale=scale)
+                o = F.scaled_dot_product_attention(
+                    q[s:e].transpose(0, 1)[None],
+                    kk[s:e].transpose(0, 1)[None],
+                    vv[s:e].transpose(0, 1)[None],
+                    is_causal=True,
+                    scale=scale,
+                )
                 outs.append(o[0].transpose(0, 1))
         return torch.cat(outs)
+
     return run
 
 
@@ -124,13 +144,16 @@ def unavailable(runner: str, device: str, allow_interpreter: bool = False) -> st
 
 def print_tile_work(tokens: list[int], head_dim: int, configs: list[str | None]) -> None:
     """Tile pairs each Triton kernel visits on the benchmark batches, as shares of the causal ones."""
-    from memento_train.kernels import build_tile_plan
-    from memento_train.kernels.function import GPU_CONFIGS, parse_config
     from shapes import memento_batch
 
+    from memento_train.kernels import build_tile_plan
+    from memento_train.kernels.function import GPU_CONFIGS, parse_config
+
     base = GPU_CONFIGS[64 if head_dim <= 64 else 128]
-    print(f"tile work of the triton kernels (head_dim {head_dim}): shares of the causal tile pairs; "
-          "'bound' = causal / live tiles, the speed-up over causal at equal per-tile speed")
+    print(
+        f"tile work of the triton kernels (head_dim {head_dim}): shares of the causal tile pairs; "
+        "'bound' = causal / live tiles, the speed-up over causal at equal per-tile speed"
+    )
     for n in tokens:
         meta, _ = memento_batch(n)
         print(f"  {n} tokens: the mask keeps {meta.kept_pairs() / meta.causal_pairs():.1%} of the causal pairs")
@@ -140,16 +163,18 @@ def print_tile_work(tokens: list[int], head_dim: int, configs: list[str | None])
                 c = getattr(cfg, name)
                 plan = build_tile_plan(meta.cu_seqlens, meta.kill_row, c.block_m, c.block_n)
                 live, full = plan.live_pairs / plan.causal_pairs, plan.full_pairs / plan.causal_pairs
-                print(f"    {name:4s} {c.block_m:>3d}x{c.block_n:<3d}  live {live:6.1%}  full {full:6.1%}  "
-                      f"partial {live - full:6.1%}  bound {1 / live:4.2f}x")
+                print(
+                    f"    {name:4s} {c.block_m:>3d}x{c.block_n:<3d}  live {live:6.1%}  full {full:6.1%}  "
+                    f"partial {live - full:6.1%}  bound {1 / live:4.2f}x"
+                )
 
 
 def _measure(args: dict) -> dict:
     import torch
+    from shapes import memento_batch
 
     from memento_train.attention import flex, memento_attention
     from memento_train.kernels import set_triton_config, tile_plan, triton_config
-    from shapes import memento_batch
 
     device = torch.device(args["device"])
     dtype = getattr(torch, args["dtype"])
@@ -166,7 +191,7 @@ def _measure(args: dict) -> dict:
     k = torch.randn(T, Hkv, D, device=device, dtype=dtype, requires_grad=grad)
     v = torch.randn(T, Hkv, D, device=device, dtype=dtype, requires_grad=grad)
     upstream = torch.randn(T, H, D, device=device, dtype=dtype)
-    scale = D ** -0.5
+    scale = D**-0.5
     runner = args["runner"]
     # Per-batch structures are built once and shared by all layers: not timed.
     extra = {}
@@ -178,8 +203,11 @@ def _measure(args: dict) -> dict:
         cfg = triton_config(D, device)
         plans = [tile_plan(meta, c.block_m, c.block_n) for c in (cfg.fwd, cfg.dq, cfg.dkdv)]
         extra = {"live_tiles": plans[0].live_pairs / plans[0].causal_pairs, "config": cfg.describe()}
-    attend = (_causal_runner(runner, meta, q, k, v, scale) if runner.startswith("causal_")
-              else lambda: memento_attention(q, k, v, meta, scale=scale, backend=runner))
+    attend = (
+        _causal_runner(runner, meta, q, k, v, scale)
+        if runner.startswith("causal_")
+        else lambda: memento_attention(q, k, v, meta, scale=scale, backend=runner)
+    )
 
     def run():
         q.grad = k.grad = v.grad = None
@@ -214,8 +242,14 @@ def _measure(args: dict) -> dict:
         pairs = meta.kept_pairs()
         flops = 4 * pairs * D * H * (3.5 if grad else 1.0)
         ms = 1000 * statistics.median(times)
-        return {"ms": ms, "peak_mb": peak, "pairs": pairs, "tflops": flops / (ms / 1000) / 1e12,
-                "kept": pairs / meta.causal_pairs(), **extra}
+        return {
+            "ms": ms,
+            "peak_mb": peak,
+            "pairs": pairs,
+            "tflops": flops / (ms / 1000) / 1e12,
+            "kept": pairs / meta.causal_pairs(),
+            **extra,
+        }
     except Exception as exc:  # report, do not hide: the table shows the error
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:150] if str(exc) else ''}"}
 
@@ -254,8 +288,10 @@ def print_table(tokens: int, mode: str, rows: dict[str, dict], yardstick: str | 
         if "ms" not in r:
             print(f"{label:{w}s} {'skipped: ' if 'skipped' in r else 'error: '}{r.get('skipped') or r.get('error')}")
             continue
-        print(f"{label:{w}s} {r['ms']:9.2f} {_fmt_ratio(causal, r['ms']):>9s} {_fmt_ratio(ref, r['ms']):>9s} "
-              f"{r['peak_mb']:9.0f} {r['tflops']:8.2f}")
+        print(
+            f"{label:{w}s} {r['ms']:9.2f} {_fmt_ratio(causal, r['ms']):>9s} {_fmt_ratio(ref, r['ms']):>9s} "
+            f"{r['peak_mb']:9.0f} {r['tflops']:8.2f}"
+        )
 
 
 def print_targets(tokens: int, rows: dict[str, dict]) -> None:
@@ -283,8 +319,10 @@ def print_targets(tokens: int, rows: dict[str, dict]) -> None:
     flash = [rows[lbl]["tflops"] for lbl in FLASH_LIKE if "tflops" in rows.get(lbl, {})]
     if flash:
         share = rows["triton"]["tflops"] / max(flash)
-        print(f"  {'kept-pair TFLOP/s vs causal FlashAttention':42s} {share:6.0%}   (target >= 80%) "
-              f"{'OK' if share >= 0.8 else 'MISSED'}")
+        print(
+            f"  {'kept-pair TFLOP/s vs causal FlashAttention':42s} {share:6.0%}   (target >= 80%) "
+            f"{'OK' if share >= 0.8 else 'MISSED'}"
+        )
 
 
 def main() -> None:
@@ -297,17 +335,26 @@ def main() -> None:
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default bfloat16 GPU / float32 CPU")
     p.add_argument("--modes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd+bwd", "fwd"])
     p.add_argument("--backends", nargs="+", help="only these labels (e.g. triton flex 'causal triton')")
-    p.add_argument("--triton-config", action="append", default=[],
-                   help="extra 'triton [CONFIG]' rows, e.g. fwd=128x128:w8:s3,dq=64x64,dkdv=64x64 (repeatable)")
+    p.add_argument(
+        "--triton-config",
+        action="append",
+        default=[],
+        help="extra 'triton [CONFIG]' rows, e.g. fwd=128x128:w8:s3,dq=64x64,dkdv=64x64 (repeatable)",
+    )
     p.add_argument("--repeats", type=int, help="timed runs, median reported (default 10 GPU / 2 CPU)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
     p.add_argument("--json", type=Path, help="also write all results here")
-    p.add_argument("--tiles-only", action="store_true",
-                   help="print the Triton kernels' tile work at the GPU configs and exit (no GPU needed)")
-    p.add_argument("--allow-interpreter", action="store_true",
-                   help="with TRITON_INTERPRET=1 on CPU, run triton anyway (a smoke test of this script: use "
-                        "--tokens 512 or so)")
+    p.add_argument(
+        "--tiles-only",
+        action="store_true",
+        help="print the Triton kernels' tile work at the GPU configs and exit (no GPU needed)",
+    )
+    p.add_argument(
+        "--allow-interpreter",
+        action="store_true",
+        help="with TRITON_INTERPRET=1 on CPU, run triton anyway (a smoke test of this script: use --tokens 512 or so)",
+    )
     a = p.parse_args()
 
     import torch
@@ -315,8 +362,12 @@ def main() -> None:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     gpu = device == "cuda"
     tokens = a.tokens or ([8192, 16384, 32768] if gpu else [8192])
-    shape = dict(heads=a.heads or (32 if gpu else 8), kv_heads=a.kv_heads or (8 if gpu else 2),
-                 head_dim=a.head_dim or (128 if gpu else 64), dtype=a.dtype or ("bfloat16" if gpu else "float32"))
+    shape = dict(
+        heads=a.heads or (32 if gpu else 8),
+        kv_heads=a.kv_heads or (8 if gpu else 2),
+        head_dim=a.head_dim or (128 if gpu else 64),
+        dtype=a.dtype or ("bfloat16" if gpu else "float32"),
+    )
     repeats = a.repeats or (10 if gpu else 2)
     if a.tiles_only or gpu:
         print_tile_work(a.tokens or [8192, 16384, 32768], a.head_dim or 128, [None, *a.triton_config])
@@ -326,8 +377,10 @@ def main() -> None:
     if a.backends:
         all_cases = [c for c in all_cases if c[0] in a.backends or c[0].split(" [")[0] in a.backends]
     name = torch.cuda.get_device_name() if gpu else f"CPU, {a.threads} threads"
-    print(f"memento attention benchmark on {name}: heads {shape['heads']}/{shape['kv_heads']}, head_dim "
-          f"{shape['head_dim']}, {shape['dtype']}, median of {repeats}")
+    print(
+        f"memento attention benchmark on {name}: heads {shape['heads']}/{shape['kv_heads']}, head_dim "
+        f"{shape['head_dim']}, {shape['dtype']}, median of {repeats}"
+    )
 
     results = []
     for n in tokens:
@@ -340,9 +393,18 @@ def main() -> None:
                     rows[label] = {"skipped": reason}
                     continue
                 config = label.split(" [", 1)[1][:-1] if " [" in label else None
-                rows[label] = measure(device=device, tokens=n, mode=mode, runner=runner, evict=evict,
-                                      repeats=repeats, warmup=a.warmup, threads=a.threads, triton_config=config,
-                                      **shape)
+                rows[label] = measure(
+                    device=device,
+                    tokens=n,
+                    mode=mode,
+                    runner=runner,
+                    evict=evict,
+                    repeats=repeats,
+                    warmup=a.warmup,
+                    threads=a.threads,
+                    triton_config=config,
+                    **shape,
+                )
                 results.append({"tokens": n, "mode": mode, "backend": label, **shape, **rows[label]})
             yardstick = next((lbl for lbl in rows if lbl.startswith("causal") and "ms" in rows[lbl]), None)
             if gpu:  # the fastest causal kernel is the honest yardstick
@@ -352,8 +414,11 @@ def main() -> None:
             memento = rows.get("triton", {})
             kept = next((r["kept"] for lbl, r in rows.items() if "kept" in r and not lbl.startswith("causal")), None)
             if kept is not None:
-                tiles = (f"; triton visits {memento['live_tiles']:.1%} of the causal tiles ({memento['config']})"
-                         if "live_tiles" in memento else "")
+                tiles = (
+                    f"; triton visits {memento['live_tiles']:.1%} of the causal tiles ({memento['config']})"
+                    if "live_tiles" in memento
+                    else ""
+                )
                 print(f"   memento mask keeps {kept:.1%} of the causal pairs{tiles}")
             if mode == "fwd+bwd" and n == max(tokens):
                 print_targets(n, rows)

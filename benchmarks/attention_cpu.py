@@ -16,5 +16,11 @@ if __name__ == "__main__":
     from attention import main
 
     args = sys.argv[1:]
-    sys.argv = [sys.argv[0], "--device", "cpu", *(["--tokens", "8192", "16384"] if "--tokens" not in args else []), *args]
+    sys.argv = [
+        sys.argv[0],
+        "--device",
+        "cpu",
+        *(["--tokens", "8192", "16384"] if "--tokens" not in args else []),
+        *args,
+    ]
     main()

@@ -95,9 +95,15 @@ def vllm_benchmark(args) -> None:
 
     model_path = args.model or vh.ASSET
     tok = vh.tokenizer()
-    prompts = vh.single_turn_prompts(tok, args.prompts - args.prompts // 4) + vh.multi_turn_prompts(tok, args.prompts // 4)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=0,
-                            stop_token_ids=(tok.convert_tokens_to_ids("<|im_end|>"),))
+    prompts = vh.single_turn_prompts(tok, args.prompts - args.prompts // 4) + vh.multi_turn_prompts(
+        tok, args.prompts // 4
+    )
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=0,
+        stop_token_ids=(tok.convert_tokens_to_ids("<|im_end|>"),),
+    )
     modes = {"on": BlockMaskingConfig(keep_last_n_blocks=0), "off": BlockMaskingConfig(enable=False)}
     requests = [SequenceRequest(p, prompt_index=i) for i, p in enumerate(prompts)]
     options = {**vh.ENGINE_OPTIONS, "dtype": args.dtype}
@@ -124,19 +130,25 @@ def vllm_benchmark(args) -> None:
         rows[("reference", name)] = (results, time.perf_counter() - t0)
 
     bpt = rows[("vllm", "on")][0][0].kv_bytes[0] // rows[("vllm", "on")][0][0].kv_trace[0]
-    print(f"model: {model_path} ({args.dtype} on {args.device}); {len(prompts)} prompts "
-          f"({args.prompts // 4} multi-turn), max_new_tokens={args.max_new_tokens}, T={args.temperature}; "
-          f"vLLM engine start {start_s:.1f} s (excluded); KV bytes/token measured by the plugin: {bpt}")
-    header = (f"{'generator':>9} {'evict':>5} | {'tokens':>6} {'seconds':>7} {'decode tok/s':>12} | "
-              f"{'peak KV (max/mean)':>18} {'KV AUC':>9} | {'peak KV bytes (max)':>19}")
+    print(
+        f"model: {model_path} ({args.dtype} on {args.device}); {len(prompts)} prompts "
+        f"({args.prompts // 4} multi-turn), max_new_tokens={args.max_new_tokens}, T={args.temperature}; "
+        f"vLLM engine start {start_s:.1f} s (excluded); KV bytes/token measured by the plugin: {bpt}"
+    )
+    header = (
+        f"{'generator':>9} {'evict':>5} | {'tokens':>6} {'seconds':>7} {'decode tok/s':>12} | "
+        f"{'peak KV (max/mean)':>18} {'KV AUC':>9} | {'peak KV bytes (max)':>19}"
+    )
     print(header)
     print("-" * len(header))
     for (gen_name, mode), (results, seconds) in rows.items():
         n = sum(r.num_tokens for r in results)
         peaks = [r.peak_kv for r in results]
         auc = sum(r.kv_auc for r in results)
-        print(f"{gen_name:>9} {mode:>5} | {n:>6} {seconds:>7.2f} {n / seconds:>12,.1f} | "
-              f"{max(peaks):>8} / {sum(peaks) / len(peaks):>7.1f} {auc:>9} | {fmt_bytes(max(peaks) * bpt):>19}")
+        print(
+            f"{gen_name:>9} {mode:>5} | {n:>6} {seconds:>7.2f} {n / seconds:>12,.1f} | "
+            f"{max(peaks):>8} / {sum(peaks) / len(peaks):>7.1f} {auc:>9} | {fmt_bytes(max(peaks) * bpt):>19}"
+        )
     print("-" * len(header))
     v_on, v_off = rows[("vllm", "on")], rows[("vllm", "off")]
     r_on = rows[("reference", "on")]
@@ -144,16 +156,22 @@ def vllm_benchmark(args) -> None:
     auc_ratio = sum(r.kv_auc for r in v_off[0]) / sum(r.kv_auc for r in v_on[0])
     peak_ratio = sum(r.peak_kv for r in v_off[0]) / sum(r.peak_kv for r in v_on[0])
     tps = {k: sum(r.num_tokens for r in v[0]) / v[1] for k, v in rows.items()}
-    print(f"vLLM eviction off/on: sum of per-sequence peaks x{peak_ratio:.2f}, KV AUC x{auc_ratio:.2f}; "
-          f"decode tok/s on/off x{tps[('vllm', 'on')] / tps[('vllm', 'off')]:.2f}; "
-          f"vLLM/reference decode tok/s (eviction on) x{tps[('vllm', 'on')] / tps[('reference', 'on')]:.2f}; "
-          f"vLLM tokens and KV traces equal the reference's: {same}")
+    print(
+        f"vLLM eviction off/on: sum of per-sequence peaks x{peak_ratio:.2f}, KV AUC x{auc_ratio:.2f}; "
+        f"decode tok/s on/off x{tps[('vllm', 'on')] / tps[('vllm', 'off')]:.2f}; "
+        f"vLLM/reference decode tok/s (eviction on) x{tps[('vllm', 'on')] / tps[('reference', 'on')]:.2f}; "
+        f"vLLM tokens and KV traces equal the reference's: {same}"
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--generator", default="reference", choices=["reference", "vllm"],
-                    help="reference: teacher-force the sample traces; vllm: decode through vLLM + the plugin")
+    ap.add_argument(
+        "--generator",
+        default="reference",
+        choices=["reference", "vllm"],
+        help="reference: teacher-force the sample traces; vllm: decode through vLLM + the plugin",
+    )
     ap.add_argument("--model", default=None, help="--generator vllm: checkpoint (default: the warmed tiny policy)")
     ap.add_argument("--prompts", type=int, default=64, help="--generator vllm: number of prompts")
     ap.add_argument("--max-new-tokens", type=int, default=160, help="--generator vllm")
@@ -163,8 +181,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--growth", type=int, default=64, help="spare cache slots per reallocation")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (1: a tiny model's ops are too small to parallelise; 0 = torch default)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1: a tiny model's ops are too small to parallelise; 0 = torch default)",
+    )
     ap.add_argument("--no-alone", action="store_true", help="skip the batch-1 runs (storage per trace)")
     args = ap.parse_args()
     if args.threads:
@@ -176,20 +198,34 @@ def main() -> None:
     tok = load_shipped_tokenizer()
     ids = special_token_ids(tok)
     traces = load_traces(tok)
-    model = build_tiny_model(tok, hidden_size=args.hidden, num_layers=args.layers, max_position_embeddings=8192,
-                             dtype=getattr(torch, args.dtype), device=args.device)
+    model = build_tiny_model(
+        tok,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        max_position_embeddings=8192,
+        dtype=getattr(torch, args.dtype),
+        device=args.device,
+    )
     modes = {"on": BlockMaskingConfig(keep_last_n_blocks=0), "off": BlockMaskingConfig(enable=False)}
-    runs = {name: run_mode(model, tok, bm, traces, alone=not args.no_alone, growth=args.growth)
-            for name, bm in modes.items()}
+    runs = {
+        name: run_mode(model, tok, bm, traces, alone=not args.no_alone, growth=args.growth)
+        for name, bm in modes.items()
+    }
 
     first = runs["on"][1][0]
     bpt = first.kv_bytes[0] // first.kv_trace[0]
-    print(f"model: tiny Qwen3 hidden={args.hidden} layers={args.layers} kv_heads=2 head_dim={args.hidden // 4} "
-          f"{args.dtype} on {args.device}; KV bytes/token (all layers, measured) = {bpt}")
-    print(f"traces: {len(traces)} (tokens prompt+response: {[len(p) + len(r) for p, r in traces]}), "
-          f"batched together; eviction on = keep_last_n_blocks=0, off = enable=False\n")
-    header = f"{'trace':>5} {'tokens':>6} {'blocks':>6} | {'peak KV entries':>17} {'ratio':>5} | " \
-             f"{'peak KV bytes (alone)':>23} {'ratio':>5} | {'KV AUC (entries)':>21} {'ratio':>5}"
+    print(
+        f"model: tiny Qwen3 hidden={args.hidden} layers={args.layers} kv_heads=2 head_dim={args.hidden // 4} "
+        f"{args.dtype} on {args.device}; KV bytes/token (all layers, measured) = {bpt}"
+    )
+    print(
+        f"traces: {len(traces)} (tokens prompt+response: {[len(p) + len(r) for p, r in traces]}), "
+        f"batched together; eviction on = keep_last_n_blocks=0, off = enable=False\n"
+    )
+    header = (
+        f"{'trace':>5} {'tokens':>6} {'blocks':>6} | {'peak KV entries':>17} {'ratio':>5} | "
+        f"{'peak KV bytes (alone)':>23} {'ratio':>5} | {'KV AUC (entries)':>21} {'ratio':>5}"
+    )
     print(header)
     print("-" * len(header))
     totals = {"on": [0, 0, 0], "off": [0, 0, 0]}  # sum of peaks, sum of AUC, sum of storage peaks
@@ -208,27 +244,35 @@ def main() -> None:
             totals[name][2] += storage
         (pe_on, sb_on, auc_on), (pe_off, sb_off, auc_off) = row["on"], row["off"]
         blocks = results[i].num_blocks
-        print(f"{i:>5} {len(prompt) + len(response):>6} {blocks:>6} | "
-              f"{pe_on:>7} vs {pe_off:>7} {pe_off / pe_on:>5.2f} | "
-              f"{fmt_bytes(sb_on):>10} vs {fmt_bytes(sb_off):>10} {sb_off / sb_on:>5.2f} | "
-              f"{auc_on:>9} vs {auc_off:>9} {auc_off / auc_on:>5.2f}")
+        print(
+            f"{i:>5} {len(prompt) + len(response):>6} {blocks:>6} | "
+            f"{pe_on:>7} vs {pe_off:>7} {pe_off / pe_on:>5.2f} | "
+            f"{fmt_bytes(sb_on):>10} vs {fmt_bytes(sb_off):>10} {sb_off / sb_on:>5.2f} | "
+            f"{auc_on:>9} vs {auc_off:>9} {auc_off / auc_on:>5.2f}"
+        )
     on, off = totals["on"], totals["off"]
     print("-" * len(header))
-    print(f"{'all':>5} {sum(len(p) + len(r) for p, r in traces):>6} {'':>6} | {on[0]:>7} vs {off[0]:>7} "
-          f"{off[0] / on[0]:>5.2f} | {fmt_bytes(on[2]):>10} vs {fmt_bytes(off[2]):>10} {off[2] / on[2]:>5.2f} | "
-          f"{on[1]:>9} vs {off[1]:>9} {off[1] / on[1]:>5.2f}")
+    print(
+        f"{'all':>5} {sum(len(p) + len(r) for p, r in traces):>6} {'':>6} | {on[0]:>7} vs {off[0]:>7} "
+        f"{off[0] / on[0]:>5.2f} | {fmt_bytes(on[2]):>10} vs {fmt_bytes(off[2]):>10} {off[2] / on[2]:>5.2f} | "
+        f"{on[1]:>9} vs {off[1]:>9} {off[1] / on[1]:>5.2f}"
+    )
     print()
     for name in ("on", "off"):
         gen, results, elapsed, _ = runs[name]
         n_tok = sum(r.num_tokens for r in results)
         batch_peak = max(max(r.extra["cache_storage_bytes"]) for r in results)
-        print(f"eviction {name:>3}: batched cache storage peak {fmt_bytes(batch_peak):>10} | "
-              f"{n_tok} tokens in {elapsed:.2f} s = {n_tok / elapsed:,.0f} decode tok/s "
-              f"({len(results)} sequences/step, prefill included)")
+        print(
+            f"eviction {name:>3}: batched cache storage peak {fmt_bytes(batch_peak):>10} | "
+            f"{n_tok} tokens in {elapsed:.2f} s = {n_tok / elapsed:,.0f} decode tok/s "
+            f"({len(results)} sequences/step, prefill included)"
+        )
     big = BIG_MODEL_BYTES_PER_TOKEN
-    print(f"\nQwen3-8B-sized KV ({big // 1024} KiB/token, same entries): sum of per-trace peaks "
-          f"{on[0] * big / 2**30:.2f} GiB (on) vs {off[0] * big / 2**30:.2f} GiB (off); "
-          f"AUC {on[1] * big / 2**40:.2f} vs {off[1] * big / 2**40:.2f} TiB x steps")
+    print(
+        f"\nQwen3-8B-sized KV ({big // 1024} KiB/token, same entries): sum of per-trace peaks "
+        f"{on[0] * big / 2**30:.2f} GiB (on) vs {off[0] * big / 2**30:.2f} GiB (off); "
+        f"AUC {on[1] * big / 2**40:.2f} vs {off[1] * big / 2**40:.2f} TiB x steps"
+    )
 
 
 if __name__ == "__main__":

@@ -28,9 +28,9 @@ from shapes import memento_batch  # noqa: E402
 from memento_train.attention import MementoAttentionMeta  # noqa: E402
 from memento_train.attention.hf import attn_implementation  # noqa: E402
 from memento_train.engines import EngineConfig, MicroBatch, build_engine  # noqa: E402
+from memento_train.sft.losses import sft_loss_fn  # noqa: E402
 from memento_train.training.flops import FlopCounter, peak_tflops  # noqa: E402
 from memento_train.training.optim import OptimConfig  # noqa: E402
-from memento_train.sft.losses import sft_loss_fn  # noqa: E402
 
 PRESETS = {  # hidden, layers, heads, kv heads, intermediate, vocab
     "cpu-tiny": (256, 4, 8, 4, 768, 8192),
@@ -43,9 +43,18 @@ def build_model(preset: str, backend: str, checkpointing: bool):
     import transformers
 
     h, n, heads, kv, inter, vocab = PRESETS[preset]
-    cfg = transformers.Qwen3Config(vocab_size=vocab, hidden_size=h, intermediate_size=inter, num_hidden_layers=n,
-                                   num_attention_heads=heads, num_key_value_heads=kv, head_dim=h // heads,
-                                   max_position_embeddings=65536, tie_word_embeddings=False, use_cache=False)
+    cfg = transformers.Qwen3Config(
+        vocab_size=vocab,
+        hidden_size=h,
+        intermediate_size=inter,
+        num_hidden_layers=n,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=h // heads,
+        max_position_embeddings=65536,
+        tie_word_embeddings=False,
+        use_cache=False,
+    )
     torch.manual_seed(0)
     model = transformers.Qwen3ForCausalLM(cfg)
     model.set_attn_implementation(attn_implementation(backend))
@@ -111,14 +120,17 @@ def main() -> None:
         model = build_model(preset, args.backend, args.checkpointing)
         flops = FlopCounter(model)
         vocab = model.config.vocab_size
-        engine = build_engine(model, OptimConfig(lr=1e-5, warmup_steps=1),
-                              EngineConfig(kind=args.engine, precision=precision), device)
+        engine = build_engine(
+            model, OptimConfig(lr=1e-5, warmup_steps=1), EngineConfig(kind=args.engine, precision=precision), device
+        )
         memento_meta, lengths = memento_batch(tokens, doc_tokens=args.doc_tokens)
         causal_meta = MementoAttentionMeta.causal(memento_meta.cu_seqlens)
         peak = peak_tflops(torch.cuda.get_device_name(device) if cuda else None)
-        print(f"# {preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params), {tokens} tokens per "
-              f"micro-batch in {len(lengths)} docs, engine {args.engine} {precision}, backend {args.backend}, "
-              f"device {torch.cuda.get_device_name(device) if cuda else 'cpu'}, {steps} steps after {args.warmup} warm-up")
+        print(
+            f"# {preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params), {tokens} tokens per "
+            f"micro-batch in {len(lengths)} docs, engine {args.engine} {precision}, backend {args.backend}, "
+            f"device {torch.cuda.get_device_name(device) if cuda else 'cpu'}, {steps} steps after {args.warmup} warm-up"
+        )
         rows = {}
         for name, meta in (("stage 1 (causal)", causal_meta), ("stage 2 (memento)", memento_meta)):
             mb = micro_batch(meta, vocab, device)
@@ -128,8 +140,10 @@ def main() -> None:
             tflops = flops.step_flops(tokens, kept) / t / 1e12
             rows[name] = (t, tokens / t, tflops, kept / causal, mem)
             mfu = f"{tflops / peak:6.1%}" if peak else "   n/a"
-            print(f"{name:18s} step {t * 1e3:9.1f} ms  {tokens / t:10.0f} tok/s  {tflops:8.2f} TFLOP/s (kept pairs)  "
-                  f"MFU {mfu}  kept/causal pairs {kept / causal:5.2f}  peak mem {mem / 2**30:6.2f} GiB")
+            print(
+                f"{name:18s} step {t * 1e3:9.1f} ms  {tokens / t:10.0f} tok/s  {tflops:8.2f} TFLOP/s (kept pairs)  "
+                f"MFU {mfu}  kept/causal pairs {kept / causal:5.2f}  peak mem {mem / 2**30:6.2f} GiB"
+            )
         (t1, tps1, *_), (t2, tps2, *_) = rows.values()
         print(f"stage 2 / stage 1 tokens/s: {tps2 / tps1:.2f}x")
     finally:

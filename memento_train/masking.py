@@ -82,11 +82,13 @@ class BlockMaskingConfig:
     compact_on_summary_end: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.keep_last_n_blocks, bool) or not isinstance(self.keep_last_n_blocks, int) \
-                or self.keep_last_n_blocks < -1:
+        if (
+            isinstance(self.keep_last_n_blocks, bool)
+            or not isinstance(self.keep_last_n_blocks, int)
+            or self.keep_last_n_blocks < -1
+        ):
             raise ValueError(
-                f"keep_last_n_blocks must be an int >= -1 (-1 = never evict, stage 1), "
-                f"got {self.keep_last_n_blocks!r}"
+                f"keep_last_n_blocks must be an int >= -1 (-1 = never evict, stage 1), got {self.keep_last_n_blocks!r}"
             )
         if self.enable and self.keep_last_block_for_answer and self.keep_last_n_blocks > 0:
             # The serving engine's rule evicts one block per <|block_start|> in this mode; it is
@@ -133,8 +135,12 @@ RULE_FIELDS = ("keep_last_n_blocks", "mask_delimiters", "keep_last_block_for_ans
 
 def __getattr__(name: str) -> Any:
     if name == "MaskConfig":  # the training-side name before the two mask configs became one
-        warnings.warn("memento_train.masking.MaskConfig is deprecated; use BlockMaskingConfig (the same "
-                      "options; enable=false is keep_last_n_blocks=-1)", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "memento_train.masking.MaskConfig is deprecated; use BlockMaskingConfig (the same "
+            "options; enable=false is keep_last_n_blocks=-1)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return BlockMaskingConfig
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -271,11 +277,7 @@ class BlockTracker:
             kind, block_idx = Kind.PROMPT, -1
             if sp.im_start is not None and token_id == sp.im_start:
                 self._recent_im_start = pos
-            elif (
-                token_id == sp.assistant
-                and self._recent_im_start is not None
-                and pos - self._recent_im_start <= 2
-            ):
+            elif token_id == sp.assistant and self._recent_im_start is not None and pos - self._recent_im_start <= 2:
                 self.tracking = True  # the assistant token itself is not tracked
                 self.prompt_len = pos + 1 if self._explicit_prompt_len is None else self._explicit_prompt_len
             self.pos += 1
@@ -499,9 +501,7 @@ class KVStats:
 def kv_stats(kill_row: Sequence[int] | np.ndarray, *, window: int | None = None) -> KVStats:
     """Peak and AUC of :func:`live_kv_trace`."""
     trace = live_kv_trace(kill_row, window=window)
-    return KVStats(
-        peak=int(trace.max()) if trace.size else 0, auc=int(trace.sum()), num_tokens=int(trace.size)
-    )
+    return KVStats(peak=int(trace.max()) if trace.size else 0, auc=int(trace.sum()), num_tokens=int(trace.size))
 
 
 def kv_bytes_per_token(model_config, dtype_bytes: int = 2) -> int:
@@ -511,7 +511,5 @@ def kv_bytes_per_token(model_config, dtype_bytes: int = 2) -> int:
     """
     layers = int(model_config.num_hidden_layers)
     heads = int(getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads)
-    head_dim = getattr(model_config, "head_dim", None) or (
-        model_config.hidden_size // model_config.num_attention_heads
-    )
+    head_dim = getattr(model_config, "head_dim", None) or (model_config.hidden_size // model_config.num_attention_heads)
     return layers * heads * int(head_dim) * 2 * dtype_bytes

@@ -8,7 +8,8 @@ so a fresh model already "reads" them as something block/summary-like instead of
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 

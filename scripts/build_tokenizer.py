@@ -45,21 +45,74 @@ SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_SPECIAL_RE = re.compile(
-    "|".join(re.escape(t) for t in (ENDOFTEXT, IM_START, IM_END, *THINK_TOKENS, *MEMENTO_TOKENS))
-)
+_SPECIAL_RE = re.compile("|".join(re.escape(t) for t in (ENDOFTEXT, IM_START, IM_END, *THINK_TOKENS, *MEMENTO_TOKENS)))
 
-_SUBJECTS = ["the model", "the student", "the teacher", "a reader", "the assistant", "the user",
-             "the system", "each block", "the summary", "the proof", "the solver", "we", "I"]
-_VERBS = ["can start", "will begin", "should finish", "must complete", "tries to summarize",
-          "writes a brief recap of", "gives an overview of", "checks", "computes", "simplifies",
-          "proves", "explains", "is done with", "reaches the end of", "reviews", "solves"]
-_OBJECTS = ["the next step", "this section", "the equation", "the first block", "the final answer",
-            "the triangle", "the sum of the series", "a short summary", "the integral",
-            "the remaining cases", "the polynomial", "the probability", "the function",
-            "the area of the circle", "the number of solutions", "the derivative"]
-_CONNECTIVES = ["First,", "Then", "Next,", "So", "Therefore,", "Finally,", "Wait,", "Now",
-                "In summary,", "To recap,", "Hence", "Because of this,", "Let me check:"]
+_SUBJECTS = [
+    "the model",
+    "the student",
+    "the teacher",
+    "a reader",
+    "the assistant",
+    "the user",
+    "the system",
+    "each block",
+    "the summary",
+    "the proof",
+    "the solver",
+    "we",
+    "I",
+]
+_VERBS = [
+    "can start",
+    "will begin",
+    "should finish",
+    "must complete",
+    "tries to summarize",
+    "writes a brief recap of",
+    "gives an overview of",
+    "checks",
+    "computes",
+    "simplifies",
+    "proves",
+    "explains",
+    "is done with",
+    "reaches the end of",
+    "reviews",
+    "solves",
+]
+_OBJECTS = [
+    "the next step",
+    "this section",
+    "the equation",
+    "the first block",
+    "the final answer",
+    "the triangle",
+    "the sum of the series",
+    "a short summary",
+    "the integral",
+    "the remaining cases",
+    "the polynomial",
+    "the probability",
+    "the function",
+    "the area of the circle",
+    "the number of solutions",
+    "the derivative",
+]
+_CONNECTIVES = [
+    "First,",
+    "Then",
+    "Next,",
+    "So",
+    "Therefore,",
+    "Finally,",
+    "Wait,",
+    "Now",
+    "In summary,",
+    "To recap,",
+    "Hence",
+    "Because of this,",
+    "Let me check:",
+]
 _WORD_BANK = """
 about above across act add after again against age ago agree air all allow almost alone along already
 also although always among amount and angle animal another answer any appear apply approach area argue
@@ -194,10 +247,12 @@ def train_base_tokenizer() -> Tokenizer:
     """Train the byte-level BPE with only the three ChatML specials."""
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=BASE_VOCAB_SIZE,

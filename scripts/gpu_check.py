@@ -66,19 +66,67 @@ class Sizes:
     shape_scale: float = 1.0  # OpenMementos unit lengths (prompt, block, summary) times this
 
 
-FULL = Sizes(tokens=32768, doc_tokens=12000, heads=32, kv_heads=8, head_dim=128, window_head_dim=64, window=4096,
-             vocab=151936, loss_tokens=32768, loss_hidden=4096, model=(1024, 24, 16, 8, 3072), sft_tokens=16384,
-             bench_args=("--tokens", "32768", "--repeats", "5"), repeats=5)
-SMALL = Sizes(tokens=256, doc_tokens=128, heads=4, kv_heads=2, head_dim=32, window_head_dim=16, window=32,
-              vocab=2048, loss_tokens=512, loss_hidden=64, model=(64, 2, 4, 2, 192), sft_tokens=512,
-              bench_args=("--device", "cpu", "--tokens", "512", "--repeats", "1", "--warmup", "0",
-                          "--modes", "fwd", "--backends", "segment", "causal segment"), repeats=1, warmup=0,
-              shape_scale=1 / 16)
+FULL = Sizes(
+    tokens=32768,
+    doc_tokens=12000,
+    heads=32,
+    kv_heads=8,
+    head_dim=128,
+    window_head_dim=64,
+    window=4096,
+    vocab=151936,
+    loss_tokens=32768,
+    loss_hidden=4096,
+    model=(1024, 24, 16, 8, 3072),
+    sft_tokens=16384,
+    bench_args=("--tokens", "32768", "--repeats", "5"),
+    repeats=5,
+)
+SMALL = Sizes(
+    tokens=256,
+    doc_tokens=128,
+    heads=4,
+    kv_heads=2,
+    head_dim=32,
+    window_head_dim=16,
+    window=32,
+    vocab=2048,
+    loss_tokens=512,
+    loss_hidden=64,
+    model=(64, 2, 4, 2, 192),
+    sft_tokens=512,
+    bench_args=(
+        "--device",
+        "cpu",
+        "--tokens",
+        "512",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--modes",
+        "fwd",
+        "--backends",
+        "segment",
+        "causal segment",
+    ),
+    repeats=1,
+    warmup=0,
+    shape_scale=1 / 16,
+)
 
 # (name, time limit in seconds on a GPU)
-STEPS = [("environment", 60), ("set_device", 60), ("triton_d128", 150), ("triton_d64_window", 120),
-         ("sft_loss_memory", 90), ("flash_gather", 60), ("flex_compile", 150), ("sft_step", 180),
-         ("attention_benchmark", 300)]
+STEPS = [
+    ("environment", 60),
+    ("set_device", 60),
+    ("triton_d128", 150),
+    ("triton_d64_window", 120),
+    ("sft_loss_memory", 90),
+    ("flash_gather", 60),
+    ("flex_compile", 150),
+    ("sft_step", 180),
+    ("attention_benchmark", 300),
+]
 BUDGET_S = 9 * 60
 
 
@@ -138,8 +186,9 @@ def _batch(sz: Sizes, keep: int = 0):
     from memento_train.attention.meta import MementoAttentionMeta
     from memento_train.planning.trace_shapes import memento_batch
 
-    meta, lengths = memento_batch(sz.tokens, doc_tokens=sz.doc_tokens, keep_last_n_blocks=max(keep, 0),
-                                  scale=sz.shape_scale)
+    meta, lengths = memento_batch(
+        sz.tokens, doc_tokens=sz.doc_tokens, keep_last_n_blocks=max(keep, 0), scale=sz.shape_scale
+    )
     if keep < 0:
         meta = MementoAttentionMeta.causal(meta.cu_seqlens)
     return meta.to(_device()), lengths
@@ -170,8 +219,13 @@ def step_environment(sz: Sizes) -> dict:
     import numpy
 
     torch = _torch()
-    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-           "cuda": torch.version.cuda, "device": "cpu"}
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "cuda": torch.version.cuda,
+        "device": "cpu",
+    }
     try:
         import triton
 
@@ -182,8 +236,12 @@ def step_environment(sz: Sizes) -> dict:
         out[pkg] = importlib.util.find_spec(pkg) is not None
     if _cuda():
         p = torch.cuda.get_device_properties(0)
-        out.update(device=p.name, capability=f"{p.major}.{p.minor}", memory_gib=round(p.total_memory / 2**30, 1),
-                   gpus_visible=torch.cuda.device_count())
+        out.update(
+            device=p.name,
+            capability=f"{p.major}.{p.minor}",
+            memory_gib=round(p.total_memory / 2**30, 1),
+            gpus_visible=torch.cuda.device_count(),
+        )
     out["summary"] = f"{out['device']}, torch {out['torch']}, triton {out['triton']}"
     return out
 
@@ -193,18 +251,26 @@ def step_set_device(sz: Sizes) -> dict:
         raise Skip("no CUDA device")
     torch = _torch()
     first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
-    code = ("import torch; n = torch.cuda.device_count(); torch.cuda.set_device(0); torch.ones(1, device='cuda'); "
-            "ok1 = True\ntry:\n torch.cuda.set_device(1); ok1 = True\nexcept Exception:\n ok1 = False\n"
-            "print(n, ok1)")
+    code = (
+        "import torch; n = torch.cuda.device_count(); torch.cuda.set_device(0); torch.ones(1, device='cuda'); "
+        "ok1 = True\ntry:\n torch.cuda.set_device(1); ok1 = True\nexcept Exception:\n ok1 = False\n"
+        "print(n, ok1)"
+    )
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": first}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=50)
     if res.returncode:
         raise RuntimeError(f"one-GPU process failed: {res.stderr[-500:]}")
     n, device1 = res.stdout.split()
     if n != "1" or device1 != "False":
-        raise RuntimeError(f"with CUDA_VISIBLE_DEVICES={first} the process saw {n} devices (device 1 usable: {device1})")
-    return {"visible_in_actor": int(n), "device_1_refused": True, "gpus_on_machine": torch.cuda.device_count(),
-            "summary": "one visible GPU is cuda:0; LOCAL_RANK must be 0 inside such a worker"}
+        raise RuntimeError(
+            f"with CUDA_VISIBLE_DEVICES={first} the process saw {n} devices (device 1 usable: {device1})"
+        )
+    return {
+        "visible_in_actor": int(n),
+        "device_1_refused": True,
+        "gpus_on_machine": torch.cuda.device_count(),
+        "summary": "one visible GPU is cuda:0; LOCAL_RANK must be 0 inside such a worker",
+    }
 
 
 def _triton_check(sz: Sizes, head_dim: int, window: int | None) -> dict:
@@ -217,7 +283,7 @@ def _triton_check(sz: Sizes, head_dim: int, window: int | None) -> dict:
         raise Skip(why)
     dtype = torch.bfloat16 if _cuda() else torch.float32
     meta, _ = _batch(sz, keep=0)
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
     q, k, v = _qkv(sz, head_dim, dtype)
     out = memento_attention(q, k, v, meta, scale=scale, window=window, backend="triton")
     grad = torch.randn_like(out)
@@ -225,8 +291,10 @@ def _triton_check(sz: Sizes, head_dim: int, window: int | None) -> dict:
     ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
     ref = memento_attention(*ref_in, meta, scale=scale, window=window, backend="segment")
     ref_grads = torch.autograd.grad(ref, ref_in, grad.float())
-    errors = {name: float((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-6))
-              for name, a, b in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), (ref, *ref_grads))}
+    errors = {
+        name: float((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-6))
+        for name, a, b in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), (ref, *ref_grads))
+    }
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-3
     del ref, ref_grads, ref_in
 
@@ -234,20 +302,32 @@ def _triton_check(sz: Sizes, head_dim: int, window: int | None) -> dict:
         def run():
             o = memento_attention(q, k, v, m, scale=scale, window=window, backend="triton")
             torch.autograd.grad(o, (q, k, v), grad)
+
         return run
 
     kept = meta.kept_pairs(window)
     ms = _time_ms(fwd_bwd(meta), sz.repeats, sz.warmup)
     causal_meta, _ = _batch(sz, keep=-1)
     causal_ms = _time_ms(fwd_bwd(causal_meta), sz.repeats, sz.warmup)
-    out_d = {"tokens": sz.tokens, "heads": sz.heads, "kv_heads": sz.kv_heads, "head_dim": head_dim,
-             "window": window, "rel_errors": errors, "tolerance": tol, "fwd_bwd_ms": ms,
-             "tflops_kept": _attention_flops(sz.heads, head_dim, kept) / ms / 1e9,
-             "causal_fwd_bwd_ms": causal_ms, "speedup_vs_causal": causal_ms / ms,
-             "kept_over_causal_pairs": kept / max(1, causal_meta.kept_pairs(window))}
+    out_d = {
+        "tokens": sz.tokens,
+        "heads": sz.heads,
+        "kv_heads": sz.kv_heads,
+        "head_dim": head_dim,
+        "window": window,
+        "rel_errors": errors,
+        "tolerance": tol,
+        "fwd_bwd_ms": ms,
+        "tflops_kept": _attention_flops(sz.heads, head_dim, kept) / ms / 1e9,
+        "causal_fwd_bwd_ms": causal_ms,
+        "speedup_vs_causal": causal_ms / ms,
+        "kept_over_causal_pairs": kept / max(1, causal_meta.kept_pairs(window)),
+    }
     bad = {k_: e for k_, e in errors.items() if not e <= tol}
-    out_d["summary"] = (f"{ms:.1f} ms fwd+bwd, {out_d['tflops_kept']:.0f} TFLOP/s kept, {out_d['speedup_vs_causal']:.2f}x "
-                        f"vs causal; max rel err {max(errors.values()):.1e}")
+    out_d["summary"] = (
+        f"{ms:.1f} ms fwd+bwd, {out_d['tflops_kept']:.0f} TFLOP/s kept, {out_d['speedup_vs_causal']:.2f}x "
+        f"vs causal; max rel err {max(errors.values()):.1e}"
+    )
     if bad:
         raise RuntimeError(f"Triton kernel disagrees with the fp32 reference: {bad} (tolerance {tol}); {out_d}")
     return out_d
@@ -285,22 +365,29 @@ def step_sft_loss_memory(sz: Sizes) -> dict:
 
     def plain():  # what sft/losses.py did: full logits, then fp32 cross-entropy in 4096-row chunks
         logits = hidden @ weight.t()
-        return sum(F.cross_entropy(logits[i:i + 4096].float(), labels[i:i + 4096], reduction="sum")
-                   for i in range(0, t, 4096))
+        return sum(
+            F.cross_entropy(logits[i : i + 4096].float(), labels[i : i + 4096], reduction="sum")
+            for i in range(0, t, 4096)
+        )
 
     fused_peak, fused_saved = measure(fused)
     fused_value = float(fused().detach())
     out = {"tokens": t, "vocab": v, "hidden": h, "fused_peak_gib": fused_peak, "fused_saved_gib": fused_saved / 2**30}
     try:
         plain_peak, plain_saved = measure(plain)
-        out.update(plain_peak_gib=plain_peak, plain_saved_gib=plain_saved / 2**30,
-                   loss_rel_diff=abs(float(plain().detach()) - fused_value) / abs(fused_value))
+        out.update(
+            plain_peak_gib=plain_peak,
+            plain_saved_gib=plain_saved / 2**30,
+            loss_rel_diff=abs(float(plain().detach()) - fused_value) / abs(fused_value),
+        )
     except torch.OutOfMemoryError:
         out.update(plain_peak_gib="OOM")
     peak = f"peak {fused_peak:.1f} GiB vs plain {out.get('plain_peak_gib')}" if fused_peak is not None else ""
     plain_saved = out.get("plain_saved_gib")
-    out["summary"] = (f"saved for backward {_size(fused_saved)} fused vs "
-                      f"{_size(plain_saved * 2**30) if plain_saved is not None else 'OOM'} plain; {peak}").strip("; ")
+    out["summary"] = (
+        f"saved for backward {_size(fused_saved)} fused vs "
+        f"{_size(plain_saved * 2**30) if plain_saved is not None else 'OOM'} plain; {peak}"
+    ).strip("; ")
     return out
 
 
@@ -325,12 +412,17 @@ def step_flash_gather(sz: Sizes) -> dict:
     meta, _ = _batch(sz, keep=0)
     plan = meta.interval_plan()
     _, k, v = _qkv(sz, sz.head_dim, dtype, requires_grad=False)
-    gather_ms = _time_ms(lambda: (k.index_select(0, plan.key_index), v.index_select(0, plan.key_index)),
-                         sz.repeats, sz.warmup)
+    gather_ms = _time_ms(
+        lambda: (k.index_select(0, plan.key_index), v.index_select(0, plan.key_index)), sz.repeats, sz.warmup
+    )
     gathered = int(plan.key_index.numel())
-    out = {"tokens": sz.tokens, "gathered_keys": gathered, "gathered_over_tokens": gathered / sz.tokens,
-           "gathered_kv_gib": 2 * gathered * sz.kv_heads * sz.head_dim * k.element_size() / 2**30,
-           "gather_ms": gather_ms}
+    out = {
+        "tokens": sz.tokens,
+        "gathered_keys": gathered,
+        "gathered_over_tokens": gathered / sz.tokens,
+        "gathered_kv_gib": 2 * gathered * sz.kv_heads * sz.head_dim * k.element_size() / 2**30,
+        "gather_ms": gather_ms,
+    }
     why = flash_unavailable_reason()
     if why:
         out["flash_attn"] = f"skipped: {why}"
@@ -343,7 +435,7 @@ def step_flash_gather(sz: Sizes) -> dict:
         grad = torch.randn_like(q)
 
         def memento():
-            o = memento_attention(q, k2, v2, meta, scale=sz.head_dim ** -0.5, backend="flash_attn")
+            o = memento_attention(q, k2, v2, meta, scale=sz.head_dim**-0.5, backend="flash_attn")
             torch.autograd.grad(o, (q, k2, v2), grad)
 
         cu = meta.cu_seqlens.to(torch.int32)
@@ -354,10 +446,16 @@ def step_flash_gather(sz: Sizes) -> dict:
 
         out["flash_memento_fwd_bwd_ms"] = _time_ms(memento, sz.repeats, sz.warmup)
         out["flash_causal_fwd_bwd_ms"] = _time_ms(causal, sz.repeats, sz.warmup)
-    out["summary"] = (f"{gathered / sz.tokens:.2f}x keys gathered ({_size(out['gathered_kv_gib'] * 2**30)} K/V per layer) "
-                      f"in {gather_ms:.2f} ms" + (f"; flash memento {out['flash_memento_fwd_bwd_ms']:.1f} ms vs causal "
-                                                  f"{out['flash_causal_fwd_bwd_ms']:.1f} ms"
-                                                  if "flash_memento_fwd_bwd_ms" in out else "; flash-attn absent"))
+    out["summary"] = (
+        f"{gathered / sz.tokens:.2f}x keys gathered ({_size(out['gathered_kv_gib'] * 2**30)} K/V per layer) "
+        f"in {gather_ms:.2f} ms"
+        + (
+            f"; flash memento {out['flash_memento_fwd_bwd_ms']:.1f} ms vs causal "
+            f"{out['flash_causal_fwd_bwd_ms']:.1f} ms"
+            if "flash_memento_fwd_bwd_ms" in out
+            else "; flash-attn absent"
+        )
+    )
     return out
 
 
@@ -367,9 +465,9 @@ def step_flex_compile(sz: Sizes) -> dict:
 
     if not _cuda():
         raise Skip("FlexAttention's compiled kernels and backward need CUDA")
-    import torch._dynamo
+    from torch import _dynamo
 
-    torch._dynamo.reset()
+    _dynamo.reset()
     dtype = torch.bfloat16
     meta, _ = _batch(sz, keep=0)
     base = _peak_reset()
@@ -381,7 +479,7 @@ def step_flex_compile(sz: Sizes) -> dict:
     grad = torch.randn_like(q)
 
     def step(m):
-        o = flex_mod.flex_attention_backend(q, k, v, m, scale=sz.head_dim ** -0.5, window=None)
+        o = flex_mod.flex_attention_backend(q, k, v, m, scale=sz.head_dim**-0.5, window=None)
         torch.autograd.grad(o, (q, k, v), grad)
         _sync()
 
@@ -397,10 +495,18 @@ def step_flex_compile(sz: Sizes) -> dict:
     step(other)
     second_length_s = time.perf_counter() - t0
     recompiled = counters["stats"]["unique_graphs"] > graphs
-    out = {"block_mask_s": mask_s, "block_mask_gib": mask_gib, "first_call_s": first_s, "warm_fwd_bwd_ms": warm_ms,
-           "other_length_first_call_s": second_length_s, "recompiled_for_other_length": recompiled}
-    out["summary"] = (f"compile {first_s:.1f} s, warm {warm_ms:.1f} ms; another length {second_length_s:.1f} s "
-                      f"({'recompiled' if recompiled else 'no recompile'}); block mask {mask_gib:.2f} GiB in {mask_s:.2f} s")
+    out = {
+        "block_mask_s": mask_s,
+        "block_mask_gib": mask_gib,
+        "first_call_s": first_s,
+        "warm_fwd_bwd_ms": warm_ms,
+        "other_length_first_call_s": second_length_s,
+        "recompiled_for_other_length": recompiled,
+    }
+    out["summary"] = (
+        f"compile {first_s:.1f} s, warm {warm_ms:.1f} ms; another length {second_length_s:.1f} s "
+        f"({'recompiled' if recompiled else 'no recompile'}); block mask {mask_gib:.2f} GiB in {mask_s:.2f} s"
+    )
     return out
 
 
@@ -438,7 +544,7 @@ def _qwen_shaped(sz: Sizes, backend: str):
             q = rope(self.qn(self.q(y).view(t, heads, hd)), cos, sin)
             k = rope(self.kn(self.k(y).view(t, kv_heads, hd)), cos, sin)
             v = self.v(y).view(t, kv_heads, hd)
-            x = x + self.o(memento_attention(q, k, v, meta, scale=hd ** -0.5, backend=backend).reshape(t, -1))
+            x = x + self.o(memento_attention(q, k, v, meta, scale=hd**-0.5, backend=backend).reshape(t, -1))
             y = self.ln2(x)
             return x + self.down(nn.functional.silu(self.gate(y)) * self.up(y))
 
@@ -469,9 +575,9 @@ def _qwen_shaped(sz: Sizes, backend: str):
 
 def step_sft_step(sz: Sizes) -> dict:
     torch = _torch()
-    from memento_train.training.flops import PEAK_BF16_TFLOPS
     from memento_train.models.lm_head import fused_token_loss_sum
     from memento_train.planning.trace_shapes import memento_batch
+    from memento_train.training.flops import PEAK_BF16_TFLOPS
 
     backend = "triton" if _cuda() else "segment"
     if _cuda():
@@ -499,7 +605,7 @@ def step_sft_step(sz: Sizes) -> dict:
     for stage, keep in (("stage1", -1), ("stage2", 0)):
         meta = _batch(sub, keep=keep)[0]
 
-        def step():
+        def step(meta=meta):
             loss = fused_token_loss_sum(model(ids, pos, meta), model.head.weight, labels) / labels.numel()
             loss.backward()
             opt.step()
@@ -509,15 +615,26 @@ def step_sft_step(sz: Sizes) -> dict:
         kept = meta.kept_pairs(None)
         flops = 6 * linear * sub.tokens + layers * _attention_flops(heads, hidden // heads, kept)
         tflops = flops / ms / 1e9
-        rows[stage] = {"ms": ms, "tokens_per_s": sub.tokens / ms * 1e3, "tflops": tflops,
-                       "mfu": tflops / peak if peak else None}
-    out = {"params": sum(p.numel() for p in model.parameters()), "tokens": sub.tokens, "backend": backend,
-           **rows, "stage2_over_stage1_tokens_per_s": rows["stage2"]["tokens_per_s"] / rows["stage1"]["tokens_per_s"],
-           "peak_gib": _peak_gib(base)}
+        rows[stage] = {
+            "ms": ms,
+            "tokens_per_s": sub.tokens / ms * 1e3,
+            "tflops": tflops,
+            "mfu": tflops / peak if peak else None,
+        }
+    out = {
+        "params": sum(p.numel() for p in model.parameters()),
+        "tokens": sub.tokens,
+        "backend": backend,
+        **rows,
+        "stage2_over_stage1_tokens_per_s": rows["stage2"]["tokens_per_s"] / rows["stage1"]["tokens_per_s"],
+        "peak_gib": _peak_gib(base),
+    }
     mfu = "/".join(f"{r['mfu']:.0%}" for r in rows.values()) if peak else "n/a"
-    out["summary"] = (f"{out['params'] / 1e6:.0f}M params, {rows['stage1']['tokens_per_s']:.0f} / "
-                      f"{rows['stage2']['tokens_per_s']:.0f} tok/s (stage 1 / 2), MFU {mfu}, "
-                      f"ratio {out['stage2_over_stage1_tokens_per_s']:.2f}x")
+    out["summary"] = (
+        f"{out['params'] / 1e6:.0f}M params, {rows['stage1']['tokens_per_s']:.0f} / "
+        f"{rows['stage2']['tokens_per_s']:.0f} tok/s (stage 1 / 2), MFU {mfu}, "
+        f"ratio {out['stage2_over_stage1_tokens_per_s']:.2f}x"
+    )
     return out
 
 
@@ -525,14 +642,19 @@ def step_attention_benchmark(sz: Sizes) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "attention.json"
         cmd = [sys.executable, str(REPO / "benchmarks" / "attention.py"), *sz.bench_args, "--json", str(path)]
-        res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=dict(STEPS)["attention_benchmark"] - 20,
-                             env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+        res = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=dict(STEPS)["attention_benchmark"] - 20,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
+        )
         if res.returncode:
             raise RuntimeError(f"benchmarks/attention.py exited {res.returncode}: {res.stderr[-1500:]}")
         results = json.loads(path.read_text()) if path.exists() else None
     lines = [ln for ln in res.stdout.splitlines() if ln.strip()]
     return {"table": lines[-30:], "results": results, "summary": (lines[-1] if lines else "")[:120]}
-
 
 
 # -- driver -----------------------------------------------------------------------------------------------
@@ -546,8 +668,11 @@ def run_step_here(name: str, small: bool) -> dict:
     except Skip as why:
         record = {"status": "skipped", "summary": str(why)}
     except Exception as exc:  # noqa: BLE001 - one step's failure must not hide the others
-        record = {"status": "failed", "summary": f"{type(exc).__name__}: {exc}"[:300],
-                  "traceback": traceback.format_exc()[-4000:]}
+        record = {
+            "status": "failed",
+            "summary": f"{type(exc).__name__}: {exc}"[:300],
+            "traceback": traceback.format_exc()[-4000:],
+        }
     record["seconds"] = round(time.perf_counter() - t0, 2)
     return record
 
@@ -566,8 +691,11 @@ def run_step_isolated(name: str, limit: float, small: bool) -> dict:
             return {"status": "failed", "summary": f"timed out after {limit:.0f} s", "seconds": limit}
         if out.exists():
             return json.loads(out.read_text())
-        return {"status": "failed", "summary": f"step process died (exit {res.returncode}): {res.stderr[-300:]}",
-                "stderr": res.stderr[-4000:]}
+        return {
+            "status": "failed",
+            "summary": f"step process died (exit {res.returncode}): {res.stderr[-300:]}",
+            "stderr": res.stderr[-4000:],
+        }
 
 
 def print_table(records: dict[str, dict]) -> None:
@@ -598,10 +726,17 @@ def main(argv: list[str] | None = None) -> int:
             records[name] = {"status": "skipped", "summary": f"time budget of {BUDGET_S} s spent", "seconds": 0}
             continue
         records[name] = run_step_isolated(name, limit if not args.small else 600, args.small)
-        print(f"[gpu_check] {name}: {records[name]['status']} ({records[name].get('seconds', 0):.1f} s) "
-              f"{records[name].get('summary', '')}", flush=True)
-    report = {"small": args.small, "total_seconds": round(time.perf_counter() - start, 1),
-              "sizes": asdict(SMALL if args.small else FULL), "steps": records}
+        print(
+            f"[gpu_check] {name}: {records[name]['status']} ({records[name].get('seconds', 0):.1f} s) "
+            f"{records[name].get('summary', '')}",
+            flush=True,
+        )
+    report = {
+        "small": args.small,
+        "total_seconds": round(time.perf_counter() - start, 1),
+        "sizes": asdict(SMALL if args.small else FULL),
+        "steps": records,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str))
     print_table(records)

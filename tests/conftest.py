@@ -14,18 +14,30 @@ def tiny_causal_lm(family: str, *, dtype: torch.dtype = torch.float64, seed: int
     import transformers as tf
 
     common = dict(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     if family == "qwen3":
         config, cls = tf.Qwen3Config(num_hidden_layers=2, head_dim=8, **common), tf.Qwen3ForCausalLM
     elif family == "phi3":
         config, cls = tf.Phi3Config(num_hidden_layers=2, **common), tf.Phi3ForCausalLM
     elif family == "olmo3":
-        config, cls = tf.Olmo3Config(
-            num_hidden_layers=3, sliding_window=OLMO3_WINDOW,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"], **common,
-        ), tf.Olmo3ForCausalLM
+        config, cls = (
+            tf.Olmo3Config(
+                num_hidden_layers=3,
+                sliding_window=OLMO3_WINDOW,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                **common,
+            ),
+            tf.Olmo3ForCausalLM,
+        )
     else:
         raise ValueError(family)
     torch.manual_seed(seed)
@@ -37,4 +49,3 @@ def tiny_causal_lm(family: str, *, dtype: torch.dtype = torch.float64, seed: int
 def make_tiny_lm():
     """The :func:`tiny_causal_lm` factory."""
     return tiny_causal_lm
-

@@ -20,17 +20,29 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                           softmax_scale=None, causal=False, window_size=(-1, -1), **unused):
+def flash_attn_varlen_func(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    **unused,
+):
     dtype = q.dtype
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     ratio = q.shape[1] // k.shape[1]
     cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     outs = []
     for i in range(len(cu_q) - 1):
-        qs = q[cu_q[i]:cu_q[i + 1]].float()
-        ks = k[cu_k[i]:cu_k[i + 1]].float().repeat_interleave(ratio, 1)
-        vs = v[cu_k[i]:cu_k[i + 1]].float().repeat_interleave(ratio, 1)
+        qs = q[cu_q[i] : cu_q[i + 1]].float()
+        ks = k[cu_k[i] : cu_k[i + 1]].float().repeat_interleave(ratio, 1)
+        vs = v[cu_k[i] : cu_k[i + 1]].float().repeat_interleave(ratio, 1)
         lq, lk = qs.shape[0], ks.shape[0]
         row = torch.arange(lq)[:, None] + (lk - lq)  # bottom-right: the last query sees the last key
         col = torch.arange(lk)[None, :]

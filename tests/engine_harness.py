@@ -28,8 +28,8 @@ SEED, OTHER_SEED = 0, 1
 def tiny_model(seed: int = SEED, *, hidden_size: int = HIDDEN, num_layers: int = 2):
     """The tiny Qwen3 (hidden 32, 2 layers, shipped tokenizer) with memento ``segment`` attention."""
     from memento_train.attention.hf import attn_implementation
-    from memento_train.models.tiny import build_tiny_model
     from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
+    from memento_train.models.tiny import build_tiny_model
 
     model = build_tiny_model(load_shipped_tokenizer(), seed=seed, hidden_size=hidden_size, num_layers=num_layers)
     model.set_attn_implementation(attn_implementation("segment"))
@@ -51,7 +51,7 @@ def micro_batches(batch: int, n: int = 4, vocab: int = 2048) -> list:
             t = torch.randint(0, vocab, (length,), generator=g)
             lab = torch.full((length,), -100)
             prompt = 2 + (i + doc) % 3  # no loss on the "prompt" tokens
-            lab[prompt:-1] = t[prompt + 1:]
+            lab[prompt:-1] = t[prompt + 1 :]
             end = start + length
             kr = [end] * length
             for k in range(2, 5):  # a block of keys evicted (a memento) from row start+7 on
@@ -62,10 +62,14 @@ def micro_batches(batch: int, n: int = 4, vocab: int = 2048) -> list:
             kill += kr
             start = end
         cu = [0, lens[0], lens[0] + lens[1]]
-        out.append(MicroBatch(
-            input_ids=torch.cat(ids), position_ids=torch.cat(pos),
-            meta=MementoAttentionMeta.from_packed(cu, kill), extras={"labels": torch.cat(labels)},
-        ))
+        out.append(
+            MicroBatch(
+                input_ids=torch.cat(ids),
+                position_ids=torch.cat(pos),
+                meta=MementoAttentionMeta.from_packed(cu, kill),
+                extras={"labels": torch.cat(labels)},
+            )
+        )
     return out
 
 
@@ -94,8 +98,9 @@ def reference_run(optim_cfg) -> dict[str, Any]:
     from memento_train.training.optim import param_groups
 
     model = tiny_model()
-    opt = torch.optim.AdamW(param_groups(model, optim_cfg.weight_decay), lr=LR1, betas=optim_cfg.betas,
-                            eps=optim_cfg.eps)
+    opt = torch.optim.AdamW(
+        param_groups(model, optim_cfg.weight_decay), lr=LR1, betas=optim_cfg.betas, eps=optim_cfg.eps
+    )
     res: dict[str, Any] = {"keys": list(model.state_dict())}
     for step, lr in ((1, LR1), (2, LR2)):
         mbs = micro_batches(step)
@@ -126,8 +131,9 @@ def _step_without_optimizer_state(weights: dict, optim_cfg) -> dict:
 
     model = tiny_model()
     model.load_state_dict(weights)
-    opt = torch.optim.AdamW(param_groups(model, optim_cfg.weight_decay), lr=LR2, betas=optim_cfg.betas,
-                            eps=optim_cfg.eps)
+    opt = torch.optim.AdamW(
+        param_groups(model, optim_cfg.weight_decay), lr=LR2, betas=optim_cfg.betas, eps=optim_cfg.eps
+    )
     mbs = micro_batches(2)
     loss_fn = token_loss_fn(num_loss_tokens(mbs))
     for mb in mbs:
@@ -150,8 +156,9 @@ def run_ranks(job, world_size: int, args: tuple, out_dir: str, timeout: float = 
     import torch.multiprocessing as mp
 
     port = free_port()
-    ctx = mp.start_processes(_entry, args=(world_size, port, job, args, out_dir), nprocs=world_size,
-                             join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _entry, args=(world_size, port, job, args, out_dir), nprocs=world_size, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1.0):
         if time.monotonic() > deadline:
@@ -165,8 +172,14 @@ def run_ranks(job, world_size: int, args: tuple, out_dir: str, timeout: float = 
 def _entry(rank: int, world_size: int, port: int, job, args: tuple, out_dir: str) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
     torch.set_num_threads(1)  # the CI machine has 2 cores for 2 ranks
     # DeepSpeed ZeRO-3 calls collectives torch has renamed; one warning per call floods failure logs.
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
@@ -191,8 +204,9 @@ def _entry(rank: int, world_size: int, port: int, job, args: tuple, out_dir: str
 def _engine(kind: str, stage: int, optim_cfg, seed: int = SEED, precision: str = "fp32", offload: bool = False):
     from memento_train.engines import EngineConfig, build_engine
 
-    cfg = EngineConfig(kind=kind, zero_stage=stage, precision=precision, offload_params=offload,
-                       offload_optimizer=offload)
+    cfg = EngineConfig(
+        kind=kind, zero_stage=stage, precision=precision, offload_params=offload, offload_optimizer=offload
+    )
     return build_engine(tiny_model(seed), optim_cfg, cfg, torch.device("cpu"))
 
 
@@ -200,15 +214,17 @@ def _train_step(engine, step: int, rank: int, world_size: int) -> list[dict]:
     """Forward/backward this rank's share of global batch ``step`` (4 micro-batches in all)."""
     mbs = micro_batches(step)
     per_rank = len(mbs) // world_size
-    mine = mbs[rank * per_rank:(rank + 1) * per_rank]
+    mine = mbs[rank * per_rank : (rank + 1) * per_rank]
     return engine.forward_backward(mine, token_loss_fn(num_loss_tokens(mbs)))
 
 
 def scenarios_job(rank: int, world_size: int, kind: str, stages: list[int], optim_cfg, ckpt_dir: str) -> dict:
     """:func:`scenarios` for each ZeRO stage of one engine kind (one spawn: starting ranks costs more
     than the scenarios). Returns ``{stage: rank 0's observations}``."""
-    return {stage: scenarios(rank, world_size, kind, stage, optim_cfg, os.path.join(ckpt_dir, str(stage)))
-            for stage in stages}
+    return {
+        stage: scenarios(rank, world_size, kind, stage, optim_cfg, os.path.join(ckpt_dir, str(stage)))
+        for stage in stages
+    }
 
 
 def scenarios(rank: int, world_size: int, kind: str, stage: int, optim_cfg, ckpt_dir: str) -> dict[str, Any]:
@@ -243,9 +259,12 @@ def scenarios(rank: int, world_size: int, kind: str, stage: int, optim_cfg, ckpt
     res["bf16_buffers"] = {name: b.dtype for name, b in model.named_buffers()}
     if kind == "deepspeed":
         model_dtype, grad_accum = eng._engine.get_data_types()
-        res["bf16_deepspeed"] = {"model": model_dtype, "grad_accum": grad_accum,
-                                 "communication": eng._engine.communication_data_type,
-                                 "zero_grad_accum": eng.optimizer.gradient_accumulation_dtype}
+        res["bf16_deepspeed"] = {
+            "model": model_dtype,
+            "grad_accum": grad_accum,
+            "communication": eng._engine.communication_data_type,
+            "zero_grad_accum": eng.optimizer.gradient_accumulation_dtype,
+        }
     m = _train_step(eng, 1, rank, world_size)
     res["bf16_loss_sum"] = sum(x["loss_sum"] for x in m)
     res["bf16_norm"] = eng.step(LR1)
@@ -317,8 +336,10 @@ def fsdp2_gradient_bytes(model) -> dict[str, int]:
                     local = grad.to_local()
                     out["sharded"] += local.numel() * local.element_size()
                 unsharded_param = getattr(fsdp_param, "_unsharded_param", None)
-                for g in (fsdp_param.unsharded_accumulated_grad,
-                          None if unsharded_param is None else unsharded_param.grad):
+                for g in (
+                    fsdp_param.unsharded_accumulated_grad,
+                    None if unsharded_param is None else unsharded_param.grad,
+                ):
                     if g is not None:
                         out["unsharded"] += g.numel() * g.element_size()
     return out
@@ -342,12 +363,17 @@ def fsdp2_micro_batches_job(rank: int, world_size: int, optim_cfg, num_layers: i
     full_fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
     engine = build_engine(model, optim_cfg, EngineConfig(kind="fsdp2", precision="bf16"), torch.device("cpu"))
     mbs = micro_batches(1)
-    mine = mbs[rank * 2:(rank + 1) * 2]
+    mine = mbs[rank * 2 : (rank + 1) * 2]
     loss_fn = token_loss_fn(num_loss_tokens(mbs))
     engine.backward(loss_fn(engine.logits(mine[0]), mine[0])[0], last_micro_batch=False)
     between = fsdp2_gradient_bytes(engine.module)
     engine.backward(loss_fn(engine.logits(mine[1]), mine[1])[0], last_micro_batch=True)
     grads = engine.full_grads()
     engine.step(LR1)
-    return {"builds": len(builds), "micro_batches": len(mine), "between": between,
-            "full_fp32_bytes": full_fp32_bytes, "grads": grads}
+    return {
+        "builds": len(builds),
+        "micro_batches": len(mine),
+        "between": between,
+        "full_fp32_bytes": full_fp32_bytes,
+        "grads": grads,
+    }

@@ -19,7 +19,6 @@ from unittest import mock
 import numpy as np
 import torch
 import torch.distributed as dist
-
 from synthetic_ids import ASSISTANT, BE, BS, ETHINK, IM_END, IM_START, NL, SE, SPECIAL, SS, THINK, USER
 
 
@@ -53,10 +52,12 @@ def cpu_stands_in_for_cuda():
     def cpu_zeros(*args, device=None, **kwargs):
         return zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
 
-    with mock.patch("torch.cuda.current_device", lambda: "cpu"), \
-            mock.patch("torch.cuda.synchronize", lambda *a, **k: None), \
-            mock.patch("torch.zeros", cpu_zeros), \
-            mock.patch.object(torch.Tensor, "cuda", lambda self, *args, **kwargs: self):
+    with (
+        mock.patch("torch.cuda.current_device", lambda: "cpu"),
+        mock.patch("torch.cuda.synchronize", lambda *a, **k: None),
+        mock.patch("torch.zeros", cpu_zeros),
+        mock.patch.object(torch.Tensor, "cuda", lambda self, *args, **kwargs: self),
+    ):
         yield
 
 
@@ -89,13 +90,15 @@ def megatron_native_on_cpu():
             return name
         return name.replace("torch.", "torch.cuda.", 1)
 
-    with cpu_stands_in_for_cuda(), \
-            mock.patch.object(megatron_engine, "uses_megatron_native", lambda device: True), \
-            mock.patch("torch.tensor", cpu_tensor), \
-            mock.patch.object(torch.Tensor, "type", cuda_type), \
-            mock.patch("torch.cuda.set_device", lambda device: None), \
-            mock.patch.object(tensor_parallel, "model_parallel_cuda_manual_seed", lambda seed: None), \
-            mock.patch.object(CudaRNGStatesTracker, "fork", lambda self, *a, **k: contextlib.nullcontext()):
+    with (
+        cpu_stands_in_for_cuda(),
+        mock.patch.object(megatron_engine, "uses_megatron_native", lambda device: True),
+        mock.patch("torch.tensor", cpu_tensor),
+        mock.patch.object(torch.Tensor, "type", cuda_type),
+        mock.patch("torch.cuda.set_device", lambda device: None),
+        mock.patch.object(tensor_parallel, "model_parallel_cuda_manual_seed", lambda seed: None),
+        mock.patch.object(CudaRNGStatesTracker, "fork", lambda self, *a, **k: contextlib.nullcontext()),
+    ):
         yield
 
 
@@ -140,8 +143,13 @@ def run_workers(fn: Callable, world_size: int, *args: Any) -> list[Any]:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_worker, args=(world_size, free_port(), fn, args, out_dir), nprocs=world_size,
-                           start_method="spawn", join=True)
+        mp.start_processes(
+            _worker,
+            args=(world_size, free_port(), fn, args, out_dir),
+            nprocs=world_size,
+            start_method="spawn",
+            join=True,
+        )
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
 
 

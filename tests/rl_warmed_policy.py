@@ -32,8 +32,8 @@ def _config(output_dir: str, *extra: str):
 
 def fingerprint() -> dict[str, str]:
     """SHA-256 of the warm-up's stage config, training records and shipped tokenizer files."""
-    from memento_train.pipelines.rl_warmup import warmup_records, warmup_stage_tree
     from memento_train.models.shipped_tokenizer import shipped_tokenizer_path
+    from memento_train.pipelines.rl_warmup import warmup_records, warmup_stage_tree
 
     cfg = _config("OUT")
     tree = warmup_stage_tree(cfg, Path("OUT"), Path("DATA"))

@@ -63,7 +63,7 @@ def test_sdpa_and_segment_match_dense_reference_forward_and_backward(batch, seed
     cu, kill, hkv, ratio, head_dim, window = batch
     meta = MementoAttentionMeta.from_packed(cu, kill)
     n = int(cu[-1])
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
     q, k, v = _qkv(n, hkv, ratio, head_dim, seed=seed, grad=True)
     ref = einsum_reference(q, k, v, cu, kill, window, scale)
     upstream = torch.randn(ref.shape, dtype=ref.dtype, generator=torch.Generator().manual_seed(seed + 1))
@@ -83,10 +83,10 @@ def test_flex_forward_matches_dense_reference_float32(batch, seed):
     cu, kill, hkv, ratio, head_dim, window = batch
     meta = MementoAttentionMeta.from_packed(cu, kill)
     q, k, v = _qkv(int(cu[-1]), hkv, ratio, head_dim, dtype=torch.float32, seed=seed)
-    ref = einsum_reference(q.double(), k.double(), v.double(), cu, kill, window, head_dim ** -0.5)
+    ref = einsum_reference(q.double(), k.double(), v.double(), cu, kill, window, head_dim**-0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # eager flex on CPU warns that it is unoptimised
-        out = memento_attention(q, k, v, meta, scale=head_dim ** -0.5, window=window, backend="flex")
+        out = memento_attention(q, k, v, meta, scale=head_dim**-0.5, window=window, backend="flex")
     assert (out.double() - ref).abs().max().item() < 1e-5
 
 
@@ -95,7 +95,7 @@ def _evicting_meta(n: int) -> MementoAttentionMeta:
     docs = []
     for length in (n // 2, n - n // 2):
         kill = np.full(length, length)
-        kill[length // 3: length // 2] = 2 * length // 3
+        kill[length // 3 : length // 2] = 2 * length // 3
         docs.append(kill)
     return MementoAttentionMeta.from_documents(docs)
 
@@ -147,7 +147,8 @@ def test_compiled_block_mask_is_built_without_the_dense_mask(monkeypatch):
     assert largest < n * n // 64, f"largest allocation {largest} B; a dense boolean mask is {n * n} B"
     # Same tiles as the eager builder.
     eager = torch.nn.attention.flex_attention.create_block_mask(
-        flex.memento_mask_mod(meta.doc_ids(), meta.kill_row.long(), None), None, None, n, n, device="cpu")
+        flex.memento_mask_mod(meta.doc_ids(), meta.kill_row.long(), None), None, None, n, n, device="cpu"
+    )
     compiled = meta._cache[("flex_block_mask", None)]
     assert torch.equal(compiled.kv_num_blocks, eager.kv_num_blocks)
     assert torch.equal(compiled.to_dense(), eager.to_dense())
@@ -161,15 +162,21 @@ def test_flex_backward_on_cpu_raises_a_clear_error():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(available_backends()["flash_attn"] is not None,
-                    reason=f"flash_attn backend unavailable: {available_backends()['flash_attn']}")
+@pytest.mark.skipif(
+    available_backends()["flash_attn"] is not None,
+    reason=f"flash_attn backend unavailable: {available_backends()['flash_attn']}",
+)
 def test_flash_attn_matches_sdpa_bf16():
     torch.manual_seed(0)
     lengths = [37, 1, 130, 64]
     cu = np.concatenate([[0], np.cumsum(lengths)])
     rng = np.random.default_rng(0)
-    kill = np.concatenate([np.where(rng.random(e - s) < 0.5, e, rng.integers(np.arange(s, e) + 1, e + 1))
-                           for s, e in zip(cu[:-1], cu[1:])])
+    kill = np.concatenate(
+        [
+            np.where(rng.random(e - s) < 0.5, e, rng.integers(np.arange(s, e) + 1, e + 1))
+            for s, e in zip(cu[:-1], cu[1:])
+        ]
+    )
     meta = MementoAttentionMeta.from_packed(cu, kill, device="cuda")
     n = int(cu[-1])
     q = torch.randn(n, 8, 64, device="cuda", dtype=torch.bfloat16)
@@ -178,8 +185,9 @@ def test_flash_attn_matches_sdpa_bf16():
     ref = memento_attention(q.double(), k.double(), v.double(), meta, backend="sdpa")
     out = memento_attention(q, k, v, meta, backend="flash_attn")
     assert (out.double() - ref).abs().max().item() < 2e-2
-    ref_w = memento_attention(q.double(), k.double(), v.double(), MementoAttentionMeta.causal(cu, device="cuda"),
-                              backend="sdpa", window=16)
+    ref_w = memento_attention(
+        q.double(), k.double(), v.double(), MementoAttentionMeta.causal(cu, device="cuda"), backend="sdpa", window=16
+    )
     out_w = memento_attention(q, k, v, MementoAttentionMeta.causal(cu, device="cuda"), backend="flash_attn", window=16)
     assert (out_w.double() - ref_w).abs().max().item() < 2e-2
 
@@ -224,8 +232,8 @@ def test_interval_plan_partitions_rows_and_gathers_exactly_the_visible_keys(batc
     for i in range(plan.num_intervals):
         a, b = cu_q[i], cu_q[i + 1]
         assert doc[a] == doc[b - 1]
-        keys = plan.key_index[cu_k[i]:cu_k[i + 1]].numpy()
-        assert keys[-(b - a):].tolist() == list(range(a, b))  # the interval itself, last
+        keys = plan.key_index[cu_k[i] : cu_k[i + 1]].numpy()
+        assert keys[-(b - a) :].tolist() == list(range(a, b))  # the interval itself, last
         assert (keys[: len(keys) - (b - a)] < a).all()  # older keys, gathered
         for row in range(a, b):  # bottom-right causal over the gathered keys == the rule
             np.testing.assert_array_equal(np.sort(keys[keys <= row]), np.nonzero(mask[row])[0])
@@ -233,15 +241,18 @@ def test_interval_plan_partitions_rows_and_gathers_exactly_the_visible_keys(batc
     assert plan.max_k == max(b - a for a, b in zip(cu_k, cu_k[1:]))
 
 
-@pytest.mark.parametrize("cu,kill,match", [
-    ([1, 3], [3, 3, 3], "start at 0"),
-    ([0, 3, 2], [3, 3, 3], "non-decreasing"),
-    ([[0, 3]], [3, 3, 3], "1-D"),
-    ([0], [], "1-D"),
-    ([0, 3], [3, 3], "kill_row has 2 entries"),
-    ([0, 3], [3, 1, 3], r"kill_row\[1\]=1 <= 1"),
-    ([0, 2, 4], [2, 2, 2, 4], r"kill_row\[2\]=2 <= 2"),
-])
+@pytest.mark.parametrize(
+    "cu,kill,match",
+    [
+        ([1, 3], [3, 3, 3], "start at 0"),
+        ([0, 3, 2], [3, 3, 3], "non-decreasing"),
+        ([[0, 3]], [3, 3, 3], "1-D"),
+        ([0], [], "1-D"),
+        ([0, 3], [3, 3], "kill_row has 2 entries"),
+        ([0, 3], [3, 1, 3], r"kill_row\[1\]=1 <= 1"),
+        ([0, 2, 4], [2, 2, 2, 4], r"kill_row\[2\]=2 <= 2"),
+    ],
+)
 def test_meta_validation_errors(cu, kill, match):
     with pytest.raises(ValueError, match=match):
         MementoAttentionMeta.from_packed(cu, kill)
@@ -255,10 +266,13 @@ def test_meta_clamps_kill_rows_to_document_end_and_packs_documents():
     assert packed.max_seqlen == 3 and packed.num_docs == 2
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(backend="nope"), ValueError, "unknown attention backend"),
-    (dict(window=0), ValueError, "window must be positive"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(backend="nope"), ValueError, "unknown attention backend"),
+        (dict(window=0), ValueError, "window must be positive"),
+    ],
+)
 def test_memento_attention_argument_errors(kwargs, exc, match):
     meta = MementoAttentionMeta.from_documents([[2, 2]])
     q, k, v = _qkv(2, 1, 2, 4)
@@ -284,7 +298,7 @@ def _many_intervals_meta(blocks: int = 120, prompt: int = 64, block: int = 8) ->
     kill = np.full(n, n)
     for b in range(blocks - 1):
         s = prompt + b * block
-        kill[s: s + block // 2] = s + block
+        kill[s : s + block // 2] = s + block
     return MementoAttentionMeta.from_documents([kill])
 
 
@@ -307,16 +321,16 @@ def test_flash_attn_sums_gradients_of_keys_shared_by_many_intervals_in_fp32(monk
     q, k, v = _qkv(n, 2, 2, 16, dtype=torch.bfloat16, seed=3, grad=True)
     upstream = torch.randn(n, 4, 16, generator=torch.Generator().manual_seed(4), dtype=torch.bfloat16)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    exact = torch.autograd.grad(memento_attention(q64, k64, v64, meta, backend="sdpa"), (k64, v64),
-                                upstream.double())
+    exact = torch.autograd.grad(memento_attention(q64, k64, v64, meta, backend="sdpa"), (k64, v64), upstream.double())
 
     def relative_errors():
         with cuda_emulation.AtomicIndexAdd():
             grads = torch.autograd.grad(memento_attention(q, k, v, meta, backend="flash_attn"), (k, v), upstream)
         return [float((g[:prompt].double() - e[:prompt]).norm() / e[:prompt].norm()) for g, e in zip(grads, exact)]
 
-    rounding = [float((e[:prompt].to(torch.bfloat16).double() - e[:prompt]).norm() / e[:prompt].norm())
-                for e in exact]  # bf16's floor: the exact gradient rounded once
+    rounding = [
+        float((e[:prompt].to(torch.bfloat16).double() - e[:prompt]).norm() / e[:prompt].norm()) for e in exact
+    ]  # bf16's floor: the exact gradient rounded once
     for name, r, f in zip(("dk", "dv"), rounding, relative_errors()):
         assert f < 2 * r, f"{name}: relative error {f:.2e}, bf16 rounding alone {r:.2e}"
     monkeypatch.setattr(flash, "gather_rows", lambda x, index: x.index_select(0, index))

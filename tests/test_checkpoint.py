@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 
 from memento_train.checkpoint import manager as C
-from memento_train.checkpoint.manager import STATE_FILE, CheckpointError, CheckpointManager, read_state, verify_checkpoint
+from memento_train.checkpoint.manager import (
+    STATE_FILE,
+    CheckpointError,
+    CheckpointManager,
+    read_state,
+    verify_checkpoint,
+)
 
 
 def write(mgr: CheckpointManager, step: int) -> None:
@@ -78,11 +84,14 @@ def _zero_fill(path):
     path.write_bytes(bytes(path.stat().st_size))
 
 
-@pytest.mark.parametrize("damage, problem", [
-    (_truncate, "engine/shard_0.bin is 1782 bytes, expected 1792 (truncated"),
-    (lambda p: p.unlink(), "engine/shard_0.bin is missing"),
-    (_zero_fill, "engine/shard_0.bin does not match its checksum"),
-])
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (_truncate, "engine/shard_0.bin is 1782 bytes, expected 1792 (truncated"),
+        (lambda p: p.unlink(), "engine/shard_0.bin is missing"),
+        (_zero_fill, "engine/shard_0.bin does not match its checksum"),
+    ],
+)
 def test_resume_auto_skips_a_damaged_newest_checkpoint_and_moves_it_aside(tmp_path, damage, problem):
     mgr = _three_checkpoints(tmp_path)
     assert all(verify_checkpoint(p) == [] for _, p in mgr.complete())
@@ -126,7 +135,7 @@ def test_large_files_are_checked_by_size_and_sampled_windows(tmp_path, monkeypat
     manifest = __import__("json").loads((path / "manifest.json").read_text())
     assert manifest["files"]["big.bin"]["whole"] is False and manifest["files"][STATE_FILE]["whole"] is True
     data = bytearray((path / "big.bin").read_bytes())
-    data[: 100] = bytes(100)  # the first window zeroed
+    data[:100] = bytes(100)  # the first window zeroed
     (path / "big.bin").write_bytes(bytes(data))
     assert verify_checkpoint(path) == ["big.bin does not match its checksum (corrupted)"]
 

@@ -65,8 +65,11 @@ def test_the_same_bad_input_gets_the_same_answer_from_every_cli(kind, capsys, tm
         if prog != "memento-data":  # flags, not keys: argparse words the same errors its own way
             assert re.search(EXPECTED[kind], err), (prog, err)
         else:
-            assert re.search(r"unrecognized arguments: --bogus-key|invalid choice: 'jax'|--strict: ignored explicit "
-                             r"argument '1'", err), err
+            assert re.search(
+                r"unrecognized arguments: --bogus-key|invalid choice: 'jax'|--strict: ignored explicit "
+                r"argument '1'",
+                err,
+            ), err
 
 
 def test_bool_strictness_is_the_same_for_overrides_and_recipes(tmp_path):

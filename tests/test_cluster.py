@@ -30,12 +30,30 @@ class Probe(DistributedWorker):
 
     def info(self) -> dict:
         return {
-            "tag": self.tag, "rank": self.rank, "world_size": self.world_size, "local_rank": self.local_rank,
-            "device": str(self.device), "pid": os.getpid(), "threads": torch.get_num_threads(),
-            "env": {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                   "MASTER_PORT", "OMP_NUM_THREADS", "MEMENTO_TEST_VAR")},
-            "dist": (dist.is_initialized() and dist.get_rank(), dist.is_initialized() and dist.get_world_size(),
-                     dist.is_initialized() and dist.get_backend()),
+            "tag": self.tag,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "local_rank": self.local_rank,
+            "device": str(self.device),
+            "pid": os.getpid(),
+            "threads": torch.get_num_threads(),
+            "env": {
+                k: os.environ.get(k)
+                for k in (
+                    "RANK",
+                    "WORLD_SIZE",
+                    "LOCAL_RANK",
+                    "MASTER_ADDR",
+                    "MASTER_PORT",
+                    "OMP_NUM_THREADS",
+                    "MEMENTO_TEST_VAR",
+                )
+            },
+            "dist": (
+                dist.is_initialized() and dist.get_rank(),
+                dist.is_initialized() and dist.get_world_size(),
+                dist.is_initialized() and dist.get_backend(),
+            ),
             "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
         }
 
@@ -90,6 +108,7 @@ def ray_cfg(**overrides) -> ClusterConfig:
 
 
 # ---------------------------------------------------------------------- local Ray cluster
+
 
 def test_two_ray_workers_form_a_gloo_group_and_get_per_rank_calls(no_ray_left):
     with time_limit(240, "two-worker group"):
@@ -158,7 +177,8 @@ def test_unplaceable_workers_time_out_listing_asked_and_available_resources(no_r
     assert "asked: 2 bundle(s) of {CPU: 1}" in message and "available now: {CPU: 2}" in message
     assert ray.is_initialized()
     assert ray.util.placement_group_table() and all(
-        pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
+        pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values()
+    )
 
 
 def test_shut_down_or_failed_group_stops_the_ray_it_started_and_another_group_can_start(no_ray_left):
@@ -220,10 +240,14 @@ class OneVisibleGpu(DistributedWorker):
         engine = SimpleNamespace()
         DeepSpeedEngine._configure_with_arguments(engine, None, None)
         DeepSpeedEngine._set_distributed_vars(engine, None)
-        return {"ds_device": str(engine.device), "set_devices": self.set_devices, "device": str(self.device),
-                "local_rank": self.local_rank, "node_local_rank": self.node_local_rank,
-                "env": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "LOCAL_RANK",
-                                                       "MEMENTO_NODE_LOCAL_RANK")}}
+        return {
+            "ds_device": str(engine.device),
+            "set_devices": self.set_devices,
+            "device": str(self.device),
+            "local_rank": self.local_rank,
+            "node_local_rank": self.node_local_rank,
+            "env": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "LOCAL_RANK", "MEMENTO_NODE_LOCAL_RANK")},
+        }
 
 
 def test_deepspeed_under_ray_selects_each_workers_own_gpu_from_local_rank(no_ray_left):
@@ -244,6 +268,7 @@ def test_deepspeed_under_ray_selects_each_workers_own_gpu_from_local_rank(no_ray
 
 
 # ---------------------------------------------------------------------- multi-node (simulated)
+
 
 @pytest.mark.slow
 def test_strict_spread_places_workers_on_two_nodes_that_form_a_gloo_group(no_ray_left):
@@ -273,6 +298,7 @@ def test_strict_spread_places_workers_on_two_nodes_that_form_a_gloo_group(no_ray
 
 
 # ---------------------------------------------------------------------- inline mode
+
 
 def test_inline_mode_runs_the_worker_in_the_driver_with_a_world_size_one_group():
     threads_before = torch.get_num_threads()
@@ -321,30 +347,39 @@ def test_inline_mode_with_two_workers_is_a_config_error():
 
 # ---------------------------------------------------------------------- config validation
 
-@pytest.mark.parametrize("overrides, option", [
-    ({"num_workers": 0}, "num_workers"),
-    ({"num_workers": True}, "num_workers"),
-    ({"use_ray": False, "num_workers": 2}, "num_workers"),
-    ({"use_ray": False, "address": "auto"}, "address"),
-    ({"address": ""}, "address"),
-    ({"use_ray": "yes"}, "use_ray"),
-    ({"gpus_per_worker": -1}, "gpus_per_worker"),
-    ({"gpus_per_worker": 1.5}, "gpus_per_worker"),
-    ({"cpus_per_worker": 0}, "cpus_per_worker"),
-    ({"placement_strategy": "pack"}, "placement_strategy"),
-    ({"backend": "mpi"}, "backend"),
-    ({"backend": "nccl", "gpus_per_worker": 0}, "backend"),
-    ({"init_timeout_s": 0}, "init_timeout_s"),
-    ({"collective_timeout_s": -1.0}, "collective_timeout_s"),
-    ({"env": {"A": 1}}, "env.A"),
-    ({"env": {"": "x"}}, "env"),
-])
+
+@pytest.mark.parametrize(
+    "overrides, option",
+    [
+        ({"num_workers": 0}, "num_workers"),
+        ({"num_workers": True}, "num_workers"),
+        ({"use_ray": False, "num_workers": 2}, "num_workers"),
+        ({"use_ray": False, "address": "auto"}, "address"),
+        ({"address": ""}, "address"),
+        ({"use_ray": "yes"}, "use_ray"),
+        ({"gpus_per_worker": -1}, "gpus_per_worker"),
+        ({"gpus_per_worker": 1.5}, "gpus_per_worker"),
+        ({"cpus_per_worker": 0}, "cpus_per_worker"),
+        ({"placement_strategy": "pack"}, "placement_strategy"),
+        ({"backend": "mpi"}, "backend"),
+        ({"backend": "nccl", "gpus_per_worker": 0}, "backend"),
+        ({"init_timeout_s": 0}, "init_timeout_s"),
+        ({"collective_timeout_s": -1.0}, "collective_timeout_s"),
+        ({"env": {"A": 1}}, "env.A"),
+        ({"env": {"": "x"}}, "env"),
+    ],
+)
 def test_config_validation_names_the_bad_option(overrides, option):
     with pytest.raises(ConfigError, match=rf"^trainer\.cluster\.{option}(:| must be)"):
         ClusterConfig(**overrides).validate(prefix="trainer.cluster")
 
 
 def test_valid_config_validates_to_itself():
-    cfg = ClusterConfig(address="auto", num_workers=4, gpus_per_worker=0.5, placement_strategy="STRICT_SPREAD",
-                        env={"NCCL_DEBUG": "WARN"})
+    cfg = ClusterConfig(
+        address="auto",
+        num_workers=4,
+        gpus_per_worker=0.5,
+        placement_strategy="STRICT_SPREAD",
+        env={"NCCL_DEBUG": "WARN"},
+    )
     assert cfg.validate() is cfg

@@ -10,7 +10,6 @@ import sys
 import datasets
 import numpy as np
 import pytest
-
 from tokenizer_dirs import base_tokenizer_without_memento_tokens
 
 from memento_train.data.cache import prepare_dataset
@@ -44,8 +43,9 @@ def test_stats_on_shipped_sample_json(capsys, tmp_path):
 
 
 def test_stats_table(capsys, tmp_path):
-    rc, out, err = run(capsys, "stats", "--cache-dir", str(tmp_path), "--pack-tokens", "8192",
-                       "--model-config", "olmo-3-7b")
+    rc, out, err = run(
+        capsys, "stats", "--cache-dir", str(tmp_path), "--pack-tokens", "8192", "--model-config", "olmo-3-7b"
+    )
     assert rc == 0, err
     line = next(ln for ln in out.splitlines() if ln.startswith("peak KV reduction"))
     assert float(line.split()[-4].rstrip("x")) > 1.5  # the "all" column
@@ -55,8 +55,14 @@ def test_stats_table(capsys, tmp_path):
 
 def test_geometry_table_and_config_json(tmp_path):
     assert KV_GEOMETRY["qwen3-8b"].bytes_per_token_per_layer * 36 == 36 * 8 * 128 * 2 * 2
-    cfg = {"num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "hidden_size": 256,
-           "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"] * 2}
+    cfg = {
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "hidden_size": 256,
+        "sliding_window": 16,
+        "layer_types": ["sliding_attention", "full_attention"] * 2,
+    }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     g = load_geometry(str(tmp_path))
     assert (g.layers, g.kv_heads, g.head_dim, g.sliding_layers, g.sliding_window) == (4, 2, 32, 2, 16)
@@ -77,8 +83,12 @@ def test_prepare_writes_the_tokenized_examples_training_reads(capsys, tmp_path):
     assert rc == 0, err
     assert "3 kept" in out and "wrote 3 tokenized examples" in out and f"data.prepared={out_dir}" in out
     ds = datasets.load_from_disk(str(out_dir))
-    cached, _ = prepare_dataset(DataConfig(path=SAMPLE_TRACES, cache_dir=str(tmp_path / "c"),
-                                           block_masking=BlockMaskingConfig(keep_last_n_blocks=0)), tokenizer=load_shipped_tokenizer())
+    cached, _ = prepare_dataset(
+        DataConfig(
+            path=SAMPLE_TRACES, cache_dir=str(tmp_path / "c"), block_masking=BlockMaskingConfig(keep_last_n_blocks=0)
+        ),
+        tokenizer=load_shipped_tokenizer(),
+    )
     assert {c: ds[c] for c in ds.column_names} == {c: cached[c] for c in cached.column_names}
     assert all(row[0] == IGNORE_INDEX for row in ds["labels"])  # the prompt is not trained
     meta = json.loads((out_dir / "memento_prepare.json").read_text())
@@ -95,13 +105,22 @@ def test_prepare_writes_the_tokenized_examples_training_reads(capsys, tmp_path):
 
 def test_prepare_adds_the_memento_tokens_a_base_tokenizer_lacks_with_the_ids_training_gives(capsys, tmp_path):
     from memento_train.data.config import SAMPLE_TRACES
-    from memento_train.models.loading import run_tokenizer
     from memento_train.models.config import ModelConfig
+    from memento_train.models.loading import run_tokenizer
     from memento_train.tokens import MEMENTO_TOKENS, special_token_ids
 
     base = base_tokenizer_without_memento_tokens(tmp_path / "base")
-    rc, out, err = run(capsys, "prepare", SAMPLE_TRACES, "--tokenizer", str(base), "--output",
-                       str(tmp_path / "p"), "--cache-dir", str(tmp_path / "c"))
+    rc, out, err = run(
+        capsys,
+        "prepare",
+        SAMPLE_TRACES,
+        "--tokenizer",
+        str(base),
+        "--output",
+        str(tmp_path / "p"),
+        "--cache-dir",
+        str(tmp_path / "c"),
+    )
     assert rc == 0, err
     trained = special_token_ids(run_tokenizer(ModelConfig(tokenizer=str(base))))  # what a run adds
     line = next(ln for ln in out.splitlines() if "added the memento tokens" in ln)
@@ -110,8 +129,9 @@ def test_prepare_adds_the_memento_tokens_a_base_tokenizer_lacks_with_the_ids_tra
     meta = json.loads((tmp_path / "p" / "memento_prepare.json").read_text())
     assert meta["tokenizer"]["added_memento_tokens"] == {t: trained[t] for t in MEMENTO_TOKENS}
     # base + the added tokens is the shipped tokenizer here, so the examples equal the shipped ones.
-    rc, out, err = run(capsys, "prepare", SAMPLE_TRACES, "--output", str(tmp_path / "s"), "--cache-dir",
-                       str(tmp_path / "c"))
+    rc, out, err = run(
+        capsys, "prepare", SAMPLE_TRACES, "--output", str(tmp_path / "s"), "--cache-dir", str(tmp_path / "c")
+    )
     assert rc == 0 and "added the memento tokens" not in out
     a, b = datasets.load_from_disk(str(tmp_path / "p")), datasets.load_from_disk(str(tmp_path / "s"))
     assert a["input_ids"] == b["input_ids"] and a["kill_row"] == b["kill_row"]
@@ -137,8 +157,11 @@ def test_bad_input_clear_errors(capsys, tmp_path, argv, needle):
         return
     assert rc == 2 and needle in err
     # A bad flag value is a configuration error (the form of every memento CLI); a bad dataset is not.
-    assert err.startswith("memento-data: configuration error:" if needle.startswith("--") and needle != "--model-config"
-                          else "memento-data: error:")
+    assert err.startswith(
+        "memento-data: configuration error:"
+        if needle.startswith("--") and needle != "--model-config"
+        else "memento-data: error:"
+    )
 
 
 def test_strict_names_record(capsys, tmp_path):
@@ -160,7 +183,8 @@ def test_unknown_option_exits_2(capsys):
 def test_console_script(tmp_path):
     exe = shutil.which("memento-data")
     cmd = [exe] if exe else [sys.executable, "-m", "memento_train.data.cli"]
-    res = subprocess.run([*cmd, "stats", "--json", "--cache-dir", str(tmp_path)], capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run(
+        [*cmd, "stats", "--json", "--cache-dir", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["overall"]["peak_kv_reduction"] > 1.5

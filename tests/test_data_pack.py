@@ -21,7 +21,7 @@ from memento_train.data.pack import (
 )
 from memento_train.data.records import normalize_row
 from memento_train.data.render import Renderer
-from memento_train.masking import Kind, BlockMaskingConfig, dense_mask
+from memento_train.masking import BlockMaskingConfig, Kind, dense_mask
 from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 
 
@@ -136,8 +136,10 @@ def examples(tok):
 def test_pack_real_traces(examples):
     max_tokens = max(e.num_tokens for e in examples) + 10
     batches, stats = pack_examples(examples, max_tokens, pad_to=64)
-    by_id = {e.record_id: {"input_ids": e.input_ids, "labels": e.labels, "kill_row": e.kill_row,
-                           "kinds": e.kinds} for e in examples}
+    by_id = {
+        e.record_id: {"input_ids": e.input_ids, "labels": e.labels, "kill_row": e.kill_row, "kinds": e.kinds}
+        for e in examples
+    }
     for b in batches:
         check_batch(b, by_id, max_tokens, 64)
     assert stats.num_docs == 3 and sum(len(b.record_ids) for b in batches) == 3
@@ -150,8 +152,13 @@ def _dataset_file(tmp_path, extra_bad=True):
     path = tmp_path / "data.jsonl"
     rows = [json.loads(line) for line in open(SAMPLE_TRACES, encoding="utf-8")]
     rows.append({"problem": "2+2?", "response": "<think>\n<|block_start|>add<|block_end|>\n</think>\n4"})
-    rows.append({"problem": "3+3?", "response": "<think>\n<|block_start|>add<|block_end|>\n"
-                 "<|summary_start|>added<|summary_end|>\n</think>\n6", "domain": "math"})
+    rows.append(
+        {
+            "problem": "3+3?",
+            "response": "<think>\n<|block_start|>add<|block_end|>\n<|summary_start|>added<|summary_end|>\n</think>\n6",
+            "domain": "math",
+        }
+    )
     if extra_bad:
         rows.append({"problem": "no response"})
     with open(path, "w", encoding="utf-8") as f:
@@ -170,8 +177,16 @@ def test_cache_round_trip_and_fingerprint(tmp_path, tok, examples):
     ds, report = prepare_dataset(cfg, tokenizer=tok)
     assert report.total == 6 and report.kept == 4
     assert report.dropped_by_reason == {"block_without_summary": 1, "missing_field": 1}
-    assert ds.column_names == ["input_ids", "labels", "kinds", "kill_row", "prompt_len", "num_tokens",
-                               "record_id", "domain"]
+    assert ds.column_names == [
+        "input_ids",
+        "labels",
+        "kinds",
+        "kill_row",
+        "prompt_len",
+        "num_tokens",
+        "record_id",
+        "domain",
+    ]
     for ex in examples:  # cached rows equal in-process rendering
         row = ds[ds["record_id"].index(ex.record_id)]
         assert row["input_ids"] == ex.input_ids.tolist() and row["labels"] == ex.labels.tolist()
@@ -180,19 +195,28 @@ def test_cache_round_trip_and_fingerprint(tmp_path, tok, examples):
     fp = cache_fingerprint(cfg, tok, "")
     prepared = os.path.join(str(tmp_path / "cache"), "memento-prepared")
     first = os.listdir(prepared)
-    assert len(first) == 1 and all(f.startswith(os.path.join(prepared, first[0])) for f in
-                                   (c["filename"] for c in ds.cache_files))
+    assert len(first) == 1 and all(
+        f.startswith(os.path.join(prepared, first[0])) for f in (c["filename"] for c in ds.cache_files)
+    )
     # Same inputs: cache reused (same file). Changed options or tokenizer: new fingerprint.
     ds2, _ = prepare_dataset(cfg, tokenizer=tok)
     assert ds2.cache_files[0]["filename"] == ds.cache_files[0]["filename"] and _columns(ds2) == _columns(ds)
-    prepare_dataset(DataConfig(path=str(path), cache_dir=str(tmp_path / "cache"), max_seq_len=8192,
-                               block_masking=BlockMaskingConfig(keep_last_n_blocks=-1)), tokenizer=tok)
+    prepare_dataset(
+        DataConfig(
+            path=str(path),
+            cache_dir=str(tmp_path / "cache"),
+            max_seq_len=8192,
+            block_masking=BlockMaskingConfig(keep_last_n_blocks=-1),
+        ),
+        tokenizer=tok,
+    )
     assert len(os.listdir(prepared)) == 2
     other = load_shipped_tokenizer()
     other.chat_template = "{{ messages[0]['content'] }}"
     assert cache_fingerprint(cfg, other, "") != fp
     assert cache_fingerprint(DataConfig(path=str(path), system_prompt="hi"), tok, "") != cache_fingerprint(
-        DataConfig(path=str(path)), tok, "")
+        DataConfig(path=str(path)), tok, ""
+    )
 
 
 def test_num_proc_2_equals_num_proc_1(tmp_path, tok):

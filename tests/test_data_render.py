@@ -22,14 +22,12 @@ from memento_train.data.records import (
     normalize_row,
 )
 from memento_train.data.render import IGNORE_INDEX, Renderer
-from memento_train.masking import Kind, BlockMaskingConfig, kill_rows, parse
+from memento_train.masking import BlockMaskingConfig, Kind, kill_rows, parse
 from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 
 # CI layout: <parent>/main (repo root) and <parent>/shared (see tests/conftest.py).
 SHARED_TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "memento_traces.jsonl"
-_UNIT = re.compile(
-    r"<\|block_start\|>(.*?)<\|block_end\|>\n<\|summary_start\|>(.*?)<\|summary_end\|>\n", re.S
-)
+_UNIT = re.compile(r"<\|block_start\|>(.*?)<\|block_end\|>\n<\|summary_start\|>(.*?)<\|summary_end\|>\n", re.S)
 
 
 @pytest.fixture(scope="module")
@@ -181,8 +179,16 @@ def test_full_config_missing_pieces_name_record_and_field(raw_traces, edit, fiel
 def test_load_local_formats(tmp_path, raw_traces):
     cache = str(tmp_path / "cache")
     ds = load_records(DataConfig(path=SAMPLE_TRACES, cache_dir=cache))
-    assert ds.column_names == ["record_id", "problem", "response", "domain", "source", "difficulty", "missing",
-                               "reject"]
+    assert ds.column_names == [
+        "record_id",
+        "problem",
+        "response",
+        "domain",
+        "source",
+        "difficulty",
+        "missing",
+        "reject",
+    ]
     assert ds["domain"] == ["math", "science", "code"] and ds["difficulty"] == ["0", "0", "0"]
     assert all(re.fullmatch(r"row\d+-[0-9a-f]{8}", r) for r in ds["record_id"])
     # A directory of parquet files, with an id column; the full config.
@@ -224,7 +230,10 @@ def test_bad_paths_and_options(tmp_path):
 
 
 def test_renderer_is_consistent_with_parse_under_other_masks(tok, traces):
-    for mask in (BlockMaskingConfig(keep_last_n_blocks=1), BlockMaskingConfig(keep_last_n_blocks=0, keep_last_block_for_answer=True)):
+    for mask in (
+        BlockMaskingConfig(keep_last_n_blocks=1),
+        BlockMaskingConfig(keep_last_n_blocks=0, keep_last_block_for_answer=True),
+    ):
         r = Renderer(tok, mask)
         ex = r.render(traces[0])
         ref = parse(ex.input_ids, r.special, replace(mask), prompt_len=ex.prompt_len)

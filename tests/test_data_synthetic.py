@@ -11,7 +11,7 @@ from memento_train.data.render import Renderer
 from memento_train.data.synthetic import SyntheticTaskConfig, synthetic_record, synthetic_records
 from memento_train.data.validate import validate_records
 from memento_train.evaluation.scoring import is_correct
-from memento_train.masking import Kind, BlockMaskingConfig
+from memento_train.masking import BlockMaskingConfig, Kind
 from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 
 TOK = load_shipped_tokenizer()
@@ -50,9 +50,7 @@ def test_every_block_restates_the_value_its_previous_summary_carries():
 
 
 def test_records_pass_validation_without_drops():
-    examples, report = validate_records(
-        [_record_for_pipeline(r) for r in RECORDS], Renderer(TOK), max_seq_len=4096
-    )
+    examples, report = validate_records([_record_for_pipeline(r) for r in RECORDS], Renderer(TOK), max_seq_len=4096)
     assert report.kept == report.total == len(RECORDS) and len(examples) == len(RECORDS)
 
 

@@ -80,12 +80,15 @@ def out_len(renderer, response):
     return renderer.render(rec(response)).num_tokens
 
 
-@pytest.mark.parametrize("row", [
-    {"id": "m1", "problem": "q", "response": None},
-    {"id": "m1", "problem": "", "response": GOOD},
-    {"id": "m1", "response": GOOD},
-    {"id": "m1", "problem": "q", "response": "   "},
-])
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"id": "m1", "problem": "q", "response": None},
+        {"id": "m1", "problem": "", "response": GOOD},
+        {"id": "m1", "response": GOOD},
+        {"id": "m1", "problem": "q", "response": "   "},
+    ],
+)
 def test_missing_field(renderer, row):
     out = V.check_record(normalize_row(row, 0, "default"), renderer, max_seq_len=4096)
     assert out.reason == V.MISSING_FIELD and "m1" in out.issues[0].detail
@@ -95,7 +98,9 @@ def test_missing_field(renderer, row):
 
 def test_reasons_are_all_known():
     row_reasons = {"bad_json", "empty_line", "not_an_object", "wrong_type"}
-    assert set(EXPECTED.get(c, c) for c in BAD_RESPONSES) | {V.MISSING_FIELD, V.OVERLONG} | row_reasons == set(V.REASONS)
+    assert set(EXPECTED.get(c, c) for c in BAD_RESPONSES) | {V.MISSING_FIELD, V.OVERLONG} | row_reasons == set(
+        V.REASONS
+    )
 
 
 def test_overlong_drop_vs_truncate(renderer):
@@ -120,8 +125,13 @@ def test_overlong_drop_vs_truncate(renderer):
 
 
 def test_report_counts_and_strict(renderer):
-    records = [rec(GOOD, "g1"), rec(BAD_RESPONSES[V.NESTED], "n1"), rec(BAD_RESPONSES[V.EMPTY_BLOCK], "e1"),
-               rec(GOOD, "g2"), rec(BAD_RESPONSES[V.NESTED], "n2")]
+    records = [
+        rec(GOOD, "g1"),
+        rec(BAD_RESPONSES[V.NESTED], "n1"),
+        rec(BAD_RESPONSES[V.EMPTY_BLOCK], "e1"),
+        rec(GOOD, "g2"),
+        rec(BAD_RESPONSES[V.NESTED], "n2"),
+    ]
     kept, report = V.validate_records(records, renderer, max_seq_len=4096)
     assert [k.record_id for k in kept] == ["g1", "g2"]
     assert report.total == 5 and report.kept == 2 and report.dropped == 3
@@ -142,8 +152,16 @@ def _write(path, responses):
 
 def test_prepare_filters_counts_and_strict_names_record(tmp_path):
     data = tmp_path / "mixed.jsonl"
-    _write(data, [("ok-1", GOOD), ("bad-sum", BAD_RESPONSES[V.SUMMARY_WITHOUT_BLOCK]), ("ok-2", GOOD),
-                  ("bad-think", BAD_RESPONSES[V.MISSING_THINK_END]), ("none", None)])
+    _write(
+        data,
+        [
+            ("ok-1", GOOD),
+            ("bad-sum", BAD_RESPONSES[V.SUMMARY_WITHOUT_BLOCK]),
+            ("ok-2", GOOD),
+            ("bad-think", BAD_RESPONSES[V.MISSING_THINK_END]),
+            ("none", None),
+        ],
+    )
     cfg = DataConfig(path=str(data), cache_dir=str(tmp_path / "cache"), max_seq_len=4096)
     ds, report = prepare_dataset(cfg)
     assert ds["record_id"] == ["ok-1", "ok-2"]
@@ -174,12 +192,12 @@ def _good(rid: str, **extra) -> dict:
 def test_a_jsonl_file_mixing_every_kind_of_bad_line_keeps_every_good_record(tmp_path):
     lines = [
         json.dumps(_good("g1")),
-        "{this is not json",                                                     # line 2
-        "",                                                                      # line 3
-        json.dumps(_good("g2", extra={"nested": [1, "a"]}, difficulty=3)),       # unknown columns are ignored
-        json.dumps({"id": "t1", "problem": "p", "response": 5}),                 # line 5
-        json.dumps({"id": "t2", "problem": 3, "response": GOOD}),                # line 6
-        json.dumps([1, 2, 3]),                                                   # line 7
+        "{this is not json",  # line 2
+        "",  # line 3
+        json.dumps(_good("g2", extra={"nested": [1, "a"]}, difficulty=3)),  # unknown columns are ignored
+        json.dumps({"id": "t1", "problem": "p", "response": 5}),  # line 5
+        json.dumps({"id": "t2", "problem": 3, "response": GOOD}),  # line 6
+        json.dumps([1, 2, 3]),  # line 7
         json.dumps(_good("g3", difficulty="hard")),
         json.dumps({"id": "t3", "problem": "p", "response": GOOD, "sentences": "one string"}),  # line 9
         json.dumps(_good("g4")),
@@ -201,7 +219,9 @@ def test_a_jsonl_file_mixing_every_kind_of_bad_line_keeps_every_good_record(tmp_
     assert err.value.reason == "bad_json" and str(err.value).startswith(f"{data}:2: ")
     # A wrong type names the field and what it should be.
     data.write_text(lines[0] + "\n" + lines[4] + "\n")
-    with pytest.raises(V.InvalidRecordError, match=r"mixed.jsonl:2: .*wrong_type.*'response' is 5 \(int\), expected a string"):
+    with pytest.raises(
+        V.InvalidRecordError, match=r"mixed.jsonl:2: .*wrong_type.*'response' is 5 \(int\), expected a string"
+    ):
         prepare_dataset(cfg)
 
 
@@ -213,8 +233,12 @@ def test_parquet_rows_of_the_wrong_type_are_named_by_row_index_and_the_rest_kept
     d.mkdir()
     pq.write_table(pa.Table.from_pylist([_good("a0"), _good("a1")]), d / "a.parquet")
     # In this file "problem" is an integer column: each of its rows is the wrong type.
-    pq.write_table(pa.Table.from_pylist([{"id": "b0", "problem": 1, "response": GOOD},
-                                         {"id": "b1", "problem": 2, "response": GOOD}]), d / "b.parquet")
+    pq.write_table(
+        pa.Table.from_pylist(
+            [{"id": "b0", "problem": 1, "response": GOOD}, {"id": "b1", "problem": 2, "response": GOOD}]
+        ),
+        d / "b.parquet",
+    )
     pq.write_table(pa.Table.from_pylist([_good("c0", sentences=["x"]), _good("c1", sentences=None)]), d / "c.parquet")
     ds, report = prepare_dataset(DataConfig(path=str(d), cache_dir=str(tmp_path / "cache"), max_seq_len=4096))
     assert ds["record_id"] == ["a0", "a1", "c0", "c1"]

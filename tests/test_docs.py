@@ -31,8 +31,7 @@ def test_every_design_citation_names_a_section_of_docs_architecture():
 
 def test_architecture_defines_the_rule_the_layers_the_engine_contract_and_the_decisions():
     text = ARCH.read_text()
-    for heading in ("The visibility rule", "Layers, and where each concept lives", "The engine contract",
-                    "Decisions"):
+    for heading in ("The visibility rule", "Layers, and where each concept lives", "The engine contract", "Decisions"):
         assert re.search(rf"^## \d+\. {re.escape(heading)}", text, flags=re.M), heading
     for term in ("kill_row", "Malformed streams", "prompt_len", "keep_last_block_for_answer"):
         assert term in text

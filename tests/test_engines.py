@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import math
 
+import engine_harness as H
 import pytest
 import torch
 
-import engine_harness as H
 from memento_train.config.errors import ConfigError
 from memento_train.engines import EngineConfig, build_engine
 from memento_train.training.optim import OptimConfig
@@ -37,11 +37,13 @@ def _optim() -> OptimConfig:
     return OptimConfig(grad_clip=H.GRAD_CLIP, weight_decay=0.1).validate()
 
 
-def _assert_tensors_close(actual: dict, expected: dict, *, rtol: float = 0.0, atol: float = 0.0, rel_to_max: float = 0.0):
+def _assert_tensors_close(
+    actual: dict, expected: dict, *, rtol: float = 0.0, atol: float = 0.0, rel_to_max: float = 0.0
+):
     assert set(actual) == set(expected)
     for name, exp in expected.items():
         tol = atol + rel_to_max * float(exp.abs().max())
-        torch.testing.assert_close(actual[name], exp, rtol=rtol, atol=tol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(actual[name], exp, rtol=rtol, atol=tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +139,9 @@ def test_fsdp2_builds_attention_plans_once_per_micro_batch_not_per_layer(fsdp2_m
     """FSDP2's mixed-precision cast copies the forward inputs of every wrapped layer, the metadata
     included; its derived plans must survive the copy (they were rebuilt in every layer)."""
     res = fsdp2_micro_batches
-    assert res["builds"] == res["micro_batches"], f"{res['builds']} interval plans for {res['micro_batches']} micro-batches"
+    assert res["builds"] == res["micro_batches"], (
+        f"{res['builds']} interval plans for {res['micro_batches']} micro-batches"
+    )
 
 
 def test_fsdp2_keeps_gradients_sharded_between_micro_batches(fsdp2_micro_batches):
@@ -223,11 +227,18 @@ def test_deepspeed_config_maps_engine_and_optimizer_options():
 
     cfg = EngineConfig(kind="deepspeed", zero_stage=3, precision="bf16", offload_optimizer=True, offload_params=True)
     ds = deepspeed_config(cfg, _optim(), 4, client_cpu_optimizer=True)
-    assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"},
-                                       "offload_param": {"device": "cpu"}}
+    assert ds["zero_optimization"] == {
+        "stage": 3,
+        "offload_optimizer": {"device": "cpu"},
+        "offload_param": {"device": "cpu"},
+    }
     assert ds["bf16"] == {"enabled": True} and ds["fp16"]["enabled"] is False
     assert ds["gradient_clipping"] == H.GRAD_CLIP
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (1, 1, 4)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (
+        1,
+        1,
+        4,
+    )
     assert ds["zero_force_ds_cpu_optimizer"] is False
     assert "optimizer" not in ds and "scheduler" not in ds
     # bf16: micro-batches are accumulated and ranks reduced in fp32, not in bf16.
@@ -257,8 +268,12 @@ def test_bf16_engine_keeps_rope_buffers_fp32_and_deepspeed_sums_gradients_in_fp3
     assert any(name.endswith("inv_freq") for name in buffers), buffers
     assert all(dtype == torch.float32 for name, dtype in buffers.items() if name.endswith("inv_freq")), buffers
     if kind == "deepspeed":
-        assert res["bf16_deepspeed"] == {"model": torch.bfloat16, "grad_accum": torch.float32,
-                                         "communication": torch.float32, "zero_grad_accum": torch.float32}
+        assert res["bf16_deepspeed"] == {
+            "model": torch.bfloat16,
+            "grad_accum": torch.float32,
+            "communication": torch.float32,
+            "zero_grad_accum": torch.float32,
+        }
 
 
 @pytest.mark.parametrize("kind", ["fsdp2", "deepspeed", "megatron"])

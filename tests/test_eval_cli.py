@@ -11,9 +11,9 @@ import sys
 import pytest
 
 from memento_train.config.errors import ConfigError
+from memento_train.config.tree import options_of
 from memento_train.evaluation.cli import main
 from memento_train.evaluation.config import EvalConfig, build_config, builtin_problem_path
-from memento_train.config.tree import options_of
 from memento_train.evaluation.report import read_generations
 from memento_train.evaluation.runner import generator_override, load_problems, render_prompts
 from memento_train.evaluation.scripted import ScriptedEngine, memento_response
@@ -38,18 +38,30 @@ def test_defaults_are_the_embedded_default():
 
 
 def test_overrides_nested_and_coerced():
-    cfg = build_config([
-        "output_dir=o", "n=8", "k=1,4,8", "sampling.temperature=1", "sampling.max_new_tokens=64",
-        "block_masking.keep_last_n_blocks=-1", "block_masking.mask_delimiters=true", "system_prompt=yes",
-        "limit=null", "generator_kwargs.max_batch_size=16", "progress=false",
-    ])
+    cfg = build_config(
+        [
+            "output_dir=o",
+            "n=8",
+            "k=1,4,8",
+            "sampling.temperature=1",
+            "sampling.max_new_tokens=64",
+            "block_masking.keep_last_n_blocks=-1",
+            "block_masking.mask_delimiters=true",
+            "system_prompt=yes",
+            "limit=null",
+            "generator_kwargs.max_batch_size=16",
+            "progress=false",
+        ]
+    )
     assert cfg.n == 8 and cfg.ks == [1, 4, 8]
     assert cfg.sampling.temperature == 1.0 and cfg.max_new_tokens == 64
     assert cfg.block_masking.keep_last_n_blocks == -1 and cfg.block_masking.mask_delimiters is True
     assert cfg.system_prompt == "yes" and cfg.limit is None and cfg.progress is False
     assert cfg.generator_kwargs == {"max_batch_size": 16}
     with pytest.deprecated_call(match="engine_kwargs is deprecated; use generator_kwargs"):
-        assert build_config(["output_dir=o", "engine_kwargs.max_batch_size=8"]).generator_kwargs == {"max_batch_size": 8}
+        assert build_config(["output_dir=o", "engine_kwargs.max_batch_size=8"]).generator_kwargs == {
+            "max_batch_size": 8
+        }
     assert build_config(["output_dir=o", "k=[1, 2]"]).ks == [1, 2]
     assert build_config(["output_dir=o", "n=6"]).ks == [1, 2, 4, 6]
 
@@ -83,8 +95,7 @@ def test_json_recipe_top_level(tmp_path):
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["output_dir=o", "temprature=0.6"],
-         "unknown option temprature; valid options at the top level: "),
+        (["output_dir=o", "temprature=0.6"], "unknown option temprature; valid options at the top level: "),
         (["output_dir=o", "sampling.temprature=0.6"], "(did you mean sampling.temperature?)"),
         (["output_dir=o", "block_masking.keep_last=0"], "(did you mean block_masking.keep_last_n_blocks?)"),
         (["output_dir=o", "n=four"], "n must be an integer, got 'four'"),
@@ -92,7 +103,10 @@ def test_json_recipe_top_level(tmp_path):
         (["output_dir=o", "k=8"], "k must be in [1, n=4], got 8"),
         (["output_dir=o", "sampling.top_p=1.5"], "sampling.top_p must be in (0, 1]"),
         (["output_dir=o", "sampling.temperature=hot"], "sampling.temperature must be a number"),
-        (["output_dir=o", "block_masking.keep_last_n_blocks=-2"], "block_masking: keep_last_n_blocks must be an int >= -1"),
+        (
+            ["output_dir=o", "block_masking.keep_last_n_blocks=-2"],
+            "block_masking: keep_last_n_blocks must be an int >= -1",
+        ),
         (["output_dir=o", "block_masking.enable=maybe"], "block_masking.enable must be true or false"),
         (["output_dir=o", "progress=1"], "progress must be true or false, got 1"),  # was accepted before
         (["output_dir=o", "generator=hf"], "generator must be one of reference, vllm; got 'hf'"),
@@ -142,8 +156,9 @@ def test_a_training_recipe_evaluates_its_export(tmp_path, capsys, monkeypatch):
     assert rc == 2 and "evaluates that recipe's export" in err and "run `memento-train recipe=tiny_stage1` first" in err
     export = tmp_path / "runs" / "tiny" / "hf"
     export.mkdir(parents=True)
-    (export / "memento_train.json").write_text(json.dumps(
-        {"stage": 1, "block_masking": {"keep_last_n_blocks": -1, "mask_delimiters": False}}))
+    (export / "memento_train.json").write_text(
+        json.dumps({"stage": 1, "block_masking": {"keep_last_n_blocks": -1, "mask_delimiters": False}})
+    )
     cfg = build_config(["recipe=tiny_stage1", "output_dir=o"])
     assert cfg.model == str(export) and cfg.block_masking.rule().keep_last_n_blocks == -1  # the export's rule
     assert cfg.n == 4 and cfg.generator == "reference"  # the rest is tiny_eval's
@@ -164,8 +179,12 @@ def test_shipped_problem_set():
 
 def test_problem_set_errors_name_record_and_field(tmp_path, capsys):
     path = tmp_path / "p.jsonl"
-    path.write_text(json.dumps({"id": "a", "problem": "1+1?", "answer": "2"}) + "\n"
-                    + json.dumps({"id": "b", "question": "2+2?", "answer": "4"}) + "\n")
+    path.write_text(
+        json.dumps({"id": "a", "problem": "1+1?", "answer": "2"})
+        + "\n"
+        + json.dumps({"id": "b", "question": "2+2?", "answer": "4"})
+        + "\n"
+    )
     rc, _, err = run(capsys, f"problems={path}", f"output_dir={tmp_path / 'o'}", "progress=false")
     assert rc == 2
     assert "record 'b'" in err and "field 'problem'" in err and "problem_field=COLUMN" in err
@@ -220,8 +239,14 @@ def test_cli_end_to_end_with_scripted_engine(tmp_path, capsys):
     problems = load_problems(EvalConfig(output_dir="o"))
     out_dir = tmp_path / "out"
     with generator_override(_scripted_factory({p.problem: p.answer for p in problems})):
-        rc, out, err = run(capsys, f"output_dir={out_dir}", "sampling.max_new_tokens=4000", "progress=false",
-                           "kv_geometry=qwen3-8b", "batch_size=5")
+        rc, out, err = run(
+            capsys,
+            f"output_dir={out_dir}",
+            "sampling.max_new_tokens=4000",
+            "progress=false",
+            "kv_geometry=qwen3-8b",
+            "batch_size=5",
+        )
     assert rc == 0, err
     for name in ("generations.jsonl", "summary.json", "summary.md", "kv_sawtooth.png"):
         assert (out_dir / name).is_file(), name
@@ -229,8 +254,18 @@ def test_cli_end_to_end_with_scripted_engine(tmp_path, capsys):
 
     gens = read_generations(out_dir / "generations.jsonl")
     assert len(gens) == 4 * len(problems)
-    keys = {"problem_id", "sample_index", "response", "num_tokens", "answer", "correct", "peak_kv", "kv_auc",
-            "num_blocks", "finish_reason"}
+    keys = {
+        "problem_id",
+        "sample_index",
+        "response",
+        "num_tokens",
+        "answer",
+        "correct",
+        "peak_kv",
+        "kv_auc",
+        "num_blocks",
+        "finish_reason",
+    }
     assert keys <= set(gens[0])
     by = {(g["problem_id"], g["sample_index"]): g for g in gens}
     p0 = problems[0].id
@@ -260,8 +295,16 @@ def test_cli_end_to_end_with_scripted_engine(tmp_path, capsys):
 def test_cli_no_eviction_reports_ratio_one(tmp_path, capsys):
     problems = load_problems(EvalConfig(output_dir="o", limit=2))
     with generator_override(_scripted_factory({p.problem: p.answer for p in problems})):
-        rc, _, err = run(capsys, f"output_dir={tmp_path}", "limit=2", "n=2", "sampling.max_new_tokens=4000",
-                         "block_masking.enable=false", "progress=false", "plot_samples=0")
+        rc, _, err = run(
+            capsys,
+            f"output_dir={tmp_path}",
+            "limit=2",
+            "n=2",
+            "sampling.max_new_tokens=4000",
+            "block_masking.enable=false",
+            "progress=false",
+            "plot_samples=0",
+        )
     assert rc == 0, err
     m = json.loads((tmp_path / "summary.json").read_text())["metrics"]
     assert m["peak_kv_vs_no_evict"] == pytest.approx(1.0) and m["kv_auc_vs_no_evict"] == pytest.approx(1.0)
@@ -315,8 +358,8 @@ def test_console_script_entry_point():
 def test_scripted_engine_matches_reference_engine_bookkeeping():
     """The fake's kinds / kv_trace convention is the real engine's (teacher-forcing a memento response)."""
     ref = _reference()
-    from memento_train.models import build_tiny_model
     from memento_train.generation.engine import BlockMaskingConfig, SamplingParams
+    from memento_train.models import build_tiny_model
 
     tok = load_shipped_tokenizer()
     [prompt] = render_prompts(tok, load_problems(EvalConfig(output_dir="o", limit=1)))
@@ -358,17 +401,29 @@ def test_vllm_engine_wiring_with_fake_llm(tmp_path, capsys):
             built["sampling"] = sampling_params
             n = sampling_params["n"]
             completion = lambda j: SimpleNamespace(  # noqa: E731
-                index=j, token_ids=list(response_ids), finish_reason="stop",
+                index=j,
+                token_ids=list(response_ids),
+                finish_reason="stop",
                 logprobs=[{t: SimpleNamespace(logprob=-0.1)} for t in response_ids],
             )
-            return [SimpleNamespace(prompt_token_ids=p["prompt_token_ids"], outputs=[completion(j) for j in range(n)])
-                    for p in prompts]
+            return [
+                SimpleNamespace(prompt_token_ids=p["prompt_token_ids"], outputs=[completion(j) for j in range(n)])
+                for p in prompts
+            ]
 
-    cfg = from_dict({
-        "engine": "vllm", "model": str(ckpt), "output_dir": str(tmp_path / "out"), "limit": 2, "n": 2,
-        "progress": False, "plot_samples": 1, "block_masking": {"keep_last_n_blocks": 1},
-        "generator_kwargs": {"llm_factory": FakeLLM, "sampling_params_factory": dict},
-    })
+    cfg = from_dict(
+        {
+            "engine": "vllm",
+            "model": str(ckpt),
+            "output_dir": str(tmp_path / "out"),
+            "limit": 2,
+            "n": 2,
+            "progress": False,
+            "plot_samples": 1,
+            "block_masking": {"keep_last_n_blocks": 1},
+            "generator_kwargs": {"llm_factory": FakeLLM, "sampling_params_factory": dict},
+        }
+    )
     assert cfg.generator == "vllm"  # `engine` is the deprecated name of the key
     outcome = run_eval(cfg.validate())
     kw = built["kwargs"]

@@ -116,10 +116,24 @@ def test_kv_cost_from_config_and_geometry():
 # -- aggregation -------------------------------------------------------------------------------------
 def _sample(pid, i, *, correct, cls, trace, blocks=0, block_tok=0, summary_tok=0, finish="stop", answer="1"):
     return SampleResult(
-        problem_id=pid, sample_index=i, response="", num_tokens=len(trace), prompt_tokens=trace[0], gold="1",
-        answer=answer, correct=correct, peak_kv=max(trace), kv_auc=sum(trace), num_blocks=blocks,
-        block_tokens=block_tok, summary_tokens=summary_tok, finish_reason=finish, answer_class=cls, kv_trace=trace,
-        summarized_block_tokens=block_tok, summarized_summary_tokens=summary_tok,
+        problem_id=pid,
+        sample_index=i,
+        response="",
+        num_tokens=len(trace),
+        prompt_tokens=trace[0],
+        gold="1",
+        answer=answer,
+        correct=correct,
+        peak_kv=max(trace),
+        kv_auc=sum(trace),
+        num_blocks=blocks,
+        block_tokens=block_tok,
+        summary_tokens=summary_tok,
+        finish_reason=finish,
+        answer_class=cls,
+        kv_trace=trace,
+        summarized_block_tokens=block_tok,
+        summarized_summary_tokens=summary_tok,
     )
 
 
@@ -189,7 +203,9 @@ def test_scripted_engine_sawtooth_and_counts(tok):
     kinds = np.asarray(res.kinds)
     toks = np.asarray(res.token_ids)
     # Content tokens between the delimiters, counted independently of the parser's kinds.
-    text_blocks = [tok(" ".join(f"step{b}w{w}" for w in range(20)), add_special_tokens=False)["input_ids"] for b in range(3)]
+    text_blocks = [
+        tok(" ".join(f"step{b}w{w}" for w in range(20)), add_special_tokens=False)["input_ids"] for b in range(3)
+    ]
     assert res.tokens_of(Kind.BLOCK) == sum(len(t) for t in text_blocks)
     assert res.tokens_of(Kind.SUMMARY) > 0
     assert (kinds[toks == ids["<|summary_end|>"]] == Kind.SUMMARY_DELIM).all()
@@ -226,8 +242,9 @@ def test_metrics_from_scripted_generations(tok):
     engine = ScriptedEngine(tok, lambda p, i: memento_response(blocks_of[i], str(i), block_words=40, summary_words=5))
     results = engine.generate([_prompt(tok)], SamplingParams(max_new_tokens=5000, n=4))[0]
     samples = [
-        SampleResult.from_generation(r, problem_id="p", sample_index=i, response="", gold="0", answer=str(i),
-                                     correct=i == 0, answer_class=i)
+        SampleResult.from_generation(
+            r, problem_id="p", sample_index=i, response="", gold="0", answer=str(i), correct=i == 0, answer_class=i
+        )
         for i, r in enumerate(results)
     ]
     m = summarize(samples, [1, 4], KVCost.from_geometry(KV_GEOMETRY["qwen3-8b"]))
@@ -260,9 +277,14 @@ def test_compression_counts_complete_blocks_only(tok):
     assert part.tokens_of(Kind.BLOCK) > blocks > 0
     assert summaries == part.tokens_of(Kind.SUMMARY)
     assert blocks * 3 == done.tokens_of(Kind.BLOCK) * 2  # equal-length blocks
-    samples = [SampleResult.from_generation(r, problem_id="p", sample_index=i, response="", gold="1", answer=None,
-                                            correct=False, special=special) for i, r in enumerate([done, part])]
+    samples = [
+        SampleResult.from_generation(
+            r, problem_id="p", sample_index=i, response="", gold="1", answer=None, correct=False, special=special
+        )
+        for i, r in enumerate([done, part])
+    ]
     m = summarize(samples, [1], None)
     assert m["compression_summary_per_block"] == pytest.approx(
-        (done.tokens_of(Kind.SUMMARY) + summaries) / (done.tokens_of(Kind.BLOCK) + blocks))
+        (done.tokens_of(Kind.SUMMARY) + summaries) / (done.tokens_of(Kind.BLOCK) + blocks)
+    )
     assert m["block_tokens_total"] == done.tokens_of(Kind.BLOCK) + part.tokens_of(Kind.BLOCK)

@@ -73,7 +73,9 @@ def test_majority_answer_groups_equivalent_answers():
 
 
 def test_equivalence_classes_from_responses():
-    answers = [parse_response(t) for t in (r"\boxed{0.5}", r"\boxed{2}", "none", r"\boxed{\frac{1}{2}}", r"\boxed{4/2}")]
+    answers = [
+        parse_response(t) for t in (r"\boxed{0.5}", r"\boxed{2}", "none", r"\boxed{\frac{1}{2}}", r"\boxed{4/2}")
+    ]
     assert equivalence_classes(answers) == [0, 1, None, 0, 1]
 
 
@@ -120,9 +122,11 @@ def test_eval_counts_unfinished_and_truncated_responses_wrong_by_default():
         ids = tok(text, add_special_tokens=False)["input_ids"]
         return GenerationResult([1], ids, [0.0] * len(ids), [0] * len(ids), [1] * len(ids), finish)
 
-    results = [result("<think>So x = 42 maybe, wait", "length"),
-               result("<think>x = 42</think> \\boxed{42}", "length"),
-               result("<think>x = 42</think> \\boxed{42}<|im_end|>", "stop")]
+    results = [
+        result("<think>So x = 42 maybe, wait", "length"),
+        result("<think>x = 42</think> \\boxed{42}", "length"),
+        result("<think>x = 42</think> \\boxed{42}<|im_end|>", "stop"),
+    ]
     problem = Problem("p", "What is 6 * 7?", "42")
     strict = score_problem(problem, results, tok)
     assert [s.correct for s in strict] == [False, False, True] and strict[0].answer is None

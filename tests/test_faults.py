@@ -9,11 +9,11 @@ import signal
 import pytest
 
 from memento_train.cluster.stack_dumps import innermost_collective
+from memento_train.config.errors import ConfigError
 from memento_train.faults.config import FaultsConfig
-from memento_train.faults.preemption import EXIT_PREEMPTED, PreemptionGuard, Preempted
+from memento_train.faults.preemption import EXIT_PREEMPTED, Preempted, PreemptionGuard
 from memento_train.faults.secrets import REDACTED, redact_config, scrub, secret_values
 from memento_train.faults.watchdog import StepWatchdog, describe_stacks
-from memento_train.config.errors import ConfigError
 
 SITE = "/usr/lib/python3.11/site-packages"
 # What faulthandler writes for a Ray actor blocked in FSDP's all-gather: helper threads first, the
@@ -50,8 +50,10 @@ RuntimeError: [gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms
 
 
 def test_the_collective_is_named_from_a_stack_dump_or_a_traceback():
-    assert str(innermost_collective(BLOCKED_IN_ALL_GATHER)) == \
-        "all_gather_single (torch/distributed/distributed_c10d.py:4394)"
+    assert (
+        str(innermost_collective(BLOCKED_IN_ALL_GATHER))
+        == "all_gather_single (torch/distributed/distributed_c10d.py:4394)"
+    )
     assert str(innermost_collective(GLOO_TIMEOUT)) == "all_reduce (torch/distributed/distributed_c10d.py:3252)"
     assert innermost_collective(SLEEPING) is None
     assert describe_stacks({0: BLOCKED_IN_ALL_GATHER, 1: SLEEPING}).splitlines() == [
@@ -73,8 +75,16 @@ def test_the_watchdog_arms_after_warmup_at_a_multiple_of_the_median_with_a_floor
     assert StepWatchdog(factor=0, min_s=0, warmup_steps=0).deadline() is None
 
 
-@pytest.mark.parametrize("option, value", [("watchdog_factor", 0.5), ("max_restarts", -1), ("on_hang", "panic"),
-                                           ("inject_hang_at_step", 0), ("watchdog_min_s", float("nan"))])
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("watchdog_factor", 0.5),
+        ("max_restarts", -1),
+        ("on_hang", "panic"),
+        ("inject_hang_at_step", 0),
+        ("watchdog_min_s", float("nan")),
+    ],
+)
 def test_faults_config_names_the_bad_option(option, value):
     with pytest.raises(ConfigError, match=f"faults.{option}"):
         FaultsConfig(**{option: value}).validate()
@@ -103,9 +113,14 @@ def test_the_guard_turns_a_signal_into_a_request_and_restores_the_previous_handl
 def test_secret_env_values_are_redacted_and_scrubbed(monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
     monkeypatch.setenv("MY_SHARED_VALUE", "from-the-driver-env")
-    tree = {"output_dir": "/x", "cluster": {"env": {"HF_TOKEN": "hf_secret123", "MY_SHARED_VALUE": "plain-but-marked",
-                                                    "NCCL_DEBUG": "INFO"}, "secret_env": ["MY_SHARED_VALUE"]},
-            "rollout_cluster": {"env": {"AWS_SECRET_ACCESS_KEY": "aws123456"}}}
+    tree = {
+        "output_dir": "/x",
+        "cluster": {
+            "env": {"HF_TOKEN": "hf_secret123", "MY_SHARED_VALUE": "plain-but-marked", "NCCL_DEBUG": "INFO"},
+            "secret_env": ["MY_SHARED_VALUE"],
+        },
+        "rollout_cluster": {"env": {"AWS_SECRET_ACCESS_KEY": "aws123456"}},
+    }
     red = redact_config(tree)
     assert red["cluster"]["env"] == {"HF_TOKEN": REDACTED, "MY_SHARED_VALUE": REDACTED, "NCCL_DEBUG": "INFO"}
     assert red["rollout_cluster"]["env"] == {"AWS_SECRET_ACCESS_KEY": REDACTED}
@@ -120,7 +135,9 @@ def test_secret_env_names_are_forwarded_from_the_driver_environment(monkeypatch)
 
     monkeypatch.setenv("HF_TOKEN", "from-env")
     monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
-    cfg = ClusterConfig(env={"A": "1", "HF_TOKEN": "from-config"}, secret_env=["HF_TOKEN", "NOT_SET_ANYWHERE"]).validate()
+    cfg = ClusterConfig(
+        env={"A": "1", "HF_TOKEN": "from-config"}, secret_env=["HF_TOKEN", "NOT_SET_ANYWHERE"]
+    ).validate()
     assert cfg.worker_env() == {"A": "1", "HF_TOKEN": "from-config"}  # the config's value wins when given
     assert ClusterConfig(secret_env=["HF_TOKEN"]).worker_env() == {"HF_TOKEN": "from-env"}
     with pytest.raises(ConfigError, match="cluster.env.X: expected a string") as err:

@@ -58,8 +58,10 @@ def condensed_traces() -> list[tuple[list[int], list[int]]]:
 
 
 TRACES = condensed_traces()
-CHAT_PROMPT = TOK(TOK.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], tokenize=False,
-                                          add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+CHAT_PROMPT = TOK(
+    TOK.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], tokenize=False, add_generation_prompt=True),
+    add_special_tokens=False,
+)["input_ids"]
 
 
 def prefix_cut(response: list[int]) -> int:
@@ -71,10 +73,13 @@ def requests_for(traces, *, sample_tokens: int, n: int) -> list[SequenceRequest]
     reqs = [SequenceRequest(p, r, max_new_tokens=len(r), prompt_index=i) for i, (p, r) in enumerate(traces)]
     for i, (p, r) in enumerate(traces):
         cut = prefix_cut(r)
-        reqs += [SequenceRequest(p, r[:cut], max_new_tokens=cut + sample_tokens, prompt_index=i, sample_index=s)
-                 for s in range(n)]
-    reqs += [SequenceRequest(CHAT_PROMPT, (), max_new_tokens=sample_tokens, prompt_index=9, sample_index=s)
-             for s in range(n)]
+        reqs += [
+            SequenceRequest(p, r[:cut], max_new_tokens=cut + sample_tokens, prompt_index=i, sample_index=s)
+            for s in range(n)
+        ]
+    reqs += [
+        SequenceRequest(CHAT_PROMPT, (), max_new_tokens=sample_tokens, prompt_index=9, sample_index=s) for s in range(n)
+    ]
     return reqs
 
 
@@ -107,8 +112,9 @@ def packed_logprobs(model, results, mask_config, temperature: float = 1.0, *, ev
 
 
 def max_diff(results, reference) -> float:
-    return max((torch.tensor(r.logprobs, dtype=torch.float64) - ref).abs().max().item()
-               for r, ref in zip(results, reference))
+    return max(
+        (torch.tensor(r.logprobs, dtype=torch.float64) - ref).abs().max().item() for r, ref in zip(results, reference)
+    )
 
 
 def peaked_lm(make_tiny_lm, family: str, dtype: torch.dtype):
@@ -130,18 +136,23 @@ def test_generator_logprobs_equal_packed_training_forward(family_model, keep_las
     cfg = bm.rule()
     # 1) temperature 1: teacher-forced real traces, samples after a structured prefix, plain samples.
     plain = ReferenceGenerator(model, TOK, bm).run(
-        requests_for(TRACES, sample_tokens=24, n=2), SamplingParams(temperature=1.0, seed=7))
+        requests_for(TRACES, sample_tokens=24, n=2), SamplingParams(temperature=1.0, seed=7)
+    )
     # 2) truncated sampling (top-k/top-p/min-p, T=0.8) with a block-length cap: log-probs stay pre-truncation.
-    capped_bm = BlockMaskingConfig(keep_last_n_blocks=keep_last_n_blocks, mask_delimiters=FAMILIES[family],
-                                   max_block_tokens=12)
+    capped_bm = BlockMaskingConfig(
+        keep_last_n_blocks=keep_last_n_blocks, mask_delimiters=FAMILIES[family], max_block_tokens=12
+    )
     params = SamplingParams(temperature=0.8, top_p=0.7, top_k=64, min_p=0.01, seed=11)
-    capped = ReferenceGenerator(model, TOK, capped_bm).run(requests_for(TRACES, sample_tokens=16, n=1)[len(TRACES):],
-                                                           params)
+    capped = ReferenceGenerator(model, TOK, capped_bm).run(
+        requests_for(TRACES, sample_tokens=16, n=1)[len(TRACES) :], params
+    )
 
     worst_plain = max_diff(plain, packed_logprobs(model, plain, cfg))
     worst_capped = max_diff(capped, packed_logprobs(model, capped, cfg, temperature=0.8))
-    print(f"\nGEN-PARITY {family} float64 N={keep_last_n_blocks}: T=1 max|Δlogprob|={worst_plain:.3e}, "
-          f"top-p/k/min-p T=0.8 max|Δlogprob|={worst_capped:.3e}")
+    print(
+        f"\nGEN-PARITY {family} float64 N={keep_last_n_blocks}: T=1 max|Δlogprob|={worst_plain:.3e}, "
+        f"top-p/k/min-p T=0.8 max|Δlogprob|={worst_capped:.3e}"
+    )
     record_property("max_abs_diff_logprob", max(worst_plain, worst_capped))
     assert worst_plain < TOL64 and worst_capped < TOL64
 
@@ -153,7 +164,7 @@ def test_generator_logprobs_equal_packed_training_forward(family_model, keep_las
     assert max_diff(plain[: len(TRACES)], no_evict[: len(TRACES)]) > 1e-3
     # The cap fired inside the third block and its <|block_end|> carries the model's log-prob.
     for r in capped[: len(TRACES)]:
-        assert r.forced_block_ends >= 1 and BE in r.token_ids[r.extra["num_forced"]:]
+        assert r.forced_block_ends >= 1 and BE in r.token_ids[r.extra["num_forced"] :]
     # Sampling really sampled after the prefix (tokens differ between the two samples of a prompt).
     for i in range(len(TRACES)):
         a, b = plain[len(TRACES) + 2 * i], plain[len(TRACES) + 2 * i + 1]
@@ -167,7 +178,7 @@ def test_batched_equals_alone(make_tiny_lm):
     prefill cut into chunks of 37 tokens (the prompts are 81-550 tokens long)."""
     model = peaked_lm(make_tiny_lm, "qwen3", torch.float64)
     bm = BlockMaskingConfig(keep_last_n_blocks=1, max_block_tokens=10)
-    reqs = requests_for(TRACES, sample_tokens=12, n=2)[len(TRACES):]
+    reqs = requests_for(TRACES, sample_tokens=12, n=2)[len(TRACES) :]
     for k, r in enumerate(reqs):  # staggered budgets: rows finish at different steps
         r.max_new_tokens += 3 * k
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=3)
@@ -186,8 +197,9 @@ def test_low_precision_parity_for_information(make_tiny_lm, family, dtype, bound
     """Same comparison in float32 / bfloat16 (N=0): loose bounds; the numbers are recorded."""
     model = peaked_lm(make_tiny_lm, family, dtype)
     bm = BlockMaskingConfig(keep_last_n_blocks=0, mask_delimiters=FAMILIES[family])
-    results = ReferenceGenerator(model, TOK, bm).run(requests_for(TRACES, sample_tokens=16, n=1),
-                                                     SamplingParams(temperature=1.0, seed=5))
+    results = ReferenceGenerator(model, TOK, bm).run(
+        requests_for(TRACES, sample_tokens=16, n=1), SamplingParams(temperature=1.0, seed=5)
+    )
     worst = max_diff(results, packed_logprobs(model, results, bm.rule()))
     record_property("max_abs_diff_logprob", worst)
     print(f"\nGEN-PARITY {family} {str(dtype)[6:]} N=0: max|Δlogprob|={worst:.3e}")

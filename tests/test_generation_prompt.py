@@ -10,8 +10,8 @@ import pytest
 from memento_train.data.render import Renderer
 from memento_train.evaluation.runner import Problem, render_prompts
 from memento_train.generation.prompt import generation_prompt_ids, generation_prompt_text
-from memento_train.rl.driver import encode_prompts
 from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
+from memento_train.rl.driver import encode_prompts
 
 PROBLEM = "Compute $3 + 4 \\cdot 5$ (mod 10)."
 # A Qwen3-style template: the generation prompt may differ from the plain ChatML one (here it opens an
@@ -29,10 +29,16 @@ def vllm_chat_prompt_ids(tokenizer, problem: str, system_prompt: str | None) -> 
     pytest.importorskip("vllm")
     from vllm.renderers.hf import safe_apply_chat_template
 
-    stub = SimpleNamespace(tokenizer_revision=None, code_revision=None, trust_remote_code=False,
-                           tokenizer=tokenizer.name_or_path, model=tokenizer.name_or_path)
+    stub = SimpleNamespace(
+        tokenizer_revision=None,
+        code_revision=None,
+        trust_remote_code=False,
+        tokenizer=tokenizer.name_or_path,
+        model=tokenizer.name_or_path,
+    )
     messages = ([] if system_prompt is None else [{"role": "system", "content": system_prompt}]) + [
-        {"role": "user", "content": problem}]
+        {"role": "user", "content": problem}
+    ]
     return list(safe_apply_chat_template(stub, tokenizer, messages, tokenize=True, add_generation_prompt=True))
 
 
@@ -49,7 +55,10 @@ def test_rl_eval_renderer_and_vllm_render_the_same_prompt_ids(tmp_path, template
     ids = generation_prompt_ids(tok, PROBLEM, system_prompt)
     serving = served.apply_chat_template(
         ([] if system_prompt is None else [{"role": "system", "content": system_prompt}])
-        + [{"role": "user", "content": PROBLEM}], tokenize=False, add_generation_prompt=True)
+        + [{"role": "user", "content": PROBLEM}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     assert generation_prompt_text(tok, PROBLEM, system_prompt) == serving  # byte-identical text
     assert tok.decode(ids, skip_special_tokens=False) == serving and serving.endswith("<|im_start|>assistant\n")
 

@@ -35,15 +35,51 @@ IDS = special_token_ids(TOK)
 BS, BE, SS, SE = (IDS[t] for t in ("<|block_start|>", "<|block_end|>", "<|summary_start|>", "<|summary_end|>"))
 THINK, ETHINK, IM_END = IDS["<think>"], IDS["</think>"], IDS["<|im_end|>"]
 NL = TOK.encode("\n", add_special_tokens=False)[0]
-W = TOK.encode(" the cat sat on a mat and then it ran to the big red barn where a dog slept all day long "
-               "while the sun shone over fields of corn and wheat", add_special_tokens=False)
-PROMPT = TOK(TOK.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], tokenize=False,
-                                     add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-PROMPT2 = TOK(TOK.apply_chat_template([{"role": "user", "content": "Name a colour."}], tokenize=False,
-                                      add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+W = TOK.encode(
+    " the cat sat on a mat and then it ran to the big red barn where a dog slept all day long "
+    "while the sun shone over fields of corn and wheat",
+    add_special_tokens=False,
+)
+PROMPT = TOK(
+    TOK.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], tokenize=False, add_generation_prompt=True),
+    add_special_tokens=False,
+)["input_ids"]
+PROMPT2 = TOK(
+    TOK.apply_chat_template(
+        [{"role": "user", "content": "Name a colour."}], tokenize=False, add_generation_prompt=True
+    ),
+    add_special_tokens=False,
+)["input_ids"]
 # Three blocks with summaries, then the answer.
-MEMENTO = [THINK, NL, BS, *W[:30], BE, SS, *W[:6], SE, NL, BS, *W[3:28], BE, NL, SS, *W[:5], SE, NL,
-           BS, *W[5:25], BE, SS, *W[1:5], SE, NL, ETHINK, *W[:4], IM_END]
+MEMENTO = [
+    THINK,
+    NL,
+    BS,
+    *W[:30],
+    BE,
+    SS,
+    *W[:6],
+    SE,
+    NL,
+    BS,
+    *W[3:28],
+    BE,
+    NL,
+    SS,
+    *W[:5],
+    SE,
+    NL,
+    BS,
+    *W[5:25],
+    BE,
+    SS,
+    *W[1:5],
+    SE,
+    NL,
+    ETHINK,
+    *W[:4],
+    IM_END,
+]
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +96,15 @@ def gen_for(model, **bm) -> ReferenceGenerator:
 
 # -- sampling ------------------------------------------------------------------------------------
 def test_sampling_params_validation():
-    for bad, word in [(dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-1), "temperature"),
-                      (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
-                      (dict(min_p=1.0), "min_p"), (dict(n=0), "n")]:
+    for bad, word in [
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(temperature=-1), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(min_p=1.0), "min_p"),
+        (dict(n=0), "n"),
+    ]:
         with pytest.raises(ValueError, match=word):
             SamplingParams(**bad)
     assert SamplingParams(temperature=0).greedy and not SamplingParams().greedy
@@ -253,8 +295,10 @@ def test_live_kv_storage_drops_after_summary_end(model):
         # exactly the evicted entries were released (the new token's entry is the + bpt)
         assert storage[i] - storage[i + 1] == r.kv_bytes[i] - r.kv_bytes[i + 1] + bpt
         assert 0 <= storage[i + 1] - r.kv_bytes[i + 1] < 64 * bpt  # live entries + fewer than `growth` spares
-    assert max(storage) < gen_for(model, keep_last_n_blocks=-1).teacher_force([PROMPT], [MEMENTO])[0].extra[
-        "cache_storage_bytes"][-1]
+    assert (
+        max(storage)
+        < gen_for(model, keep_last_n_blocks=-1).teacher_force([PROMPT], [MEMENTO])[0].extra["cache_storage_bytes"][-1]
+    )
 
 
 def test_enable_false_never_evicts_and_equals_plain_causal_forward(model):
@@ -290,7 +334,7 @@ def test_batched_cache_evicts_compacts_selects_and_extends():
     assert mask[1, 0, :3].all() and not mask[1, 0, 3:].any()  # padding queries see the row's valid keys
     feed([[11], [8]])
     before = cache.nbytes()
-    layer_storage = sum(x.untyped_storage().nbytes() for l in cache.layers for x in (l.keys, l.values))
+    layer_storage = sum(x.untyped_storage().nbytes() for layer in cache.layers for x in (layer.keys, layer.values))
     assert before == layer_storage == 2 * 2 * 2 * 2 * cache.capacity * 3 * 8  # layers, K+V, rows, heads
     row0 = cache.layers[0].keys[0].clone()
     cache.evict(0, 1, 5)  # positions 1..4 of row 0

@@ -42,13 +42,29 @@ PROMPT = TOK.encode(
 # Two blocks with summaries, then the answer: evictions at each <|summary_end|> with keep_last_n_blocks=0.
 MEMENTO = [THINK, NL, BS, *W[:6], BE, SS, *W[:2], SE, NL, BS, *W[:5], BE, SS, *W[:3], SE, NL, ETHINK, *W[:2], IM_END]
 TRUNCATED = [THINK, NL, BS, *W[:7]]  # open block, cut by max_tokens
-MULTI_TURN = TOK.encode(TOK.apply_chat_template([
-    {"role": "user", "content": "What is 2+3?"},
-    {"role": "assistant", "content": "<think><|block_start|>two and three<|block_end|><|summary_start|>5"
-                                     "<|summary_end|></think>5"},
-    {"role": "user", "content": "And 2+4?"}], add_generation_prompt=True, tokenize=False), add_special_tokens=False)
-OVERLAY_KEYS = {"enable", "keep_last_n_blocks", "mask_delimiters", "compact_on_summary_end",
-                "keep_last_block_for_answer", "max_block_tokens"}
+MULTI_TURN = TOK.encode(
+    TOK.apply_chat_template(
+        [
+            {"role": "user", "content": "What is 2+3?"},
+            {
+                "role": "assistant",
+                "content": "<think><|block_start|>two and three<|block_end|><|summary_start|>5<|summary_end|></think>5",
+            },
+            {"role": "user", "content": "And 2+4?"},
+        ],
+        add_generation_prompt=True,
+        tokenize=False,
+    ),
+    add_special_tokens=False,
+)
+OVERLAY_KEYS = {
+    "enable",
+    "keep_last_n_blocks",
+    "mask_delimiters",
+    "compact_on_summary_end",
+    "keep_last_block_for_answer",
+    "max_block_tokens",
+}
 
 
 @dataclass
@@ -76,8 +92,10 @@ class RequestOutput:
 
 def canned_logprobs(token_ids):
     """Sampled token at -(i+1)/10, plus a decoy entry the adapter must not pick."""
-    return [{tok: Logprob(-(i + 1) / 10, rank=2), (tok + 1) % 2048: Logprob(-0.01, rank=1)}
-            for i, tok in enumerate(token_ids)]
+    return [
+        {tok: Logprob(-(i + 1) / 10, rank=2), (tok + 1) % 2048: Logprob(-0.01, rank=1)}
+        for i, tok in enumerate(token_ids)
+    ]
 
 
 class FakeLLM:
@@ -99,8 +117,11 @@ class FakeLLM:
             comps = []
             for j in range(n):
                 ids, reason = self.script[j % len(self.script)]
-                comps.append(CompletionOutput(j, list(ids), canned_logprobs(ids), reason,
-                                              stop_reason=IM_END if reason == "stop" else None))
+                comps.append(
+                    CompletionOutput(
+                        j, list(ids), canned_logprobs(ids), reason, stop_reason=IM_END if reason == "stop" else None
+                    )
+                )
             outs.append(RequestOutput(list(p["prompt_token_ids"]), comps[::-1]))  # order by .index
         return outs
 
@@ -112,15 +133,13 @@ class FakeSamplingParams:
 
 def make_engine(cfg=None, **kw) -> VLLMEngine:
     cfg = cfg or BlockMaskingConfig(keep_last_n_blocks=0, mask_delimiters=False)
-    return VLLMEngine("/models/memento", cfg, llm_factory=FakeLLM,
-                      sampling_params_factory=FakeSamplingParams, **kw)
+    return VLLMEngine("/models/memento", cfg, llm_factory=FakeLLM, sampling_params_factory=FakeSamplingParams, **kw)
 
 
 # -- construction ------------------------------------------------------------------------------
 def test_llm_built_with_overlay_settings():
     cfg = BlockMaskingConfig(keep_last_n_blocks=1, mask_delimiters=True, keep_last_block_for_answer=False)
-    engine = make_engine(cfg, seed=7, max_model_len=4096, dtype="float16", tensor_parallel_size=2,
-                         enforce_eager=True)
+    engine = make_engine(cfg, seed=7, max_model_len=4096, dtype="float16", tensor_parallel_size=2, enforce_eager=True)
     kw = engine.llm.kwargs
     assert isinstance(engine, GenerationEngine)
     assert kw["model"] == "/models/memento" and kw["seed"] == 7 and kw["max_model_len"] == 4096
@@ -129,8 +148,14 @@ def test_llm_built_with_overlay_settings():
     assert kw["logprobs_mode"] == "raw_logprobs"
     bm = kw["block_masking_config"]
     assert isinstance(bm, dict) and set(bm) == OVERLAY_KEYS
-    assert bm == {"enable": True, "keep_last_n_blocks": 1, "mask_delimiters": True, "compact_on_summary_end": True,
-                  "keep_last_block_for_answer": False, "max_block_tokens": 0}  # None -> overlay's 0 (no cap)
+    assert bm == {
+        "enable": True,
+        "keep_last_n_blocks": 1,
+        "mask_delimiters": True,
+        "compact_on_summary_end": True,
+        "keep_last_block_for_answer": False,
+        "max_block_tokens": 0,
+    }  # None -> overlay's 0 (no cap)
     assert "async_scheduling" not in kw and "tokenizer" not in kw
     assert engine.special == SPECIAL  # ids came from llm.get_tokenizer()
 
@@ -152,13 +177,22 @@ def test_dtype_auto_serves_the_checkpoint_dtype_not_vllms_half_precision(tmp_pat
     import json
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3", "dtype": "float32"}))
-    engine = VLLMEngine(tmp_path, BlockMaskingConfig(), dtype="auto", llm_factory=FakeLLM,
-                        sampling_params_factory=FakeSamplingParams)
+    engine = VLLMEngine(
+        tmp_path, BlockMaskingConfig(), dtype="auto", llm_factory=FakeLLM, sampling_params_factory=FakeSamplingParams
+    )
     assert engine.llm.kwargs["dtype"] == "float32"
     (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))  # transformers 4 key
     assert make_engine(dtype="auto").llm.kwargs["dtype"] == "auto"  # no config.json: vLLM decides
-    assert VLLMEngine(tmp_path, BlockMaskingConfig(), dtype="auto", llm_factory=FakeLLM,
-                      sampling_params_factory=FakeSamplingParams).llm.kwargs["dtype"] == "bfloat16"
+    assert (
+        VLLMEngine(
+            tmp_path,
+            BlockMaskingConfig(),
+            dtype="auto",
+            llm_factory=FakeLLM,
+            sampling_params_factory=FakeSamplingParams,
+        ).llm.kwargs["dtype"]
+        == "bfloat16"
+    )
 
 
 def test_prefix_caching_and_bad_logprobs_mode_refused():
@@ -175,13 +209,25 @@ def test_prefix_caching_and_bad_logprobs_mode_refused():
 @pytest.mark.parametrize("top_k,expected", [(0, -1), (20, 20)])
 def test_sampling_params_mapping(top_k, expected):
     engine = make_engine()
-    params = SamplingParams(max_new_tokens=99, temperature=1.0, top_p=0.9, top_k=top_k, min_p=0.05, n=3,
-                            seed=11, stop_token_ids=(IM_END, 5))
+    params = SamplingParams(
+        max_new_tokens=99, temperature=1.0, top_p=0.9, top_k=top_k, min_p=0.05, n=3, seed=11, stop_token_ids=(IM_END, 5)
+    )
     engine.generate([PROMPT], params)
     prompts, sp, use_tqdm = engine.llm.calls[-1]
     assert prompts == [{"prompt_token_ids": PROMPT}] and use_tqdm is False
-    assert sp.kwargs == dict(n=3, temperature=1.0, top_p=0.9, top_k=expected, min_p=0.05, seed=11, max_tokens=99,
-                             stop_token_ids=[IM_END, 5], ignore_eos=True, logprobs=1, skip_special_tokens=False)
+    assert sp.kwargs == dict(
+        n=3,
+        temperature=1.0,
+        top_p=0.9,
+        top_k=expected,
+        min_p=0.05,
+        seed=11,
+        max_tokens=99,
+        stop_token_ids=[IM_END, 5],
+        ignore_eos=True,
+        logprobs=1,
+        skip_special_tokens=False,
+    )
 
 
 def test_default_stop_is_the_tokenizer_eos():
@@ -196,10 +242,16 @@ def test_default_stop_is_the_tokenizer_eos():
 
 
 # -- results -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("cfg", [BlockMaskingConfig(keep_last_n_blocks=0),
-                                 BlockMaskingConfig(keep_last_n_blocks=1, mask_delimiters=True),
-                                 BlockMaskingConfig(keep_last_block_for_answer=True),
-                                 BlockMaskingConfig(enable=False)], ids=["N0", "N1-delims", "kl4a", "off"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        BlockMaskingConfig(keep_last_n_blocks=0),
+        BlockMaskingConfig(keep_last_n_blocks=1, mask_delimiters=True),
+        BlockMaskingConfig(keep_last_block_for_answer=True),
+        BlockMaskingConfig(enable=False),
+    ],
+    ids=["N0", "N1-delims", "kl4a", "off"],
+)
 def test_results_follow_the_parser(cfg):
     engine = make_engine(cfg)
     prompt2 = MULTI_TURN  # a complete block of an earlier turn is tracked (pending), never evicted in the prompt
@@ -211,7 +263,7 @@ def test_results_follow_the_parser(cfg):
             assert res.prompt_ids == prompt and res.token_ids == ids and res.finish_reason == reason
             np.testing.assert_allclose(res.logprobs, [-(i + 1) / 10 for i in range(len(ids))])
             p = parse(prompt + ids, IDS, cfg.rule(), prompt_len=len(prompt))
-            assert res.kinds == p.kinds[len(prompt):].tolist()
+            assert res.kinds == p.kinds[len(prompt) :].tolist()
             live = live_kv_trace(p.kill_row)
             assert res.kv_trace == live[len(prompt) - 1 : len(prompt) - 1 + len(ids)].tolist()
             assert res.kv_trace[0] == len(prompt)  # token 0 comes from the full, untouched prompt
@@ -261,18 +313,40 @@ def test_forced_block_ends_replayed_or_reported():
     engine = make_engine(BlockMaskingConfig(max_block_tokens=cap))
     engine.llm.script = [(resp, "length")]
     assert engine.generate([PROMPT], SamplingParams())[0][0].forced_block_ends == 2
-    engine.llm.generate = lambda *a, **k: [RequestOutput(PROMPT, [SimpleNamespace(
-        index=0, token_ids=resp, logprobs=canned_logprobs(resp), finish_reason="length", forced_block_ends=5)])]
+    engine.llm.generate = lambda *a, **k: [
+        RequestOutput(
+            PROMPT,
+            [
+                SimpleNamespace(
+                    index=0, token_ids=resp, logprobs=canned_logprobs(resp), finish_reason="length", forced_block_ends=5
+                )
+            ],
+        )
+    ]
     assert engine.generate([PROMPT], SamplingParams())[0][0].forced_block_ends == 5  # overlay's count wins
 
 
 def _replay_llm(results_per_prompt):
     """A fake ``LLM.generate`` answering with another engine's results, in vLLM's output shapes."""
+
     def generate(prompts, sampling_params, use_tqdm=True):
         assert [p["prompt_token_ids"] for p in prompts] == [r[0].prompt_ids for r in results_per_prompt]
-        return [RequestOutput(r[0].prompt_ids, [
-            CompletionOutput(j, res.token_ids, [{t: Logprob(lp)} for t, lp in zip(res.token_ids, res.logprobs)],
-                             res.finish_reason) for j, res in enumerate(r)]) for r in results_per_prompt]
+        return [
+            RequestOutput(
+                r[0].prompt_ids,
+                [
+                    CompletionOutput(
+                        j,
+                        res.token_ids,
+                        [{t: Logprob(lp)} for t, lp in zip(res.token_ids, res.logprobs)],
+                        res.finish_reason,
+                    )
+                    for j, res in enumerate(r)
+                ],
+            )
+            for r in results_per_prompt
+        ]
+
     return generate
 
 
@@ -281,9 +355,17 @@ def test_conversion_agrees_with_reference_engine():
     reference = pytest.importorskip("memento_train.generation.reference")
     import transformers as tf
 
-    cfg = tf.Qwen3Config(vocab_size=len(TOK), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
-                         tie_word_embeddings=False)
+    cfg = tf.Qwen3Config(
+        vocab_size=len(TOK),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = tf.Qwen3ForCausalLM(cfg).eval()
     with torch.no_grad():  # make delimiters and <|im_end|> likely after the teacher-forced memento prefix
@@ -291,7 +373,10 @@ def test_conversion_agrees_with_reference_engine():
             model.lm_head.weight[t].normal_(0.0, 1.0)
     params = SamplingParams(max_new_tokens=40, n=2, seed=1)
     evictions = 0
-    for bm in (BlockMaskingConfig(keep_last_n_blocks=0), BlockMaskingConfig(keep_last_n_blocks=1, mask_delimiters=True)):
+    for bm in (
+        BlockMaskingConfig(keep_last_n_blocks=0),
+        BlockMaskingConfig(keep_last_n_blocks=1, mask_delimiters=True),
+    ):
         ref = reference.ReferenceGenerator(model, TOK, bm)
         want = ref.generate([PROMPT, MULTI_TURN], params, forced_token_ids=[MEMENTO[:20]] * 2)
         engine = make_engine(bm)
@@ -307,7 +392,8 @@ def test_conversion_agrees_with_reference_engine():
     cap_cfg = BlockMaskingConfig(max_block_tokens=4)
     prefix = [THINK, NL, BS, *W[:4]]
     want = reference.ReferenceGenerator(model, TOK, cap_cfg).generate(
-        [PROMPT], SamplingParams(max_new_tokens=len(prefix) + 1, seed=0), forced_token_ids=[prefix])
+        [PROMPT], SamplingParams(max_new_tokens=len(prefix) + 1, seed=0), forced_token_ids=[prefix]
+    )
     assert want[0][0].token_ids[-1] == BE and want[0][0].forced_block_ends == 1
     engine = make_engine(cap_cfg)
     engine.llm.generate = _replay_llm(want)
@@ -318,15 +404,26 @@ def test_conversion_agrees_with_reference_engine():
 def test_update_weights_through_collective_rpc(monkeypatch):
     monkeypatch.delenv("VLLM_ALLOW_INSECURE_SERIALIZATION", raising=False)
     loaded = []
-    workers = [SimpleNamespace(model_runner=SimpleNamespace(model=SimpleNamespace(
-        load_weights=lambda weights, r=r: loaded.append((r, weights))))) for r in range(2)]
+    workers = [
+        SimpleNamespace(
+            model_runner=SimpleNamespace(
+                model=SimpleNamespace(load_weights=lambda weights, r=r: loaded.append((r, weights)))
+            )
+        )
+        for r in range(2)
+    ]
 
     class RpcLLM(FakeLLM):
         def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
             return [method(w, *args, **(kwargs or {})) for w in workers]
 
-    engine = VLLMEngine("/m", BlockMaskingConfig(), llm_factory=RpcLLM, sampling_params_factory=FakeSamplingParams,
-                        enable_weight_sync=True)
+    engine = VLLMEngine(
+        "/m",
+        BlockMaskingConfig(),
+        llm_factory=RpcLLM,
+        sampling_params_factory=FakeSamplingParams,
+        enable_weight_sync=True,
+    )
     assert os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] == "1"
     w = torch.randn(3, 2)
     engine.update_weights([("model.embed_tokens.weight", w), ("lm_head.weight", w.T)])
@@ -350,8 +447,11 @@ def test_update_of_a_tied_embedding_also_loads_the_head(tmp_path, monkeypatch):
 
     class RpcLLM(FakeLLM):
         def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
-            worker = SimpleNamespace(model_runner=SimpleNamespace(model=SimpleNamespace(
-                load_weights=lambda weights: loaded.append(dict(weights)))))
+            worker = SimpleNamespace(
+                model_runner=SimpleNamespace(
+                    model=SimpleNamespace(load_weights=lambda weights: loaded.append(dict(weights)))
+                )
+            )
             return [method(worker, *args, **(kwargs or {}))]
 
     engine = VLLMEngine(tmp_path, BlockMaskingConfig(), llm_factory=RpcLLM, sampling_params_factory=FakeSamplingParams)
@@ -422,8 +522,11 @@ def test_unsupported_vllm_names_version_plugin_and_overlay(monkeypatch, engine_a
         VLLMEngine("/m", BlockMaskingConfig())
 
 
-@pytest.mark.parametrize("init,engine_args", [(_overlay_init, None), (_stock_init, OverlayEngineArgs)],
-                         ids=["LLM-signature", "EngineArgs-field"])
+@pytest.mark.parametrize(
+    "init,engine_args",
+    [(_overlay_init, None), (_stock_init, OverlayEngineArgs)],
+    ids=["LLM-signature", "EngineArgs-field"],
+)
 def test_vllm_with_block_masking_is_accepted(monkeypatch, init, engine_args):
     _fake_vllm(monkeypatch, "0.13.1.dev0+memento", init, engine_args)
     assert check_vllm_block_masking() == "0.13.1.dev0+memento"
@@ -459,10 +562,20 @@ def test_real_vllm_logprobs_match_evicting_decoder(tmp_path):
 
     from memento_train.generation import teacher_forced_logits
 
-    cfg = tf.Qwen3Config(vocab_size=len(TOK), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=1024,
-                         tie_word_embeddings=False, eos_token_id=IM_END, bos_token_id=IDS["<|im_start|>"],
-                         pad_token_id=0)
+    cfg = tf.Qwen3Config(
+        vocab_size=len(TOK),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        eos_token_id=IM_END,
+        bos_token_id=IDS["<|im_start|>"],
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     model = tf.Qwen3ForCausalLM(cfg).eval()
     with torch.no_grad():  # make the memento delimiters likely, so blocks open, close and get evicted
@@ -471,8 +584,9 @@ def test_real_vllm_logprobs_match_evicting_decoder(tmp_path):
     model.save_pretrained(tmp_path)
     TOK.save_pretrained(tmp_path)
     bm = BlockMaskingConfig(keep_last_n_blocks=0, mask_delimiters=False)
-    engine = VLLMEngine(tmp_path, bm, dtype="bfloat16", gpu_memory_utilization=0.3, max_model_len=512,
-                        enforce_eager=True)
+    engine = VLLMEngine(
+        tmp_path, bm, dtype="bfloat16", gpu_memory_utilization=0.3, max_model_len=512, enforce_eager=True
+    )
     out = engine.generate([PROMPT], SamplingParams(max_new_tokens=96, temperature=1.0, n=4, seed=0))
     ref = model.double()
     diffs, evictions = [], 0

@@ -19,13 +19,27 @@ REPO = Path(__file__).resolve().parents[1]
 def test_gpu_check_small_runs_every_step_on_cpu(tmp_path):
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    res = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--small", "--out", str(out)],
-                         capture_output=True, text=True, env=env, timeout=900)
+    res = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--small", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = json.loads(out.read_text())
     steps = report["steps"]
-    assert list(steps) == ["environment", "set_device", "triton_d128", "triton_d64_window", "sft_loss_memory",
-                           "flash_gather", "flex_compile", "sft_step", "attention_benchmark"]
+    assert list(steps) == [
+        "environment",
+        "set_device",
+        "triton_d128",
+        "triton_d64_window",
+        "sft_loss_memory",
+        "flash_gather",
+        "flex_compile",
+        "sft_step",
+        "attention_benchmark",
+    ]
     assert {name: s["status"] for name, s in steps.items() if s["status"] not in ("ok", "skipped")} == {}
     if not steps["environment"].get("gpus_visible"):
         assert steps["set_device"]["status"] == "skipped" and "CUDA" in steps["set_device"]["summary"]

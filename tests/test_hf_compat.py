@@ -22,20 +22,31 @@ from memento_train.export.compat import (
     legacy_tokenizer_config,
     rope_theta_of,
 )
-from memento_train.models.shipped_tokenizer import shipped_tokenizer_path
 from memento_train.masking import BlockMaskingConfig
+from memento_train.models.shipped_tokenizer import shipped_tokenizer_path
 
 IS_V4 = int(transformers.__version__.split(".")[0]) < 5
 ASSET = Path(__file__).resolve().parent / "assets" / "tiny_rl_warmed"
-SAMPLE = ("<|im_start|>user\nStart at 9. Apply +3 modulo 10.<|im_end|>\n<|im_start|>assistant\n<think>\n"
-          "<|block_start|>The current value is 9.<|block_end|>\n<|summary_start|>It is 2.<|summary_end|>\n"
-          "</think>\nThe final value is \\boxed{2}.<|im_end|>")
+SAMPLE = (
+    "<|im_start|>user\nStart at 9. Apply +3 modulo 10.<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    "<|block_start|>The current value is 9.<|block_end|>\n<|summary_start|>It is 2.<|summary_end|>\n"
+    "</think>\nThe final value is \\boxed{2}.<|im_end|>"
+)
 
 # A transformers-5 config.json of a Qwen3 whose RoPE base is not transformers-4's default (10000).
 V5_QWEN3 = {
-    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 2048, "hidden_size": 64,
-    "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-    "head_dim": 32, "max_position_embeddings": 512, "dtype": "bfloat16", "tie_word_embeddings": True,
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "vocab_size": 2048,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 32,
+    "max_position_embeddings": 512,
+    "dtype": "bfloat16",
+    "tie_word_embeddings": True,
     "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
 }
 
@@ -53,9 +64,15 @@ def test_legacy_config_writes_rope_theta_dtype_and_scaling_beside_the_v5_keys():
     assert {k: out[k] for k in V5_QWEN3} == V5_QWEN3  # nothing transformers 5 reads is changed
     yarn = legacy_config({**V5_QWEN3, "rope_parameters": {"rope_theta": 1e6, "rope_type": "yarn", "factor": 4.0}})
     assert yarn["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0} and yarn["rope_theta"] == 1e6
-    assert legacy_config({"rope_theta": 5.0, "torch_dtype": "float32", "dtype": "bfloat16"}) == \
-        {"rope_theta": 5.0, "torch_dtype": "float32", "dtype": "bfloat16"}
-    assert legacy_tokenizer_config({"tokenizer_class": "TokenizersBackend"})["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert legacy_config({"rope_theta": 5.0, "torch_dtype": "float32", "dtype": "bfloat16"}) == {
+        "rope_theta": 5.0,
+        "torch_dtype": "float32",
+        "dtype": "bfloat16",
+    }
+    assert (
+        legacy_tokenizer_config({"tokenizer_class": "TokenizersBackend"})["tokenizer_class"]
+        == "PreTrainedTokenizerFast"
+    )
     assert legacy_tokenizer_config({"tokenizer_class": "Qwen2Tokenizer"})["tokenizer_class"] == "Qwen2Tokenizer"
     assert rope_theta_of({"rope_parameters": {"full_attention": {"rope_theta": 3.0}}}) == 3.0
 
@@ -71,8 +88,9 @@ def test_a_v5_only_config_reads_the_wrong_rope_base_until_the_legacy_keys_are_wr
     assert after.torch_dtype == torch.bfloat16 if IS_V4 else after.dtype == torch.bfloat16
     if not IS_V4:  # the legacy keys change nothing transformers 5 loads
         drop = {"_name_or_path", "transformers_version"}
-        assert {k: v for k, v in after.to_dict().items() if k not in drop} == \
-            {k: v for k, v in before.to_dict().items() if k not in drop}
+        assert {k: v for k, v in after.to_dict().items() if k not in drop} == {
+            k: v for k, v in before.to_dict().items() if k not in drop
+        }
     assert add_legacy_keys(tmp_path) == []  # idempotent
 
 
@@ -84,7 +102,9 @@ class _LoadedConfig:
 def test_a_server_reading_another_rope_base_than_the_file_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(V5_QWEN3))
     with pytest.raises(ValueError, match=r"rope_theta\) 1e\+06, but vLLM reads 10000.*add_legacy_keys"):
-        check_served_rope_theta(tmp_path, _LoadedConfig(rope_parameters={"rope_theta": 10000.0, "rope_type": "default"}))
+        check_served_rope_theta(
+            tmp_path, _LoadedConfig(rope_parameters={"rope_theta": 10000.0, "rope_type": "default"})
+        )
     check_served_rope_theta(tmp_path, _LoadedConfig(rope_parameters={"rope_theta": 1e6}))
     check_served_rope_theta(tmp_path, _LoadedConfig(rope_theta=1e6))
     check_served_rope_theta(tmp_path / "absent", _LoadedConfig(rope_theta=1.0))  # nothing to compare
@@ -99,8 +119,10 @@ def test_shipped_tokenizers_load_and_encode_like_their_tokenizer_json(where):
     raw = Tokenizer.from_file(str(path / "tokenizer.json"))
     assert tok(SAMPLE, add_special_tokens=False).input_ids == raw.encode(SAMPLE, add_special_tokens=False).ids
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
-    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                   add_generation_prompt=True) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+        == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_warmed_policy_config_declares_its_rope_base_for_both_major_versions():
@@ -115,9 +137,20 @@ def test_export_hf_writes_the_legacy_keys(tmp_path):
     from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 
     tok = load_shipped_tokenizer()
-    cfg = transformers.Qwen3Config(**{k: v for k, v in V5_QWEN3.items() if k not in ("architectures", "model_type", "dtype")})
+    cfg = transformers.Qwen3Config(
+        **{k: v for k, v in V5_QWEN3.items() if k not in ("architectures", "model_type", "dtype")}
+    )
     model = transformers.Qwen3ForCausalLM(cfg)
-    out = Path(export_hf(model.state_dict(), cfg, tok, tmp_path / "hf", info={"block_masking": BlockMaskingConfig()}, dtype=torch.bfloat16))
+    out = Path(
+        export_hf(
+            model.state_dict(),
+            cfg,
+            tok,
+            tmp_path / "hf",
+            info={"block_masking": BlockMaskingConfig()},
+            dtype=torch.bfloat16,
+        )
+    )
     written = json.loads((out / "config.json").read_text())
     assert written["rope_theta"] == 1e6 and written["rope_parameters"]["rope_theta"] == 1e6
     assert written["torch_dtype"] == "bfloat16"

@@ -13,13 +13,13 @@ from __future__ import annotations
 import gc
 import os
 
+import engine_harness as H
 import pytest
 import torch
 import torch.distributed as dist
-from memento_train.masking import BlockMaskingConfig
-
-import engine_harness as H
 from host_memory import MALLOC_ENV, peak, reset_peak, rss
+
+from memento_train.masking import BlockMaskingConfig
 
 HIDDEN, LAYERS, FFN = 512, 8, 1536
 
@@ -32,9 +32,17 @@ def checkpoint(tmp_path_factory) -> tuple[str, int]:
     from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 
     tok = load_shipped_tokenizer()
-    cfg = transformers.Qwen3Config(vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=FFN,
-                                   num_hidden_layers=LAYERS, num_attention_heads=8, num_key_value_heads=4,
-                                   head_dim=HIDDEN // 8, tie_word_embeddings=True, dtype="float32")
+    cfg = transformers.Qwen3Config(
+        vocab_size=len(tok),
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=HIDDEN // 8,
+        tie_word_embeddings=True,
+        dtype="float32",
+    )
     torch.manual_seed(0)
     model = transformers.Qwen3ForCausalLM(cfg)
     path = str(tmp_path_factory.mktemp("ckpt"))
@@ -70,27 +78,34 @@ def _measure(rank: int, make_engine, out_dir: str, checkpoint_path: str) -> dict
     export_peak = peak() - before
     del engine
     gc.collect()
-    return {"load_peak": load_peak, "steady": steady, "transient": load_peak - steady, "export_peak": export_peak,
-            "mismatched": mismatched}
+    return {
+        "load_peak": load_peak,
+        "steady": steady,
+        "transient": load_peak - steady,
+        "export_peak": export_peak,
+        "mismatched": mismatched,
+    }
 
 
 def load_export_job(rank: int, world_size: int, checkpoint_path: str, configs: list, out_dir: str) -> list:
     from memento_train.engines import EngineConfig, build_engine
+    from memento_train.models.config import ModelConfig
     from memento_train.models.loading import load_model, run_tokenizer
     from memento_train.training.optim import OptimConfig
-    from memento_train.models.config import ModelConfig
 
     mcfg = ModelConfig(path=checkpoint_path, attn_backend="segment")
     results = {}
     for i, (kind, stage, how) in enumerate([configs[0], *configs]):  # the first run warms up (imports)
-        def make_engine():
+
+        def make_engine(how=how, kind=kind, stage=stage):
             tok = run_tokenizer(mcfg)
             model = load_model(mcfg, tok, seed=0, rank=rank if how == "rank0" else None)
             engine = build_engine(model, OptimConfig(), EngineConfig(kind=kind, zero_stage=stage), torch.device("cpu"))
             return engine, model.config, tok
 
-        results[(kind, stage, how) if i else "warm-up"] = _measure(rank, make_engine, os.path.join(out_dir, f"{kind}{stage}{how}"),
-                                               checkpoint_path)
+        results[(kind, stage, how) if i else "warm-up"] = _measure(
+            rank, make_engine, os.path.join(out_dir, f"{kind}{stage}{how}"), checkpoint_path
+        )
     del results["warm-up"]
     every: list = [None] * world_size
     dist.all_gather_object(every, results)
@@ -99,12 +114,16 @@ def load_export_job(rank: int, world_size: int, checkpoint_path: str, configs: l
 
 def _report(per_rank: list, model_bytes: int) -> None:
     mb = 2**20
-    print(f"\nmodel weights {model_bytes / mb:.0f} MiB (fp32); resident MiB per rank: load peak / steady / "
-          f"transient / export peak")
+    print(
+        f"\nmodel weights {model_bytes / mb:.0f} MiB (fp32); resident MiB per rank: load peak / steady / "
+        f"transient / export peak"
+    )
     for key in per_rank[0]:
-        cells = "   ".join(f"rank {r}: {res[key]['load_peak'] / mb:5.0f} {res[key]['steady'] / mb:5.0f} "
-                           f"{res[key]['transient'] / mb:5.0f} {res[key]['export_peak'] / mb:5.0f}"
-                           for r, res in enumerate(per_rank))
+        cells = "   ".join(
+            f"rank {r}: {res[key]['load_peak'] / mb:5.0f} {res[key]['steady'] / mb:5.0f} "
+            f"{res[key]['transient'] / mb:5.0f} {res[key]['export_peak'] / mb:5.0f}"
+            for r, res in enumerate(per_rank)
+        )
         print(f"{'/'.join(map(str, key)):24s} {cells}")
 
 
@@ -144,17 +163,18 @@ def test_deepspeed_rank1_loads_from_rank0_and_exports_nothing(checkpoint, tmp_pa
 def megatron_load_job(checkpoint_path: str, out_dir: str) -> list:
     rank = dist.get_rank()
     from memento_train.engines import EngineConfig, build_engine
+    from memento_train.models.config import ModelConfig
     from memento_train.models.loading import load_model, run_tokenizer
     from memento_train.training.optim import OptimConfig
-    from memento_train.models.config import ModelConfig
 
     mcfg = ModelConfig(path=checkpoint_path, attn_backend="segment")
 
     def make_engine():
         tok = run_tokenizer(mcfg)
         model = load_model(mcfg, tok, seed=0, rank=rank)
-        engine = build_engine(model, OptimConfig(), EngineConfig(kind="megatron", tensor_parallel=2),
-                              torch.device("cpu"))
+        engine = build_engine(
+            model, OptimConfig(), EngineConfig(kind="megatron", tensor_parallel=2), torch.device("cpu")
+        )
         return engine, model.config, tok
 
     _measure(rank, make_engine, os.path.join(out_dir, "warm-up"), checkpoint_path)

@@ -45,8 +45,9 @@ def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
                     base = base.rpartition(".")[0]
                 target = (f"{base}.{node.module}" if node.module else base) if node.level else (node.module or "")
                 if target.split(".")[0] == top:
-                    deps.update(f"{target}.{a.name}" if f"{target}.{a.name}" in mods else owner(target)
-                                for a in node.names)
+                    deps.update(
+                        f"{target}.{a.name}" if f"{target}.{a.name}" in mods else owner(target) for a in node.names
+                    )
         deps.discard(None)
         deps.discard(name)
         graph[name] = deps  # type: ignore[assignment]
@@ -97,8 +98,11 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_rl_imports_nothing_from_sft():
     graph = import_graph()
-    borrowed = {m: sorted(d for d in deps if d.startswith("memento_train.sft"))
-                for m, deps in graph.items() if m.startswith("memento_train.rl")}
+    borrowed = {
+        m: sorted(d for d in deps if d.startswith("memento_train.sft"))
+        for m, deps in graph.items()
+        if m.startswith("memento_train.rl")
+    }
     assert {m: d for m, d in borrowed.items() if d} == {}
 
 

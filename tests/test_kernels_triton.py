@@ -27,12 +27,19 @@ from memento_train.kernels.function import interpreting, parse_config
 from memento_train.masking import BlockMaskingConfig, dense_mask, parse
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
-SPECIAL = {"<|im_start|>": 1, "assistant": 2, "<|block_start|>": 10, "<|block_end|>": 11,
-           "<|summary_start|>": 12, "<|summary_end|>": 13}
+SPECIAL = {
+    "<|im_start|>": 1,
+    "assistant": 2,
+    "<|block_start|>": 10,
+    "<|block_end|>": 11,
+    "<|summary_start|>": 12,
+    "<|summary_end|>": 13,
+}
 
 
-def mementos_meta(seed: int, total: int, *, doc_tokens: int, block=24, summary=6, keep_last_n_blocks=0,
-                  device=None) -> MementoAttentionMeta:
+def mementos_meta(
+    seed: int, total: int, *, doc_tokens: int, block=24, summary=6, keep_last_n_blocks=0, device=None
+) -> MementoAttentionMeta:
     """Packed OpenMementos-like documents (prompt, blocks + summaries, answer), kill rows from the parser."""
     rng = np.random.default_rng(seed)
 
@@ -58,8 +65,11 @@ def random_meta(seed: int, lengths) -> MementoAttentionMeta:
     """Arbitrary kill rows: half the keys never evicted, the rest die at a random later row."""
     rng = np.random.default_rng(seed)
     cu = np.concatenate([[0], np.cumsum(lengths)])
-    kill = [e if rng.random() < 0.5 else int(rng.integers(k + 1, e + 1))
-            for s, e in zip(cu[:-1], cu[1:]) for k in range(s, e)]
+    kill = [
+        e if rng.random() < 0.5 else int(rng.integers(k + 1, e + 1))
+        for s, e in zip(cu[:-1], cu[1:])
+        for k in range(s, e)
+    ]
     return MementoAttentionMeta.from_packed(cu, np.asarray(kill, dtype=np.int64))
 
 
@@ -117,7 +127,7 @@ def test_tile_plan_skips_tiles_whose_keys_are_dead_for_the_whole_query_tile():
     assert live[3, 2] and live[3, 3]
     assert plan.live_pairs == 7 and plan.causal_pairs == 10
     # The whole tile [32, 48) x [16, 32) is visible (rows < 48 = kill row): computed without a mask.
-    assert plan.q_full_rows[plan.q_full_ptr[2]:plan.q_full_ptr[3]].tolist() == [16]
+    assert plan.q_full_rows[plan.q_full_ptr[2] : plan.q_full_ptr[3]].tolist() == [16]
     # A sliding window of 8 also kills the tile one step below the diagonal... but not the diagonal.
     windowed = build_tile_plan(meta.cu_seqlens, meta.kill_row, 16, 16, window=8).pair_mask()
     assert windowed[3, 2] and windowed[3, 3] and not windowed[3, 1]
@@ -145,14 +155,18 @@ def test_tile_plan_on_an_openmementos_batch_visits_well_under_the_causal_tiles()
 
 # -- registration and errors (no Triton import needed) -------------------------------------------
 def test_triton_backend_is_registered_without_importing_triton():
-    code = ("import sys, memento_train, memento_train.attention as a; "
-            "r = a.available_backends(); assert 'triton' in r, r; "
-            "assert 'triton' not in sys.modules, 'triton imported at import time'")
+    code = (
+        "import sys, memento_train, memento_train.attention as a; "
+        "r = a.available_backends(); assert 'triton' in r, r; "
+        "assert 'triton' not in sys.modules, 'triton imported at import time'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or interpreting() or not HAVE_TRITON,
-                    reason="checks the CPU refusal (needs triton installed, no CUDA, no interpreter)")
+@pytest.mark.skipif(
+    torch.cuda.is_available() or interpreting() or not HAVE_TRITON,
+    reason="checks the CPU refusal (needs triton installed, no CUDA, no interpreter)",
+)
 def test_triton_backend_on_cpu_refuses_with_a_clear_reason():
     assert "needs a CUDA GPU" in available_backends()["triton"]
     meta = MementoAttentionMeta.from_documents([[2, 2]])
@@ -197,8 +211,15 @@ def interpreter_cases():
         ("mementos gqa2 d16", mementos_meta(0, 170, doc_tokens=90), 2, 2, 16, None, False),
         ("mementos gqa2 d32 window", mementos_meta(1, 170, doc_tokens=90), 2, 2, 32, 20, False),
         ("mementos gqa2 d64", mementos_meta(2, 120, doc_tokens=120), 1, 2, 64, None, False),
-        ("mementos keep-1 gqa3 d16", mementos_meta(3, 150, doc_tokens=150, keep_last_n_blocks=1), 1, 3, 16, None,
-         False),
+        (
+            "mementos keep-1 gqa3 d16",
+            mementos_meta(3, 150, doc_tokens=150, keep_last_n_blocks=1),
+            1,
+            3,
+            16,
+            None,
+            False,
+        ),
         ("random kill rows mha d16 window", random_meta(4, [37, 1, 0, 70, 50]), 2, 1, 16, 7, False),
         ("causal gqa2 d16 strided", MementoAttentionMeta.causal([0, 45, 100]), 2, 2, 16, None, True),
     ]
@@ -232,10 +253,17 @@ def interpreter_results():
     if not HAVE_TRITON:
         pytest.skip("triton is not importable: pip install 'memento-train[test]'")
     root = str(Path(__file__).resolve().parents[1])  # import this checkout, as the parent process does
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, __file__, "--interpreter-cases"], env=env, capture_output=True, text=True,
-                          cwd=root, timeout=600)
+    env = dict(
+        os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    )
+    proc = subprocess.run(
+        [sys.executable, __file__, "--interpreter-cases"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -251,13 +279,14 @@ def test_triton_forward_and_gradients_match_sdpa_in_the_interpreter(interpreter_
 @pytest.mark.parametrize("window", [False, True], ids=["causal", "window"])
 def test_kernels_compile_for_h100_with_the_default_configs(window):
     """The interpreter is lenient about types; lower the real kernels to an sm_90 cubin (bundled ptxas)."""
-    code = ("import json; from memento_train.kernels.aot import compile_kernels; "
-            f"print(json.dumps(compile_kernels(128, dtype='bf16', arch=90, window={window})))")
+    code = (
+        "import json; from memento_train.kernels.aot import compile_kernels; "
+        f"print(json.dumps(compile_kernels(128, dtype='bf16', arch=90, window={window})))"
+    )
     root = str(Path(__file__).resolve().parents[1])
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=root,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=root, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(info) == {"fwd", "dq", "dkdv"}
@@ -286,8 +315,9 @@ GPU_CASES = [  # (tokens, q heads, kv heads, head dim, dtype, window)
 def test_triton_matches_sdpa_on_gpu_at_full_size(tokens, hq, hkv, d, dtype, window):
     meta = mementos_meta(0, tokens, doc_tokens=12_000, block=1150, summary=190, device="cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(tokens, h, d, device="cuda", dtype=dtype, generator=g).requires_grad_()
-               for h in (hq, hkv, hkv))
+    q, k, v = (
+        torch.randn(tokens, h, d, device="cuda", dtype=dtype, generator=g).requires_grad_() for h in (hq, hkv, hkv)
+    )
     upstream = torch.randn(tokens, hq, d, device="cuda", dtype=dtype, generator=g)
     out = memento_attention(q, k, v, meta, window=window, backend="triton")
     grads = torch.autograd.grad(out, (q, k, v), upstream)

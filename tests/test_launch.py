@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import socket
@@ -26,11 +26,11 @@ from pathlib import Path
 
 import pytest
 
+from memento_train.config.errors import ConfigError
 from memento_train.launch import DEFAULT_ENV, parse_env_assignments
 from memento_train.launch.cli import main, prepare_driver_command
 from memento_train.launch.ray_job import RayJobOptions, build_job_request, submit_and_stream
 from memento_train.launch.slurm import TEMPLATE, SlurmOptions, render_sbatch_script, render_template
-from memento_train.config.errors import ConfigError
 
 FAKE_SLURM = Path(__file__).parent / "fake_slurm"
 REPO = Path(__file__).resolve().parent.parent
@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -92,6 +93,7 @@ def short_tmp():
 def signal_once_running(command_line: str, sig: int):
     """An ``on_start`` for :func:`run_stand_in_job`: send ``sig`` to the batch shell once a process
     whose command line contains ``command_line`` (the driver) runs."""
+
     def send(proc):
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:
@@ -100,22 +102,32 @@ def signal_once_running(command_line: str, sig: int):
                 proc.send_signal(sig)
                 return
             time.sleep(0.5)
+
     return send
 
 
 def stand_in_options(tmp: Path, **overrides) -> SlurmOptions:
     """Options for a 2-node stand-in cluster on this machine: free ports, private temp dir."""
     kw = dict(
-        nodes=2, cpus_per_node=2, python=sys.executable, ray_port=free_port(), dashboard_port=free_port(),
-        ray_head_args=[f"--ray-client-server-port={free_port()}"], ray_temp_dir=str(tmp / "ray"),
-        log_dir=str(tmp / "logs"), shared_dir=str(tmp / "out"), wait_timeout=90, stop_grace=10,
+        nodes=2,
+        cpus_per_node=2,
+        python=sys.executable,
+        ray_port=free_port(),
+        dashboard_port=free_port(),
+        ray_head_args=[f"--ray-client-server-port={free_port()}"],
+        ray_temp_dir=str(tmp / "ray"),
+        log_dir=str(tmp / "logs"),
+        shared_dir=str(tmp / "out"),
+        wait_timeout=90,
+        stop_grace=10,
     )
     kw.update(overrides)
     return SlurmOptions(**kw)
 
 
-def run_stand_in_job(tmp: Path, opts: SlurmOptions, driver: list[str], *, env: dict | None = None,
-                     timeout: float = 240, on_start=None) -> tuple[subprocess.CompletedProcess, float]:
+def run_stand_in_job(
+    tmp: Path, opts: SlurmOptions, driver: list[str], *, env: dict | None = None, timeout: float = 240, on_start=None
+) -> tuple[subprocess.CompletedProcess, float]:
     """Render the script and run it as SLURM would on nodes node-0,node-1 (stand-in srun/scontrol).
 
     Returns the completed process and its duration; asserts that teardown left no process behind.
@@ -123,8 +135,11 @@ def run_stand_in_job(tmp: Path, opts: SlurmOptions, driver: list[str], *, env: d
     script = tmp / "job.sbatch"
     script.write_text(render_sbatch_script(opts, driver))
     job_env = {
-        **os.environ, "PATH": f"{FAKE_SLURM}{os.pathsep}{os.environ['PATH']}",
-        "SLURM_JOB_ID": "1001", "SLURM_JOB_NODELIST": "node-0,node-1", "RAY_USAGE_STATS_ENABLED": "0",
+        **os.environ,
+        "PATH": f"{FAKE_SLURM}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_JOB_ID": "1001",
+        "SLURM_JOB_NODELIST": "node-0,node-1",
+        "RAY_USAGE_STATS_ENABLED": "0",
         **(env or {}),
     }
     # Neither an outer RAY_ADDRESS nor another auth setup of this machine may leak into the job.
@@ -132,8 +147,15 @@ def run_stand_in_job(tmp: Path, opts: SlurmOptions, driver: list[str], *, env: d
         if key not in (env or {}):
             job_env.pop(key, None)
     start = time.time()
-    proc = subprocess.Popen(["bash", str(script)], cwd=tmp, env=job_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", str(script)],
+        cwd=tmp,
+        env=job_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         if on_start:
             on_start(proc)
@@ -141,7 +163,7 @@ def run_stand_in_job(tmp: Path, opts: SlurmOptions, driver: list[str], *, env: d
     except subprocess.TimeoutExpired:
         _kill_all(proc.pid, str(tmp))
         out, err = proc.communicate()
-        raise AssertionError(f"the job hung for {timeout} s:\n{out[-3000:]}\n{err[-3000:]}")
+        raise AssertionError(f"the job hung for {timeout} s:\n{out[-3000:]}\n{err[-3000:]}") from None
     finally:
         leftovers = _wait_gone(proc.pid, str(tmp), timeout=20)
         _kill_all(proc.pid, str(tmp))
@@ -151,7 +173,7 @@ def run_stand_in_job(tmp: Path, opts: SlurmOptions, driver: list[str], *, env: d
     return result, duration
 
 
-STAND_IN_DRIVER = r'''
+STAND_IN_DRIVER = r"""
 import sys, ray
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -187,16 +209,26 @@ if port:  # the Jobs API of the job's cluster, without, with a wrong and with th
 if len(sys.argv) > 1:  # "sleep": keep running until the job is cancelled
     import time
     time.sleep(600)
-'''
+"""
 
 
 # ------------------------------------------------------------------------------------------------
 # the rendered script
 # ------------------------------------------------------------------------------------------------
 
-GPU_OPTS = dict(nodes=4, gpus_per_node=8, partition="gpu", time="24:00:00", account="proj", qos="high",
-                requeue=True, sbatch_args=["--constraint=h100"], env={"NCCL_SOCKET_IFNAME": "ib0", "X": "a b"},
-                setup=["module load cuda/12.4", "source .venv/bin/activate"], ray_temp_dir="/scratch/ray")
+GPU_OPTS = dict(
+    nodes=4,
+    gpus_per_node=8,
+    partition="gpu",
+    time="24:00:00",
+    account="proj",
+    qos="high",
+    requeue=True,
+    sbatch_args=["--constraint=h100"],
+    env={"NCCL_SOCKET_IFNAME": "ib0", "X": "a b"},
+    setup=["module load cuda/12.4", "source .venv/bin/activate"],
+    ray_temp_dir="/scratch/ray",
+)
 DRIVER = ["memento-train", "recipe=qwen3_8b_stage2", "output_dir=/shared/run1", "resume=auto"]
 
 
@@ -207,8 +239,9 @@ def test_rendered_script_is_valid_bash(opts):
     assert proc.returncode == 0, proc.stderr
 
 
-NO_SHELLCHECK = pytest.mark.skipif(shutil.which("shellcheck") is None,
-                                   reason="shellcheck not installed (Debian: apt-get install -y shellcheck)")
+NO_SHELLCHECK = pytest.mark.skipif(
+    shutil.which("shellcheck") is None, reason="shellcheck not installed (Debian: apt-get install -y shellcheck)"
+)
 
 
 @NO_SHELLCHECK
@@ -243,20 +276,34 @@ def test_rendering_is_plain_substitution_of_every_placeholder_and_nothing_else()
 def test_script_requests_the_allocation_and_site_options():
     script = render_sbatch_script(SlurmOptions(**GPU_OPTS), DRIVER, cwd="/home/u/proj")
     directives = [line for line in script.splitlines() if line.startswith("#SBATCH ")]
-    for expected in ("--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8", "--partition=gpu",
-                     "--time=24:00:00", "--account=proj", "--qos=high", "--exclusive", "--requeue",
-                     "--constraint=h100", "--output=/home/u/proj/logs/memento-launch/%x-%j.out"):
+    for expected in (
+        "--nodes=4",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=8",
+        "--partition=gpu",
+        "--time=24:00:00",
+        "--account=proj",
+        "--qos=high",
+        "--exclusive",
+        "--requeue",
+        "--constraint=h100",
+        "--output=/home/u/proj/logs/memento-launch/%x-%j.out",
+    ):
         assert f"#SBATCH {expected}" in directives, expected
     assert "SHARED_DIR=/shared/run1" in script
     cpu = render_sbatch_script(SlurmOptions(nodes=2), ["python", "x.py"])
-    assert "--gpus-per-node" not in "".join(l for l in cpu.splitlines() if l.startswith("#SBATCH"))
+    assert "--gpus-per-node" not in "".join(line for line in cpu.splitlines() if line.startswith("#SBATCH"))
 
 
 def _bash_eval(script: str, snippet: str, env: dict | None = None) -> str:
     """Run the script's configuration block (everything before the SLURM checks) plus ``snippet``."""
     head = script.split("log() {")[0]
-    proc = subprocess.run(["bash", "-c", head + "\n" + snippet], capture_output=True, text=True,
-                          env={"PATH": os.environ["PATH"], **(env or {})})
+    proc = subprocess.run(
+        ["bash", "-c", head + "\n" + snippet],
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ["PATH"], **(env or {})},
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -282,8 +329,9 @@ def test_every_job_gets_one_ray_auth_mode_and_a_token():
     out = _bash_eval(script, 'echo "$RAY_AUTH_MODE ${#RAY_AUTH_TOKEN} $DASHBOARD_HOST"').split()
     assert out == ["token", "64", "0.0.0.0"]
     # Without authentication the Jobs API (which runs any command) is not offered to the network.
-    assert _bash_eval(script, 'echo "$RAY_AUTH_MODE ${RAY_AUTH_TOKEN:-none} $DASHBOARD_HOST"',
-                      env={"RAY_AUTH_MODE": "disabled"}).split() == ["disabled", "none", "127.0.0.1"]
+    assert _bash_eval(
+        script, 'echo "$RAY_AUTH_MODE ${RAY_AUTH_TOKEN:-none} $DASHBOARD_HOST"', env={"RAY_AUTH_MODE": "disabled"}
+    ).split() == ["disabled", "none", "127.0.0.1"]
 
 
 def test_the_job_gets_the_time_limit_signal_and_requeue_is_explicit():
@@ -294,33 +342,52 @@ def test_the_job_gets_the_time_limit_signal_and_requeue_is_explicit():
     requeue = render_sbatch_script(SlurmOptions(nodes=2, requeue=True, signal_time=300), ["true"])
     assert {"#SBATCH --signal=B:USR1@300", "#SBATCH --requeue"} <= set(directives(requeue))
     assert _bash_eval(requeue, 'echo "$REQUEUE"').strip() == "1"
-    assert not any("--signal" in d for d in directives(render_sbatch_script(SlurmOptions(nodes=2, signal_time=0),
-                                                                         ["true"])))
+    assert not any(
+        "--signal" in d for d in directives(render_sbatch_script(SlurmOptions(nodes=2, signal_time=0), ["true"]))
+    )
 
 
 def test_secrets_are_refused_where_the_script_or_its_log_would_show_them(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main(["slurm", "--nodes", "2", "--dry-run", "--env", "WANDB_API_KEY=abc123secret", "--",
-                 "memento-train"]) == 2
+    assert (
+        main(["slurm", "--nodes", "2", "--dry-run", "--env", "WANDB_API_KEY=abc123secret", "--", "memento-train"]) == 2
+    )
     assert "export WANDB_API_KEY in this shell" in capsys.readouterr().err
     assert main(["slurm", "--nodes", "2", "--dry-run", "--", "memento-train", "cluster.env.HF_TOKEN=hf_abc123"]) == 2
     err = capsys.readouterr().err
     assert "cluster.secret_env=[HF_TOKEN]" in err and "hf_abc123" not in err
-    assert main(["ray", "--address", "http://h:8265", "--no-working-dir", "--dry-run", "--env",
-                 "WANDB_API_KEY=abc123secret", "--", "memento-rl"]) == 0
+    assert (
+        main(
+            [
+                "ray",
+                "--address",
+                "http://h:8265",
+                "--no-working-dir",
+                "--dry-run",
+                "--env",
+                "WANDB_API_KEY=abc123secret",
+                "--",
+                "memento-rl",
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     assert "abc123secret" not in out and json.loads(out)["runtime_env"]["env_vars"]["WANDB_API_KEY"] == "<redacted>"
     assert "WANDB_API_KEY travel in the job's runtime_env" in err
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["--nodes", "0"], "--nodes"),
-    (["--nodes", "2", "--partition", "a b"], "--partition"),
-    (["--nodes", "2", "--ray-port", "7000", "--dashboard-port", "7000"], "--dashboard-port"),
-    (["--nodes", "2", "--sbatch-arg", "constraint=h100"], "--sbatch-arg"),
-    (["--nodes", "2", "--env", "1BAD=x"], "--env"),
-    (["--nodes", "2", "--wait-timeout", "0"], "--wait-timeout"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--nodes", "0"], "--nodes"),
+        (["--nodes", "2", "--partition", "a b"], "--partition"),
+        (["--nodes", "2", "--ray-port", "7000", "--dashboard-port", "7000"], "--dashboard-port"),
+        (["--nodes", "2", "--sbatch-arg", "constraint=h100"], "--sbatch-arg"),
+        (["--nodes", "2", "--env", "1BAD=x"], "--env"),
+        (["--nodes", "2", "--wait-timeout", "0"], "--wait-timeout"),
+    ],
+)
 def test_bad_slurm_option_is_an_error_naming_it(argv, flag, capsys):
     assert main(["slurm", *argv, "--dry-run", "--", "memento-train"]) == 2
     err = capsys.readouterr().err
@@ -333,10 +400,16 @@ def test_missing_driver_command_says_where_to_put_it(capsys):
 
 
 def test_memento_driver_joins_the_cluster_with_one_worker_per_gpu_and_absolute_output_dir():
-    cmd, notes = prepare_driver_command(["memento-train", "recipe=x", "output_dir=runs/a"], num_workers=16,
-                                        cwd="/home/u/proj")
-    assert cmd == ["memento-train", "recipe=x", "output_dir=/home/u/proj/runs/a", "cluster.address=auto",
-                   "cluster.num_workers=16"]
+    cmd, notes = prepare_driver_command(
+        ["memento-train", "recipe=x", "output_dir=runs/a"], num_workers=16, cwd="/home/u/proj"
+    )
+    assert cmd == [
+        "memento-train",
+        "recipe=x",
+        "output_dir=/home/u/proj/runs/a",
+        "cluster.address=auto",
+        "cluster.num_workers=16",
+    ]
     assert len(notes) == 3
 
 
@@ -378,13 +451,15 @@ def test_dry_run_prints_the_script_and_submits_nothing(tmp_path, monkeypatch, ca
 # bring-up on the stand-in SLURM (2 local "nodes")
 # ------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_bringup_forms_a_two_node_cluster_runs_the_driver_and_tears_down(short_tmp):
     driver = short_tmp / "driver.py"
     driver.write_text(STAND_IN_DRIVER)
     opts = stand_in_options(short_tmp)
-    proc, seconds = run_stand_in_job(short_tmp, opts, [sys.executable, str(driver)],
-                                     env={"PROBE_DASHBOARD_PORT": str(opts.dashboard_port)})
+    proc, seconds = run_stand_in_job(
+        short_tmp, opts, [sys.executable, str(driver)], env={"PROBE_DASHBOARD_PORT": str(opts.dashboard_port)}
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "STAND-IN nodes=2 distinct_task_nodes=2" in proc.stdout
     # The Jobs API (it runs any command on the cluster) answers only with the job's token.
@@ -403,8 +478,9 @@ def test_bringup_forms_a_two_node_cluster_runs_the_driver_and_tears_down(short_t
 def test_node_that_never_joins_fails_at_the_deadline_naming_it(short_tmp):
     marker = short_tmp / "driver-ran"
     opts = stand_in_options(short_tmp, wait_timeout=15)
-    proc, seconds = run_stand_in_job(short_tmp, opts, ["touch", str(marker)],
-                                     env={"FAKE_SLURM_RAY_HANGS_ON": "node-1"}, timeout=150)
+    proc, seconds = run_stand_in_job(
+        short_tmp, opts, ["touch", str(marker)], env={"FAKE_SLURM_RAY_HANGS_ON": "node-1"}, timeout=150
+    )
     assert proc.returncode == 1
     assert "never joined: node-1" in proc.stderr and "--wait-timeout" in proc.stderr
     assert "ray-worker-node-1.log" in proc.stderr
@@ -427,8 +503,12 @@ def test_cancelled_job_stops_the_driver_and_ray(short_tmp):
     driver.write_text(STAND_IN_DRIVER)
 
     # Like scancel or preemption: SIGTERM to the batch shell while the driver is running.
-    proc, _ = run_stand_in_job(short_tmp, stand_in_options(short_tmp), [sys.executable, str(driver), "sleep"],
-                               on_start=signal_once_running(f"{driver} sleep", signal.SIGTERM))
+    proc, _ = run_stand_in_job(
+        short_tmp,
+        stand_in_options(short_tmp),
+        [sys.executable, str(driver), "sleep"],
+        on_start=signal_once_running(f"{driver} sleep", signal.SIGTERM),
+    )
     # The driver gets the SIGTERM (a memento driver would checkpoint); this one, a plain Ray driver, exits
     # through Ray's SIGTERM handler (status 1 or 15, depending on where it was) and the job with it.
     assert proc.returncode != 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -437,7 +517,7 @@ def test_cancelled_job_stops_the_driver_and_ray(short_tmp):
     assert "stopping Ray on" in proc.stdout  # and run_stand_in_job found no process left behind
 
 
-PREEMPTIBLE_DRIVER = r'''
+PREEMPTIBLE_DRIVER = r"""
 import signal, sys, time
 from pathlib import Path
 
@@ -449,7 +529,7 @@ signal.signal(signal.SIGUSR1, stop)
 signal.signal(signal.SIGTERM, stop)
 print("PREEMPTIBLE running", flush=True)
 time.sleep(600)
-'''
+"""
 
 
 @pytest.mark.slow
@@ -460,9 +540,13 @@ def test_the_time_limit_signal_reaches_the_driver_and_a_requeue_job_requeues_its
 
     # SLURM: --signal=B:USR1@N before the time limit; SIGTERM: scancel.
     opts = stand_in_options(short_tmp, requeue=True)
-    proc, _ = run_stand_in_job(short_tmp, opts, [sys.executable, str(driver), str(marker)],
-                               env={"FAKE_SLURM_STATE_DIR": str(short_tmp / "slurm")},
-                               on_start=signal_once_running(f"{driver} {marker}", sig))
+    proc, _ = run_stand_in_job(
+        short_tmp,
+        opts,
+        [sys.executable, str(driver), str(marker)],
+        env={"FAKE_SLURM_STATE_DIR": str(short_tmp / "slurm")},
+        on_start=signal_once_running(f"{driver} {marker}", sig),
+    )
     assert proc.returncode == 75, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert marker.read_text() == sig.name  # the batch shell forwarded the signal to the driver
     assert f"driver checkpointed and stopped on {sig.name}" in proc.stdout
@@ -490,8 +574,17 @@ def test_memento_train_runs_with_one_worker_per_node_on_the_two_node_cluster(sho
     out = short_tmp / "out"
     # One stage of the tiny recipe (the embedded default runs two: ~2 min more on 2 cores).
     small = [a for a in SMALL if not a.startswith("cluster.")]
-    driver = [*train, "recipe=tiny_stage1", *small, "cluster.address=auto", "cluster.num_workers=2",
-              "cluster.placement_strategy=STRICT_SPREAD", "train.max_steps=2", "logger=none", f"output_dir={out}"]
+    driver = [
+        *train,
+        "recipe=tiny_stage1",
+        *small,
+        "cluster.address=auto",
+        "cluster.num_workers=2",
+        "cluster.placement_strategy=STRICT_SPREAD",
+        "train.max_steps=2",
+        "logger=none",
+        f"output_dir={out}",
+    ]
     proc, seconds = run_stand_in_job(short_tmp, stand_in_options(short_tmp), driver, timeout=420)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "on 2 worker(s)" in proc.stdout + proc.stderr
@@ -503,11 +596,17 @@ def test_memento_train_runs_with_one_worker_per_node_on_the_two_node_cluster(sho
 # Ray Jobs API
 # ------------------------------------------------------------------------------------------------
 
+
 def test_job_request_carries_entrypoint_working_dir_and_env(tmp_path):
-    opts = RayJobOptions(address="http://head:8265", working_dir=str(tmp_path), excludes=["data/"],
-                         env={"NCCL_DEBUG": "INFO", "WANDB_MODE": "offline"},
-                         runtime_env={"pip": ["x"], "env_vars": {"A": "1", "NCCL_DEBUG": "TRACE"}},
-                         submission_id="run-1", entrypoint_num_gpus=0)
+    opts = RayJobOptions(
+        address="http://head:8265",
+        working_dir=str(tmp_path),
+        excludes=["data/"],
+        env={"NCCL_DEBUG": "INFO", "WANDB_MODE": "offline"},
+        runtime_env={"pip": ["x"], "env_vars": {"A": "1", "NCCL_DEBUG": "TRACE"}},
+        submission_id="run-1",
+        entrypoint_num_gpus=0,
+    )
     req = build_job_request(opts, ["memento-rl", "recipe=grpo", "note=a b"])
     assert req["entrypoint"] == "memento-rl recipe=grpo 'note=a b'"
     env = req["runtime_env"]["env_vars"]
@@ -527,8 +626,20 @@ def test_ray_address_must_be_the_dashboard_url(address):
 
 
 def test_ray_dry_run_prints_the_request_and_warns_about_relative_output_dir(capsys, tmp_path):
-    rc = main(["ray", "--address", "http://h:8265", "--working-dir", str(tmp_path), "--dry-run", "--",
-               "memento-rl", "recipe=grpo", "output_dir=runs/x"])
+    rc = main(
+        [
+            "ray",
+            "--address",
+            "http://h:8265",
+            "--working-dir",
+            str(tmp_path),
+            "--dry-run",
+            "--",
+            "memento-rl",
+            "recipe=grpo",
+            "output_dir=runs/x",
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 0
     assert json.loads(out)["entrypoint"] == "memento-rl recipe=grpo output_dir=runs/x cluster.address=auto"
@@ -599,9 +710,23 @@ def local_ray_dashboard():
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "ab" * 32}
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
-         f"--ray-client-server-port={free_port()}", "--num-cpus=1", "--num-gpus=0", f"--temp-dir={tmp}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            "ray",
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            f"--dashboard-port={dash}",
+            f"--ray-client-server-port={free_port()}",
+            "--num-cpus=1",
+            "--num-gpus=0",
+            f"--temp-dir={tmp}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.time() + 90
@@ -631,8 +756,21 @@ def test_ray_job_runs_with_working_dir_and_env_and_streams_its_output(local_ray_
     url, env = local_ray_dashboard
     (tmp_path / "job.py").write_text("import os\nprint('JOB', os.environ['GREETING'], open('data.txt').read())\n")
     (tmp_path / "data.txt").write_text("from-working-dir")
-    cmd = [sys.executable, "-m", "memento_train.launch.cli", "ray", "--address", url, "--working-dir",
-           str(tmp_path), "--env", "GREETING=hello", "--", "python", "job.py"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "memento_train.launch.cli",
+        "ray",
+        "--address",
+        url,
+        "--working-dir",
+        str(tmp_path),
+        "--env",
+        "GREETING=hello",
+        "--",
+        "python",
+        "job.py",
+    ]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "JOB hello from-working-dir" in proc.stdout
@@ -642,8 +780,19 @@ def test_ray_job_runs_with_working_dir_and_env_and_streams_its_output(local_ray_
 @pytest.mark.slow
 def test_failing_ray_job_exits_one(local_ray_dashboard, tmp_path):
     url, env = local_ray_dashboard
-    cmd = [sys.executable, "-m", "memento_train.launch.cli", "ray", "--address", url, "--no-working-dir", "--",
-           "python", "-c", "import sys; print('about to fail'); sys.exit(3)"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "memento_train.launch.cli",
+        "ray",
+        "--address",
+        url,
+        "--no-working-dir",
+        "--",
+        "python",
+        "-c",
+        "import sys; print('about to fail'); sys.exit(3)",
+    ]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "about to fail" in proc.stdout and "failed" in proc.stderr
@@ -658,8 +807,9 @@ def test_submission_waits_while_the_head_has_no_job_agent_yet(monkeypatch):
         def submit_job(self, **request):
             Client.calls += 1
             if Client.calls < 3:
-                raise RuntimeError("Request failed with status code 500: No available agent to submit job, "
-                                   "please try again later..")
+                raise RuntimeError(
+                    "Request failed with status code 500: No available agent to submit job, please try again later.."
+                )
             return "raysubmit_1"
 
     monkeypatch.setattr(ray_job.time, "sleep", lambda s: None)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import engine_harness as H
 import pytest
 import torch
 import torch.distributed as dist
@@ -16,7 +17,6 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import engine_harness as H
 from memento_train.engines.head_stats import HeadRequest, TokenStats, TokenStatsFn, head_request, token_logprob_fn
 from memento_train.models.lm_head import VocabShard, fused_token_logprobs
 from memento_train.sft.losses import sft_loss_fn, token_loss_sum
@@ -32,16 +32,23 @@ def _plain(hidden, weight, labels, temperature=1.0):
 
 
 @settings(max_examples=25, deadline=None)
-@given(t=st.integers(1, 40), v=st.integers(2, 60), chunk=st.integers(1, 17), ignore=st.floats(0.0, 1.0),
-       temperature=st.sampled_from([1.0, 0.6, 1.7]), seed=st.integers(0, 2**16))
+@given(
+    t=st.integers(1, 40),
+    v=st.integers(2, 60),
+    chunk=st.integers(1, 17),
+    ignore=st.floats(0.0, 1.0),
+    temperature=st.sampled_from([1.0, 0.6, 1.7]),
+    seed=st.integers(0, 2**16),
+)
 def test_fused_logprobs_and_entropy_equal_the_plain_head_in_fp64(t, v, chunk, ignore, temperature, seed):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(t, 8, dtype=torch.float64, generator=g, requires_grad=True)
     weight = torch.randn(v, 8, dtype=torch.float64, generator=g, requires_grad=True)
     labels = torch.randint(0, v, (t,), generator=g)
     labels[torch.rand(t, generator=g) < ignore] = -100
-    logp, ent = fused_token_logprobs(hidden, weight, labels, temperature=temperature, with_entropy=True,
-                                     chunk_rows=chunk)
+    logp, ent = fused_token_logprobs(
+        hidden, weight, labels, temperature=temperature, with_entropy=True, chunk_rows=chunk
+    )
     ref_logp, ref_ent = _plain(hidden, weight, labels, temperature)
     torch.testing.assert_close(logp, ref_logp, rtol=0, atol=1e-12)
     torch.testing.assert_close(ent, ref_ent, rtol=0, atol=1e-12)
@@ -74,6 +81,7 @@ def test_padding_rows_of_a_vocab_shard_are_not_tokens():
 
 def _tiny_lm(family="qwen3", *, tied=False, dtype=torch.float64):
     from conftest import tiny_causal_lm
+
     from memento_train.attention import attn_implementation
 
     model = tiny_causal_lm(family, vocab_size=2048, dtype=dtype)
@@ -87,14 +95,16 @@ def _tiny_lm(family="qwen3", *, tied=False, dtype=torch.float64):
 def _forward_stats(model, mb, fn: TokenStatsFn) -> TokenStats:
     request = fn.request(mb)
     with head_request(model.get_output_embeddings(), request):
-        out = model(input_ids=mb.input_ids[None], position_ids=mb.position_ids[None], memento_meta=mb.meta,
-                    use_cache=False)
+        out = model(
+            input_ids=mb.input_ids[None], position_ids=mb.position_ids[None], memento_meta=mb.meta, use_cache=False
+        )
     return TokenStats.unpack(out.logits[0], request)
 
 
 def _logits(model, mb):
-    return model(input_ids=mb.input_ids[None], position_ids=mb.position_ids[None], memento_meta=mb.meta,
-                 use_cache=False).logits[0]
+    return model(
+        input_ids=mb.input_ids[None], position_ids=mb.position_ids[None], memento_meta=mb.meta, use_cache=False
+    ).logits[0]
 
 
 @pytest.mark.parametrize("family,tied", [("qwen3", False), ("qwen3", True), ("phi3", False), ("olmo3", False)])
@@ -103,7 +113,7 @@ def test_sft_loss_equals_the_plain_loss_normalised_by_global_tokens_in_fp64(fami
     loss tokens of the whole step, as sft/losses.py did with logits: same loss, same parameter gradients."""
     model = _tiny_lm(family, tied=tied)
     mbs = H.micro_batches(1, n=3)
-    mbs[1].extras["loss_mask"] = (torch.arange(mbs[1].num_tokens) % 3 != 0)
+    mbs[1].extras["loss_mask"] = torch.arange(mbs[1].num_tokens) % 3 != 0
     mbs[2].extras["labels"] = torch.full_like(mbs[2].extras["labels"], -100)
     effective = [torch.where(mb.extras.get("loss_mask", torch.tensor(True)), mb.extras["labels"], -100) for mb in mbs]
     denom = sum(int((lab != -100).sum()) for lab in effective) + 7  # the other ranks' tokens count too
@@ -123,7 +133,7 @@ def test_sft_loss_equals_the_plain_loss_normalised_by_global_tokens_in_fp64(fami
         fused, plain = fused + float(loss), plain + float(ref)
     assert fused == pytest.approx(plain, rel=1e-13)
     for (name, _), a, b in zip(model.named_parameters(), fused_grads, plain_grads):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_token_logprob_fn_gives_the_rl_logprobs_of_the_plain_head():
@@ -183,8 +193,11 @@ def test_sft_step_saves_no_vocab_sized_tensor_for_backward(one_rank_group):
     n_tok, tokens = mb.num_tokens, int((mb.extras["labels"] != -100).sum())
     decoder = H.tiny_model()
     vocab, hidden = decoder.config.vocab_size, decoder.config.hidden_size
-    base, _ = _saved_bytes(lambda: decoder.model(input_ids=mb.input_ids[None], position_ids=mb.position_ids[None],
-                                                 memento_meta=mb.meta, use_cache=False))
+    base, _ = _saved_bytes(
+        lambda: decoder.model(
+            input_ids=mb.input_ids[None], position_ids=mb.position_ids[None], memento_meta=mb.meta, use_cache=False
+        )
+    )
     engine = build_engine(H.tiny_model(), OptimConfig(), EngineConfig(kind="fsdp2"), torch.device("cpu"))
     fused, shapes = _saved_bytes(lambda: engine.forward_backward([mb], sft_loss_fn(tokens)))
     assert not [s for s in shapes if vocab in s], f"a vocabulary-sized tensor was saved: {shapes}"
@@ -198,7 +211,7 @@ def test_sft_step_saves_no_vocab_sized_tensor_for_backward(one_rank_group):
 def _rank_share(rank, world_size):
     mbs = H.micro_batches(1)
     per = len(mbs) // world_size
-    return mbs, mbs[rank * per:(rank + 1) * per]
+    return mbs, mbs[rank * per : (rank + 1) * per]
 
 
 def sharded_grads_job(rank: int, world_size: int, configs: list) -> dict:
@@ -225,8 +238,9 @@ def _assert_same_grads(result):
     assert fused_loss == pytest.approx(plain_loss, rel=1e-5)
     assert set(fused) == set(plain)
     for name, g in plain.items():
-        torch.testing.assert_close(fused[name], g, rtol=1e-4, atol=1e-4 * float(g.abs().max()) + 1e-9,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            fused[name], g, rtol=1e-4, atol=1e-4 * float(g.abs().max()) + 1e-9, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 FSDP2_CONFIGS = [("fsdp2", 2, True), ("fsdp2", 3, True), ("fsdp2", 3, False)]

@@ -21,9 +21,11 @@ _SKIP = pytest.mark.skipif(_DATA is None, reason=f"fixture not found: {CASES_PAT
 
 
 def _case_id(i: int, case: dict) -> str:
-    return (f"{i:03d}-{case['kind']}-N{case['keep_last_n_blocks']}"
-            f"-{'delims' if case['mask_delimiters'] else 'content'}"
-            f"{'-kl4a' if case['keep_last_block_for_answer'] else ''}")
+    return (
+        f"{i:03d}-{case['kind']}-N{case['keep_last_n_blocks']}"
+        f"-{'delims' if case['mask_delimiters'] else 'content'}"
+        f"{'-kl4a' if case['keep_last_block_for_answer'] else ''}"
+    )
 
 
 def _options(case: dict) -> dict:

@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from synthetic_ids import ASSISTANT, BE, BS, ETHINK, IM_END, IM_START, NL, SE, SPECIAL, SS, THINK, USER  # noqa: F401
 
 from memento_train.masking import (
+    BlockMaskingConfig,
     BlockTracker,
     Kind,
-    BlockMaskingConfig,
     SpecialTokens,
     dense_mask,
     kill_rows,
@@ -30,7 +31,6 @@ from memento_train.masking import (
     parse,
 )
 
-from synthetic_ids import ASSISTANT, BE, BS, ETHINK, IM_END, IM_START, NL, SE, SPECIAL, SS, THINK, USER  # noqa: F401
 # CI clones the repository with shared/ beside it: <parent>/<repo> and <parent>/shared.
 CASES_PATH = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "eviction_cases.json"
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -45,16 +45,22 @@ class _Blk:
     summary_start: int | None = None
 
 
-def reference_kill_rows(ids, *, keep_last_n_blocks, mask_delimiters, keep_last_block_for_answer=False,
-                        prompt_len=None, require_assistant_section=True):
+def reference_kill_rows(
+    ids,
+    *,
+    keep_last_n_blocks,
+    mask_delimiters,
+    keep_last_block_for_answer=False,
+    prompt_len=None,
+    require_assistant_section=True,
+):
     """kill_row per key, straight from the spec text (deliberately naive: lists and linear scans)."""
     n = len(ids)
     kill = [n] * n
     if require_assistant_section:
         # "tracking starts after the first `assistant` token that comes within two positions after an
         # <|im_start|>; that token itself is not tracked"
-        begin = next((i + 1 for i, t in enumerate(ids)
-                      if t == ASSISTANT and IM_START in ids[max(0, i - 2):i]), None)
+        begin = next((i + 1 for i, t in enumerate(ids) if t == ASSISTANT and IM_START in ids[max(0, i - 2) : i]), None)
         if begin is None:
             return kill
     else:
@@ -107,17 +113,20 @@ def reference_kill_rows(ids, *, keep_last_n_blocks, mask_delimiters, keep_last_b
 # -- stream strategies -----------------------------------------------------------------------------
 _DELIMS = [BS, BE, SS, SE]
 _token = st.one_of(
-    st.sampled_from(_DELIMS), st.sampled_from(_DELIMS),  # delimiters are frequent
+    st.sampled_from(_DELIMS),
+    st.sampled_from(_DELIMS),  # delimiters are frequent
     st.sampled_from([IM_START, ASSISTANT, IM_END, USER, NL, THINK, ETHINK]),
     st.integers(20, 40),
 )
-_headers = st.sampled_from([
-    [],  # no assistant section at all
-    [IM_START, ASSISTANT],
-    [IM_START, USER, 21, 22, IM_END, IM_START, ASSISTANT, NL],
-    [IM_START, USER, 21, IM_END, NL, IM_START, NL, ASSISTANT],  # assistant two positions after
-    [IM_START, USER, IM_END, IM_START, NL, NL, ASSISTANT],  # three positions: not a header
-])
+_headers = st.sampled_from(
+    [
+        [],  # no assistant section at all
+        [IM_START, ASSISTANT],
+        [IM_START, USER, 21, 22, IM_END, IM_START, ASSISTANT, NL],
+        [IM_START, USER, 21, IM_END, NL, IM_START, NL, ASSISTANT],  # assistant two positions after
+        [IM_START, USER, IM_END, IM_START, NL, NL, ASSISTANT],  # three positions: not a header
+    ]
+)
 
 
 _plain = st.lists(st.integers(20, 40), max_size=4)
@@ -126,7 +135,8 @@ _chunk = st.one_of(
     st.tuples(_plain, _plain).map(lambda c: [BS, *c[0], BE, SS, *c[1], SE]),
     st.tuples(_plain, _plain).map(lambda c: [BS, *c[0], BE, NL, SS, *c[1], SE]),
     st.tuples(_plain, _plain, _plain).map(  # nested blocks: inner summarised first, then the outer one
-        lambda c: [BS, *c[0], BS, *c[1], BE, BE, SS, *c[2], SE, SS, SE]),
+        lambda c: [BS, *c[0], BS, *c[1], BE, BE, SS, *c[2], SE, SS, SE]
+    ),
     st.lists(_token, max_size=3),  # lone delimiters, chat tokens, plain text
     st.sampled_from([[IM_START, ASSISTANT], [IM_END, NL, IM_START, USER, 21, IM_END, IM_START, ASSISTANT]]),
 )
@@ -208,8 +218,9 @@ def _kr(ids, cfg, prompt_len=None):
 
 
 def _cfg(n, delims=False, kl4a=False, require=True):
-    return BlockMaskingConfig(keep_last_n_blocks=n, mask_delimiters=delims, keep_last_block_for_answer=kl4a,
-                      require_assistant_section=require)
+    return BlockMaskingConfig(
+        keep_last_n_blocks=n, mask_delimiters=delims, keep_last_block_for_answer=kl4a, require_assistant_section=require
+    )
 
 
 def _span(blk, delims):
@@ -224,8 +235,11 @@ def test_reference_implementation_matches_serving_engine_fixture():
     assert data["special_token_ids"] == {k: v for k, v in SPECIAL.items()}
     for case in data["cases"]:
         got = reference_kill_rows(
-            case["ids"], keep_last_n_blocks=case["keep_last_n_blocks"], mask_delimiters=case["mask_delimiters"],
-            keep_last_block_for_answer=case["keep_last_block_for_answer"], prompt_len=case["prompt_len"],
+            case["ids"],
+            keep_last_n_blocks=case["keep_last_n_blocks"],
+            mask_delimiters=case["mask_delimiters"],
+            keep_last_block_for_answer=case["keep_last_block_for_answer"],
+            prompt_len=case["prompt_len"],
         )
         assert got == case["kill_rows"], case["kind"]
 
@@ -234,24 +248,34 @@ def test_reference_implementation_matches_serving_engine_fixture():
 @given(ids=malformed_streams(), cfg=mask_configs(), data=st.data())
 def test_kill_rows_equal_independent_reference(ids, cfg, data):
     prompt_len = data.draw(st.one_of(st.none(), st.integers(0, len(ids))), label="prompt_len")
-    got = kill_rows(ids, SPECIAL, keep_last_n_blocks=cfg.keep_last_n_blocks, mask_delimiters=cfg.mask_delimiters,
-                    keep_last_block_for_answer=cfg.keep_last_block_for_answer,
-                    require_assistant_section=cfg.require_assistant_section, prompt_len=prompt_len)
-    want = reference_kill_rows(ids, keep_last_n_blocks=cfg.keep_last_n_blocks, mask_delimiters=cfg.mask_delimiters,
-                               keep_last_block_for_answer=cfg.keep_last_block_for_answer, prompt_len=prompt_len,
-                               require_assistant_section=cfg.require_assistant_section)
+    got = kill_rows(
+        ids,
+        SPECIAL,
+        keep_last_n_blocks=cfg.keep_last_n_blocks,
+        mask_delimiters=cfg.mask_delimiters,
+        keep_last_block_for_answer=cfg.keep_last_block_for_answer,
+        require_assistant_section=cfg.require_assistant_section,
+        prompt_len=prompt_len,
+    )
+    want = reference_kill_rows(
+        ids,
+        keep_last_n_blocks=cfg.keep_last_n_blocks,
+        mask_delimiters=cfg.mask_delimiters,
+        keep_last_block_for_answer=cfg.keep_last_block_for_answer,
+        prompt_len=prompt_len,
+        require_assistant_section=cfg.require_assistant_section,
+    )
     assert got == want
 
 
 @SETTINGS
-@given(prefix=st.lists(st.sampled_from([IM_START, ASSISTANT, NL, USER, 21]), max_size=8),
-       delims=st.booleans())
+@given(prefix=st.lists(st.sampled_from([IM_START, ASSISTANT, NL, USER, 21]), max_size=8), delims=st.booleans())
 def test_assistant_header_detection_equals_reference(prefix, delims):
     """Where tracking starts: 'assistant' one or two positions after <|im_start|>, not three."""
     ids = prefix + [BS, 30, 31, BE, SS, 32, SE, BS, 33, BE, SS, SE]
     got = kill_rows(ids, SPECIAL, keep_last_n_blocks=0, mask_delimiters=delims)
     assert got == reference_kill_rows(ids, keep_last_n_blocks=0, mask_delimiters=delims)
-    header = next((i for i, t in enumerate(ids) if t == ASSISTANT and IM_START in ids[max(0, i - 2):i]), None)
+    header = next((i for i, t in enumerate(ids) if t == ASSISTANT and IM_START in ids[max(0, i - 2) : i]), None)
     assert parse(ids, SPECIAL, _cfg(0, delims)).prompt_len == (len(ids) if header is None else header + 1)
 
 
@@ -336,7 +360,7 @@ def test_incremental_tracker_reconstructs_kill_rows(ids, cfg, data):
         for ev in evictions:
             assert ev.row == row  # effective before this token is consumed
             assert ev.stop <= row  # only keys already in the cache
-            kill[ev.start:ev.stop] = np.minimum(kill[ev.start:ev.stop], row)
+            kill[ev.start : ev.stop] = np.minimum(kill[ev.start : ev.stop], row)
     np.testing.assert_array_equal(kill, _kr(ids, cfg, prompt_len))
 
 
@@ -348,8 +372,10 @@ def test_well_formed_kinds_and_blocks(w, delims):
     assert p.prompt_len == w.prompt_len and not p.anomalies
     assert [Kind(k) for k in p.kinds] == w.kinds
     assert p.block_ids.tolist() == w.block_ids
-    got = [{"start": b.start, "end": b.end, "summary_start": b.summary_start, "summary_end": b.summary_end}
-           for b in p.blocks]
+    got = [
+        {"start": b.start, "end": b.end, "summary_start": b.summary_start, "summary_end": b.summary_end}
+        for b in p.blocks
+    ]
     assert got == w.blocks
 
 
@@ -375,7 +401,7 @@ def test_well_formed_block_dies_at_summary_end_of_the_block_n_later(w, n_keep, d
     # The "at most N alive" form of the same statement (observable on blocks with a non-empty span).
     for q in range(p.prompt_len, n):
         done = [b for b in complete if b.summary_end <= q]
-        newest = {b.index for b in done[len(done) - min(n_keep, len(done)):]}
+        newest = {b.index for b in done[len(done) - min(n_keep, len(done)) :]}
         for b in done:
             if len(_span(b, delims)):
                 assert (p.kill_row[_span(b, delims)[0]] > q) == (b.index in newest)
@@ -387,7 +413,7 @@ def test_well_formed_keep_last_block_for_answer(w, delims):
     """keep_last_block_for_answer (N=0): block i dies at the block_start of block i+1; the last block
     stays visible to the answer."""
     p = parse(w.ids, SPECIAL, _cfg(0, delims, kl4a=True))
-    assert (p.kill_row[p.blocks[-1].start:] == len(w.ids)).all() if p.blocks else True  # the last block stays
+    assert (p.kill_row[p.blocks[-1].start :] == len(w.ids)).all() if p.blocks else True  # the last block stays
     for b, nxt in zip(p.blocks, p.blocks[1:] + [None]):
         if b.end is None:  # truncated inside the block
             continue
@@ -414,9 +440,7 @@ def test_live_kv_trace_is_row_sums_of_dense_mask(ids, cfg, window):
     mask = dense_mask(kr, window=window)
     np.testing.assert_array_equal(live_kv_trace(kr, window=window), mask.sum(1))
     q, k = np.indices(mask.shape)
-    np.testing.assert_array_equal(
-        mask, (k <= q) & (q < kr[None, :]) & (True if window is None else (q - k) < window)
-    )
+    np.testing.assert_array_equal(mask, (k <= q) & (q < kr[None, :]) & (True if window is None else (q - k) < window))
     stats = kv_stats(kr, window=window)
     trace = mask.sum(1)
     assert stats.num_tokens == len(ids)
@@ -428,8 +452,11 @@ def test_live_kv_trace_is_row_sums_of_dense_mask(ids, cfg, window):
 
 
 @FAST
-@given(docs=st.lists(malformed_streams(max_size=25), min_size=1, max_size=4), cfg=mask_configs(),
-       window=st.one_of(st.none(), st.integers(1, 8)))
+@given(
+    docs=st.lists(malformed_streams(max_size=25), min_size=1, max_size=4),
+    cfg=mask_configs(),
+    window=st.one_of(st.none(), st.integers(1, 8)),
+)
 def test_packed_dense_mask_is_block_diagonal(docs, cfg, window):
     lengths = [len(d) for d in docs]
     cu = np.concatenate([[0], np.cumsum(lengths)])

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from megatron_harness import megatron_skip_reason
 
 pytestmark = pytest.mark.skipif(megatron_skip_reason() is not None, reason=str(megatron_skip_reason()))
@@ -20,12 +19,24 @@ def _tiny(family: str, *, tied: bool, vocab_size: int = 100, seed: int = 0):
     padded Megatron vocabulary (128) has real rows, memento rows and zero pad rows."""
     import transformers as tf
 
-    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                  num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=256, pad_token_id=0,
-                  bos_token_id=0, eos_token_id=0, tie_word_embeddings=tied)
-    cls = {"qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {"head_dim": 8}),
-           "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, {}),
-           "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, {})}[family]
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=tied,
+    )
+    cls = {
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {"head_dim": 8}),
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, {}),
+        "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, {}),
+    }[family]
     torch.manual_seed(seed)
     model = cls[1](cls[0](**common, **cls[2]))
     model.resize_token_embeddings(vocab_size + MEMENTO_ROWS)
@@ -116,8 +127,10 @@ def test_pipeline_stage_views_partition_the_model(tied):
     last = stage_view(shard, layer_offset=1, num_layers=1, pre_process=False, post_process=True, tied=tied)
     assert "decoder.layers.0.self_attention.linear_qkv.weight" in last  # local numbering
     assert ("output_layer.weight" in last) and "embedding.word_embeddings.weight" not in last
-    merged = {**global_view(first, layer_offset=0, pre_process=True, tied=tied),
-              **global_view(last, layer_offset=1, pre_process=False, tied=tied)}
+    merged = {
+        **global_view(first, layer_offset=0, pre_process=True, tied=tied),
+        **global_view(last, layer_offset=1, pre_process=False, tied=tied),
+    }
     assert set(merged) == set(shard) and all(torch.equal(merged[k], shard[k]) for k in shard)
 
 
@@ -135,8 +148,14 @@ def test_tp2_shards_through_the_hf_export_reload_bit_identical(tmp_path):
     model = _tiny("qwen3", tied=True)
     arch = architecture_of(model)
     shards = [hf_to_megatron(model.state_dict(), arch, tp_rank=r, tp_size=2) for r in range(2)]
-    export_hf(megatron_to_hf(shards, arch), model.config, load_shipped_tokenizer(), tmp_path / "out", info={"block_masking": BlockMaskingConfig()},
-              dtype=torch.float32)
+    export_hf(
+        megatron_to_hf(shards, arch),
+        model.config,
+        load_shipped_tokenizer(),
+        tmp_path / "out",
+        info={"block_masking": BlockMaskingConfig()},
+        dtype=torch.float32,
+    )
     reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     again = reloaded.state_dict()
     for name, t in model.state_dict().items():
@@ -150,14 +169,29 @@ def test_unsupported_configs_name_the_option():
     from memento_train.config.errors import ConfigError
     from memento_train.models.megatron_gpt import describe_hf_config, transformer_config_from_hf
 
-    sliding = tf.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                             num_key_value_heads=2, num_hidden_layers=2, head_dim=8, use_sliding_window=True,
-                             sliding_window=16)
+    sliding = tf.Qwen3Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        head_dim=8,
+        use_sliding_window=True,
+        sliding_window=16,
+    )
     with pytest.raises(ConfigError, match="sliding"):
         describe_hf_config(sliding)
     with pytest.raises(ConfigError, match="model_type"):
         describe_hf_config(tf.GPT2Config())
-    ok = tf.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                        num_key_value_heads=2, num_hidden_layers=2, head_dim=8)
+    ok = tf.Qwen3Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        head_dim=8,
+    )
     with pytest.raises(ConfigError, match="engine.tensor_parallel"):
         transformer_config_from_hf(ok, tensor_parallel=4)

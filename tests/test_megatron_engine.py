@@ -12,7 +12,6 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-
 from megatron_harness import (
     megatron_native_on_cpu,
     megatron_skip_reason,
@@ -53,9 +52,11 @@ def make_engine(tp: int = 1, pp: int = 1, *, tied: bool = False):
 
 def token_loss(total_tokens: int):
     """The loop's loss: micro-batch token-loss sum / loss tokens of the whole global batch."""
+
     def loss_fn(logits, mb):
         loss = F.cross_entropy(logits.float(), mb.extras["labels"], ignore_index=-100, reduction="sum") / total_tokens
         return loss, {"loss": loss.item()}
+
     return loss_fn
 
 
@@ -69,7 +70,7 @@ def train(engine, step_seeds=STEP_SEEDS) -> dict:
     losses, norms, grads = [], [], None
     for seeds in step_seeds:
         mbs = micro_batches(seeds)
-        mine = mbs[engine.dp_rank::engine.dp_size]
+        mine = mbs[engine.dp_rank :: engine.dp_size]
         metrics = engine.forward_backward(mine, token_loss(loss_tokens(mbs)))
         if grads is None:
             grads = engine.full_grads()
@@ -93,8 +94,9 @@ def train_hf_adamw(tied: bool = False) -> dict:
         mbs = micro_batches(seeds)
         loss_fn, total = token_loss(loss_tokens(mbs)), 0.0
         for mb in mbs:
-            logits = model(input_ids=mb.input_ids[None], position_ids=mb.position_ids[None], memento_meta=mb.meta,
-                           use_cache=False).logits[0]
+            logits = model(
+                input_ids=mb.input_ids[None], position_ids=mb.position_ids[None], memento_meta=mb.meta, use_cache=False
+            ).logits[0]
             loss, m = loss_fn(logits, mb)
             loss.backward()
             total += m["loss"]
@@ -121,8 +123,10 @@ def assert_runs_match(got: dict, ref: dict) -> None:
 
 def evaluate(engine) -> list[float]:
     """``forward_only``: summed token loss per micro-batch (what RL's old log-probs pass looks like)."""
+
     def fn(logits, mb):
         return F.cross_entropy(logits.float(), mb.extras["labels"], ignore_index=-100, reduction="sum").item()
+
     return engine.forward_only(micro_batches(STEP_SEEDS[0]), fn)
 
 
@@ -179,8 +183,14 @@ def test_export_hf_loads_in_transformers(tmp_path):
         engine = make_engine(tied=True)
         train(engine, STEP_SEEDS[:1])
         state = engine.full_state_dict()
-    export_hf(dict(state), tiny_hf(tied=True).config, load_shipped_tokenizer(), tmp_path, info={"block_masking": BlockMaskingConfig()},
-              dtype=torch.float32)
+    export_hf(
+        dict(state),
+        tiny_hf(tied=True).config,
+        load_shipped_tokenizer(),
+        tmp_path,
+        info={"block_masking": BlockMaskingConfig()},
+        dtype=torch.float32,
+    )
     reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path)
     for name, w in reloaded.state_dict().items():
         assert torch.equal(w, state[name]), name
@@ -201,7 +211,6 @@ def test_core_attention_uses_the_models_memento_backend():
 
 def test_bad_configs_name_the_option():
     from memento_train.config.errors import ConfigError
-
     from memento_train.engines import EngineConfig, build_engine
 
     with single_process_group():
@@ -241,8 +250,9 @@ def test_native_distributed_optimizer_with_torch_adamw_resumes_exactly(tmp_path,
     from memento_train.engines import EngineConfig, build_engine
 
     def make():
-        return build_engine(tiny_hf(), optim_config(), EngineConfig(kind="megatron", precision=precision),
-                            torch.device("cpu"))
+        return build_engine(
+            tiny_hf(), optim_config(), EngineConfig(kind="megatron", precision=precision), torch.device("cpu")
+        )
 
     with single_process_group(), megatron_native_on_cpu():
         a = make()
@@ -275,8 +285,12 @@ def test_native_megatron_applies_weight_decay_only_to_matrices_not_to_norms_bias
     model = tiny_hf()
     model.config.attention_bias = False
     with single_process_group(), megatron_native_on_cpu():
-        engine = build_engine(model, OptimConfig(lr=lr, weight_decay=wd, grad_clip=0.0), EngineConfig(kind="megatron"),
-                              torch.device("cpu"))
+        engine = build_engine(
+            model,
+            OptimConfig(lr=lr, weight_decay=wd, grad_clip=0.0),
+            EngineConfig(kind="megatron"),
+            torch.device("cpu"),
+        )
         before = {n: p.detach().clone() for n, p in engine.gpt.named_parameters()}
         mb = micro_batches([0])[0]
         engine.forward_backward([mb], lambda logits, _: (logits.sum() * 0.0, {}))

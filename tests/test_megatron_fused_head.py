@@ -11,7 +11,6 @@ from unittest import mock
 
 import pytest
 import torch
-
 from megatron_harness import megatron_skip_reason, micro_batches, run_workers, single_process_group
 
 pytestmark = pytest.mark.skipif(megatron_skip_reason() is not None, reason=str(megatron_skip_reason()))
@@ -26,7 +25,7 @@ def _train_fused(engine) -> dict:
     losses, norms, grads = [], [], None
     for seeds in STEP_SEEDS:
         mbs = micro_batches(seeds)
-        mine = mbs[engine.dp_rank::engine.dp_size]
+        mine = mbs[engine.dp_rank :: engine.dp_size]
         denom = loss_tokens(mbs)
         metrics = engine.forward_backward(mine, sft_loss_fn(denom, chunk_rows=16))
         if grads is None:
@@ -37,8 +36,9 @@ def _train_fused(engine) -> dict:
 
 
 def _forward_logprobs(engine) -> list[torch.Tensor]:
-    from memento_train.engines.head_stats import token_logprob_fn
     from test_megatron_engine import STEP_SEEDS
+
+    from memento_train.engines.head_stats import token_logprob_fn
 
     return engine.forward_only(micro_batches(STEP_SEEDS[0]), token_logprob_fn(temperature=0.7, chunk_rows=16))
 
@@ -51,10 +51,12 @@ def _two_rank_job() -> dict:
     from test_megatron_engine import make_engine
 
     with mock.patch("memento_train.engines.megatron._GatherVocab.forward", _no_logits_gather):
-        return {"tp2": _train_fused(make_engine(tp=2)),
-                "tp2_logprobs": _forward_logprobs(make_engine(tp=2)),
-                "pp2_tied": _train_fused(make_engine(pp=2, tied=True)),
-                "pp2_logprobs": _forward_logprobs(make_engine(pp=2, tied=True))}
+        return {
+            "tp2": _train_fused(make_engine(tp=2)),
+            "tp2_logprobs": _forward_logprobs(make_engine(tp=2)),
+            "pp2_tied": _train_fused(make_engine(pp=2, tied=True)),
+            "pp2_logprobs": _forward_logprobs(make_engine(pp=2, tied=True)),
+        }
 
 
 @pytest.fixture(scope="module")
@@ -62,16 +64,19 @@ def tp1():
     from test_megatron_engine import make_engine, train
 
     with single_process_group():
-        return {"fused": {tied: _train_fused(make_engine(tied=tied)) for tied in (False, True)},
-                "plain": {tied: train(make_engine(tied=tied)) for tied in (False, True)},
-                "logprobs": _forward_logprobs(make_engine()),
-                "logprobs_tied": _forward_logprobs(make_engine(tied=True)),
-                "plain_logprobs": _plain_logprobs(make_engine())}
+        return {
+            "fused": {tied: _train_fused(make_engine(tied=tied)) for tied in (False, True)},
+            "plain": {tied: train(make_engine(tied=tied)) for tied in (False, True)},
+            "logprobs": _forward_logprobs(make_engine()),
+            "logprobs_tied": _forward_logprobs(make_engine(tied=True)),
+            "plain_logprobs": _plain_logprobs(make_engine()),
+        }
 
 
 def _plain_logprobs(engine) -> list[torch.Tensor]:
-    from memento_train.rl.logprobs import make_logprob_fn
     from test_megatron_engine import STEP_SEEDS
+
+    from memento_train.rl.logprobs import make_logprob_fn
 
     return engine.forward_only(micro_batches(STEP_SEEDS[0]), make_logprob_fn(temperature=0.7))
 

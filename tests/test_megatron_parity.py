@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from megatron_harness import memento_batch, megatron_skip_reason, run_workers, single_process_group
+from megatron_harness import megatron_skip_reason, memento_batch, run_workers, single_process_group
 
 pytestmark = pytest.mark.skipif(megatron_skip_reason() is not None, reason=str(megatron_skip_reason()))
 
@@ -20,15 +19,30 @@ TOL32 = 2e-5
 
 def tiny_hf(family: str, tied: bool):
     import transformers as tf
-
     from conftest import tiny_causal_lm
 
-    common = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                  num_hidden_layers=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    common = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     torch.manual_seed(0)
     if family == "llama":  # not in conftest; Llama-3.1 RoPE scaling, short original context so it bites
-        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        }
         model = tf.LlamaForCausalLM(tf.LlamaConfig(**common, rope_parameters=rope)).eval()
     elif family == "phi3-partial":  # Phi-4-mini style: RoPE on the first half of each head only
         rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
@@ -74,8 +88,12 @@ def megatron_logits(family: str, tied: bool, tp: int, *, causal: bool = False):
         load_hf_weights(gpt, hf.state_dict(), arch, tp_rank=ps.get_tensor_model_parallel_rank())
         gpt.eval()
         with torch.no_grad():
-            out = gpt(input_ids=ids[None], position_ids=pos[None], attention_mask=None,
-                      packed_seq_params=MementoPackedSeqParams.from_meta(meta))[0]
+            out = gpt(
+                input_ids=ids[None],
+                position_ids=pos[None],
+                attention_mask=None,
+                packed_seq_params=MementoPackedSeqParams.from_meta(meta),
+            )[0]
             if tp > 1:
                 out = _GatherVocab.apply(out, ps.get_tensor_model_parallel_group())
         return out[:, : arch.vocab_size], hf_logits(hf, ids, pos, meta)

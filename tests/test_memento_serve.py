@@ -14,7 +14,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 import vllm_harness as vh
 
 pytestmark = pytest.mark.skipif(vh.plugin_skip_reason() is not None, reason=str(vh.plugin_skip_reason()))
@@ -48,14 +47,29 @@ def _wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float = 600) -> N
 
 
 def test_print_command_names_the_plugin_and_the_checkpoint_mask():
-    out = subprocess.run([sys.executable, "-m", "memento_train.serving.cli", vh.ASSET, "--port", "9",
-                          "--max-block-tokens", "64", "--print-command"], capture_output=True, text=True,
-                         env={**os.environ}, timeout=300, check=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "memento_train.serving.cli",
+            vh.ASSET,
+            "--port",
+            "9",
+            "--max-block-tokens",
+            "64",
+            "--print-command",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ},
+        timeout=300,
+        check=True,
+    ).stdout
     args = out.split()
     assert args[:3] == ["vllm", "serve", vh.ASSET] and args[-2:] == ["--port", "9"]
     assert args[args.index("--scheduler-cls") + 1] == "memento_train.serving.scheduler.MementoScheduler"
     assert "--no-async-scheduling" in args and "--no-enable-prefix-caching" in args
-    config = json.loads(out[out.index("{"):out.rindex("}") + 1])["memento"]
+    config = json.loads(out[out.index("{") : out.rindex("}") + 1])["memento"]
     assert config["block_masking"]["keep_last_n_blocks"] == 0  # from the export's memento_train.json
     assert config["block_masking"]["max_block_tokens"] == 64
 
@@ -65,10 +79,32 @@ def test_server_on_loopback_reports_evicted_tokens_and_peak_kv(tmp_path):
     port = _free_port()
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "memento_train.serving.cli", vh.ASSET, "--host", "127.0.0.1", "--port", str(port),
-         "--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--block-size", "32",
-         "--kv-cache-memory-bytes", str(64 << 20), "--served-model-name", "memento"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ})
+        [
+            sys.executable,
+            "-m",
+            "memento_train.serving.cli",
+            vh.ASSET,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+            "--max-model-len",
+            "512",
+            "--block-size",
+            "32",
+            "--kv-cache-memory-bytes",
+            str(64 << 20),
+            "--served-model-name",
+            "memento",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ},
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(proc, f"{base}/health")
@@ -78,10 +114,18 @@ def test_server_on_loopback_reports_evicted_tokens_and_peak_kv(tmp_path):
         first = text.split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
         answer = text.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0]
         second = text.split("<|im_start|>user\n")[2].split("<|im_end|>")[0]
-        messages = [{"role": "user", "content": first}, {"role": "assistant", "content": answer},
-                    {"role": "user", "content": second}]
-        body = {"model": "memento", "messages": messages, "max_tokens": 64, "temperature": 0.0,
-                "skip_special_tokens": False}
+        messages = [
+            {"role": "user", "content": first},
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": second},
+        ]
+        body = {
+            "model": "memento",
+            "messages": messages,
+            "max_tokens": 64,
+            "temperature": 0.0,
+            "skip_special_tokens": False,
+        }
         out = _post(f"{base}/v1/chat/completions", body)
         report = out["kv_transfer_params"]["memento"]
         assert report["evicted_tokens"] > 0 and report["evictions"] >= 1  # the history's blocks, at prompt_len

@@ -29,8 +29,16 @@ def base_checkpoint(tmp_path_factory) -> Path:
     tok = build.build_tokenizer(include_memento_tokens=False)
     tok.save_pretrained(str(path))
     torch.manual_seed(0)
-    cfg = transformers.Qwen3Config(vocab_size=len(tok) + 8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True)
+    cfg = transformers.Qwen3Config(
+        vocab_size=len(tok) + 8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        tie_word_embeddings=True,
+    )
     transformers.Qwen3ForCausalLM(cfg).save_pretrained(str(path))
     return path
 

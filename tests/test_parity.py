@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from synthetic_ids import ASSISTANT, BE, BS, ETHINK, IM_END, IM_START, NL, SE, SPECIAL, SS, THINK, USER  # noqa: F401
 
 from memento_train.attention import MementoAttentionMeta, attn_implementation
 from memento_train.generation import (
@@ -29,7 +30,6 @@ from memento_train.generation import (
 )
 from memento_train.masking import BlockMaskingConfig, kv_bytes_per_token, live_kv_trace, parse
 
-from synthetic_ids import ASSISTANT, BE, BS, ETHINK, IM_END, IM_START, NL, SE, SPECIAL, SS, THINK, USER  # noqa: F401
 TOL64 = 1e-10
 FAMILIES = {"qwen3": False, "phi3": True, "olmo3": False}  # family -> mask_delimiters
 
@@ -110,13 +110,18 @@ def family_model(request, make_tiny_lm):
     return request.param, make_tiny_lm(request.param, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("keep_last_n_blocks,keep_last_block_for_answer", CONFIGS,
-                         ids=[f"N{n}{'-kl4a' if k else ''}" for n, k in CONFIGS])
-def test_training_forward_equals_evicting_decode(family_model, keep_last_n_blocks, keep_last_block_for_answer,
-                                                 record_property):
+@pytest.mark.parametrize(
+    "keep_last_n_blocks,keep_last_block_for_answer", CONFIGS, ids=[f"N{n}{'-kl4a' if k else ''}" for n, k in CONFIGS]
+)
+def test_training_forward_equals_evicting_decode(
+    family_model, keep_last_n_blocks, keep_last_block_for_answer, record_property
+):
     family, model = family_model
-    cfg = BlockMaskingConfig(keep_last_n_blocks=keep_last_n_blocks, mask_delimiters=FAMILIES[family],
-                     keep_last_block_for_answer=keep_last_block_for_answer)
+    cfg = BlockMaskingConfig(
+        keep_last_n_blocks=keep_last_n_blocks,
+        mask_delimiters=FAMILIES[family],
+        keep_last_block_for_answer=keep_last_block_for_answer,
+    )
     parsed, train, decoded = run_parity(model, cfg)
     sdpa = packed_logits(model, DOCS, [p.kill_row for p in parsed], "sdpa")
     bpt = kv_bytes_per_token(model.config, dtype_bytes=8)
@@ -131,7 +136,7 @@ def test_training_forward_equals_evicting_decode(family_model, keep_last_n_block
         np.testing.assert_array_equal(trace.entries, live_kv_trace(p.kill_row))
         np.testing.assert_array_equal(trace.nbytes, trace.entries * bpt)
         for ev in trace.evictions:  # every eviction with >= 2 fresh keys shrinks the cache
-            fresh = int(((p.kill_row[ev.start:ev.stop]) == ev.row).sum())
+            fresh = int(((p.kill_row[ev.start : ev.stop]) == ev.row).sum())
             if fresh >= 2:
                 assert trace.nbytes[ev.row] < trace.nbytes[ev.row - 1]
         if keep_last_n_blocks == 0 and not keep_last_block_for_answer and i in (0, 1):
@@ -202,8 +207,15 @@ def test_cache_without_eviction_equals_stock_forward(make_tiny_lm):
             outs = []
             for chunk in chunks:
                 input_ids, position_ids = cache.prepare_inputs([chunk])
-                outs.append(model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache,
-                                  use_cache=True, memento_cache=cache).logits[0])
+                outs.append(
+                    model(
+                        input_ids=input_ids,
+                        position_ids=position_ids,
+                        past_key_values=cache,
+                        use_cache=True,
+                        memento_cache=cache,
+                    ).logits[0]
+                )
         finally:
             model.set_attn_implementation("sdpa")
     got = torch.cat(outs)

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import gc
 
+import engine_harness as H
 import pytest
 import torch
-
-import engine_harness as H
 from host_memory import MALLOC_ENV, peak, reset_peak, rss
 
 HIDDEN, LAYERS, TOKENS = 256, 4, 2048
@@ -29,10 +28,17 @@ def _model(checkpointing: bool):
     from memento_train.attention import attn_implementation
     from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 
-    cfg = transformers.Qwen3Config(vocab_size=len(load_shipped_tokenizer()), hidden_size=HIDDEN,
-                                   intermediate_size=3 * HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
-                                   num_key_value_heads=2, head_dim=HIDDEN // 4, tie_word_embeddings=True,
-                                   max_position_embeddings=8192)
+    cfg = transformers.Qwen3Config(
+        vocab_size=len(load_shipped_tokenizer()),
+        hidden_size=HIDDEN,
+        intermediate_size=3 * HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=HIDDEN // 4,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+    )
     torch.manual_seed(0)
     model = transformers.Qwen3ForCausalLM(cfg)
     model.set_attn_implementation(attn_implementation("segment"))
@@ -62,8 +68,8 @@ def measure_job(rank: int, world_size: int, configs: list) -> dict:
     """Per (kind, zero_stage, checkpointing, keep): bytes held after a step, and the peak of one more
     forward + backward above that."""
     from memento_train.engines import EngineConfig, build_engine
-    from memento_train.training.optim import OptimConfig
     from memento_train.sft.losses import sft_loss_fn
+    from memento_train.training.optim import OptimConfig
 
     out = {}
     for i, config in enumerate([configs[0], *configs]):  # the first run only warms up (imports, caches)
@@ -72,8 +78,9 @@ def measure_job(rank: int, world_size: int, configs: list) -> dict:
         loss = sft_loss_fn(int((mb.extras["labels"] != -100).sum()))
         gc.collect()
         base = rss()
-        engine = build_engine(_model(checkpointing), OptimConfig(), EngineConfig(kind=kind, zero_stage=stage),
-                              torch.device("cpu"))
+        engine = build_engine(
+            _model(checkpointing), OptimConfig(), EngineConfig(kind=kind, zero_stage=stage), torch.device("cpu")
+        )
         engine.forward_backward([mb], loss)
         engine.step(1e-4)
         gc.collect()
@@ -90,17 +97,37 @@ def measure_job(rank: int, world_size: int, configs: list) -> dict:
 
 
 def _planned(config, world_size):
+    from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
     from memento_train.planning.memory import Parallel, Workload, plan_memory
     from memento_train.planning.shapes import ModelShape
-    from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 
     kind, stage, checkpointing, keep = config
-    shape = ModelShape(family="qwen3", hidden=HIDDEN, ffn=3 * HIDDEN, layers=LAYERS, heads=4, kv_heads=2,
-                       head_dim=HIDDEN // 4, vocab=len(load_shipped_tokenizer()), tied=True, windows=(None,) * LAYERS)
-    par = Parallel(kind=kind, precision="fp32", zero_stage=stage, offload_optimizer=False, offload_params=False,
-                   tensor_parallel=1, pipeline_parallel=1, world=world_size, comm_bytes=4)
-    work = Workload(tokens=TOKENS, doc_tokens=TOKENS, keep_last_n_blocks=keep, checkpointing=checkpointing,
-                    backend="segment")
+    shape = ModelShape(
+        family="qwen3",
+        hidden=HIDDEN,
+        ffn=3 * HIDDEN,
+        layers=LAYERS,
+        heads=4,
+        kv_heads=2,
+        head_dim=HIDDEN // 4,
+        vocab=len(load_shipped_tokenizer()),
+        tied=True,
+        windows=(None,) * LAYERS,
+    )
+    par = Parallel(
+        kind=kind,
+        precision="fp32",
+        zero_stage=stage,
+        offload_optimizer=False,
+        offload_params=False,
+        tensor_parallel=1,
+        pipeline_parallel=1,
+        world=world_size,
+        comm_bytes=4,
+    )
+    work = Workload(
+        tokens=TOKENS, doc_tokens=TOKENS, keep_last_n_blocks=keep, checkpointing=checkpointing, backend="segment"
+    )
     return plan_memory(shape, par, work, capacity=float("inf"), reserve=0)
 
 
@@ -133,8 +160,10 @@ def fsdp2_measured(tmp_path_factory):
 def test_planned_activations_and_state_match_measured_peaks(fsdp2_measured, config):
     measured = fsdp2_measured[config]
     plan = _planned(config, 2)
-    print(f"\n{config}: held {measured['held'] / 2**20:.1f} MiB vs planned {_held(plan) / 2**20:.1f}; "
-          f"fwd+bwd peak {measured['dynamic'] / 2**20:.1f} MiB vs planned {_dynamic(plan) / 2**20:.1f}")
+    print(
+        f"\n{config}: held {measured['held'] / 2**20:.1f} MiB vs planned {_held(plan) / 2**20:.1f}; "
+        f"fwd+bwd peak {measured['dynamic'] / 2**20:.1f} MiB vs planned {_dynamic(plan) / 2**20:.1f}"
+    )
     assert _held(plan) == pytest.approx(measured["held"], rel=0.15)
     assert _dynamic(plan) == pytest.approx(measured["dynamic"], rel=0.15)
 
@@ -147,17 +176,31 @@ def _plan(capsys, prog: str, *args: str) -> tuple[int, str]:
     return code, capsys.readouterr().out
 
 
-@pytest.mark.parametrize("prog,recipe", [
-    ("memento-train", "qwen3_8b_stage2"), ("memento-train", "qwen3_32b_stage2"),
-    ("memento-train", "phi4_reasoning_stage2"), ("memento-train", "olmo3_7b_stage2"),
-    ("memento-train", "qwen3_32b_stage2_megatron"), ("memento-rl", "grpo"),
-])
+@pytest.mark.parametrize(
+    "prog,recipe",
+    [
+        ("memento-train", "qwen3_8b_stage2"),
+        ("memento-train", "qwen3_32b_stage2"),
+        ("memento-train", "phi4_reasoning_stage2"),
+        ("memento-train", "olmo3_7b_stage2"),
+        ("memento-train", "qwen3_32b_stage2_megatron"),
+        ("memento-rl", "grpo"),
+    ],
+)
 def test_every_shipped_stage2_recipe_and_grpo_fit_an_80gb_gpu(capsys, prog, recipe):
     code, out = _plan(capsys, prog, f"recipe={recipe}")
     assert code == 0, out
     assert "fits: peak" in out and "DOES NOT FIT" not in out
-    for line in ("weights", "gradients", "optimizer state", "activations", "logits / loss", "attention workspace",
-                 "host at load, rank 0", "host at export, other ranks"):
+    for line in (
+        "weights",
+        "gradients",
+        "optimizer state",
+        "activations",
+        "logits / loss",
+        "attention workspace",
+        "host at load, rank 0",
+        "host at export, other ranks",
+    ):
         assert line in out
 
 

@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from memento_train.attention import MementoAttentionMeta
 from memento_train.config.errors import ConfigError
 from memento_train.engines.base import MicroBatch
-from memento_train.attention import MementoAttentionMeta
 from memento_train.rl.advantages import broadcast_to_tokens, compute_advantages, group_ids_for, group_reward_stats
 from memento_train.rl.algorithm import AlgorithmConfig
 from memento_train.rl.logprobs import IGNORE_INDEX, make_logprob_fn, token_logprobs, token_logprobs_and_entropy
@@ -256,7 +256,9 @@ def test_cispo_loss_fn_sends_gradient_to_every_token_even_when_every_ratio_is_cl
 
 def test_ppo_loss_fn_sends_no_gradient_through_clipped_tokens():
     logits, mb = _far_off_policy_batch()
-    loss, metrics = make_loss_fn(AlgorithmConfig(loss_agg="token_mean", loss="grpo", kl_coef=0.0), normaliser=3)(logits, mb)
+    loss, metrics = make_loss_fn(AlgorithmConfig(loss_agg="token_mean", loss="grpo", kl_coef=0.0), normaliser=3)(
+        logits, mb
+    )
     loss.backward()
     assert torch.count_nonzero(logits.grad) == 0
     assert reduce_metrics([metrics])["clip_frac"] == 1.0
@@ -337,8 +339,10 @@ def test_loss_fn_hand_value_with_kl_and_entropy_and_masked_garbage():
     # token 1: label -100 with -inf / nan extras: must not leak
     logits = torch.tensor([[0.0, math.log(3.0)], [1.0, 2.0]], requires_grad=True)
     mb = micro_batch(
-        labels=torch.tensor([1, -100]), advantages=torch.tensor([2.0, float("nan")]),
-        old_logprobs=torch.tensor([math.log(0.75), -math.inf]), ref_logprobs=torch.tensor([LN_HALF, math.nan]),
+        labels=torch.tensor([1, -100]),
+        advantages=torch.tensor([2.0, float("nan")]),
+        old_logprobs=torch.tensor([math.log(0.75), -math.inf]),
+        ref_logprobs=torch.tensor([LN_HALF, math.nan]),
     )
     cfg = AlgorithmConfig(loss_agg="token_mean", kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01)
     loss, metrics = make_loss_fn(cfg, normaliser=2)(logits, mb)
@@ -356,8 +360,11 @@ def test_tokens_dropped_by_loss_mask_neither_count_nor_leak_nan_gradients(loss):
     logits = torch.randn(3, 4, requires_grad=True)
     nan = float("nan")
     mb = micro_batch(
-        labels=torch.tensor([1, 2, 3]), loss_mask=torch.tensor([1, 0, 1]), advantages=torch.tensor([1.0, nan, -1.0]),
-        old_logprobs=torch.tensor([-1.0, -math.inf, -2.0]), ref_logprobs=torch.tensor([-1.0, nan, -1.0]),
+        labels=torch.tensor([1, 2, 3]),
+        loss_mask=torch.tensor([1, 0, 1]),
+        advantages=torch.tensor([1.0, nan, -1.0]),
+        old_logprobs=torch.tensor([-1.0, -math.inf, -2.0]),
+        ref_logprobs=torch.tensor([-1.0, nan, -1.0]),
         rollout_logprobs=torch.tensor([-1.0, nan, -2.0]),
     )
     cfg = AlgorithmConfig(loss_agg="token_mean", loss=loss, kl_coef=0.1, entropy_coef=0.01, tis_cap=2.0)
@@ -381,9 +388,14 @@ def test_micro_batch_losses_add_up_to_the_whole_batch_loss(loss, loss_agg):
     mask = torch.tensor([0, 1, 1, 1, 0, 1, 0, 1])  # sequence 2 has one token left out
     seq_of_token = [0, 0, 0, 1, 1, 2, 2, 2]
     weights, z = aggregation_weights(loss_agg, [2, 1, 2], [0, 0, 1], max_response_len=4)
-    extras = dict(labels=labels, loss_mask=mask, advantages=torch.randn(8),
-                  old_logprobs=token_logprobs(logits, labels).detach() + 0.3 * torch.randn(8),
-                  ref_logprobs=torch.randn(8) - 2, loss_weights=torch.tensor([weights[i] for i in seq_of_token]))
+    extras = dict(
+        labels=labels,
+        loss_mask=mask,
+        advantages=torch.randn(8),
+        old_logprobs=token_logprobs(logits, labels).detach() + 0.3 * torch.randn(8),
+        ref_logprobs=torch.randn(8) - 2,
+        loss_weights=torch.tensor([weights[i] for i in seq_of_token]),
+    )
     fn = make_loss_fn(AlgorithmConfig(loss=loss, loss_agg=loss_agg, kl_coef=0.05, entropy_coef=0.01), z)
 
     whole, _ = fn(logits, micro_batch(**extras))
@@ -417,7 +429,9 @@ def test_loss_fn_names_the_missing_extra_and_the_option():
     with pytest.raises(KeyError, match="ref_logprobs.*kl_coef"):
         make_loss_fn(AlgorithmConfig(loss_agg="token_mean"), 2, on_policy=True)(logits, micro_batch(**base))
     with pytest.raises(KeyError, match="rollout_logprobs.*old_logprobs_source=rollout"):
-        make_loss_fn(AlgorithmConfig(loss_agg="token_mean", kl_coef=0.0, old_logprobs_source="rollout"), 2)(logits, micro_batch(**base))
+        make_loss_fn(AlgorithmConfig(loss_agg="token_mean", kl_coef=0.0, old_logprobs_source="rollout"), 2)(
+            logits, micro_batch(**base)
+        )
     with pytest.raises(KeyError, match="loss_weights.*loss_agg=group_total"):
         make_loss_fn(AlgorithmConfig(kl_coef=0.0), 2, on_policy=True)(logits, micro_batch(**base))
 
@@ -426,7 +440,9 @@ def test_rollout_source_uses_rollout_logprobs_as_old_and_logs_the_mismatch():
     logits = torch.zeros(2, 2)  # logp = ln .5 for both tokens
     rollout = torch.tensor([math.log(0.25), LN_HALF])  # r = [2, 1]; |Δ| = [ln 2, 0]
     mb = micro_batch(labels=torch.tensor([0, 1]), advantages=torch.ones(2), rollout_logprobs=rollout)
-    _, metrics = make_loss_fn(AlgorithmConfig(loss_agg="token_mean", kl_coef=0.0, old_logprobs_source="rollout"), 2)(logits, mb)
+    _, metrics = make_loss_fn(AlgorithmConfig(loss_agg="token_mean", kl_coef=0.0, old_logprobs_source="rollout"), 2)(
+        logits, mb
+    )
     m = reduce_metrics([metrics])
     assert m["ratio/max"] == pytest.approx(2.0) and m["clip_frac"] == pytest.approx(0.5)
     assert m["mismatch/abs"] == pytest.approx(math.log(2) / 2) and m["mismatch/abs/max"] == pytest.approx(math.log(2))
@@ -459,8 +475,9 @@ def test_tis_weights_scale_the_policy_term_by_the_capped_train_over_rollout_rati
 
 def test_logprob_mismatch_hand_values_ignore_masked_tokens():
     # |Δ| = [.1, 0, (masked: 0.5)] -> mean .05, max .1; k3 = e^Δ - 1 - Δ: e^.1 - 1.1 = 0.0051709
-    m = logprob_mismatch(torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-1.1, -2.0, -2.5]),
-                         torch.tensor([True, True, False]))
+    m = logprob_mismatch(
+        torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-1.1, -2.0, -2.5]), torch.tensor([True, True, False])
+    )
     out = reduce_metrics([m])
     assert out["mismatch/abs"] == pytest.approx(0.05) and out["mismatch/abs/max"] == pytest.approx(0.1)
     assert out["mismatch/k3"] == pytest.approx(0.0051709 / 2, abs=1e-6)
@@ -496,12 +513,24 @@ def test_algorithm_defaults_are_the_papers():
     assert cfg.old_logprobs_source == "trainer" and cfg.uses_reference
 
 
-@pytest.mark.parametrize("option,value", [
-    ("loss", "ppo2"), ("kl_estimator", "k4"), ("adv_norm", "zscore"), ("loss_agg", "sum"),
-    ("old_logprobs_source", "vllm"), ("tis_mode", "clip"), ("eps_low", 1.5), ("eps_high", -0.1),
-    ("kl_coef", -1.0), ("entropy_coef", float("nan")), ("adv_eps", 0.0), ("tis_cap", -1.0),
-    ("logprob_chunk_size", 0),
-])
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("loss", "ppo2"),
+        ("kl_estimator", "k4"),
+        ("adv_norm", "zscore"),
+        ("loss_agg", "sum"),
+        ("old_logprobs_source", "vllm"),
+        ("tis_mode", "clip"),
+        ("eps_low", 1.5),
+        ("eps_high", -0.1),
+        ("kl_coef", -1.0),
+        ("entropy_coef", float("nan")),
+        ("adv_eps", 0.0),
+        ("tis_cap", -1.0),
+        ("logprob_chunk_size", 0),
+    ],
+)
 def test_algorithm_config_errors_name_the_option(option, value):
     with pytest.raises(ConfigError, match=rf"rl\.algorithm\.{option}"):
         AlgorithmConfig(**{option: value}).validate("rl.algorithm")

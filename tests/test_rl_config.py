@@ -13,12 +13,12 @@ import pytest
 from memento_train.config.errors import ConfigError
 from memento_train.export.writer import MARKER_FILE, export_hf, exported_mask
 from memento_train.masking import BlockMaskingConfig
+from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 from memento_train.rl.cli import main as rl_main
+from memento_train.rl.config import build_rl_config, config_tree, load_rl_config
 from memento_train.rl.driver import encode_prompts, load_problems
 from memento_train.rl.rewards import math_reward
-from memento_train.rl.config import build_rl_config, config_tree, load_rl_config
 from memento_train.sft.cli import main as sft_main
-from memento_train.models.shipped_tokenizer import load_shipped_tokenizer
 
 OFFLINE = ["logger=none"]  # hub datasets are named, not read: show never downloads
 
@@ -32,8 +32,12 @@ def fake_export(path, *, stage, mask_delimiters=False, keep=0, max_positions=409
     path.mkdir(parents=True, exist_ok=True)
     tiny_model_config(tok, max_position_embeddings=max_positions).save_pretrained(str(path))
     tok.save_pretrained(str(path))
-    mask = {"keep_last_n_blocks": keep, "mask_delimiters": mask_delimiters, "keep_last_block_for_answer": False,
-            "require_assistant_section": True}
+    mask = {
+        "keep_last_n_blocks": keep,
+        "mask_delimiters": mask_delimiters,
+        "keep_last_block_for_answer": False,
+        "require_assistant_section": True,
+    }
     (path / MARKER_FILE).write_text(json.dumps({"stage": stage, "mask": mask}))
     return path
 
@@ -87,18 +91,26 @@ def test_grpo_recipe_is_the_papers_run(tmp_path):
     assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.grad_clip, cfg.optim.schedule) == (1e-6, 10, 1.0, "cosine")
     p = cfg.prompts
     assert (p.path, p.problem_field, p.answer_field, p.max_prompt_len) == (
-        "allenai/Dolci-RL-Zero-Math-7B", "prompt", "ground_truth", 1024)
+        "allenai/Dolci-RL-Zero-Math-7B",
+        "prompt",
+        "ground_truth",
+        1024,
+    )
     e = cfg.eval
     assert (e.every, e.samples, e.temperature) == (25, 64, 0.6)
-    assert {k: v.path for k, v in e.sets.items()} == {"aime24": "HuggingFaceH4/aime_2024",
-                                                      "aime25": "MathArena/aime_2025"}
+    assert {k: v.path for k, v in e.sets.items()} == {
+        "aime24": "HuggingFaceH4/aime_2024",
+        "aime25": "MathArena/aime_2025",
+    }
     assert cfg.reward.require_think_end and cfg.reward.truncated == "zero"
 
 
 def test_dolci_math_prompts_map_through_the_prompt_reader(tmp_path, monkeypatch):
     # A small file in the hub dataset's schema: id, prompt, ground_truth (a list), solution.
-    rows = [{"id": "d0", "prompt": "What is $6 \\times 7$?", "ground_truth": ["42"], "solution": "42"},
-            {"id": "d1", "prompt": "Solve $x^2 = 4$, $x > 0$.", "ground_truth": ["2", "2"], "solution": "2"}]
+    rows = [
+        {"id": "d0", "prompt": "What is $6 \\times 7$?", "ground_truth": ["42"], "solution": "42"},
+        {"id": "d1", "prompt": "Solve $x^2 = 4$, $x > 0$.", "ground_truth": ["2", "2"], "solution": "2"},
+    ]
     local = tmp_path / "dolci.parquet"
     pq.write_table(pa.Table.from_pylist(rows), str(local))
     calls = []
@@ -138,11 +150,21 @@ def test_rollout_mask_defaults_to_the_models_and_a_contradiction_is_refused(tmp_
     cfg = load_rl_config("grpo", [*OFFLINE, f"model.path={phi4}"])
     assert cfg.rollout.block_masking.mask_delimiters and cfg.rollout.block_masking.keep_last_n_blocks == 0
     assert cfg.rollout.block_masking.max_block_tokens == 7168  # the recipe's serving option stays
-    with pytest.raises(ConfigError, match=r"rollout.block_masking sets mask_delimiters=False \(the model: True\).*"
-                                          r"rollout.allow_mask_mismatch=true"):
+    with pytest.raises(
+        ConfigError,
+        match=r"rollout.block_masking sets mask_delimiters=False \(the model: True\).*"
+        r"rollout.allow_mask_mismatch=true",
+    ):
         load_rl_config("grpo", [*OFFLINE, f"model.path={phi4}", "rollout.block_masking.mask_delimiters=false"])
-    cfg = load_rl_config("grpo", [*OFFLINE, f"model.path={phi4}", "rollout.block_masking.mask_delimiters=false",
-                                  "rollout.allow_mask_mismatch=true"])
+    cfg = load_rl_config(
+        "grpo",
+        [
+            *OFFLINE,
+            f"model.path={phi4}",
+            "rollout.block_masking.mask_delimiters=false",
+            "rollout.allow_mask_mismatch=true",
+        ],
+    )
     assert not cfg.rollout.block_masking.mask_delimiters
     stage1 = fake_export(tmp_path / "s1", stage=1, keep=-1)  # RL needs a model trained to evict
     with pytest.raises(ConfigError, match="rollout.block_masking must evict"):
@@ -165,12 +187,23 @@ def test_every_export_records_its_mask(tmp_path):
     model = build_tiny_model(tok, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1)
     with pytest.raises(ValueError, match="info\\['block_masking'\\] is required"):
         export_hf(model.state_dict(), model.config, tok, tmp_path / "a", info={"stage": 2})
-    export_hf(model.state_dict(), model.config, tok, tmp_path / "b",
-              info={"stage": 2, "block_masking": BlockMaskingConfig(keep_last_n_blocks=0, mask_delimiters=True,
-                                                                     max_block_tokens=64)})
+    export_hf(
+        model.state_dict(),
+        model.config,
+        tok,
+        tmp_path / "b",
+        info={
+            "stage": 2,
+            "block_masking": BlockMaskingConfig(keep_last_n_blocks=0, mask_delimiters=True, max_block_tokens=64),
+        },
+    )
     marker = json.loads((tmp_path / "b" / MARKER_FILE).read_text())
-    assert marker["block_masking"] == {"keep_last_n_blocks": 0, "mask_delimiters": True,  # the rule alone
-                                       "keep_last_block_for_answer": False, "require_assistant_section": True}
+    assert marker["block_masking"] == {
+        "keep_last_n_blocks": 0,
+        "mask_delimiters": True,  # the rule alone
+        "keep_last_block_for_answer": False,
+        "require_assistant_section": True,
+    }
     assert exported_mask(tmp_path / "b") == BlockMaskingConfig(keep_last_n_blocks=0, mask_delimiters=True)
 
 
@@ -200,12 +233,15 @@ def test_memento_eval_uses_the_models_mask_and_refuses_a_contradiction(tmp_path,
 # ------------------------------------------------------------- show refuses what cannot run on a cluster
 
 
-@pytest.mark.parametrize("overrides,named", [
-    (["engine.offload_optimizer=true"], r"engine.offload_optimizer alone is not possible with fsdp2"),
-    (["engine.precision=fp16"], r"engine.precision=fp16"),
-    (["placement=colocated"], r"placement=colocated on GPUs"),
-    (["engine.kind=megatron", "engine.tensor_parallel=2"], r"engine.tensor_parallel=2.*data parallel only"),
-])
+@pytest.mark.parametrize(
+    "overrides,named",
+    [
+        (["engine.offload_optimizer=true"], r"engine.offload_optimizer alone is not possible with fsdp2"),
+        (["engine.precision=fp16"], r"engine.precision=fp16"),
+        (["placement=colocated"], r"placement=colocated on GPUs"),
+        (["engine.kind=megatron", "engine.tensor_parallel=2"], r"engine.tensor_parallel=2.*data parallel only"),
+    ],
+)
 def test_show_refuses_what_would_fail_after_the_ranks_loaded_weights(tmp_path, capsys, monkeypatch, overrides, named):
     def no_loading(*args, **kwargs):
         raise AssertionError("show loaded a model")
@@ -220,8 +256,9 @@ def test_show_refuses_what_would_fail_after_the_ranks_loaded_weights(tmp_path, c
 
 
 def test_the_shipped_grpo_recipe_passes_show(tmp_path, capsys):
-    rc, out, err = run_cli(rl_main, capsys, "show", "recipe=grpo", *OFFLINE,
-                           f"model.path={fake_export(tmp_path / 's2', stage=2)}")
+    rc, out, err = run_cli(
+        rl_main, capsys, "show", "recipe=grpo", *OFFLINE, f"model.path={fake_export(tmp_path / 's2', stage=2)}"
+    )
     assert rc == 0, err
     assert "generator: vllm" in out  # the recipe says which rollout generator it uses
 
@@ -237,7 +274,12 @@ def test_rollout_mask_and_engine_are_deprecated_aliases():
     assert cfg.rollout.block_masking.max_block_tokens == 50
     with pytest.deprecated_call(match="rollout.engine is deprecated; use rollout.generator"):
         assert load_rl_config("tiny_rl", [*OFFLINE, "rollout.engine=reference"]).rollout.generator == "reference"
-    with pytest.raises(ConfigError, match=r"rollout.engine='reference' \(deprecated\) contradicts "
-                                          r"rollout.generator='vllm'; set rollout.generator only"), \
-            pytest.deprecated_call():
+    with (
+        pytest.raises(
+            ConfigError,
+            match=r"rollout.engine='reference' \(deprecated\) contradicts "
+            r"rollout.generator='vllm'; set rollout.generator only",
+        ),
+        pytest.deprecated_call(),
+    ):
         load_rl_config("tiny_rl", [*OFFLINE, "rollout.engine=reference", "rollout.generator=vllm"])

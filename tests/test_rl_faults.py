@@ -39,8 +39,13 @@ def test_rollout_worker_crash_is_retried_with_the_same_samples(tmp_path):
 
 @pytest.mark.slow
 def test_killed_rollout_actor_on_ray_is_restarted_and_the_step_retried(tmp_path):
-    over = ["cluster.use_ray=true", "rollout_cluster.use_ray=true", "cluster.cpus_per_worker=1",
-            "rollout_cluster.cpus_per_worker=1", "train.total_steps=2"]
+    over = [
+        "cluster.use_ray=true",
+        "rollout_cluster.use_ray=true",
+        "cluster.cpus_per_worker=1",
+        "rollout_cluster.cpus_per_worker=1",
+        "train.total_steps=2",
+    ]
     _, clean = run(tmp_path / "clean", *over, "cluster.use_ray=false", "rollout_cluster.use_ray=false")
     _, faulty = run(tmp_path / "faulty", *over, "faults.inject_rollout_crash_at_step=1")
     assert faulty[0]["rollout_retries"] == 1 and faulty[-1]["rollout_restarts"] == 1
@@ -52,8 +57,9 @@ def test_killed_rollout_actor_on_ray_is_restarted_and_the_step_retried(tmp_path)
 def test_crashed_reward_worker_is_replaced_and_the_batch_rescored(tmp_path, monkeypatch):
     monkeypatch.setenv(_MARKER, str(tmp_path / "crashed"))
     _, clean = run(tmp_path / "clean", "train.total_steps=1")
-    _, faulty = run(tmp_path / "faulty", "train.total_steps=1", "reward.num_workers=1",
-                    "reward.fn=test_rl_faults:crash_once_reward")
+    _, faulty = run(
+        tmp_path / "faulty", "train.total_steps=1", "reward.num_workers=1", "reward.fn=test_rl_faults:crash_once_reward"
+    )
     assert os.path.exists(tmp_path / "crashed")
     assert faulty[0]["reward_retries"] == 1 and faulty[0]["reward/crashes"] == 1  # logged with the step
     _same_batch(clean[0], faulty[0])

@@ -5,27 +5,40 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import rl_warmed_policy
 import torch
 
-import rl_warmed_policy
 from memento_train.data.render import Renderer
 from memento_train.data.synthetic import SyntheticTaskConfig, synthetic_record
 from memento_train.masking import BlockMaskingConfig, SpecialTokens, parse
-from memento_train.rl.driver import prompt_indices, run_rl
 from memento_train.rl.config import build_rl_config, config_tree
+from memento_train.rl.driver import prompt_indices, run_rl
 from memento_train.rl.trainer_worker import TOKEN_EXTRAS, rollout_document
 from memento_train.tokens import special_token_ids
-from memento_train.training.tracking import read_metrics
 from memento_train.training.micro_batches import build_micro_batch, plan_micro_batches
+from memento_train.training.tracking import read_metrics
 
 # A random, very small policy and a tiny batch: plumbing tests, seconds per step, inline workers.
 FAST = [
-    "logger=none", "warmup.enabled=false", "cluster.use_ray=false", "rollout_cluster.use_ray=false",
-    "model.tiny.hidden_size=16", "model.tiny.num_layers=1", "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1",
-    "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=24", "reward.num_workers=0",
-    "reward.fn=test_rl_loop:length_parity_reward", "checkpoint.export_hf=false", "eval.every=0", "eval.at_start=false",
+    "logger=none",
+    "warmup.enabled=false",
+    "cluster.use_ray=false",
+    "rollout_cluster.use_ray=false",
+    "model.tiny.hidden_size=16",
+    "model.tiny.num_layers=1",
+    "model.tiny.num_heads=2",
+    "model.tiny.num_kv_heads=1",
+    "rollout.prompts_per_step=2",
+    "rollout.group_size=4",
+    "rollout.max_new_tokens=24",
+    "reward.num_workers=0",
+    "reward.fn=test_rl_loop:length_parity_reward",
+    "checkpoint.export_hf=false",
+    "eval.every=0",
+    "eval.at_start=false",
     # a random policy never closes </think> and always hits the budget: let the parity reward see it all
-    "reward.require_think_end=false", "reward.truncated=score",
+    "reward.require_think_end=false",
+    "reward.truncated=score",
 ]
 
 
@@ -56,6 +69,7 @@ def test_warmup_unboxed_answer_rate_must_be_a_fraction_and_reaches_the_warmup_da
         build_rl_config(config_tree(None, [f"output_dir={tmp_path}", "warmup.unboxed_answer_rate=1.0"]))
     cfg = build_rl_config(config_tree(None, [f"output_dir={tmp_path}", "warmup.num_records=200"]))
     assert cfg.warmup.unboxed_answer_rate == 0.75  # the tiny default's sloppy teacher
+
     class Stop(Exception):
         pass
 
@@ -80,8 +94,8 @@ def test_run_rl_with_the_warmup_enabled_but_not_run_names_the_pipeline_that_runs
 
 
 def _tokenizer():
-    from memento_train.models.loading import run_tokenizer
     from memento_train.models.config import ModelConfig
+    from memento_train.models.loading import run_tokenizer
 
     return run_tokenizer(ModelConfig())
 
@@ -95,8 +109,10 @@ def test_rollout_document_trains_response_tokens_with_rollout_mask_logprobs_and_
     prompt = ren._encode(ren.prompt_text(rec["problem"]))
     response = ren._encode(rec["response"] + "<|im_end|>")
     lps = -np.arange(1, len(response) + 1, dtype=np.float32) / 100
-    docs = [rollout_document(prompt, response, lps, 1.5, special, mask),
-            rollout_document(prompt, response[:5], lps[:5], -0.5, special, mask)]
+    docs = [
+        rollout_document(prompt, response, lps, 1.5, special, mask),
+        rollout_document(prompt, response[:5], lps[:5], -0.5, special, mask),
+    ]
     mb, _ = build_micro_batch(docs, pad_token_id=0, device=torch.device("cpu"), token_extras=TOKEN_EXTRAS)
     p, n = len(prompt), len(prompt) + len(response)
     labels, adv, rlp = mb.extras["labels"], mb.extras["advantages"], mb.extras["rollout_logprobs"]
@@ -124,10 +140,10 @@ def test_micro_batch_plan_places_every_sample_once_and_ranks_get_equal_counts():
 
 def test_weight_sync_gives_rollout_workers_the_trainer_weights(tmp_path):
     from memento_train.cluster import WorkerGroup
+    from memento_train.config.tree import to_dict
     from memento_train.rl.rollout_worker import RolloutPool
     from memento_train.rl.trainer_worker import RLTrainerWorker
     from memento_train.rl.weight_sync import sync_weights
-    from memento_train.config.tree import to_dict
 
     cfg = build_rl_config(config_tree(None, [*FAST, f"output_dir={tmp_path}"]))
     tree = to_dict(cfg)
@@ -149,11 +165,29 @@ def test_weight_sync_gives_rollout_workers_the_trainer_weights(tmp_path):
 def test_one_step_logs_every_metric_and_trainer_logprobs_match_rollout(tmp_path):
     _, records = run(tmp_path, "train.total_steps=1", "eval.every=1", "eval.num_problems=2", "eval.samples=2")
     (m,) = records
-    for key in ("reward_mean", "reward_std", "accuracy", "response_length", "blocks_per_response",
-                "compression_ratio", "peak_kv", "kv_auc", "clip_fraction", "kl", "entropy",
-                "logprob_mismatch_mean", "logprob_mismatch_max", "gen_tokens_per_s", "time/rollout_s",
-                "time/reward_s", "time/old_logprobs_s", "time/ref_logprobs_s", "time/update_s", "time/sync_s",
-                "eval/accuracy"):
+    for key in (
+        "reward_mean",
+        "reward_std",
+        "accuracy",
+        "response_length",
+        "blocks_per_response",
+        "compression_ratio",
+        "peak_kv",
+        "kv_auc",
+        "clip_fraction",
+        "kl",
+        "entropy",
+        "logprob_mismatch_mean",
+        "logprob_mismatch_max",
+        "gen_tokens_per_s",
+        "time/rollout_s",
+        "time/reward_s",
+        "time/old_logprobs_s",
+        "time/ref_logprobs_s",
+        "time/update_s",
+        "time/sync_s",
+        "eval/accuracy",
+    ):
         assert key in m, key
     assert m["samples"] == 8
     assert m["logprob_mismatch_max"] < 1e-3  # fp32, same weights, same mask (blocks: the test below)
@@ -164,25 +198,38 @@ def test_trainer_recomputes_the_rollout_logprobs_of_block_evicting_responses_and
     trainer's own path (rollout_document -> packed micro-batch -> engine forward under the memento
     mask) must reproduce the rollout's log-probs; the same tokens under a plain causal mask must not."""
     from memento_train.cluster import WorkerGroup
+    from memento_train.config.tree import to_dict
     from memento_train.rl.driver import encode_prompts, load_problems, sample_seed
     from memento_train.rl.rollout_worker import RolloutRequest, RolloutWorker
     from memento_train.rl.trainer_worker import RLTrainerWorker
-    from memento_train.config.tree import to_dict
 
-    cfg = build_rl_config(config_tree(None, [*FAST, f"output_dir={tmp_path}", f"model.path={rl_warmed_policy.ASSET}",
-                                             "rollout.max_new_tokens=160"]))
+    cfg = build_rl_config(
+        config_tree(
+            None,
+            [*FAST, f"output_dir={tmp_path}", f"model.path={rl_warmed_policy.ASSET}", "rollout.max_new_tokens=160"],
+        )
+    )
     tree = to_dict(cfg)
     rollout = RolloutWorker(tree)
-    records, prompts = encode_prompts(load_problems(cfg.prompts, synthetic_task=cfg.prompts.synthetic, num=2),
-                                      rollout.tokenizer, cfg.prompts.max_prompt_len)
+    records, prompts = encode_prompts(
+        load_problems(cfg.prompts, synthetic_task=cfg.prompts.synthetic, num=2),
+        rollout.tokenizer,
+        cfg.prompts.max_prompt_len,
+    )
     requests = [RolloutRequest(key=i, prompt_ids=prompts[i // 2], seed=sample_seed(0, 0, i)) for i in range(4)]
-    params = {"max_new_tokens": 160, "temperature": 1.0, "top_p": 1.0,
-              "stop_token_ids": (int(rollout.tokenizer.eos_token_id),)}
+    params = {
+        "max_new_tokens": 160,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "stop_token_ids": (int(rollout.tokenizer.eos_token_id),),
+    }
     results = rollout.generate(requests, params)
     special = SpecialTokens.from_mapping(special_token_ids(rollout.tokenizer))
     mask = cfg.rollout.block_masking.rule()
-    docs = [rollout_document(q.prompt_ids, x["token_ids"], x["logprobs"], 1.0, special, mask)
-            for q, x in zip(requests, results)]
+    docs = [
+        rollout_document(q.prompt_ids, x["token_ids"], x["logprobs"], 1.0, special, mask)
+        for q, x in zip(requests, results)
+    ]
     evicted = sum(int((d["kill_row"] < len(d["input_ids"])).sum()) for d in docs)
     assert evicted > 50, "the warmed policy should write (and so evict) blocks"
     causal = [{**d, "kill_row": np.full(len(d["input_ids"]), len(d["input_ids"]))} for d in docs]
@@ -203,13 +250,15 @@ def test_mini_batches_update_several_times_against_the_rollout_policy_so_the_cli
     assert one["clip_fraction"] == 0.0
     # Four updates: π_old is fixed before the first, so later mini-batches see moved ratios (a large lr
     # moves them past the clip range); recomputing π_old per mini-batch would leave them at 1.
-    _, (four,) = run(tmp_path / "four", "train.total_steps=1", "optim.lr=0.05", "rollout.prompts_per_step=4",
-                     "train.mini_batches=4")
+    _, (four,) = run(
+        tmp_path / "four", "train.total_steps=1", "optim.lr=0.05", "rollout.prompts_per_step=4", "train.mini_batches=4"
+    )
     assert four["updates"] == 4 and four["samples"] == 16
     assert four["train/ratio/max"] > 1.0 > four["train/ratio/min"] and four["clip_fraction"] > 0.0
     with pytest.raises(Exception, match=r"train.mini_batches \(5\) must be <= rollout.prompts_per_step"):
-        build_rl_config(config_tree(None, [*FAST, f"output_dir={tmp_path}", "train.mini_batches=5",
-                                           "rollout.prompts_per_step=4"]))
+        build_rl_config(
+            config_tree(None, [*FAST, f"output_dir={tmp_path}", "train.mini_batches=5", "rollout.prompts_per_step=4"])
+        )
 
 
 @pytest.mark.slow
@@ -220,11 +269,24 @@ def test_seeded_tiny_run_raises_the_mean_reward_and_held_out_accuracy(tmp_path):
     answers, on the training prompts and on held-out problems."""
     stale = rl_warmed_policy.stale_reason()
     assert stale is None, f"tests/assets/tiny_rl_warmed is stale ({stale}): run python tests/rl_warmed_policy.py"
-    cfg = build_rl_config(config_tree(None, ["logger=none", f"output_dir={tmp_path}", "cluster.use_ray=false",
-                                             "rollout_cluster.use_ray=false", "reward.num_workers=0",
-                                             "checkpoint.export_hf=false", "checkpoint.every=0",
-                                             "train.total_steps=8", "eval.every=8", "warmup.enabled=false",
-                                             f"model.path={rl_warmed_policy.ASSET}"]))
+    cfg = build_rl_config(
+        config_tree(
+            None,
+            [
+                "logger=none",
+                f"output_dir={tmp_path}",
+                "cluster.use_ray=false",
+                "rollout_cluster.use_ray=false",
+                "reward.num_workers=0",
+                "checkpoint.export_hf=false",
+                "checkpoint.every=0",
+                "train.total_steps=8",
+                "eval.every=8",
+                "warmup.enabled=false",
+                f"model.path={rl_warmed_policy.ASSET}",
+            ],
+        )
+    )
     result = run_rl(cfg, progress=False)
     r = result.reward_means
     first, last = float(np.mean(r[:3])), float(np.mean(r[-3:]))

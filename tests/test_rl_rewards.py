@@ -66,13 +66,16 @@ def chaos_pool(fixture_module):
 # ----------------------------------------------------------------------------------------- math reward
 
 
-@pytest.mark.parametrize("response,gold,expected", [
-    (r"<think>\n...\n</think>\nSo the answer is $\boxed{\frac{1}{2}}$.", "0.5", 1.0),
-    (r"</think> \boxed{2\sqrt{2}}", "sqrt(8)", 1.0),
-    (r"</think> \boxed{3}", "4", 0.0),
-    (r"<think>\n<|block_start|>maybe \boxed{5}<|block_end|>\n</think>\n\boxed{7}", "7", 1.0),
-    ("no answer here", "7", 0.0),
-])
+@pytest.mark.parametrize(
+    "response,gold,expected",
+    [
+        (r"<think>\n...\n</think>\nSo the answer is $\boxed{\frac{1}{2}}$.", "0.5", 1.0),
+        (r"</think> \boxed{2\sqrt{2}}", "sqrt(8)", 1.0),
+        (r"</think> \boxed{3}", "4", 0.0),
+        (r"<think>\n<|block_start|>maybe \boxed{5}<|block_end|>\n</think>\n\boxed{7}", "7", 1.0),
+        ("no answer here", "7", 0.0),
+    ],
+)
 def test_math_reward_uses_math_verify_equivalence_after_think(response, gold, expected):
     assert math_reward(response, {"answer": gold}) == expected
 
@@ -121,14 +124,17 @@ def test_synthetic_reward_is_exact_integer_match_of_the_boxed_answer(said, gold)
     assert synthetic_reward(response, {"answer": str(gold)}) == float(said == gold)
 
 
-@pytest.mark.parametrize("response,expected", [
-    ("<think>...\\boxed{12}", None),  # still thinking: no answer, even when boxed
-    ("</think>\nThe final value is \\boxed{12}.", 12),
-    ("</think>\\boxed{3} no, \\boxed{ -5 }", -5),  # last box wins
-    ("</think>\n42", 42),  # one bare integer
-    ("</think>\nThe final value is 42 (mod 100).", None),  # ambiguous without a box
-    ("</think>\nno idea", None),
-])
+@pytest.mark.parametrize(
+    "response,expected",
+    [
+        ("<think>...\\boxed{12}", None),  # still thinking: no answer, even when boxed
+        ("</think>\nThe final value is \\boxed{12}.", 12),
+        ("</think>\\boxed{3} no, \\boxed{ -5 }", -5),  # last box wins
+        ("</think>\n42", 42),  # one bare integer
+        ("</think>\nThe final value is 42 (mod 100).", None),  # ambiguous without a box
+        ("</think>\nno idea", None),
+    ],
+)
 def test_synthetic_final_answer_is_read_after_think(response, expected):
     assert synthetic_final_answer(response) == expected
 
@@ -141,12 +147,15 @@ def test_load_reward_fn_imports_module_colon_function():
     assert load_reward_fn(DEFAULT_REWARD_FN) is math_reward
 
 
-@pytest.mark.parametrize("path,why", [
-    ("memento_train.rl.rewards.synthetic_reward", "pkg.module:function"),
-    (":synthetic_reward", "pkg.module:function"),
-    ("no_such_pkg_xyz.mod:fn", "cannot import module"),
-    ("memento_train.rl.rewards:no_such_fn", "has no attribute"),
-])
+@pytest.mark.parametrize(
+    "path,why",
+    [
+        ("memento_train.rl.rewards.synthetic_reward", "pkg.module:function"),
+        (":synthetic_reward", "pkg.module:function"),
+        ("no_such_pkg_xyz.mod:fn", "cannot import module"),
+        ("memento_train.rl.rewards:no_such_fn", "has no attribute"),
+    ],
+)
 def test_load_reward_fn_errors_name_the_option(path, why):
     with pytest.raises(ConfigError, match=rf"reward\.fn.*{why}"):
         load_reward_fn(path)
@@ -157,12 +166,15 @@ def test_load_reward_fn_rejects_non_callables(fixture_module):
         load_reward_fn(f"{fixture_module}:NOT_CALLABLE", option="rl.reward.fn")
 
 
-@pytest.mark.parametrize("option,value,why", [
-    ("fn", "nope", "pkg.module:function"),
-    ("timeout_s", 0, "> 0"),
-    ("num_workers", -1, ">= 0"),
-    ("num_workers", 1.5, "must be an integer"),
-])
+@pytest.mark.parametrize(
+    "option,value,why",
+    [
+        ("fn", "nope", "pkg.module:function"),
+        ("timeout_s", 0, "> 0"),
+        ("num_workers", -1, ">= 0"),
+        ("num_workers", 1.5, "must be an integer"),
+    ],
+)
 def test_reward_config_errors_name_the_option(option, value, why):
     assert RewardConfig().validate().fn == DEFAULT_REWARD_FN
     with pytest.raises(ConfigError, match=rf"reward\.{option}.*{why}"):

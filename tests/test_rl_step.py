@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import rl_warmed_policy
 from test_rl_loop import run
 
-import rl_warmed_policy
 from memento_train.rl.algorithm import AlgorithmConfig
 from memento_train.rl.driver import loss_token_masks
 
@@ -38,14 +38,29 @@ def test_step_metrics_count_reward_errors_timeouts_and_crashes(tmp_path):
 
 def test_grading_rule_zeroes_truncated_and_unfinished_responses_and_logs_them(tmp_path):
     # A random policy never writes </think> and always hits the budget: by default nothing is graded.
-    _, (m,) = run(tmp_path / "strict", "train.total_steps=1", "reward.fn=test_rl_step:constant_reward",
-                  "reward.require_think_end=true", "reward.truncated=zero")
+    _, (m,) = run(
+        tmp_path / "strict",
+        "train.total_steps=1",
+        "reward.fn=test_rl_step:constant_reward",
+        "reward.require_think_end=true",
+        "reward.truncated=zero",
+    )
     assert m["reward_mean"] == 0.0 and m["reward/truncated_zeroed"] == m["samples"]
-    _, (m,) = run(tmp_path / "lenient", "train.total_steps=1", "reward.fn=test_rl_step:constant_reward",
-                  "reward.require_think_end=false", "reward.truncated=zero")
+    _, (m,) = run(
+        tmp_path / "lenient",
+        "train.total_steps=1",
+        "reward.fn=test_rl_step:constant_reward",
+        "reward.require_think_end=false",
+        "reward.truncated=zero",
+    )
     assert m["reward_mean"] == 0.0 and m["reward/truncated_zeroed"] == m["samples"]
-    _, (m,) = run(tmp_path / "think", "train.total_steps=1", "reward.fn=test_rl_step:constant_reward",
-                  "reward.require_think_end=true", "reward.truncated=score")
+    _, (m,) = run(
+        tmp_path / "think",
+        "train.total_steps=1",
+        "reward.fn=test_rl_step:constant_reward",
+        "reward.require_think_end=true",
+        "reward.truncated=score",
+    )
     assert m["reward_mean"] == 0.0 and m["reward/no_think_end_zeroed"] == m["samples"]
 
 
@@ -53,17 +68,20 @@ def test_truncated_responses_and_all_equal_groups_leave_the_loss_when_asked(tmp_
     # Every response of a random policy is truncated, and a constant reward makes every group all-equal:
     # either option leaves nothing to train, so the normaliser has nothing to count and nothing moves.
     for option in ("algorithm.mask_truncated=true", "algorithm.drop_zero_adv_groups=true"):
-        _, (m,) = run(tmp_path / option, "train.total_steps=1", "reward.fn=test_rl_step:constant_reward",
-                      option, "optim.lr=0.01")
+        _, (m,) = run(
+            tmp_path / option, "train.total_steps=1", "reward.fn=test_rl_step:constant_reward", option, "optim.lr=0.01"
+        )
         assert m["loss_tokens"] == m["train/tokens"] == 0 and m["response_tokens"] > 0
         assert m["loss"] == 0.0 and m["grad_norm"] == 0.0 and m["kl"] == 0.0
 
 
 def test_loss_token_masks_drop_forced_truncated_and_zero_advantage_groups():
-    results = [{"token_ids": [1, 2, 3], "forced": [False, True, False], "finish_reason": "stop"},
-               {"token_ids": [1, 2], "forced": [False, False], "finish_reason": "length"},
-               {"token_ids": [4, 5], "forced": [False, False], "finish_reason": "stop"},
-               {"token_ids": [6], "forced": [True], "finish_reason": "stop"}]
+    results = [
+        {"token_ids": [1, 2, 3], "forced": [False, True, False], "finish_reason": "stop"},
+        {"token_ids": [1, 2], "forced": [False, False], "finish_reason": "length"},
+        {"token_ids": [4, 5], "forced": [False, False], "finish_reason": "stop"},
+        {"token_ids": [6], "forced": [True], "finish_reason": "stop"},
+    ]
     scores = [1.0, 0.0, 1.0, 1.0]  # group 0 has signal, group 1 is all-equal
 
     def masks(**options):
@@ -78,8 +96,13 @@ def test_loss_token_masks_drop_forced_truncated_and_zero_advantage_groups():
 def test_forced_block_ends_are_left_out_of_the_loss_by_default(tmp_path):
     """The warmed policy writes blocks; a block cap of 4 tokens forces <|block_end|> into them. (With
     ``algorithm.train_forced_tokens=true`` they stay: test_loss_token_masks_... above.)"""
-    _, (m,) = run(tmp_path, "train.total_steps=1", f"model.path={rl_warmed_policy.ASSET}",
-                  "rollout.block_masking.max_block_tokens=4", "rollout.max_new_tokens=64")
+    _, (m,) = run(
+        tmp_path,
+        "train.total_steps=1",
+        f"model.path={rl_warmed_policy.ASSET}",
+        "rollout.block_masking.max_block_tokens=4",
+        "rollout.max_new_tokens=64",
+    )
     assert m["forced_block_ends"] > 0
     assert m["loss_tokens"] == m["train/tokens"] == m["response_tokens"] - m["forced_block_ends"]
     # token_mean over what remains: the loss is the per-token mean over the trained tokens only
@@ -87,14 +110,14 @@ def test_forced_block_ends_are_left_out_of_the_loss_by_default(tmp_path):
 
 
 def test_the_reference_forward_runs_through_a_second_engine_sharded_like_the_policy(tmp_path, monkeypatch):
+    from test_rl_loop import FAST
     from torch.distributed.tensor import DTensor
 
     from memento_train.cluster import WorkerGroup
+    from memento_train.config.tree import to_dict
     from memento_train.engines.base import TrainEngine
     from memento_train.rl.config import build_rl_config, config_tree
     from memento_train.rl.trainer_worker import RLTrainerWorker
-    from memento_train.config.tree import to_dict
-    from test_rl_loop import FAST
 
     cfg = build_rl_config(config_tree(None, [*FAST, f"output_dir={tmp_path}"]))
     with WorkerGroup(RLTrainerWorker, cfg.cluster, to_dict(cfg)) as trainer:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 import rl_warmed_policy
 import vllm_harness as vh
-from memento_train.rl.driver import run_rl
+
 from memento_train.rl.config import build_rl_config, config_tree
+from memento_train.rl.driver import run_rl
 from memento_train.training.tracking import read_metrics
 
 pytestmark = pytest.mark.skipif(vh.plugin_skip_reason() is not None, reason=str(vh.plugin_skip_reason()))
@@ -22,12 +22,26 @@ pytestmark = pytest.mark.skipif(vh.plugin_skip_reason() is not None, reason=str(
 def test_tiny_rl_learns_with_vllm_rollouts_and_the_trainer_recomputes_vllms_logprobs(tmp_path):
     stale = rl_warmed_policy.stale_reason()
     assert stale is None, f"tests/assets/tiny_rl_warmed is stale ({stale}): run python tests/rl_warmed_policy.py"
-    cfg = build_rl_config(config_tree(None, [
-        "logger=none", f"output_dir={tmp_path}", "warmup.enabled=false", f"model.path={vh.ASSET}",
-        "rollout.generator=vllm", "rollout.vllm.kv_cache_memory_gb=0.0625", "rollout.vllm.block_size=32",
-        "weight_sync=collective", "reward.num_workers=0", "checkpoint.export_hf=false", "checkpoint.every=0",
-        "train.total_steps=8", "eval.every=8",
-    ]))
+    cfg = build_rl_config(
+        config_tree(
+            None,
+            [
+                "logger=none",
+                f"output_dir={tmp_path}",
+                "warmup.enabled=false",
+                f"model.path={vh.ASSET}",
+                "rollout.generator=vllm",
+                "rollout.vllm.kv_cache_memory_gb=0.0625",
+                "rollout.vllm.block_size=32",
+                "weight_sync=collective",
+                "reward.num_workers=0",
+                "checkpoint.export_hf=false",
+                "checkpoint.every=0",
+                "train.total_steps=8",
+                "eval.every=8",
+            ],
+        )
+    )
     result = run_rl(cfg, progress=False)
     steps = [m for m in read_metrics(tmp_path) if "reward_mean" in m]
     assert [m["step"] for m in steps] == list(range(1, 9))

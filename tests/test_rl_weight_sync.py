@@ -50,6 +50,7 @@ def _mixed_state(device: str = "cpu") -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------- bucketing (pure)
 
+
 def test_buckets_hold_one_dtype_stay_under_the_limit_and_round_trip_exactly():
     state = _mixed_state()
     specs = state_manifest(state)
@@ -68,8 +69,7 @@ def test_buckets_hold_one_dtype_stay_under_the_limit_and_round_trip_exactly():
             assert back.shape == state[spec.name].shape and back.dtype == state[spec.name].dtype
             assert torch.equal(back, state[spec.name])
     # one big bucket per dtype with the default limit (256 MiB)
-    assert [b.dtype for b in plan_buckets(specs)] == ["torch.float32", "torch.bfloat16", "torch.int64",
-                                                      "torch.float16"]
+    assert [b.dtype for b in plan_buckets(specs)] == ["torch.float32", "torch.bfloat16", "torch.int64", "torch.float16"]
 
 
 def test_manifest_check_names_the_mismatching_tensor():
@@ -84,13 +84,29 @@ def test_manifest_check_names_the_mismatching_tensor():
 
 # ---------------------------------------------------------------- the group, in threads
 
-def _run_group(state, targets: list[dict], *, bucket_bytes: int, device: str = "cpu", backend: str = "gloo",
-               receiver_devices: list[str] | None = None) -> list:
+
+def _run_group(
+    state,
+    targets: list[dict],
+    *,
+    bucket_bytes: int,
+    device: str = "cpu",
+    backend: str = "gloo",
+    receiver_devices: list[str] | None = None,
+) -> list:
     """Trainer rank 0 sends ``state``; receiver ``i`` (a thread each) loads into ``targets[i]``.
     Returns each member's result or the exception it raised."""
     store = open_store("127.0.0.1", 30.0)
-    rdv = Rendezvous("127.0.0.1", store.port, 1 + len(targets), generation=1, backend=backend,
-                     timeout_s=30.0, store_timeout_s=30.0, bucket_bytes=bucket_bytes)
+    rdv = Rendezvous(
+        "127.0.0.1",
+        store.port,
+        1 + len(targets),
+        generation=1,
+        backend=backend,
+        timeout_s=30.0,
+        store_timeout_s=30.0,
+        bucket_bytes=bucket_bytes,
+    )
     results: list = [None] * (1 + len(targets))
     devices = [device] + (receiver_devices or [device] * len(targets))
 
@@ -98,8 +114,11 @@ def _run_group(state, targets: list[dict], *, bucket_bytes: int, device: str = "
         group = None
         try:
             group = WeightSyncGroup(rdv, rank, store=store if rank == 0 else None, device=devices[rank])
-            results[rank] = group.send(state) if rank == 0 else group.receive(
-                targets[rank - 1], optional={"lm_head.weight"}, who=f"rollout worker {rank - 1}")
+            results[rank] = (
+                group.send(state)
+                if rank == 0
+                else group.receive(targets[rank - 1], optional={"lm_head.weight"}, who=f"rollout worker {rank - 1}")
+            )
         except BaseException as exc:  # noqa: BLE001 - reported to the test
             results[rank] = exc
         finally:
@@ -142,6 +161,7 @@ def test_a_mismatching_receiver_names_the_tensor_and_nobody_hangs():
 
 # ---------------------------------------------------------------- config
 
+
 def _cfg(*overrides: str):
     return build_rl_config(config_tree(None, [*FAST, "output_dir=/tmp/unused-rl-ws", *overrides]))
 
@@ -170,6 +190,7 @@ def test_inline_mode_passes_the_weights_directly(tmp_path):
 
 # ---------------------------------------------------------------- Ray: trainer WorkerGroup + RolloutPool
 
+
 class PerturbableTrainer(RLTrainerWorker):
     """The RL trainer worker plus a test hook that changes its weights (FSDP2 shards: per rank)."""
 
@@ -179,9 +200,15 @@ class PerturbableTrainer(RLTrainerWorker):
                 p.add_(scale * (self.rank + 1) * (i + 1))  # DTensor: this rank's shard only
 
 
-RAY = ["cluster.use_ray=true", "rollout_cluster.use_ray=true", "cluster.cpus_per_worker=1",
-       "rollout_cluster.cpus_per_worker=1", "cluster.init_timeout_s=120", "cluster.collective_timeout_s=60",
-       "weight_sync=collective"]
+RAY = [
+    "cluster.use_ray=true",
+    "rollout_cluster.use_ray=true",
+    "cluster.cpus_per_worker=1",
+    "rollout_cluster.cpus_per_worker=1",
+    "cluster.init_timeout_s=120",
+    "cluster.collective_timeout_s=60",
+    "weight_sync=collective",
+]
 
 
 @pytest.fixture
@@ -206,13 +233,16 @@ def test_two_fsdp_ranks_broadcast_to_two_rollout_actors_and_reuse_the_group(tmp_
     from concurrent.futures import ThreadPoolExecutor
 
     from memento_train.cluster import WorkerGroup
+    from memento_train.config.tree import to_dict
     from memento_train.rl.driver import _open_ray
     from memento_train.rl.rollout_worker import RolloutPool
     from memento_train.rl.weight_sync import CollectiveWeightSync, sync_weights
-    from memento_train.config.tree import to_dict
 
-    cfg = build_rl_config(config_tree(None, [*FAST, f"output_dir={tmp_path}", *RAY, "cluster.num_workers=2",
-                                             "rollout_cluster.num_workers=2"]))
+    cfg = build_rl_config(
+        config_tree(
+            None, [*FAST, f"output_dir={tmp_path}", *RAY, "cluster.num_workers=2", "rollout_cluster.num_workers=2"]
+        )
+    )
     tree = to_dict(cfg)
     session = _open_ray(cfg)  # as the driver does: one Ray for both pools, CPUs for all four actors
     try:
@@ -263,14 +293,21 @@ def test_a_restarted_rollout_actor_gets_the_weights_and_the_group_is_rebuilt_aro
     # Rollout worker 0 dies in step 2: its replacement loads the trainer's current weights (the sync's
     # restart source), which step 2's mismatch checks; the sync after step 2 rebuilds the group with the
     # new actor (setup time again), and step 3's mismatch checks that the rebuilt group delivered.
-    _, records = run(tmp_path, *RAY, "rollout_cluster.num_workers=2", "train.total_steps=3", "optim.lr=0.05",
-                     "faults.inject_rollout_crash_at_step=2")
+    _, records = run(
+        tmp_path,
+        *RAY,
+        "rollout_cluster.num_workers=2",
+        "train.total_steps=3",
+        "optim.lr=0.05",
+        "faults.inject_rollout_crash_at_step=2",
+    )
     assert [m["rollout_restarts"] for m in records] == [0, 1, 1]
     assert records[1]["sync/setup_s"] > records[2]["sync/setup_s"]
     assert all(m["logprob_mismatch_max"] < 1e-3 for m in records), [m["logprob_mismatch_max"] for m in records]
 
 
 # ---------------------------------------------------------------- GPU
+
 
 @pytest.mark.gpu
 def test_gloo_group_moves_cuda_resident_weights():
@@ -289,8 +326,9 @@ def test_nccl_group_broadcasts_between_two_gpus():
         pytest.skip("needs two CUDA GPUs (NCCL puts each group rank on a GPU of its own)")
     state = _mixed_state("cuda:0")
     targets = [{k: torch.zeros_like(v, device="cuda:1") for k, v in state.items()}]
-    sent, received = _run_group(state, targets, bucket_bytes=128, device="cuda:0", backend="nccl",
-                                receiver_devices=["cuda:1"])
+    sent, received = _run_group(
+        state, targets, bucket_bytes=128, device="cuda:0", backend="nccl", receiver_devices=["cuda:1"]
+    )
     assert not isinstance(sent, BaseException), sent
     assert not isinstance(received, BaseException), received
     assert all(torch.equal(targets[0][k].cpu(), state[k].cpu()) for k in state)

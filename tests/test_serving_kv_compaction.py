@@ -21,6 +21,7 @@ def _flash_layout():
     def write(k, v, slots):
         kv[0, slots // BS, slots % BS] = k
         kv[1, slots // BS, slots % BS] = v
+
     return kv, write, 1
 
 
@@ -31,6 +32,7 @@ def _heads_outer_layout():  # [H, blocks, 2, D, BS]: the block dimension in the 
         for i, s in enumerate(slots.tolist()):
             kv[:, s // BS, 0, :, s % BS] = k[i]
             kv[:, s // BS, 1, :, s % BS] = v[i]
+
     return kv, write, 1
 
 
@@ -41,6 +43,7 @@ def _cpu_layout(dtype, isa):
     def write(k, v, slots):
         key_cache, value_cache = kv.view(NB, H, BS * 2, D).chunk(2, dim=2)
         ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa)
+
     return kv, write, 0
 
 

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from synthetic_ids import SPECIAL
+from test_masking_properties import malformed_streams, mask_configs
 
 from memento_train.generation import BlockMaskingConfig
 from memento_train.masking import SpecialTokens, parse
 from memento_train.serving.config import ServingConfig, request_keeps_kv, validate_request_override
 from memento_train.serving.request_state import RequestEvictions, merge_spans
-from synthetic_ids import SPECIAL
-from test_masking_properties import malformed_streams, mask_configs
 
 SP = SpecialTokens.from_mapping(SPECIAL)
 
@@ -128,8 +128,9 @@ def test_request_options_are_validated_before_they_reach_the_engine():
     serving = ServingConfig(special=SP, block_masking=BlockMaskingConfig(keep_last_n_blocks=2))
     assert serving.request_masking(None) is serving.block_masking
     assert serving.request_masking({"memento": {"mask_delimiters": True}}).keep_last_n_blocks == 2
-    assert serving.request_masking({"memento_keep_last_n_blocks": 0, "memento_max_block_tokens": 0}) == \
-        BlockMaskingConfig(keep_last_n_blocks=0, max_block_tokens=None)  # flat keys (OpenAI vllm_xargs)
+    assert serving.request_masking(
+        {"memento_keep_last_n_blocks": 0, "memento_max_block_tokens": 0}
+    ) == BlockMaskingConfig(keep_last_n_blocks=0, max_block_tokens=None)  # flat keys (OpenAI vllm_xargs)
     with pytest.raises(ValueError, match="unknown memento eviction options"):
         validate_request_override({"memento": {"keep_last_blocks": 1}})
     with pytest.raises(ValueError, match="needs keep_last_n_blocks=0 in the same request"):

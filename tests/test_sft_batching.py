@@ -19,8 +19,12 @@ def planner(lengths, **kw):
 
 
 @settings(max_examples=60, deadline=None)
-@given(lengths=st.lists(st.integers(1, 100), min_size=1, max_size=40), world=st.integers(1, 4),
-       gbs=st.integers(4, 12), cap=st.integers(100, 300))
+@given(
+    lengths=st.lists(st.integers(1, 100), min_size=1, max_size=40),
+    world=st.integers(1, 4),
+    gbs=st.integers(4, 12),
+    cap=st.integers(100, 300),
+)
 def test_each_epoch_uses_every_example_once_and_ranks_run_equal_micro_batch_counts(lengths, world, gbs, cap):
     p = planner(lengths, world_size=world, global_batch_size=gbs, micro_batch_tokens=cap)
     seen = []

@@ -7,13 +7,21 @@ import json
 import pytest
 
 from memento_train.config.errors import ConfigError
+from memento_train.config.tree import parse_overrides
 from memento_train.recipes import available_recipes, load_recipe
 from memento_train.sft.cli import main
 from memento_train.sft.config import EXPORT_MARKER, build_sft_config, config_tree, load_sft_config
-from memento_train.config.tree import parse_overrides
 
-PAPER_RECIPES = ["qwen3_8b_stage1", "qwen3_8b_stage2", "qwen3_32b_stage1", "qwen3_32b_stage2",
-                 "phi4_reasoning_stage1", "phi4_reasoning_stage2", "olmo3_7b_stage1", "olmo3_7b_stage2"]
+PAPER_RECIPES = [
+    "qwen3_8b_stage1",
+    "qwen3_8b_stage2",
+    "qwen3_32b_stage1",
+    "qwen3_32b_stage2",
+    "phi4_reasoning_stage1",
+    "phi4_reasoning_stage2",
+    "olmo3_7b_stage1",
+    "olmo3_7b_stage2",
+]
 
 
 @pytest.fixture
@@ -60,8 +68,11 @@ def test_every_shipped_recipe_loads():
 
 def test_stage2_without_a_stage1_checkpoint_names_the_command_to_run_first(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the stage-1 recipe's default output_dir is relative: runs/qwen3_8b_stage1
-    with pytest.raises(ConfigError, match=r"export .*runs/qwen3_8b_stage1/hf does not exist; "
-                                          r"run `memento-train recipe=qwen3_8b_stage1` first"):
+    with pytest.raises(
+        ConfigError,
+        match=r"export .*runs/qwen3_8b_stage1/hf does not exist; "
+        r"run `memento-train recipe=qwen3_8b_stage1` first",
+    ):
         load_sft_config("qwen3_8b_stage2", ["data.path=synthetic:4"])
     with pytest.raises(ConfigError, match=r"model.path is not set; stage 2 starts from the stage-1 model"):
         load_sft_config("qwen3_8b_stage2", ["data.path=synthetic:4", "model.init_from=null"])
@@ -75,8 +86,11 @@ def test_stage2_from_a_non_stage1_directory_is_refused(tmp_path):
 def test_unknown_key_names_the_dotted_key_and_lists_accepted_options():
     with pytest.raises(ConfigError, match=r"unknown option optim.learning_rate; valid options of optim: .*\blr\b"):
         load_sft_config("tiny_stage1", ["optim.learning_rate=1"])
-    with pytest.raises(ConfigError, match=r"unknown option trian \(did you mean train\?\); valid options at the top "
-                                          r"level: .*checkpoint"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown option trian \(did you mean train\?\); valid options at the top "
+        r"level: .*checkpoint",
+    ):
         load_sft_config("tiny_stage1", ["trian.max_steps=1"])
 
 
@@ -85,12 +99,15 @@ def test_data_mask_is_a_deprecated_alias_of_data_block_masking(tmp_path):
         cfg = load_sft_config("tiny_stage2", ["model.require_stage1_init=false", "data.mask.keep_last_n_blocks=1"])
     assert cfg.data.block_masking.keep_last_n_blocks == 1
     recipe = tmp_path / "old.yaml"  # a recipe written before the rename: the required key under its old name
-    recipe.write_text("data: {path: 'synthetic:4', max_seq_len: 512, mask: {keep_last_n_blocks: -1, mask_delimiters: true}}\n")
+    recipe.write_text(
+        "data: {path: 'synthetic:4', max_seq_len: 512, mask: {keep_last_n_blocks: -1, mask_delimiters: true}}\n"
+    )
     with pytest.deprecated_call():
         assert load_sft_config(str(recipe)).data.block_masking.mask_delimiters
     with pytest.deprecated_call():  # old and new spellings merge, the new one winning
-        cfg = load_sft_config(str(recipe), ["stage=2", "model.require_stage1_init=false",
-                                            "data.block_masking.keep_last_n_blocks=0"])
+        cfg = load_sft_config(
+            str(recipe), ["stage=2", "model.require_stage1_init=false", "data.block_masking.keep_last_n_blocks=0"]
+        )
     assert cfg.data.block_masking.keep_last_n_blocks == 0 and cfg.data.block_masking.mask_delimiters
 
 
@@ -106,21 +123,29 @@ def test_sequence_length_above_model_maximum_is_refused():
         load_sft_config("tiny_stage1", ["data.max_seq_len=4096", "train.micro_batch_tokens=8192"])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("stage=3", "stage must be 1"),
-    ("data.block_masking.keep_last_n_blocks=0", "stage 1 trains with full causal attention"),
-    ("train.micro_batch_tokens=512", r"train.micro_batch_tokens \(512\) must be >= data.max_seq_len"),
-    ("engine.kind=jax", "engine.kind must be one of"),
-    ("engine.offload_params=true", "engine.offload_params needs engine.zero_stage=3"),
-    ("optim.schedule=step", "optim.schedule must be one of"),
-    ("optim.lr=fast", "optim.lr must be a number"),
-    ("logger=tensorboard", "logger must be one of"),
-    ("resume=/no/such/dir", "resume must be 'auto', 'never' or an existing checkpoint directory"),
-    ("cluster.num_workers=0", "cluster.num_workers"),
-    ("train.global_batch_size=1", r"train.global_batch_size \(1\) must be >= the number of data-parallel workers \(2\)"),
-    ("engine.kind=megatron engine.tensor_parallel=4",
-     r"cluster.num_workers \(2\) must be a multiple of engine.tensor_parallel x engine.pipeline_parallel \(4\)"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("stage=3", "stage must be 1"),
+        ("data.block_masking.keep_last_n_blocks=0", "stage 1 trains with full causal attention"),
+        ("train.micro_batch_tokens=512", r"train.micro_batch_tokens \(512\) must be >= data.max_seq_len"),
+        ("engine.kind=jax", "engine.kind must be one of"),
+        ("engine.offload_params=true", "engine.offload_params needs engine.zero_stage=3"),
+        ("optim.schedule=step", "optim.schedule must be one of"),
+        ("optim.lr=fast", "optim.lr must be a number"),
+        ("logger=tensorboard", "logger must be one of"),
+        ("resume=/no/such/dir", "resume must be 'auto', 'never' or an existing checkpoint directory"),
+        ("cluster.num_workers=0", "cluster.num_workers"),
+        (
+            "train.global_batch_size=1",
+            r"train.global_batch_size \(1\) must be >= the number of data-parallel workers \(2\)",
+        ),
+        (
+            "engine.kind=megatron engine.tensor_parallel=4",
+            r"cluster.num_workers \(2\) must be a multiple of engine.tensor_parallel x engine.pipeline_parallel \(4\)",
+        ),
+    ],
+)
 def test_bad_option_fails_naming_it(override, message):
     with pytest.raises(ConfigError, match=message):
         load_sft_config("tiny_stage1", override.split())
@@ -154,20 +179,30 @@ def olmo3_stage1_export(tmp_path):
 
     d = tmp_path / "olmo3" / "hf"
     transformers.Olmo3Config(
-        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=65536, sliding_window=4096,
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=65536,
+        sliding_window=4096,
     ).save_pretrained(d)
     (d / EXPORT_MARKER).write_text(json.dumps({"stage": 1}))
     return str(d)
 
 
-@pytest.mark.parametrize("overrides, option, named", [
-    (["model.attn_backend=flash_attn"], "model.attn_backend=flash_attn", "sliding-window layers"),
-    (["model.attn_backend=flash"], "model.attn_backend='flash'", "is not an attention backend"),
-    (["engine.kind=megatron"], "engine.kind=megatron", "model_type='olmo3'"),
-])
+@pytest.mark.parametrize(
+    "overrides, option, named",
+    [
+        (["model.attn_backend=flash_attn"], "model.attn_backend=flash_attn", "sliding-window layers"),
+        (["model.attn_backend=flash"], "model.attn_backend='flash'", "is not an attention backend"),
+        (["engine.kind=megatron"], "engine.kind=megatron", "model_type='olmo3'"),
+    ],
+)
 def test_show_rejects_an_olmo3_stage2_config_that_cannot_run_naming_the_option(
-        olmo3_stage1_export, capsys, overrides, option, named):
+    olmo3_stage1_export, capsys, overrides, option, named
+):
     args = ["show", "recipe=olmo3_7b_stage2", f"model.path={olmo3_stage1_export}", "data.path=synthetic:4"]
     assert main(args + overrides) == 2
     err = capsys.readouterr().err

@@ -20,8 +20,14 @@ from memento_train.training.tracking import read_metrics
 pytestmark = pytest.mark.slow  # each run starts Ray and two workers (~30-60 s on 2 cores)
 
 RAY = [a for a in SMALL if not a.startswith("cluster.")] + [
-    "recipe=tiny_stage1", "cluster.use_ray=true", "cluster.num_workers=2", "cluster.cpus_per_worker=1",
-    "cluster.collective_timeout_s=300", "train.max_steps=8", "checkpoint.every=2", "checkpoint.export_hf=false",
+    "recipe=tiny_stage1",
+    "cluster.use_ray=true",
+    "cluster.num_workers=2",
+    "cluster.cpus_per_worker=1",
+    "cluster.collective_timeout_s=300",
+    "train.max_steps=8",
+    "checkpoint.every=2",
+    "checkpoint.export_hf=false",
 ]
 
 
@@ -40,7 +46,7 @@ def finish(proc: subprocess.Popen, timeout: float = 420) -> str:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        raise AssertionError(f"the run hung:\n{out[-4000:]}")
+        raise AssertionError(f"the run hung:\n{out[-4000:]}") from None
     assert proc.returncode == 0, out[-6000:]
     return out
 
@@ -70,12 +76,19 @@ def _worker_pids(marker: str) -> list[int]:
 
 
 def test_a_hung_rank_then_a_killed_worker_are_each_survived_and_the_run_ends_on_the_uninterrupted_curve(
-        tmp_path, straight):
+    tmp_path, straight
+):
     out = tmp_path / "faulty"
     # Step 4, first attempt: rank 1 sleeps before training, so rank 0 waits for it inside FSDP's
     # parameter all-gather; the watchdog (deadline 5 x median step, at least 8 s) catches it.
-    proc = start(out, f"cluster.env.MEMENTO_TEST_RUN={out}", "faults.inject_hang_at_step=4",
-                 "faults.watchdog_factor=5", "faults.watchdog_min_s=8", "faults.watchdog_warmup_steps=2")
+    proc = start(
+        out,
+        f"cluster.env.MEMENTO_TEST_RUN={out}",
+        "faults.inject_hang_at_step=4",
+        "faults.watchdog_factor=5",
+        "faults.watchdog_min_s=8",
+        "faults.watchdog_warmup_steps=2",
+    )
     deadline = time.time() + 400
     while proc.poll() is None and time.time() < deadline:  # after the first restart, at step >= 5 ...
         records = read_metrics(out)

@@ -29,8 +29,7 @@ def curve(output_dir):
 
 def train(output_dir, *overrides: str):
     """The same run as ``RUN`` in this process (faster than the CLI; identical numbers)."""
-    return run_stage(load_sft_config("tiny_stage1", [*RUN[1:], *overrides, f"output_dir={output_dir}"]),
-                     progress=False)
+    return run_stage(load_sft_config("tiny_stage1", [*RUN[1:], *overrides, f"output_dir={output_dir}"]), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +90,8 @@ def _zero_fill(ckpt):
 
 @pytest.mark.parametrize("damage", [_truncate_shard, _delete_rank_state, _zero_fill])
 def test_a_damaged_newest_checkpoint_resumes_from_the_previous_one_with_the_same_curve(
-        tmp_path, straight, stopped_at_4, damage, capsys):
+    tmp_path, straight, stopped_at_4, damage, capsys
+):
     run = tmp_path / "run"
     shutil.copytree(stopped_at_4, run)
     damage(run / "checkpoints" / "step_00000004")
@@ -106,7 +106,8 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_previous_one_with_the_same
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
 def test_a_preemption_signal_checkpoints_the_current_step_exits_75_and_the_rerun_continues_the_curve(
-        tmp_path, straight, sig):
+    tmp_path, straight, sig
+):
     out = tmp_path / "preempted"
     # No periodic checkpoints: whatever is resumed from is the checkpoint the signal produced.
     args = [*RUN, "checkpoint.every=100"]
@@ -142,7 +143,8 @@ def _inject_enospc_at(monkeypatch, step: int) -> list[str]:
 
 
 def test_a_full_disk_at_a_checkpoint_fails_naming_path_and_free_space_and_keeps_the_previous_one(
-        tmp_path, straight, monkeypatch):
+    tmp_path, straight, monkeypatch
+):
     from memento_train.checkpoint.manager import CheckpointSaveError
 
     out = tmp_path / "full"
@@ -161,7 +163,8 @@ def test_a_full_disk_at_a_checkpoint_fails_naming_path_and_free_space_and_keeps_
 
 
 def test_with_on_save_error_retry_a_full_disk_skips_that_checkpoint_and_training_goes_on(
-        tmp_path, straight, monkeypatch):
+    tmp_path, straight, monkeypatch
+):
     out = tmp_path / "retry"
     _inject_enospc_at(monkeypatch, 4)
     train(out, "checkpoint.on_save_error=retry")
@@ -173,8 +176,13 @@ def test_with_on_save_error_retry_a_full_disk_skips_that_checkpoint_and_training
 
 def _mount_tmpfs(path, size: str) -> bool:
     path.mkdir(parents=True)
-    return os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                                                capture_output=True).returncode == 0
+    return (
+        os.geteuid() == 0
+        and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 def test_a_real_enospc_on_a_small_filesystem_stops_the_cli_with_the_path_and_free_space(tmp_path):

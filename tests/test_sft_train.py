@@ -11,17 +11,29 @@ from safetensors.torch import load_file
 from sft_runs import SMALL, STAGE2, cli
 
 from memento_train.cluster import ClusterConfig, WorkerGroup
+from memento_train.config.tree import to_dict
 from memento_train.data.cache import prepare_dataset
 from memento_train.models.loading import run_tokenizer
 from memento_train.sft.cli import main
 from memento_train.sft.config import load_sft_config
 from memento_train.sft.losses import sft_loss_fn
 from memento_train.sft.worker import SFTWorker
-from memento_train.config.tree import to_dict
 from memento_train.training.tracking import read_metrics
 
-METRIC_KEYS = {"loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_worker", "tflops_per_s_per_worker",
-               "padding_pct", "evicted_pair_frac", "blocks", "summary_tokens", "sequences", "epoch"}
+METRIC_KEYS = {
+    "loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "tokens_per_s_per_worker",
+    "tflops_per_s_per_worker",
+    "padding_pct",
+    "evicted_pair_frac",
+    "blocks",
+    "summary_tokens",
+    "sequences",
+    "epoch",
+}
 
 
 class GradientProbeWorker(SFTWorker):
@@ -47,8 +59,10 @@ def _grads(tree, cluster: ClusterConfig, per_rank_plans, loss_tokens):
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["fsdp2", "deepspeed"])
 def test_gradients_equal_for_one_big_batch_1x4_accumulation_and_2_workers_x2(tmp_path, engine):
-    cfg = load_sft_config("tiny_stage1", [*SMALL, *STAGE2, f"engine.kind={engine}", f"output_dir={tmp_path}",
-                                          f"data.cache_dir={tmp_path / 'cache'}"])
+    cfg = load_sft_config(
+        "tiny_stage1",
+        [*SMALL, *STAGE2, f"engine.kind={engine}", f"output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}"],
+    )
     tree = to_dict(cfg)
     ds, _ = prepare_dataset(cfg.data, tokenizer=run_tokenizer(cfg.model))
     loss_tokens = sum(int((torch.tensor(x)[1:] != -100).sum()) for x in ds.select(range(8))["labels"])
@@ -84,8 +98,12 @@ def test_embedded_default_runs_stage1_then_stage2_on_ray_and_exports_a_loadable_
     tok = AutoTokenizer.from_pretrained(hf)
     model = AutoModelForCausalLM.from_pretrained(hf)
     assert "<|summary_end|>" in tok.get_vocab() and tok.chat_template
-    enc = tok.apply_chat_template([{"role": "user", "content": "7 + 5 mod 100?"}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)
+    enc = tok.apply_chat_template(
+        [{"role": "user", "content": "7 + 5 mod 100?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     out = model.generate(**enc, max_new_tokens=4, do_sample=False)
     assert out.shape[-1] == enc["input_ids"].shape[-1] + 4
 
@@ -102,9 +120,12 @@ def test_export_command_writes_the_checkpoint_weights(tmp_path):
 
 @pytest.mark.slow
 def test_megatron_tensor_parallel_2_run_reports_the_same_losses_as_fsdp2(tmp_path):
-    run = [a for a in SMALL if not a.startswith("cluster.")] + ["recipe=tiny_stage1", "train.max_steps=2",
-                                                                 "model.tiny.num_kv_heads=2",  # split over TP=2
-                                                                 "checkpoint.export_hf=false"]
+    run = [a for a in SMALL if not a.startswith("cluster.")] + [
+        "recipe=tiny_stage1",
+        "train.max_steps=2",
+        "model.tiny.num_kv_heads=2",  # split over TP=2
+        "checkpoint.export_hf=false",
+    ]
     cli(*run, "engine.kind=megatron", "engine.tensor_parallel=2", "cluster.num_workers=2", output_dir=tmp_path / "mg")
     cli(*run, "engine.kind=fsdp2", "cluster.num_workers=1", "cluster.use_ray=false", output_dir=tmp_path / "fs")
     mg, fs = read_metrics(tmp_path / "mg"), read_metrics(tmp_path / "fs")

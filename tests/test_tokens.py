@@ -14,8 +14,17 @@ from memento_train import tokens as T
 from memento_train.models.shipped_tokenizer import load_shipped_tokenizer, shipped_tokenizer_path
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL_SPECIAL = (T.BLOCK_START, T.BLOCK_END, T.SUMMARY_START, T.SUMMARY_END, T.THINK_START, T.THINK_END,
-               T.IM_START, T.IM_END, "<|endoftext|>")
+ALL_SPECIAL = (
+    T.BLOCK_START,
+    T.BLOCK_END,
+    T.SUMMARY_START,
+    T.SUMMARY_END,
+    T.THINK_START,
+    T.THINK_END,
+    T.IM_START,
+    T.IM_END,
+    "<|endoftext|>",
+)
 
 
 def _load_build_script():
@@ -50,8 +59,14 @@ def _base(path):
 def _tiny_qwen3(vocab_size: int, tied: bool):
     torch.manual_seed(0)
     cfg = transformers.Qwen3Config(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=tied,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=tied,
     )
     return transformers.Qwen3ForCausalLM(cfg).eval()
 

@@ -40,8 +40,16 @@ def test_wandb_runs_offline_without_an_api_key(tmp_path, monkeypatch):
 
 
 def test_flops_count_dense_weights_and_only_the_kept_attention_pairs():
-    cfg = transformers.Qwen3Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True)
+    cfg = transformers.Qwen3Config(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        tie_word_embeddings=True,
+    )
     model = transformers.Qwen3ForCausalLM(cfg)
     fc = FlopCounter(model)
     # per layer: q 16x16 + k 16x8 + v 16x8 + o 16x16 + mlp 3 x 16x32 = 2304; 2 layers + lm head 64x16
@@ -53,8 +61,11 @@ def test_flops_count_dense_weights_and_only_the_kept_attention_pairs():
 
 
 def test_sliding_window_layers_and_peak_table():
-    cfg = transformers.Olmo3Config(num_hidden_layers=4, sliding_window=8,
-                                   layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"])
+    cfg = transformers.Olmo3Config(
+        num_hidden_layers=4,
+        sliding_window=8,
+        layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+    )
     assert layer_windows(cfg) == [8, 8, 8, None]
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops(None) is None
 
@@ -70,22 +81,41 @@ def test_secrets_never_reach_config_yaml_logs_metrics_or_wandb_files(tmp_path):
 
     from sft_runs import SMALL
 
-    secrets = {"WANDB_API_KEY": "0123456789abcdef0123456789abcdef01234567",
-               "HF_TOKEN": "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", "MY_SERVICE_CRED": "s3cr3t-from-the-environment",
-               "PLAIN_NAME_MARKED": "marked-secret-value"}
-    env = {**os.environ, "WANDB_API_KEY": secrets["WANDB_API_KEY"], "MY_SERVICE_CRED": secrets["MY_SERVICE_CRED"],
-           "WANDB_SILENT": "true", "HOME": str(tmp_path)}
+    secrets = {
+        "WANDB_API_KEY": "0123456789abcdef0123456789abcdef01234567",
+        "HF_TOKEN": "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",
+        "MY_SERVICE_CRED": "s3cr3t-from-the-environment",
+        "PLAIN_NAME_MARKED": "marked-secret-value",
+    }
+    env = {
+        **os.environ,
+        "WANDB_API_KEY": secrets["WANDB_API_KEY"],
+        "MY_SERVICE_CRED": secrets["MY_SERVICE_CRED"],
+        "WANDB_SILENT": "true",
+        "HOME": str(tmp_path),
+    }
     out = tmp_path / "run"
     args = [a for a in SMALL if a != "logger=none"] + [
-        "recipe=tiny_stage1", "logger=wandb", "wandb.mode=offline", "train.max_steps=2", "checkpoint.export_hf=false",
-        f"cluster.env.HF_TOKEN={secrets['HF_TOKEN']}", f"cluster.env.PLAIN_NAME_MARKED={secrets['PLAIN_NAME_MARKED']}",
-        "cluster.env.NCCL_DEBUG=INFO", "cluster.secret_env=[PLAIN_NAME_MARKED,MY_SERVICE_CRED]", f"output_dir={out}"]
-    proc = subprocess.run([sys.executable, "-m", "memento_train.sft.cli", *args], env=env, capture_output=True,
-                          text=True, timeout=300)
+        "recipe=tiny_stage1",
+        "logger=wandb",
+        "wandb.mode=offline",
+        "train.max_steps=2",
+        "checkpoint.export_hf=false",
+        f"cluster.env.HF_TOKEN={secrets['HF_TOKEN']}",
+        f"cluster.env.PLAIN_NAME_MARKED={secrets['PLAIN_NAME_MARKED']}",
+        "cluster.env.NCCL_DEBUG=INFO",
+        "cluster.secret_env=[PLAIN_NAME_MARKED,MY_SERVICE_CRED]",
+        f"output_dir={out}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "memento_train.sft.cli", *args], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))  # wandb did write its files
     config = (out / "config.yaml").read_text()
-    assert "HF_TOKEN: <redacted>" in config and "PLAIN_NAME_MARKED: <redacted>" in config and "NCCL_DEBUG: INFO" in config
+    assert (
+        "HF_TOKEN: <redacted>" in config and "PLAIN_NAME_MARKED: <redacted>" in config and "NCCL_DEBUG: INFO" in config
+    )
     leaks = []
     for f in out.rglob("*"):
         if f.is_file():

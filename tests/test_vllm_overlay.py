@@ -31,9 +31,11 @@ def _skip_reason() -> str | None:
     st = vllm_overlay.status()
     if st.vllm_version is None or not vllm_overlay.applies(st.vllm_version) or not st.overlay or st.problems:
         found = st.vllm_version or "no vLLM"
-        return (f"needs vLLM 0.13 + the Memento overlay (found {found}; overlay "
-                f"{'applied' if st.overlay else 'absent'}): {vllm_overlay.INSTALL_COMMAND}, then run "
-                "/work/venvs/vllm013/bin/python -m pytest tests/test_vllm_overlay.py")
+        return (
+            f"needs vLLM 0.13 + the Memento overlay (found {found}; overlay "
+            f"{'applied' if st.overlay else 'absent'}): {vllm_overlay.INSTALL_COMMAND}, then run "
+            "/work/venvs/vllm013/bin/python -m pytest tests/test_vllm_overlay.py"
+        )
     return None
 
 
@@ -54,8 +56,14 @@ def setup():
     cfg, tok, prompts = task_prompts(ASSET, 8)
     model = AutoModelForCausalLM.from_pretrained(str(ASSET), dtype=torch.float32).eval()
     ref = ReferenceGenerator(model, tok, cfg.rollout.block_masking)
-    return {"tok": tok, "prompts": prompts, "bm": cfg.rollout.block_masking, "model": model, "ref": ref,
-            "max_new_tokens": cfg.rollout.max_new_tokens}
+    return {
+        "tok": tok,
+        "prompts": prompts,
+        "bm": cfg.rollout.block_masking,
+        "model": model,
+        "ref": ref,
+        "max_new_tokens": cfg.rollout.max_new_tokens,
+    }
 
 
 def _engine(setup, monkeypatch_env: dict[str, str], bm=None, *, chunked: bool):
@@ -66,8 +74,16 @@ def _engine(setup, monkeypatch_env: dict[str, str], bm=None, *, chunked: bool):
 
     budget = {"max_num_batched_tokens": 64, "max_num_seqs": 16} if chunked else {}
     with _env(monkeypatch_env):
-        return VLLMEngine(ASSET, bm or setup["bm"], dtype="float32", max_model_len=512, enforce_eager=True,
-                          seed=0, enable_weight_sync=True, **budget)
+        return VLLMEngine(
+            ASSET,
+            bm or setup["bm"],
+            dtype="float32",
+            max_model_len=512,
+            enforce_eager=True,
+            seed=0,
+            enable_weight_sync=True,
+            **budget,
+        )
 
 
 @contextlib.contextmanager
@@ -115,6 +131,7 @@ def _shutdown(engine) -> None:
 @contextlib.contextmanager
 def _deadline(seconds: int, what: str):
     """Fail instead of hanging (the overlay alone spins forever on multi-turn prompts)."""
+
     def on_alarm(*_):
         raise TimeoutError(f"{what} did not finish within {seconds} s (livelock?)")
 
@@ -142,23 +159,32 @@ def compare(name: str, engine, setup, prompts, params, *, ref=None) -> list:
         got = engine.run(reqs, params)
     want = (ref or setup["ref"]).run(reqs, params)
     same_tokens = sum(g.token_ids == w.token_ids for g, w in zip(got, want))
-    lp = max(abs(a - b) for g, w in zip(got, want) if g.token_ids == w.token_ids
-             for a, b in zip(g.logprobs, w.logprobs))
+    lp = max(
+        abs(a - b) for g, w in zip(got, want) if g.token_ids == w.token_ids for a, b in zip(g.logprobs, w.logprobs)
+    )
     ev_got = [e for g in got for e in g.extra["evictions"]]
     ev_want = [tuple(e) for w in want for e in w.extra["evictions"]]
-    same_ev = sum(tuple(a) == tuple(b) for g, w in zip(got, want)
-                  for a, b in zip(g.extra["evictions"], w.extra["evictions"]))
+    same_ev = sum(
+        tuple(a) == tuple(b) for g, w in zip(got, want) for a, b in zip(g.extra["evictions"], w.extra["evictions"])
+    )
     kv_steps = sum(len(g.kv_trace) for g in got)
     kv_same = sum(a == b for g, w in zip(got, want) for a, b in zip(g.kv_trace, w.kv_trace))
-    row = {"case": name, "prompts": len(prompts), "tokens_equal": f"{same_tokens}/{len(prompts)}",
-           "max_abs_dlogprob": lp, "evictions_equal": f"{same_ev}/{len(ev_want)}", "kv_steps_equal": f"{kv_same}/{kv_steps}",
-           "tokens": sum(len(g.token_ids) for g in got)}
+    row = {
+        "case": name,
+        "prompts": len(prompts),
+        "tokens_equal": f"{same_tokens}/{len(prompts)}",
+        "max_abs_dlogprob": lp,
+        "evictions_equal": f"{same_ev}/{len(ev_want)}",
+        "kv_steps_equal": f"{kv_same}/{kv_steps}",
+        "tokens": sum(len(g.token_ids) for g in got),
+    }
     PARITY_ROWS.append(row)
     assert all(g.extra["kv_trace"] == "engine" for g in got), "the KV trace must come from the engine"
     assert [g.token_ids for g in got] == [w.token_ids for w in want], row
     assert lp < LOGPROB_TOL, row
-    assert [[tuple(e) for e in g.extra["evictions"]] for g in got] == [[tuple(e) for e in w.extra["evictions"]]
-                                                                       for w in want], row
+    assert [[tuple(e) for e in g.extra["evictions"]] for g in got] == [
+        [tuple(e) for e in w.extra["evictions"]] for w in want
+    ], row
     assert [g.kv_trace for g in got] == [w.kv_trace for w in want], row
     assert len(ev_got) == len(ev_want)
     return got
@@ -179,21 +205,32 @@ def multi_turn_prompts(setup) -> list[list[int]]:
     for i, res in enumerate(first):
         follow_up = prompts[(i + 4) % len(prompts)]
         out.append([*prompts[i], *res[0].token_ids, *newline, *follow_up])
-    assert sum(len(r[0].extra["evictions"]) > 0 or r[0].num_blocks > 0 for r in first) >= 2, \
+    assert sum(len(r[0].extra["evictions"]) > 0 or r[0].num_blocks > 0 for r in first) >= 2, (
         "the first answers must hold finished blocks"
+    )
     return out
 
 
 # -- tests ----------------------------------------------------------------------------------------------
 def test_greedy_rollouts_equal_the_reference_engine(mp_engine, setup):
-    got = compare("greedy, keep 0, cap 96 (multiprocess core)", mp_engine, setup, setup["prompts"],
-                  _sampling(setup, temperature=0.0))
+    got = compare(
+        "greedy, keep 0, cap 96 (multiprocess core)",
+        mp_engine,
+        setup,
+        setup["prompts"],
+        _sampling(setup, temperature=0.0),
+    )
     assert sum(len(g.extra["evictions"]) for g in got) >= len(got) // 2, "too few evictions to test"
 
 
 def test_seeded_sampling_equals_the_reference_engine(mp_engine, setup):
-    compare("sampled T=1 seeded (multiprocess core)", mp_engine, setup, setup["prompts"],
-            _sampling(setup, temperature=1.0, seed=1234))
+    compare(
+        "sampled T=1 seeded (multiprocess core)",
+        mp_engine,
+        setup,
+        setup["prompts"],
+        _sampling(setup, temperature=1.0, seed=1234),
+    )
 
 
 @pytest.mark.parametrize("core", ["mp_engine", "inproc_engine"], ids=["chunked-prefill", "whole-prefill"])
@@ -201,12 +238,18 @@ def test_prompts_with_finished_blocks_generate_and_evict_at_prompt_len(core, set
     """Whole prefills: the overlay alone never schedules these requests again (livelock)."""
     engine = request.getfixturevalue(core)
     prompts = multi_turn_prompts(setup)
-    got = compare(f"multi-turn, finished blocks in prompt ({core.split('_')[0]}, "
-                  f"{'chunked' if core == 'mp_engine' else 'whole'} prefill)", engine, setup, prompts,
-                  _sampling(setup, temperature=0.0))
+    got = compare(
+        f"multi-turn, finished blocks in prompt ({core.split('_')[0]}, "
+        f"{'chunked' if core == 'mp_engine' else 'whole'} prefill)",
+        engine,
+        setup,
+        prompts,
+        _sampling(setup, temperature=0.0),
+    )
     at_prompt_len = [len([e for e in g.extra["evictions"] if e[0] == len(p)]) for p, g in zip(prompts, got)]
-    assert all(at_prompt_len) and max(at_prompt_len) >= 2, \
+    assert all(at_prompt_len) and max(at_prompt_len) >= 2, (
         f"every prompt's finished blocks are evicted at prompt_len, several in one step: {at_prompt_len}"
+    )
 
 
 def test_prompts_with_finished_blocks_do_not_livelock_without_eviction(setup):
@@ -219,8 +262,14 @@ def test_prompts_with_finished_blocks_do_not_livelock_without_eviction(setup):
         from memento_train.generation import ReferenceGenerator
 
         ref = ReferenceGenerator(setup["model"], setup["tok"], bm)
-        compare("multi-turn, keep -1 (no eviction)", engine, setup, multi_turn_prompts(setup)[:2],
-                _sampling(setup, temperature=0.0), ref=ref)
+        compare(
+            "multi-turn, keep -1 (no eviction)",
+            engine,
+            setup,
+            multi_turn_prompts(setup)[:2],
+            _sampling(setup, temperature=0.0),
+            ref=ref,
+        )
     finally:
         _shutdown(engine)
 
@@ -253,8 +302,13 @@ def _check_weight_update(engine, setup, mode: str) -> None:
         after = engine.run(_requests(prompts, None), params)
         assert [a.logprobs for a in after] != [b.logprobs for b in before], "the update changed nothing"
     finally:
-        engine.update_weights(((k, v) for k, v in setup["model"].state_dict().items()
-                               if not (k == "lm_head.weight" and setup["model"].config.tie_word_embeddings)))
+        engine.update_weights(
+            (
+                (k, v)
+                for k, v in setup["model"].state_dict().items()
+                if not (k == "lm_head.weight" and setup["model"].config.tie_word_embeddings)
+            )
+        )
     restored = engine.run(_requests(prompts, None), params)
     assert [r.token_ids for r in restored] == [b.token_ids for b in before]
 
@@ -283,10 +337,18 @@ def test_negative_control_without_kv_copies_diverges(inproc_engine, setup, monke
             first_diff = next(i for i, (a, b) in enumerate(zip(g.token_ids, w.token_ids)) if a != b)
             first_ev = min(e[0] for e in w.extra["evictions"]) - len(p)
             late.append(first_diff - first_ev)
-    PARITY_ROWS.append({"case": "negative control: KV copies off", "prompts": len(prompts),
-                        "tokens_equal": f"{len(prompts) - diverged}/{len(prompts)}", "max_abs_dlogprob": float("nan"),
-                        "evictions_equal": "-", "kv_steps_equal": "-", "tokens": sum(len(g.token_ids) for g in got),
-                        "diverged_tokens_after_first_eviction": late})
+    PARITY_ROWS.append(
+        {
+            "case": "negative control: KV copies off",
+            "prompts": len(prompts),
+            "tokens_equal": f"{len(prompts) - diverged}/{len(prompts)}",
+            "max_abs_dlogprob": float("nan"),
+            "evictions_equal": "-",
+            "kv_steps_equal": "-",
+            "tokens": sum(len(g.token_ids) for g in got),
+            "diverged_tokens_after_first_eviction": late,
+        }
+    )
     assert diverged >= 1 and all(d >= 0 for d in late), late
 
 
@@ -332,8 +394,12 @@ def test_cpu_kv_copy_moves_slots_like_the_cache_write_kernel(dtype, block_size):
         return kv
 
     want = cache_with(dst)
-    copy_ops = {"r": [(int(s) // block_size, int(s) % block_size, int(d) // block_size, int(d) % block_size)
-                      for s, d in zip(src, dst)]}
+    copy_ops = {
+        "r": [
+            (int(s) // block_size, int(s) % block_size, int(d) // block_size, int(d) % block_size)
+            for s, d in zip(src, dst)
+        ]
+    }
     mask = want.ne(0)  # the destination slots' elements (random values: none is exactly 0)
     ours = cache_with(src)
     cpu_execute_kv_copy_operations(SimpleNamespace(kv_caches=[ours]), copy_ops)
@@ -351,7 +417,12 @@ def test_zz_print_parity_table():
     cols = ["case", "prompts", "tokens", "tokens_equal", "max_abs_dlogprob", "evictions_equal", "kv_steps_equal"]
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
     for r in PARITY_ROWS:
-        lines.append(" | ".join(f"{r[c]:.2e}" if isinstance(r[c], float) else str(r[c]) for c in cols)
-                     + (f" (diverged {r['diverged_tokens_after_first_eviction']} tokens after the first eviction)"
-                        if "diverged_tokens_after_first_eviction" in r else ""))
+        lines.append(
+            " | ".join(f"{r[c]:.2e}" if isinstance(r[c], float) else str(r[c]) for c in cols)
+            + (
+                f" (diverged {r['diverged_tokens_after_first_eviction']} tokens after the first eviction)"
+                if "diverged_tokens_after_first_eviction" in r
+                else ""
+            )
+        )
     print("\n" + "\n".join(lines))

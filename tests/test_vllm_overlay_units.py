@@ -19,8 +19,11 @@ def test_overlay_path_is_chosen_for_vllm_0_13_only():
 
 def test_engine_kwargs_add_the_patch_layer_and_the_cpu_rms_norm_workaround():
     gpu = engine_kwargs({"model": "m"}, cpu=False)
-    assert gpu == {"model": "m", "scheduler_cls": vllm_overlay.SCHEDULER_CLS,
-                   "worker_extension_cls": vllm_overlay.WORKER_EXTENSION_CLS}
+    assert gpu == {
+        "model": "m",
+        "scheduler_cls": vllm_overlay.SCHEDULER_CLS,
+        "worker_extension_cls": vllm_overlay.WORKER_EXTENSION_CLS,
+    }
     cpu = engine_kwargs({"model": "m", "compilation_config": {"custom_ops": ["-silu_and_mul"], "mode": 0}}, cpu=True)
     assert cpu["compilation_config"] == {"custom_ops": ["-silu_and_mul", "-rms_norm"], "mode": 0}
     assert engine_kwargs(cpu, cpu=True) == cpu  # idempotent
@@ -46,8 +49,12 @@ def _apply_chunked(cache: np.ndarray, ops) -> np.ndarray:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 3), st.integers(0, 2), st.integers(0, 3)),
-                         max_size=12), max_size=3))
+@given(
+    st.lists(
+        st.lists(st.tuples(st.integers(0, 2), st.integers(0, 3), st.integers(0, 2), st.integers(0, 3)), max_size=12),
+        max_size=3,
+    )
+)
 def test_chunked_kv_copies_equal_copying_op_by_op(phases):
     """Any op list (e.g. two compactions of one step concatenated) gives the in-order result."""
     ops = [op for phase in phases for op in phase]
@@ -87,7 +94,9 @@ def test_vllm_rollouts_need_a_checkpoint_directory(tmp_path):
     base = ["logger=none", f"output_dir={tmp_path}", "rollout.generator=vllm", "warmup.enabled=false"]
     with pytest.raises(ConfigError, match="rollout.generator=vllm loads the policy from a checkpoint directory"):
         build_rl_config(config_tree(None, base))
-    cfg = build_rl_config(config_tree(None, [*base, "model.path=tests/assets/tiny_rl_warmed", "weight_sync=collective"]))
+    cfg = build_rl_config(
+        config_tree(None, [*base, "model.path=tests/assets/tiny_rl_warmed", "weight_sync=collective"])
+    )
     assert cfg.rollout.generator == "vllm"  # collective sync loads host buffers into vLLM (update_weights)
 
 
@@ -113,8 +122,17 @@ def test_rollout_actors_start_with_the_configured_interpreter(monkeypatch, tmp_p
 
     monkeypatch.setattr(ray, "remote", lambda cls: Remote())
     monkeypatch.setattr(ray, "get", lambda refs: refs)
-    cfg = build_rl_config(config_tree(None, ["logger=none", f"output_dir={tmp_path}",
-                                             f"rollout_cluster.python={sys.executable}", "rollout_cluster.num_workers=2"]))
+    cfg = build_rl_config(
+        config_tree(
+            None,
+            [
+                "logger=none",
+                f"output_dir={tmp_path}",
+                f"rollout_cluster.python={sys.executable}",
+                "rollout_cluster.num_workers=2",
+            ],
+        )
+    )
     rollout_worker.RolloutPool(cfg, {})
     assert [kw["runtime_env"].get("py_executable") for kw in started] == [sys.executable] * 2
     cfg = build_rl_config(config_tree(None, ["logger=none", f"output_dir={tmp_path}"]))

@@ -12,8 +12,8 @@ The negative control (the same bookkeeping, KV kept) must diverge from the refer
 from __future__ import annotations
 
 import pytest
-
 import vllm_harness as vh
+
 from memento_train.generation import BlockMaskingConfig, ReferenceGenerator, SamplingParams, SequenceRequest
 
 pytestmark = pytest.mark.skipif(vh.plugin_skip_reason() is not None, reason=str(vh.plugin_skip_reason()))
@@ -29,8 +29,10 @@ CONFIGS = {
     "cap-k1-delims": BlockMaskingConfig(keep_last_n_blocks=1, mask_delimiters=True, max_block_tokens=6),
 }
 GREEDY = SamplingParams(max_new_tokens=128, temperature=0.0)
-SAMPLED = {"t1": SamplingParams(max_new_tokens=128, temperature=1.0, n=2, seed=7),
-           "t07-topk-topp": SamplingParams(max_new_tokens=128, temperature=0.7, top_k=20, top_p=0.9, n=2, seed=11)}
+SAMPLED = {
+    "t1": SamplingParams(max_new_tokens=128, temperature=1.0, n=2, seed=7),
+    "t07-topk-topp": SamplingParams(max_new_tokens=128, temperature=0.7, top_k=20, top_p=0.9, n=2, seed=11),
+}
 SAMPLED_CONFIGS = ("k0", "k1-delims", "cap-k1-delims")
 
 
@@ -122,9 +124,9 @@ def test_negative_control_bookkeeping_without_compaction_diverges(setup):
             continue
         assert g.extra["evictions"][0] == tuple(w.extra["evictions"][0])  # the same bookkeeping
         first = w.extra["evictions"][0][0] - len(w.prompt_ids)  # first token fed after an eviction
-        same = g.token_ids[:first + 1] == w.token_ids[:first + 1]
+        same = g.token_ids[: first + 1] == w.token_ids[: first + 1]
         assert same  # identical until the first eviction
-        later = [abs(a - b) for a, b in zip(g.logprobs[first + 1:], w.logprobs[first + 1:])]
+        later = [abs(a - b) for a, b in zip(g.logprobs[first + 1 :], w.logprobs[first + 1 :])]
         diverged += g.token_ids != w.token_ids or max(later, default=0.0) > 1e-3
     evicting = sum(bool(w.extra["evictions"]) for [w] in want)
     assert evicting >= 6 and diverged == evicting

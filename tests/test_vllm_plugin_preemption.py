@@ -6,8 +6,8 @@ reference engine's exactly, including the eviction events (logged once) and the 
 from __future__ import annotations
 
 import pytest
-
 import vllm_harness as vh
+
 from memento_train.generation import BlockMaskingConfig, ReferenceGenerator, SamplingParams, SequenceRequest
 
 pytestmark = pytest.mark.skipif(vh.plugin_skip_reason() is not None, reason=str(vh.plugin_skip_reason()))
@@ -19,9 +19,13 @@ BLOCKS = 40  # x 32 slots: room for a handful of the batch's sequences at a time
 def test_preempted_and_recomputed_requests_still_equal_the_reference_engine():
     tok = vh.tokenizer()
     prompts = vh.single_turn_prompts(tok, 6) + vh.multi_turn_prompts(tok, 3)
-    runs = [(BlockMaskingConfig(keep_last_n_blocks=0), SamplingParams(max_new_tokens=128, temperature=0.0)),
-            (BlockMaskingConfig(keep_last_n_blocks=1, mask_delimiters=True, max_block_tokens=6),
-             SamplingParams(max_new_tokens=128, temperature=1.0, n=2, seed=3))]
+    runs = [
+        (BlockMaskingConfig(keep_last_n_blocks=0), SamplingParams(max_new_tokens=128, temperature=0.0)),
+        (
+            BlockMaskingConfig(keep_last_n_blocks=1, mask_delimiters=True, max_block_tokens=6),
+            SamplingParams(max_new_tokens=128, temperature=1.0, n=2, seed=3),
+        ),
+    ]
     reqs, extra, caps = [], [], []
     for cfg, params in runs:
         for p, prompt in enumerate(prompts):
@@ -32,7 +36,7 @@ def test_preempted_and_recomputed_requests_still_equal_the_reference_engine():
     engine = vh.start_engine(num_gpu_blocks_override=BLOCKS)
     try:
         got = engine.run(reqs[: len(prompts)], runs[0][1], extra_args=extra[: len(prompts)])
-        got += engine.run(reqs[len(prompts):], runs[1][1], extra_args=extra[len(prompts):])
+        got += engine.run(reqs[len(prompts) :], runs[1][1], extra_args=extra[len(prompts) :])
     finally:
         engine.shutdown()
     model = vh.reference_model()

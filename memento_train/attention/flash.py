@@ -50,7 +50,7 @@ class _GatherRows(torch.autograd.Function):
         acc = torch.zeros(ctx.shape, dtype=acc_dtype, device=grad.device)
         rows = max(1, _GATHER_GRAD_CHUNK_ELEMENTS // max(1, grad[0].numel())) if grad.shape[0] else 1
         for start in range(0, grad.shape[0], rows):
-            acc.index_add_(0, index[start:start + rows], grad[start:start + rows].to(acc_dtype))
+            acc.index_add_(0, index[start : start + rows], grad[start : start + rows].to(acc_dtype))
         return acc.to(ctx.dtype), None
 
 
@@ -71,9 +71,14 @@ def flash_attention_backend(q, k, v, meta: MementoAttentionMeta, *, scale: float
     ks = gather_rows(k, plan.key_index)
     vs = gather_rows(v, plan.key_index)
     return flash_attn_varlen_func(
-        q, ks, vs,
-        cu_seqlens_q=plan.cu_q, cu_seqlens_k=plan.cu_k,
-        max_seqlen_q=plan.max_q, max_seqlen_k=plan.max_k,
-        softmax_scale=scale, causal=True,
+        q,
+        ks,
+        vs,
+        cu_seqlens_q=plan.cu_q,
+        cu_seqlens_k=plan.cu_k,
+        max_seqlen_q=plan.max_q,
+        max_seqlen_k=plan.max_k,
+        softmax_scale=scale,
+        causal=True,
         window_size=(-1, -1) if window is None else (window - 1, 0),
     )

@@ -90,7 +90,11 @@ def flex_attention_backend(q, k, v, meta: MementoAttentionMeta, *, scale: float,
         )
     fn = _compiled_flex() if flex_compiles(q.device) else flex_attention
     out = fn(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-        block_mask=block_mask_for(meta, window), scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+        q.transpose(0, 1)[None],
+        k.transpose(0, 1)[None],
+        v.transpose(0, 1)[None],
+        block_mask=block_mask_for(meta, window),
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
     )
     return out[0].transpose(0, 1)

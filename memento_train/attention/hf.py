@@ -53,8 +53,13 @@ def hf_memento_attention(
             "use memento_train.generation for incremental decoding"
         )
     out = memento_attention(
-        query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), memento_meta,
-        scale=scaling, window=sliding_window, backend=backend,
+        query[0].transpose(0, 1),
+        key[0].transpose(0, 1),
+        value[0].transpose(0, 1),
+        memento_meta,
+        scale=scaling,
+        window=sliding_window,
+        backend=backend,
     )
     return out[None], None
 

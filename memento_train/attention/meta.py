@@ -129,9 +129,11 @@ class MementoAttentionMeta:
         """Pack per-document kill rows (as returned by ``masking.kill_rows``) into one batch."""
         lengths = [len(kr) for kr in local_kill_rows]
         cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        glob = np.concatenate(
-            [np.asarray(kr, dtype=np.int64) + cu[i] for i, kr in enumerate(local_kill_rows)]
-        ) if lengths else np.zeros(0, dtype=np.int64)
+        glob = (
+            np.concatenate([np.asarray(kr, dtype=np.int64) + cu[i] for i, kr in enumerate(local_kill_rows)])
+            if lengths
+            else np.zeros(0, dtype=np.int64)
+        )
         return cls.from_packed(cu, glob, device=device)
 
     @classmethod

@@ -12,9 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from memento_train.config.errors import ConfigError
-
 from memento_train.attention.meta import MementoAttentionMeta
+from memento_train.config.errors import ConfigError
 
 Backend = Callable[..., torch.Tensor]
 
@@ -27,8 +26,13 @@ _NO_WINDOW_WITH_EVICTION: dict[str, str] = {}
 AUTO_CUDA_ORDER = ("flash_attn", "flex")
 
 
-def register_backend(name: str, fn: Backend, *, unavailable_reason: Callable[[], str | None] | None = None,
-                     no_window_with_eviction: str | None = None) -> None:
+def register_backend(
+    name: str,
+    fn: Backend,
+    *,
+    unavailable_reason: Callable[[], str | None] | None = None,
+    no_window_with_eviction: str | None = None,
+) -> None:
     """Register ``fn`` under ``name``; ``unavailable_reason()`` returns why it cannot run here, or None.
 
     ``no_window_with_eviction``: set (to the reason) for a backend that cannot run sliding-window
@@ -72,8 +76,9 @@ def resolve_backend(name: str, q: torch.Tensor | None = None, *, window: int | N
     return name
 
 
-def check_backend_for_model(name: str, *, sliding_window: int | None, evicts: bool,
-                            option: str = "model.attn_backend") -> None:
+def check_backend_for_model(
+    name: str, *, sliding_window: int | None, evicts: bool, option: str = "model.attn_backend"
+) -> None:
     """Raise :class:`ConfigError` (naming ``option``) if backend ``name`` cannot train a model whose
     layers use ``sliding_window`` (None: no sliding-window layers) with a mask that ``evicts`` keys.
 
@@ -81,8 +86,9 @@ def check_backend_for_model(name: str, *, sliding_window: int | None, evicts: bo
     not run where the workers do.
     """
     if name != "auto" and name not in _BACKENDS:
-        raise ConfigError(f"{option}={name!r} is not an attention backend; choose one of "
-                          f"{['auto', *sorted(_BACKENDS)]}")
+        raise ConfigError(
+            f"{option}={name!r} is not an attention backend; choose one of {['auto', *sorted(_BACKENDS)]}"
+        )
     if sliding_window is not None and evicts and name in _NO_WINDOW_WITH_EVICTION:
         raise ConfigError(
             f"{option}={name} cannot train this model: it has sliding-window layers (window {sliding_window}) and "

@@ -32,7 +32,11 @@ def sdpa_attention(q, k, v, meta: MementoAttentionMeta, *, scale: float, window:
 def _sdpa(q, k, v, mask, scale):
     # [L, H, D] -> [1, H, L, D]; GQA handled by SDPA itself.
     o = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-        attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+        q.transpose(0, 1)[None],
+        k.transpose(0, 1)[None],
+        v.transpose(0, 1)[None],
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
     )
     return o[0].transpose(0, 1)

@@ -39,7 +39,11 @@ def segment_attention(q, k, v, meta: MementoAttentionMeta, *, scale: float, wind
 
 def _attend(q, k, v, mask, scale, gqa):
     o = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-        attn_mask=mask, scale=scale, enable_gqa=gqa,
+        q.transpose(0, 1)[None],
+        k.transpose(0, 1)[None],
+        v.transpose(0, 1)[None],
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=gqa,
     )
     return o[0].transpose(0, 1)

@@ -57,21 +57,29 @@ class CheckpointSaveError(CheckpointError):
     that could not be written, ``free_bytes`` the space left on its filesystem (None if unknown).
     """
 
-    def __init__(self, step: int, path: Path, cause: str, free_bytes: int | None, total_bytes: int | None,
-                 previous: Path | None) -> None:
+    def __init__(
+        self, step: int, path: Path, cause: str, free_bytes: int | None, total_bytes: int | None, previous: Path | None
+    ) -> None:
         self.step, self.path, self.cause, self.free_bytes, self.previous = step, path, cause, free_bytes, previous
-        space = (f"{_bytes(free_bytes)} free of {_bytes(total_bytes)} on its filesystem when it failed"
-                 if free_bytes is not None else "free space unknown")
+        space = (
+            f"{_bytes(free_bytes)} free of {_bytes(total_bytes)} on its filesystem when it failed"
+            if free_bytes is not None
+            else "free space unknown"
+        )
         kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
-        super().__init__(f"could not write checkpoint {path} ({space}): {cause}. The partial checkpoint was removed "
-                         f"and {kept}. Free space on that filesystem (or lower checkpoint.keep_last), or set "
-                         f"checkpoint.on_save_error=retry to keep training and try again at the next checkpoint")
+        super().__init__(
+            f"could not write checkpoint {path} ({space}): {cause}. The partial checkpoint was removed "
+            f"and {kept}. Free space on that filesystem (or lower checkpoint.keep_last), or set "
+            f"checkpoint.on_save_error=retry to keep training and try again at the next checkpoint"
+        )
 
 
 # What a storage failure looks like, also when it comes back as text from a worker process.
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO}
-_STORAGE_TEXT = re.compile(r"No space left on device|Disk quota exceeded|Permission denied|Read-only file system|"
-                           r"Input/output error|\[Errno (?:%s)\]" % "|".join(str(e) for e in sorted(_STORAGE_ERRNOS)))
+_STORAGE_TEXT = re.compile(
+    r"No space left on device|Disk quota exceeded|Permission denied|Read-only file system|"
+    r"Input/output error|\[Errno (?:" + "|".join(str(e) for e in sorted(_STORAGE_ERRNOS)) + r")\]"
+)
 
 
 def storage_failure(exc: BaseException, free_bytes: int | None = None, needed_bytes: int = 1 << 20) -> str | None:
@@ -97,8 +105,10 @@ def storage_failure(exc: BaseException, free_bytes: int | None = None, needed_by
         return line.strip()
     if free_bytes is not None and free_bytes < needed_bytes:
         last = next((ln.strip() for ln in reversed(str(exc).splitlines()) if ln.strip()), type(exc).__name__)
-        return (f"the filesystem is full ({_bytes(free_bytes)} free while writing; the last checkpoint took "
-                f"{_bytes(needed_bytes)}): {last}")
+        return (
+            f"the filesystem is full ({_bytes(free_bytes)} free while writing; the last checkpoint took "
+            f"{_bytes(needed_bytes)}): {last}"
+        )
     return None
 
 
@@ -216,8 +226,9 @@ class CheckpointManager:
             cause = storage_failure(exc, free, needed)
             if cause is None:
                 raise
-            raise CheckpointSaveError(step, self.root / f"step_{step:08d}", cause, free, total,
-                                      latest[1] if latest else None) from exc
+            raise CheckpointSaveError(
+                step, self.root / f"step_{step:08d}", cause, free, total, latest[1] if latest else None
+            ) from exc
 
     def prune(self) -> None:
         """Delete all but the newest ``keep_last`` complete checkpoints."""
@@ -239,8 +250,10 @@ class CheckpointManager:
         if resume != "auto":
             path = Path(resume)
             if not (path / STATE_FILE).is_file():
-                raise CheckpointError(f"resume={resume!r} is not a complete checkpoint (no {STATE_FILE}); "
-                                      f"use resume=auto or one of {[str(p) for _, p in self.complete()]}")
+                raise CheckpointError(
+                    f"resume={resume!r} is not a complete checkpoint (no {STATE_FILE}); "
+                    f"use resume=auto or one of {[str(p) for _, p in self.complete()]}"
+                )
             problems = verify_checkpoint(path)
             if problems:
                 raise CheckpointError(f"resume={resume!r} does not verify: {'; '.join(problems)}")
@@ -254,15 +267,19 @@ class CheckpointManager:
                     aside = bad.with_name(bad.name + INVALID_SUFFIX)
                     shutil.rmtree(aside, ignore_errors=True)
                     os.rename(bad, aside)
-                    warn(f"checkpoint {bad} is incomplete or corrupt ({'; '.join(why)}); moved it to "
-                         f"{aside.name} and resuming from {path.name} instead")
+                    warn(
+                        f"checkpoint {bad} is incomplete or corrupt ({'; '.join(why)}); moved it to "
+                        f"{aside.name} and resuming from {path.name} instead"
+                    )
                 return path
             rejected.append((path, problems))
         if rejected:
             detail = "\n".join(f"  {p.name}: {'; '.join(why)}" for p, why in rejected)
-            raise CheckpointError(f"resume=auto: no checkpoint under {self.root} verifies:\n{detail}\n"
-                                  f"Restore the files, remove the broken checkpoints to start over, or set "
-                                  f"resume=never")
+            raise CheckpointError(
+                f"resume=auto: no checkpoint under {self.root} verifies:\n{detail}\n"
+                f"Restore the files, remove the broken checkpoints to start over, or set "
+                f"resume=never"
+            )
         return None
 
 
@@ -309,8 +326,10 @@ def verify_checkpoint(path: str | os.PathLike) -> list[str]:
     root = Path(path)
     manifest_path = root / MANIFEST_FILE
     if not manifest_path.is_file():
-        warnings.warn(f"checkpoint {root} has no {MANIFEST_FILE} (written by an older version): "
-                      "its files cannot be verified", stacklevel=2)
+        warnings.warn(
+            f"checkpoint {root} has no {MANIFEST_FILE} (written by an older version): its files cannot be verified",
+            stacklevel=2,
+        )
         return []
     try:
         manifest = json.loads(manifest_path.read_text())

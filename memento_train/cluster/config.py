@@ -62,7 +62,7 @@ class ClusterConfig:
     secret_env: list[str] = field(default_factory=list)
     python: str | None = None
 
-    def validate(self, prefix: str = "cluster") -> "ClusterConfig":
+    def validate(self, prefix: str = "cluster") -> ClusterConfig:
         """Check every option; raise :class:`ConfigError` naming the first bad one (``prefix.option``).
 
         Returns ``self`` so that ``cfg = ClusterConfig(...).validate()`` reads naturally.
@@ -74,15 +74,21 @@ class ClusterConfig:
         check_types(self, prefix)
         if self.address is not None:
             if not isinstance(self.address, str) or not self.address.strip():
-                raise bad("address", f"expected null (start a local Ray cluster), 'auto', 'HOST:PORT' or "
-                                     f"'ray://HOST:PORT', got {self.address!r}")
+                raise bad(
+                    "address",
+                    f"expected null (start a local Ray cluster), 'auto', 'HOST:PORT' or "
+                    f"'ray://HOST:PORT', got {self.address!r}",
+                )
             if not self.use_ray:
                 raise bad("address", "is only used with use_ray=true; remove it or set use_ray=true")
         if not _is_int(self.num_workers) or self.num_workers < 1:
             raise bad("num_workers", f"expected an integer >= 1, got {self.num_workers!r}")
         if not self.use_ray and self.num_workers != 1:
-            raise bad("num_workers", f"inline mode (use_ray=false) runs exactly one worker, got "
-                                     f"{self.num_workers}; set num_workers=1 or use_ray=true")
+            raise bad(
+                "num_workers",
+                f"inline mode (use_ray=false) runs exactly one worker, got "
+                f"{self.num_workers}; set num_workers=1 or use_ray=true",
+            )
         if self.gpus_per_worker is not None:
             g = self.gpus_per_worker
             if isinstance(g, bool) or not isinstance(g, numbers.Real) or g < 0:
@@ -92,8 +98,9 @@ class ClusterConfig:
         if not _is_int(self.cpus_per_worker) or self.cpus_per_worker < 1:
             raise bad("cpus_per_worker", f"expected an integer >= 1, got {self.cpus_per_worker!r}")
         if self.backend == "nccl" and self.gpus_per_worker == 0:
-            raise bad("backend", "nccl needs GPUs but gpus_per_worker=0; use backend=gloo (or auto) "
-                                 "or give workers GPUs")
+            raise bad(
+                "backend", "nccl needs GPUs but gpus_per_worker=0; use backend=gloo (or auto) or give workers GPUs"
+            )
         for option in ("init_timeout_s", "collective_timeout_s"):
             value = getattr(self, option)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
@@ -105,18 +112,24 @@ class ClusterConfig:
                 raise bad("env", f"invalid environment variable name {key!r}")
             if not isinstance(value, str):
                 raise bad(f"env.{key}", "expected a string; quote the value")  # never echo a possible secret
-        if not isinstance(self.secret_env, list) or not all(isinstance(k, str) and k and "=" not in k
-                                                             for k in self.secret_env):
+        if not isinstance(self.secret_env, list) or not all(
+            isinstance(k, str) and k and "=" not in k for k in self.secret_env
+        ):
             raise bad("secret_env", f"expected a list of environment variable names, got {self.secret_env!r}")
         if self.python is not None:
             if prefix != "rollout_cluster":
-                raise bad("python", "a second interpreter is supported for rollout workers only "
-                                    "(rollout_cluster.python, docs/vllm.md)")
+                raise bad(
+                    "python",
+                    "a second interpreter is supported for rollout workers only (rollout_cluster.python, docs/vllm.md)",
+                )
             if not self.use_ray:
                 raise bad("python", "needs use_ray=true (inline workers run in the driver's interpreter)")
             if not (os.path.isfile(self.python) and os.access(self.python, os.X_OK)):
-                raise bad("python", f"{self.python!r} is not an executable file (e.g. VENV/bin/python of "
-                                    "scripts/install_vllm_overlay.sh)")
+                raise bad(
+                    "python",
+                    f"{self.python!r} is not an executable file (e.g. VENV/bin/python of "
+                    "scripts/install_vllm_overlay.sh)",
+                )
         return self
 
     def worker_env(self) -> dict[str, str]:

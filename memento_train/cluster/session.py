@@ -32,7 +32,7 @@ class RaySession:
         self._closed = False
 
     @classmethod
-    def open(cls, cfg: ClusterConfig, needed_cpus: int, worker_env: dict[str, str]) -> "RaySession":
+    def open(cls, cfg: ClusterConfig, needed_cpus: int, worker_env: dict[str, str]) -> RaySession:
         """Use the Ray already initialised in this process, else join ``cfg.address``, else start a
         local Ray with at least ``needed_cpus`` CPUs.
 
@@ -120,10 +120,15 @@ def worker_code_paths() -> list[str]:
     directories (stdlib, site-packages) are left out: workers have their own, and on another node the
     driver's could be the wrong ones. Editable installs work through the workers' own ``.pth`` files.
     """
-    install_dirs = {os.path.realpath(p) for p in (
-        *site.getsitepackages(), site.getusersitepackages(),
-        *(sysconfig.get_paths().get(k, "") for k in ("stdlib", "platstdlib", "purelib", "platlib")),
-    ) if p}
+    install_dirs = {
+        os.path.realpath(p)
+        for p in (
+            *site.getsitepackages(),
+            site.getusersitepackages(),
+            *(sysconfig.get_paths().get(k, "") for k in ("stdlib", "platstdlib", "purelib", "platlib")),
+        )
+        if p
+    }
     paths = []
     for entry in sys.path:
         real = os.path.realpath(entry or os.getcwd())

@@ -42,7 +42,7 @@ class Frame:
 def _short(path: str) -> str:
     for marker in ("/torch/", "/memento_train/", "/site-packages/"):
         if marker in path:
-            return path[path.index(marker) + 1:]
+            return path[path.index(marker) + 1 :]
     return path
 
 
@@ -64,12 +64,16 @@ def _main_thread_block(text: str) -> list[str]:
 
 def frames_of(text: str) -> list[Frame]:
     """The frames of the main thread of a faulthandler dump, or of a Python traceback, innermost first."""
-    fh = [Frame(m["file"], int(m["line"]), m["func"]) for line in _main_thread_block(text)
-          if (m := _FAULTHANDLER_FRAME.match(line))]
+    fh = [
+        Frame(m["file"], int(m["line"]), m["func"])
+        for line in _main_thread_block(text)
+        if (m := _FAULTHANDLER_FRAME.match(line))
+    ]
     if fh:
         return fh
-    tb = [Frame(m["file"], int(m["line"]), m["func"]) for line in text.splitlines()
-          if (m := _TRACEBACK_FRAME.match(line))]
+    tb = [
+        Frame(m["file"], int(m["line"]), m["func"]) for line in text.splitlines() if (m := _TRACEBACK_FRAME.match(line))
+    ]
     return tb[::-1]
 
 
@@ -99,8 +103,10 @@ def signal_workers(targets: list[tuple[str, int]], signum: int = STACK_DUMP_SIGN
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     remote_kill = ray.remote(num_cpus=0, max_retries=0)(_kill)
-    refs = [remote_kill.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(pid, signum)
-            for node, pid in targets]
+    refs = [
+        remote_kill.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(pid, signum)
+        for node, pid in targets
+    ]
     ray.wait(refs, num_returns=len(refs), timeout=timeout)
 
 

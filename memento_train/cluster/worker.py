@@ -22,8 +22,15 @@ import torch.distributed as dist
 # torch.cuda.set_device): 0 under Ray, which gives each actor its own CUDA_VISIBLE_DEVICES. The index
 # among the group's workers on the node is MEMENTO_NODE_LOCAL_RANK.
 NODE_LOCAL_RANK_VAR = "MEMENTO_NODE_LOCAL_RANK"
-DIST_ENV_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                 NODE_LOCAL_RANK_VAR)
+DIST_ENV_VARS = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    NODE_LOCAL_RANK_VAR,
+)
 
 
 class DistributedWorker:
@@ -73,14 +80,28 @@ class DistributedWorker:
         leaves no window in which another process can take the port.
         """
         self._mt_store = dist.TCPStore(
-            host, 0, world_size, is_master=True,
-            timeout=timedelta(seconds=init_timeout_s), wait_for_workers=False,
+            host,
+            0,
+            world_size,
+            is_master=True,
+            timeout=timedelta(seconds=init_timeout_s),
+            wait_for_workers=False,
         )
         return self._mt_store.port
 
     def _mt_init_distributed(
-        self, *, rank: int, world_size: int, local_rank: int, local_world_size: int, master_addr: str,
-        master_port: int, backend: str, gpus: float, num_threads: int, init_timeout_s: float,
+        self,
+        *,
+        rank: int,
+        world_size: int,
+        local_rank: int,
+        local_world_size: int,
+        master_addr: str,
+        master_port: int,
+        backend: str,
+        gpus: float,
+        num_threads: int,
+        init_timeout_s: float,
         collective_timeout_s: float,
     ) -> str:
         """Join the default process group; returns the device chosen, as a string.
@@ -99,22 +120,30 @@ class DistributedWorker:
         self.device = _pick_device(local_rank, gpus)
         self.rank, self.world_size, self.node_local_rank = rank, world_size, local_rank
         self.local_rank = self.device.index if self.device.type == "cuda" else local_rank
-        os.environ.update({
-            "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(rank),
-            "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(self.local_rank),
-            "LOCAL_WORLD_SIZE": str(local_world_size), NODE_LOCAL_RANK_VAR: str(local_rank),
-        })
+        os.environ.update(
+            {
+                "MASTER_ADDR": master_addr,
+                "MASTER_PORT": str(master_port),
+                "RANK": str(rank),
+                "WORLD_SIZE": str(world_size),
+                "LOCAL_RANK": str(self.local_rank),
+                "LOCAL_WORLD_SIZE": str(local_world_size),
+                NODE_LOCAL_RANK_VAR: str(local_rank),
+            }
+        )
         torch.set_num_threads(num_threads)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
 
         store = getattr(self, "_mt_store", None)
         if store is None:  # ranks > 0 connect to rank 0's store
-            store = dist.TCPStore(master_addr, master_port, world_size, is_master=False,
-                                  timeout=timedelta(seconds=init_timeout_s))
+            store = dist.TCPStore(
+                master_addr, master_port, world_size, is_master=False, timeout=timedelta(seconds=init_timeout_s)
+            )
         # The store's own timeout bounds the rendezvous; the process group's bounds each collective.
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=collective_timeout_s))
+        dist.init_process_group(
+            backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=collective_timeout_s)
+        )
         self._mt_owns_group = True
         return str(self.device)
 

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from memento_train.cluster.config import ClusterConfig
-from memento_train.config.errors import ConfigError
 from memento_train.cluster.session import RaySession, cluster_gpus, reserve_placement_group, worker_code_paths
 from memento_train.cluster.worker import DistributedWorker
+from memento_train.config.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,7 @@ class WorkerError(RuntimeError):
     ``cause`` (the remote exception object when it could be recovered, else ``None``).
     """
 
-    def __init__(self, rank: int, method: str, detail: str, *, died: bool = False,
-                 cause: BaseException | None = None):
+    def __init__(self, rank: int, method: str, detail: str, *, died: bool = False, cause: BaseException | None = None):
         self.rank, self.method, self.detail, self.died, self.cause = rank, method, detail, died, cause
         what = "the worker process died" if died else "the method raised"
         super().__init__(
@@ -62,7 +61,7 @@ class AsyncResults(list):
     """What :meth:`WorkerGroup.run_async` returns: one pending result per rank (Ray object refs, or
     completed futures inline). Pass it to :meth:`WorkerGroup.get`, or call :meth:`get` on it."""
 
-    def __init__(self, items, method: str, group: "WorkerGroup"):
+    def __init__(self, items, method: str, group: WorkerGroup):
         super().__init__(items)
         self.method = method
         self._group = group
@@ -88,8 +87,9 @@ class WorkerGroup:
 
     world_size: int
 
-    def __init__(self, worker_cls: type[DistributedWorker], cfg: ClusterConfig, *args: Any,
-                 name: str = "trainer", **kwargs: Any):
+    def __init__(
+        self, worker_cls: type[DistributedWorker], cfg: ClusterConfig, *args: Any, name: str = "trainer", **kwargs: Any
+    ):
         if not (isinstance(worker_cls, type) and issubclass(worker_cls, DistributedWorker)):
             raise TypeError(f"WorkerGroup: worker_cls must be a subclass of DistributedWorker, got {worker_cls!r}")
         self.cfg = cfg.validate()
@@ -126,22 +126,34 @@ class WorkerGroup:
         """
         return self.get(self.run_async(method, *args, **kwargs))
 
-    def run_each(self, method: str, args_per_rank: list[tuple],
-                 kwargs_per_rank: list[dict] | None = None, *, timeout: float | None = None) -> list:
+    def run_each(
+        self,
+        method: str,
+        args_per_rank: list[tuple],
+        kwargs_per_rank: list[dict] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> list:
         """Call ``method(*args_per_rank[r], **kwargs_per_rank[r])`` on each rank ``r``; results by rank.
 
         ``timeout``: as in :meth:`get` (``TimeoutError`` naming the ranks still running).
         """
         if len(args_per_rank) != self.world_size:
-            raise ValueError(f"run_each({method!r}): args_per_rank has {len(args_per_rank)} entries, "
-                             f"expected one per rank ({self.world_size})")
+            raise ValueError(
+                f"run_each({method!r}): args_per_rank has {len(args_per_rank)} entries, "
+                f"expected one per rank ({self.world_size})"
+            )
         if kwargs_per_rank is None:
             kwargs_per_rank = [{} for _ in range(self.world_size)]
         elif len(kwargs_per_rank) != self.world_size:
-            raise ValueError(f"run_each({method!r}): kwargs_per_rank has {len(kwargs_per_rank)} entries, "
-                             f"expected one per rank ({self.world_size})")
-        pending = [self._submit(rank, method, tuple(a), dict(k))
-                   for rank, (a, k) in enumerate(zip(args_per_rank, kwargs_per_rank))]
+            raise ValueError(
+                f"run_each({method!r}): kwargs_per_rank has {len(kwargs_per_rank)} entries, "
+                f"expected one per rank ({self.world_size})"
+            )
+        pending = [
+            self._submit(rank, method, tuple(a), dict(k))
+            for rank, (a, k) in enumerate(zip(args_per_rank, kwargs_per_rank))
+        ]
         return self.get(AsyncResults(pending, method, self), timeout=timeout)
 
     def run_async(self, method: str, *args: Any, **kwargs: Any) -> AsyncResults:
@@ -150,8 +162,7 @@ class WorkerGroup:
         With Ray the items are object refs (usable as arguments of other Ray calls); inline, the
         method has already run and the items are completed ``concurrent.futures.Future`` objects.
         """
-        return AsyncResults([self._submit(rank, method, args, kwargs) for rank in range(self.world_size)],
-                            method, self)
+        return AsyncResults([self._submit(rank, method, args, kwargs) for rank in range(self.world_size)], method, self)
 
     def get(self, pending: list, timeout: float | None = None) -> list:
         """Wait for the results of :meth:`run_async`, ordered by rank.
@@ -172,8 +183,11 @@ class WorkerGroup:
         if self._inline is not None:
             return
         self._stack_files = [os.path.join(directory, f"rank_{r:05d}.txt") for r in range(self.world_size)]
-        self._wait_all([a._mt_enable_stack_dumps.remote(path) for a, path in zip(self._actors, self._stack_files)],
-                       "enable_stack_dumps", self.cfg.init_timeout_s)
+        self._wait_all(
+            [a._mt_enable_stack_dumps.remote(path) for a, path in zip(self._actors, self._stack_files)],
+            "enable_stack_dumps",
+            self.cfg.init_timeout_s,
+        )
 
     def dump_stacks(self, timeout: float = 20.0) -> dict[int, str]:
         """Every worker's Python stacks (all threads) now, by rank, even while it is blocked in a
@@ -222,7 +236,7 @@ class WorkerGroup:
             self._session.close()
             self._session = None
 
-    def __enter__(self) -> "WorkerGroup":
+    def __enter__(self) -> WorkerGroup:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -244,9 +258,17 @@ class WorkerGroup:
         port = worker._mt_open_store("127.0.0.1", 1, cfg.init_timeout_s)
         self._inline = worker  # from here shutdown() destroys what init creates
         device = worker._mt_init_distributed(
-            rank=0, world_size=1, local_rank=0, local_world_size=1, master_addr="127.0.0.1",
-            master_port=port, backend=self.backend, gpus=gpus, num_threads=cfg.cpus_per_worker,
-            init_timeout_s=cfg.init_timeout_s, collective_timeout_s=cfg.collective_timeout_s,
+            rank=0,
+            world_size=1,
+            local_rank=0,
+            local_world_size=1,
+            master_addr="127.0.0.1",
+            master_port=port,
+            backend=self.backend,
+            gpus=gpus,
+            num_threads=cfg.cpus_per_worker,
+            init_timeout_s=cfg.init_timeout_s,
+            collective_timeout_s=cfg.collective_timeout_s,
         )
         self.devices, self.node_ids, self.local_ranks = [device], ["inline"], [0]
 
@@ -260,42 +282,72 @@ class WorkerGroup:
         gpus = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1 if cluster_gpus() > 0 else 0)
         self.backend = _resolve_backend(cfg.backend, gpus)
         bundle = {"CPU": float(cfg.cpus_per_worker), **({"GPU": float(gpus)} if gpus else {})}
-        self._pg = reserve_placement_group([dict(bundle) for _ in range(n)], cfg.placement_strategy,
-                                           f"{self.name}-{os.getpid()}-{id(self):x}", cfg.init_timeout_s)
+        self._pg = reserve_placement_group(
+            [dict(bundle) for _ in range(n)],
+            cfg.placement_strategy,
+            f"{self.name}-{os.getpid()}-{id(self):x}",
+            cfg.init_timeout_s,
+        )
 
         # The job's env already has ours when this group initialised Ray; an actor-level runtime_env
         # (merged over the job's by Ray) is needed only on a Ray someone else started.
         actor_env = {} if self._session.job_env == env else {"runtime_env": {"env_vars": env}}
         remote_cls = ray.remote(self.worker_cls)
         for rank in range(n):
-            self._actors.append(remote_cls.options(
-                num_cpus=cfg.cpus_per_worker, num_gpus=gpus,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self._pg, placement_group_bundle_index=rank),
-                **actor_env,
-                max_restarts=0,  # a restarted rank would have lost its process group: fail instead
-            ).remote(*args, **kwargs))
+            self._actors.append(
+                remote_cls.options(
+                    num_cpus=cfg.cpus_per_worker,
+                    num_gpus=gpus,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        placement_group=self._pg, placement_group_bundle_index=rank
+                    ),
+                    **actor_env,
+                    max_restarts=0,  # a restarted rank would have lost its process group: fail instead
+                ).remote(*args, **kwargs)
+            )
 
         # Every actor has run __init__ once it answers; a failing __init__ surfaces here.
-        infos = self._wait_all([a._mt_node_info.remote() for a in self._actors],
-                               f"{self.worker_cls.__name__}.__init__", cfg.init_timeout_s, _SLOW_START)
+        infos = self._wait_all(
+            [a._mt_node_info.remote() for a in self._actors],
+            f"{self.worker_cls.__name__}.__init__",
+            cfg.init_timeout_s,
+            _SLOW_START,
+        )
         self.node_ids = [info["node_id"] for info in infos]
         self.pids = [info["pid"] for info in infos]
         self.local_ranks, local_sizes = _local_ranks([info["ip"] for info in infos])
         master_addr = infos[0]["ip"]
-        master_port = self._wait_all([self._actors[0]._mt_open_store.remote(master_addr, n, cfg.init_timeout_s)],
-                                     "rendezvous store", cfg.init_timeout_s, _SLOW_START)[0]
+        master_port = self._wait_all(
+            [self._actors[0]._mt_open_store.remote(master_addr, n, cfg.init_timeout_s)],
+            "rendezvous store",
+            cfg.init_timeout_s,
+            _SLOW_START,
+        )[0]
         # All ranks must enter init_process_group together: it blocks until every rank has joined.
-        self.devices = self._wait_all([
-            actor._mt_init_distributed.remote(
-                rank=rank, world_size=n, local_rank=self.local_ranks[rank], local_world_size=local_sizes[rank],
-                master_addr=master_addr, master_port=master_port, backend=self.backend, gpus=gpus,
-                num_threads=cfg.cpus_per_worker, init_timeout_s=cfg.init_timeout_s,
-                collective_timeout_s=cfg.collective_timeout_s,
-            ) for rank, actor in enumerate(self._actors)
-        ], "init_process_group", cfg.init_timeout_s, _SLOW_START)
-        log.info("cluster: %s: %d workers, backend %s, master %s:%d", self.name, n, self.backend,
-                 master_addr, master_port)
+        self.devices = self._wait_all(
+            [
+                actor._mt_init_distributed.remote(
+                    rank=rank,
+                    world_size=n,
+                    local_rank=self.local_ranks[rank],
+                    local_world_size=local_sizes[rank],
+                    master_addr=master_addr,
+                    master_port=master_port,
+                    backend=self.backend,
+                    gpus=gpus,
+                    num_threads=cfg.cpus_per_worker,
+                    init_timeout_s=cfg.init_timeout_s,
+                    collective_timeout_s=cfg.collective_timeout_s,
+                )
+                for rank, actor in enumerate(self._actors)
+            ],
+            "init_process_group",
+            cfg.init_timeout_s,
+            _SLOW_START,
+        )
+        log.info(
+            "cluster: %s: %d workers, backend %s, master %s:%d", self.name, n, self.backend, master_addr, master_port
+        )
 
     # ------------------------------------------------------------------ internals
 
@@ -339,8 +391,12 @@ class WorkerGroup:
                 dead = self._first_death(pending, method)
                 if dead is not None:
                     raise dead from None
-                raise WorkerError(rank, method, _with_collective(str(exc), sorted(pending.values())),
-                                  cause=getattr(exc, "cause", None)) from None
+                raise WorkerError(
+                    rank,
+                    method,
+                    _with_collective(str(exc), sorted(pending.values())),
+                    cause=getattr(exc, "cause", None),
+                ) from None
             except ray.exceptions.RayError as exc:  # ActorDiedError, worker crash, node death
                 raise WorkerError(rank, method, f"{type(exc).__name__}: {exc}", died=True) from None
         return results
@@ -396,8 +452,10 @@ def _resolve_backend(backend: str, gpus: float) -> str:
     if backend == "auto":
         return "nccl" if gpus else "gloo"
     if backend == "nccl" and not gpus:
-        raise ConfigError("cluster.backend: nccl needs GPUs but the workers get none (the Ray cluster has "
-                         "no GPUs, or gpus_per_worker=0); use backend=gloo or auto")
+        raise ConfigError(
+            "cluster.backend: nccl needs GPUs but the workers get none (the Ray cluster has "
+            "no GPUs, or gpus_per_worker=0); use backend=gloo or auto"
+        )
     return backend
 
 

@@ -137,12 +137,17 @@ def unknown_options_message(unknown: Sequence[str], known: Sequence[str], prefix
     """``unknown option train.shufle (did you mean train.shuffle?); valid options of train: ...``."""
     dotted = [_join(prefix, k) for k in unknown]
     close = {key: difflib.get_close_matches(key, known, n=1) for key in unknown}
-    hints = [_join(prefix, match[0]) if len(unknown) == 1 else f"{_join(prefix, key)} -> {_join(prefix, match[0])}"
-             for key, match in close.items() if match]
+    hints = [
+        _join(prefix, match[0]) if len(unknown) == 1 else f"{_join(prefix, key)} -> {_join(prefix, match[0])}"
+        for key, match in close.items()
+        if match
+    ]
     where = f"of {prefix}" if prefix else "at the top level"
-    return (f"unknown option{'s' if len(dotted) > 1 else ''} {', '.join(dotted)}"
-            + (f" (did you mean {'; '.join(hints)}?)" if hints else "")
-            + f"; valid options {where}: {', '.join(known)}")
+    return (
+        f"unknown option{'s' if len(dotted) > 1 else ''} {', '.join(dotted)}"
+        + (f" (did you mean {'; '.join(hints)}?)" if hints else "")
+        + f"; valid options {where}: {', '.join(known)}"
+    )
 
 
 def canonical_tree(cls: type, values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -230,8 +235,9 @@ def _rename_deprecated(cls: type, values: Mapping[str, Any], prefix: str) -> dic
             elif isinstance(value, Mapping) and isinstance(out[f.name], Mapping):
                 out[f.name] = deep_merge(value, out[f.name])
             elif value != out[f.name]:
-                raise ConfigError(f"{old_key}={value!r} (deprecated) contradicts {new_key}={out[f.name]!r}; "
-                                  f"set {new_key} only")
+                raise ConfigError(
+                    f"{old_key}={value!r} (deprecated) contradicts {new_key}={out[f.name]!r}; set {new_key} only"
+                )
     return out
 
 

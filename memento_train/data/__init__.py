@@ -36,10 +36,28 @@ from memento_train.data.validate import (
 )
 
 __all__ = [
-    "DataConfig", "IGNORE_INDEX", "InvalidRecordError", "PackedBatch", "PackingStats",
-    "REASONS", "RecordFieldError", "RenderedExample", "Renderer", "SyntheticTaskConfig", "ValidationReport", "assemble_full_response",
-    "check_record", "collate", "load_examples", "load_records",
-    "pack_examples", "plan_bins", "prepare_dataset", "render_record", "synthetic_record", "synthetic_records",
+    "DataConfig",
+    "IGNORE_INDEX",
+    "InvalidRecordError",
+    "PackedBatch",
+    "PackingStats",
+    "REASONS",
+    "RecordFieldError",
+    "RenderedExample",
+    "Renderer",
+    "SyntheticTaskConfig",
+    "ValidationReport",
+    "assemble_full_response",
+    "check_record",
+    "collate",
+    "load_examples",
+    "load_records",
+    "pack_examples",
+    "plan_bins",
+    "prepare_dataset",
+    "render_record",
+    "synthetic_record",
+    "synthetic_records",
     "validate_records",
 ]
 

@@ -41,8 +41,8 @@ import sys
 from typing import Any
 
 from memento_train.config.errors import ConfigError, FlagParser, report_config_error
-from memento_train.data.config import HF_CONFIGS, OVERLONG_POLICIES, SAMPLE_TRACES, DataConfig
 from memento_train.config.tree import build
+from memento_train.data.config import HF_CONFIGS, OVERLONG_POLICIES, SAMPLE_TRACES, DataConfig
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -65,8 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", help="block/summary/KV statistics and the validation report")
     st.add_argument("path", nargs="?", default=SAMPLE_TRACES, help="dataset (default: shipped sample traces)")
     _add_common(st)
-    st.add_argument("--model-config", default="qwen3-8b",
-                    help="built-in KV geometry (qwen3-8b, qwen3-32b, phi-4, olmo-3-7b) or a config.json path")
+    st.add_argument(
+        "--model-config",
+        default="qwen3-8b",
+        help="built-in KV geometry (qwen3-8b, qwen3-32b, phi-4, olmo-3-7b) or a config.json path",
+    )
     st.add_argument("--kv-dtype-bytes", type=int, default=2, help="bytes per KV value (2 = bf16)")
     st.add_argument("--limit", type=int, default=None, help="only the first N records")
     st.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -90,12 +93,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace, keep_last_n_blocks: int = 0) -> DataConfig:
     """The flags as a :class:`DataConfig`, built and validated like every config (errors: ConfigError)."""
-    block_masking = {"keep_last_n_blocks": keep_last_n_blocks, "mask_delimiters": args.mask_delimiters,
-                     "keep_last_block_for_answer": args.keep_last_block_for_answer}
-    values = {"path": args.path, "hf_config": args.hf_config, "split": args.split, "system_prompt": args.system_prompt,
-              "max_seq_len": args.max_seq_len, "overlong": args.overlong, "strict": args.strict,
-              "num_proc": getattr(args, "num_proc", 1), "cache_dir": args.cache_dir, "block_masking": block_masking,
-              "tokenizer": args.tokenizer}
+    block_masking = {
+        "keep_last_n_blocks": keep_last_n_blocks,
+        "mask_delimiters": args.mask_delimiters,
+        "keep_last_block_for_answer": args.keep_last_block_for_answer,
+    }
+    values = {
+        "path": args.path,
+        "hf_config": args.hf_config,
+        "split": args.split,
+        "system_prompt": args.system_prompt,
+        "max_seq_len": args.max_seq_len,
+        "overlong": args.overlong,
+        "strict": args.strict,
+        "num_proc": getattr(args, "num_proc", 1),
+        "cache_dir": args.cache_dir,
+        "block_masking": block_masking,
+        "tokenizer": args.tokenizer,
+    }
     return build(DataConfig, values, "data").validate()
 
 
@@ -152,8 +167,11 @@ def _load_tokenizer(cfg: DataConfig, out: Any) -> tuple[Any, dict[str, int]]:
     tokenizer, added = load_tokenizer_and_added(cfg.tokenizer)
     if added:
         ids = ", ".join(f"{t}={i}" for t, i in added.items())
-        print(f"tokenizer {cfg.tokenizer}: added the memento tokens it lacked, as training on this base "
-              f"model does: {ids} ({len(tokenizer)} tokens now)", file=out)
+        print(
+            f"tokenizer {cfg.tokenizer}: added the memento tokens it lacked, as training on this base "
+            f"model does: {ids} ({len(tokenizer)} tokens now)",
+            file=out,
+        )
     return tokenizer, added
 
 
@@ -172,10 +190,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     print(report)
     if len(ds) == 0:
         raise ValueError("no valid records left after validation; nothing to write")
-    manifest = write_prepared(ds, out, cfg=cfg, tokenizer=tokenizer, tokenizer_source=cfg.tokenizer,
-                              added_tokens=added, report=report)
-    print(f"wrote {manifest['num_examples']} tokenized examples ({manifest['num_tokens']} tokens, longest "
-          f"{manifest['longest']}) to {out}; train on them with data.prepared={out}")
+    manifest = write_prepared(
+        ds, out, cfg=cfg, tokenizer=tokenizer, tokenizer_source=cfg.tokenizer, added_tokens=added, report=report
+    )
+    print(
+        f"wrote {manifest['num_examples']} tokenized examples ({manifest['num_tokens']} tokens, longest "
+        f"{manifest['longest']}) to {out}; train on them with data.prepared={out}"
+    )
     return 0
 
 

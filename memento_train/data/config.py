@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from memento_train.config.errors import ConfigError
-from memento_train.masking import BlockMaskingConfig
 from memento_train.config.tree import build, check_types, renamed_from
+from memento_train.masking import BlockMaskingConfig
 
 HfConfig = Literal["default", "full"]
 OverlongPolicy = Literal["drop", "truncate"]
@@ -31,8 +31,11 @@ PREPARED_MANIFEST = "memento_prepare.json"
 
 def __getattr__(name: str) -> Any:
     if name == "DataConfigError":  # data config errors are ConfigErrors, like every other option's
-        warnings.warn("DataConfigError is deprecated; catch memento_train.config.errors.ConfigError",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "DataConfigError is deprecated; catch memento_train.config.errors.ConfigError",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return ConfigError
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -97,8 +100,10 @@ class DataConfig:
         if self.num_proc < 1:
             raise ConfigError(f"{prefix}.num_proc must be an int >= 1, got {self.num_proc!r}")
         if self.tokenizer is not None and not str(self.tokenizer):
-            raise ConfigError(f"{prefix}.tokenizer must be a tokenizer directory / hub name, or null for the "
-                              f"shipped one, got {self.tokenizer!r}")
+            raise ConfigError(
+                f"{prefix}.tokenizer must be a tokenizer directory / hub name, or null for the "
+                f"shipped one, got {self.tokenizer!r}"
+            )
         if self.prepared is not None:
             if not os.path.isfile(os.path.join(os.path.expanduser(str(self.prepared)), PREPARED_MANIFEST)):
                 raise ConfigError(

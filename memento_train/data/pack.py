@@ -89,8 +89,12 @@ class PackingStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "num_docs": self.num_docs, "num_bins": self.num_bins, "real_tokens": self.real_tokens,
-            "max_tokens": self.max_tokens, "efficiency": self.efficiency, "padding_pct": self.padding_pct,
+            "num_docs": self.num_docs,
+            "num_bins": self.num_bins,
+            "real_tokens": self.real_tokens,
+            "max_tokens": self.max_tokens,
+            "efficiency": self.efficiency,
+            "padding_pct": self.padding_pct,
         }
 
     def __str__(self) -> str:

@@ -27,22 +27,33 @@ from memento_train.config.errors import ConfigError
 from memento_train.data.cache import CACHE_VERSION, EXAMPLE_COLUMNS, prepare_dataset, rendering_key
 from memento_train.data.config import PREPARED_MANIFEST, DataConfig
 from memento_train.data.render import tokenizer_fingerprint
-from memento_train.models.loading import load_tokenizer
 from memento_train.data.validate import ValidationReport
+from memento_train.models.loading import load_tokenizer
 
 MANIFEST = PREPARED_MANIFEST
 FORMAT = "memento-examples-v1"
 
 # The `memento-data prepare` flag that sets each rendering option (named in mismatch errors).
 _PREPARE_FLAGS = {
-    "max_seq_len": "--max-seq-len", "overlong": "--overlong", "system_prompt": "--system-prompt",
-    "block_masking.keep_last_n_blocks": "--keep-last-n-blocks", "block_masking.mask_delimiters": "--mask-delimiters",
+    "max_seq_len": "--max-seq-len",
+    "overlong": "--overlong",
+    "system_prompt": "--system-prompt",
+    "block_masking.keep_last_n_blocks": "--keep-last-n-blocks",
+    "block_masking.mask_delimiters": "--mask-delimiters",
     "block_masking.keep_last_block_for_answer": "--keep-last-block-for-answer",
 }
 
 
-def write_prepared(dataset: Any, out: str, *, cfg: DataConfig, tokenizer: Any, tokenizer_source: str | None,
-                   added_tokens: dict[str, int], report: ValidationReport) -> dict[str, Any]:
+def write_prepared(
+    dataset: Any,
+    out: str,
+    *,
+    cfg: DataConfig,
+    tokenizer: Any,
+    tokenizer_source: str | None,
+    added_tokens: dict[str, int],
+    report: ValidationReport,
+) -> dict[str, Any]:
     """Save ``dataset`` (the output of :func:`.cache.prepare_dataset` for ``cfg``) and its manifest to
     ``out``; return the manifest."""
     dataset.save_to_disk(out)
@@ -54,8 +65,11 @@ def write_prepared(dataset: Any, out: str, *, cfg: DataConfig, tokenizer: Any, t
         "longest": int(max(lengths, default=0)),
         "key": rendering_key(cfg, tokenizer),
         "source": {"path": str(cfg.path), "hf_config": cfg.hf_config, "split": cfg.split},
-        "tokenizer": {"source": tokenizer_source or "shipped", "size": len(tokenizer),
-                      "added_memento_tokens": added_tokens},
+        "tokenizer": {
+            "source": tokenizer_source or "shipped",
+            "size": len(tokenizer),
+            "added_memento_tokens": added_tokens,
+        },
         "validation": report.to_dict(),
     }
     with open(os.path.join(out, MANIFEST), "w", encoding="utf-8") as f:
@@ -71,12 +85,16 @@ def read_manifest(directory: str) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"data.prepared={directory}: cannot read {MANIFEST} ({exc}); run "
-                          "`memento-data prepare DATA --output DIR` to write a prepared directory") from exc
+        raise ConfigError(
+            f"data.prepared={directory}: cannot read {MANIFEST} ({exc}); run "
+            "`memento-data prepare DATA --output DIR` to write a prepared directory"
+        ) from exc
     if manifest.get("format") != FORMAT:
-        raise ConfigError(f"data.prepared={directory} was written by an older `memento-data prepare` "
-                          f"(format {manifest.get('format', 'packed micro-batches')!r}, this version reads "
-                          f"{FORMAT!r}); re-run `memento-data prepare` to rewrite it")
+        raise ConfigError(
+            f"data.prepared={directory} was written by an older `memento-data prepare` "
+            f"(format {manifest.get('format', 'packed micro-batches')!r}, this version reads "
+            f"{FORMAT!r}); re-run `memento-data prepare` to rewrite it"
+        )
     return manifest
 
 
@@ -104,8 +122,10 @@ def check_prepared(cfg: DataConfig, tokenizer: Any, tokenizer_source: str | None
     manifest = read_manifest(directory)
     stored, run = _flat(manifest["key"]), _flat(rendering_key(cfg, tokenizer))
     if stored.get("version") != CACHE_VERSION:
-        raise ConfigError(f"data.prepared={directory} holds examples rendered by {stored.get('version')!r}, "
-                          f"this memento-train renders {CACHE_VERSION!r}; re-run `memento-data prepare`")
+        raise ConfigError(
+            f"data.prepared={directory} holds examples rendered by {stored.get('version')!r}, "
+            f"this memento-train renders {CACHE_VERSION!r}; re-run `memento-data prepare`"
+        )
     problems, flags = [], []
     for name in sorted(set(stored) | set(run)):
         if name in ("version", "tokenizer") or stored.get(name) == run.get(name):
@@ -114,14 +134,19 @@ def check_prepared(cfg: DataConfig, tokenizer: Any, tokenizer_source: str | None
         flags.append(_flag(_PREPARE_FLAGS.get(name, f"--{name.replace('_', '-')}"), run.get(name)))
     if stored.get("tokenizer") != run.get("tokenizer"):
         tok = manifest.get("tokenizer", {})
-        problems.append(f"tokenizer: prepared with {tok.get('source')!r} ({tok.get('size')} tokens, fingerprint "
-                        f"{stored.get('tokenizer')}), this run's model tokenizes with {_describe(tokenizer_source)} "
-                        f"({len(tokenizer)} tokens, fingerprint {run.get('tokenizer')})")
+        problems.append(
+            f"tokenizer: prepared with {tok.get('source')!r} ({tok.get('size')} tokens, fingerprint "
+            f"{stored.get('tokenizer')}), this run's model tokenizes with {_describe(tokenizer_source)} "
+            f"({len(tokenizer)} tokens, fingerprint {run.get('tokenizer')})"
+        )
         flags.append("(no --tokenizer)" if tokenizer_source is None else f"--tokenizer {tokenizer_source}")
     if problems:
-        raise ConfigError(f"data.prepared={directory} was prepared differently from this run: "
-                          + "; ".join(problems) + f". Re-run `memento-data prepare` with {' '.join(flags)} "
-                          "(or change this run's options to match)")
+        raise ConfigError(
+            f"data.prepared={directory} was prepared differently from this run: "
+            + "; ".join(problems)
+            + f". Re-run `memento-data prepare` with {' '.join(flags)} "
+            "(or change this run's options to match)"
+        )
     return manifest
 
 
@@ -165,7 +190,9 @@ def load_examples(cfg: DataConfig, tokenizer: Any, tokenizer_source: str | None)
     ds = datasets.load_from_disk(os.path.expanduser(str(cfg.prepared)))
     missing = sorted(set(EXAMPLE_COLUMNS) - set(ds.column_names))
     if missing or len(ds) != manifest["num_examples"]:
-        raise ConfigError(f"data.prepared={cfg.prepared} is damaged: columns {missing} missing or "
-                          f"{len(ds)} rows where {MANIFEST} says {manifest['num_examples']}; re-run "
-                          "`memento-data prepare`")
+        raise ConfigError(
+            f"data.prepared={cfg.prepared} is damaged: columns {missing} missing or "
+            f"{len(ds)} rows where {MANIFEST} says {manifest['num_examples']}; re-run "
+            "`memento-data prepare`"
+        )
     return ds, ValidationReport.from_dict(manifest["validation"])

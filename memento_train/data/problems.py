@@ -21,6 +21,7 @@ from typing import Any
 
 from memento_train.data.records import resolve_local_files
 
+
 @dataclass
 class ProblemSource:
     """Where problems come from and which columns hold them.
@@ -110,8 +111,10 @@ def map_row(row: Mapping[str, Any], source: ProblemSource, index: int, record_id
         if value is None or (isinstance(value, str) and not value.strip()):
             option = "problem_field" if name == source.problem_field else "answer_field"
             hint = f" (set {option}=COLUMN)" if name not in row else ""
-            raise ValueError(f"problem set {source.path!r}, {where}: field {name!r} is missing or empty; "
-                             f"the record has: {', '.join(sorted(map(str, row)))}{hint}")
+            raise ValueError(
+                f"problem set {source.path!r}, {where}: field {name!r} is missing or empty; "
+                f"the record has: {', '.join(sorted(map(str, row)))}{hint}"
+            )
     return {**row, "problem": str(problem), "answer": answer}
 
 
@@ -136,5 +139,4 @@ def check_source(source: ProblemSource, option: str) -> str | None:
     return None
 
 
-__all__ = ["ProblemSource", "check_source", "load_problem_records",
-           "map_row", "normalise_answer", "read_rows"]
+__all__ = ["ProblemSource", "check_source", "load_problem_records", "map_row", "normalise_answer", "read_rows"]

@@ -85,9 +85,7 @@ def resolve_local_files(path: str | os.PathLike) -> tuple[str, list[str]] | None
     elif p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in LOCAL_SUFFIXES)
         if not files:
-            raise FileNotFoundError(
-                f"data path {str(p)!r} is a directory without any {'/'.join(LOCAL_SUFFIXES)} files"
-            )
+            raise FileNotFoundError(f"data path {str(p)!r} is a directory without any {'/'.join(LOCAL_SUFFIXES)} files")
     else:
         if _looks_like_path(str(path)):
             raise FileNotFoundError(
@@ -99,8 +97,7 @@ def resolve_local_files(path: str | os.PathLike) -> tuple[str, list[str]] | None
     bad = suffixes - set(LOCAL_SUFFIXES)
     if bad:
         raise ValueError(
-            f"data file {str(files[0])!r} has unsupported extension {sorted(bad)}; "
-            f"use {'/'.join(LOCAL_SUFFIXES)}"
+            f"data file {str(files[0])!r} has unsupported extension {sorted(bad)}; use {'/'.join(LOCAL_SUFFIXES)}"
         )
     builders = {"parquet" if s == ".parquet" else "json" for s in suffixes}
     if len(builders) > 1:
@@ -111,7 +108,8 @@ def resolve_local_files(path: str | os.PathLike) -> tuple[str, list[str]] | None
 def _looks_like_path(text: str) -> bool:
     return (
         text.startswith(("/", "./", "../", "~"))
-        or os.sep in text and text.count("/") != 1
+        or os.sep in text
+        and text.count("/") != 1
         or Path(text).suffix.lower() in LOCAL_SUFFIXES
     )
 
@@ -204,8 +202,16 @@ def assemble_full_response(row: Mapping[str, Any], record_id: str) -> str:
         if bad:
             raise RecordFieldError(record_id, "sentences", f"entry {bad[0]} is not a string")
         first, last = int(first), int(last)
-        parts += [BLOCK_START, " ".join(sentences[first : last + 1]), BLOCK_END, "\n",
-                  SUMMARY_START, summary, SUMMARY_END, "\n"]
+        parts += [
+            BLOCK_START,
+            " ".join(sentences[first : last + 1]),
+            BLOCK_END,
+            "\n",
+            SUMMARY_START,
+            summary,
+            SUMMARY_END,
+            "\n",
+        ]
     parts += [THINK_END, "\n", answer_text(row, record_id)]
     return "".join(parts)
 
@@ -219,8 +225,16 @@ def normalize_row(row: Mapping[str, Any], index: int, hf_config: str) -> dict[st
     reject = row.get(REJECT_COLUMN) or ""
     if reject:  # not a record (a broken line, a field of the wrong type): keep its place and reason
         where = str(row.get(WHERE_COLUMN) or f"row {index}")
-        return {"record_id": where, "problem": None, "response": None, "domain": "", "source": "",
-                "difficulty": "", "missing": str(row.get(DETAIL_COLUMN) or reject), "reject": reject}
+        return {
+            "record_id": where,
+            "problem": None,
+            "response": None,
+            "domain": "",
+            "source": "",
+            "difficulty": "",
+            "missing": str(row.get(DETAIL_COLUMN) or reject),
+            "reject": reject,
+        }
     record_id = make_record_id(row, index)
     missing = ""
     problem = row.get("problem")

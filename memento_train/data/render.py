@@ -89,7 +89,9 @@ class Renderer:
         system_prompt: optional system message.
     """
 
-    def __init__(self, tokenizer: Any, mask: BlockMaskingConfig | None = None, system_prompt: str | None = None) -> None:
+    def __init__(
+        self, tokenizer: Any, mask: BlockMaskingConfig | None = None, system_prompt: str | None = None
+    ) -> None:
         from memento_train.tokens import special_token_ids
 
         self.tokenizer = tokenizer

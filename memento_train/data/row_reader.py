@@ -36,14 +36,25 @@ REJECT_COLUMN, DETAIL_COLUMN, WHERE_COLUMN = "_reject", "_detail", "_where"
 # Field -> the kind of value it may hold (null is always allowed: validation reports missing fields).
 _STR, _ID, _SCALAR, _STR_LIST, _PAIR_LIST = "string", "id", "scalar", "string list", "pair list"
 FIELD_TYPES: dict[str, str] = {
-    "id": _ID, "record_id": _ID,
-    "problem": _STR, "response": _STR, "domain": _STR, "source": _STR, "answer": _STR, "final_answer": _STR,
+    "id": _ID,
+    "record_id": _ID,
+    "problem": _STR,
+    "response": _STR,
+    "domain": _STR,
+    "source": _STR,
+    "answer": _STR,
+    "final_answer": _STR,
     "difficulty": _SCALAR,
-    "sentences": _STR_LIST, "block_summaries": _STR_LIST, "blocks": _PAIR_LIST,
+    "sentences": _STR_LIST,
+    "block_summaries": _STR_LIST,
+    "blocks": _PAIR_LIST,
 }
 _EXPECTED = {
-    _STR: "a string", _ID: "a string or an integer", _SCALAR: "a string or a number",
-    _STR_LIST: "a list of strings", _PAIR_LIST: "a list of [first, last] integer pairs",
+    _STR: "a string",
+    _ID: "a string or an integer",
+    _SCALAR: "a string or a number",
+    _STR_LIST: "a list of strings",
+    _PAIR_LIST: "a list of [first, last] integer pairs",
 }
 
 
@@ -53,7 +64,10 @@ def row_features():
 
     string = datasets.Value("string")
     kinds = {
-        _STR: string, _ID: string, _SCALAR: string, _STR_LIST: datasets.List(string),
+        _STR: string,
+        _ID: string,
+        _SCALAR: string,
+        _STR_LIST: datasets.List(string),
         _PAIR_LIST: datasets.List(datasets.List(datasets.Value("int64"))),
     }
     columns = {name: kinds[kind] for name, kind in FIELD_TYPES.items()}
@@ -92,8 +106,9 @@ def check_row(value: Any, where: str) -> dict[str, Any]:
         v = value.get(name)
         if v is not None and not _fits(kind, v):
             shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."
-            return _rejected(WRONG_TYPE, where, f"field {name!r} is {shown} ({type(v).__name__}), "
-                                                f"expected {_EXPECTED[kind]}")
+            return _rejected(
+                WRONG_TYPE, where, f"field {name!r} is {shown} ({type(v).__name__}), expected {_EXPECTED[kind]}"
+            )
         row[name] = str(v) if v is not None and kind in (_ID, _SCALAR) else v
     return row
 
@@ -162,6 +177,8 @@ def load_local_rows(files: list[str], cache_dir: str | None):
 
     signature = [(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
     return datasets.Dataset.from_generator(
-        read_local_rows, features=row_features(), cache_dir=cache_dir,
+        read_local_rows,
+        features=row_features(),
+        cache_dir=cache_dir,
         gen_kwargs={"files": [os.path.abspath(f) for f in files], "signature": signature},
     )

@@ -58,7 +58,12 @@ KV_GEOMETRY: dict[str, KVGeometry] = {
     "qwen3-32b": KVGeometry("qwen3-32b", 64, 8, 128),
     "phi-4": KVGeometry("phi-4", 40, 10, 128),
     "olmo-3-7b": KVGeometry(
-        "olmo-3-7b", 32, 32, 128, sliding_layers=24, sliding_window=4096,
+        "olmo-3-7b",
+        32,
+        32,
+        128,
+        sliding_layers=24,
+        sliding_window=4096,
         note="24 of 32 layers use a 4096-token sliding window; pass its config.json to be exact",
     ),
 }
@@ -83,8 +88,10 @@ def load_geometry(spec: str, dtype_bytes: int = 2) -> KVGeometry:
         kv_heads = int(cfg.get("num_key_value_heads") or heads)
         head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"cannot read KV geometry from {path}: {exc!r} (needs num_hidden_layers, "
-                         "num_attention_heads, hidden_size or head_dim)") from exc
+        raise ValueError(
+            f"cannot read KV geometry from {path}: {exc!r} (needs num_hidden_layers, "
+            "num_attention_heads, hidden_size or head_dim)"
+        ) from exc
     layer_types = cfg.get("layer_types") or []
     sliding = sum(1 for t in layer_types if t == "sliding_attention")
     window = cfg.get("sliding_window")
@@ -126,10 +133,16 @@ def trace_stats(example: RenderedExample, renderer: Renderer, geometry: KVGeomet
     summaries = [b.summary_end - b.summary_start - 1 for b in parsed.blocks if b.summary_end is not None]
     tr = {k: live_kv_trace(v) for k, v in kill.items()}
     st = TraceStats(
-        record_id=example.record_id, domain=example.domain or "unknown", num_tokens=example.num_tokens,
-        response_tokens=example.num_tokens - example.prompt_len, block_tokens=blocks, summary_tokens=summaries,
-        peak_causal=int(tr[-1].max()), peak_memento=int(tr[0].max()),
-        auc_causal=int(tr[-1].sum()), auc_memento=int(tr[0].sum()),
+        record_id=example.record_id,
+        domain=example.domain or "unknown",
+        num_tokens=example.num_tokens,
+        response_tokens=example.num_tokens - example.prompt_len,
+        block_tokens=blocks,
+        summary_tokens=summaries,
+        peak_causal=int(tr[-1].max()),
+        peak_memento=int(tr[0].max()),
+        auc_causal=int(tr[-1].sum()),
+        auc_memento=int(tr[0].sum()),
     )
     if geometry is not None:
         st.peak_bytes_causal = float(geometry.live_bytes(kill[-1]).max())
@@ -141,8 +154,13 @@ def _dist(values: Sequence[float]) -> dict[str, float]:
     if not len(values):
         return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "min": 0.0, "max": 0.0}
     a = np.asarray(values, dtype=np.float64)
-    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
-            "min": float(a.min()), "max": float(a.max())}
+    return {
+        "mean": float(a.mean()),
+        "p50": float(np.percentile(a, 50)),
+        "p90": float(np.percentile(a, 90)),
+        "min": float(a.min()),
+        "max": float(a.max()),
+    }
 
 
 def _ratio(a: float, b: float) -> float:
@@ -190,13 +208,24 @@ class DatasetStats:
         geo = None
         if self.geometry is not None:
             g = self.geometry
-            geo = {"name": g.name, "layers": g.layers, "kv_heads": g.kv_heads, "head_dim": g.head_dim,
-                   "sliding_layers": g.sliding_layers, "sliding_window": g.sliding_window,
-                   "dtype_bytes": g.dtype_bytes, "note": g.note}
+            geo = {
+                "name": g.name,
+                "layers": g.layers,
+                "kv_heads": g.kv_heads,
+                "head_dim": g.head_dim,
+                "sliding_layers": g.sliding_layers,
+                "sliding_window": g.sliding_window,
+                "dtype_bytes": g.dtype_bytes,
+                "note": g.note,
+            }
         return {
-            "source": self.source, "overall": self.overall, "by_domain": self.by_domain,
+            "source": self.source,
+            "overall": self.overall,
+            "by_domain": self.by_domain,
             "packing": None if self.packing is None else self.packing.to_dict(),
-            "validation": self.validation.to_dict(), "model": geo, **self.extra,
+            "validation": self.validation.to_dict(),
+            "model": geo,
+            **self.extra,
         }
 
     def format(self) -> str:
@@ -213,8 +242,13 @@ class DatasetStats:
             return "\n".join(lines)
         spec = [
             ("records", lambda s: str(s["records"])),
-            ("blocks/trace mean (min-max)", lambda s: f"{s['blocks_per_trace']['mean']:.1f} "
-             f"({s['blocks_per_trace']['min']:.0f}-{s['blocks_per_trace']['max']:.0f})"),
+            (
+                "blocks/trace mean (min-max)",
+                lambda s: (
+                    f"{s['blocks_per_trace']['mean']:.1f} "
+                    f"({s['blocks_per_trace']['min']:.0f}-{s['blocks_per_trace']['max']:.0f})"
+                ),
+            ),
             ("block tokens mean/p50/p90", mpp("block_tokens")),
             ("summary tokens mean/p50/p90", mpp("summary_tokens")),
             ("compression block/summary", lambda s: f"{s['compression_ratio']:.2f}x"),
@@ -235,8 +269,10 @@ class DatasetStats:
         width = max(len(c) for r in table for c in r[1:] + names) + 2
         lines.append(" " * width0 + "".join(f"{n:>{width}}" for n in names))
         lines += [f"{r[0]:<{width0}}" + "".join(f"{c:>{width}}" for c in r[1:]) for r in table]
-        lines.append("(peak KV: mean over traces of each trace's peak; GB at "
-                     f"{self.geometry.dtype_bytes if self.geometry else 2} bytes per value)")
+        lines.append(
+            "(peak KV: mean over traces of each trace's peak; GB at "
+            f"{self.geometry.dtype_bytes if self.geometry else 2} bytes per value)"
+        )
         if self.geometry is not None and self.geometry.note:
             lines.append(f"note: {self.geometry.note}")
         if self.packing is not None:

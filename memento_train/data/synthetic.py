@@ -61,8 +61,10 @@ def synthetic_record(index: int, config: SyntheticTaskConfig = SyntheticTaskConf
     m = config.modulus
     start = rng.randrange(m)
     blocks = [
-        [(rng.choice("+-"), rng.randint(1, config.max_operand))
-         for _ in range(rng.randint(config.min_ops_per_block, config.max_ops_per_block))]
+        [
+            (rng.choice("+-"), rng.randint(1, config.max_operand))
+            for _ in range(rng.randint(config.min_ops_per_block, config.max_ops_per_block))
+        ]
         for _ in range(rng.randint(config.min_blocks, config.max_blocks))
     ]
     ops = [op for block in blocks for op in block]
@@ -114,7 +116,7 @@ def parse_source(path: str) -> tuple[int, int] | None:
     text = str(path)
     if not text.startswith(SOURCE_PREFIX):
         return None
-    parts = text[len(SOURCE_PREFIX):].split(":")
+    parts = text[len(SOURCE_PREFIX) :].split(":")
     try:
         n = int(parts[0])
         seed = int(parts[1]) if len(parts) > 1 else 0

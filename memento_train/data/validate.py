@@ -69,9 +69,20 @@ EMPTY_BLOCK = "empty_block"
 OVERLONG = "overlong"
 
 REASONS: tuple[str, ...] = (
-    MISSING_FIELD, SUMMARY_WITHOUT_BLOCK, NESTED, UNCLOSED_BLOCK, UNCLOSED_SUMMARY, STRAY_DELIMITER,
-    BLOCK_WITHOUT_SUMMARY, SUMMARY_IN_BLOCK, BLOCK_IN_SUMMARY, MISSING_THINK_END, EMPTY_SUMMARY,
-    EMPTY_BLOCK, OVERLONG, *ROW_REASONS,
+    MISSING_FIELD,
+    SUMMARY_WITHOUT_BLOCK,
+    NESTED,
+    UNCLOSED_BLOCK,
+    UNCLOSED_SUMMARY,
+    STRAY_DELIMITER,
+    BLOCK_WITHOUT_SUMMARY,
+    SUMMARY_IN_BLOCK,
+    BLOCK_IN_SUMMARY,
+    MISSING_THINK_END,
+    EMPTY_SUMMARY,
+    EMPTY_BLOCK,
+    OVERLONG,
+    *ROW_REASONS,
 )
 
 # Parser anomaly code -> rejection reason.
@@ -112,8 +123,11 @@ class InvalidRecordError(ValueError):
         self.record_id, self.reason, self.position, self.detail = record_id, reason, position, detail
         where = "" if position is None else f" at token {position}"
         # A row that is no record is named by its place in the file (path:line), not an id.
-        msg = (f"{record_id}: not a valid record: {reason}" if reason in ROW_REASONS
-               else f"record {record_id!r} is invalid: {reason}{where}")
+        msg = (
+            f"{record_id}: not a valid record: {reason}"
+            if reason in ROW_REASONS
+            else f"record {record_id!r} is invalid: {reason}{where}"
+        )
         if detail:
             msg += f": {detail}"
         msg += " (set data.strict=false to skip and count bad records instead)"
@@ -199,9 +213,13 @@ class ValidationReport:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ValidationReport:
         """Inverse of :meth:`to_dict` (e.g. the report stored by ``memento-data prepare``)."""
-        return cls(total=int(d["total"]), kept=int(d["kept"]), dropped_by_reason=dict(d["dropped_by_reason"]),
-                   truncated=int(d["truncated"]), examples_by_reason={k: list(v) for k, v in
-                                                                      d["examples_by_reason"].items()})
+        return cls(
+            total=int(d["total"]),
+            kept=int(d["kept"]),
+            dropped_by_reason=dict(d["dropped_by_reason"]),
+            truncated=int(d["truncated"]),
+            examples_by_reason={k: list(v) for k, v in d["examples_by_reason"].items()},
+        )
 
     def __str__(self) -> str:
         pct = 100.0 * self.kept / self.total if self.total else 0.0
@@ -267,9 +285,7 @@ def find_issues(example: RenderedExample, renderer: Renderer) -> list[Issue]:
     return found
 
 
-def check_record(
-    record: Mapping[str, Any], renderer: Renderer, *, max_seq_len: int, overlong: str = "drop"
-) -> Outcome:
+def check_record(record: Mapping[str, Any], renderer: Renderer, *, max_seq_len: int, overlong: str = "drop") -> Outcome:
     """Render + validate one normalised record; apply the overlong policy. Never raises for bad data."""
     record_id = str(record.get("record_id", ""))
     missing = record.get("missing") or ""
@@ -296,8 +312,9 @@ def check_record(
     return Outcome(record_id, None, [Issue(OVERLONG, max_seq_len, why)])
 
 
-def validate_records(records, renderer: Renderer, *, max_seq_len: int, overlong: str = "drop",
-                     strict: bool = False) -> tuple[list[RenderedExample], ValidationReport]:
+def validate_records(
+    records, renderer: Renderer, *, max_seq_len: int, overlong: str = "drop", strict: bool = False
+) -> tuple[list[RenderedExample], ValidationReport]:
     """Check an iterable of normalised records in-process; strict raises on the first bad one."""
     report = ValidationReport()
     kept: list[RenderedExample] = []

@@ -44,7 +44,6 @@ import torch
 from torch import nn
 
 from memento_train.attention import MementoAttentionMeta
-
 from memento_train.engines.config import EngineConfig
 from memento_train.engines.head_stats import HeadRequest, TokenStats, TokenStatsFn, head_request
 from memento_train.training.optim import OptimConfig
@@ -123,8 +122,9 @@ class TrainEngine(ABC):
         ``request.labels``, computed chunk by chunk inside the head module's forward (where sharded
         engines hold its weight whole); see :mod:`memento_train.engines.head_stats`."""
         with head_request(self.output_head(), request):
-            out = self.module(input_ids=mb.input_ids[None], position_ids=mb.position_ids[None],
-                              memento_meta=mb.meta, use_cache=False)
+            out = self.module(
+                input_ids=mb.input_ids[None], position_ids=mb.position_ids[None], memento_meta=mb.meta, use_cache=False
+            )
         return TokenStats.unpack(out.logits[0], request)
 
     def evaluate(self, mb: MicroBatch, fn: Callable[..., Any]) -> Any:
@@ -147,7 +147,9 @@ class TrainEngine(ABC):
         return metrics
 
     @torch.no_grad()
-    def forward_only(self, micro_batches: Sequence[MicroBatch], fn: Callable[[torch.Tensor, MicroBatch], Any]) -> list[Any]:
+    def forward_only(
+        self, micro_batches: Sequence[MicroBatch], fn: Callable[[torch.Tensor, MicroBatch], Any]
+    ) -> list[Any]:
         """Evaluate ``fn(logits, mb)`` (or a :class:`TokenStatsFn`) on every micro-batch without gradients."""
         return [self.evaluate(mb, fn) for mb in micro_batches]
 

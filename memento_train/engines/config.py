@@ -43,22 +43,29 @@ class EngineConfig:
         """Raise :class:`ConfigError` naming the first bad option; returns self."""
         check_types(self, prefix)
         if self.offload_params and self.zero_stage != 3:
-            raise ConfigError(f"{prefix}.offload_params needs {prefix}.zero_stage=3 (parameters are only "
-                              "sharded, hence offloadable, at stage 3)")
+            raise ConfigError(
+                f"{prefix}.offload_params needs {prefix}.zero_stage=3 (parameters are only "
+                "sharded, hence offloadable, at stage 3)"
+            )
         # The fsdp2 engine refuses these too, but only once every rank has loaded the model: say it here.
         if self.kind == "fsdp2" and self.offload_optimizer and not self.offload_params:
-            raise ConfigError(f"{prefix}.offload_optimizer alone is not possible with fsdp2 (FSDP2 offloads "
-                              f"parameters, gradients and optimizer state together): set {prefix}.offload_params="
-                              f"true with {prefix}.zero_stage=3, or {prefix}.kind=deepspeed to offload only the "
-                              "optimizer")
+            raise ConfigError(
+                f"{prefix}.offload_optimizer alone is not possible with fsdp2 (FSDP2 offloads "
+                f"parameters, gradients and optimizer state together): set {prefix}.offload_params="
+                f"true with {prefix}.zero_stage=3, or {prefix}.kind=deepspeed to offload only the "
+                "optimizer"
+            )
         if self.kind == "fsdp2" and self.precision == "fp16":
-            raise ConfigError(f"{prefix}.precision=fp16 needs dynamic loss scaling, which the fsdp2 engine does "
-                              f"not implement; use {prefix}.precision=bf16, or {prefix}.kind=deepspeed for fp16")
+            raise ConfigError(
+                f"{prefix}.precision=fp16 needs dynamic loss scaling, which the fsdp2 engine does "
+                f"not implement; use {prefix}.precision=bf16, or {prefix}.kind=deepspeed for fp16"
+            )
         for name in ("tensor_parallel", "pipeline_parallel"):
             v = getattr(self, name)
             if v < 1:
                 raise ConfigError(f"{prefix}.{name} must be an int >= 1, got {v!r}")
             if v > 1 and self.kind != "megatron":
-                raise ConfigError(f"{prefix}.{name}={v} needs {prefix}.kind=megatron "
-                                  f"(fsdp2 and deepspeed are data parallel only)")
+                raise ConfigError(
+                    f"{prefix}.{name}={v} needs {prefix}.kind=megatron (fsdp2 and deepspeed are data parallel only)"
+                )
         return self

@@ -204,7 +204,10 @@ class DeepSpeedEngine(TrainEngine):
     def load(self, path: str) -> None:
         """Collective: restore what :meth:`save` wrote (ZeRO checkpoints need the same world size)."""
         load_path, _ = self._engine.load_checkpoint(
-            path, tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=False,
+            path,
+            tag=CHECKPOINT_TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
             load_module_strict=True,
         )
         if load_path is None:
@@ -220,7 +223,7 @@ class DeepSpeedEngine(TrainEngine):
 
         full: dict[int, torch.Tensor] = {}
         rank0 = dist.get_rank() == 0
-        for name, p in self._named_params():  # same order on every rank: each call is collective
+        for _name, p in self._named_params():  # same order on every rank: each call is collective
             value = safe_get_full_fp32_param(p)
             if value is None:
                 # Not managed by a ZeRO optimizer (e.g. frozen): the module holds it whole.

@@ -50,9 +50,9 @@ from torch.distributed.tensor import DTensor
 
 from memento_train.config.errors import ConfigError
 from memento_train.engines.base import TrainEngine, register_engine
+from memento_train.engines.bulk_gather import scratch_gloo_group
 from memento_train.engines.config import EngineConfig
 from memento_train.engines.materialize import take_weights, weights_on_rank0_only
-from memento_train.engines.bulk_gather import scratch_gloo_group
 from memento_train.training.optim import OptimConfig, param_groups
 
 
@@ -67,8 +67,7 @@ def find_layers(model: nn.Module) -> nn.ModuleList:
     if isinstance(layers, nn.ModuleList) and len(layers) > 0:
         return layers
     candidates = [
-        m for m in model.modules()
-        if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1
+        m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1
     ]
     if not candidates:
         raise ValueError(
@@ -127,8 +126,9 @@ class FSDP2Engine(TrainEngine):
                 m.set_gradient_divide_factor(1.0)
                 m.set_force_sum_reduction_for_comms(True)
         if rank0_weights is not False:
-            _load_sharded_from_rank0(model, rank0_weights, cpu=cfg.offload_params or self.device.type == "cpu",
-                                     device=self.device)
+            _load_sharded_from_rank0(
+                model, rank0_weights, cpu=cfg.offload_params or self.device.type == "cpu", device=self.device
+            )
         self._model = model
         self.optimizer = torch.optim.AdamW(
             param_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps
@@ -216,8 +216,9 @@ class FSDP2Engine(TrainEngine):
         return out
 
 
-def _load_sharded_from_rank0(model: nn.Module, state: dict[str, torch.Tensor] | None, *, cpu: bool,
-                             device: torch.device) -> None:
+def _load_sharded_from_rank0(
+    model: nn.Module, state: dict[str, torch.Tensor] | None, *, cpu: bool, device: torch.device
+) -> None:
     """Give the sharded meta ``model`` storage (on CPU when parameters are offloaded) and load rank 0's
     ``state`` into it: one tensor broadcast at a time, each rank keeping its shard (cast to the
     parameters' fp32). Buffers were computed on every rank and are kept."""

@@ -71,8 +71,15 @@ class TokenStatsFn:
     no compute).
     """
 
-    def __init__(self, fn: Callable[[TokenStats, Any], Any], *, temperature: float = 1.0,
-                 with_entropy: bool = False, labels_key: str = "labels", chunk_rows: int = DEFAULT_CHUNK_ROWS) -> None:
+    def __init__(
+        self,
+        fn: Callable[[TokenStats, Any], Any],
+        *,
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+        labels_key: str = "labels",
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    ) -> None:
         self.fn = fn
         self.temperature = float(temperature)
         self.with_entropy = bool(with_entropy)
@@ -91,12 +98,14 @@ class TokenStatsFn:
         return self.fn(stats, mb)
 
 
-def token_logprob_fn(*, temperature: float = 1.0, labels_key: str = "labels",
-                     chunk_rows: int = DEFAULT_CHUNK_ROWS) -> TokenStatsFn:
+def token_logprob_fn(
+    *, temperature: float = 1.0, labels_key: str = "labels", chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> TokenStatsFn:
     """For ``engine.forward_only``: detached fp32 log-probs ``[T]`` of ``mb.extras[labels_key]``
     (old / reference log-probs of RL), from the fused head."""
-    return TokenStatsFn(lambda stats, mb: stats.logprobs.detach(), temperature=temperature,
-                        labels_key=labels_key, chunk_rows=chunk_rows)
+    return TokenStatsFn(
+        lambda stats, mb: stats.logprobs.detach(), temperature=temperature, labels_key=labels_key, chunk_rows=chunk_rows
+    )
 
 
 # -- running the request inside the head module's forward ------------------------------------------
@@ -104,9 +113,15 @@ def _compute(module: nn.Module, hidden: torch.Tensor, weight: torch.Tensor) -> t
     request: HeadRequest = getattr(module, _REQUEST_ATTR)
     shard: VocabShard | None = getattr(module, "_memento_head_shard", None)
     lead = hidden.shape[:-1]
-    logp, ent = fused_token_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, request.labels.reshape(-1),
-                                     temperature=request.temperature, with_entropy=request.with_entropy,
-                                     chunk_rows=request.chunk_rows, shard=shard)
+    logp, ent = fused_token_logprobs(
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        request.labels.reshape(-1),
+        temperature=request.temperature,
+        with_entropy=request.with_entropy,
+        chunk_rows=request.chunk_rows,
+        shard=shard,
+    )
     return TokenStats(logp, ent).pack().reshape(*lead, 2)
 
 
@@ -140,8 +155,9 @@ def _install(module: nn.Module, *, megatron: bool) -> None:
 
 
 @contextlib.contextmanager
-def head_request(module: nn.Module, request: HeadRequest, *, shard: VocabShard | None = None,
-                 megatron: bool = False) -> Iterator[None]:
+def head_request(
+    module: nn.Module, request: HeadRequest, *, shard: VocabShard | None = None, megatron: bool = False
+) -> Iterator[None]:
     """While active, ``module`` (the model's logits layer: an HF ``nn.Linear`` head, or Megatron's
     ``ColumnParallelLinear`` with ``megatron=True``) returns packed :class:`TokenStats` for ``request``
     instead of logits; ``shard`` describes a vocabulary-parallel head."""

@@ -41,8 +41,10 @@ def weights_on_rank0_only(model: nn.Module) -> bool:
     flags = torch.tensor([int(local), int(local and dist.get_rank() == 0)], device=_comm_device())
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     if int(flags[1]):
-        raise RuntimeError("rank 0's model has meta parameters: rank 0 must load the weights "
-                           "(load_model(..., rank=0)); other ranks may build on meta")
+        raise RuntimeError(
+            "rank 0's model has meta parameters: rank 0 must load the weights "
+            "(load_model(..., rank=0)); other ranks may build on meta"
+        )
     return bool(int(flags[0]))
 
 
@@ -64,8 +66,7 @@ def params_to_meta(model: nn.Module) -> None:
 def materialize_meta_params(model: nn.Module, device: torch.device | str, dtype: torch.dtype | None = None) -> None:
     """Give every meta parameter uninitialised storage on ``device`` (in ``dtype``, default its own),
     keeping tied parameters tied. Local; the values must come from rank 0 afterwards."""
-    _replace_params(model, lambda p: torch.empty_like(p, device=device, dtype=dtype or p.dtype),
-                    only_meta=True)
+    _replace_params(model, lambda p: torch.empty_like(p, device=device, dtype=dtype or p.dtype), only_meta=True)
 
 
 def _replace_params(model: nn.Module, make, *, only_meta: bool = False) -> None:

@@ -49,11 +49,11 @@ from torch import nn
 
 from memento_train.config.errors import ConfigError
 from memento_train.engines.base import LossFn, MicroBatch, TrainEngine, register_engine
+from memento_train.engines.bulk_gather import scratch_gloo_group
 from memento_train.engines.config import EngineConfig
 from memento_train.engines.head_stats import HeadRequest, TokenStats, TokenStatsFn, head_request
 from memento_train.engines.materialize import BroadcastStateDict, take_weights, weights_on_rank0_only
 from memento_train.engines.megatron_cpu import CpuFallback, cpu_checkpoint_shim
-from memento_train.engines.bulk_gather import scratch_gloo_group
 from memento_train.models.lm_head import VocabShard
 from memento_train.training.optim import OptimConfig
 
@@ -69,8 +69,10 @@ def _megatron():
     try:
         from megatron.core import parallel_state
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ConfigError("engine.kind=megatron needs megatron-core (pip install 'megatron-core>=0.16,<0.17'); "
-                          "or use engine.kind=fsdp2") from exc
+        raise ConfigError(
+            "engine.kind=megatron needs megatron-core (pip install 'megatron-core>=0.16,<0.17'); "
+            "or use engine.kind=fsdp2"
+        ) from exc
     return parallel_state
 
 
@@ -84,12 +86,15 @@ def init_parallel_state(tensor_parallel: int, pipeline_parallel: int) -> None:
             f"({tensor_parallel} × {pipeline_parallel}); change them or the number of processes"
         )
     if ps.model_parallel_is_initialized():
-        if (ps.get_tensor_model_parallel_world_size() == tensor_parallel
-                and ps.get_pipeline_model_parallel_world_size() == pipeline_parallel):
+        if (
+            ps.get_tensor_model_parallel_world_size() == tensor_parallel
+            and ps.get_pipeline_model_parallel_world_size() == pipeline_parallel
+        ):
             return
         ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
-                                 pipeline_model_parallel_size=pipeline_parallel)
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel
+    )
 
 
 def uses_megatron_native(device: torch.device) -> bool:
@@ -145,12 +150,16 @@ class MegatronEngine(TrainEngine):
         )
 
         if cfg.offload_optimizer or cfg.offload_params:
-            raise ConfigError("engine.offload_optimizer / engine.offload_params are not implemented by the megatron "
-                              "engine (its distributed optimizer shards state over data parallel instead); set them "
-                              "to false, or use engine.kind=deepspeed to offload")
+            raise ConfigError(
+                "engine.offload_optimizer / engine.offload_params are not implemented by the megatron "
+                "engine (its distributed optimizer shards state over data parallel instead); set them "
+                "to false, or use engine.kind=deepspeed to offload"
+            )
         if cfg.precision == "fp16":
-            raise ConfigError("engine.precision=fp16 needs dynamic loss scaling, which the megatron engine does not "
-                              "wire up; use engine.precision=bf16")
+            raise ConfigError(
+                "engine.precision=fp16 needs dynamic loss scaling, which the megatron engine does not "
+                "wire up; use engine.precision=bf16"
+            )
         self.native = uses_megatron_native(self.device)
         if not self.native and cfg.precision != "fp32":
             raise ConfigError(
@@ -159,8 +168,11 @@ class MegatronEngine(TrainEngine):
             )
         recompute = bool(getattr(model, "is_gradient_checkpointing", False))
         if recompute and not self.native:
-            warnings.warn("activation recompute is skipped on CPU (Megatron's checkpointing saves CUDA RNG "
-                          "state); results are identical, only memory differs", stacklevel=2)
+            warnings.warn(
+                "activation recompute is skipped on CPU (Megatron's checkpointing saves CUDA RNG "
+                "state); results are identical, only memory differs",
+                stacklevel=2,
+            )
             recompute = False
 
         ps = _megatron()
@@ -182,14 +194,23 @@ class MegatronEngine(TrainEngine):
             torch.cuda.set_device(self.device)
             model_parallel_cuda_manual_seed(1234)  # the TP RNG tracker that recompute replays
         self.tconfig = transformer_config_from_hf(
-            model.config, tensor_parallel=self.tp, pipeline_parallel=self.pp, precision=cfg.precision,
-            recompute=recompute, use_cpu_initialization=not self.native,
+            model.config,
+            tensor_parallel=self.tp,
+            pipeline_parallel=self.pp,
+            precision=cfg.precision,
+            recompute=recompute,
+            use_cpu_initialization=not self.native,
         )
         # Packed micro-batches have different lengths: the pipeline schedule must send shapes first.
         self.tconfig.variable_seq_lengths = True
-        gpt = build_gpt_model(model.config, self.tconfig, vocab_size=self.vocab_padded,
-                              pre_process=self.pre_process, post_process=self.post_process,
-                              backend=attention_backend_of(model))
+        gpt = build_gpt_model(
+            model.config,
+            self.tconfig,
+            vocab_size=self.vocab_padded,
+            pre_process=self.pre_process,
+            post_process=self.post_process,
+            backend=attention_backend_of(model),
+        )
         self.layer_offset = gpt.layer_offset
         # Weights on rank 0 only (other ranks built on meta): every rank reads rank 0's tensors one at a
         # time through a broadcasting mapping, so a rank holds its slice plus one tensor in flight.
@@ -218,11 +239,13 @@ class MegatronEngine(TrainEngine):
             # shards unlike its own index map: checkpoints paired Adam state with the wrong parameters.
             for p in gpt.parameters():
                 p.data = p.data.to(self.compute_dtype)
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                   use_distributed_optimizer=True)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True
+        )
         self.model = DistributedDataParallel(config=self.tconfig, ddp_config=ddp_config, module=gpt)
-        self.optimizer = build_distributed_optimizer(self.model, self.optim_cfg, bf16=self.cfg.precision == "bf16",
-                                                     params_dtype=self.tconfig.params_dtype)
+        self.optimizer = build_distributed_optimizer(
+            self.model, self.optim_cfg, bf16=self.cfg.precision == "bf16", params_dtype=self.tconfig.params_dtype
+        )
 
     @property
     def module(self) -> nn.Module:
@@ -239,8 +262,10 @@ class MegatronEngine(TrainEngine):
 
         meta = mb.meta if mb.meta.kill_row.device == self.device else mb.meta.to(self.device)
         return self.model(
-            input_ids=mb.input_ids.to(self.device)[None], position_ids=mb.position_ids.to(self.device)[None],
-            attention_mask=None, packed_seq_params=MementoPackedSeqParams.from_meta(meta),
+            input_ids=mb.input_ids.to(self.device)[None],
+            position_ids=mb.position_ids.to(self.device)[None],
+            attention_mask=None,
+            packed_seq_params=MementoPackedSeqParams.from_meta(meta),
         )
 
     def _full_logits(self, local: torch.Tensor) -> torch.Tensor:
@@ -254,8 +279,10 @@ class MegatronEngine(TrainEngine):
         """Logits ``[T, vocab]`` of one micro-batch (gathered over TP). Pipeline parallel: use
         :meth:`forward_backward` / :meth:`forward_only`, which run Megatron's schedule."""
         if self.pp > 1:
-            raise RuntimeError("with engine.pipeline_parallel > 1 logits exist only on the last stage; "
-                               "call forward_backward / forward_only")
+            raise RuntimeError(
+                "with engine.pipeline_parallel > 1 logits exist only on the last stage; "
+                "call forward_backward / forward_only"
+            )
         return self._full_logits(self._model_forward(mb))
 
     def _vocab_shard(self) -> VocabShard:
@@ -274,8 +301,10 @@ class MegatronEngine(TrainEngine):
     def token_stats(self, mb: MicroBatch, request: HeadRequest) -> TokenStats:
         """Vocabulary-parallel fused head over this micro-batch (see :meth:`logits` for PP > 1)."""
         if self.pp > 1:
-            raise RuntimeError("with engine.pipeline_parallel > 1 token statistics exist only on the last stage; "
-                               "call forward_backward / forward_only")
+            raise RuntimeError(
+                "with engine.pipeline_parallel > 1 token statistics exist only on the last stage; "
+                "call forward_backward / forward_only"
+            )
         with head_request(self.gpt.output_layer, request, shard=self._vocab_shard(), megatron=True):
             return TokenStats.unpack(self._model_forward(mb), request)
 
@@ -322,9 +351,13 @@ class MegatronEngine(TrainEngine):
         # The schedule calls this after the last backward: DP / TP-norm / tied-embedding reductions.
         self.tconfig.finalize_model_grads_func = self._finalize_grads_for_schedule
         get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[self.model],
-            num_microbatches=len(micro_batches), seq_length=max(mb.num_tokens for mb in micro_batches),
-            micro_batch_size=1, forward_only=forward_only,
+            forward_step_func=forward_step,
+            data_iterator=iter(micro_batches),
+            model=[self.model],
+            num_microbatches=len(micro_batches),
+            seq_length=max(mb.num_tokens for mb in micro_batches),
+            micro_batch_size=1,
+            forward_only=forward_only,
         )
         box = [results if self.post_process else None]
         group = self.ps.get_pipeline_model_parallel_group()
@@ -374,14 +407,18 @@ class MegatronEngine(TrainEngine):
 
         mine = None
         if self.dp_rank == 0:
-            mine = global_view(local, layer_offset=self.layer_offset, pre_process=self.pre_process,
-                               tied=self.arch.tied_embeddings)
+            mine = global_view(
+                local, layer_offset=self.layer_offset, pre_process=self.pre_process, tied=self.arch.tied_embeddings
+            )
         # Over a scratch gloo group (scratch_group.py says why), as CPU fp32 tensors.
         with scratch_gloo_group() as group:
             if everyone:
                 parts: list = [None] * dist.get_world_size()
-                mine_cpu = None if mine is None else (self.tp_rank, {k: v.detach().to("cpu", torch.float32)
-                                                                     for k, v in mine.items()})
+                mine_cpu = (
+                    None
+                    if mine is None
+                    else (self.tp_rank, {k: v.detach().to("cpu", torch.float32) for k, v in mine.items()})
+                )
                 dist.all_gather_object(parts, mine_cpu, group=group)
             else:
                 parts = self._gather_to_rank0(mine, group)
@@ -467,8 +504,9 @@ class MegatronEngine(TrainEngine):
             from memento_train.engines.megatron_optimizer import ensure_adam_state
 
             ensure_adam_state(self.optimizer)  # torch AdamW fallback: see megatron_optimizer.py
-            state["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
-                                                                   metadata=DISTRIBUTED_OPTIMIZER_CKPT_FORMAT)
+            state["optimizer"] = self.optimizer.sharded_state_dict(
+                model_sd, is_loading=is_loading, metadata=DISTRIBUTED_OPTIMIZER_CKPT_FORMAT
+            )
         else:
             state["optimizer"] = self.cpu_fallback.optimizer_sharded_state(model_sd, is_loading)
         return state
@@ -491,8 +529,9 @@ class MegatronEngine(TrainEngine):
         dist.barrier()
         if dist.get_rank() == 0:
             with open(os.path.join(tmp, "memento_engine.json"), "w") as f:
-                json.dump({"tensor_parallel": self.tp, "pipeline_parallel": self.pp,
-                           "vocab_padded": self.vocab_padded}, f)
+                json.dump(
+                    {"tensor_parallel": self.tp, "pipeline_parallel": self.pp, "vocab_padded": self.vocab_padded}, f
+                )
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         dist.barrier()

@@ -46,10 +46,10 @@ class CpuFallback:
             # optim.param_groups semantics; a tied model's last-stage embedding copy is an embedding too.
             embedding = "embedding" in name or getattr(p, "shared_embedding", False)
             (no_decay if p.ndim < 2 or "norm" in name or embedding else decay).append(p)
-        groups = [{"params": decay, "weight_decay": optim.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=tuple(optim.betas),
-                                           eps=optim.eps)
+        groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(
+            [g for g in groups if g["params"]], lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps
+        )
 
     # -- gradients ---------------------------------------------------------------------------------
     def finalize_grads(self) -> None:
@@ -59,8 +59,11 @@ class CpuFallback:
             all_reduce_coalesced([p.grad for p in params], self.ps.get_data_parallel_group())
         if self.tp > 1 and self.arch.qk_layernorm:
             # q/k norms are shared by all heads but each TP rank only sees its own heads.
-            qk = [p.grad for n, p in self.gpt.named_parameters()
-                  if p.grad is not None and ("q_layernorm" in n or "k_layernorm" in n)]
+            qk = [
+                p.grad
+                for n, p in self.gpt.named_parameters()
+                if p.grad is not None and ("q_layernorm" in n or "k_layernorm" in n)
+            ]
             all_reduce_coalesced(qk, self.ps.get_tensor_model_parallel_group())
         if self.pp > 1 and self.arch.tied_embeddings and (self.gpt.pre_process or self.gpt.post_process):
             w = self.gpt.shared_embedding_or_output_weight()
@@ -133,8 +136,10 @@ def cpu_checkpoint_shim():
     duration of a CPU save/load the first is a no-op and the second answers ``"cpu"``."""
     from unittest import mock
 
-    with mock.patch("torch.cuda.synchronize", lambda *args, **kwargs: None), \
-            mock.patch("torch.cuda.current_device", lambda: "cpu"):
+    with (
+        mock.patch("torch.cuda.synchronize", lambda *args, **kwargs: None),
+        mock.patch("torch.cuda.current_device", lambda: "cpu"),
+    ):
         yield
 
 
@@ -146,5 +151,5 @@ def all_reduce_coalesced(tensors: list[torch.Tensor], group) -> None:
     dist.all_reduce(flat, group=group)
     offset = 0
     for t in tensors:
-        t.copy_(flat[offset: offset + t.numel()].view_as(t))
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()

@@ -33,8 +33,14 @@ def build_distributed_optimizer(ddp_model, optim: OptimConfig, *, bf16: bool, pa
     from megatron.core.optimizer.optimizer_config import ParamKey
 
     config = OptimizerConfig(
-        optimizer="adam", lr=optim.lr, weight_decay=optim.weight_decay, adam_beta1=optim.betas[0],
-        adam_beta2=optim.betas[1], adam_eps=optim.eps, bf16=bf16, params_dtype=params_dtype,
+        optimizer="adam",
+        lr=optim.lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.betas[0],
+        adam_beta2=optim.betas[1],
+        adam_eps=optim.eps,
+        bf16=bf16,
+        params_dtype=params_dtype,
         use_distributed_optimizer=True,
         # clip_grad=inf still computes (and returns) the norm without scaling anything.
         clip_grad=optim.grad_clip if optim.grad_clip > 0 else float("inf"),
@@ -69,8 +75,9 @@ def ensure_adam_state(optimizer) -> None:
         for group in adam.param_groups:
             for p in group["params"]:
                 if not adam.state[p]:
-                    adam.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
-                                         exp_avg_sq=torch.zeros_like(p))
+                    adam.state[p].update(
+                        step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p)
+                    )
 
 
 def restore_adam_steps(optimizer) -> None:

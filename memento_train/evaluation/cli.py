@@ -25,10 +25,9 @@ from collections.abc import Sequence
 import yaml
 
 from memento_train.config.errors import ConfigError
-from memento_train.recipes.cli import RecipeArgs, run_recipe_cli
 from memento_train.config.tree import describe_options, to_dict
-
 from memento_train.evaluation.config import EvalConfig, load_eval_config
+from memento_train.recipes.cli import RecipeArgs, run_recipe_cli
 
 PROG = "memento-eval"
 
@@ -36,10 +35,12 @@ PROG = "memento-eval"
 def usage() -> str:
     """The help text: the module docstring and every option with its default."""
     options = "\n".join(f"  {key}={'null' if value is None else value}" for key, value in describe_options(EvalConfig))
-    return (f"{__doc__}\nEvaluates pass@1, pass@k, maj@k, KV peak / AUC (tokens and GB), compression (summary / "
-            f"block tokens), blocks and length per response; writes generations.jsonl, summary.json, summary.md and "
-            f"kv_sawtooth.png under output_dir. generator_kwargs.NAME=VALUE passes NAME to the generator.\n\n"
-            f"options (defaults):\n{options}\n")
+    return (
+        f"{__doc__}\nEvaluates pass@1, pass@k, maj@k, KV peak / AUC (tokens and GB), compression (summary / "
+        f"block tokens), blocks and length per response; writes generations.jsonl, summary.json, summary.md and "
+        f"kv_sawtooth.png under output_dir. generator_kwargs.NAME=VALUE passes NAME to the generator.\n\n"
+        f"options (defaults):\n{options}\n"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,14 +31,18 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from memento_train.config.errors import ConfigError
+from memento_train.config.tree import (
+    build,
+    canonical_tree,
+    check_types,
+    deep_merge,
+    parse_overrides,
+    renamed_from,
+)
+from memento_train.evaluation.scoring import TruncatedPolicy
 from memento_train.generation.engine import SamplingParams
 from memento_train.masking import BlockMaskingConfig
 from memento_train.recipes import load_recipe
-from memento_train.config.tree import (
-    build, canonical_tree, check_types, deep_merge, parse_overrides, renamed_from,
-)
-
-from memento_train.evaluation.scoring import TruncatedPolicy
 
 Generator = Literal["reference", "vllm"]
 GENERATORS = get_args(Generator)
@@ -52,14 +56,23 @@ TRAINING_SECTIONS = ("stage", "data", "rollout", "prompts", "algorithm", "train"
 # max_new_tokens when sampling.max_new_tokens is left at None ("auto").
 AUTO_MAX_NEW_TOKENS = {"tiny": 96, "checkpoint": 32768}
 # The sampling parameters SamplingParams checks (the generators' own contract) map to these options.
-_SAMPLING_OPTION = {"max_new_tokens": "sampling.max_new_tokens", "temperature": "sampling.temperature",
-                    "top_p": "sampling.top_p", "top_k": "sampling.top_k", "min_p": "sampling.min_p", "n": "n"}
+_SAMPLING_OPTION = {
+    "max_new_tokens": "sampling.max_new_tokens",
+    "temperature": "sampling.temperature",
+    "top_p": "sampling.top_p",
+    "top_k": "sampling.top_k",
+    "min_p": "sampling.min_p",
+    "n": "n",
+}
 
 
 def __getattr__(name: str) -> Any:
     if name == "EvalConfigError":  # memento-eval's errors are ConfigErrors, like every other CLI's
-        warnings.warn("EvalConfigError is deprecated; catch memento_train.config.errors.ConfigError",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "EvalConfigError is deprecated; catch memento_train.config.errors.ConfigError",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return ConfigError
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -116,11 +129,11 @@ class EvalConfig:
         n: samples per problem.
         k: the k of pass@k and maj@k (each <= n); ``None`` = 1, 2, 4, ... up to n, and n.
         sampling: :class:`SamplingOptions`.
-        block_masking: the eviction options (:class:`~memento_train.masking.BlockMaskingConfig`, the
-            serving overlay's names, the same class as ``data.block_masking`` and ``rollout.block_masking``). For a model
-            exported by memento-train the options of the rule itself (``keep_last_n_blocks``,
-            ``mask_delimiters``, ``keep_last_block_for_answer``) that are not given default to the ones
-            it was trained with (its ``memento_train.json``), and given ones must agree with them.
+        block_masking: the eviction options (:class:`~memento_train.masking.BlockMaskingConfig`, the serving
+            overlay's names, the same class as ``data.block_masking`` and ``rollout.block_masking``). For a
+            model exported by memento-train the options of the rule itself (``keep_last_n_blocks``,
+            ``mask_delimiters``, ``keep_last_block_for_answer``) that are not given default to the ones it was
+            trained with (its ``memento_train.json``), and given ones must agree with them.
         allow_mask_mismatch: evaluate with ``block_masking`` options that contradict the model's
             training rule (e.g. ``block_masking.enable=false`` on a stage-2 model, on purpose).
         system_prompt: optional system message (none by default, as for Qwen3).
@@ -201,7 +214,7 @@ class EvalConfig:
     def problems_path(self) -> str:
         """The problem source with ``builtin:`` names resolved to the shipped file."""
         if self.problems.startswith(BUILTIN_PREFIX):
-            return str(builtin_problem_path(self.problems[len(BUILTIN_PREFIX):]))
+            return str(builtin_problem_path(self.problems[len(BUILTIN_PREFIX) :]))
         return self.problems
 
     @property
@@ -214,8 +227,14 @@ class EvalConfig:
     def sampling_params(self, *, stop_token_ids: tuple[int, ...] = (), seed: int | None = None) -> SamplingParams:
         s = self.sampling
         return SamplingParams(
-            max_new_tokens=self.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-            min_p=s.min_p, n=self.n, seed=self.seed if seed is None else seed, stop_token_ids=tuple(stop_token_ids),
+            max_new_tokens=self.max_new_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            min_p=s.min_p,
+            n=self.n,
+            seed=self.seed if seed is None else seed,
+            stop_token_ids=tuple(stop_token_ids),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -228,6 +247,7 @@ class EvalConfig:
         """Check values that types alone do not catch; raise :class:`ConfigError` naming the option.
 
         ``require_output_dir=False`` is for ``memento-eval show``, which writes nothing."""
+
         def bad(option: str, msg: str) -> None:
             raise ConfigError(f"{option} {msg}")
 
@@ -255,15 +275,20 @@ class EvalConfig:
         if not self.problems:
             bad("problems", "must name a problem set")
         if self.problems.startswith(BUILTIN_PREFIX):
-            builtin_problem_path(self.problems[len(BUILTIN_PREFIX):])
+            builtin_problem_path(self.problems[len(BUILTIN_PREFIX) :])
         elif _looks_local(self.problems) and not os.path.exists(os.path.expanduser(self.problems)):
-            bad("problems", f"{self.problems!r} does not exist (a .jsonl/.json/.parquet file or directory, "
-                "builtin:math_small, or a hub dataset name such as 'org/name')")
+            bad(
+                "problems",
+                f"{self.problems!r} does not exist (a .jsonl/.json/.parquet file or directory, "
+                "builtin:math_small, or a hub dataset name such as 'org/name')",
+            )
         if not self.is_tiny and _looks_local(self.model) and not os.path.isdir(os.path.expanduser(self.model)):
             bad("model", f"{self.model!r} is not a checkpoint directory (or pass model=tiny)")
         if self.generator == "vllm" and self.is_tiny:
-            bad("generator", "vllm needs a real checkpoint directory in model=...; the tiny model runs with "
-                "generator=reference")
+            bad(
+                "generator",
+                "vllm needs a real checkpoint directory in model=...; the tiny model runs with generator=reference",
+            )
         for name in ("problem_field", "answer_field", "id_field"):
             if not getattr(self, name):
                 bad(name, "must be a non-empty column name")
@@ -283,7 +308,7 @@ class EvalConfig:
 def _name_sampling_option(problem: str) -> str:
     """``top_p must be in (0, 1] ...`` -> ``sampling.top_p must be in (0, 1] ...``."""
     name = problem.split(" ", 1)[0]
-    return f"{_SAMPLING_OPTION[name]}{problem[len(name):]}" if name in _SAMPLING_OPTION else problem
+    return f"{_SAMPLING_OPTION[name]}{problem[len(name) :]}" if name in _SAMPLING_OPTION else problem
 
 
 def _looks_local(text: str) -> bool:
@@ -330,8 +355,10 @@ def _training_recipe_options(name: str, tree: Mapping[str, Any]) -> dict[str, An
     """memento-eval options for the model a training recipe produces: its export and system prompt."""
     out = tree.get("output_dir")
     if not out:
-        raise ConfigError(f"recipe={name} is a training recipe without an output_dir, so its export is unknown; "
-                          "pass model=DIR (a checkpoint directory)")
+        raise ConfigError(
+            f"recipe={name} is a training recipe without an output_dir, so its export is unknown; "
+            "pass model=DIR (a checkpoint directory)"
+        )
     values: dict[str, Any] = {"model": str(Path(os.path.abspath(os.path.expanduser(str(out)))) / "hf")}
     for section in ("data", "prompts"):
         prompt = (tree.get(section) or {}).get("system_prompt")
@@ -340,8 +367,9 @@ def _training_recipe_options(name: str, tree: Mapping[str, Any]) -> dict[str, An
     return values
 
 
-def load_eval_config(recipe: str | None, overrides: Sequence[str] | Mapping[str, Any] = (), *,
-                     require_output_dir: bool = True) -> EvalConfig:
+def load_eval_config(
+    recipe: str | None, overrides: Sequence[str] | Mapping[str, Any] = (), *, require_output_dir: bool = True
+) -> EvalConfig:
     """``recipe`` (default ``tiny_eval``) + ``key=value`` overrides -> a validated :class:`EvalConfig`,
     its block masking completed from the model's export (:func:`with_model_mask`)."""
     name = recipe or DEFAULT_RECIPE
@@ -350,8 +378,10 @@ def load_eval_config(recipe: str | None, overrides: Sequence[str] | Mapping[str,
     cfg = from_dict(deep_merge(recipe_tree(name, tree), top))
     if is_training_recipe(tree) and "model" not in top and not os.path.isdir(cfg.model):
         cli = "memento-rl" if "rollout" in tree else "memento-train"
-        raise ConfigError(f"recipe={name}: memento-eval evaluates that recipe's export {cfg.model}, which does not "
-                          f"exist yet; run `{cli} recipe={name}` first, or pass model=DIR")
+        raise ConfigError(
+            f"recipe={name}: memento-eval evaluates that recipe's export {cfg.model}, which does not "
+            f"exist yet; run `{cli} recipe={name}` first, or pass model=DIR"
+        )
     return with_model_mask(cfg).validate(require_output_dir=require_output_dir)
 
 

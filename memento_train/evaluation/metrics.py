@@ -36,10 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from memento_train.generation.engine import GenerationResult
-from memento_train.masking import Kind, BlockMaskingConfig, SpecialTokens, kv_bytes_per_token, parse
-
 from memento_train.evaluation.scoring import majority_class
+from memento_train.generation.engine import GenerationResult
+from memento_train.masking import BlockMaskingConfig, Kind, SpecialTokens, kv_bytes_per_token, parse
 
 
 # -- accuracy -------------------------------------------------------------------------------------
@@ -224,7 +223,9 @@ def complete_block_tokens(result: GenerationResult, special: SpecialTokens) -> t
     closed within the response.
     """
     p = len(result.prompt_ids)
-    parsed = parse([*result.prompt_ids, *result.token_ids], special, BlockMaskingConfig(keep_last_n_blocks=-1), prompt_len=p)
+    parsed = parse(
+        [*result.prompt_ids, *result.token_ids], special, BlockMaskingConfig(keep_last_n_blocks=-1), prompt_len=p
+    )
     block = summary = 0
     for b in parsed.blocks:
         if b.start >= p and b.end is not None and b.summary_start is not None and b.summary_end is not None:

@@ -69,16 +69,20 @@ def table_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     rows += [(k, _fmt(v)) for k, v in m.items() if k.startswith("maj@")]
     rows += [
         ("answered (any answer extracted)", _fmt(m.get("answered_frac"))),
-        ("response length, tokens (mean / p50 / max)",
-         f"{_fmt(m.get('response_tokens_mean'), 1)} / {_fmt(m.get('response_tokens_p50'), 1)} / "
-         f"{_fmt(m.get('response_tokens_max'))}"),
+        (
+            "response length, tokens (mean / p50 / max)",
+            f"{_fmt(m.get('response_tokens_mean'), 1)} / {_fmt(m.get('response_tokens_p50'), 1)} / "
+            f"{_fmt(m.get('response_tokens_max'))}",
+        ),
         ("truncated at max_new_tokens", _fmt(m.get("truncated_frac"))),
         ("blocks per response", _fmt(m.get("blocks_per_response"), 2)),
         ("responses with ≥1 block", _fmt(m.get("responses_with_blocks_frac"))),
         ("compression ratio (summary / block tokens)", _fmt(m.get("compression_summary_per_block"))),
         ("  inverse: block / summary tokens (x-fold)", _fmt(m.get("compression_block_per_summary"), 2)),
-        ("peak KV, tokens (mean / max)",
-         f"{_fmt(m.get('peak_kv_tokens_mean'), 1)} / {_fmt(m.get('peak_kv_tokens_max'))}"),
+        (
+            "peak KV, tokens (mean / max)",
+            f"{_fmt(m.get('peak_kv_tokens_mean'), 1)} / {_fmt(m.get('peak_kv_tokens_max'))}",
+        ),
         ("  without eviction (mean)", _fmt(m.get("peak_kv_tokens_mean_no_evict"), 1)),
         ("  ratio to no eviction", _fmt(m.get("peak_kv_vs_no_evict"))),
         ("KV-AUC, token·steps (mean)", _fmt(m.get("kv_auc_tokens_mean"), 1)),
@@ -88,8 +92,10 @@ def table_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     if m.get("kv_model") is not None:
         label = f"{m['kv_model']}, {_fmt(m.get('kv_bytes_per_token'))} B/token"
         rows += [
-            (f"peak KV, GB (mean / max) [{label}]",
-             f"{_fmt(m.get('peak_kv_gb_mean'), 4)} / {_fmt(m.get('peak_kv_gb_max'), 4)}"),
+            (
+                f"peak KV, GB (mean / max) [{label}]",
+                f"{_fmt(m.get('peak_kv_gb_mean'), 4)} / {_fmt(m.get('peak_kv_gb_max'), 4)}",
+            ),
             (f"KV-AUC, GB·steps (mean) [{label}]", _fmt(m.get("kv_auc_gb_tok_mean"), 4)),
         ]
     if m.get("peak_kv_measured_mb_mean") is not None:
@@ -171,8 +177,13 @@ def plot_kv_sawtooth(
     for i, s in enumerate(chosen):
         c = colors[i % len(colors)]
         xs = range(len(s.kv_trace))
-        ax.plot(xs, s.kv_trace, color=c, lw=1.4,
-                label=f"{s.problem_id} #{s.sample_index}: {s.num_blocks} blocks, peak {s.peak_kv}")
+        ax.plot(
+            xs,
+            s.kv_trace,
+            color=c,
+            lw=1.4,
+            label=f"{s.problem_id} #{s.sample_index}: {s.num_blocks} blocks, peak {s.peak_kv}",
+        )
         ax.plot(xs, [s.kv_trace[0] + j for j in xs], color=c, lw=0.8, ls="--", alpha=0.5)
     ax.plot([], [], color="gray", ls="--", lw=0.8, label="same response without eviction")
     ax.set_xlabel("generated token")

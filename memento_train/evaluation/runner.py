@@ -30,7 +30,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from memento_train.config.errors import ConfigError
 from memento_train.data.problems import ProblemSource, map_row, read_rows
+from memento_train.evaluation import report
+from memento_train.evaluation.config import EvalConfig, with_model_mask
+from memento_train.evaluation.metrics import KVCost, SampleResult, summarize
+from memento_train.evaluation.scoring import (
+    GradingRule,
+    ParsedAnswer,
+    equivalence_classes,
+    equivalent,
+    parse_gold,
+    parse_response,
+)
 from memento_train.generation.engine import GenerationEngine, GenerationResult
 from memento_train.generation.prompt import generation_prompt_ids
 from memento_train.masking import SpecialTokens
@@ -38,13 +50,6 @@ from memento_train.models import tiny_model_config
 from memento_train.models.config import ModelConfig, TinyModelConfig
 from memento_train.models.loading import load_model, load_tokenizer
 from memento_train.tokens import IM_END, special_token_ids
-
-from memento_train.evaluation import report
-from memento_train.config.errors import ConfigError
-
-from memento_train.evaluation.config import EvalConfig, with_model_mask
-from memento_train.evaluation.metrics import KVCost, SampleResult, summarize
-from memento_train.evaluation.scoring import GradingRule, ParsedAnswer, equivalence_classes, equivalent, parse_gold, parse_response
 
 GeneratorFactory = Callable[[EvalConfig, Any], GenerationEngine]
 # ``model=tiny``: a seeded random 2-layer Qwen3, smaller than the training runs' default tiny model.
@@ -86,8 +91,13 @@ class EvalOutcome:
 # -- problems ----------------------------------------------------------------------------------------
 def problem_source(cfg: EvalConfig) -> ProblemSource:
     """The problem set of ``cfg`` as a :class:`~memento_train.data.problems.ProblemSource`."""
-    return ProblemSource(path=cfg.problems_path(), hf_config=cfg.problems_config, split=cfg.split,
-                         problem_field=cfg.problem_field, answer_field=cfg.answer_field)
+    return ProblemSource(
+        path=cfg.problems_path(),
+        hf_config=cfg.problems_config,
+        split=cfg.split,
+        problem_field=cfg.problem_field,
+        answer_field=cfg.answer_field,
+    )
 
 
 def load_problem_rows(cfg: EvalConfig) -> list[dict[str, Any]]:
@@ -110,8 +120,10 @@ def load_problems(cfg: EvalConfig) -> list[Problem]:
         if pid in seen:
             raise ValueError(f"problem set {cfg.problems!r}: id {pid!r} appears twice (rows {seen[pid]} and {i})")
         if isinstance(rec["answer"], list):
-            raise ValueError(f"problem set {cfg.problems!r}, record {pid!r}: {len(rec['answer'])} different gold "
-                             f"answers in {cfg.answer_field!r}; memento-eval grades against one")
+            raise ValueError(
+                f"problem set {cfg.problems!r}, record {pid!r}: {len(rec['answer'])} different gold "
+                f"answers in {cfg.answer_field!r}; memento-eval grades against one"
+            )
         seen[pid] = i
         out.append(Problem(id=pid, problem=rec["problem"], answer=rec["answer"]))
         if cfg.limit is not None and len(out) >= cfg.limit:
@@ -213,8 +225,9 @@ def render_prompts(tokenizer: Any, problems: Sequence[Problem], system_prompt: s
 
 
 # -- the run ---------------------------------------------------------------------------------------------
-def _generate_and_score(cfg: EvalConfig, engine: Any, tokenizer: Any, problems: Sequence[Problem],
-                        prompts: list[list[int]]) -> tuple[list[SampleResult], float, tuple[int, ...]]:
+def _generate_and_score(
+    cfg: EvalConfig, engine: Any, tokenizer: Any, problems: Sequence[Problem], prompts: list[list[int]]
+) -> tuple[list[SampleResult], float, tuple[int, ...]]:
     """Every problem's ``n`` samples, scored; seconds spent generating; the stop ids used."""
     from tqdm.auto import tqdm
 
@@ -226,13 +239,13 @@ def _generate_and_score(cfg: EvalConfig, engine: Any, tokenizer: Any, problems: 
     bar = tqdm(total=len(problems), unit="problem", desc="memento-eval", file=sys.stderr, **bar_kwargs)
     t_gen = 0.0
     for b, start in enumerate(range(0, len(problems), cfg.batch_size)):
-        chunk = problems[start:start + cfg.batch_size]
+        chunk = problems[start : start + cfg.batch_size]
         params = cfg.sampling_params(stop_token_ids=stops, seed=cfg.seed + b)
         t1 = time.perf_counter()
         with warnings.catch_warnings():
             # Evaluation never uses log-probs; the vLLM adapter's inexact-logprobs warning is noise here.
             warnings.filterwarnings("ignore", message=r".*log-probs differ.*")
-            results = engine.generate(prompts[start:start + cfg.batch_size], params)
+            results = engine.generate(prompts[start : start + cfg.batch_size], params)
         t_gen += time.perf_counter() - t1
         _check_results(results, len(chunk), cfg.n, engine)
         for problem, res in zip(chunk, results):
@@ -249,11 +262,16 @@ def _check_results(results: Any, prompts: int, n: int, engine: Any) -> None:
         raise RuntimeError(f"engine {name} returned {got} result lists for {prompts} prompts")
     for i, r in enumerate(results):
         if len(r) != n or not all(isinstance(x, GenerationResult) for x in r):
-            raise RuntimeError(f"engine {name} returned {len(r)} results for prompt {i}, expected n={n} GenerationResults")
+            raise RuntimeError(
+                f"engine {name} returned {len(r)} results for prompt {i}, expected n={n} GenerationResults"
+            )
 
 
 def score_problem(
-    problem: Problem, results: Sequence[GenerationResult], tokenizer: Any, special: SpecialTokens | None = None,
+    problem: Problem,
+    results: Sequence[GenerationResult],
+    tokenizer: Any,
+    special: SpecialTokens | None = None,
     rule: GradingRule | None = None,
 ) -> list[SampleResult]:
     """Per response: its extracted answer, correctness and majority class. Responses the grading
@@ -262,13 +280,22 @@ def score_problem(
     rule = rule or GradingRule()
     gold = parse_gold(problem.answer)
     texts = [tokenizer.decode(r.token_ids, skip_special_tokens=False) for r in results]
-    preds = [ParsedAnswer(None, ()) if rule.ungraded_reason(t, r.finish_reason) else parse_response(t)
-             for t, r in zip(texts, results)]
+    preds = [
+        ParsedAnswer(None, ()) if rule.ungraded_reason(t, r.finish_reason) else parse_response(t)
+        for t, r in zip(texts, results)
+    ]
     classes = equivalence_classes(preds)
     return [
         SampleResult.from_generation(
-            r, problem_id=problem.id, sample_index=i, response=texts[i], gold=problem.answer,
-            answer=preds[i].text, correct=equivalent(gold, preds[i]), answer_class=classes[i], special=special,
+            r,
+            problem_id=problem.id,
+            sample_index=i,
+            response=texts[i],
+            gold=problem.answer,
+            answer=preds[i].text,
+            correct=equivalent(gold, preds[i]),
+            answer_class=classes[i],
+            special=special,
         )
         for i, r in enumerate(results)
     ]
@@ -295,7 +322,6 @@ def run_eval(cfg: EvalConfig, *, stream: Any = None) -> EvalOutcome:
         shutdown = getattr(engine, "shutdown", None)
         if shutdown is not None:  # vLLM: stop its engine processes
             shutdown()
-
 
     metrics = summarize(samples, cfg.ks, kv_cost)
     engine_name = type(engine).__name__

@@ -145,7 +145,9 @@ def _parse(text: str, timeout: int) -> list:
     from math_verify import parse
 
     return _guarded(
-        lambda t: parse(text, extraction_config=_extraction_configs(), extraction_mode="first_match", parsing_timeout=t),
+        lambda t: parse(
+            text, extraction_config=_extraction_configs(), extraction_mode="first_match", parsing_timeout=t
+        ),
         default=[],
         timeout=timeout,
     )
@@ -187,16 +189,22 @@ def equivalent(gold: ParsedAnswer, pred: ParsedAnswer, *, timeout: int = DEFAULT
     from math_verify import verify
 
     return bool(
-        _guarded(lambda t: verify(list(gold.parsed), list(pred.parsed), timeout_seconds=t), default=False, timeout=timeout)
+        _guarded(
+            lambda t: verify(list(gold.parsed), list(pred.parsed), timeout_seconds=t), default=False, timeout=timeout
+        )
     )
 
 
 def is_correct(response_text: str, gold: Any, *, timeout: int = DEFAULT_TIMEOUT_S) -> bool:
     """Whether the response's final answer is mathematically equivalent to ``gold``."""
-    return equivalent(parse_gold(gold, timeout=timeout), parse_response(response_text, timeout=timeout), timeout=timeout)
+    return equivalent(
+        parse_gold(gold, timeout=timeout), parse_response(response_text, timeout=timeout), timeout=timeout
+    )
 
 
-def equivalence_classes(answers: Sequence[ParsedAnswer | None], *, timeout: int = DEFAULT_TIMEOUT_S) -> list[int | None]:
+def equivalence_classes(
+    answers: Sequence[ParsedAnswer | None], *, timeout: int = DEFAULT_TIMEOUT_S
+) -> list[int | None]:
     """A class id per answer (``None`` for no answer); equivalent answers share the id.
 
     Greedy: each answer joins the first earlier class whose representative (first member) it is
@@ -210,8 +218,10 @@ def equivalence_classes(answers: Sequence[ParsedAnswer | None], *, timeout: int 
             out.append(None)
             continue
         for cid, rep in enumerate(reps):
-            if (rep.text is not None and rep.text == ans.text) or equivalent(rep, ans, timeout=timeout) or equivalent(
-                ans, rep, timeout=timeout
+            if (
+                (rep.text is not None and rep.text == ans.text)
+                or equivalent(rep, ans, timeout=timeout)
+                or equivalent(ans, rep, timeout=timeout)
             ):
                 out.append(cid)
                 break
@@ -239,9 +249,7 @@ def majority_answer(answers: Sequence[str | ParsedAnswer | None], *, timeout: in
     Strings are parsed like gold answers (plain or LaTeX); ``None`` entries (no answer) do not vote.
     Returns the text of the winning class's first member; ties go to the class seen first.
     """
-    parsed = [
-        a if isinstance(a, ParsedAnswer) or a is None else parse_gold(a, timeout=timeout) for a in answers
-    ]
+    parsed = [a if isinstance(a, ParsedAnswer) or a is None else parse_gold(a, timeout=timeout) for a in answers]
     ids = equivalence_classes(parsed, timeout=timeout)
     winner = majority_class(ids)
     if winner is None:

@@ -49,8 +49,12 @@ def legacy_config(config: Mapping[str, Any]) -> dict[str, Any]:
     theta = rope_theta_of(config)
     if theta is not None and "rope_theta" not in out:
         out["rope_theta"] = theta
-    if (isinstance(params, Mapping) and "rope_theta" in params and params.get("rope_type", "default") != "default"
-            and out.get("rope_scaling") is None):
+    if (
+        isinstance(params, Mapping)
+        and "rope_theta" in params
+        and params.get("rope_type", "default") != "default"
+        and out.get("rope_scaling") is None
+    ):
         out["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
     if "torch_dtype" not in out and out.get("dtype") is not None:
         out["torch_dtype"] = out["dtype"]
@@ -115,7 +119,7 @@ def check_served_rope_theta(model_dir: str | os.PathLike, hf_config: Any = None)
         f"{path}: declares RoPE base (rope_theta) {declared:g}, but vLLM reads {served:g} (transformers "
         f"{_transformers_version()}), so it would generate with the wrong positions. The file keeps "
         "rope_theta only inside rope_parameters (a transformers-5 config), which transformers 4.x does not "
-        "read: add a top-level \"rope_theta\" (memento_train.export.compat.add_legacy_keys(model_dir) does it; "
+        'read: add a top-level "rope_theta" (memento_train.export.compat.add_legacy_keys(model_dir) does it; '
         "memento-train exports write it)"
     )
 

@@ -3,11 +3,12 @@ marker file describing the run, loadable by ``AutoModelForCausalLM.from_pretrain
 and 5.x alike, see :mod:`memento_train.export.compat`) and vLLM.
 
 The marker (``memento_train.json``) always records the eviction rule the model was trained with
-(``block_masking``: :meth:`~memento_train.masking.BlockMaskingConfig.rule_dict`; exports written
-before the two mask configs became one call it ``mask``, which is still read). RL rollouts, ``memento-eval`` and ``memento-serve``
-read it (:func:`exported_mask`) and default their block masking to it, and a generation config that
-contradicts it is refused unless the user says the mismatch is intended (:func:`apply_exported_mask`):
-a Phi-4 stage-2 model (``mask_delimiters=true``) must not be served with ``mask_delimiters=false``.
+(``block_masking``: :meth:`~memento_train.masking.BlockMaskingConfig.rule_dict`; exports written before the
+two mask configs became one call it ``mask``, which is still read). RL rollouts, ``memento-eval`` and
+``memento-serve`` read it (:func:`exported_mask`) and default their block masking to it, and a generation
+config that contradicts it is refused unless the user says the mismatch is intended
+(:func:`apply_exported_mask`): a Phi-4 stage-2 model (``mask_delimiters=true``) must not be served with
+``mask_delimiters=false``.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from typing import Any
 
 import torch
 
-from memento_train.masking import BlockMaskingConfig
 from memento_train.export.compat import add_legacy_keys
+from memento_train.masking import BlockMaskingConfig
 from memento_train.tokens import IM_END
 
 MARKER_FILE = "memento_train.json"
@@ -31,8 +32,15 @@ MARKER_FILE = "memento_train.json"
 MASK_RULE_FIELDS = ("keep_last_n_blocks", "mask_delimiters", "keep_last_block_for_answer")
 
 
-def export_hf(state_dict: dict[str, torch.Tensor], config: Any, tokenizer: Any, out_dir: str | os.PathLike,
-              *, info: dict[str, Any], dtype: torch.dtype = torch.bfloat16) -> str:
+def export_hf(
+    state_dict: dict[str, torch.Tensor],
+    config: Any,
+    tokenizer: Any,
+    out_dir: str | os.PathLike,
+    *,
+    info: dict[str, Any],
+    dtype: torch.dtype = torch.bfloat16,
+) -> str:
     """Write a servable HF model directory from full (unsharded) weights; returns ``out_dir``.
 
     ``state_dict`` is consumed (emptied) while the weights are converted to ``dtype``.
@@ -63,15 +71,19 @@ def export_hf(state_dict: dict[str, torch.Tensor], config: Any, tokenizer: Any, 
     tied = set(getattr(skeleton, "all_tied_weights_keys", {}) or {}) | {"lm_head.weight"}
     missing = [k for k in missing if not (k in tied and getattr(config, "tie_word_embeddings", False))]
     if missing or unexpected:
-        raise ValueError(f"export: weights do not match the model config (missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]})")
+        raise ValueError(
+            f"export: weights do not match the model config (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     if getattr(config, "tie_word_embeddings", False):
         skeleton.tie_weights()
     skeleton.config.dtype = dtype
     im_end = tokenizer.convert_tokens_to_ids(IM_END)
     gen = transformers.GenerationConfig(
         eos_token_id=[im_end] if tokenizer.eos_token_id in (None, im_end) else [im_end, tokenizer.eos_token_id],
-        pad_token_id=tokenizer.pad_token_id, do_sample=True, temperature=0.6, top_p=0.95,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=True,
+        temperature=0.6,
+        top_p=0.95,
     )
     skeleton.generation_config = gen
     skeleton.save_pretrained(out_dir, safe_serialization=True)
@@ -84,8 +96,10 @@ def export_hf(state_dict: dict[str, torch.Tensor], config: Any, tokenizer: Any, 
 
 def _rule_fields(mask: Any) -> dict[str, Any]:
     if mask is None:
-        raise ValueError("export: info['block_masking'] is required: every export records the eviction rule "
-                         "its weights were trained with (RL, memento-eval and memento-serve default to it)")
+        raise ValueError(
+            "export: info['block_masking'] is required: every export records the eviction rule "
+            "its weights were trained with (RL, memento-eval and memento-serve default to it)"
+        )
     if not isinstance(mask, BlockMaskingConfig):
         mask = _masking_from_fields(mask)
     return mask.rule_dict()
@@ -128,6 +142,9 @@ def apply_exported_mask(serving: Any, exported: BlockMaskingConfig, given: Itera
         fill["keep_last_n_blocks"] = max(exported.keep_last_n_blocks, 0)
     out = dataclasses.replace(serving, **fill)
     effective = out.rule()
-    mismatches = [f"{k}={getattr(effective, k)!r} (the model: {getattr(exported, k)!r})"
-                  for k in MASK_RULE_FIELDS if getattr(effective, k) != getattr(exported, k)]
+    mismatches = [
+        f"{k}={getattr(effective, k)!r} (the model: {getattr(exported, k)!r})"
+        for k in MASK_RULE_FIELDS
+        if getattr(effective, k) != getattr(exported, k)
+    ]
     return out, mismatches

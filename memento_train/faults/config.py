@@ -14,7 +14,6 @@ from memento_train.config.errors import ConfigError
 from memento_train.config.tree import check_types
 
 
-
 @dataclass
 class FaultsConfig:
     """Recovery of the trainer worker group.
@@ -42,7 +41,7 @@ class FaultsConfig:
     on_hang: Literal["restart", "fail"] = "restart"
     inject_hang_at_step: int | None = None
 
-    def validate(self, prefix: str = "faults") -> "FaultsConfig":
+    def validate(self, prefix: str = "faults") -> FaultsConfig:
         """Raise :class:`ConfigError` naming the first bad option; returns self."""
         check_types(self, prefix)
 
@@ -57,8 +56,10 @@ class FaultsConfig:
                 raise ConfigError(f"{prefix}.{name} must be an integer >= 0, got {v!r}")
         number("watchdog_factor", 0.0)
         if 0 < self.watchdog_factor <= 1:
-            raise ConfigError(f"{prefix}.watchdog_factor={self.watchdog_factor} would call every other step a "
-                              "hang; use a multiple > 1 of the median step time (e.g. 10), or 0 to disable")
+            raise ConfigError(
+                f"{prefix}.watchdog_factor={self.watchdog_factor} would call every other step a "
+                "hang; use a multiple > 1 of the median step time (e.g. 10), or 0 to disable"
+            )
         number("watchdog_min_s", 0.0)
         s = self.inject_hang_at_step
         if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 1):

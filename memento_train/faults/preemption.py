@@ -39,8 +39,10 @@ class Preempted(Exception):
     def __init__(self, step: int, signal_name: str, checkpoint: str | None) -> None:
         self.step, self.signal_name, self.checkpoint = step, signal_name, checkpoint
         where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (nothing trained yet)"
-        super().__init__(f"preempted by {signal_name}: stopped after step {step} with {where}; "
-                         f"run the same command (resume=auto) to continue")
+        super().__init__(
+            f"preempted by {signal_name}: stopped after step {step} with {where}; "
+            f"run the same command (resume=auto) to continue"
+        )
 
 
 class PreemptionGuard:
@@ -58,8 +60,9 @@ class PreemptionGuard:
         """Whether a preemption signal has arrived."""
         return self.signal_name is not None
 
-    def stop_if_requested(self, step: int, end: int, saved_step: int, save: Callable[[], object],
-                          checkpoint: str) -> None:
+    def stop_if_requested(
+        self, step: int, end: int, saved_step: int, save: Callable[[], object], checkpoint: str
+    ) -> None:
         """At the boundary after ``step``: when a signal arrived and the run is not finishing anyway
         (``step < end``), checkpoint unless ``saved_step == step``, then raise :class:`Preempted`."""
         if not self.requested or step >= end:
@@ -71,16 +74,24 @@ class PreemptionGuard:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self.signal_name is not None:  # the second signal: stop now
-            print(f"[memento] second signal ({name}) while checkpointing for {self.signal_name}: "
-                  "stopping at once", file=sys.stderr, flush=True)
+            print(
+                f"[memento] second signal ({name}) while checkpointing for {self.signal_name}: stopping at once",
+                file=sys.stderr,
+                flush=True,
+            )
             raise SystemExit(128 + signum)
         self.signal_name = name
-        print(f"[memento] received {name}: will checkpoint at the end of this step and exit "
-              f"with status {EXIT_PREEMPTED}", file=sys.stderr, flush=True)
+        print(
+            f"[memento] received {name}: will checkpoint at the end of this step and exit with status {EXIT_PREEMPTED}",
+            file=sys.stderr,
+            flush=True,
+        )
 
-    def __enter__(self) -> "PreemptionGuard":
+    def __enter__(self) -> PreemptionGuard:
         if threading.current_thread() is not threading.main_thread():
-            warnings.warn("preemption signals are not handled: the driver is not running in the main thread")
+            warnings.warn(
+                "preemption signals are not handled: the driver is not running in the main thread", stacklevel=2
+            )
             return self
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)

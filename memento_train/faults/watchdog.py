@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from memento_train.cluster.stack_dumps import frames_of, innermost_collective
 
+
 def describe_stacks(stacks: dict[int, str]) -> str:
     """One line per rank: the collective it waits in, or the innermost frame of its main thread."""
     lines, waiting, elsewhere = [], [], []
@@ -31,7 +32,7 @@ def describe_stacks(stacks: dict[int, str]) -> str:
             lines.append(f"  rank {rank}: not in a collective: {frames[0] if frames else 'no stack captured'}")
     head = ""
     if waiting and elsewhere:
-        head = (f"rank(s) {waiting} wait in a collective that rank(s) {elsewhere} never entered\n")
+        head = f"rank(s) {waiting} wait in a collective that rank(s) {elsewhere} never entered\n"
     return head + "\n".join(lines)
 
 
@@ -59,6 +60,8 @@ class StepHang(RuntimeError):
 
     def __init__(self, step: int, deadline: float, report: str, dump_dir: str) -> None:
         self.step, self.deadline, self.report, self.dump_dir = step, deadline, report, dump_dir
-        super().__init__(f"step {step} did not finish within {deadline:.1f} s (faults.watchdog_factor x the "
-                         f"median step time): the worker group is hung.\n{report}\nStacks of every worker: "
-                         f"{dump_dir}")
+        super().__init__(
+            f"step {step} did not finish within {deadline:.1f} s (faults.watchdog_factor x the "
+            f"median step time): the worker group is hung.\n{report}\nStacks of every worker: "
+            f"{dump_dir}"
+        )

@@ -2,7 +2,8 @@
 
 What the serving engine does when a memento block is evicted: the block's K/V entries are dropped
 from storage while every remaining entry keeps the *logical* position it was written at (RoPE was
-applied with it; nothing is re-rotated). Every sequence (row) keeps its own compacted entries; per layer the cache stores ``keys``/``values`` ``[B, Hkv, C, D]`` and, shared
+applied with it; nothing is re-rotated). Every sequence (row) keeps its own compacted entries; per
+layer the cache stores ``keys``/``values`` ``[B, Hkv, C, D]`` and, shared
 by all layers (they hold the same tokens), the logical position of every slot ``positions [B, C]``
 (``-1``: an empty padding slot). Row ``b`` uses slots ``0 .. lengths[b]-1`` in increasing logical
 position; ``C`` is at least the longest row.

@@ -110,9 +110,7 @@ class GenerationEngine(Protocol):
 
     block_masking: BlockMaskingConfig
 
-    def generate(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams
-    ) -> list[list[GenerationResult]]:
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[GenerationResult]]:
         """``params.n`` results for each prompt (token-id lists), in prompt order."""
         ...
 

@@ -31,8 +31,9 @@ def chat_messages(problem: str, system_prompt: str | None = None) -> list[dict[s
 def generation_prompt_text(tokenizer: Any, problem: str, system_prompt: str | None = None) -> str:
     """The serving chat template's rendering of ``problem`` with the generation prompt (see module)."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(chat_messages(problem, system_prompt), tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            chat_messages(problem, system_prompt), tokenize=False, add_generation_prompt=True
+        )
     sys = "" if system_prompt is None else f"{IM_START}system\n{system_prompt}{IM_END}\n"
     return f"{sys}{IM_START}user\n{problem}{IM_END}\n{IM_START}{ASSISTANT}\n"
 

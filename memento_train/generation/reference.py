@@ -35,11 +35,15 @@ from dataclasses import dataclass, field
 import torch
 
 from memento_train.attention.hf import attn_implementation_set
-from memento_train.masking import BlockTracker, SpecialTokens
-from memento_train.tokens import IM_END
-from memento_train.generation.batched_cache import BATCHED_DECODE_ATTN, BatchedEvictingCache, register_batched_decode_attention
+from memento_train.generation.batched_cache import (
+    BATCHED_DECODE_ATTN,
+    BatchedEvictingCache,
+    register_batched_decode_attention,
+)
 from memento_train.generation.engine import BlockMaskingConfig, GenerationResult, SamplingParams
 from memento_train.generation.sampling import derive_seed, make_generator, random_seed, sample_next, token_logprobs
+from memento_train.masking import BlockTracker, SpecialTokens
+from memento_train.tokens import IM_END
 
 
 @dataclass

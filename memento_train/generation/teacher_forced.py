@@ -28,9 +28,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from memento_train.masking import BlockTracker, Eviction, Kind, BlockMaskingConfig, SpecialTokens
 from memento_train.attention.hf import attn_implementation_set
-from memento_train.generation.batched_cache import BATCHED_DECODE_ATTN, BatchedEvictingCache, register_batched_decode_attention
+from memento_train.generation.batched_cache import (
+    BATCHED_DECODE_ATTN,
+    BatchedEvictingCache,
+    register_batched_decode_attention,
+)
+from memento_train.masking import BlockMaskingConfig, BlockTracker, Eviction, Kind, SpecialTokens
 
 
 @dataclass

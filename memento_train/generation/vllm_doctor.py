@@ -41,12 +41,21 @@ class Row:
 def _version_rows(st: vllm_overlay.OverlayStatus) -> list[Row]:
     ok_version = st.vllm_version is not None and vllm_overlay.applies(st.vllm_version)
     return [
-        Row("vLLM version", "ok" if ok_version else "FAIL",
-            f"{st.vllm_version or 'not importable'} (overlay path: 0.13.x)"),
-        Row("platform / transformers", "ok" if st.transformers_version else "FAIL",
-            f"{st.platform} / transformers {st.transformers_version}"),
-        Row("Memento overlay applied", "ok" if st.overlay else "FAIL",
-            "vllm.config.block_masking present" if st.overlay else f"missing: {vllm_overlay.INSTALL_COMMAND}"),
+        Row(
+            "vLLM version",
+            "ok" if ok_version else "FAIL",
+            f"{st.vllm_version or 'not importable'} (overlay path: 0.13.x)",
+        ),
+        Row(
+            "platform / transformers",
+            "ok" if st.transformers_version else "FAIL",
+            f"{st.platform} / transformers {st.transformers_version}",
+        ),
+        Row(
+            "Memento overlay applied",
+            "ok" if st.overlay else "FAIL",
+            "vllm.config.block_masking present" if st.overlay else f"missing: {vllm_overlay.INSTALL_COMMAND}",
+        ),
         Row("memento_train patch layer", "ok" if st.patches.startswith("importable") else "FAIL", st.patches),
     ]
 
@@ -79,32 +88,36 @@ def task_prompts(model: Path, num: int) -> tuple[Any, Any, list[list[int]]]:
     """The RL default's config for ``model``, its tokenizer and the first ``num`` task prompts (token ids,
     chat template included): what the parity checks generate from."""
     from memento_train.models.loading import load_tokenizer
-    from memento_train.rl.driver import encode_prompts, load_problems
     from memento_train.rl.config import build_rl_config, config_tree
+    from memento_train.rl.driver import encode_prompts, load_problems
 
-    cfg = build_rl_config(config_tree(None, ["logger=none", "output_dir=unused", f"model.path={model}",
-                                             "warmup.enabled=false"]))
+    cfg = build_rl_config(
+        config_tree(None, ["logger=none", "output_dir=unused", f"model.path={model}", "warmup.enabled=false"])
+    )
     tok = load_tokenizer(model, add_memento_tokens=False)
     p = cfg.prompts
-    _, prompts = encode_prompts(load_problems(p, synthetic_task=p.synthetic, num=num), tok, p.max_prompt_len,
-                                p.system_prompt)
+    _, prompts = encode_prompts(
+        load_problems(p, synthetic_task=p.synthetic, num=num), tok, p.max_prompt_len, p.system_prompt
+    )
     return cfg, tok, prompts
 
 
 def parity_row(model: Path, tokens: int) -> Row:
     """Greedy, eviction on, fp32: VLLMEngine vs ReferenceGenerator on two task prompts."""
-    from memento_train.models.config import ModelConfig
-    from memento_train.models.loading import load_model
     from memento_train.generation.engine import SamplingParams
     from memento_train.generation.reference import ReferenceGenerator, SequenceRequest
     from memento_train.generation.vllm_engine import VLLMEngine
+    from memento_train.models.config import ModelConfig
+    from memento_train.models.loading import load_model
 
     cfg, tok, prompts = task_prompts(model, 2)
     params = SamplingParams(max_new_tokens=tokens, temperature=0.0)
     reqs = [SequenceRequest(q, prompt_index=i) for i, q in enumerate(prompts)]
     t0 = time.perf_counter()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    engine = VLLMEngine(model, cfg.rollout.block_masking, dtype="float32", max_model_len=512, enforce_eager=True, seed=0)
+    engine = VLLMEngine(
+        model, cfg.rollout.block_masking, dtype="float32", max_model_len=512, enforce_eager=True, seed=0
+    )
     t1 = time.perf_counter()
     try:
         live = engine.llm.collective_rpc("memento_patch_version")  # the worker extension answers per worker
@@ -114,20 +127,26 @@ def parity_row(model: Path, tokens: int) -> Row:
         if core is not None:
             core.shutdown()
     t2 = time.perf_counter()
-    ref = ReferenceGenerator(load_model(ModelConfig(path=str(model)), tok, seed=0, training=False), tok,
-                             cfg.rollout.block_masking)
+    ref = ReferenceGenerator(
+        load_model(ModelConfig(path=str(model)), tok, seed=0, training=False), tok, cfg.rollout.block_masking
+    )
     want = ref.run(reqs, params)
     same = sum(g.token_ids == w.token_ids for g, w in zip(got, want))
-    lp = max((abs(a - b) for g, w in zip(got, want) if g.token_ids == w.token_ids
-              for a, b in zip(g.logprobs, w.logprobs)), default=float("nan"))
+    lp = max(
+        (abs(a - b) for g, w in zip(got, want) if g.token_ids == w.token_ids for a, b in zip(g.logprobs, w.logprobs)),
+        default=float("nan"),
+    )
     ev_g = [[tuple(e) for e in g.extra.get("evictions", [])] for g in got]
     ev_w = [[tuple(e) for e in w.extra["evictions"]] for w in want]
     kv = all(g.extra.get("kv_trace") == "engine" and g.kv_trace == w.kv_trace for g, w in zip(got, want))
     ok = same == len(prompts) and lp < 1e-4 and ev_g == ev_w and kv and bool(live)
     n_ev = sum(len(e) for e in ev_w)
-    detail = (f"patches v{live[0]} live in {len(live)} engine worker(s); tokens {same}/{len(prompts)} equal, max|dlogprob| {lp:.1e}, evictions "
-              f"{'equal' if ev_g == ev_w else 'DIFFER'} ({n_ev}), engine KV trace {'equal' if kv else 'DIFFERS'}; "
-              f"engine start {t1 - t0:.0f} s, generate {t2 - t1:.1f} s")
+    detail = (
+        f"patches v{live[0]} live in {len(live)} engine worker(s); tokens {same}/{len(prompts)} equal, "
+        f"max|dlogprob| {lp:.1e}, evictions "
+        f"{'equal' if ev_g == ev_w else 'DIFFER'} ({n_ev}), engine KV trace {'equal' if kv else 'DIFFERS'}; "
+        f"engine start {t1 - t0:.0f} s, generate {t2 - t1:.1f} s"
+    )
     return Row("parity vs ReferenceGenerator", "ok" if ok else "FAIL", detail)
 
 

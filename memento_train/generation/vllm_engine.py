@@ -35,12 +35,12 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from memento_train.export.compat import check_served_rope_theta
-from memento_train.masking import SpecialTokens, live_kv_trace, parse
-from memento_train.tokens import IM_END, special_token_ids
 from memento_train.generation import vllm_overlay
 from memento_train.generation.engine import BlockMaskingConfig, GenerationResult, SamplingParams
 from memento_train.generation.reference import SequenceRequest
 from memento_train.generation.sampling import derive_seed, random_seed
+from memento_train.masking import SpecialTokens, live_kv_trace, parse
+from memento_train.tokens import IM_END, special_token_ids
 
 BACKENDS = ("auto", "plugin", "overlay")
 LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
@@ -94,8 +94,11 @@ class VLLMOptions:
 
     def engine_kwargs(self) -> dict[str, Any]:
         """Keywords for :class:`VLLMEngine` (and through it ``vllm.LLM``)."""
-        out: dict[str, Any] = {"dtype": self.dtype, "tensor_parallel_size": self.tensor_parallel_size,
-                               "enforce_eager": self.enforce_eager}
+        out: dict[str, Any] = {
+            "dtype": self.dtype,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "enforce_eager": self.enforce_eager,
+        }
         if self.max_model_len is not None:
             out["max_model_len"] = self.max_model_len
         if self.gpu_memory_utilization is not None:
@@ -179,8 +182,10 @@ def select_backend(backend: str = "auto") -> str:
     try:
         check_vllm_block_masking()
     except RuntimeError as exc:
-        raise RuntimeError(f"VLLMEngine supports vLLM 0.32 (Memento plugin) or vLLM 0.13 with the Memento "
-                           f"overlay; found {version or 'no vLLM'}: {exc}") from exc
+        raise RuntimeError(
+            f"VLLMEngine supports vLLM 0.32 (Memento plugin) or vLLM 0.13 with the Memento "
+            f"overlay; found {version or 'no vLLM'}: {exc}"
+        ) from exc
     return "overlay"
 
 
@@ -265,8 +270,12 @@ class VLLMEngine:
         if dtype == "auto":
             dtype = checkpoint_dtype(self.model_path) or "auto"
         kwargs: dict[str, Any] = dict(
-            model=self.model_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization, seed=seed, logprobs_mode=logprobs_mode,
+            model=self.model_path,
+            dtype=dtype,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            seed=seed,
+            logprobs_mode=logprobs_mode,
         )
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
@@ -327,14 +336,26 @@ class VLLMEngine:
         self.default_stop: tuple[int, ...] = () if eos is None else (int(eos),)
 
     # -- sampling ---------------------------------------------------------------------------
-    def sampling_params(self, params: SamplingParams, *, n: int | None = None, seed: int | None = None,
-                        extra_args: Mapping[str, Any] | None = None) -> Any:
+    def sampling_params(
+        self,
+        params: SamplingParams,
+        *,
+        n: int | None = None,
+        seed: int | None = None,
+        extra_args: Mapping[str, Any] | None = None,
+    ) -> Any:
         """The vLLM ``SamplingParams`` for ``params`` (``n`` / ``seed`` override the params' own)."""
         kwargs = dict(
-            n=params.n if n is None else n, temperature=params.temperature, top_p=params.top_p,
-            top_k=params.top_k if params.top_k > 0 else -1, min_p=params.min_p,
-            seed=params.seed if seed is None else seed, max_tokens=params.max_new_tokens,
-            stop_token_ids=list(params.stop_token_ids or self.default_stop), ignore_eos=True, logprobs=1,
+            n=params.n if n is None else n,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k if params.top_k > 0 else -1,
+            min_p=params.min_p,
+            seed=params.seed if seed is None else seed,
+            max_tokens=params.max_new_tokens,
+            stop_token_ids=list(params.stop_token_ids or self.default_stop),
+            ignore_eos=True,
+            logprobs=1,
             skip_special_tokens=False,
         )
         if self.backend == "plugin":
@@ -351,18 +372,19 @@ class VLLMEngine:
             return params.temperature in (0.0, 1.0)
         return params.top_k == 0 and params.top_p == 1.0 and params.min_p == 0.0
 
-    def generate(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams
-    ) -> list[list[GenerationResult]]:
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[GenerationResult]]:
         """``params.n`` results per prompt, in prompt order (see :class:`GenerationEngine`)."""
         prompts = [[int(t) for t in p] for p in prompts]
         if any(not p for p in prompts):
             raise ValueError("every prompt needs at least one token")
         if self.backend == "plugin" or self.overlay:  # one request per sample, seeded like the reference engine
-            requests = [SequenceRequest(p, prompt_index=i, sample_index=s)
-                        for i, p in enumerate(prompts) for s in range(params.n)]
+            requests = [
+                SequenceRequest(p, prompt_index=i, sample_index=s)
+                for i, p in enumerate(prompts)
+                for s in range(params.n)
+            ]
             flat = self.run(requests, params)
-            return [flat[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
+            return [flat[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
         exact = self._check_logprobs(params)
         requests = [{"prompt_token_ids": p} for p in prompts]  # == vllm.inputs.TokensPrompt
         outputs = self.llm.generate(requests, self.sampling_params(params), use_tqdm=False)
@@ -376,8 +398,13 @@ class VLLMEngine:
             results.append([self._convert_overlay(prompt, c, exact) for c in completions])
         return results
 
-    def run(self, requests: Sequence[SequenceRequest], params: SamplingParams, *,
-            extra_args: Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None = None) -> list[GenerationResult]:
+    def run(
+        self,
+        requests: Sequence[SequenceRequest],
+        params: SamplingParams,
+        *,
+        extra_args: Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> list[GenerationResult]:
         """One result per request, each seeded like the reference engine's sequence (what ``RolloutWorker`` calls).
 
         ``request.seed`` (else ``derive_seed(params.seed, prompt_index, sample_index)``) seeds it;
@@ -393,13 +420,15 @@ class VLLMEngine:
         if len(extra_args) != len(requests):
             raise ValueError(f"{len(extra_args)} extra_args for {len(requests)} requests")
         if self.backend != "plugin" and not self.overlay:
-            raise NotImplementedError("VLLMEngine.run needs vLLM 0.32 (the plugin) or vLLM 0.13 + the Memento "
-                                      "overlay; use generate")
+            raise NotImplementedError(
+                "VLLMEngine.run needs vLLM 0.32 (the plugin) or vLLM 0.13 + the Memento overlay; use generate"
+            )
         if self.backend != "plugin" and any(e for e in extra_args):
             raise NotImplementedError("per-request extra_args need the plugin backend (vLLM 0.32)")
         if any(len(r.forced_token_ids) for r in requests):
-            raise NotImplementedError("teacher-forced prefixes are not supported by VLLMEngine; use "
-                                      "ReferenceGenerator.teacher_force")
+            raise NotImplementedError(
+                "teacher-forced prefixes are not supported by VLLMEngine; use ReferenceGenerator.teacher_force"
+            )
         exact = self._check_logprobs(params)
         base = params.seed if params.seed is not None else random_seed()
         prompts, sps = [], []
@@ -426,7 +455,8 @@ class VLLMEngine:
                 f"logprobs_mode={self.logprobs_mode!r} with temperature={params.temperature}, "
                 f"top_k={params.top_k}, top_p={params.top_p}, min_p={params.min_p}: vLLM's log-probs "
                 "differ from log_softmax(logits / T) before truncation (see memento_train.generation."
-                "vllm_engine)", stacklevel=3,
+                "vllm_engine)",
+                stacklevel=3,
             )
         return exact
 
@@ -444,8 +474,10 @@ class VLLMEngine:
         token_ids, logprobs = self._completion(completion)
         report = (getattr(out, "kv_transfer_params", None) or {}).get("memento")
         if report is None or "kv_trace" not in report:
-            raise RuntimeError("the vLLM engine returned no Memento report: is the plugin installed in the engine "
-                               "(memento_train.serving.plugin_engine_args) with report_traces=True?")
+            raise RuntimeError(
+                "the vLLM engine returned no Memento report: is the plugin installed in the engine "
+                "(memento_train.serving.plugin_engine_args) with report_traces=True?"
+            )
         kv_trace = [int(n) for n in report["kv_trace"]]
         if len(kv_trace) != len(token_ids) or min(kv_trace, default=0) < 0:
             raise RuntimeError(f"the Memento report has {len(kv_trace)} KV lengths for {len(token_ids)} tokens")
@@ -454,23 +486,34 @@ class VLLMEngine:
         parsed = parse([*prompt, *token_ids], self.special, masking.rule(), prompt_len=len(prompt))
         per_token = report.get("kv_bytes_per_token")
         result = GenerationResult(
-            prompt_ids=prompt, token_ids=token_ids, logprobs=logprobs,
-            kinds=parsed.kinds[len(prompt):].tolist(), kv_trace=kv_trace,
+            prompt_ids=prompt,
+            token_ids=token_ids,
+            logprobs=logprobs,
+            kinds=parsed.kinds[len(prompt) :].tolist(),
+            kv_trace=kv_trace,
             finish_reason=completion.finish_reason,
             kv_bytes=None if not per_token else [n * int(per_token) for n in kv_trace],
-            forced_block_ends=sum(forced), forced=forced,
+            forced_block_ends=sum(forced),
+            forced=forced,
             extra={
-                "engine": "vllm", "backend": "plugin", "kv_trace": "measured", "logprobs_exact": True,
-                "evictions": [tuple(e) for e in report["eviction_events"]], "forced": forced,
-                "preemptions": report["preemptions"], "replayed_evictions": report["replayed_evictions"],
+                "engine": "vllm",
+                "backend": "plugin",
+                "kv_trace": "measured",
+                "logprobs_exact": True,
+                "evictions": [tuple(e) for e in report["eviction_events"]],
+                "forced": forced,
+                "preemptions": report["preemptions"],
+                "replayed_evictions": report["replayed_evictions"],
                 "seed": getattr(sp, "seed", None),
-                "stop_reason": getattr(completion, "stop_reason", None), "anomalies": len(parsed.anomalies),
+                "stop_reason": getattr(completion, "stop_reason", None),
+                "anomalies": len(parsed.anomalies),
             },
         )
         return result
 
-    def _convert_overlay(self, prompt: list[int], completion: Any, exact: bool,
-                         measured: vllm_overlay.EngineMeasurement | None = None) -> GenerationResult:
+    def _convert_overlay(
+        self, prompt: list[int], completion: Any, exact: bool, measured: vllm_overlay.EngineMeasurement | None = None
+    ) -> GenerationResult:
         token_ids, logprobs = self._completion(completion)
         n_prompt = len(prompt)
         parsed = parse([*prompt, *token_ids], self.special, self._mask_config, prompt_len=n_prompt)
@@ -478,8 +521,10 @@ class VLLMEngine:
         extra: dict[str, Any] = {"kv_trace": "simulated"}
         if measured is not None:  # what the engine did, not what the rule predicts
             if len(measured.kv_trace) < len(token_ids):
-                raise RuntimeError(f"vLLM's engine log has {len(measured.kv_trace)} sampled steps for "
-                                   f"{len(token_ids)} tokens: are the Memento patches loaded in the engine?")
+                raise RuntimeError(
+                    f"vLLM's engine log has {len(measured.kv_trace)} sampled steps for "
+                    f"{len(token_ids)} tokens: are the Memento patches loaded in the engine?"
+                )
             trace = measured.kv_trace[: len(token_ids)]
             extra = {"kv_trace": "engine", "evictions": list(measured.evictions)}
         # The overlay reports no per-token flags: replay its cap (a deterministic rule over the ids).
@@ -488,14 +533,24 @@ class VLLMEngine:
         forced = getattr(completion, "forced_block_ends", None)
         forced = sum(flags) if forced is None else forced
         return GenerationResult(
-            prompt_ids=prompt, token_ids=token_ids, logprobs=logprobs,
-            kinds=parsed.kinds[n_prompt:].tolist(), kv_trace=trace,
-            finish_reason=completion.finish_reason, kv_bytes=None, forced_block_ends=int(forced),
+            prompt_ids=prompt,
+            token_ids=token_ids,
+            logprobs=logprobs,
+            kinds=parsed.kinds[n_prompt:].tolist(),
+            kv_trace=trace,
+            finish_reason=completion.finish_reason,
+            kv_bytes=None,
+            forced_block_ends=int(forced),
             forced=flags if int(forced) == sum(flags) else [],
             extra={
-                **extra, "engine": "vllm", "backend": "overlay", "logprobs_mode": self.logprobs_mode,
-                "logprobs_exact": exact, "stop_reason": getattr(completion, "stop_reason", None),
-                "text": getattr(completion, "text", None), "anomalies": len(parsed.anomalies),
+                **extra,
+                "engine": "vllm",
+                "backend": "overlay",
+                "logprobs_mode": self.logprobs_mode,
+                "logprobs_exact": exact,
+                "stop_reason": getattr(completion, "stop_reason", None),
+                "text": getattr(completion, "text", None),
+                "anomalies": len(parsed.anomalies),
             },
         )
 
@@ -551,8 +606,7 @@ def replay_block_cap(prompt: Sequence[int], response: Sequence[int], special: Sp
     return sum(forced_by_block_cap(prompt, response, special, cap))
 
 
-def forced_by_block_cap(prompt: Sequence[int], response: Sequence[int], special: SpecialTokens,
-                        cap: int) -> list[bool]:
+def forced_by_block_cap(prompt: Sequence[int], response: Sequence[int], special: SpecialTokens, cap: int) -> list[bool]:
     """Per response token: whether the overlay's block-length cap forced it (a ``<|block_end|>``).
 
     Mirrors ``BlockLengthCapLogitsProcessor``: scanning prompt then response, ``<|block_start|>``

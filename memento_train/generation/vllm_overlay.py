@@ -61,14 +61,18 @@ def engine_kwargs(kwargs: dict[str, Any], *, cpu: bool | None = None) -> dict[st
     """
     for key in ("scheduler_cls", "worker_extension_cls"):
         if kwargs.get(key) not in (None, SCHEDULER_CLS if key == "scheduler_cls" else WORKER_EXTENSION_CLS):
-            raise ValueError(f"{key}={kwargs[key]!r}: VLLMEngine sets {key} itself on vLLM 0.13 + overlay "
-                             f"(the Memento runtime patches, {PATCHES_MODULE})")
+            raise ValueError(
+                f"{key}={kwargs[key]!r}: VLLMEngine sets {key} itself on vLLM 0.13 + overlay "
+                f"(the Memento runtime patches, {PATCHES_MODULE})"
+            )
     out = dict(kwargs, scheduler_cls=SCHEDULER_CLS, worker_extension_cls=WORKER_EXTENSION_CLS)
     if on_cpu_platform() if cpu is None else cpu:
         comp = out.get("compilation_config") or {}
         if not isinstance(comp, dict):
-            raise ValueError("pass compilation_config as a dict on vLLM's CPU platform (VLLMEngine adds "
-                             f"custom_ops {list(CPU_CUSTOM_OPS)})")
+            raise ValueError(
+                "pass compilation_config as a dict on vLLM's CPU platform (VLLMEngine adds "
+                f"custom_ops {list(CPU_CUSTOM_OPS)})"
+            )
         ops = list(comp.get("custom_ops") or [])
         ops += [op for op in CPU_CUSTOM_OPS if op not in ops and op.lstrip("-+") not in {o.lstrip("-+") for o in ops}]
         out["compilation_config"] = {**comp, "custom_ops": ops}
@@ -90,9 +94,13 @@ def drain_measurements(llm: Any, outputs: Sequence[Any]) -> list[EngineMeasureme
     """
     ids = [str(o.request_id) for o in outputs]
     logs = llm.collective_rpc("memento_drain_engine_log", args=(ids,))[0]
-    return [EngineMeasurement(kv_trace=[int(x) for x in logs.get(rid, {}).get("kv_trace", [])],
-                              evictions=[tuple(int(v) for v in e) for e in logs.get(rid, {}).get("evictions", [])])
-            for rid in ids]
+    return [
+        EngineMeasurement(
+            kv_trace=[int(x) for x in logs.get(rid, {}).get("kv_trace", [])],
+            evictions=[tuple(int(v) for v in e) for e in logs.get(rid, {}).get("evictions", [])],
+        )
+        for rid in ids
+    ]
 
 
 def sequential_chunks(ops: Sequence[tuple[int, int, int, int]]) -> list[list[tuple[int, int, int, int]]]:
@@ -140,14 +148,21 @@ def status() -> OverlayStatus:
 
         version = str(getattr(vllm, "__version__", "unknown"))
     except ImportError as exc:
-        return OverlayStatus(None, False, "n/a", "n/a", _transformers_version(),
-                             [f"vLLM is not importable ({exc}); install: {INSTALL_COMMAND}"])
+        return OverlayStatus(
+            None,
+            False,
+            "n/a",
+            "n/a",
+            _transformers_version(),
+            [f"vLLM is not importable ({exc}); install: {INSTALL_COMMAND}"],
+        )
     if not applies(version):
         problems.append(f"vLLM {version} is not 0.13.x: the overlay path needs vLLM 0.13")
     overlay = overlay_installed()
     if not overlay:
-        problems.append("the Memento overlay is not applied (vllm.config.block_masking missing); "
-                        f"install: {INSTALL_COMMAND}")
+        problems.append(
+            f"the Memento overlay is not applied (vllm.config.block_masking missing); install: {INSTALL_COMMAND}"
+        )
     if not applies(version):  # importing the patches would patch another vLLM's model runner
         patches = "not loaded (written for vLLM 0.13)"
     else:

@@ -82,7 +82,10 @@ class MementoOverlayScheduler(Scheduler):
         earlier = self.pending_kv_copy_operations.pop(request_id, None)
         result = super().mask_token_span(request_id, start_position, end_position)
         if earlier:
-            self.pending_kv_copy_operations[request_id] = [*earlier, *self.pending_kv_copy_operations.get(request_id, [])]
+            self.pending_kv_copy_operations[request_id] = [
+                *earlier,
+                *self.pending_kv_copy_operations.get(request_id, []),
+            ]
         request = self.requests.get(request_id)
         if request is not None and getattr(result, "success", False):
             # Row = the logical position of the token whose input step first misses the span: the
@@ -90,7 +93,8 @@ class MementoOverlayScheduler(Scheduler):
             # which the overlay compacts before the first generated token is appended.
             row = request.num_tokens - 1 if request.output_token_ids else request.num_tokens
             self._memento_pending_events.setdefault(request_id, []).append(
-                (int(row), int(start_position), int(end_position)))
+                (int(row), int(start_position), int(end_position))
+            )
         return result
 
     def _free_request(self, request: Any) -> Any:
@@ -155,8 +159,9 @@ def _recording_prepare_inputs(original):
 
 
 @functools.cache
-def cpu_slot_layout(isa: str, dtype: torch.dtype, num_kv_heads: int, block_size: int,
-                    head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cpu_slot_layout(
+    isa: str, dtype: torch.dtype, num_kv_heads: int, block_size: int, head_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat in-block element indices of each slot in the CPU backend's key and value caches.
 
     Returns ``(key_index, value_index)``, each ``[block_size, num_kv_heads * head_size]``: row ``s``
@@ -187,8 +192,9 @@ def cpu_slot_layout(isa: str, dtype: torch.dtype, num_kv_heads: int, block_size:
     token = torch.randn(1, num_kv_heads, head_size, generator=torch.Generator().manual_seed(0)).to(dtype)
     kc, vc = write([token] * block_size)
     if not (bool((kc[key_index] == kc[key_index[:1]]).all()) and bool((vc[value_index] == vc[value_index[:1]]).all())):
-        raise RuntimeError(f"vLLM CPU KV layout (isa={isa}, {dtype}) is not slot-separable; "
-                           "KV compaction cannot copy slots safely")
+        raise RuntimeError(
+            f"vLLM CPU KV layout (isa={isa}, {dtype}) is not slot-separable; KV compaction cannot copy slots safely"
+        )
     return key_index, value_index
 
 

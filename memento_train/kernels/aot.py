@@ -28,8 +28,11 @@ from memento_train.kernels import backward, forward
 from memento_train.kernels.function import GPU_CONFIGS, TritonConfig, parse_config
 
 _TENSORS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-_KERNELS = {"fwd": forward._memento_fwd_kernel, "dq": backward._memento_dq_kernel,
-            "dkdv": backward._memento_dkdv_kernel}
+_KERNELS = {
+    "fwd": forward._memento_fwd_kernel,
+    "dq": backward._memento_dq_kernel,
+    "dkdv": backward._memento_dkdv_kernel,
+}
 
 
 def _signature(fn, dtype: str, constexprs: dict) -> dict:
@@ -62,8 +65,19 @@ def ptxas_report(ptx: str, arch: int) -> dict:
             src = os.path.join(tmp, "k.ptx")
             with open(src, "w") as f:
                 f.write(ptx)
-            proc = subprocess.run([path, f"-arch=sm_{arch}a" if arch >= 90 else f"-arch=sm_{arch}", "-v", "-O3",
-                                   src, "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
+            proc = subprocess.run(
+                [
+                    path,
+                    f"-arch=sm_{arch}a" if arch >= 90 else f"-arch=sm_{arch}",
+                    "-v",
+                    "-O3",
+                    src,
+                    "-o",
+                    os.path.join(tmp, "k.cubin"),
+                ],
+                capture_output=True,
+                text=True,
+            )
         regs = re.findall(r"Used (\d+) registers", proc.stderr)
         spills = re.findall(r"(\d+) bytes spill stores", proc.stderr)
         if proc.returncode == 0 and regs:
@@ -71,20 +85,38 @@ def ptxas_report(ptx: str, arch: int) -> dict:
     return {}
 
 
-def compile_kernels(head_dim: int, *, dtype: str = "bf16", arch: int = 90, config: TritonConfig | None = None,
-                    group: int = 4, window: bool = False, report: bool = True) -> dict[str, dict]:
+def compile_kernels(
+    head_dim: int,
+    *,
+    dtype: str = "bf16",
+    arch: int = 90,
+    config: TritonConfig | None = None,
+    group: int = 4,
+    window: bool = False,
+    report: bool = True,
+) -> dict[str, dict]:
     """Compile fwd, dQ and dK/dV for ``sm_<arch>``; per kernel: shared bytes (+ ptxas report)."""
     config = config or GPU_CONFIGS[64 if head_dim <= 64 else 128]
     out = {}
     for name, fn in _KERNELS.items():
         cfg = getattr(config, name)
-        constexprs = dict(GROUP=group, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim,
-                          HAS_WINDOW=window, PREC="ieee" if dtype == "fp32" else "tf32")
-        kernel = triton.compile(ASTSource(fn, _signature(fn, dtype, constexprs), constexprs=constexprs),
-                                target=GPUTarget("cuda", arch, 32),
-                                options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-        info = {"config": f"{cfg.block_m}x{cfg.block_n}:w{cfg.num_warps}:s{cfg.num_stages}",
-                "shared_bytes": int(kernel.metadata.shared)}
+        constexprs = dict(
+            GROUP=group,
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            HEAD_DIM=head_dim,
+            HAS_WINDOW=window,
+            PREC="ieee" if dtype == "fp32" else "tf32",
+        )
+        kernel = triton.compile(
+            ASTSource(fn, _signature(fn, dtype, constexprs), constexprs=constexprs),
+            target=GPUTarget("cuda", arch, 32),
+            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        )
+        info = {
+            "config": f"{cfg.block_m}x{cfg.block_n}:w{cfg.num_warps}:s{cfg.num_stages}",
+            "shared_bytes": int(kernel.metadata.shared),
+        }
         if report:
             info.update(ptxas_report(kernel.asm["ptx"], arch))
         out[name] = info
@@ -103,8 +135,9 @@ def main() -> None:
     for d in a.head_dim:
         base = GPU_CONFIGS[64 if d <= 64 else 128]
         cfg = parse_config(a.config, base) if a.config else base
-        for name, info in compile_kernels(d, dtype=a.dtype, arch=a.arch, config=cfg, group=a.group,
-                                          window=a.window).items():
+        for name, info in compile_kernels(
+            d, dtype=a.dtype, arch=a.arch, config=cfg, group=a.group, window=a.window
+        ).items():
             print(f"d={d:<4d} {name:5s} " + "  ".join(f"{k}={v}" for k, v in info.items()))
 
 

@@ -26,8 +26,24 @@ from memento_train.kernels.tiles import TilePlan
 
 @triton.jit
 def _fwd_tile(
-    acc, l_i, m_i, q, Kh, Vh, KILL, k0, offs_m, stride_kt, stride_vt, T, qk_scale, window,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    acc,
+    l_i,
+    m_i,
+    q,
+    Kh,
+    Vh,
+    KILL,
+    k0,
+    offs_m,
+    stride_kt,
+    stride_vt,
+    T,
+    qk_scale,
+    window,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    MASKED: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
     PREC: tl.constexpr,
 ):
     offs_n = k0 + tl.arange(0, BLOCK_N)
@@ -52,12 +68,36 @@ def _fwd_tile(
 
 @triton.jit
 def _memento_fwd_kernel(
-    Q, K, V, O, LSE, KILL,
-    Q_START, Q_END, P_PTR, P_ROWS, F_PTR, F_ROWS, ORDER,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    T, qk_scale, window,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    KILL,
+    Q_START,
+    Q_END,
+    P_PTR,
+    P_ROWS,
+    F_PTR,
+    F_ROWS,
+    ORDER,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    T,
+    qk_scale,
+    window,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     # Grid (heads, tiles): the head varies fastest, so blocks start heaviest tile first across all
     # heads, and the query heads sharing a KV head run side by side (their K/V tiles hit in L2).
@@ -77,12 +117,50 @@ def _memento_fwd_kernel(
 
     for i in range(tl.load(F_PTR + tile), tl.load(F_PTR + tile + 1)):
         k0 = tl.load(F_ROWS + i)
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kh, Vh, KILL, k0, offs_m, stride_kt, stride_vt, T,
-                                  qk_scale, window, BLOCK_N, HEAD_DIM, False, HAS_WINDOW, PREC)
+        acc, l_i, m_i = _fwd_tile(
+            acc,
+            l_i,
+            m_i,
+            q,
+            Kh,
+            Vh,
+            KILL,
+            k0,
+            offs_m,
+            stride_kt,
+            stride_vt,
+            T,
+            qk_scale,
+            window,
+            BLOCK_N,
+            HEAD_DIM,
+            False,
+            HAS_WINDOW,
+            PREC,
+        )
     for i in range(tl.load(P_PTR + tile), tl.load(P_PTR + tile + 1)):
         k0 = tl.load(P_ROWS + i)
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kh, Vh, KILL, k0, offs_m, stride_kt, stride_vt, T,
-                                  qk_scale, window, BLOCK_N, HEAD_DIM, True, HAS_WINDOW, PREC)
+        acc, l_i, m_i = _fwd_tile(
+            acc,
+            l_i,
+            m_i,
+            q,
+            Kh,
+            Vh,
+            KILL,
+            k0,
+            offs_m,
+            stride_kt,
+            stride_vt,
+            T,
+            qk_scale,
+            window,
+            BLOCK_N,
+            HEAD_DIM,
+            True,
+            HAS_WINDOW,
+            PREC,
+        )
 
     # Every in-document row sees at least itself, so l_i > 0 there; rows past the document end
     # (short last tile) are not stored, the guard only avoids computing 0/0 for them.
@@ -97,21 +175,46 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def memento_forward(q, k, v, kill_row, plan: TilePlan, *, scale: float, window: int | None, num_warps: int,
-                    num_stages: int):
+def memento_forward(
+    q, k, v, kill_row, plan: TilePlan, *, scale: float, window: int | None, num_warps: int, num_stages: int
+):
     """Launch the forward kernel; returns ``(out [T, Hq, D], lse2 [Hq, T] float32, base 2)``."""
     T, Hq, D = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(Hq, T, dtype=torch.float32, device=q.device)
     grid = (Hq, plan.check_grid(plan.num_q_tiles))
     _memento_fwd_kernel[grid](
-        q, k, v, out, lse, kill_row,
-        plan.q_start, plan.q_end, plan.q_partial_ptr, plan.q_partial_rows, plan.q_full_ptr, plan.q_full_rows,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        kill_row,
+        plan.q_start,
+        plan.q_end,
+        plan.q_partial_ptr,
+        plan.q_partial_rows,
+        plan.q_full_ptr,
+        plan.q_full_rows,
         plan.q_order,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        T, scale * 1.4426950408889634, 0 if window is None else window,
-        GROUP=Hq // k.shape[1], BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, HEAD_DIM=D,
-        HAS_WINDOW=window is not None, PREC=dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        out.stride(0),
+        out.stride(1),
+        T,
+        scale * 1.4426950408889634,
+        0 if window is None else window,
+        GROUP=Hq // k.shape[1],
+        BLOCK_M=plan.block_m,
+        BLOCK_N=plan.block_n,
+        HEAD_DIM=D,
+        HAS_WINDOW=window is not None,
+        PREC=dot_precision(q.dtype),
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out, lse

@@ -37,8 +37,10 @@ class TritonConfig:
     dkdv: KernelConfig
 
     def describe(self) -> str:
-        return ",".join(f"{n}={c.block_m}x{c.block_n}:w{c.num_warps}:s{c.num_stages}"
-                        for n, c in (("fwd", self.fwd), ("dq", self.dq), ("dkdv", self.dkdv)))
+        return ",".join(
+            f"{n}={c.block_m}x{c.block_n}:w{c.num_warps}:s{c.num_stages}"
+            for n, c in (("fwd", self.fwd), ("dq", self.dq), ("dkdv", self.dkdv))
+        )
 
 
 # The interpreter runs every program in numpy: small tiles keep tests fast and exercise many tiles.
@@ -68,8 +70,10 @@ def triton_unavailable_reason() -> str | None:
     if interpreting():
         return None
     if not torch.cuda.is_available():
-        return ("triton backend needs a CUDA GPU (or TRITON_INTERPRET=1 for Triton's slow CPU interpreter, "
-                "tests only); use 'segment' or 'sdpa' on CPU")
+        return (
+            "triton backend needs a CUDA GPU (or TRITON_INTERPRET=1 for Triton's slow CPU interpreter, "
+            "tests only); use 'segment' or 'sdpa' on CPU"
+        )
     major, _ = torch.cuda.get_device_capability()
     if major < 8:
         return f"triton backend needs compute capability >= 8.0 (Ampere or newer), found {major}.x"
@@ -124,8 +128,10 @@ def _check_inputs(q, k, v) -> None:
         raise TypeError(f"triton backend supports bf16/fp16/fp32 with q, k, v alike; got {q.dtype}/{k.dtype}/{v.dtype}")
     d = q.shape[-1]
     if d not in SUPPORTED_HEAD_DIMS or k.shape[-1] != d or v.shape[-1] != d:
-        raise ValueError(f"triton backend supports head dims {SUPPORTED_HEAD_DIMS} (q, k, v equal); "
-                         f"got {d}/{k.shape[-1]}/{v.shape[-1]}")
+        raise ValueError(
+            f"triton backend supports head dims {SUPPORTED_HEAD_DIMS} (q, k, v equal); "
+            f"got {d}/{k.shape[-1]}/{v.shape[-1]}"
+        )
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -144,8 +150,9 @@ class MementoTritonAttention(torch.autograd.Function):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         kill = meta.kill_row.contiguous()
         plan = tile_plan(meta, cfg.fwd.block_m, cfg.fwd.block_n, window)
-        out, lse = memento_forward(q, k, v, kill, plan, scale=scale, window=window,
-                                   num_warps=cfg.fwd.num_warps, num_stages=cfg.fwd.num_stages)
+        out, lse = memento_forward(
+            q, k, v, kill, plan, scale=scale, window=window, num_warps=cfg.fwd.num_warps, num_stages=cfg.fwd.num_stages
+        )
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.meta, ctx.scale, ctx.window, ctx.cfg = meta, scale, window, cfg
         return out
@@ -158,10 +165,17 @@ class MementoTritonAttention(torch.autograd.Function):
         meta, cfg, window = ctx.meta, ctx.cfg, ctx.window
         do = grad_out.contiguous()  # autograd may hand an expanded (stride 0) gradient
         dq, dk, dv = memento_backward(
-            q, k, v, out, lse, do, meta.kill_row.contiguous(),
+            q,
+            k,
+            v,
+            out,
+            lse,
+            do,
+            meta.kill_row.contiguous(),
             tile_plan(meta, cfg.dkdv.block_m, cfg.dkdv.block_n, window),
             tile_plan(meta, cfg.dq.block_m, cfg.dq.block_n, window),
-            scale=ctx.scale, window=window,
+            scale=ctx.scale,
+            window=window,
             dkdv_launch=dict(num_warps=cfg.dkdv.num_warps, num_stages=cfg.dkdv.num_stages),
             dq_launch=dict(num_warps=cfg.dq.num_warps, num_stages=cfg.dq.num_stages),
         )

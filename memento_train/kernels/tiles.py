@@ -63,8 +63,10 @@ class TilePlan:
     def check_grid(self, tiles: int) -> int:
         """Kernels put tiles on the launch grid's second axis, which CUDA caps at 65,535 blocks."""
         if tiles > 65535:
-            raise ValueError(f"{tiles} tiles of {self.block_m}x{self.block_n} exceed the 65,535-block grid axis: "
-                             "split the packed batch or use larger blocks")
+            raise ValueError(
+                f"{tiles} tiles of {self.block_m}x{self.block_n} exceed the 65,535-block grid axis: "
+                "split the packed batch or use larger blocks"
+            )
         return tiles
 
     @property
@@ -164,12 +166,22 @@ def build_tile_plan(
     q_work = qp_ptr.diff() + qf_ptr.diff()
     k_work = kp_ptr.diff() + kf_ptr.diff()
     return TilePlan(
-        block_m=block_m, block_n=block_n,
-        q_start=q_start.to(torch.int32), q_end=q_end.to(torch.int32),
-        k_start=k_start.to(torch.int32), k_end=k_end.to(torch.int32),
-        k_kill_min=k_kill_min.to(torch.int32), k_kill_max=k_kill_max.to(torch.int32),
-        q_partial_ptr=qp_ptr, q_partial_rows=qp_rows, q_full_ptr=qf_ptr, q_full_rows=qf_rows,
-        k_partial_ptr=kp_ptr, k_partial_rows=kp_rows, k_full_ptr=kf_ptr, k_full_rows=kf_rows,
+        block_m=block_m,
+        block_n=block_n,
+        q_start=q_start.to(torch.int32),
+        q_end=q_end.to(torch.int32),
+        k_start=k_start.to(torch.int32),
+        k_end=k_end.to(torch.int32),
+        k_kill_min=k_kill_min.to(torch.int32),
+        k_kill_max=k_kill_max.to(torch.int32),
+        q_partial_ptr=qp_ptr,
+        q_partial_rows=qp_rows,
+        q_full_ptr=qf_ptr,
+        q_full_rows=qf_rows,
+        k_partial_ptr=kp_ptr,
+        k_partial_rows=kp_rows,
+        k_full_ptr=kf_ptr,
+        k_full_rows=kf_rows,
         q_order=torch.argsort(q_work, descending=True, stable=True).to(torch.int32),
         k_order=torch.argsort(k_work, descending=True, stable=True).to(torch.int32),
         causal_pairs=causal_pairs,

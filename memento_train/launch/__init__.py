@@ -37,14 +37,17 @@ def parse_env_assignments(items: list[str] | None, option: str = "--env") -> dic
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not _ENV_NAME.match(key):
-            raise ConfigError(f"{option} {item!r}: expected KEY=VALUE with KEY a valid environment variable "
-                              f"name (letters, digits, _), e.g. {option} NCCL_DEBUG=INFO")
+            raise ConfigError(
+                f"{option} {item!r}: expected KEY=VALUE with KEY a valid environment variable "
+                f"name (letters, digits, _), e.g. {option} NCCL_DEBUG=INFO"
+            )
         env[key] = value
     return env
 
 
-def check_secrets_not_inline(driver_cmd: list[str], env: dict[str, str] | None = None, *,
-                             env_option: str | None = "--env") -> None:
+def check_secrets_not_inline(
+    driver_cmd: list[str], env: dict[str, str] | None = None, *, env_option: str | None = "--env"
+) -> None:
     """Refuse secret values where they would be written down: a driver override such as
     ``cluster.env.HF_TOKEN=...`` (the script, the batch log and ``ps`` show it) and, when
     ``env_option`` is given, ``--env SECRET=value`` (rendered into the sbatch script).
@@ -57,16 +60,26 @@ def check_secrets_not_inline(driver_cmd: list[str], env: dict[str, str] | None =
     for arg in driver_cmd[1:]:
         key, sep, value = arg.partition("=")
         parts = key.split(".")
-        if sep and value and len(parts) == 3 and parts[0].endswith("cluster") and parts[1] == "env" \
-                and is_secret(parts[2]):
-            raise ConfigError(f"{key}=... puts a secret on the command line, where the job script, its log and "
-                              f"`ps` show it: export {parts[2]} in this shell instead and pass "
-                              f"{parts[0]}.secret_env=[{parts[2]}] to the driver")
+        if (
+            sep
+            and value
+            and len(parts) == 3
+            and parts[0].endswith("cluster")
+            and parts[1] == "env"
+            and is_secret(parts[2])
+        ):
+            raise ConfigError(
+                f"{key}=... puts a secret on the command line, where the job script, its log and "
+                f"`ps` show it: export {parts[2]} in this shell instead and pass "
+                f"{parts[0]}.secret_env=[{parts[2]}] to the driver"
+            )
     for name, value in (env or {}).items():
         if env_option and value and is_secret(name):
-            raise ConfigError(f"{env_option} {name}=...: the value of a secret would be written into the job "
-                              f"script; export {name} in this shell instead (sbatch passes the environment to "
-                              f"the job) and have the driver forward it with cluster.secret_env=[{name}]")
+            raise ConfigError(
+                f"{env_option} {name}=...: the value of a secret would be written into the job "
+                f"script; export {name} in this shell instead (sbatch passes the environment to "
+                f"the job) and have the driver forward it with cluster.secret_env=[{name}]"
+            )
 
 
 def driver_override(cmd: list[str], key: str) -> str | None:

@@ -42,14 +42,19 @@ MEMENTO_DRIVERS = ("memento-train", "memento-rl")
 
 def _parser() -> argparse.ArgumentParser:
     parser = FlagParser(
-        prog=PROG, description="Run memento-train / memento-rl on a multi-node SLURM or Ray cluster. "
-                               "The driver command goes after --. Guide: docs/multinode.md")
+        prog=PROG,
+        description="Run memento-train / memento-rl on a multi-node SLURM or Ray cluster. "
+        "The driver command goes after --. Guide: docs/multinode.md",
+    )
     sub = parser.add_subparsers(dest="backend", required=True, metavar="{slurm,ray}")
 
-    s = sub.add_parser("slurm", help="render (and submit) an sbatch script: Ray cluster + driver",
-                       description="Render an sbatch script that starts a Ray head on the first node and Ray "
-                                   "workers on the others, waits for all of them, runs the driver command "
-                                   "and tears Ray down; submit it with sbatch (or print it with --dry-run).")
+    s = sub.add_parser(
+        "slurm",
+        help="render (and submit) an sbatch script: Ray cluster + driver",
+        description="Render an sbatch script that starts a Ray head on the first node and Ray "
+        "workers on the others, waits for all of them, runs the driver command "
+        "and tears Ray down; submit it with sbatch (or print it with --dry-run).",
+    )
     s.add_argument("--nodes", "-N", type=int, required=True, help="number of nodes")
     s.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (0: CPU-only nodes; default 0)")
     s.add_argument("--cpus-per-node", type=int, help="CPUs per node for SLURM and Ray (default: what SLURM gives)")
@@ -58,54 +63,114 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--account", "-A", help="SLURM account")
     s.add_argument("--qos", help="SLURM QOS")
     s.add_argument("--job-name", "-J", default="memento", help="job name (default memento)")
-    s.add_argument("--exclusive", action=argparse.BooleanOptionalAction, default=True,
-                   help="request whole nodes (default on)")
-    s.add_argument("--requeue", action="store_true",
-                   help="let SLURM requeue the job after preemption or node failure, and requeue it when the "
-                        "driver stopped for the time-limit signal (the driver resumes with resume=auto)")
-    s.add_argument("--signal-time", type=int, default=120, metavar="SECONDS",
-                   help="SLURM sends SIGUSR1 this long before the time limit (#SBATCH --signal=B:USR1@N); the "
-                        "driver checkpoints and stops (exit 75); 0 = no signal (default 120)")
-    s.add_argument("--sbatch-arg", action="append", default=[], metavar="OPTION",
-                   help="extra #SBATCH line, e.g. --sbatch-arg=--constraint=h100 (repeatable)")
-    s.add_argument("--log-dir", default="logs/memento-launch",
-                   help="batch log and per-node Ray logs, on shared storage (default logs/memento-launch)")
-    s.add_argument("--shared-dir", help="directory that must be visible from every node "
-                                        "(default: the driver's output_dir=)")
-    s.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment variable for the driver and every Ray node (repeatable; overrides the "
-                        "NCCL defaults)")
-    s.add_argument("--setup", action="append", default=[], metavar="LINE",
-                   help="shell line run first, e.g. 'source .venv/bin/activate' (repeatable)")
+    s.add_argument(
+        "--exclusive", action=argparse.BooleanOptionalAction, default=True, help="request whole nodes (default on)"
+    )
+    s.add_argument(
+        "--requeue",
+        action="store_true",
+        help="let SLURM requeue the job after preemption or node failure, and requeue it when the "
+        "driver stopped for the time-limit signal (the driver resumes with resume=auto)",
+    )
+    s.add_argument(
+        "--signal-time",
+        type=int,
+        default=120,
+        metavar="SECONDS",
+        help="SLURM sends SIGUSR1 this long before the time limit (#SBATCH --signal=B:USR1@N); the "
+        "driver checkpoints and stops (exit 75); 0 = no signal (default 120)",
+    )
+    s.add_argument(
+        "--sbatch-arg",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="extra #SBATCH line, e.g. --sbatch-arg=--constraint=h100 (repeatable)",
+    )
+    s.add_argument(
+        "--log-dir",
+        default="logs/memento-launch",
+        help="batch log and per-node Ray logs, on shared storage (default logs/memento-launch)",
+    )
+    s.add_argument(
+        "--shared-dir", help="directory that must be visible from every node (default: the driver's output_dir=)"
+    )
+    s.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment variable for the driver and every Ray node (repeatable; overrides the NCCL defaults)",
+    )
+    s.add_argument(
+        "--setup",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help="shell line run first, e.g. 'source .venv/bin/activate' (repeatable)",
+    )
     s.add_argument("--python", default="python", help="Python with ray installed on the nodes (default python)")
     s.add_argument("--ray-port", type=int, default=6379, help="GCS port of the head (default 6379)")
     s.add_argument("--dashboard-port", type=int, default=8265, help="dashboard / Jobs API port (default 8265)")
     s.add_argument("--ray-temp-dir", help="Ray --temp-dir on every node (default Ray's /tmp/ray)")
-    s.add_argument("--ray-start-args", default="", metavar="ARGS",
-                   help="extra `ray start` arguments for every node, one shell-quoted string")
+    s.add_argument(
+        "--ray-start-args",
+        default="",
+        metavar="ARGS",
+        help="extra `ray start` arguments for every node, one shell-quoted string",
+    )
     s.add_argument("--ray-head-args", default="", metavar="ARGS", help="extra `ray start` arguments for the head")
-    s.add_argument("--wait-timeout", type=int, default=600,
-                   help="seconds for every node to join before the job fails naming the missing ones (default 600)")
-    s.add_argument("--stop-grace", type=int, default=30,
-                   help="seconds between SIGTERM and SIGKILL when stopping Ray (default 30)")
-    s.add_argument("--script", metavar="PATH",
-                   help="where to write the script (default LOG_DIR/JOB_NAME-TIMESTAMP.sbatch)")
+    s.add_argument(
+        "--wait-timeout",
+        type=int,
+        default=600,
+        help="seconds for every node to join before the job fails naming the missing ones (default 600)",
+    )
+    s.add_argument(
+        "--stop-grace", type=int, default=30, help="seconds between SIGTERM and SIGKILL when stopping Ray (default 30)"
+    )
+    s.add_argument(
+        "--script", metavar="PATH", help="where to write the script (default LOG_DIR/JOB_NAME-TIMESTAMP.sbatch)"
+    )
     s.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
 
-    r = sub.add_parser("ray", help="submit to an existing Ray cluster through the Jobs API",
-                       description="Submit the driver command to an existing Ray cluster (KubeRay, VMs, a "
-                                   "hand-started cluster) through the Ray Jobs API and stream its logs.")
-    r.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"),
-                   help="the cluster's dashboard URL, e.g. http://HEAD:8265 (default $RAY_API_SERVER_ADDRESS)")
+    r = sub.add_parser(
+        "ray",
+        help="submit to an existing Ray cluster through the Jobs API",
+        description="Submit the driver command to an existing Ray cluster (KubeRay, VMs, a "
+        "hand-started cluster) through the Ray Jobs API and stream its logs.",
+    )
+    r.add_argument(
+        "--address",
+        default=os.environ.get("RAY_API_SERVER_ADDRESS"),
+        help="the cluster's dashboard URL, e.g. http://HEAD:8265 (default $RAY_API_SERVER_ADDRESS)",
+    )
     r.add_argument("--working-dir", default=".", help="directory uploaded as the job's working dir (default .)")
-    r.add_argument("--no-working-dir", action="store_true",
-                   help="upload nothing: the image or a shared filesystem already has the code")
-    r.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                   help="extra runtime_env excludes pattern (repeatable)")
-    r.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment variable for the driver and all its actors (repeatable)")
-    r.add_argument("--runtime-env-json", default="{}", metavar="JSON",
-                   help='extra runtime_env keys, e.g. \'{"pip": ["some-package"]}\'')
+    r.add_argument(
+        "--no-working-dir",
+        action="store_true",
+        help="upload nothing: the image or a shared filesystem already has the code",
+    )
+    r.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="extra runtime_env excludes pattern (repeatable)",
+    )
+    r.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment variable for the driver and all its actors (repeatable)",
+    )
+    r.add_argument(
+        "--runtime-env-json",
+        default="{}",
+        metavar="JSON",
+        help='extra runtime_env keys, e.g. \'{"pip": ["some-package"]}\'',
+    )
     r.add_argument("--submission-id", help="job id to use (default: Ray picks one)")
     r.add_argument("--entrypoint-num-cpus", type=float, help="CPUs reserved for the driver process")
     r.add_argument("--entrypoint-num-gpus", type=float, help="GPUs reserved for the driver process")
@@ -119,11 +184,12 @@ def split_driver_command(argv: list[str]) -> tuple[list[str], list[str]]:
     if "--" not in argv:
         return argv, []
     i = argv.index("--")
-    return argv[:i], argv[i + 1:]
+    return argv[:i], argv[i + 1 :]
 
 
-def prepare_driver_command(cmd: list[str], *, num_workers: int | None = None, cwd: str | None = None,
-                           absolute_output_dir: bool = True) -> tuple[list[str], list[str]]:
+def prepare_driver_command(
+    cmd: list[str], *, num_workers: int | None = None, cwd: str | None = None, absolute_output_dir: bool = True
+) -> tuple[list[str], list[str]]:
     """Fill in what a memento driver needs to use the launched cluster; return (command, notes).
 
     For ``memento-train`` / ``memento-rl`` only, and never over a value the user gave:
@@ -159,8 +225,8 @@ def check_driver_options(cmd: list[str]) -> None:
     args = cmd[1:]
     if args and "=" not in args[0] and args[0] != "show":  # export, plan, recipes, help...
         return
-    from memento_train.recipes import split_recipe_arg
     from memento_train.config.tree import build
+    from memento_train.recipes import split_recipe_arg
 
     recipe, overrides = split_recipe_arg(args[1:] if args and args[0] == "show" else args)
     if os.path.basename(cmd[0]) == "memento-rl":
@@ -180,14 +246,30 @@ def _run_slurm(args: argparse.Namespace, driver: list[str], argv: list[str]) -> 
     from memento_train.launch.slurm import SlurmOptions, render_sbatch_script, submit
 
     opts = SlurmOptions(
-        nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_node=args.cpus_per_node,
-        partition=args.partition, time=args.time, account=args.account, qos=args.qos, job_name=args.job_name,
-        exclusive=args.exclusive, requeue=args.requeue, signal_time=args.signal_time,
-        sbatch_args=args.sbatch_arg, log_dir=args.log_dir,
-        shared_dir=args.shared_dir, env=parse_env_assignments(args.env), setup=args.setup, python=args.python,
-        ray_port=args.ray_port, dashboard_port=args.dashboard_port, ray_temp_dir=args.ray_temp_dir,
-        ray_start_args=shlex.split(args.ray_start_args), ray_head_args=shlex.split(args.ray_head_args),
-        wait_timeout=args.wait_timeout, stop_grace=args.stop_grace,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        cpus_per_node=args.cpus_per_node,
+        partition=args.partition,
+        time=args.time,
+        account=args.account,
+        qos=args.qos,
+        job_name=args.job_name,
+        exclusive=args.exclusive,
+        requeue=args.requeue,
+        signal_time=args.signal_time,
+        sbatch_args=args.sbatch_arg,
+        log_dir=args.log_dir,
+        shared_dir=args.shared_dir,
+        env=parse_env_assignments(args.env),
+        setup=args.setup,
+        python=args.python,
+        ray_port=args.ray_port,
+        dashboard_port=args.dashboard_port,
+        ray_temp_dir=args.ray_temp_dir,
+        ray_start_args=shlex.split(args.ray_start_args),
+        ray_head_args=shlex.split(args.ray_head_args),
+        wait_timeout=args.wait_timeout,
+        stop_grace=args.stop_grace,
     ).validate()
     check_secrets_not_inline(driver, opts.env)
     workers = args.nodes * args.gpus_per_node if args.gpus_per_node else None
@@ -196,8 +278,9 @@ def _run_slurm(args: argparse.Namespace, driver: list[str], argv: list[str]) -> 
     if args.requeue and driver_override(driver, "resume") == "never":
         notes.append("--requeue with resume=never: a requeued job starts from scratch; use resume=auto")
     if driver_override(driver, "output_dir") is None and not args.shared_dir:
-        notes.append("no output_dir= in the driver: checkpoints go to the trainer's default and shared storage "
-                     "is not checked")
+        notes.append(
+            "no output_dir= in the driver: checkpoints go to the trainer's default and shared storage is not checked"
+        )
     for note in notes:
         print(f"{PROG}: note: {note}", file=sys.stderr)
     script = render_sbatch_script(opts, driver, command_line=shlex.join([PROG, *argv]))
@@ -218,28 +301,42 @@ def _run_slurm(args: argparse.Namespace, driver: list[str], argv: list[str]) -> 
     os.makedirs(log_dir, exist_ok=True)
     job_id = submit(path)
     print(job_id)
-    print(f"{PROG}: submitted {path} as job {job_id}; batch log {log_dir}/{args.job_name}-{job_id}.out, "
-          f"Ray logs per node in {log_dir}/{job_id}/", file=sys.stderr)
+    print(
+        f"{PROG}: submitted {path} as job {job_id}; batch log {log_dir}/{args.job_name}-{job_id}.out, "
+        f"Ray logs per node in {log_dir}/{job_id}/",
+        file=sys.stderr,
+    )
     return 0
 
 
 def _run_ray(args: argparse.Namespace, driver: list[str]) -> int:
     from memento_train.launch.ray_job import (
-        RayJobOptions, build_job_request, make_client, output_dir_warning, submit_and_stream,
+        RayJobOptions,
+        build_job_request,
+        make_client,
+        output_dir_warning,
+        submit_and_stream,
     )
 
     if not args.address:
-        raise ConfigError("--address is required: the cluster's dashboard URL, e.g. --address http://HEAD:8265 "
-                          "(or set RAY_API_SERVER_ADDRESS)")
+        raise ConfigError(
+            "--address is required: the cluster's dashboard URL, e.g. --address http://HEAD:8265 "
+            "(or set RAY_API_SERVER_ADDRESS)"
+        )
     try:
         extra = json.loads(args.runtime_env_json)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"--runtime-env-json is not valid JSON ({exc}); e.g. '{{\"pip\": [\"pkg\"]}}'") from None
+        raise ConfigError(f'--runtime-env-json is not valid JSON ({exc}); e.g. \'{{"pip": ["pkg"]}}\'') from None
     opts = RayJobOptions(
-        address=args.address, working_dir=None if args.no_working_dir else args.working_dir,
-        excludes=args.exclude, env=parse_env_assignments(args.env), runtime_env=extra,
-        submission_id=args.submission_id, entrypoint_num_cpus=args.entrypoint_num_cpus,
-        entrypoint_num_gpus=args.entrypoint_num_gpus, wait=not args.no_wait,
+        address=args.address,
+        working_dir=None if args.no_working_dir else args.working_dir,
+        excludes=args.exclude,
+        env=parse_env_assignments(args.env),
+        runtime_env=extra,
+        submission_id=args.submission_id,
+        entrypoint_num_cpus=args.entrypoint_num_cpus,
+        entrypoint_num_gpus=args.entrypoint_num_gpus,
+        wait=not args.no_wait,
     )
     check_secrets_not_inline(driver, env_option=None)
     # On a Ray cluster the job's cwd is a temporary copy of the working dir: leave output_dir alone
@@ -254,8 +351,11 @@ def _run_ray(args: argparse.Namespace, driver: list[str]) -> int:
     request = build_job_request(opts, driver)
     secret = sorted(k for k in request["runtime_env"].get("env_vars", {}) if is_secret(k))
     if secret:
-        print(f"{PROG}: note: {', '.join(secret)} travel in the job's runtime_env: anyone holding the cluster's "
-              f"Ray token can read them in the dashboard", file=sys.stderr)
+        print(
+            f"{PROG}: note: {', '.join(secret)} travel in the job's runtime_env: anyone holding the cluster's "
+            f"Ray token can read them in the dashboard",
+            file=sys.stderr,
+        )
     if args.dry_run:
         env_vars = redact_env(request["runtime_env"].get("env_vars", {}))
         shown = {**request, "runtime_env": {**request["runtime_env"], "env_vars": env_vars}}
@@ -271,8 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(options)  # exits 2 with usage on unknown options
     try:
         if not driver:
-            raise ConfigError(f"no driver command: put it after --, e.g. {PROG} {args.backend} ... -- "
-                              f"memento-train recipe=NAME")
+            raise ConfigError(
+                f"no driver command: put it after --, e.g. {PROG} {args.backend} ... -- memento-train recipe=NAME"
+            )
         if args.backend == "slurm":
             return _run_slurm(args, driver, argv)
         return _run_ray(args, driver)

@@ -54,20 +54,24 @@ class RayJobOptions:
     entrypoint_num_gpus: float | None = None
     wait: bool = True
 
-    def validate(self) -> "RayJobOptions":
+    def validate(self) -> RayJobOptions:
         """Raise :class:`ConfigError` naming the first bad option; return ``self``."""
         url = urlparse(self.address)
         if url.scheme not in ("http", "https") or not url.hostname:
             hint = ""
             if url.scheme == "ray" or self.address.rstrip("/").endswith((":6379", ":10001")):
                 hint = " (that looks like the GCS or Ray Client port; the Jobs API is on the dashboard port)"
-            raise ConfigError(f"--address {self.address!r}: expected the Ray dashboard URL, e.g. "
-                              f"http://HEAD:8265{hint}")
+            raise ConfigError(
+                f"--address {self.address!r}: expected the Ray dashboard URL, e.g. http://HEAD:8265{hint}"
+            )
         if self.working_dir is not None and not os.path.isdir(self.working_dir):
-            raise ConfigError(f"--working-dir {self.working_dir!r} is not a directory; pass the project "
-                              f"directory or --no-working-dir")
-        for flag, value in (("--entrypoint-num-cpus", self.entrypoint_num_cpus),
-                            ("--entrypoint-num-gpus", self.entrypoint_num_gpus)):
+            raise ConfigError(
+                f"--working-dir {self.working_dir!r} is not a directory; pass the project directory or --no-working-dir"
+            )
+        for flag, value in (
+            ("--entrypoint-num-cpus", self.entrypoint_num_cpus),
+            ("--entrypoint-num-gpus", self.entrypoint_num_gpus),
+        ):
             if value is not None and value < 0:
                 raise ConfigError(f"{flag}: expected a number >= 0, got {value!r}")
         if not isinstance(self.runtime_env, dict):
@@ -83,14 +87,17 @@ def build_job_request(opts: RayJobOptions, driver_cmd: list[str]) -> dict[str, A
     """
     opts.validate()
     if not driver_cmd:
-        raise ConfigError("no driver command: put it after --, e.g. memento-launch ray --address "
-                          "http://HEAD:8265 -- memento-rl recipe=grpo")
+        raise ConfigError(
+            "no driver command: put it after --, e.g. memento-launch ray --address "
+            "http://HEAD:8265 -- memento-rl recipe=grpo"
+        )
     runtime_env = {k: v for k, v in opts.runtime_env.items() if k != "env_vars"}
     runtime_env["env_vars"] = {**DEFAULT_ENV, **opts.runtime_env.get("env_vars", {}), **opts.env}
     if opts.working_dir is not None:
         runtime_env.setdefault("working_dir", os.path.abspath(opts.working_dir))
-        runtime_env["excludes"] = list(dict.fromkeys(
-            DEFAULT_EXCLUDES + list(runtime_env.get("excludes", [])) + opts.excludes))
+        runtime_env["excludes"] = list(
+            dict.fromkeys(DEFAULT_EXCLUDES + list(runtime_env.get("excludes", [])) + opts.excludes)
+        )
     request: dict[str, Any] = {
         "entrypoint": shlex.join(driver_cmd),
         "runtime_env": runtime_env,
@@ -110,11 +117,15 @@ def output_dir_warning(driver_cmd: list[str]) -> str | None:
     """A warning when checkpoints would land in the job's temporary working-directory copy."""
     out = driver_override(driver_cmd, "output_dir")
     if out is None:
-        return ("no output_dir= in the driver command: checkpoints go to the trainer's default, relative to the "
-                "job's temporary working directory on the head; pass output_dir=/shared/path to keep them")
+        return (
+            "no output_dir= in the driver command: checkpoints go to the trainer's default, relative to the "
+            "job's temporary working directory on the head; pass output_dir=/shared/path to keep them"
+        )
     if not os.path.isabs(out):
-        return (f"output_dir={out} is relative: on the cluster it resolves inside the job's temporary working "
-                f"directory, which Ray deletes; pass an absolute path on storage every node shares")
+        return (
+            f"output_dir={out} is relative: on the cluster it resolves inside the job's temporary working "
+            f"directory, which Ray deletes; pass an absolute path on storage every node shares"
+        )
     return None
 
 
@@ -125,9 +136,11 @@ def make_client(address: str):
     try:
         return JobSubmissionClient(address)
     except Exception as exc:  # ConnectionError, or RuntimeError from the version check
-        raise RuntimeError(f"cannot reach the Ray Jobs API at {address} ({exc}); check --address (the "
-                           f"dashboard URL, e.g. http://HEAD:8265 or a port-forward to it) and that the "
-                           f"dashboard is running") from exc
+        raise RuntimeError(
+            f"cannot reach the Ray Jobs API at {address} ({exc}); check --address (the "
+            f"dashboard URL, e.g. http://HEAD:8265 or a port-forward to it) and that the "
+            f"dashboard is running"
+        ) from exc
 
 
 def _status_name(status) -> str:
@@ -151,8 +164,16 @@ def _submit_when_agent_ready(client, request: dict[str, Any], wait_s: float = AG
             time.sleep(1.0)
 
 
-def submit_and_stream(client, request: dict[str, Any], *, address: str = "http://HEAD:8265", wait: bool = True,
-                      out: TextIO | None = None, err: TextIO | None = None, poll_s: float = 2.0) -> int:
+def submit_and_stream(
+    client,
+    request: dict[str, Any],
+    *,
+    address: str = "http://HEAD:8265",
+    wait: bool = True,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    poll_s: float = 2.0,
+) -> int:
     """Submit ``request`` through ``client``; with ``wait``, stream logs until the job ends.
 
     Returns:
@@ -178,20 +199,24 @@ def submit_and_stream(client, request: dict[str, Any], *, address: str = "http:/
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # the log websocket dropped: the job itself may be fine
-            print(f"memento-launch: log stream ended early ({exc}); waiting for the job to finish",
-                  file=err, flush=True)
+            print(
+                f"memento-launch: log stream ended early ({exc}); waiting for the job to finish", file=err, flush=True
+            )
         status = _status_name(client.get_job_status(job_id))
         while status not in TERMINAL_STATES:
             time.sleep(poll_s)
             status = _status_name(client.get_job_status(job_id))
     except KeyboardInterrupt:
-        print(f"\nmemento-launch: stopped following; job {job_id} keeps running. Stop it with: "
-              f"ray job stop --address {address} {job_id}", file=err, flush=True)
+        print(
+            f"\nmemento-launch: stopped following; job {job_id} keeps running. Stop it with: "
+            f"ray job stop --address {address} {job_id}",
+            file=err,
+            flush=True,
+        )
         return 130
     if status == "SUCCEEDED":
         print(f"memento-launch: job {job_id} succeeded", file=err, flush=True)
         return 0
     message = getattr(client.get_job_info(job_id), "message", "") or ""
-    print(f"memento-launch: job {job_id} {status.lower()}{': ' + message if message else ''}", file=err,
-          flush=True)
+    print(f"memento-launch: job {job_id} {status.lower()}{': ' + message if message else ''}", file=err, flush=True)
     return 1

@@ -54,8 +54,12 @@ class _Wait:
     def fail_if_exited(self, nodes: list[str]) -> None:
         dead = [n for n in nodes if n in self.pids and self._exited(int(self.pids[n]))]
         if dead:
-            _fail("`ray start` exited on " + ", ".join(dead) + " before the node joined the Ray cluster; see "
-                  + ", ".join(self.log_of(n) for n in dead))
+            _fail(
+                "`ray start` exited on "
+                + ", ".join(dead)
+                + " before the node joined the Ray cluster; see "
+                + ", ".join(self.log_of(n) for n in dead)
+            )
 
     def head(self) -> None:
         while True:
@@ -66,9 +70,11 @@ class _Wait:
                 pass
             self.fail_if_exited(self.expected[:1])
             if time.time() > self.deadline:
-                _fail(f"the Ray head on {self.expected[0]} did not accept connections on {self.address} within "
-                      f"{self.timeout} s (--wait-timeout); never joined: {', '.join(self.expected)}; "
-                      f"see {self.log_of(self.expected[0])}")
+                _fail(
+                    f"the Ray head on {self.expected[0]} did not accept connections on {self.address} within "
+                    f"{self.timeout} s (--wait-timeout); never joined: {', '.join(self.expected)}; "
+                    f"see {self.log_of(self.expected[0])}"
+                )
             time.sleep(1)
 
     def all(self) -> None:
@@ -84,26 +90,39 @@ class _Wait:
                     if node.get("Alive") and name:
                         joined[name] = joined.get(name, 0.0) + node.get("Resources", {}).get("GPU", 0.0)
                 missing = [n for n in self.expected if n not in joined]
-                short = [f"{n} ({joined[n]:g} of {self.gpus:g} GPUs)" for n in self.expected
-                         if n in joined and joined[n] < self.gpus]
+                short = [
+                    f"{n} ({joined[n]:g} of {self.gpus:g} GPUs)"
+                    for n in self.expected
+                    if n in joined and joined[n] < self.gpus
+                ]
                 ready = len(self.expected) - len(missing) - len(short)
                 if ready == len(self.expected):
-                    print(f"[memento-launch] all {len(self.expected)} node(s) joined with {self.gpus:g} GPU(s) each",
-                          flush=True)
+                    print(
+                        f"[memento-launch] all {len(self.expected)} node(s) joined with {self.gpus:g} GPU(s) each",
+                        flush=True,
+                    )
                     return
                 if ready != last:
-                    print(f"[memento-launch] {ready}/{len(self.expected)} node(s) ready; waiting for "
-                          + ", ".join(missing + short), flush=True)
+                    print(
+                        f"[memento-launch] {ready}/{len(self.expected)} node(s) ready; waiting for "
+                        + ", ".join(missing + short),
+                        flush=True,
+                    )
                     last = ready
                 self.fail_if_exited(missing)
                 if time.time() > self.deadline:
                     parts = (["never joined: " + ", ".join(missing)] if missing else []) + (
-                        ["joined without all their GPUs: " + ", ".join(short)] if short else [])
-                    _fail(f"only {ready} of {len(self.expected)} node(s) registered with the Ray cluster at "
-                          f"{self.address} within {self.timeout} s (--wait-timeout); " + "; ".join(parts)
-                          + ". Their Ray logs: " + ", ".join(self.log_of(n.split()[0]) for n in missing + short)
-                          + f". Check those nodes (ray start errors, firewall between nodes on port {self.port}, "
-                          "GPUs visible to the job), or raise --wait-timeout.")
+                        ["joined without all their GPUs: " + ", ".join(short)] if short else []
+                    )
+                    _fail(
+                        f"only {ready} of {len(self.expected)} node(s) registered with the Ray cluster at "
+                        f"{self.address} within {self.timeout} s (--wait-timeout); "
+                        + "; ".join(parts)
+                        + ". Their Ray logs: "
+                        + ", ".join(self.log_of(n.split()[0]) for n in missing + short)
+                        + f". Check those nodes (ray start errors, firewall between nodes on port {self.port}, "
+                        "GPUs visible to the job), or raise --wait-timeout."
+                    )
                 time.sleep(2)
         finally:
             ray.shutdown()

@@ -87,8 +87,9 @@ class SlurmOptions:
     wait_timeout: int = 600
     stop_grace: int = 30
 
-    def validate(self) -> "SlurmOptions":
+    def validate(self) -> SlurmOptions:
         """Raise :class:`ConfigError` naming the first bad option (as its CLI flag); return ``self``."""
+
         def positive_int(flag: str, value, minimum: int) -> None:
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ConfigError(f"{flag}: expected an integer >= {minimum}, got {value!r}")
@@ -106,15 +107,24 @@ class SlurmOptions:
         positive_int("--wait-timeout", self.wait_timeout, 1)
         positive_int("--signal-time", self.signal_time, 0)
         positive_int("--stop-grace", self.stop_grace, 1)
-        for flag, value in (("--partition", self.partition), ("--time", self.time), ("--account", self.account),
-                            ("--qos", self.qos), ("--job-name", self.job_name)):
+        for flag, value in (
+            ("--partition", self.partition),
+            ("--time", self.time),
+            ("--account", self.account),
+            ("--qos", self.qos),
+            ("--job-name", self.job_name),
+        ):
             if value is not None and not _SBATCH_VALUE.match(value):
-                raise ConfigError(f"{flag}: {value!r} must be one word without spaces or quotes "
-                                  f"(sbatch reads #SBATCH lines without a shell)")
+                raise ConfigError(
+                    f"{flag}: {value!r} must be one word without spaces or quotes "
+                    f"(sbatch reads #SBATCH lines without a shell)"
+                )
         for arg in self.sbatch_args:
             if not arg.startswith("-") or not _SBATCH_VALUE.match(arg):
-                raise ConfigError(f"--sbatch-arg: {arg!r} must be one sbatch option written as one word, "
-                                  f"e.g. --sbatch-arg=--constraint=h100")
+                raise ConfigError(
+                    f"--sbatch-arg: {arg!r} must be one sbatch option written as one word, "
+                    f"e.g. --sbatch-arg=--constraint=h100"
+                )
         for line in self.setup:
             if "\n" in line:
                 raise ConfigError(f"--setup: {line!r} spans several lines; pass one --setup per line")
@@ -128,8 +138,12 @@ def _directives(opts: SlurmOptions, log_dir: str) -> str:
         lines.append(f"--gpus-per-node={opts.gpus_per_node}")
     if opts.cpus_per_node:
         lines.append(f"--cpus-per-task={opts.cpus_per_node}")
-    for flag, value in (("partition", opts.partition), ("time", opts.time), ("account", opts.account),
-                        ("qos", opts.qos)):
+    for flag, value in (
+        ("partition", opts.partition),
+        ("time", opts.time),
+        ("account", opts.account),
+        ("qos", opts.qos),
+    ):
         if value is not None:
             lines.append(f"--{flag}={value}")
     if opts.exclusive:
@@ -155,8 +169,9 @@ def shared_dir_of(opts: SlurmOptions, driver_cmd: list[str]) -> str | None:
     return opts.shared_dir or driver_override(driver_cmd, "output_dir") or None
 
 
-def render_sbatch_script(opts: SlurmOptions, driver_cmd: list[str], *, command_line: str | None = None,
-                         cwd: str | None = None) -> str:
+def render_sbatch_script(
+    opts: SlurmOptions, driver_cmd: list[str], *, command_line: str | None = None, cwd: str | None = None
+) -> str:
     """The sbatch script for ``driver_cmd`` on the cluster ``opts`` describes.
 
     Relative paths (log directory, checked directory, Ray temp dir) are made absolute against
@@ -167,8 +182,9 @@ def render_sbatch_script(opts: SlurmOptions, driver_cmd: list[str], *, command_l
     """
     opts.validate()
     if not driver_cmd:
-        raise ConfigError("no driver command: put it after --, e.g. memento-launch slurm --nodes 2 -- "
-                          "memento-train recipe=NAME")
+        raise ConfigError(
+            "no driver command: put it after --, e.g. memento-launch slurm --nodes 2 -- memento-train recipe=NAME"
+        )
     base = cwd or os.getcwd()
 
     def absolute(path: str | None) -> str:
@@ -230,13 +246,16 @@ def submit(script_path: str, sbatch: str = "sbatch") -> str:
     try:
         proc = subprocess.run([sbatch, "--parsable", script_path], capture_output=True, text=True, timeout=120)
     except FileNotFoundError:
-        raise RuntimeError(f"{sbatch!r} was not found on PATH: run memento-launch on a SLURM login node, or "
-                           f"use --dry-run to print the script and submit it yourself") from None
+        raise RuntimeError(
+            f"{sbatch!r} was not found on PATH: run memento-launch on a SLURM login node, or "
+            f"use --dry-run to print the script and submit it yourself"
+        ) from None
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"{sbatch} did not answer within 120 s; is the SLURM controller reachable?") from None
     if proc.returncode != 0:
-        raise RuntimeError(f"sbatch rejected {script_path} (exit {proc.returncode}): "
-                           f"{(proc.stderr or proc.stdout).strip()}")
+        raise RuntimeError(
+            f"sbatch rejected {script_path} (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()}"
+        )
     # --parsable prints "JOBID" or "JOBID;CLUSTER".
     job_id = proc.stdout.strip().split(";")[0]
     if not job_id:

@@ -56,7 +56,6 @@ class ModelConfig:
     trust_remote_code: bool = False
 
 
-
 def resolve_init_from(model: ModelConfig) -> None:
     """Set ``model.path`` from ``model.init_from`` (see :class:`ModelConfig`) when it is unset; raise
     :class:`ConfigError` naming the command that produces the export when it does not exist yet."""
@@ -67,10 +66,14 @@ def resolve_init_from(model: ModelConfig) -> None:
     cli = "memento-rl" if "rollout" in tree else "memento-train"
     out = tree.get("output_dir")
     if not out:
-        raise ConfigError(f"model.init_from={name!r}: that recipe sets no output_dir to find its export in; "
-                          f"set model.path=<its output_dir>/hf")
+        raise ConfigError(
+            f"model.init_from={name!r}: that recipe sets no output_dir to find its export in; "
+            f"set model.path=<its output_dir>/hf"
+        )
     hf = Path(os.path.abspath(os.path.expanduser(str(out)))) / "hf"
     if not (hf / MARKER_FILE).is_file():
-        raise ConfigError(f"model.init_from={name}: the previous stage's export {hf} does not exist; run "
-                          f"`{cli} recipe={name}` first (it exports there), or set model.path=DIR to its export")
+        raise ConfigError(
+            f"model.init_from={name}: the previous stage's export {hf} does not exist; run "
+            f"`{cli} recipe={name}` first (it exports there), or set model.path=DIR to its export"
+        )
     model.path = str(hf)

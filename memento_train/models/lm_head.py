@@ -82,25 +82,26 @@ class _FusedHeadTokenStats(torch.autograd.Function):
         lse = hidden.new_empty(n, dtype=work)
         row_entropy = hidden.new_zeros(n, dtype=work)
         for s in range(0, n, chunk):
-            r, lab = rows[s:s + chunk], row_labels[s:s + chunk] - start
+            r, lab = rows[s : s + chunk], row_labels[s : s + chunk] - start
             z = _chunk_logits(hidden.index_select(0, r), w, temperature, work)
             own = (lab >= 0) & (lab < valid)
             if valid:
                 local_lse = torch.logsumexp(z, dim=-1)
                 target = torch.where(own, z.gather(1, lab.clamp(0, valid - 1)[:, None]).squeeze(1), 0.0)
                 # Σ_v softmax(z)_v · z_v of this slice (the entropy's second term)
-                local_pz = (torch.exp(z - local_lse[:, None]).mul_(z).sum(-1) if with_entropy
-                            else torch.zeros_like(local_lse))
+                local_pz = (
+                    torch.exp(z - local_lse[:, None]).mul_(z).sum(-1) if with_entropy else torch.zeros_like(local_lse)
+                )
             else:  # a slice of padding only
                 local_lse = torch.full_like(lab, float("-inf"), dtype=work)
                 target = torch.zeros_like(local_lse)
                 local_pz = torch.zeros_like(local_lse)
             if group is not None:
                 local_lse, target, local_pz = _combine_over_vocab(local_lse, target, local_pz, group)
-            lse[s:s + chunk] = local_lse
+            lse[s : s + chunk] = local_lse
             logp[r] = target - local_lse
             if with_entropy:
-                row_entropy[s:s + chunk] = local_lse - local_pz
+                row_entropy[s : s + chunk] = local_lse - local_pz
         entropy[rows] = row_entropy
         ctx.save_for_backward(hidden, weight, rows, row_labels, lse, row_entropy)
         ctx.temperature, ctx.chunk, ctx.shard = temperature, chunk, shard
@@ -123,16 +124,19 @@ class _FusedHeadTokenStats(torch.autograd.Function):
         # Accumulated over chunks: fp32 whatever the weight's dtype (one rounding at the end).
         grad_w = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
         for s in range(0, rows.shape[0], chunk):
-            r, lab = rows[s:s + chunk], row_labels[s:s + chunk] - start
+            r, lab = rows[s : s + chunk], row_labels[s : s + chunk] - start
             if valid == 0:
                 continue
             h = hidden.index_select(0, r)
-            glp = grad_logp[r].to(work) if grad_logp is not None else torch.zeros(r.shape[0], dtype=work,
-                                                                                   device=hidden.device)
-            log_p = _chunk_logits(h, w, t, work).sub_(lse[s:s + chunk, None])
+            glp = (
+                grad_logp[r].to(work)
+                if grad_logp is not None
+                else torch.zeros(r.shape[0], dtype=work, device=hidden.device)
+            )
+            log_p = _chunk_logits(h, w, t, work).sub_(lse[s : s + chunk, None])
             if grad_entropy is not None:
                 gh = grad_entropy[r].to(work)[:, None]
-                g = log_p.add(row_entropy[s:s + chunk, None]).mul_(gh).add_(glp[:, None]).mul_(log_p.exp_()).neg_()
+                g = log_p.add(row_entropy[s : s + chunk, None]).mul_(gh).add_(glp[:, None]).mul_(log_p.exp_()).neg_()
             else:
                 g = log_p.exp_().mul_(-glp[:, None])
             own = (lab >= 0) & (lab < valid)
@@ -177,8 +181,9 @@ def fused_token_logprobs(
     ``chunk_rows`` rows of logits.
     """
     if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"expected hidden [T, H] and weight [V, H], got {tuple(hidden.shape)} and "
-                         f"{tuple(weight.shape)}")
+        raise ValueError(
+            f"expected hidden [T, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
     if labels.shape != hidden.shape[:1]:
         raise ValueError(f"expected labels [T] for hidden {tuple(hidden.shape)}, got {tuple(labels.shape)}")
     if not temperature > 0:
@@ -187,8 +192,9 @@ def fused_token_logprobs(
         raise ValueError(f"shard.valid={shard.valid} outside the local vocabulary of {weight.shape[0]} rows")
     labels = labels.to(hidden.device)
     rows = torch.nonzero(labels != IGNORE_INDEX).squeeze(1)
-    logp, entropy = _FusedHeadTokenStats.apply(hidden, weight, rows, labels[rows], float(temperature),
-                                               int(max(1, chunk_rows)), bool(with_entropy), shard)
+    logp, entropy = _FusedHeadTokenStats.apply(
+        hidden, weight, rows, labels[rows], float(temperature), int(max(1, chunk_rows)), bool(with_entropy), shard
+    )
     return logp, (entropy if with_entropy else None)
 
 

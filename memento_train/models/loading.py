@@ -27,8 +27,9 @@ from memento_train.tokens import CHATML_TEMPLATE, prepare_model_and_tokenizer
 from memento_train.tokens import add_memento_tokens as _add_memento_tokens
 
 
-def load_tokenizer(source: str | os.PathLike | None = None, *, trust_remote_code: bool = False,
-                   add_memento_tokens: bool = True) -> Any:
+def load_tokenizer(
+    source: str | os.PathLike | None = None, *, trust_remote_code: bool = False, add_memento_tokens: bool = True
+) -> Any:
     """The one tokenizer loader: ``source`` (a directory or hub id; ``None`` = the tokenizer shipped with
     the package, the tiny models').
 
@@ -42,12 +43,14 @@ def load_tokenizer(source: str | os.PathLike | None = None, *, trust_remote_code
 
     Raises ``ValueError`` naming ``source`` when it cannot be loaded.
     """
-    return load_tokenizer_and_added(source, trust_remote_code=trust_remote_code,
-                                    add_memento_tokens=add_memento_tokens)[0]
+    return load_tokenizer_and_added(source, trust_remote_code=trust_remote_code, add_memento_tokens=add_memento_tokens)[
+        0
+    ]
 
 
-def load_tokenizer_and_added(source: str | os.PathLike | None = None, *, trust_remote_code: bool = False,
-                             add_memento_tokens: bool = True) -> tuple[Any, dict[str, int]]:
+def load_tokenizer_and_added(
+    source: str | os.PathLike | None = None, *, trust_remote_code: bool = False, add_memento_tokens: bool = True
+) -> tuple[Any, dict[str, int]]:
     """:func:`load_tokenizer`, and ``{token: id}`` of the tokens it added (empty when the tokenizer had
     them all): ``memento-data`` reports them."""
     if source is None:
@@ -78,8 +81,16 @@ def run_tokenizer(mcfg: Any) -> Any:
     return load_tokenizer(mcfg.tokenizer or mcfg.path, trust_remote_code=mcfg.trust_remote_code)
 
 
-def load_model(mcfg: Any, tokenizer: Any, *, seed: int, rank: int | None = None, training: bool = True,
-               dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Any:
+def load_model(
+    mcfg: Any,
+    tokenizer: Any,
+    *,
+    seed: int,
+    rank: int | None = None,
+    training: bool = True,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> Any:
     """The one model loader: ``mcfg.path``'s Hugging Face model, or with ``mcfg.path`` null the seeded
     tiny random model shaped by ``mcfg.tiny`` (:class:`~memento_train.models.config.ModelConfig`).
 
@@ -113,13 +124,16 @@ def load_model(mcfg: Any, tokenizer: Any, *, seed: int, rank: int | None = None,
         model = _from_pretrained(mcfg, "auto" if rank is not None else torch.float32)
         # The rows to initialise are those of the tokens new to the *checkpoint*: ``tokenizer`` holds
         # them already (load_tokenizer added them), so the checkpoint's own tokenizer says which.
-        checkpoint_tok = load_tokenizer(mcfg.tokenizer or mcfg.path, trust_remote_code=mcfg.trust_remote_code,
-                                        add_memento_tokens=False)
+        checkpoint_tok = load_tokenizer(
+            mcfg.tokenizer or mcfg.path, trust_remote_code=mcfg.trust_remote_code, add_memento_tokens=False
+        )
         prepare_model_and_tokenizer(model, checkpoint_tok, seed=seed)
         if len(checkpoint_tok) != len(tokenizer):
-            raise ValueError(f"the training tokenizer has {len(tokenizer)} tokens but {mcfg.path!r}'s own tokenizer "
-                             f"extended with the memento tokens has {len(checkpoint_tok)}: load the training "
-                             f"tokenizer with load_tokenizer from the same source")
+            raise ValueError(
+                f"the training tokenizer has {len(tokenizer)} tokens but {mcfg.path!r}'s own tokenizer "
+                f"extended with the memento tokens has {len(checkpoint_tok)}: load the training "
+                f"tokenizer with load_tokenizer from the same source"
+            )
     model.config.use_cache = False
     model.set_attn_implementation(attn_implementation(mcfg.attn_backend))
     if mcfg.gradient_checkpointing:
@@ -131,8 +145,9 @@ def _from_pretrained(mcfg: Any, dtype: Any) -> Any:
     import transformers
 
     try:
-        return transformers.AutoModelForCausalLM.from_pretrained(mcfg.path, dtype=dtype,
-                                                                 trust_remote_code=mcfg.trust_remote_code)
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            mcfg.path, dtype=dtype, trust_remote_code=mcfg.trust_remote_code
+        )
     except Exception as exc:
         raise ValueError(f"could not load model {mcfg.path!r}: {exc}") from exc
 
@@ -147,8 +162,9 @@ def _meta_parameter_model(mcfg: Any, tokenizer: Any) -> Any:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     with parameters_on_meta():
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype,
-                                                              trust_remote_code=mcfg.trust_remote_code)
+        model = transformers.AutoModelForCausalLM.from_config(
+            config, dtype=dtype, trust_remote_code=mcfg.trust_remote_code
+        )
         _add_memento_tokens(tokenizer)
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)

@@ -45,8 +45,13 @@ def _hf_layer(arch: HFArchitecture, i: int) -> dict[str, str]:
     if arch.family == "phi3":
         names.update(qkv=p + "self_attn.qkv_proj.weight", gate_up=p + "mlp.gate_up_proj.weight")
     else:
-        names.update(q=p + "self_attn.q_proj.weight", k=p + "self_attn.k_proj.weight",
-                     v=p + "self_attn.v_proj.weight", gate=p + "mlp.gate_proj.weight", up=p + "mlp.up_proj.weight")
+        names.update(
+            q=p + "self_attn.q_proj.weight",
+            k=p + "self_attn.k_proj.weight",
+            v=p + "self_attn.v_proj.weight",
+            gate=p + "mlp.gate_proj.weight",
+            up=p + "mlp.up_proj.weight",
+        )
     if arch.qk_layernorm:
         names.update(q_norm=p + "self_attn.q_norm.weight", k_norm=p + "self_attn.k_norm.weight")
     return names
@@ -96,8 +101,9 @@ def _split_qkv(arch: HFArchitecture, fused: Tensor) -> tuple[Tensor, Tensor, Ten
     return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
 
 
-def hf_to_megatron(hf: Mapping[str, Tensor], arch: HFArchitecture, *, tp_rank: int = 0, tp_size: int = 1,
-                   vocab_size: int | None = None) -> dict[str, Tensor]:
+def hf_to_megatron(
+    hf: Mapping[str, Tensor], arch: HFArchitecture, *, tp_rank: int = 0, tp_size: int = 1, vocab_size: int | None = None
+) -> dict[str, Tensor]:
     """The Megatron state of TP rank ``tp_rank`` (global layer numbers) from an HF state dict.
 
     ``vocab_size`` is the padded vocabulary of the Megatron model (default: :func:`padded_vocab_size`).
@@ -106,8 +112,9 @@ def hf_to_megatron(hf: Mapping[str, Tensor], arch: HFArchitecture, *, tp_rank: i
     return dict(iter_hf_to_megatron(hf, arch, tp_rank=tp_rank, tp_size=tp_size, vocab_size=vocab_size))
 
 
-def iter_hf_to_megatron(hf: Mapping[str, Tensor], arch: HFArchitecture, *, tp_rank: int = 0, tp_size: int = 1,
-                        vocab_size: int | None = None) -> Iterator[tuple[str, Tensor]]:
+def iter_hf_to_megatron(
+    hf: Mapping[str, Tensor], arch: HFArchitecture, *, tp_rank: int = 0, tp_size: int = 1, vocab_size: int | None = None
+) -> Iterator[tuple[str, Tensor]]:
     """:func:`hf_to_megatron` one Megatron tensor at a time, reading ``hf`` in a fixed order (the same
     on every rank: ``hf`` may fetch each tensor from another rank) and keeping nothing between items."""
     vocab = vocab_size or padded_vocab_size(arch.vocab_size, tp_size)
@@ -154,6 +161,7 @@ def megatron_to_hf(shards: Sequence[Mapping[str, Tensor]], arch: HFArchitecture)
     Tied models get ``lm_head.weight`` as the same tensor as ``model.embed_tokens.weight`` (as HF's
     own ``state_dict()`` does); :func:`memento_train.export.writer.export_hf` ties it again when it writes.
     """
+
     def cat_rows(name: str) -> Tensor:
         return torch.cat([s[name] for s in shards], 0)
 
@@ -188,8 +196,15 @@ def megatron_to_hf(shards: Sequence[Mapping[str, Tensor]], arch: HFArchitecture)
 
 
 # -- pipeline stages: global ↔ local layer numbers ----------------------------------------------
-def stage_view(shard: Mapping[str, Tensor], *, layer_offset: int, num_layers: int, pre_process: bool,
-               post_process: bool, tied: bool) -> dict[str, Tensor]:
+def stage_view(
+    shard: Mapping[str, Tensor],
+    *,
+    layer_offset: int,
+    num_layers: int,
+    pre_process: bool,
+    post_process: bool,
+    tied: bool,
+) -> dict[str, Tensor]:
     """The part of a (global-numbered) shard that one pipeline stage holds, with local layer numbers.
 
     A tied model's last stage (when it is not also the first) keeps its own copy of the embedding as
@@ -238,10 +253,17 @@ def load_hf_weights(gpt: MementoGPTModel, hf: Mapping[str, Tensor], arch: HFArch
     target = gpt.state_dict(keep_vars=True)
     loaded = set()
     with torch.no_grad():
-        for name, value in iter_hf_to_megatron(hf, arch, tp_rank=tp_rank, tp_size=gpt.config.tensor_model_parallel_size,
-                                               vocab_size=gpt.vocab_size):
-            local = stage_view({name: value}, layer_offset=gpt.layer_offset, num_layers=len(gpt.decoder.layers),
-                               pre_process=gpt.pre_process, post_process=gpt.post_process, tied=arch.tied_embeddings)
+        for name, value in iter_hf_to_megatron(
+            hf, arch, tp_rank=tp_rank, tp_size=gpt.config.tensor_model_parallel_size, vocab_size=gpt.vocab_size
+        ):
+            local = stage_view(
+                {name: value},
+                layer_offset=gpt.layer_offset,
+                num_layers=len(gpt.decoder.layers),
+                pre_process=gpt.pre_process,
+                post_process=gpt.post_process,
+                tied=arch.tied_embeddings,
+            )
             for key, v in local.items():
                 if key not in target:
                     raise RuntimeError(f"HF → Megatron conversion mismatch: unexpected {key}")

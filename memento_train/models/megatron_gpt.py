@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -97,8 +96,10 @@ def describe_hf_config(hf_config) -> HFArchitecture:
     if attention_bias:
         # HF attention_bias puts a bias on q/k/v *and* o_proj; Megatron ties o_proj's bias to the MLP's
         # (add_bias_linear), so only the all-or-nothing layout converts exactly.
-        raise ConfigError("model attention_bias=true is not supported by the megatron engine (o_proj bias "
-                          "has no Megatron counterpart without MLP biases); use engine.kind=fsdp2")
+        raise ConfigError(
+            "model attention_bias=true is not supported by the megatron engine (o_proj bias "
+            "has no Megatron counterpart without MLP biases); use engine.kind=fsdp2"
+        )
     if getattr(hf_config, "mlp_bias", False):
         raise ConfigError("model mlp_bias=true is not supported by the megatron engine; use engine.kind=fsdp2")
     heads = hf_config.num_attention_heads
@@ -131,7 +132,7 @@ def attention_backend_of(hf_model) -> str:
     from memento_train.attention.hf import PREFIX
 
     impl = getattr(hf_model.config, "_attn_implementation", None) or ""
-    return impl[len(PREFIX):] if impl.startswith(PREFIX) else "auto"
+    return impl[len(PREFIX) :] if impl.startswith(PREFIX) else "auto"
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
@@ -160,8 +161,10 @@ def hf_inv_freq(hf_config) -> torch.Tensor:
 
     inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
     if attention_scaling != 1.0:
-        raise ConfigError(f"model rope_parameters (rope_type={rope_type!r}) scale attention by {attention_scaling}; "
-                          "the megatron engine supports unscaled RoPE only")
+        raise ConfigError(
+            f"model rope_parameters (rope_type={rope_type!r}) scale attention by {attention_scaling}; "
+            "the megatron engine supports unscaled RoPE only"
+        )
     return inv_freq.to(torch.float32)
 
 
@@ -242,8 +245,14 @@ class MementoPackedSeqParams(PackedSeqParams):
     @classmethod
     def from_meta(cls, meta: MementoAttentionMeta) -> MementoPackedSeqParams:
         cu = meta.cu_seqlens.to(torch.int32)
-        return cls(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=meta.max_seqlen,
-                   max_seqlen_kv=meta.max_seqlen, memento_meta=meta)
+        return cls(
+            qkv_format="thd",
+            cu_seqlens_q=cu,
+            cu_seqlens_kv=cu,
+            max_seqlen_q=meta.max_seqlen,
+            max_seqlen_kv=meta.max_seqlen,
+            memento_meta=meta,
+        )
 
 
 class MementoCoreAttention(MegatronModule):
@@ -253,23 +262,38 @@ class MementoCoreAttention(MegatronModule):
     ``config`` and ``softmax_scale`` matter (no dropout, no window: sliding-window models are refused).
     """
 
-    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type, attention_type: str,
-                 attention_dropout: float | None = None, softmax_scale: float | None = None,
-                 cp_comm_type: str | None = None, pg_collection=None, *, backend: str = "auto") -> None:
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+        *,
+        backend: str = "auto",
+    ) -> None:
         super().__init__(config=config)
         if config.context_parallel_size != 1:
-            raise ConfigError("memento core attention does not support context parallelism (docs/architecture.md §4: use "
-                              "head parallelism); set context_parallel_size=1")
+            raise ConfigError(
+                "memento core attention does not support context parallelism (docs/architecture.md §4: use "
+                "head parallelism); set context_parallel_size=1"
+            )
         self.backend = backend
-        self.softmax_scale = softmax_scale if softmax_scale is not None else config.kv_channels ** -0.5
+        self.softmax_scale = softmax_scale if softmax_scale is not None else config.kv_channels**-0.5
 
-    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
+    def forward(
+        self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
         """``query [T, Hq/TP, D]``, ``key/value [T, Hkv/TP, D]`` (THD) → ``[T, Hq/TP, D]``."""
         meta = getattr(packed_seq_params, "memento_meta", None)
         if meta is None or packed_seq_params.qkv_format != "thd":
-            raise ValueError("memento core attention needs packed THD inputs: pass "
-                             "packed_seq_params=MementoPackedSeqParams.from_meta(meta) to the model")
+            raise ValueError(
+                "memento core attention needs packed THD inputs: pass "
+                "packed_seq_params=MementoPackedSeqParams.from_meta(meta) to the model"
+            )
         if attention_bias is not None:
             raise ValueError("memento core attention takes no attention bias")
         return memento_attention(query, key, value, meta, scale=self.softmax_scale, backend=self.backend)
@@ -320,8 +344,15 @@ class MementoGPTModel(GPTModel):
         return (out[0], self.rope_angles(position_ids), *out[2:])
 
 
-def build_gpt_model(hf_config, config: TransformerConfig, *, vocab_size: int | None = None,
-                    pre_process: bool = True, post_process: bool = True, backend: str = "auto") -> MementoGPTModel:
+def build_gpt_model(
+    hf_config,
+    config: TransformerConfig,
+    *,
+    vocab_size: int | None = None,
+    pre_process: bool = True,
+    post_process: bool = True,
+    backend: str = "auto",
+) -> MementoGPTModel:
     """A :class:`MementoGPTModel` for ``hf_config`` (parallel state must be initialised).
 
     ``vocab_size`` is the padded vocabulary (default :func:`padded_vocab_size` of the HF one).

@@ -23,8 +23,9 @@ def read_hf_config(mcfg: Any) -> Any | None:
     return transformers.AutoConfig.from_pretrained(mcfg.path, trust_remote_code=mcfg.trust_remote_code)
 
 
-def check_model(mcfg: Any, *, evicts: bool, engine_kind: str, prefix: str = "model",
-                hf_config: Any | None = None) -> None:
+def check_model(
+    mcfg: Any, *, evicts: bool, engine_kind: str, prefix: str = "model", hf_config: Any | None = None
+) -> None:
     """Raise :class:`~memento_train.config.errors.ConfigError` naming the option when the model cannot
     train with these options: the attention backend must support every layer type of the model with
     the mask (``evicts``: memento eviction, i.e. ``keep_last_n_blocks >= 0``), and the megatron engine
@@ -32,8 +33,7 @@ def check_model(mcfg: Any, *, evicts: bool, engine_kind: str, prefix: str = "mod
     """
     hf_config = read_hf_config(mcfg) if hf_config is None else hf_config
     window = sliding_window_of(hf_config) if hf_config is not None else None
-    check_backend_for_model(mcfg.attn_backend, sliding_window=window, evicts=evicts,
-                            option=f"{prefix}.attn_backend")
+    check_backend_for_model(mcfg.attn_backend, sliding_window=window, evicts=evicts, option=f"{prefix}.attn_backend")
     if engine_kind == "megatron" and hf_config is not None:
         from memento_train.models.megatron_gpt import describe_hf_config
 

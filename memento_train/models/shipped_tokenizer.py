@@ -17,9 +17,7 @@ def shipped_tokenizer_path() -> Path:
     except (ModuleNotFoundError, TypeError):  # pragma: no cover - odd import setups
         path = Path(__file__).resolve().parent / "assets" / "tokenizer"
     if not (path / "tokenizer.json").is_file():
-        raise FileNotFoundError(
-            f"shipped tokenizer not found at {path}; rebuild it with scripts/build_tokenizer.py"
-        )
+        raise FileNotFoundError(f"shipped tokenizer not found at {path}; rebuild it with scripts/build_tokenizer.py")
     return path
 
 

@@ -12,13 +12,13 @@ fit. Exit status 0 when it fits, 1 when it does not.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
 import yaml
 
 from memento_train.config.errors import ConfigError
+from memento_train.config.tree import deep_merge, parse_overrides
 from memento_train.planning.memory import (
     GPUS,
     GiB,
@@ -32,7 +32,6 @@ from memento_train.planning.memory import (
 )
 from memento_train.planning.shapes import ModelShape, shape_of_model_path, tiny_shape
 from memento_train.recipes import recipe_path
-from memento_train.config.tree import deep_merge, parse_overrides
 
 DEFAULT_GPU = "H100"
 # memento-rl plan with no model.path (the grpo recipe leaves it to the user): the paper's RL policy.
@@ -66,13 +65,19 @@ def _plan_sft(recipe: str | None, opts: dict[str, Any], gpu: str, capacity: floa
         stage_tree, note = _with_base_model(stage_tree, name)
         cfg = build_sft_config(deep_merge(stage_tree, {"model": {"require_stage1_init": False}}))
         shape = _shape(cfg.model)
-        work = Workload(tokens=cfg.train.micro_batch_tokens, doc_tokens=cfg.data.max_seq_len,
-                        keep_last_n_blocks=cfg.data.block_masking.keep_last_n_blocks,
-                        checkpointing=cfg.model.gradient_checkpointing, backend=_gpu_backend(cfg.model.attn_backend))
+        work = Workload(
+            tokens=cfg.train.micro_batch_tokens,
+            doc_tokens=cfg.data.max_seq_len,
+            keep_last_n_blocks=cfg.data.block_masking.keep_last_n_blocks,
+            checkpointing=cfg.model.gradient_checkpointing,
+            backend=_gpu_backend(cfg.model.attn_backend),
+        )
         par = _parallel(cfg.engine, cfg.optim, cfg.cluster.num_workers)
         note = "; ".join(x for x in (note, _refusal_note(cfg.engine)) if x)
-        title = (f"recipe {name or 'tiny'}: {shape.name} ({shape.params / 1e9:.2f} B parameters), stage {cfg.stage}, "
-                 f"{_engine_words(par)} on {par.world} x {gpu} ({capacity / GiB:.1f} GiB)")
+        title = (
+            f"recipe {name or 'tiny'}: {shape.name} ({shape.params / 1e9:.2f} B parameters), stage {cfg.stage}, "
+            f"{_engine_words(par)} on {par.world} x {gpu} ({capacity / GiB:.1f} GiB)"
+        )
         fits &= _print_plan(title, note, shape, par, work, capacity, min_tokens=cfg.data.max_seq_len)
     return fits
 
@@ -88,8 +93,10 @@ def _plan_rl(recipe: str | None, opts: dict[str, Any], gpu: str, capacity: float
         # The policy is the previous stage's export, which need not exist yet: plan with that recipe's
         # model and eviction rule.
         tree = _with_previous_stage(tree, init_from)
-        note = (f"model.path is unset (the export of {init_from}, run it first): planning with the shape of "
-                f"{tree['model']['path']}")
+        note = (
+            f"model.path is unset (the export of {init_from}, run it first): planning with the shape of "
+            f"{tree['model']['path']}"
+        )
     else:
         tree, note = _with_base_model(tree, recipe, default=None if warmup else DEFAULT_RL_MODEL)
     cfg = build_rl_config(tree)
@@ -97,28 +104,41 @@ def _plan_rl(recipe: str | None, opts: dict[str, Any], gpu: str, capacity: float
     rollout, prompts, train = cfg.rollout, cfg.prompts, cfg.train
     algorithm = cfg.algorithm
     reference = bool(getattr(algorithm, "uses_reference", getattr(algorithm, "kl_coef", 0) > 0))
-    work = Workload(tokens=train.micro_batch_tokens, doc_tokens=prompts.max_prompt_len + rollout.max_new_tokens,
-                    keep_last_n_blocks=rollout.block_masking.keep_last_n_blocks, checkpointing=cfg.model.gradient_checkpointing,
-                    backend=_gpu_backend(cfg.model.attn_backend), with_entropy=True, reference_model=reference)
+    work = Workload(
+        tokens=train.micro_batch_tokens,
+        doc_tokens=prompts.max_prompt_len + rollout.max_new_tokens,
+        keep_last_n_blocks=rollout.block_masking.keep_last_n_blocks,
+        checkpointing=cfg.model.gradient_checkpointing,
+        backend=_gpu_backend(cfg.model.attn_backend),
+        with_entropy=True,
+        reference_model=reference,
+    )
     par = _parallel(cfg.engine, cfg.optim, cfg.cluster.num_workers)
     note = "; ".join(x for x in (note, _refusal_note(cfg.engine)) if x)
     util = float(getattr(rollout, "gpu_memory_utilization", 0.5))
     colocated = getattr(cfg, "placement", "disaggregated") == "colocated"
     trainer_capacity = capacity * (1 - util) if colocated else capacity
-    title = (f"recipe {recipe or 'tiny_rl'} (trainer): {shape.name} ({shape.params / 1e9:.2f} B parameters), "
-             f"{_engine_words(par)} on {par.world} x {gpu}"
-             + (f", colocated with rollouts: {trainer_capacity / GiB:.1f} of {capacity / GiB:.1f} GiB" if colocated
-                else f" ({capacity / GiB:.1f} GiB)"))
+    title = (
+        f"recipe {recipe or 'tiny_rl'} (trainer): {shape.name} ({shape.params / 1e9:.2f} B parameters), "
+        f"{_engine_words(par)} on {par.world} x {gpu}"
+        + (
+            f", colocated with rollouts: {trainer_capacity / GiB:.1f} of {capacity / GiB:.1f} GiB"
+            if colocated
+            else f" ({capacity / GiB:.1f} GiB)"
+        )
+    )
     fits = _print_plan(title, note, shape, par, work, trainer_capacity, min_tokens=work.doc_tokens)
     weights = 2 * shape.params
     budget = util * capacity
     kv = kv_cache_tokens(shape, budget - weights - 2 * GiB)
     need = rollout.max_batch_size * work.doc_tokens
     rollouts_fit = weights + 2 * GiB <= budget
-    print(f"rollout workers ({getattr(cfg.rollout_cluster, 'num_workers', '?')} x {gpu}, gpu_memory_utilization={util}): "
-          f"bf16 weights {weights / GiB:.1f} GiB + 2 GiB activations of {budget / GiB:.1f} GiB -> KV cache for "
-          f"{kv:,} tokens ({'fits' if rollouts_fit else 'DOES NOT FIT'}; {rollout.max_batch_size} sequences of up to "
-          f"{work.doc_tokens} tokens need at most {need:,} before eviction)")
+    print(
+        f"rollout workers ({getattr(cfg.rollout_cluster, 'num_workers', '?')} x {gpu}, gpu_memory_utilization={util}): "
+        f"bf16 weights {weights / GiB:.1f} GiB + 2 GiB activations of {budget / GiB:.1f} GiB -> KV cache for "
+        f"{kv:,} tokens ({'fits' if rollouts_fit else 'DOES NOT FIT'}; {rollout.max_batch_size} sequences of up to "
+        f"{work.doc_tokens} tokens need at most {need:,} before eviction)"
+    )
     return fits and rollouts_fit
 
 
@@ -132,8 +152,13 @@ def _with_base_model(tree: dict[str, Any], recipe: str | None, default: str | No
     if base:
         note = f"model.path is unset (the stage-1 export, set it before running): planning with the shape of {base}"
     elif default:
-        base, note = default, (f"model.path is unset: planning for {default}; pass model.path=... (a local model "
-                               "directory or a known model) for another policy")
+        base, note = (
+            default,
+            (
+                f"model.path is unset: planning for {default}; pass model.path=... (a local model "
+                "directory or a known model) for another policy"
+            ),
+        )
     else:
         return tree, ""
     return deep_merge(tree, {"model": {"path": base}}), note
@@ -141,18 +166,22 @@ def _with_base_model(tree: dict[str, Any], recipe: str | None, default: str | No
 
 def _with_previous_stage(tree: dict[str, Any], init_from: str) -> dict[str, Any]:
     """``tree`` with the model and the unset ``rollout.block_masking`` options of SFT recipe ``init_from``."""
+    from memento_train.config.tree import canonical_tree
     from memento_train.rl.config import RLConfig
     from memento_train.sft.config import SFTConfig
     from memento_train.sft.config import config_tree as sft_tree
-    from memento_train.config.tree import canonical_tree
 
     stage = canonical_tree(SFTConfig, sft_tree(init_from, {}))
     tree = canonical_tree(RLConfig, tree)
-    rule = {k: v for k, v in ((stage.get("data") or {}).get("block_masking") or {}).items()
-            if k in ("keep_last_n_blocks", "mask_delimiters")}
+    rule = {
+        k: v
+        for k, v in ((stage.get("data") or {}).get("block_masking") or {}).items()
+        if k in ("keep_last_n_blocks", "mask_delimiters")
+    }
     mask = {**rule, **((tree.get("rollout") or {}).get("block_masking") or {})}
-    return deep_merge(tree, {"model": {"path": _base_model_path(init_from) or DEFAULT_RL_MODEL},
-                             "rollout": {"block_masking": mask}})
+    return deep_merge(
+        tree, {"model": {"path": _base_model_path(init_from) or DEFAULT_RL_MODEL}, "rollout": {"block_masking": mask}}
+    )
 
 
 def _shape(mcfg: Any) -> ModelShape:
@@ -193,10 +222,18 @@ def _parallel(engine: Any, optim: Any, world: int) -> Parallel:
         comm = 4 if ds.get("communication_data_type") in ("fp32", "float32") else comm
         bucket = ds.get("zero_optimization", {}).get("reduce_bucket_size")
     kwargs = {"bucket": int(bucket)} if bucket else {}
-    return Parallel(kind=engine.kind, precision=engine.precision, zero_stage=engine.zero_stage,
-                    offload_optimizer=engine.offload_optimizer, offload_params=engine.offload_params,
-                    tensor_parallel=engine.tensor_parallel, pipeline_parallel=engine.pipeline_parallel, world=world,
-                    comm_bytes=comm, **kwargs)
+    return Parallel(
+        kind=engine.kind,
+        precision=engine.precision,
+        zero_stage=engine.zero_stage,
+        offload_optimizer=engine.offload_optimizer,
+        offload_params=engine.offload_params,
+        tensor_parallel=engine.tensor_parallel,
+        pipeline_parallel=engine.pipeline_parallel,
+        world=world,
+        comm_bytes=comm,
+        **kwargs,
+    )
 
 
 def _engine_words(p: Parallel) -> str:
@@ -225,19 +262,34 @@ def _engine_refusal(engine: Any) -> str | None:
     return None
 
 
-def _print_plan(title: str, note: str, shape: ModelShape, par: Parallel, work: Workload, capacity: float, *,
-                min_tokens: int, out: Callable[[str], None] = print) -> bool:
+def _print_plan(
+    title: str,
+    note: str,
+    shape: ModelShape,
+    par: Parallel,
+    work: Workload,
+    capacity: float,
+    *,
+    min_tokens: int,
+    out: Callable[[str], None] = print,
+) -> bool:
     plan = plan_memory(shape, par, work, capacity=capacity)
     out(title)
     if note:
         out(f"  note: {note}")
-    mask = "causal (stage 1)" if work.keep_last_n_blocks < 0 else f"memento, keep_last_n_blocks={work.keep_last_n_blocks}"
-    out(f"  micro-batch {work.tokens} tokens of documents up to {work.doc_tokens}, {mask}, gradient checkpointing "
-        f"{'on' if work.checkpointing else 'off'}, attention {work.backend}")
+    mask = (
+        "causal (stage 1)" if work.keep_last_n_blocks < 0 else f"memento, keep_last_n_blocks={work.keep_last_n_blocks}"
+    )
+    out(
+        f"  micro-batch {work.tokens} tokens of documents up to {work.doc_tokens}, {mask}, gradient checkpointing "
+        f"{'on' if work.checkpointing else 'off'}, attention {work.backend}"
+    )
     _table(plan, out)
     if plan.fits:
-        out(f"  fits: peak {plan.device_total / GiB:.1f} of {capacity / GiB:.1f} GiB "
-            f"({(capacity - plan.device_total) / GiB:.1f} GiB free)\n")
+        out(
+            f"  fits: peak {plan.device_total / GiB:.1f} of {capacity / GiB:.1f} GiB "
+            f"({(capacity - plan.device_total) / GiB:.1f} GiB free)\n"
+        )
         return True
     out(f"  DOES NOT FIT: peak {plan.device_total / GiB:.1f} GiB > {capacity / GiB:.1f} GiB")
     fixes = suggestions(shape, par, work, capacity=capacity, min_tokens=min_tokens)

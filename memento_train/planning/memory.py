@@ -122,8 +122,9 @@ class AttentionGeometry:
     segment_mask: dict[int | None, int]
 
 
-def attention_geometry(tokens: int, doc_tokens: int, keep_last_n_blocks: int,
-                       windows: tuple[int | None, ...]) -> AttentionGeometry:
+def attention_geometry(
+    tokens: int, doc_tokens: int, keep_last_n_blocks: int, windows: tuple[int | None, ...]
+) -> AttentionGeometry:
     """Gathered keys and segment-mask sizes from the real interval plan (see ``attention/meta.py``)."""
     from memento_train.attention.meta import MementoAttentionMeta
     from memento_train.planning.trace_shapes import memento_batch
@@ -150,8 +151,9 @@ def attention_geometry(tokens: int, doc_tokens: int, keep_last_n_blocks: int,
 
 
 # -- activations -----------------------------------------------------------------------------------
-def layer_activation_bytes(s: ModelShape, b: int, tokens: int, gathered: int, backend: str, *, tp: int = 1,
-                           segment_mask: int = 0) -> float:
+def layer_activation_bytes(
+    s: ModelShape, b: int, tokens: int, gathered: int, backend: str, *, tp: int = 1, segment_mask: int = 0
+) -> float:
     """Bytes autograd saves for backward in one decoder layer over ``tokens`` tokens (HF layout)."""
     q, kv = s.heads * s.head_dim / tp, s.kv_heads * s.head_dim / tp
     hq, hkv, f, h = s.heads / tp, s.kv_heads / tp, s.ffn / tp, s.hidden
@@ -166,8 +168,16 @@ def layer_activation_bytes(s: ModelShape, b: int, tokens: int, gathered: int, ba
         attn += b * q  # the concatenated output is a copy of the per-chunk outputs
     mlp = 4 * b * f  # gate, up, act(gate), act(gate)·up
     if s.family == "olmo3":  # norms after attention / MLP; q/k norms over the whole projection
-        per_token = (b * h + norm(q, output_saved=False) + norm(kv, output_saved=False) + attn + norm(h, output_saved=False)
-                     + b * h + mlp + norm(h, output_saved=False))
+        per_token = (
+            b * h
+            + norm(q, output_saved=False)
+            + norm(kv, output_saved=False)
+            + attn
+            + norm(h, output_saved=False)
+            + b * h
+            + mlp
+            + norm(h, output_saved=False)
+        )
     else:
         per_token = 2 * norm(h) + attn + mlp
         if s.family == "qwen3":
@@ -184,14 +194,18 @@ def backward_temporaries(s: ModelShape, b: int, tokens: int, *, tp: int = 1) -> 
     return tokens * b * (s.ffn / tp + s.hidden)
 
 
-def activation_lines(s: ModelShape, w: Workload, b: int, geo: AttentionGeometry, *, tp: int = 1) -> tuple[float, float, float]:
+def activation_lines(
+    s: ModelShape, w: Workload, b: int, geo: AttentionGeometry, *, tp: int = 1
+) -> tuple[float, float, float]:
     """``(resident, layer, head)``: what stays saved through backward, what one layer adds while it is
     (re)computed and back-propagated, and the fused head's working set (forward or backward, whichever
     is larger). Under pipeline parallelism 1F1B keeps ``pp`` micro-batches in flight on the first stage,
     each over ``layers / pp`` layers: the same number of saved layers as without it."""
     t = w.tokens
-    layers = [layer_activation_bytes(s, b, t, geo.gathered[win], w.backend, tp=tp,
-                                     segment_mask=geo.segment_mask[win]) for win in (s.windows or (None,) * s.layers)]
+    layers = [
+        layer_activation_bytes(s, b, t, geo.gathered[win], w.backend, tp=tp, segment_mask=geo.segment_mask[win])
+        for win in (s.windows or (None,) * s.layers)
+    ]
     # token ids, RoPE cos/sin, the final norm (its output is the head's saved input), the head's per-row stats
     model_level = t * (8 + 2 * s.head_dim * b + 4 * s.hidden + 4 + 2 * b * s.hidden + 24)
     if w.checkpointing:
@@ -208,9 +222,12 @@ def fused_head_bytes(s: ModelShape, w: Workload, b: int, *, tp: int = 1) -> floa
     v, c = s.vocab / tp, min(w.head_chunk_rows, w.tokens)
     low = b if b < 4 else 0  # the matmul's low-precision output beside its fp32 copy
     forward = c * v * (4 + 4 + low + (4 if w.with_entropy else 0))  # logits, logsumexp's exp, (p·z)
-    backward = (c * v * (4 + low + (4 if w.with_entropy else 0))  # log p (and p for the entropy's gradient)
-                + 4 * v * s.hidden + (b * v * s.hidden if b < 4 else 0)  # fp32 weight-grad sum, a chunk's part
-                + (4 if tp > 1 else b) * w.tokens * s.hidden)  # the hidden-state gradient
+    backward = (
+        c * v * (4 + low + (4 if w.with_entropy else 0))  # log p (and p for the entropy's gradient)
+        + 4 * v * s.hidden
+        + (b * v * s.hidden if b < 4 else 0)  # fp32 weight-grad sum, a chunk's part
+        + (4 if tp > 1 else b) * w.tokens * s.hidden
+    )  # the hidden-state gradient
     return max(forward, backward)
 
 
@@ -234,11 +251,15 @@ def state_lines(s: ModelShape, p: Parallel) -> tuple[list[Line], list[Line]]:
         if pp == 1:
             per_stage = s.params
         local = per_stage / t
-        dev += [Line("weights", b * local, f"{p.precision}, 1/{t} TP x stage of {pp}"),
-                Line("gradients", 4 * local, "fp32 gradient buffer (grad_reduce_in_fp32)")]
+        dev += [
+            Line("weights", b * local, f"{p.precision}, 1/{t} TP x stage of {pp}"),
+            Line("gradients", 4 * local, "fp32 gradient buffer (grad_reduce_in_fp32)"),
+        ]
         masters = 4 if b != 4 else 0
-        dev += [Line("master weights", masters * local / d, f"fp32, distributed optimizer over DP={d}"),
-                Line("optimizer state", 8 * local / d, "Adam m, v fp32, sharded over DP")]
+        dev += [
+            Line("master weights", masters * local / d, f"fp32, distributed optimizer over DP={d}"),
+            Line("optimizer state", 8 * local / d, "Adam m, v fp32, sharded over DP"),
+        ]
         return dev, host
     n = p.world
     shard = P / n
@@ -247,12 +268,23 @@ def state_lines(s: ModelShape, p: Parallel) -> tuple[list[Line], list[Line]]:
         unsharded = s.embedding_params + s.head_params + s.hidden
         unsharded += s.layers * s.layer_params if p.zero_stage == 2 else 2 * s.layer_params
         where = host if p.offload_params else dev
-        dev.append(Line("weights", b * unsharded, f"{p.precision} unsharded: root unit + "
-                        + ("every layer (zero_stage=2)" if p.zero_stage == 2 else "2 layers (zero_stage=3)")))
+        dev.append(
+            Line(
+                "weights",
+                b * unsharded,
+                f"{p.precision} unsharded: root unit + "
+                + ("every layer (zero_stage=2)" if p.zero_stage == 2 else "2 layers (zero_stage=3)"),
+            )
+        )
         where.append(Line("master weights", 4 * shard, f"fp32 shards, 1/{n}"))
         grads_unsharded = b * (s.embedding_params + s.head_params + 2 * s.layer_params)
-        dev.append(Line("gradients", (0 if p.offload_params else 4 * shard) + grads_unsharded,
-                        "fp32 shards + unsharded grads of the root unit and 2 layers in backward"))
+        dev.append(
+            Line(
+                "gradients",
+                (0 if p.offload_params else 4 * shard) + grads_unsharded,
+                "fp32 shards + unsharded grads of the root unit and 2 layers in backward",
+            )
+        )
         where.append(Line("optimizer state", 8 * shard, "Adam m, v fp32 shards"))
         if p.offload_params:
             host.append(Line("gradients", 4 * shard, "fp32 shards (offloaded)"))
@@ -268,15 +300,27 @@ def state_lines(s: ModelShape, p: Parallel) -> tuple[list[Line], list[Line]]:
     if b != 4:
         opt_where.append(Line("master weights", 4 * shard, f"fp32 partitions, 1/{n}"))
     opt_where.append(Line("optimizer state", 8 * shard, "Adam m, v fp32 partitions"))
-    dev.append(Line("gradients", (0 if p.offload_optimizer else 4 * shard) + p.comm_bytes * p.bucket,
-                    "fp32 partitions + reduce bucket"))
+    dev.append(
+        Line(
+            "gradients",
+            (0 if p.offload_optimizer else 4 * shard) + p.comm_bytes * p.bucket,
+            "fp32 partitions + reduce bucket",
+        )
+    )
     if p.offload_optimizer:
         host.append(Line("gradients", 4 * shard, "fp32 partitions (offloaded)"))
     return dev, host
 
 
-def plan_memory(s: ModelShape, p: Parallel, w: Workload, *, capacity: float, reserve: float = RUNTIME_RESERVE,
-                geo: AttentionGeometry | None = None) -> MemoryPlan:
+def plan_memory(
+    s: ModelShape,
+    p: Parallel,
+    w: Workload,
+    *,
+    capacity: float,
+    reserve: float = RUNTIME_RESERVE,
+    geo: AttentionGeometry | None = None,
+) -> MemoryPlan:
     """The per-GPU plan of one trainer rank (the largest one: pipeline stage 0 under Megatron)."""
     b = dtype_bytes(p.precision)
     tp = p.tensor_parallel if p.kind == "megatron" else 1
@@ -286,19 +330,40 @@ def plan_memory(s: ModelShape, p: Parallel, w: Workload, *, capacity: float, res
     dev, host = state_lines(s, p)
     plan.device += dev
     if w.reference_model:
-        plan.device.append(Line("reference model", 2 * s.params / (p.world if p.kind != "megatron" else tp * pp),
-                                "bf16, sharded like the policy"))
+        plan.device.append(
+            Line(
+                "reference model",
+                2 * s.params / (p.world if p.kind != "megatron" else tp * pp),
+                "bf16, sharded like the policy",
+            )
+        )
     resident, layer, head = activation_lines(s, w, b, geo, tp=tp)
     plain = w.tokens * s.vocab / tp * (4 + b)
     plan.device += [
-        Line("activations", resident, ("checkpointed layer inputs" if w.checkpointing else "every layer's saved tensors")
-             + f" at {w.tokens} tokens"),
-        Line("layer backward", layer, ("one layer recomputed + " if w.checkpointing else "") + "gradient temporaries",
-             phase="layer"),
-        Line("attention workspace", gathered_key_grads(s, w, geo, tp=tp),
-             f"{w.backend}: fp32 grads of {max(geo.gathered.values())} gathered keys/layer", phase="layer"),
-        Line("logits / loss", head, f"fused head, {min(w.head_chunk_rows, w.tokens)}-row chunks "
-             f"(a plain head keeps {plain / GiB:.1f} GiB)", phase="head"),
+        Line(
+            "activations",
+            resident,
+            ("checkpointed layer inputs" if w.checkpointing else "every layer's saved tensors")
+            + f" at {w.tokens} tokens",
+        ),
+        Line(
+            "layer backward",
+            layer,
+            ("one layer recomputed + " if w.checkpointing else "") + "gradient temporaries",
+            phase="layer",
+        ),
+        Line(
+            "attention workspace",
+            gathered_key_grads(s, w, geo, tp=tp),
+            f"{w.backend}: fp32 grads of {max(geo.gathered.values())} gathered keys/layer",
+            phase="layer",
+        ),
+        Line(
+            "logits / loss",
+            head,
+            f"fused head, {min(w.head_chunk_rows, w.tokens)}-row chunks (a plain head keeps {plain / GiB:.1f} GiB)",
+            phase="head",
+        ),
     ]
     if reserve:
         plan.device.append(Line("runtime reserve", reserve, "CUDA context, NCCL, allocator slack"))
@@ -311,15 +376,18 @@ def host_lines(s: ModelShape) -> list[Line]:
     """Host memory per rank at load (rank 0 reads the checkpoint once) and at export (rank 0 gathers)."""
     ckpt = 2 * s.params  # released models and bf16 exports are bf16
     flight = 4 * s.largest_tensor
-    return [Line("host at load, rank 0", ckpt + flight, "the checkpoint in its dtype + one tensor in flight"),
-            Line("host at load, other ranks", 2 * flight, "meta model; one tensor received at a time"),
-            Line("host at export, rank 0", 4 * s.params + flight, "gathered fp32 weights, converted in place"),
-            Line("host at export, other ranks", flight, "one gathered tensor at a time")]
+    return [
+        Line("host at load, rank 0", ckpt + flight, "the checkpoint in its dtype + one tensor in flight"),
+        Line("host at load, other ranks", 2 * flight, "meta model; one tensor received at a time"),
+        Line("host at export, rank 0", 4 * s.params + flight, "gathered fp32 weights, converted in place"),
+        Line("host at export, other ranks", flight, "one gathered tensor at a time"),
+    ]
 
 
 # -- advice ----------------------------------------------------------------------------------------------
-def suggestions(s: ModelShape, p: Parallel, w: Workload, *, capacity: float, min_tokens: int,
-                reserve: float = RUNTIME_RESERVE) -> list[tuple[str, MemoryPlan]]:
+def suggestions(
+    s: ModelShape, p: Parallel, w: Workload, *, capacity: float, min_tokens: int, reserve: float = RUNTIME_RESERVE
+) -> list[tuple[str, MemoryPlan]]:
     """Single changes that make the plan fit, each with its plan, cheapest first."""
     tries: list[tuple[str, Parallel, Workload]] = []
     if not w.checkpointing:
@@ -334,8 +402,13 @@ def suggestions(s: ModelShape, p: Parallel, w: Workload, *, capacity: float, min
     if p.kind == "deepspeed" and not p.offload_optimizer:
         tries.append(("engine.offload_optimizer=true", replace(p, offload_optimizer=True), w))
     if p.kind == "fsdp2" and not p.offload_params:
-        tries.append(("engine.zero_stage=3 engine.offload_params=true",
-                      replace(p, zero_stage=3, offload_params=True, offload_optimizer=True), w))
+        tries.append(
+            (
+                "engine.zero_stage=3 engine.offload_params=true",
+                replace(p, zero_stage=3, offload_params=True, offload_optimizer=True),
+                w,
+            )
+        )
     tries.append((f"cluster.num_workers={2 * p.world}", replace(p, world=2 * p.world), w))
     out = []
     for change, p2, w2 in tries:

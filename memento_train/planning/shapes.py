@@ -16,20 +16,50 @@ from memento_train.config.errors import ConfigError
 
 # Published configs of the models the shipped recipes train (the fields the planner reads).
 KNOWN_MODELS: dict[str, dict[str, Any]] = {
-    "Qwen/Qwen3-8B": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-                          tie_word_embeddings=False),
-    "Qwen/Qwen3-32B": dict(model_type="qwen3", hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
-                           num_attention_heads=64, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-                           tie_word_embeddings=False),
-    "microsoft/Phi-4-reasoning": dict(model_type="phi3", hidden_size=5120, intermediate_size=17920,
-                                      num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=10,
-                                      vocab_size=100352, tie_word_embeddings=False),
-    "allenai/Olmo-3-1025-7B": dict(model_type="olmo3", hidden_size=4096, intermediate_size=11008,
-                                   num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                                   vocab_size=100278, tie_word_embeddings=False, sliding_window=4096,
-                                   layer_types=["sliding_attention", "sliding_attention", "sliding_attention",
-                                                "full_attention"] * 8),
+    "Qwen/Qwen3-8B": dict(
+        model_type="qwen3",
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        tie_word_embeddings=False,
+    ),
+    "Qwen/Qwen3-32B": dict(
+        model_type="qwen3",
+        hidden_size=5120,
+        intermediate_size=25600,
+        num_hidden_layers=64,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        tie_word_embeddings=False,
+    ),
+    "microsoft/Phi-4-reasoning": dict(
+        model_type="phi3",
+        hidden_size=5120,
+        intermediate_size=17920,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=10,
+        vocab_size=100352,
+        tie_word_embeddings=False,
+    ),
+    "allenai/Olmo-3-1025-7B": dict(
+        model_type="olmo3",
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=100278,
+        tie_word_embeddings=False,
+        sliding_window=4096,
+        layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"] * 8,
+    ),
 }
 
 
@@ -99,9 +129,17 @@ def shape_from_config(cfg: Any, *, name: str = "") -> ModelShape:
     else:
         windows = tuple([window if window and get("use_sliding_window", True) else None] * layers)
     return ModelShape(
-        family=str(get("model_type", "llama")), hidden=hidden, ffn=get("intermediate_size"), layers=layers,
-        heads=heads, kv_heads=get("num_key_value_heads") or heads, head_dim=get("head_dim") or hidden // heads,
-        vocab=get("vocab_size"), tied=bool(get("tie_word_embeddings", False)), windows=windows, name=name,
+        family=str(get("model_type", "llama")),
+        hidden=hidden,
+        ffn=get("intermediate_size"),
+        layers=layers,
+        heads=heads,
+        kv_heads=get("num_key_value_heads") or heads,
+        head_dim=get("head_dim") or hidden // heads,
+        vocab=get("vocab_size"),
+        tied=bool(get("tie_word_embeddings", False)),
+        windows=windows,
+        name=name,
     )
 
 
@@ -113,12 +151,24 @@ def shape_of_model_path(path: str) -> ModelShape:
             return shape_from_config(json.load(f), name=path)
     if path in KNOWN_MODELS:
         return shape_from_config(KNOWN_MODELS[path], name=path)
-    raise ConfigError(f"cannot plan model.path={path!r}: it is not a local model directory (no config.json) and "
-                      f"not one of the known models ({', '.join(KNOWN_MODELS)}); download its config.json first")
+    raise ConfigError(
+        f"cannot plan model.path={path!r}: it is not a local model directory (no config.json) and "
+        f"not one of the known models ({', '.join(KNOWN_MODELS)}); download its config.json first"
+    )
 
 
 def tiny_shape(tiny: Any, vocab: int) -> ModelShape:
     """The tiny Qwen3 model of ``model.tiny`` (see :mod:`memento_train.models.tiny`)."""
-    return ModelShape(family="qwen3", hidden=tiny.hidden_size, ffn=2 * tiny.hidden_size, layers=tiny.num_layers,
-                      heads=tiny.num_heads, kv_heads=tiny.num_kv_heads, head_dim=tiny.hidden_size // tiny.num_heads,
-                      vocab=vocab, tied=True, windows=(None,) * tiny.num_layers, name="tiny")
+    return ModelShape(
+        family="qwen3",
+        hidden=tiny.hidden_size,
+        ffn=2 * tiny.hidden_size,
+        layers=tiny.num_layers,
+        heads=tiny.num_heads,
+        kv_heads=tiny.num_kv_heads,
+        head_dim=tiny.hidden_size // tiny.num_heads,
+        vocab=vocab,
+        tied=True,
+        windows=(None,) * tiny.num_layers,
+        name="tiny",
+    )

@@ -14,8 +14,12 @@ from memento_train.masking import BlockMaskingConfig, parse
 
 # Synthetic ids; only the delimiters and the assistant header matter to the parser.
 SPECIAL = {
-    "<|im_start|>": 1, "assistant": 2, "<|block_start|>": 10, "<|block_end|>": 11,
-    "<|summary_start|>": 12, "<|summary_end|>": 13,
+    "<|im_start|>": 1,
+    "assistant": 2,
+    "<|block_start|>": 10,
+    "<|block_end|>": 11,
+    "<|summary_start|>": 12,
+    "<|summary_end|>": 13,
 }
 PLAIN = 100
 
@@ -42,16 +46,18 @@ def memento_document(
     return ids + [PLAIN] * min(jitter(answer), budget - len(ids))
 
 
-def memento_batch(total_tokens: int, *, seed: int = 0, doc_tokens: int = 12_000, keep_last_n_blocks: int = 0,
-                  scale: float = 1.0):
+def memento_batch(
+    total_tokens: int, *, seed: int = 0, doc_tokens: int = 12_000, keep_last_n_blocks: int = 0, scale: float = 1.0
+):
     """Pack documents of up to ``doc_tokens`` into exactly ``total_tokens``; returns (meta, doc_lengths).
 
     ``scale`` shrinks every unit (prompt, block, summary, answer) for miniature batches that still evict.
     """
     rng = np.random.default_rng(seed)
     config = BlockMaskingConfig(keep_last_n_blocks=keep_last_n_blocks)
-    units = {k: max(1, round(n * scale)) for k, n in (("prompt", 200), ("block", 1150), ("summary", 190),
-                                                      ("answer", 150))}
+    units = {
+        k: max(1, round(n * scale)) for k, n in (("prompt", 200), ("block", 1150), ("summary", 190), ("answer", 150))
+    }
     kill_rows, remaining = [], total_tokens
     while remaining > 0:
         doc = memento_document(rng, min(doc_tokens, remaining), **units)

@@ -46,12 +46,14 @@ def recipe_path(name: str, relative_to: Path | None = None) -> Path:
     for c in candidates:
         if c.is_file():
             return c
-    raise ConfigError(f"unknown recipe {name!r}; shipped recipes: {', '.join(available_recipes())} "
-                      "(or pass a path to a .yaml file)")
+    raise ConfigError(
+        f"unknown recipe {name!r}; shipped recipes: {', '.join(available_recipes())} (or pass a path to a .yaml file)"
+    )
 
 
-def load_recipe(name: str, *, schema: type | None = None, relative_to: Path | None = None,
-                _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+def load_recipe(
+    name: str, *, schema: type | None = None, relative_to: Path | None = None, _seen: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """The merged tree of recipe ``name`` (its ``defaults`` resolved; the key itself removed), each
     file's deprecated option names replaced when the config class ``schema`` is given."""
     path = recipe_path(name, relative_to)
@@ -69,8 +71,9 @@ def load_recipe(name: str, *, schema: type | None = None, relative_to: Path | No
         bases = [bases]
     merged: dict[str, Any] = {}
     for base in bases:
-        merged = deep_merge(merged, load_recipe(str(base), schema=schema, relative_to=path.parent,
-                                                _seen=_seen + (key,)))
+        merged = deep_merge(
+            merged, load_recipe(str(base), schema=schema, relative_to=path.parent, _seen=_seen + (key,))
+        )
     merged.pop("stages", None)  # a pipeline's stage list is not inherited by recipes built on it
     return deep_merge(merged, tree if schema is None else canonical_tree(schema, tree))
 
@@ -86,8 +89,9 @@ def split_recipe_arg(args: list[str]) -> tuple[str | None, list[str]]:
     return recipe, rest
 
 
-def recipe_tree(recipe: str, overrides: Sequence[str] | dict[str, Any] = (), *,
-                schema: type | None = None) -> dict[str, Any]:
+def recipe_tree(
+    recipe: str, overrides: Sequence[str] | dict[str, Any] = (), *, schema: type | None = None
+) -> dict[str, Any]:
     """The merged plain tree of ``recipe`` (a shipped name or a file) and the overrides on top of it
     (``key=value`` arguments, or an already nested mapping). A pipeline recipe keeps its ``stages``.
     With the config class ``schema``, deprecated option names are replaced in each recipe file and in

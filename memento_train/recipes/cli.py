@@ -33,8 +33,15 @@ class RecipeArgs:
     overrides: list[str]
 
 
-def run_recipe_cli(prog: str, doc: str, argv: Sequence[str] | None, run: Callable[[RecipeArgs], int],
-                   subcommands: dict[str, Callable[[list[str]], int]] | None = None, *, plan: bool = True) -> int:
+def run_recipe_cli(
+    prog: str,
+    doc: str,
+    argv: Sequence[str] | None,
+    run: Callable[[RecipeArgs], int],
+    subcommands: dict[str, Callable[[list[str]], int]] | None = None,
+    *,
+    plan: bool = True,
+) -> int:
     """Dispatch ``argv`` (default ``sys.argv[1:]``): help, ``recipes``, ``plan`` (when ``plan``),
     ``subcommands``, else ``run``."""
     args = list(sys.argv[1:] if argv is None else argv)

@@ -62,8 +62,9 @@ def compute_advantages(
     if mode not in ADV_MODES:
         raise ValueError(f"adv_norm must be one of {ADV_MODES}, got {mode!r}")
     if rewards.ndim != 1 or group_ids.shape != rewards.shape:
-        raise ValueError(f"expected rewards [N] and group_ids [N], got {tuple(rewards.shape)}, "
-                         f"{tuple(group_ids.shape)}")
+        raise ValueError(
+            f"expected rewards [N] and group_ids [N], got {tuple(rewards.shape)}, {tuple(group_ids.shape)}"
+        )
     if rewards.numel() == 0:
         return torch.zeros(0)
     r = rewards.detach().to(torch.float64).cpu()

@@ -97,8 +97,9 @@ class AlgorithmConfig:
         if self.loss == "grpo":  # the old name: GRPO is the advantage scheme, the loss is PPO-clip
             self.loss = "ppo_clip"
         if not (_finite(self.eps_low) and 0.0 <= self.eps_low <= 1.0):
-            raise ConfigError(f"{prefix}.eps_low must be in [0, 1] (the ratio's lower clip is 1 - eps_low), "
-                              f"got {self.eps_low!r}")
+            raise ConfigError(
+                f"{prefix}.eps_low must be in [0, 1] (the ratio's lower clip is 1 - eps_low), got {self.eps_low!r}"
+            )
         if not (_finite(self.eps_high) and self.eps_high >= 0.0):
             raise ConfigError(f"{prefix}.eps_high must be a finite number >= 0, got {self.eps_high!r}")
         for name in ("kl_coef", "entropy_coef"):
@@ -106,15 +107,19 @@ class AlgorithmConfig:
             if not (_finite(v) and v >= 0.0):
                 raise ConfigError(f"{prefix}.{name} must be a finite number >= 0 (0 disables it), got {v!r}")
         if not (_finite(self.adv_eps) and self.adv_eps > 0.0):
-            raise ConfigError(f"{prefix}.adv_eps must be > 0 (it keeps all-equal groups at advantage 0), "
-                              f"got {self.adv_eps!r}")
+            raise ConfigError(
+                f"{prefix}.adv_eps must be > 0 (it keeps all-equal groups at advantage 0), got {self.adv_eps!r}"
+            )
         if not (_finite(self.tis_cap) and self.tis_cap >= 0.0):
-            raise ConfigError(f"{prefix}.tis_cap must be >= 0 (0 disables truncated importance sampling), "
-                              f"got {self.tis_cap!r}")
+            raise ConfigError(
+                f"{prefix}.tis_cap must be >= 0 (0 disables truncated importance sampling), got {self.tis_cap!r}"
+            )
         if self.tis_cap > 0 and self.old_logprobs_source == "rollout":
-            raise ConfigError(f"{prefix}.tis_cap={self.tis_cap} has no effect with "
-                              f"{prefix}.old_logprobs_source=rollout (π_old is then the rollout policy, so the "
-                              f"importance weight is 1); set {prefix}.tis_cap=0 or old_logprobs_source=trainer")
+            raise ConfigError(
+                f"{prefix}.tis_cap={self.tis_cap} has no effect with "
+                f"{prefix}.old_logprobs_source=rollout (π_old is then the rollout policy, so the "
+                f"importance weight is 1); set {prefix}.tis_cap=0 or old_logprobs_source=trainer"
+            )
         c = self.logprob_chunk_size
         if isinstance(c, bool) or not isinstance(c, int) or c < 1:
             raise ConfigError(f"{prefix}.logprob_chunk_size must be an int >= 1, got {c!r}")

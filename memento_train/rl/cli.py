@@ -23,8 +23,8 @@ from collections.abc import Sequence
 
 import yaml
 
-from memento_train.recipes.cli import RecipeArgs, run_recipe_cli
 from memento_train.config.tree import to_dict
+from memento_train.recipes.cli import RecipeArgs, run_recipe_cli
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,8 +42,10 @@ def _run(args: RecipeArgs) -> int:
 
     result = warm_up_then_run_rl(cfg)
     r = result.reward_means
-    print(f"[memento-rl] {result.output_dir}: {result.steps} steps; mean reward first/last step "
-          f"{r[0] if r else float('nan'):.3f} -> {r[-1] if r else float('nan'):.3f}; HF model {result.hf_dir}")
+    print(
+        f"[memento-rl] {result.output_dir}: {result.steps} steps; mean reward first/last step "
+        f"{r[0] if r else float('nan'):.3f} -> {r[-1] if r else float('nan'):.3f}; HF model {result.hf_dir}"
+    )
     return 0
 
 

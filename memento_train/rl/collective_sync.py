@@ -45,6 +45,7 @@ class WeightSyncMismatch(RuntimeError):
 
 # ---------------------------------------------------------------- manifest and buckets (pure)
 
+
 @dataclass(frozen=True)
 class TensorSpec:
     """Name, shape and dtype of one tensor of the synced state (``dtype`` as ``str(torch.dtype)``)."""
@@ -128,8 +129,9 @@ def unflatten_bucket(flat: torch.Tensor, specs: Sequence[TensorSpec]) -> list[to
     return out
 
 
-def check_manifest(specs: Sequence[TensorSpec], targets: Mapping[str, torch.Tensor],
-                   optional: Iterable[str] = ()) -> list[str]:
+def check_manifest(
+    specs: Sequence[TensorSpec], targets: Mapping[str, torch.Tensor], optional: Iterable[str] = ()
+) -> list[str]:
     """Problems that stop ``specs`` from loading into ``targets`` (empty: it fits). Dtypes may differ
     (the copy casts); names and shapes may not. ``optional`` target names may be absent from the specs
     (a tied ``lm_head.weight`` the trainer does not send)."""
@@ -138,11 +140,14 @@ def check_manifest(specs: Sequence[TensorSpec], targets: Mapping[str, torch.Tens
     for s in specs:
         t = targets.get(s.name)
         if t is None:
-            problems.append(f"tensor {s.name!r} (shape {list(s.shape)}) is sent by the trainer but the rollout "
-                            f"model has no such tensor")
+            problems.append(
+                f"tensor {s.name!r} (shape {list(s.shape)}) is sent by the trainer but the rollout "
+                f"model has no such tensor"
+            )
         elif tuple(t.shape) != s.shape:
-            problems.append(f"tensor {s.name!r} has shape {list(s.shape)} on the trainer but "
-                            f"{list(t.shape)} in the rollout model")
+            problems.append(
+                f"tensor {s.name!r} has shape {list(s.shape)} on the trainer but {list(t.shape)} in the rollout model"
+            )
     skip = set(optional)
     for name in targets:
         if name not in sent and name not in skip:
@@ -151,6 +156,7 @@ def check_manifest(specs: Sequence[TensorSpec], targets: Mapping[str, torch.Tens
 
 
 # ---------------------------------------------------------------- the group
+
 
 @dataclass(frozen=True)
 class Rendezvous:
@@ -191,8 +197,9 @@ class WeightSyncGroup:
     members together. ``store``: rank 0 passes the store it opened; the others connect to it.
     ``device``: where the member's tensors live (must be CUDA for ``nccl``)."""
 
-    def __init__(self, rdv: Rendezvous, rank: int, *, store: dist.Store | None = None,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, rdv: Rendezvous, rank: int, *, store: dist.Store | None = None, device: torch.device | str | None = None
+    ) -> None:
         if rdv.backend not in BACKENDS:
             raise ValueError(f"weight-sync backend must be one of {BACKENDS}, got {rdv.backend!r}")
         self.rdv, self.rank = rdv, rank
@@ -210,8 +217,10 @@ class WeightSyncGroup:
             self.pg = dist.ProcessGroupGloo(prefixed, rank, rdv.world_size, timeout)
         else:
             if not hasattr(dist, "ProcessGroupNCCL"):
-                raise RuntimeError("weight_sync=nccl: this torch build has no NCCL (a CPU build?); "
-                                   "use weight_sync=collective, which picks gloo without GPUs")
+                raise RuntimeError(
+                    "weight_sync=nccl: this torch build has no NCCL (a CPU build?); "
+                    "use weight_sync=collective, which picks gloo without GPUs"
+                )
             torch.cuda.set_device(self.device)
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timeout
@@ -243,8 +252,9 @@ class WeightSyncGroup:
         t0 = time.perf_counter()
         specs = state_manifest(state)
         bucket_bytes = bucket_bytes or self.rdv.bucket_bytes
-        payload = json.dumps({"bucket_bytes": bucket_bytes,
-                              "tensors": [[s.name, list(s.shape), s.dtype] for s in specs]}).encode()
+        payload = json.dumps(
+            {"bucket_bytes": bucket_bytes, "tensors": [[s.name, list(s.shape), s.dtype] for s in specs]}
+        ).encode()
         self._broadcast(torch.tensor([len(payload)], dtype=torch.int64, device=self.comm_device)).wait()
         self._broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.comm_device)).wait()
         failures = self._count_failures(False)
@@ -264,11 +274,16 @@ class WeightSyncGroup:
         if in_flight is not None:
             in_flight[0].wait()
         self._sync_device()
-        return {"broadcast_s": time.perf_counter() - t0, "buckets": float(len(buckets)), "bytes": float(total),
-                "aborted": 0.0}
+        return {
+            "broadcast_s": time.perf_counter() - t0,
+            "buckets": float(len(buckets)),
+            "bytes": float(total),
+            "aborted": 0.0,
+        }
 
-    def receive(self, targets: Mapping[str, torch.Tensor], *, optional: Iterable[str] = (),
-                who: str = "rollout worker") -> dict[str, float]:
+    def receive(
+        self, targets: Mapping[str, torch.Tensor], *, optional: Iterable[str] = (), who: str = "rollout worker"
+    ) -> dict[str, float]:
         """Ranks > 0: receive the broadcast and copy it into ``targets`` in place (a model's
         ``state_dict()``: its tensors share storage with the parameters). Returns ``receive_s`` (the
         whole receive), ``load_s`` (the part spent copying into the model) and ``aborted``.
@@ -288,9 +303,11 @@ class WeightSyncGroup:
         if self._count_failures(bool(problems)):
             if problems:
                 more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-                raise WeightSyncMismatch(f"{who}: the trainer's weights do not match this model: "
-                                         f"{'; '.join(problems[:3])}{more}. Trainer and rollout workers must "
-                                         f"load the same architecture (model.*)")
+                raise WeightSyncMismatch(
+                    f"{who}: the trainer's weights do not match this model: "
+                    f"{'; '.join(problems[:3])}{more}. Trainer and rollout workers must "
+                    f"load the same architecture (model.*)"
+                )
             return {"receive_s": time.perf_counter() - t0, "load_s": 0.0, "aborted": 1.0}
 
         load_s = 0.0

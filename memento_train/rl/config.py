@@ -3,7 +3,8 @@ overrides, validated before any worker starts.
 
 Sections: ``model`` (the policy; ``model.path`` null + ``warmup.enabled`` = a tiny model SFT-warmed on
 the synthetic task first), ``prompts`` (where problems come from), ``rollout`` (group size, prompts
-per step, sampling, ``block_masking`` and its block cap), ``algorithm`` (:mod:`.algorithm`) / ``reward`` (:mod:`.rewards`), ``optim``,
+per step, sampling, ``block_masking`` and its block cap), ``algorithm`` (:mod:`.algorithm`) /
+``reward`` (:mod:`.rewards`), ``optim``,
 ``engine``, ``cluster`` (trainer workers), ``rollout_cluster`` (rollout workers), ``placement``,
 ``weight_sync``, ``train`` (steps, micro-batches), ``eval``, ``checkpoint``, ``faults``, logging.
 """
@@ -18,18 +19,18 @@ from typing import Any, Literal
 from memento_train.checkpoint.manager import RESUME_MODES
 from memento_train.cluster.config import ClusterConfig
 from memento_train.config.errors import ConfigError
+from memento_train.config.tree import build, canonical_tree, check_types, has_key, renamed_from
 from memento_train.data.problems import ProblemSource, check_source
 from memento_train.data.synthetic import SyntheticTaskConfig
 from memento_train.engines.config import EngineConfig
 from memento_train.export.writer import MASK_RULE_FIELDS, apply_exported_mask, exported_mask
-from memento_train.masking import BlockMaskingConfig
 from memento_train.generation.vllm_engine import VLLMOptions
+from memento_train.masking import BlockMaskingConfig
 from memento_train.models.config import ModelConfig, resolve_init_from
-from memento_train.training.optim import OptimConfig
 from memento_train.recipes import recipe_tree
 from memento_train.rl.algorithm import AlgorithmConfig
 from memento_train.rl.rewards import RewardConfig
-from memento_train.config.tree import build, canonical_tree, check_types, has_key, renamed_from
+from memento_train.training.optim import OptimConfig
 from memento_train.training.tracking import Logger, WandbConfig
 
 DEFAULT_RECIPE = "tiny_rl"
@@ -90,7 +91,8 @@ class RolloutConfig:
     max_new_tokens: int = 31744
     block_masking: BlockMaskingConfig = field(
         default_factory=lambda: BlockMaskingConfig(keep_last_n_blocks=0, max_block_tokens=7168),
-        metadata=renamed_from("mask"))
+        metadata=renamed_from("mask"),
+    )
     allow_mask_mismatch: bool = False
     generator: Literal["auto", "reference", "vllm"] = field(default="auto", metadata=renamed_from("engine"))
     max_batch_size: int = 256
@@ -243,23 +245,33 @@ class RLConfig:
         self.rollout_cluster.validate("rollout_cluster")
         self._check_generator()
         if self.resume not in RESUME_MODES and not os.path.isdir(self.resume):
-            raise ConfigError(f"resume must be 'auto', 'never' or an existing checkpoint directory, got {self.resume!r}")
+            raise ConfigError(
+                f"resume must be 'auto', 'never' or an existing checkpoint directory, got {self.resume!r}"
+            )
         r = self.rollout
         for name in ("group_size", "prompts_per_step", "max_new_tokens", "max_batch_size"):
             _positive(f"rollout.{name}", getattr(r, name))
         if not r.temperature > 0:
-            raise ConfigError(f"rollout.temperature must be > 0 (RL samples; log-probs are taken at it), got {r.temperature!r}")
+            raise ConfigError(
+                f"rollout.temperature must be > 0 (RL samples; log-probs are taken at it), got {r.temperature!r}"
+            )
         if not 0 < r.top_p <= 1:
             raise ConfigError(f"rollout.top_p must be in (0, 1], got {r.top_p!r}")
         if r.top_p < 1 and self.algorithm.old_logprobs_source == "rollout":
-            raise ConfigError("rollout.top_p < 1 with algorithm.old_logprobs_source=rollout: the rollout log-probs "
-                              "are of the untruncated policy, set rollout.top_p=1")
+            raise ConfigError(
+                "rollout.top_p < 1 with algorithm.old_logprobs_source=rollout: the rollout log-probs "
+                "are of the untruncated policy, set rollout.top_p=1"
+            )
         if not r.block_masking.evicts:
-            raise ConfigError("rollout.block_masking must evict (enable=true, keep_last_n_blocks>=0): Memento RL "
-                              "trains on block-evicting rollouts")
+            raise ConfigError(
+                "rollout.block_masking must evict (enable=true, keep_last_n_blocks>=0): Memento RL "
+                "trains on block-evicting rollouts"
+            )
         if r.group_size < 2 and self.algorithm.adv_norm in ("group", "drgrpo"):
-            raise ConfigError(f"rollout.group_size={r.group_size} gives every group advantage 0 with "
-                              f"algorithm.adv_norm={self.algorithm.adv_norm}; use group_size >= 2")
+            raise ConfigError(
+                f"rollout.group_size={r.group_size} gives every group advantage 0 with "
+                f"algorithm.adv_norm={self.algorithm.adv_norm}; use group_size >= 2"
+            )
         p = self.prompts
         if p.num_records is not None or p.path == "synthetic":
             _positive("prompts.num_records", p.num_records)
@@ -271,16 +283,22 @@ class RLConfig:
         _positive("train.log_every", t.log_every)
         _positive("train.mini_batches", t.mini_batches)
         if t.mini_batches > r.prompts_per_step:
-            raise ConfigError(f"train.mini_batches ({t.mini_batches}) must be <= rollout.prompts_per_step "
-                              f"({r.prompts_per_step}): a mini-batch holds whole groups")
+            raise ConfigError(
+                f"train.mini_batches ({t.mini_batches}) must be <= rollout.prompts_per_step "
+                f"({r.prompts_per_step}): a mini-batch holds whole groups"
+            )
         if t.max_steps is not None:
             _positive("train.max_steps", t.max_steps)
         if t.micro_batch_tokens < p.max_prompt_len + r.max_new_tokens:
-            raise ConfigError(f"train.micro_batch_tokens ({t.micro_batch_tokens}) must hold the longest sequence, "
-                              f"prompts.max_prompt_len + rollout.max_new_tokens = {p.max_prompt_len + r.max_new_tokens}")
+            raise ConfigError(
+                f"train.micro_batch_tokens ({t.micro_batch_tokens}) must hold the longest sequence, "
+                f"prompts.max_prompt_len + rollout.max_new_tokens = {p.max_prompt_len + r.max_new_tokens}"
+            )
         if self.model.path is None and p.max_prompt_len + r.max_new_tokens > self.model.tiny.max_position_embeddings:
-            raise ConfigError(f"prompts.max_prompt_len + rollout.max_new_tokens exceeds the tiny model's "
-                              f"model.tiny.max_position_embeddings ({self.model.tiny.max_position_embeddings})")
+            raise ConfigError(
+                f"prompts.max_prompt_len + rollout.max_new_tokens exceeds the tiny model's "
+                f"model.tiny.max_position_embeddings ({self.model.tiny.max_position_embeddings})"
+            )
         e = self.eval
         if e.every < 0:
             raise ConfigError(f"eval.every must be >= 0 (0 = never), got {e.every!r}")
@@ -297,16 +315,22 @@ class RLConfig:
         w = self.warmup
         if w.enabled:
             if self.model.path is not None:
-                raise ConfigError("warmup.enabled=true trains a tiny model from scratch: set model.path=null, "
-                                  "or warmup.enabled=false to start RL from model.path")
+                raise ConfigError(
+                    "warmup.enabled=true trains a tiny model from scratch: set model.path=null, "
+                    "or warmup.enabled=false to start RL from model.path"
+                )
             for name in ("steps", "num_records", "global_batch_size"):
                 _positive(f"warmup.{name}", getattr(w, name))
             if not 0.0 <= w.unboxed_answer_rate < 1.0:
-                raise ConfigError(f"warmup.unboxed_answer_rate must be in [0, 1) (a fraction of traces), "
-                                  f"got {w.unboxed_answer_rate!r}")
+                raise ConfigError(
+                    f"warmup.unboxed_answer_rate must be in [0, 1) (a fraction of traces), "
+                    f"got {w.unboxed_answer_rate!r}"
+                )
         c = self.checkpoint
         if c.every < 0 or c.keep_last < 1:
-            raise ConfigError(f"checkpoint.every must be >= 0 and checkpoint.keep_last >= 1, got {c.every}, {c.keep_last}")
+            raise ConfigError(
+                f"checkpoint.every must be >= 0 and checkpoint.keep_last >= 1, got {c.every}, {c.keep_last}"
+            )
         if self.faults.max_step_retries < 0:
             raise ConfigError(f"faults.max_step_retries must be >= 0, got {self.faults.max_step_retries!r}")
         self._check_placement()
@@ -319,39 +343,54 @@ class RLConfig:
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         if r.generator == "vllm" and self.model.path is None and not self.warmup.enabled:
-            raise ConfigError("rollout.generator=vllm loads the policy from a checkpoint directory: set model.path "
-                              "(an HF export) or warmup.enabled=true (the warm-up exports one)")
+            raise ConfigError(
+                "rollout.generator=vllm loads the policy from a checkpoint directory: set model.path "
+                "(an HF export) or warmup.enabled=true (the warm-up exports one)"
+            )
 
     def _check_placement(self) -> None:
         # GPU-only paths are configured here but not implemented on CPU; say so before anything starts.
         if self.weight_sync == "inplace":
-            raise ConfigError("weight_sync=inplace is a GPU path (in-place load for colocated vLLM) not implemented "
-                              "in this version; use weight_sync=object_store, collective (or auto)")
+            raise ConfigError(
+                "weight_sync=inplace is a GPU path (in-place load for colocated vLLM) not implemented "
+                "in this version; use weight_sync=object_store, collective (or auto)"
+            )
         if self.weight_sync == "nccl":
             import torch
 
             # gpus_per_worker=null is "1 if the cluster has GPUs": decidable here only for a local cluster.
-            no_gpus = [f"{name}.gpus_per_worker=0" if c.gpus_per_worker == 0 else
-                       f"{name}.gpus_per_worker=null on a machine without CUDA" for name, c in
-                       (("cluster", self.cluster), ("rollout_cluster", self.rollout_cluster))
-                       if c.gpus_per_worker == 0 or (c.gpus_per_worker is None and c.address is None
-                                                     and not torch.cuda.is_available())]
+            no_gpus = [
+                f"{name}.gpus_per_worker=0"
+                if c.gpus_per_worker == 0
+                else f"{name}.gpus_per_worker=null on a machine without CUDA"
+                for name, c in (("cluster", self.cluster), ("rollout_cluster", self.rollout_cluster))
+                if c.gpus_per_worker == 0
+                or (c.gpus_per_worker is None and c.address is None and not torch.cuda.is_available())
+            ]
             if no_gpus:
-                raise ConfigError(f"weight_sync=nccl needs GPUs on the trainer and the rollout workers, but they "
-                                  f"get none ({', '.join(no_gpus)}); use weight_sync=collective (NCCL on GPUs, "
-                                  f"gloo on CPU), object_store or auto")
+                raise ConfigError(
+                    f"weight_sync=nccl needs GPUs on the trainer and the rollout workers, but they "
+                    f"get none ({', '.join(no_gpus)}); use weight_sync=collective (NCCL on GPUs, "
+                    f"gloo on CPU), object_store or auto"
+                )
         rollout_gpus = self.rollout_cluster.gpus_per_worker
         if self.placement == "colocated" and rollout_gpus:
-            raise ConfigError("placement=colocated on GPUs (the rollout engine sleeping beside the trainer) is not "
-                              "implemented; use placement=disaggregated")
+            raise ConfigError(
+                "placement=colocated on GPUs (the rollout engine sleeping beside the trainer) is not "
+                "implemented; use placement=disaggregated"
+            )
         e = self.engine
         if e.tensor_parallel > 1 or e.pipeline_parallel > 1:
-            raise ConfigError(f"engine.tensor_parallel={e.tensor_parallel} / engine.pipeline_parallel="
-                              f"{e.pipeline_parallel}: the RL trainer is data parallel only (the policy and the "
-                              "reference are sharded with fsdp2 or ZeRO-3); set both to 1")
+            raise ConfigError(
+                f"engine.tensor_parallel={e.tensor_parallel} / engine.pipeline_parallel="
+                f"{e.pipeline_parallel}: the RL trainer is data parallel only (the policy and the "
+                "reference are sharded with fsdp2 or ZeRO-3); set both to 1"
+            )
         if self.placement == "colocated" and self.rollout_cluster.num_workers != self.cluster.num_workers:
-            raise ConfigError(f"placement=colocated runs one rollout engine beside each trainer rank: set "
-                              f"rollout_cluster.num_workers={self.cluster.num_workers} (= cluster.num_workers)")
+            raise ConfigError(
+                f"placement=colocated runs one rollout engine beside each trainer rank: set "
+                f"rollout_cluster.num_workers={self.cluster.num_workers} (= cluster.num_workers)"
+            )
         if self.rollout_cluster.use_ray != self.cluster.use_ray:
             raise ConfigError("cluster.use_ray and rollout_cluster.use_ray must agree (both inline or both on Ray)")
 
@@ -376,8 +415,10 @@ def _check_model(cfg: RLConfig) -> None:
         limit = model_max_length(cfg.model)
         need = cfg.prompts.max_prompt_len + cfg.rollout.max_new_tokens
         if limit is not None and need > limit:
-            raise ConfigError(f"prompts.max_prompt_len + rollout.max_new_tokens = {need} exceeds the "
-                              f"max_position_embeddings ({limit}) of model.path={path!r}")
+            raise ConfigError(
+                f"prompts.max_prompt_len + rollout.max_new_tokens = {need} exceeds the "
+                f"max_position_embeddings ({limit}) of model.path={path!r}"
+            )
 
 
 def _apply_trained_mask(cfg: RLConfig, tree: dict[str, Any]) -> None:
@@ -388,16 +429,20 @@ def _apply_trained_mask(cfg: RLConfig, tree: dict[str, Any]) -> None:
     given = {k for k in (*MASK_RULE_FIELDS, "enable") if has_key(tree, f"rollout.block_masking.{k}")}
     if trained is None:
         if path is not None and "mask_delimiters" not in given:
-            raise ConfigError(f"model.path={path!r} is not a memento-train export (no memento_train.json), so the "
-                              f"eviction rule it was trained with is unknown: set rollout.block_masking."
-                              f"mask_delimiters=true|false (and keep_last_n_blocks) to match it")
+            raise ConfigError(
+                f"model.path={path!r} is not a memento-train export (no memento_train.json), so the "
+                f"eviction rule it was trained with is unknown: set rollout.block_masking."
+                f"mask_delimiters=true|false (and keep_last_n_blocks) to match it"
+            )
         return
     cfg.rollout.block_masking, mismatches = apply_exported_mask(cfg.rollout.block_masking, trained, given)
     if mismatches and not cfg.rollout.allow_mask_mismatch:
-        raise ConfigError(f"rollout.block_masking sets {', '.join(mismatches)}: model.path={path!r} was trained with another "
-                          f"eviction rule (its memento_train.json), so rollouts and the trainer's mask would not be "
-                          f"how the model attends; drop the option to use the model's, or set "
-                          f"rollout.allow_mask_mismatch=true")
+        raise ConfigError(
+            f"rollout.block_masking sets {', '.join(mismatches)}: model.path={path!r} was trained with another "
+            f"eviction rule (its memento_train.json), so rollouts and the trainer's mask would not be "
+            f"how the model attends; drop the option to use the model's, or set "
+            f"rollout.allow_mask_mismatch=true"
+        )
 
 
 def _check_source(source: ProblemSource, option: str) -> None:

@@ -22,6 +22,7 @@ import torch
 
 from memento_train.cluster import WorkerGroup
 from memento_train.config.errors import ConfigError
+from memento_train.config.tree import deep_merge, to_dict
 from memento_train.data.problems import ProblemSource, load_problem_records
 from memento_train.data.synthetic import synthetic_records
 from memento_train.faults.preemption import PreemptionGuard
@@ -30,18 +31,17 @@ from memento_train.generation.prompt import generation_prompt_ids
 from memento_train.generation.sampling import derive_seed
 from memento_train.masking import SpecialTokens
 from memento_train.models.loading import run_tokenizer
-from memento_train.training.optim import lr_at
 from memento_train.rl.advantages import compute_advantages, group_ids_for, group_reward_stats
+from memento_train.rl.config import RLConfig
 from memento_train.rl.losses import aggregation_weights, reduce_metrics
 from memento_train.rl.rewards import RewardBatch, RewardPool
-from memento_train.rl.config import RLConfig
 from memento_train.rl.rollout_worker import RolloutPool, RolloutRequest
 from memento_train.rl.trainer_worker import RLTrainerWorker, rollout_document
 from memento_train.rl.weight_sync import sync_weights
-from memento_train.config.tree import deep_merge, to_dict
-from memento_train.training.micro_batches import plan_micro_batches
-from memento_train.training.run_dir import export_hf, open_logger, resume_point, save_checkpoint, write_run_config
 from memento_train.tokens import special_token_ids
+from memento_train.training.micro_batches import plan_micro_batches
+from memento_train.training.optim import lr_at
+from memento_train.training.run_dir import export_hf, open_logger, resume_point, save_checkpoint, write_run_config
 from memento_train.training.tracking import RunLogger
 
 # Offsets that keep the seed streams of training rollouts, evaluation and the warm-up data apart.
@@ -61,6 +61,7 @@ class RLResult:
 
 # ---------------------------------------------------------------- pure pieces (unit-tested)
 
+
 def prompt_indices(step: int, seed: int, num_prompts: int, per_step: int) -> np.ndarray:
     """Dataset indices of step ``step``'s prompts: epoch-wise permutations seeded by ``(seed, epoch)``,
     read consecutively. Pure in its arguments, so a resumed run sees the same prompts."""
@@ -78,7 +79,9 @@ def sample_seed(seed: int, step: int, key: int) -> int:
     return derive_seed(seed, step, key)
 
 
-def rollout_metrics(results: list[dict], prompt_lens: list[int], scores: list[float], group_size: int) -> dict[str, float]:
+def rollout_metrics(
+    results: list[dict], prompt_lens: list[int], scores: list[float], group_size: int
+) -> dict[str, float]:
     """Reward, accuracy, length, blocks and KV metrics of one batch of responses.
 
     ``compression_ratio``: the responses' KV-AUC without eviction (``Σ_i (P + i)``) over the AUC
@@ -91,14 +94,17 @@ def rollout_metrics(results: list[dict], prompt_lens: list[int], scores: list[fl
     auc = np.array([x["kv_auc"] for x in results], np.float64)
     peak = np.array([x["peak_kv"] for x in results], np.float64)
     return {
-        "reward_mean": stats["reward/mean"], "reward_std": stats["reward/std"],
+        "reward_mean": stats["reward/mean"],
+        "reward_std": stats["reward/std"],
         "accuracy": float(np.mean(np.asarray(scores) >= 1.0)),
         "groups_all_equal_frac": stats["groups/all_equal_frac"],
-        "response_length": float(lengths.mean()), "response_length_max": float(lengths.max()),
+        "response_length": float(lengths.mean()),
+        "response_length_max": float(lengths.max()),
         "truncated_frac": float(np.mean([x["finish_reason"] == "length" for x in results])),
         "blocks_per_response": float(np.mean([x["num_blocks"] for x in results])),
         "forced_block_ends": float(np.sum([x["forced_block_ends"] for x in results])),
-        "peak_kv": float(peak.mean()), "peak_kv_max": float(peak.max()),
+        "peak_kv": float(peak.mean()),
+        "peak_kv_max": float(peak.max()),
         "kv_auc": float(auc.mean()),
         "compression_ratio": float(full_auc.sum() / max(1.0, auc.sum())),
     }
@@ -116,14 +122,16 @@ def loss_token_masks(results: list[dict], scores: list[float], group_size: int, 
         keep = np.ones(len(x["token_ids"]), bool)
         if not algorithm.train_forced_tokens:
             keep &= ~np.asarray(x["forced"], bool)
-        if (algorithm.mask_truncated and x["finish_reason"] == "length") or \
-                (algorithm.drop_zero_adv_groups and all_equal):
+        if (algorithm.mask_truncated and x["finish_reason"] == "length") or (
+            algorithm.drop_zero_adv_groups and all_equal
+        ):
             keep[:] = False
         out.append(keep)
     return out
 
 
 # ---------------------------------------------------------------- problems and prompts
+
 
 def load_problems(source: ProblemSource, *, synthetic_task=None, num: int | None) -> list[dict[str, Any]]:
     """``num`` synthetic records (``source.path == "synthetic"``), or the first ``num`` (``None``: all)
@@ -133,8 +141,9 @@ def load_problems(source: ProblemSource, *, synthetic_task=None, num: int | None
     return load_problem_records(source, limit=num)
 
 
-def encode_prompts(records: list[dict], tokenizer: Any, max_len: int,
-                   system_prompt: str | None = None) -> tuple[list[dict], list[list[int]]]:
+def encode_prompts(
+    records: list[dict], tokenizer: Any, max_len: int, system_prompt: str | None = None
+) -> tuple[list[dict], list[list[int]]]:
     """Generation prompts (:func:`~memento_train.generation.prompt.generation_prompt_ids`: the serving
     chat template, ending with the assistant header; the model writes ``<think>`` itself); records whose
     prompt exceeds ``max_len`` tokens are dropped."""
@@ -151,6 +160,7 @@ def encode_prompts(records: list[dict], tokenizer: Any, max_len: int,
 
 # ---------------------------------------------------------------- the loop
 
+
 class _RunState:
     """State of one run (built by :func:`run_rl`); one method per phase keeps the loop readable."""
 
@@ -162,23 +172,32 @@ class _RunState:
         self.mask = cfg.rollout.block_masking.rule()
         p = cfg.prompts
         self.records, self.prompts = encode_prompts(
-            load_problems(p, synthetic_task=p.synthetic, num=p.num_records), tok, p.max_prompt_len, p.system_prompt)
+            load_problems(p, synthetic_task=p.synthetic, num=p.num_records), tok, p.max_prompt_len, p.system_prompt
+        )
         # Evaluation: every set's problems in one list; eval_sets[name] is its slice of it.
         self.eval_records, self.eval_prompts, self.eval_sets = [], [], {}
         if cfg.eval.every or cfg.eval.at_start:
             e = cfg.eval
             task = replace(p.synthetic, seed=p.synthetic.seed + EVAL_SEED_OFFSET)
             for name, source in e.sets.items():
-                records, prompts = encode_prompts(load_problems(source, synthetic_task=task, num=e.num_problems),
-                                                  tok, p.max_prompt_len, p.system_prompt)
+                records, prompts = encode_prompts(
+                    load_problems(source, synthetic_task=task, num=e.num_problems),
+                    tok,
+                    p.max_prompt_len,
+                    p.system_prompt,
+                )
                 self.eval_sets[name] = slice(len(self.eval_records), len(self.eval_records) + len(records))
                 self.eval_records += records
                 self.eval_prompts += prompts
 
     def sampling(self, temperature: float, max_new_tokens: int) -> dict[str, Any]:
         r = self.cfg.rollout
-        return {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": r.top_p,
-                "stop_token_ids": (int(self.tokenizer.eos_token_id),)}
+        return {
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "top_p": r.top_p,
+            "stop_token_ids": (int(self.tokenizer.eos_token_id),),
+        }
 
     def score(self, rewards: RewardPool, results: list[dict], records: list[dict]) -> tuple[RewardBatch, int]:
         """Scores (with the grading rule's verdicts); a batch in which a reward worker crashed is scored
@@ -193,8 +212,10 @@ class _RunState:
                 batch.crashes = crashes
                 return batch, attempt
             crashes += batch.crashes
-            self.logger.write(f"[memento-rl] {batch.crashes} reward item(s) lost to a crashed reward worker; "
-                              f"rescoring the batch ({'; '.join(batch.messages[:2])})")
+            self.logger.write(
+                f"[memento-rl] {batch.crashes} reward item(s) lost to a crashed reward worker; "
+                f"rescoring the batch ({'; '.join(batch.messages[:2])})"
+            )
         raise RuntimeError(f"reward workers kept crashing (faults.max_step_retries={self.cfg.faults.max_step_retries})")
 
 
@@ -217,9 +238,11 @@ def run_rl(cfg: RLConfig, tree: dict[str, Any] | None = None, *, progress: bool 
     The policy starts from ``model.path``; with ``warmup.enabled`` that is the SFT warm-up's export,
     made first by :func:`memento_train.pipelines.rl_warmup.warm_up_then_run_rl`."""
     if cfg.warmup.enabled and cfg.model.path is None:
-        raise ConfigError("warmup.enabled=true: the policy is the SFT warm-up's export, which run_rl does not "
-                          "train; run memento_train.pipelines.rl_warmup.warm_up_then_run_rl(cfg) (what memento-rl "
-                          "does), or set model.path")
+        raise ConfigError(
+            "warmup.enabled=true: the policy is the SFT warm-up's export, which run_rl does not "
+            "train; run memento_train.pipelines.rl_warmup.warm_up_then_run_rl(cfg) (what memento-rl "
+            "does), or set model.path"
+        )
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tree = deep_merge(to_dict(cfg) if tree is None else tree, {"model": to_dict(cfg.model), "output_dir": str(out)})
@@ -241,10 +264,12 @@ def run_rl(cfg: RLConfig, tree: dict[str, Any] | None = None, *, progress: bool 
     hf_dir = None
     try:
         run = _RunState(cfg, tree, logger)
-        logger.write(f"[memento-rl] {len(run.prompts)} prompts, {cfg.rollout.prompts_per_step} x "
-                     f"{cfg.rollout.group_size} responses per step, steps {start + 1}..{end} of {total}; "
-                     f"trainer {cfg.cluster.num_workers} x {cfg.engine.kind}, rollout {cfg.rollout_cluster.num_workers} "
-                     f"worker(s), placement {cfg.placement}; writing to {out}")
+        logger.write(
+            f"[memento-rl] {len(run.prompts)} prompts, {cfg.rollout.prompts_per_step} x "
+            f"{cfg.rollout.group_size} responses per step, steps {start + 1}..{end} of {total}; "
+            f"trainer {cfg.cluster.num_workers} x {cfg.engine.kind}, rollout {cfg.rollout_cluster.num_workers} "
+            f"worker(s), placement {cfg.placement}; writing to {out}"
+        )
         trainer = WorkerGroup(RLTrainerWorker, cfg.cluster, tree, name="rl-trainer")
         trainer.run("setup")
         pool = RolloutPool(cfg, tree)
@@ -265,19 +290,31 @@ def run_rl(cfg: RLConfig, tree: dict[str, Any] | None = None, *, progress: bool 
                 metrics.update(_evaluate(run, pool, rewards, step + 1))
             logger.log(step + 1, metrics)
             if (step + 1) % cfg.train.log_every == 0:
-                logger.write(f"[memento-rl] step {step + 1}: reward {metrics['reward_mean']:.3f} "
-                             f"acc {metrics['accuracy']:.3f} len {metrics['response_length']:.0f} "
-                             f"step {metrics['time/step_s']:.1f}s")
+                logger.write(
+                    f"[memento-rl] step {step + 1}: reward {metrics['reward_mean']:.3f} "
+                    f"acc {metrics['accuracy']:.3f} len {metrics['response_length']:.0f} "
+                    f"step {metrics['time/step_s']:.1f}s"
+                )
             if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
                 save(step + 1)
                 saved_at = step + 1
-            preempt.stop_if_requested(step + 1, end, saved_at, save=lambda: save(step + 1),
-                                      checkpoint=str(ckpts.root / f"step_{step + 1:08d}"))
+            preempt.stop_if_requested(
+                step + 1,
+                end,
+                saved_at,
+                save=lambda step=step: save(step + 1),
+                checkpoint=str(ckpts.root / f"step_{step + 1:08d}"),
+            )
         if saved_at != end and end > start:
             save(end)
         if cfg.checkpoint.export_hf and end == total:
-            hf_dir = export_hf(trainer, out, {"stage": "rl", "step": end, "block_masking": to_dict(run.mask),
-                                              "base_model": cfg.model.path}, logger, "memento-rl")
+            hf_dir = export_hf(
+                trainer,
+                out,
+                {"stage": "rl", "step": end, "block_masking": to_dict(run.mask), "base_model": cfg.model.path},
+                logger,
+                "memento-rl",
+            )
     finally:
         preempt.__exit__(None, None, None)
         for closer in (rewards, pool, trainer):
@@ -294,14 +331,21 @@ def _step(run: _RunState, trainer: WorkerGroup, pool: RolloutPool, rewards: Rewa
     g, n_prompts = cfg.rollout.group_size, cfg.rollout.prompts_per_step
     t_step = time.perf_counter()
     idx = prompt_indices(step, cfg.seed, len(run.prompts), n_prompts)
-    requests = [RolloutRequest(key=j * g + s, prompt_ids=run.prompts[i], seed=sample_seed(cfg.seed, step, j * g + s))
-                for j, i in enumerate(idx) for s in range(g)]
+    requests = [
+        RolloutRequest(key=j * g + s, prompt_ids=run.prompts[i], seed=sample_seed(cfg.seed, step, j * g + s))
+        for j, i in enumerate(idx)
+        for s in range(g)
+    ]
     records = [run.records[i] for i in idx for _ in range(g)]
 
     t0 = time.perf_counter()
     crash = 0 if cfg.faults.inject_rollout_crash_at_step == step + 1 else None
-    results, rollout_retries = pool.generate(requests, run.sampling(cfg.rollout.temperature, cfg.rollout.max_new_tokens),
-                                             crash_worker=crash, max_retries=cfg.faults.max_step_retries)
+    results, rollout_retries = pool.generate(
+        requests,
+        run.sampling(cfg.rollout.temperature, cfg.rollout.max_new_tokens),
+        crash_worker=crash,
+        max_retries=cfg.faults.max_step_retries,
+    )
     rollout_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -311,23 +355,40 @@ def _step(run: _RunState, trainer: WorkerGroup, pool: RolloutPool, rewards: Rewa
 
     alg = cfg.algorithm
     prompt_lens = [len(r.prompt_ids) for r in requests]
-    adv = compute_advantages(torch.tensor(scores, dtype=torch.float64), group_ids_for(n_prompts, g),
-                             alg.adv_norm, alg.adv_eps).tolist()
+    adv = compute_advantages(
+        torch.tensor(scores, dtype=torch.float64), group_ids_for(n_prompts, g), alg.adv_norm, alg.adv_eps
+    ).tolist()
     trained = loss_token_masks(results, scores, g, alg)
     # Mini-batches hold whole groups (a group's advantages are relative to each other); each is packed
     # into micro-batches per rank. Its aggregation weights and normaliser depend on whole sequences and
     # groups of the mini-batch, which micro-batches and ranks split, so they are computed here.
-    minis = [list(range(int(c[0]) * g, (int(c[-1]) + 1) * g))  # array_split keeps the prompt chunks contiguous
-             for c in np.array_split(np.arange(n_prompts), cfg.train.mini_batches)]
+    minis = [
+        list(range(int(c[0]) * g, (int(c[-1]) + 1) * g))  # array_split keeps the prompt chunks contiguous
+        for c in np.array_split(np.arange(n_prompts), cfg.train.mini_batches)
+    ]
     per_rank: list[list[list[list[dict]]]] = [[] for _ in range(trainer.world_size)]
     normalisers = []
     for mini in minis:
-        weights, z = aggregation_weights(alg.loss_agg, [int(trained[i].sum()) for i in mini], [i // g for i in mini],
-                                         max_response_len=cfg.rollout.max_new_tokens)
-        docs = [rollout_document(requests[i].prompt_ids, results[i]["token_ids"], results[i]["logprobs"], adv[i],
-                                 run.special, run.mask, trained=trained[i], weight=w) for i, w in zip(mini, weights)]
-        plan = plan_micro_batches([len(d["input_ids"]) for d in docs], cfg.train.micro_batch_tokens,
-                                  trainer.world_size)
+        weights, z = aggregation_weights(
+            alg.loss_agg,
+            [int(trained[i].sum()) for i in mini],
+            [i // g for i in mini],
+            max_response_len=cfg.rollout.max_new_tokens,
+        )
+        docs = [
+            rollout_document(
+                requests[i].prompt_ids,
+                results[i]["token_ids"],
+                results[i]["logprobs"],
+                adv[i],
+                run.special,
+                run.mask,
+                trained=trained[i],
+                weight=w,
+            )
+            for i, w in zip(mini, weights)
+        ]
+        plan = plan_micro_batches([len(d["input_ids"]) for d in docs], cfg.train.micro_batch_tokens, trainer.world_size)
         for r in range(trainer.world_size):
             per_rank[r].append([[docs[i] for i in mb] for mb in plan[r]])
         normalisers.append(z)
@@ -343,22 +404,35 @@ def _step(run: _RunState, trainer: WorkerGroup, pool: RolloutPool, rewards: Rewa
     sync = sync_weights(trainer, pool, step + 1)
     metrics = rollout_metrics(results, prompt_lens, scores, g)
     metrics.update({f"train/{k}": v for k, v in train.items()})
-    metrics.update({
-        "loss": train["loss"], "clip_fraction": train.get("clip_frac", 0.0), "kl": train.get("kl", 0.0),
-        "entropy": train.get("entropy", 0.0), "approx_kl": train.get("approx_kl", 0.0),
-        "logprob_mismatch_mean": train.get("mismatch/abs", 0.0),
-        "logprob_mismatch_max": train.get("mismatch/abs/max", 0.0),
-        "grad_norm": float(np.mean(outs[0]["grad_norms"])), "lr": lr, "updates": len(minis), "samples": len(results),
-        "response_tokens": num_response_tokens, "loss_tokens": int(sum(int(m.sum()) for m in trained)),
-        "gen_tokens_per_s": num_response_tokens / max(rollout_s, 1e-9),
-        "rollout_retries": rollout_retries, "reward_retries": reward_retries, "rollout_restarts": pool.restarts,
-        **{k: v for k, v in reward_batch.metrics().items() if k != "reward/mean"},
-        "time/rollout_s": rollout_s, "time/reward_s": reward_s,
-        "time/old_logprobs_s": max(o["times"]["old_logprobs_s"] for o in outs),
-        "time/ref_logprobs_s": max(o["times"]["ref_logprobs_s"] for o in outs),
-        "time/update_s": max(o["times"]["update_s"] for o in outs), "time/train_call_s": train_s,
-        **sync.metrics(),
-    })
+    metrics.update(
+        {
+            "loss": train["loss"],
+            "clip_fraction": train.get("clip_frac", 0.0),
+            "kl": train.get("kl", 0.0),
+            "entropy": train.get("entropy", 0.0),
+            "approx_kl": train.get("approx_kl", 0.0),
+            "logprob_mismatch_mean": train.get("mismatch/abs", 0.0),
+            "logprob_mismatch_max": train.get("mismatch/abs/max", 0.0),
+            "grad_norm": float(np.mean(outs[0]["grad_norms"])),
+            "lr": lr,
+            "updates": len(minis),
+            "samples": len(results),
+            "response_tokens": num_response_tokens,
+            "loss_tokens": int(sum(int(m.sum()) for m in trained)),
+            "gen_tokens_per_s": num_response_tokens / max(rollout_s, 1e-9),
+            "rollout_retries": rollout_retries,
+            "reward_retries": reward_retries,
+            "rollout_restarts": pool.restarts,
+            **{k: v for k, v in reward_batch.metrics().items() if k != "reward/mean"},
+            "time/rollout_s": rollout_s,
+            "time/reward_s": reward_s,
+            "time/old_logprobs_s": max(o["times"]["old_logprobs_s"] for o in outs),
+            "time/ref_logprobs_s": max(o["times"]["ref_logprobs_s"] for o in outs),
+            "time/update_s": max(o["times"]["update_s"] for o in outs),
+            "time/train_call_s": train_s,
+            **sync.metrics(),
+        }
+    )
     metrics["time/step_s"] = time.perf_counter() - t_step
     return metrics
 
@@ -367,9 +441,13 @@ def _evaluate(run: _RunState, pool: RolloutPool, rewards: RewardPool, step: int)
     """Sample ``eval.samples`` responses per eval problem at ``eval.temperature``; pass@1 = accuracy."""
     cfg, e = run.cfg, run.cfg.eval
     t0 = time.perf_counter()
-    requests = [RolloutRequest(key=j * e.samples + s, prompt_ids=p,
-                               seed=sample_seed(cfg.seed + EVAL_SEED_OFFSET, step, j * e.samples + s))
-                for j, p in enumerate(run.eval_prompts) for s in range(e.samples)]
+    requests = [
+        RolloutRequest(
+            key=j * e.samples + s, prompt_ids=p, seed=sample_seed(cfg.seed + EVAL_SEED_OFFSET, step, j * e.samples + s)
+        )
+        for j, p in enumerate(run.eval_prompts)
+        for s in range(e.samples)
+    ]
     records = [r for r in run.eval_records for _ in range(e.samples)]
     params = run.sampling(e.temperature, e.max_new_tokens or cfg.rollout.max_new_tokens)
     results, _ = pool.generate(requests, params, max_retries=cfg.faults.max_step_retries)

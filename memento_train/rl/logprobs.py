@@ -58,10 +58,10 @@ class _LogprobEntropy(torch.autograd.Function):
         entropy = torch.zeros(n_tok, dtype=work, device=logits.device)
         lse = torch.empty(rows.shape[0], dtype=work, device=logits.device)
         for s in range(0, rows.shape[0], chunk_size):
-            r = rows[s:s + chunk_size]
+            r = rows[s : s + chunk_size]
             z = logits.index_select(0, r).to(work) / temperature
-            lp, l, h = _chunk_stats(z, row_labels[s:s + chunk_size])
-            logp[r], entropy[r], lse[s:s + chunk_size] = lp, h, l
+            lp, chunk_lse, h = _chunk_stats(z, row_labels[s : s + chunk_size])
+            logp[r], entropy[r], lse[s : s + chunk_size] = lp, h, chunk_lse
         ctx.save_for_backward(logits, rows, row_labels, lse, entropy[rows])
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         ctx.set_materialize_grads(False)
@@ -78,14 +78,17 @@ class _LogprobEntropy(torch.autograd.Function):
             return grad_logits, None, None, None, None
         work = _work_dtype(logits)
         for s in range(0, rows.shape[0], chunk):
-            r, lab = rows[s:s + chunk], row_labels[s:s + chunk]
-            glp = grad_logp[r].to(work) if grad_logp is not None else torch.zeros(r.shape[0], dtype=work,
-                                                                                  device=logits.device)
-            log_p = (logits.index_select(0, r).to(work) / t).sub_(lse[s:s + chunk, None])
+            r, lab = rows[s : s + chunk], row_labels[s : s + chunk]
+            glp = (
+                grad_logp[r].to(work)
+                if grad_logp is not None
+                else torch.zeros(r.shape[0], dtype=work, device=logits.device)
+            )
+            log_p = (logits.index_select(0, r).to(work) / t).sub_(lse[s : s + chunk, None])
             p = torch.exp(log_p)
             if grad_entropy is not None:
                 gh = grad_entropy[r].to(work)[:, None]
-                g = log_p.add_(row_entropy[s:s + chunk, None]).mul_(gh).add_(glp[:, None]).mul_(p).neg_()
+                g = log_p.add_(row_entropy[s : s + chunk, None]).mul_(gh).add_(glp[:, None]).mul_(p).neg_()
             else:
                 g = p.mul_(-glp[:, None])
             g.scatter_add_(1, lab[:, None], glp[:, None])

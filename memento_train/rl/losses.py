@@ -5,8 +5,9 @@ Per token ``t`` of a response, with ``r = π_θ / π_old = exp(logp - old_logp)`
 - CISPO: ``ℓ = -sg(clip(r, 1 - ε_low, 1 + ε_high)) · A · logp``. The clipped ratio is a detached
   weight, so every token keeps the gradient ``-w · A · ∇logp`` — clipping bounds its size instead of
   zeroing it (MiniMax-M1; the Memento paper's default).
-- PPO-clip ("ppo_clip"; "grpo" is its old name): ``ℓ = -min(r · A, clip(r, 1 - ε_low, 1 + ε_high) · A)``. Where the clipped branch
-  is the minimum (``A > 0, r > 1 + ε_high`` or ``A < 0, r < 1 - ε_low``) the token has no gradient.
+- PPO-clip ("ppo_clip"; "grpo" is its old name): ``ℓ = -min(r · A, clip(r, 1 - ε_low, 1 + ε_high) · A)``.
+  Where the clipped branch is the minimum (``A > 0, r > 1 + ε_high`` or ``A < 0, r < 1 - ε_low``) the token
+  has no gradient.
 - KL penalty ``β · k(logp, ref_logp)``, with ``ρ = π_ref / π_θ``: ``k1 = -log ρ``,
   ``k2 = ½ (log ρ)²``, ``k3 = ρ - 1 - log ρ`` (≥ 0, clamped to ≤ 10 as verl does: a log-ratio of 20
   would otherwise give ~5e8), and ``k3+``: the value of k3, the gradient of k2 (straight-through;
@@ -61,8 +62,12 @@ def log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) ->
 
 
 def cispo_token_loss(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-    eps_low: float = 0.2, eps_high: float = 0.2,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CISPO ``ℓ = -sg(clip(r, 1-ε_low, 1+ε_high)) · A · logp`` per token.
 
@@ -77,8 +82,12 @@ def cispo_token_loss(
 
 
 def ppo_clip_token_loss(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-    eps_low: float = 0.2, eps_high: float = 0.2,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO-clip ``ℓ = -min(r · A, clip(r, 1-ε_low, 1+ε_high) · A)`` per token.
 
@@ -122,8 +131,9 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3"
     raise ValueError(f"kl_estimator must be one of ('k1', 'k2', 'k3', 'k3+'), got {estimator!r}")
 
 
-def aggregation_weights(loss_agg: str, loss_tokens: Sequence[int], group_ids: Sequence[int] | None = None, *,
-                        max_response_len: int = 1) -> tuple[list[float], float]:
+def aggregation_weights(
+    loss_agg: str, loss_tokens: Sequence[int], group_ids: Sequence[int] | None = None, *, max_response_len: int = 1
+) -> tuple[list[float], float]:
     """``(a_i per sequence, Z)`` of one mini-batch for ``loss_agg`` (module docstring).
 
     ``loss_tokens[i]``: response tokens of sequence ``i`` that remain in the loss; ``group_ids[i]``: its
@@ -219,8 +229,9 @@ def make_loss_fn(cfg: AlgorithmConfig, normaliser: float, *, temperature: float 
         pg, ratio, clipped = policy_loss(logp, old, advantages, mask, cfg.eps_low, cfg.eps_high)
         metrics: dict[str, torch.Tensor] = {"tokens": mask.sum().float()}
         if cfg.tis_cap > 0:
-            rollout = _extra(mb, "rollout_logprobs",
-                             f"for truncated importance sampling (algorithm.tis_cap={cfg.tis_cap})")
+            rollout = _extra(
+                mb, "rollout_logprobs", f"for truncated importance sampling (algorithm.tis_cap={cfg.tis_cap})"
+            )
             w, capped = importance_weights(old, rollout, mask, cfg.tis_cap, cfg.tis_mode)
             pg = pg * w
             metrics["tis/weight/sum"] = _masked(w, mask).sum()
@@ -241,17 +252,19 @@ def make_loss_fn(cfg: AlgorithmConfig, normaliser: float, *, temperature: float 
         loss = _masked(token_loss, mask).sum() / normaliser
 
         ratio_max, ratio_min = _masked_extrema(ratio, mask)
-        metrics.update({
-            "loss/total": loss.detach(),
-            "pg_loss/sum": pg.detach().sum(),
-            "entropy/sum": _masked(entropy.detach(), mask).sum(),
-            "ratio/sum": _masked(ratio, mask).sum(),
-            "ratio/max": ratio_max,
-            "ratio/min": ratio_min,
-            "clip_frac/sum": clipped.sum().float(),
-            # drift of π_θ from π_old (k3), the usual "approx_kl" of PPO implementations
-            "approx_kl/sum": _masked(kl_penalty(logp.detach(), old, "k3"), mask).sum(),
-        })
+        metrics.update(
+            {
+                "loss/total": loss.detach(),
+                "pg_loss/sum": pg.detach().sum(),
+                "entropy/sum": _masked(entropy.detach(), mask).sum(),
+                "ratio/sum": _masked(ratio, mask).sum(),
+                "ratio/max": ratio_max,
+                "ratio/min": ratio_min,
+                "clip_frac/sum": clipped.sum().float(),
+                # drift of π_θ from π_old (k3), the usual "approx_kl" of PPO implementations
+                "approx_kl/sum": _masked(kl_penalty(logp.detach(), old, "k3"), mask).sum(),
+            }
+        )
         if rollout is not None:
             trainer_lp = old if cfg.old_logprobs_source == "trainer" and not on_policy else logp
             metrics.update(logprob_mismatch(trainer_lp, rollout.to(logp.device), mask))

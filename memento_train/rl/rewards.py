@@ -33,8 +33,8 @@ from multiprocessing.connection import Connection, wait
 from typing import Any, Literal
 
 from memento_train.config.errors import ConfigError
-from memento_train.rl.algorithm import _finite
 from memento_train.config.tree import check_types
+from memento_train.rl.algorithm import _finite
 
 RewardFn = Callable[[str, Mapping[str, Any]], float]
 DEFAULT_REWARD_FN = "memento_train.rl.rewards:math_reward"
@@ -99,8 +99,9 @@ def load_reward_fn(path: str, *, option: str = "reward.fn") -> RewardFn:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or anything the module raises while importing
-        raise ConfigError(f"{option}={path!r}: cannot import module {module_name!r} "
-                          f"({type(exc).__name__}: {exc})") from exc
+        raise ConfigError(
+            f"{option}={path!r}: cannot import module {module_name!r} ({type(exc).__name__}: {exc})"
+        ) from exc
     fn = module
     for part in attr.split("."):
         fn = getattr(fn, part, None)
@@ -254,8 +255,16 @@ class RewardPool:
     persist across :meth:`score` calls; :meth:`close` (or ``with``) stops them.
     """
 
-    def __init__(self, fn: str, *, num_workers: int = 2, timeout_s: float = 10.0,
-                 start_method: str = "spawn", startup_timeout_s: float = 120.0, grading_rule: Any = None) -> None:
+    def __init__(
+        self,
+        fn: str,
+        *,
+        num_workers: int = 2,
+        timeout_s: float = 10.0,
+        start_method: str = "spawn",
+        startup_timeout_s: float = 120.0,
+        grading_rule: Any = None,
+    ) -> None:
         self.fn_path = fn
         self.grading_rule = grading_rule  # evaluation.scoring.GradingRule, or None: score everything
         self.num_workers = int(num_workers)
@@ -289,8 +298,12 @@ class RewardPool:
             w.kill()
         self._workers = []
 
-    def score(self, responses: Sequence[str], records: Sequence[Mapping[str, Any]],
-              finish_reasons: Sequence[str | None] | None = None) -> RewardBatch:
+    def score(
+        self,
+        responses: Sequence[str],
+        records: Sequence[Mapping[str, Any]],
+        finish_reasons: Sequence[str | None] | None = None,
+    ) -> RewardBatch:
         """Scores in input order; failures score 0 and are counted in the result and in ``totals``.
 
         With a grading rule, responses it rejects (``finish_reasons[i] == "length"``, no ``</think>``)
@@ -344,8 +357,10 @@ class RewardPool:
                     except OSError:  # died while idle (e.g. killed between batches): _reap replaces it
                         continue
                     pending.popleft()
-            wait([w.conn for w in self._workers] + [w.process.sentinel for w in self._workers],
-                 timeout=self._next_deadline())
+            wait(
+                [w.conn for w in self._workers] + [w.process.sentinel for w in self._workers],
+                timeout=self._next_deadline(),
+            )
             remaining -= self._collect(batch)
             remaining -= self._reap(batch)
 
@@ -390,13 +405,16 @@ class RewardPool:
             if not (overdue or dead):
                 if not w.ready and now - w.born > self.startup_timeout_s:
                     self.close()
-                    raise RuntimeError(f"reward worker did not start within {self.startup_timeout_s:.0f} s "
-                                       f"(importing reward.fn={self.fn_path!r})")
+                    raise RuntimeError(
+                        f"reward worker did not start within {self.startup_timeout_s:.0f} s "
+                        f"(importing reward.fn={self.fn_path!r})"
+                    )
                 continue
             if dead and not w.ready:
                 self.close()
-                raise RuntimeError(f"reward worker died while importing reward.fn={self.fn_path!r} "
-                                   f"(exit code {w.process.exitcode})")
+                raise RuntimeError(
+                    f"reward worker died while importing reward.fn={self.fn_path!r} (exit code {w.process.exitcode})"
+                )
             if w.item is not None:
                 if dead:
                     batch._fail("crashes", w.item, f"worker died (exit code {w.process.exitcode})")

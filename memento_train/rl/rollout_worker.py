@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 from memento_train.cluster.session import cluster_gpus, worker_code_paths
+from memento_train.config.tree import build
 from memento_train.generation import ReferenceGenerator, SamplingParams, SequenceRequest
 from memento_train.rl.collective_sync import Rendezvous, WeightSyncGroup
 from memento_train.rl.config import RLConfig
-from memento_train.config.tree import build
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,12 @@ class RolloutWorker:
             self.model.requires_grad_(False)
             if torch.cuda.is_available():  # a GPU rollout worker (Ray gave it one; CPU ones see none): bf16
                 self.model.to("cuda", torch.bfloat16)
-            self.engine = ReferenceGenerator(self.model, self.tokenizer, self.cfg.rollout.block_masking,
-                                             max_batch_size=self.cfg.rollout.max_batch_size)
+            self.engine = ReferenceGenerator(
+                self.model,
+                self.tokenizer,
+                self.cfg.rollout.block_masking,
+                max_batch_size=self.cfg.rollout.max_batch_size,
+            )
         self._weight_buffers: dict[str, torch.Tensor] | None = None
         self.version = -1  # the weight version loaded (-1: the initial weights from model.path)
 
@@ -84,8 +88,14 @@ class RolloutWorker:
         options = {"gpu_memory_utilization": r.gpu_memory_utilization, **r.vllm.engine_kwargs()}
         # The multiprocess engine core: its own process, so vLLM's torch.distributed state never meets an
         # inline trainer's; weight updates cross to it pickled (enable_weight_sync).
-        return VLLMEngine(self.cfg.model.path, r.block_masking, tokenizer=self.tokenizer, seed=self.cfg.seed,
-                          enable_weight_sync=True, **options)
+        return VLLMEngine(
+            self.cfg.model.path,
+            r.block_masking,
+            tokenizer=self.tokenizer,
+            seed=self.cfg.seed,
+            enable_weight_sync=True,
+            **options,
+        )
 
     def close(self) -> None:
         """Stop the vLLM engine (its processes); the reference generator needs nothing. Idempotent."""
@@ -106,8 +116,10 @@ class RolloutWorker:
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         tied = {"lm_head.weight"} if getattr(self.model.config, "tie_word_embeddings", False) else set()
         if unexpected or set(missing) - tied:
-            raise RuntimeError(f"rollout worker {self.index}: weight sync does not match the model: "
-                               f"missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
+            raise RuntimeError(
+                f"rollout worker {self.index}: weight sync does not match the model: "
+                f"missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
         self.version = version
         return time.perf_counter() - t0
 
@@ -160,8 +172,10 @@ class RolloutWorker:
                 with safe_open(str(path), framework="pt") as f:
                     for name in f.keys():
                         part = f.get_slice(name)
-                        dtype = getattr(torch, {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-                                        .get(part.get_dtype(), "float32"))
+                        dtype = getattr(
+                            torch,
+                            {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(part.get_dtype(), "float32"),
+                        )
                         buffers[name] = torch.empty(part.get_shape(), dtype=dtype)
             from transformers import AutoConfig
 
@@ -204,16 +218,25 @@ class RolloutWorker:
         out = []
         for r, g in zip(requests, results):
             if len(g.forced) != len(g.token_ids):
-                raise RuntimeError(f"rollout worker {self.index}: the generator reported {g.forced_block_ends} "
-                                   f"forced block ends but not which tokens (GenerationResult.forced)")
-            out.append({
-                "key": r.key, "token_ids": np.asarray(g.token_ids, np.int64),
-                "logprobs": np.asarray(g.logprobs, np.float32), "kinds": np.asarray(g.kinds, np.int8),
-                "finish_reason": g.finish_reason, "peak_kv": g.peak_kv, "kv_auc": g.kv_auc,
-                "num_blocks": g.num_blocks, "forced_block_ends": g.forced_block_ends,
-                "forced": np.asarray(g.forced, bool),
-                "text": self.tokenizer.decode(g.token_ids, skip_special_tokens=False),
-            })
+                raise RuntimeError(
+                    f"rollout worker {self.index}: the generator reported {g.forced_block_ends} "
+                    f"forced block ends but not which tokens (GenerationResult.forced)"
+                )
+            out.append(
+                {
+                    "key": r.key,
+                    "token_ids": np.asarray(g.token_ids, np.int64),
+                    "logprobs": np.asarray(g.logprobs, np.float32),
+                    "kinds": np.asarray(g.kinds, np.int8),
+                    "finish_reason": g.finish_reason,
+                    "peak_kv": g.peak_kv,
+                    "kv_auc": g.kv_auc,
+                    "num_blocks": g.num_blocks,
+                    "forced_block_ends": g.forced_block_ends,
+                    "forced": np.asarray(g.forced, bool),
+                    "text": self.tokenizer.decode(g.token_ids, skip_special_tokens=False),
+                }
+            )
         return out
 
 
@@ -252,16 +275,22 @@ class RolloutPool:
         import ray
 
         cpus = 0 if self.cfg.placement == "colocated" else self.rc.cpus_per_worker
-        env = {**self.rc.worker_env(), "OMP_NUM_THREADS": str(self.rc.cpus_per_worker),
-               "PYTHONPATH": os.pathsep.join(worker_code_paths() + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+        env = {
+            **self.rc.worker_env(),
+            "OMP_NUM_THREADS": str(self.rc.cpus_per_worker),
+            "PYTHONPATH": os.pathsep.join(
+                worker_code_paths() + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+            ),
+        }
         actor_cls = ray.remote(RolloutWorker)
         gpus = self.rc.gpus_per_worker if self.rc.gpus_per_worker is not None else (1 if cluster_gpus() > 0 else 0)
         gpus = 0 if self.cfg.placement == "colocated" else gpus
         runtime_env: dict[str, Any] = {"env_vars": env}
         if self.rc.python:  # e.g. the vLLM 0.13 + overlay environment (docs/vllm.md)
             runtime_env["py_executable"] = self.rc.python
-        return actor_cls.options(num_cpus=cpus, num_gpus=gpus, max_restarts=0, name=None,
-                                 runtime_env=runtime_env).remote(self.tree, i, self.rc.cpus_per_worker)
+        return actor_cls.options(
+            num_cpus=cpus, num_gpus=gpus, max_restarts=0, name=None, runtime_env=runtime_env
+        ).remote(self.tree, i, self.rc.cpus_per_worker)
 
     def restart(self, i: int) -> None:
         """Replace worker ``i`` by a fresh one holding the current weights."""
@@ -349,18 +378,27 @@ class RolloutPool:
     def state_dict(self, i: int = 0) -> dict[str, torch.Tensor]:
         return self._call(i, "state_dict", wait=True)
 
-    def generate(self, requests: list[RolloutRequest], params: dict[str, Any], *, crash_worker: int | None = None,
-                 max_retries: int = 2) -> tuple[list[dict], int]:
+    def generate(
+        self,
+        requests: list[RolloutRequest],
+        params: dict[str, Any],
+        *,
+        crash_worker: int | None = None,
+        max_retries: int = 2,
+    ) -> tuple[list[dict], int]:
         """Sample all ``requests`` (sharded contiguously over the workers); returns the results in
         request order and how many shards were retried. ``crash_worker`` injects a fault (first try)."""
         shards = np.array_split(np.arange(len(requests)), self.num_workers)
         parts: list[list[dict] | None] = [None] * self.num_workers
         attempts = [0] * self.num_workers
         retried = 0
-        pending = {i: self._submit(i, [requests[j] for j in shards[i]], params,
-                                   "exit" if self.use_ray else "raise") if i == crash_worker else
-                   self._submit(i, [requests[j] for j in shards[i]], params, None)
-                   for i in range(self.num_workers) if len(shards[i])}
+        pending = {
+            i: self._submit(i, [requests[j] for j in shards[i]], params, "exit" if self.use_ray else "raise")
+            if i == crash_worker
+            else self._submit(i, [requests[j] for j in shards[i]], params, None)
+            for i in range(self.num_workers)
+            if len(shards[i])
+        }
         for i in range(self.num_workers):
             if not len(shards[i]):
                 parts[i] = []
@@ -371,10 +409,16 @@ class RolloutPool:
                 continue
             attempts[i] += 1
             if attempts[i] > max_retries:
-                raise RuntimeError(f"rollout worker {i} failed {attempts[i]} times in one step "
-                                   f"(faults.max_step_retries={max_retries}): {error}") from error
-            log.warning("rollout worker %d failed (%s); restarting it and retrying its %d requests",
-                        i, type(error).__name__, len(shards[i]))
+                raise RuntimeError(
+                    f"rollout worker {i} failed {attempts[i]} times in one step "
+                    f"(faults.max_step_retries={max_retries}): {error}"
+                ) from error
+            log.warning(
+                "rollout worker %d failed (%s); restarting it and retrying its %d requests",
+                i,
+                type(error).__name__,
+                len(shards[i]),
+            )
             self.restart(i)
             retried += 1
             pending[i] = self._submit(i, [requests[j] for j in shards[i]], params, None)

@@ -29,25 +29,33 @@ from typing import Any
 import numpy as np
 import torch
 
+from memento_train.checkpoint.rank_state import seed_everything
+from memento_train.config.tree import build
 from memento_train.data.pack import IGNORE_INDEX
-from memento_train.training.worker import EngineWorker
 from memento_train.engines import MicroBatch, build_engine
 from memento_train.masking import BlockMaskingConfig, SpecialTokens, parse
-from memento_train.checkpoint.rank_state import seed_everything
 from memento_train.rl.collective_sync import Rendezvous, WeightSyncGroup, open_store
+from memento_train.rl.config import RLConfig
 from memento_train.rl.logprobs import make_logprob_fn
 from memento_train.rl.losses import make_loss_fn
-from memento_train.rl.config import RLConfig
-from memento_train.config.tree import build
 from memento_train.training.micro_batches import build_micro_batch
+from memento_train.training.worker import EngineWorker
 
 # Per-token arrays a document carries besides the collate() columns; packed in document order.
 TOKEN_EXTRAS = ("advantages", "rollout_logprobs", "loss_mask", "loss_weights")
 
 
-def rollout_document(prompt_ids: Sequence[int], response_ids: Sequence[int], rollout_logprobs: Sequence[float],
-                     advantage: float, special: SpecialTokens, mask: BlockMaskingConfig, *,
-                     trained: Sequence[bool] | None = None, weight: float = 1.0) -> dict[str, np.ndarray]:
+def rollout_document(
+    prompt_ids: Sequence[int],
+    response_ids: Sequence[int],
+    rollout_logprobs: Sequence[float],
+    advantage: float,
+    special: SpecialTokens,
+    mask: BlockMaskingConfig,
+    *,
+    trained: Sequence[bool] | None = None,
+    weight: float = 1.0,
+) -> dict[str, np.ndarray]:
     """One training document from one rollout.
 
     Labels are unshifted here (``-100`` on the prompt); :func:`~memento_train.data.pack.collate`
@@ -78,9 +86,16 @@ def rollout_document(prompt_ids: Sequence[int], response_ids: Sequence[int], rol
     keep[p - 1 : n - 1] = 1.0 if trained is None else np.asarray(trained, np.float32)
     weights = np.zeros(n, np.float32)
     weights[p - 1 : n - 1] = weight
-    return {"input_ids": ids, "labels": labels, "kinds": parsed.kinds.astype(np.int8),
-            "kill_row": parsed.kill_row.astype(np.int64), "advantages": adv, "rollout_logprobs": lp,
-            "loss_mask": keep, "loss_weights": weights}
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "kinds": parsed.kinds.astype(np.int8),
+        "kill_row": parsed.kill_row.astype(np.int64),
+        "advantages": adv,
+        "rollout_logprobs": lp,
+        "loss_mask": keep,
+        "loss_weights": weights,
+    }
 
 
 class RLTrainerWorker(EngineWorker):
@@ -109,12 +124,12 @@ class RLTrainerWorker(EngineWorker):
             self.ref_engine = build_engine(ref, cfg.optim, cfg.engine, self.device)
             self.ref_engine.eval()
         self.pad_id = self.tokenizer.pad_token_id or 0
-        return {"rank": self.rank, "num_params": sum(p.numel() for p in model.parameters()),
-                "device": str(self.device)}
+        return {"rank": self.rank, "num_params": sum(p.numel() for p in model.parameters()), "device": str(self.device)}
 
     # -- the step --------------------------------------------------------------------------------
-    def train_step(self, mini_batches: list[list[list[dict[str, np.ndarray]]]], normalisers: list[float],
-                   lr: float) -> dict[str, Any]:
+    def train_step(
+        self, mini_batches: list[list[list[dict[str, np.ndarray]]]], normalisers: list[float], lr: float
+    ) -> dict[str, Any]:
         """One optimizer step per mini-batch (``train.mini_batches``), each over this rank's micro-batches
         of documents. ``normalisers[k]`` is mini-batch ``k``'s over all ranks. Returns per-micro-batch
         loss metrics of every mini-batch (for :func:`~memento_train.rl.losses.reduce_metrics`), the

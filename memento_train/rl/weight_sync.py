@@ -95,12 +95,13 @@ def resolve_sync(cfg: RLConfig, trainer: WorkerGroup, pool: RolloutPool) -> tupl
     if method == "object_store":
         return method, None
     if method not in COLLECTIVE_METHODS:
-        raise ConfigError(f"weight_sync={method} is not implemented; use weight_sync=object_store, collective "
-                          f"or auto")
+        raise ConfigError(f"weight_sync={method} is not implemented; use weight_sync=object_store, collective or auto")
     if method == "nccl" and not on_gpu:
-        raise ConfigError(f"weight_sync=nccl needs GPUs on trainer rank 0 and the rollout workers, but trainer "
-                          f"rank 0 runs on {trainer_device} and rollout_cluster.gpus_per_worker={rollout_gpus}; "
-                          f"use weight_sync=collective (gloo without GPUs) or object_store")
+        raise ConfigError(
+            f"weight_sync=nccl needs GPUs on trainer rank 0 and the rollout workers, but trainer "
+            f"rank 0 runs on {trainer_device} and rollout_cluster.gpus_per_worker={rollout_gpus}; "
+            f"use weight_sync=collective (gloo without GPUs) or object_store"
+        )
     return method, "nccl" if on_gpu else "gloo"
 
 
@@ -151,8 +152,14 @@ class CollectiveWeightSync:
     through :func:`sync_weights`, or directly to pick ``bucket_bytes`` (tests).
     """
 
-    def __init__(self, trainer: WorkerGroup, pool: RolloutPool, method: str = "collective",
-                 backend: str = "gloo", bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+    def __init__(
+        self,
+        trainer: WorkerGroup,
+        pool: RolloutPool,
+        method: str = "collective",
+        backend: str = "gloo",
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    ) -> None:
         self.trainer, self.pool = trainer, pool
         self.method, self.backend, self.bucket_bytes = method, backend, bucket_bytes
         self.generation = 0  # groups built so far (each one a fresh store prefix)
@@ -162,8 +169,11 @@ class CollectiveWeightSync:
     @property
     def ready(self) -> bool:
         """Whether the current group has exactly the pool's current workers (a restart replaces one)."""
-        return self._members is not None and len(self._members) == len(self.pool.workers) and all(
-            a is b for a, b in zip(self._members, self.pool.workers))
+        return (
+            self._members is not None
+            and len(self._members) == len(self.pool.workers)
+            and all(a is b for a, b in zip(self._members, self.pool.workers))
+        )
 
     def sync(self, version: int) -> SyncStats:
         """Gather on the trainer ranks, broadcast from rank 0, receive into every rollout worker."""
@@ -181,16 +191,22 @@ class CollectiveWeightSync:
         except BaseException:
             self._members = None  # the group is in an unknown state: rebuild it before any next sync
             raise
-        trainer_out, rollout_out = results[: len(sent)], results[len(sent):]
+        trainer_out, rollout_out = results[: len(sent)], results[len(sent) :]
         if trainer_out[0]["aborted"]:  # the mismatching receiver raised above; this is a safety net
             raise WeightSyncMismatch(f"weight_sync={self.method}: a rollout worker refused the trainer's weights")
         # A worker restarted before the next sync loads the trainer's current weights: until the next
         # train step they are exactly ``version``.
         self.pool.set_weight_source(lambda: gather_weights(self.trainer), version)
-        return SyncStats(gather_s=max(o["gather_s"] for o in trainer_out), load_s=max(o["load_s"] for o in rollout_out),
-                         total_s=time.perf_counter() - t0, method=self.method,
-                         broadcast_s=trainer_out[0]["broadcast_s"], setup_s=setup_s, backend=self.backend,
-                         buckets=int(trainer_out[0]["buckets"]))
+        return SyncStats(
+            gather_s=max(o["gather_s"] for o in trainer_out),
+            load_s=max(o["load_s"] for o in rollout_out),
+            total_s=time.perf_counter() - t0,
+            method=self.method,
+            broadcast_s=trainer_out[0]["broadcast_s"],
+            setup_s=setup_s,
+            backend=self.backend,
+            buckets=int(trainer_out[0]["buckets"]),
+        )
 
     def _build(self) -> None:
         cluster = self.trainer.cfg
@@ -201,18 +217,31 @@ class CollectiveWeightSync:
             opened = self.trainer.run("open_weight_sync", cluster.init_timeout_s)
             self._address = opened[0]
         self.generation += 1
-        rdv = Rendezvous(host=self._address["host"], port=int(self._address["port"]),
-                         world_size=1 + self.pool.num_workers, generation=self.generation, backend=self.backend,
-                         timeout_s=cluster.collective_timeout_s, store_timeout_s=cluster.init_timeout_s,
-                         bucket_bytes=self.bucket_bytes)
+        rdv = Rendezvous(
+            host=self._address["host"],
+            port=int(self._address["port"]),
+            world_size=1 + self.pool.num_workers,
+            generation=self.generation,
+            backend=self.backend,
+            timeout_s=cluster.collective_timeout_s,
+            store_timeout_s=cluster.init_timeout_s,
+            bucket_bytes=self.bucket_bytes,
+        )
         # Every member blocks in the group's constructor until all have joined: start them together.
         joins = list(self.trainer.run_async("join_weight_sync", rdv)) + self.pool.join_weight_sync(rdv)
-        labels = [f"trainer rank {r}" for r in range(self.trainer.world_size)] + \
-                 [f"rollout worker {i}" for i in range(self.pool.num_workers)]
+        labels = [f"trainer rank {r}" for r in range(self.trainer.world_size)] + [
+            f"rollout worker {i}" for i in range(self.pool.num_workers)
+        ]
         _wait_all(joins, labels, self.method, cluster.init_timeout_s)
         self._members = list(self.pool.workers)
-        log.info("weight sync: %s group %d of trainer rank 0 + %d rollout worker(s) via %s:%s", self.backend,
-                 self.generation, self.pool.num_workers, rdv.host, rdv.port)
+        log.info(
+            "weight sync: %s group %d of trainer rank 0 + %d rollout worker(s) via %s:%s",
+            self.backend,
+            self.generation,
+            self.pool.num_workers,
+            rdv.host,
+            rdv.port,
+        )
 
     def _leave(self, close_store: bool) -> None:
         """Every member leaves the group (best effort, bounded by CLOSE_TIMEOUT_S)."""

@@ -18,7 +18,13 @@ Only :mod:`.config` and :mod:`.engine_args` import without vLLM.
 """
 
 from memento_train.serving.config import CONFIG_KEY, ServingConfig
-from memento_train.serving.engine_args import SUPPORTED_VLLM, check_vllm_plugin, plugin_engine_args, plugin_supported, vllm_version
+from memento_train.serving.engine_args import (
+    SUPPORTED_VLLM,
+    check_vllm_plugin,
+    plugin_engine_args,
+    plugin_supported,
+    vllm_version,
+)
 
 __all__ = [
     "CONFIG_KEY",

@@ -41,7 +41,7 @@ class _CapCounter:
 
     def catch_up(self) -> None:
         if len(self.output) > self.seen:
-            self.scan(self.output[self.seen:])
+            self.scan(self.output[self.seen :])
             self.seen = len(self.output)
 
     @property

@@ -33,21 +33,37 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="memento-serve",
         description="Serve a Memento checkpoint with block eviction through vLLM's OpenAI-compatible server. "
-                    "Arguments not listed here go to `vllm serve` (e.g. --port 8000 --dtype bfloat16).",
+        "Arguments not listed here go to `vllm serve` (e.g. --port 8000 --dtype bfloat16).",
     )
     p.add_argument("model", help="checkpoint directory (an HF export) or hub name")
-    p.add_argument("--keep-last-n-blocks", type=int, default=None,
-                   help="completed blocks kept in the cache (0: evict at the summary's end; -1: never evict)")
-    p.add_argument("--mask-delimiters", action=argparse.BooleanOptionalAction, default=None,
-                   help="evict <|block_start|>/<|block_end|> with the block (Phi-4)")
-    p.add_argument("--keep-last-block-for-answer", action=argparse.BooleanOptionalAction, default=None,
-                   help="evict a block at the next <|block_start|> instead, so the answer sees the last one")
+    p.add_argument(
+        "--keep-last-n-blocks",
+        type=int,
+        default=None,
+        help="completed blocks kept in the cache (0: evict at the summary's end; -1: never evict)",
+    )
+    p.add_argument(
+        "--mask-delimiters",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="evict <|block_start|>/<|block_end|> with the block (Phi-4)",
+    )
+    p.add_argument(
+        "--keep-last-block-for-answer",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="evict a block at the next <|block_start|> instead, so the answer sees the last one",
+    )
     p.add_argument("--max-block-tokens", type=int, default=None, help="force <|block_end|> after this many tokens")
     p.add_argument("--no-eviction", action="store_true", help="serve without evicting (keep the plugin's reports)")
-    p.add_argument("--report-traces", action="store_true",
-                   help="responses also carry per-token KV lengths, forced flags and eviction events")
-    p.add_argument("--print-command", action="store_true",
-                   help="print the `vllm serve` arguments that would run, and exit")
+    p.add_argument(
+        "--report-traces",
+        action="store_true",
+        help="responses also carry per-token KV lengths, forced flags and eviction events",
+    )
+    p.add_argument(
+        "--print-command", action="store_true", help="print the `vllm serve` arguments that would run, and exit"
+    )
     return p
 
 
@@ -70,8 +86,7 @@ def serving_config(args: argparse.Namespace, tokenizer_path: str) -> ServingConf
     if args.no_eviction:
         options["enable"] = False
     special = SpecialTokens.from_mapping(special_token_ids(load_tokenizer(tokenizer_path, add_memento_tokens=False)))
-    return ServingConfig(special=special, block_masking=BlockMaskingConfig(**options),
-                         report_traces=args.report_traces)
+    return ServingConfig(special=special, block_masking=BlockMaskingConfig(**options), report_traces=args.report_traces)
 
 
 def vllm_serve_args(model: str, serving: ServingConfig, rest: Sequence[str]) -> list[str]:
@@ -80,18 +95,31 @@ def vllm_serve_args(model: str, serving: ServingConfig, rest: Sequence[str]) -> 
 
     kw = plugin_engine_args(serving)
     return [
-        "serve", model,
-        "--scheduler-cls", kw["scheduler_cls"], "--worker-cls", kw["worker_cls"],
-        "--logits-processors", *kw["logits_processors"],
-        "--additional-config", json.dumps(kw["additional_config"]),
-        "--no-async-scheduling", "--no-enable-prefix-caching",
+        "serve",
+        model,
+        "--scheduler-cls",
+        kw["scheduler_cls"],
+        "--worker-cls",
+        kw["worker_cls"],
+        "--logits-processors",
+        *kw["logits_processors"],
+        "--additional-config",
+        json.dumps(kw["additional_config"]),
+        "--no-async-scheduling",
+        "--no-enable-prefix-caching",
         *rest,
     ]
 
 
 def _refuse_conflicts(rest: Sequence[str]) -> None:
-    owned = ("--scheduler-cls", "--worker-cls", "--logits-processors", "--additional-config",
-             "--async-scheduling", "--enable-prefix-caching")
+    owned = (
+        "--scheduler-cls",
+        "--worker-cls",
+        "--logits-processors",
+        "--additional-config",
+        "--async-scheduling",
+        "--enable-prefix-caching",
+    )
     clash = sorted({a.split("=")[0] for a in rest if a.split("=")[0] in owned})
     if clash:
         raise SystemExit(f"memento-serve: {', '.join(clash)} are set by the Memento plugin; remove them")

@@ -50,8 +50,11 @@ class ServingConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"special": asdict(self.special), "block_masking": self.block_masking.to_dict(),
-                "report_traces": self.report_traces}
+        return {
+            "special": asdict(self.special),
+            "block_masking": self.block_masking.to_dict(),
+            "report_traces": self.report_traces,
+        }
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> ServingConfig:
@@ -60,9 +63,11 @@ class ServingConfig:
             raise ValueError(f"additional_config['{CONFIG_KEY}'] has unknown keys {sorted(unknown)}")
         if "special" not in raw:
             raise ValueError(f"additional_config['{CONFIG_KEY}'] lacks 'special' (the memento token ids)")
-        return cls(special=SpecialTokens(**raw["special"]),
-                   block_masking=masking_from_dict(raw.get("block_masking", {})),
-                   report_traces=bool(raw.get("report_traces", True)))
+        return cls(
+            special=SpecialTokens(**raw["special"]),
+            block_masking=masking_from_dict(raw.get("block_masking", {})),
+            report_traces=bool(raw.get("report_traces", True)),
+        )
 
     @classmethod
     def from_vllm_config(cls, vllm_config: Any) -> ServingConfig:
@@ -125,7 +130,7 @@ def request_override(extra_args: Mapping[str, Any] | None) -> dict[str, Any]:
     nested = extra_args.get(CONFIG_KEY) or {}
     if not isinstance(nested, Mapping):
         raise ValueError(f"extra_args['{CONFIG_KEY}'] must be a mapping of eviction options")
-    flat = {k[len(FLAT_PREFIX):]: v for k, v in extra_args.items() if k.startswith(FLAT_PREFIX) and k != KEEP_KV_KEY}
+    flat = {k[len(FLAT_PREFIX) :]: v for k, v in extra_args.items() if k.startswith(FLAT_PREFIX) and k != KEEP_KV_KEY}
     out = {**flat, **nested}
     unknown = set(out) - set(_MASKING_KEYS)
     if unknown:

@@ -44,8 +44,9 @@ def check_vllm_plugin() -> str:
     if version is None:
         raise RuntimeError(f"vLLM is not installed: {INSTALL_HINT}")
     if not plugin_supported(version):
-        raise RuntimeError(f"the Memento vLLM plugin supports vLLM {', '.join(SUPPORTED_VLLM)}.x; found {version}: "
-                           f"{INSTALL_HINT}")
+        raise RuntimeError(
+            f"the Memento vLLM plugin supports vLLM {', '.join(SUPPORTED_VLLM)}.x; found {version}: {INSTALL_HINT}"
+        )
     return version
 
 

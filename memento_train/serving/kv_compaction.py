@@ -55,12 +55,14 @@ def find_block_dim(kv: torch.Tensor, num_blocks: int, backend_shape=None) -> int
         changed = [d for d, (x, y) in enumerate(zip(a, b)) if x != y]
         if len(changed) == 1:
             return changed[0]
-    raise RuntimeError(f"cannot tell which dimension of the KV cache tensor {tuple(kv.shape)} indexes its "
-                       f"{num_blocks} blocks")
+    raise RuntimeError(
+        f"cannot tell which dimension of the KV cache tensor {tuple(kv.shape)} indexes its {num_blocks} blocks"
+    )
 
 
-def probe_slot_offsets(write, kv: torch.Tensor, block_dim: int, block_size: int, num_kv_heads: int,
-                       head_size: int, probe_block: int = 0) -> SlotLayout:
+def probe_slot_offsets(
+    write, kv: torch.Tensor, block_dim: int, block_size: int, num_kv_heads: int, head_size: int, probe_block: int = 0
+) -> SlotLayout:
     """Find where each slot's K/V elements live by writing id-coded values through the backend.
 
     ``write(key, value, slot_mapping)`` must store ``key``/``value`` (``[tokens, heads, dim]``) into
@@ -69,8 +71,10 @@ def probe_slot_offsets(write, kv: torch.Tensor, block_dim: int, block_size: int,
     """
     dtype = kv.dtype
     if dtype not in _DIGIT_BASE:
-        raise RuntimeError(f"KV compaction supports float32/float16/bfloat16 caches, not {dtype} (an fp8 "
-                           "kv_cache_dtype cannot be probed exactly); use kv_cache_dtype='auto'")
+        raise RuntimeError(
+            f"KV compaction supports float32/float16/bfloat16 caches, not {dtype} (an fp8 "
+            "kv_cache_dtype cannot be probed exactly); use kv_cache_dtype='auto'"
+        )
     base = _DIGIT_BASE[dtype]
     view = kv.select(block_dim, probe_block)
     per_slot = 2 * num_kv_heads * head_size
@@ -95,14 +99,19 @@ def probe_slot_offsets(write, kv: torch.Tensor, block_dim: int, block_size: int,
         passes += 1
     view.zero_()
     if found is None or len(found) != n or not np.array_equal(np.sort(decoded), np.arange(n)):
-        raise RuntimeError(f"probing the KV cache layout found {0 if found is None else len(found)} of {n} "
-                           "elements of a block; this attention backend's cache cannot be compacted")
+        raise RuntimeError(
+            f"probing the KV cache layout found {0 if found is None else len(found)} of {n} "
+            "elements of a block; this attention backend's cache cannot be compacted"
+        )
     coords = np.unravel_index(found, tuple(view.shape))
     offsets = sum(c.astype(np.int64) * s for c, s in zip(coords, view.stride()))
     by_id = np.empty(n, dtype=np.int64)
     by_id[decoded] = offsets
-    return SlotLayout(block_dim=block_dim, block_stride=int(kv.stride(block_dim)),
-                      offsets=torch.from_numpy(by_id.reshape(block_size, per_slot)).to(kv.device))
+    return SlotLayout(
+        block_dim=block_dim,
+        block_stride=int(kv.stride(block_dim)),
+        offsets=torch.from_numpy(by_id.reshape(block_size, per_slot)).to(kv.device),
+    )
 
 
 def compaction_moves(removed: Sequence[tuple[int, int]], length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -117,8 +126,9 @@ def compaction_moves(removed: Sequence[tuple[int, int]], length: int) -> tuple[n
     return src, np.arange(first, first + len(src), dtype=np.int64)
 
 
-def move_slots(kv: torch.Tensor, layout: SlotLayout, block_ids: Sequence[int], src: np.ndarray,
-               dst: np.ndarray) -> None:
+def move_slots(
+    kv: torch.Tensor, layout: SlotLayout, block_ids: Sequence[int], src: np.ndarray, dst: np.ndarray
+) -> None:
     """Copy physical slots ``src`` to ``dst`` of one request (blocks ``block_ids``) in cache ``kv``.
 
     All sources are read before any destination is written, so overlapping moves are safe.

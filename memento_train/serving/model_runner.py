@@ -34,7 +34,13 @@ import torch
 from vllm.v1.sample.sampler import Sampler
 
 from memento_train.serving.block_cap import BlockLengthCap
-from memento_train.serving.kv_compaction import SlotLayout, compaction_moves, find_block_dim, move_slots, probe_slot_offsets
+from memento_train.serving.kv_compaction import (
+    SlotLayout,
+    compaction_moves,
+    find_block_dim,
+    move_slots,
+    probe_slot_offsets,
+)
 
 REPORT_FIELD = "memento_step"  # attribute of ModelRunnerOutput: StepReport
 OPS_FIELD = "memento_compactions"  # attribute of SchedulerOutput: {req_id: Compaction}
@@ -83,8 +89,9 @@ class MementoRunnerMixin:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.sampler = MementoSampler(logprobs_mode=self.model_config.logprobs_mode,
-                                      use_fp64_gumbel=self.model_config.use_fp64_gumbel)
+        self.sampler = MementoSampler(
+            logprobs_mode=self.model_config.logprobs_mode, use_fp64_gumbel=self.model_config.use_fp64_gumbel
+        )
         self._memento_evicted: dict[str, int] = {}
         self._memento_lengths: dict[str, int] = {}
         self._memento_layouts: list[tuple[torch.Tensor, SlotLayout]] = []
@@ -98,13 +105,17 @@ class MementoRunnerMixin:
             return
         groups = self.kv_cache_config.kv_cache_groups
         if len(groups) != 1:
-            raise ValueError(f"the Memento plugin supports models with one KV cache group (full attention in "
-                             f"every layer); this model has {len(groups)} (sliding-window or hybrid layers)")
+            raise ValueError(
+                f"the Memento plugin supports models with one KV cache group (full attention in "
+                f"every layer); this model has {len(groups)} (sliding-window or hybrid layers)"
+            )
         spec = groups[0].kv_cache_spec
         table = self.input_batch.block_table[0]
         if table.block_size != spec.block_size:
-            raise ValueError(f"the Memento plugin needs the attention kernel's block size ({table.block_size}) "
-                             f"to equal the KV manager's ({spec.block_size})")
+            raise ValueError(
+                f"the Memento plugin needs the attention kernel's block size ({table.block_size}) "
+                f"to equal the KV manager's ({spec.block_size})"
+            )
         context = self.compilation_config.static_forward_context
         layouts: dict[tuple, SlotLayout] = {}
         seen: set[int] = set()
@@ -118,14 +129,20 @@ class MementoRunnerMixin:
             key = (tuple(kv.shape), tuple(kv.stride()), kv.dtype)
             if key not in layouts:
                 backend = layer.attn_backend
-                block_dim = find_block_dim(kv, self.kv_cache_config.num_blocks, lambda n: backend.get_kv_cache_shape(
-                    n, spec.block_size, spec.num_kv_heads, spec.head_size))
+                block_dim = find_block_dim(
+                    kv,
+                    self.kv_cache_config.num_blocks,
+                    lambda n, backend=backend: backend.get_kv_cache_shape(
+                        n, spec.block_size, spec.num_kv_heads, spec.head_size
+                    ),
+                )
 
                 def write(k, v, slots, layer=layer, kv=kv):
                     layer.impl.do_kv_cache_update(layer, k, v, kv, slots)
 
-                layouts[key] = probe_slot_offsets(write, kv, block_dim, spec.block_size, spec.num_kv_heads,
-                                                  spec.head_size)
+                layouts[key] = probe_slot_offsets(
+                    write, kv, block_dim, spec.block_size, spec.num_kv_heads, spec.head_size
+                )
             self._memento_layouts.append((kv, layouts[key]))
         self.memento_kv_bytes_per_token = sum(lay.element_bytes(kv.dtype) for kv, lay in self._memento_layouts)
 
@@ -139,12 +156,12 @@ class MementoRunnerMixin:
             for kv, layout in self._memento_layouts:
                 move_slots(kv, layout, blocks, src, dst)
             old = len(blocks)
-            del blocks[op.num_blocks:]
+            del blocks[op.num_blocks :]
             row = self.input_batch.req_id_to_index.get(req_id)
             if row is not None:
                 table = self.input_batch.block_table[0]
                 table.num_blocks_per_row[row] = op.num_blocks
-                table.block_table.np[row, op.num_blocks:old] = 0
+                table.block_table.np[row, op.num_blocks : old] = 0
 
     # -- per step ------------------------------------------------------------------------------
     def _update_states(self, scheduler_output):
@@ -169,8 +186,9 @@ class MementoRunnerMixin:
             total = scheduler_output.total_num_scheduled_tokens
             per_token = shift[self.req_indices.gpu[:total].long()]
             physical = self.positions[:total] - per_token.to(self.positions.dtype)
-            self.input_batch.block_table.compute_slot_mapping(num_reqs, self.query_start_loc.gpu[: num_reqs + 1],
-                                                              physical)
+            self.input_batch.block_table.compute_slot_mapping(
+                num_reqs, self.query_start_loc.gpu[: num_reqs + 1], physical
+            )
         return out
 
     def _sample(self, logits, spec_decode_metadata):
@@ -208,6 +226,12 @@ class MementoRunnerMixin:
         req_ids = getattr(out, "req_ids", None)
         if req_ids:
             forced = {req_ids[i] for i in (cap.forced_rows if cap is not None else ()) if i < len(req_ids)}
-            setattr(out, REPORT_FIELD, StepReport({r: (self._memento_lengths.get(r, -1), r in forced) for r in req_ids},
-                                                  self.memento_kv_bytes_per_token))
+            setattr(
+                out,
+                REPORT_FIELD,
+                StepReport(
+                    {r: (self._memento_lengths.get(r, -1), r in forced) for r in req_ids},
+                    self.memento_kv_bytes_per_token,
+                ),
+            )
         return out

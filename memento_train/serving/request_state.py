@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from memento_train.masking import BlockTracker, Eviction, BlockMaskingConfig, SpecialTokens
+from memento_train.masking import BlockMaskingConfig, BlockTracker, Eviction, SpecialTokens
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,9 @@ class Compaction:
 class RequestEvictions:
     """The eviction bookkeeping of one request (module docstring)."""
 
-    def __init__(self, prompt_ids: Sequence[int], special: SpecialTokens, config: BlockMaskingConfig, *,
-                 physical: bool = True) -> None:
+    def __init__(
+        self, prompt_ids: Sequence[int], special: SpecialTokens, config: BlockMaskingConfig, *, physical: bool = True
+    ) -> None:
         self.prompt_len = len(prompt_ids)
         self.compacts = physical  # False: events are recorded, the cache keeps everything (diagnostic)
         self.tracker = BlockTracker(special, config, prompt_len=self.prompt_len)
@@ -102,8 +103,7 @@ class RequestEvictions:
             self._add_gone(a, b)
         count = sum(b - a for a, b in removed)
         self.evicted += count
-        return Compaction(removed=tuple(removed), length=length,
-                          num_blocks=-(-(length - count) // block_size))
+        return Compaction(removed=tuple(removed), length=length, num_blocks=-(-(length - count) // block_size))
 
     @property
     def planned_evicted(self) -> int:

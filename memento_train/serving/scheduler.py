@@ -108,9 +108,15 @@ class MementoScheduler(Scheduler):
                 raise ValueError("streaming-input (resumable) requests are not supported with Memento eviction")
             extra = request.sampling_params.extra_args
             masking = self.memento.request_masking(extra)
-            self._tracked[request.request_id] = _Tracked(masking, RequestEvictions(
-                request.prompt_token_ids or [], self.memento.special, masking.rule(),
-                physical=not request_keeps_kv(extra)))
+            self._tracked[request.request_id] = _Tracked(
+                masking,
+                RequestEvictions(
+                    request.prompt_token_ids or [],
+                    self.memento.special,
+                    masking.rule(),
+                    physical=not request_keeps_kv(extra),
+                ),
+            )
         super().add_request(request)
 
     # -- tokens in ---------------------------------------------------------------------------
@@ -156,8 +162,15 @@ class MementoScheduler(Scheduler):
         output = super().schedule(*args, **kwargs)
         preempted = output.preempted_req_ids or set()
         setattr(output, OPS_FIELD, {r: op for r, op in self._compactions.items() if r not in preempted})
-        setattr(output, EVICTED_FIELD, {r: t.evictions.evicted for r, t in self._tracked.items()
-                                        if t.evictions.evicted and r in output.num_scheduled_tokens})
+        setattr(
+            output,
+            EVICTED_FIELD,
+            {
+                r: t.evictions.evicted
+                for r, t in self._tracked.items()
+                if t.evictions.evicted and r in output.num_scheduled_tokens
+            },
+        )
         self._compactions = {}
         return output
 
@@ -201,8 +214,10 @@ def _refuse_unsupported(scheduler: Scheduler) -> None:
     cfg = scheduler.vllm_config
     problems = []
     if getattr(cfg.scheduler_config, "async_scheduling", False):
-        problems.append("async_scheduling=True (set async_scheduling=False: an eviction must apply before the "
-                        "token that triggers it is fed, which needs that token first)")
+        problems.append(
+            "async_scheduling=True (set async_scheduling=False: an eviction must apply before the "
+            "token that triggers it is fed, which needs that token first)"
+        )
     if cfg.speculative_config is not None:
         problems.append("speculative decoding (drop speculative_config)")
     if cfg.parallel_config.pipeline_parallel_size > 1:
@@ -214,7 +229,9 @@ def _refuse_unsupported(scheduler: Scheduler) -> None:
     if getattr(cfg.parallel_config, "decode_context_parallel_size", 1) > 1:
         problems.append("decode context parallelism")
     if len(scheduler.kv_cache_config.kv_cache_groups) != 1:
-        problems.append(f"{len(scheduler.kv_cache_config.kv_cache_groups)} KV cache groups (models with sliding-"
-                        "window or hybrid layers; the plugin supports full attention in every layer)")
+        problems.append(
+            f"{len(scheduler.kv_cache_config.kv_cache_groups)} KV cache groups (models with sliding-"
+            "window or hybrid layers; the plugin supports full attention in every layer)"
+        )
     if problems:
         raise ValueError("the Memento vLLM plugin cannot run with " + "; ".join(problems))

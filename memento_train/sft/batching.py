@@ -56,8 +56,10 @@ class StepPlanner:
             raise ValueError("the dataset is empty: no examples survived validation (see the validation report)")
         too_long = np.flatnonzero(self.lengths > micro_batch_tokens)
         if too_long.size:
-            raise ValueError(f"example {int(too_long[0])} has {int(self.lengths[too_long[0]])} tokens, more than "
-                             f"train.micro_batch_tokens={micro_batch_tokens}; raise it or lower data.max_seq_len")
+            raise ValueError(
+                f"example {int(too_long[0])} has {int(self.lengths[too_long[0]])} tokens, more than "
+                f"train.micro_batch_tokens={micro_batch_tokens}; raise it or lower data.max_seq_len"
+            )
         self.global_batch_size = global_batch_size
         self.micro_batch_tokens = micro_batch_tokens
         self.world_size = world_size
@@ -73,7 +75,7 @@ class StepPlanner:
     def _order(self, epoch: int) -> np.ndarray:
         if self._order_cache is None or self._order_cache[0] != epoch:
             n = self.lengths.size
-            order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n))
+            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
             self._order_cache = (epoch, order)
         return self._order_cache[1]
 
@@ -89,8 +91,13 @@ class StepPlanner:
         idx = self.indices(step)
         plan = plan_micro_batches(self.lengths[idx].tolist(), self.micro_batch_tokens, self.world_size)
         per_rank = [[[int(idx[j]) for j in mb] for mb in rank] for rank in plan]
-        return StepPlan(step=step, epoch=step // self.steps_per_epoch, per_rank=per_rank,
-                        num_loss_tokens=int(self.loss_tokens[idx].sum()), num_sequences=int(idx.size))
+        return StepPlan(
+            step=step,
+            epoch=step // self.steps_per_epoch,
+            per_rank=per_rank,
+            num_loss_tokens=int(self.loss_tokens[idx].sum()),
+            num_sequences=int(idx.size),
+        )
 
 
 def loss_token_count(labels: np.ndarray) -> int:

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 import yaml
 
 from memento_train.config.errors import ConfigError
-from memento_train.recipes.cli import RecipeArgs, run_recipe_cli
 from memento_train.config.tree import parse_overrides, to_dict
+from memento_train.recipes.cli import RecipeArgs, run_recipe_cli
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,7 +55,9 @@ def _train(args: RecipeArgs) -> int:
             return 0
         results = run_pipeline(list(stages), parse_overrides(overrides))
         for r in results:
-            print(f"[memento-train] {r.output_dir}: {r.steps} steps, final loss {r.final_loss:.4f}, HF model {r.hf_dir}")
+            print(
+                f"[memento-train] {r.output_dir}: {r.steps} steps, final loss {r.final_loss:.4f}, HF model {r.hf_dir}"
+            )
         return 0
     cfg = build_sft_config(tree)
     from memento_train.sft.driver import check_against_model, run_stage
@@ -64,8 +66,10 @@ def _train(args: RecipeArgs) -> int:
         try:
             check_against_model(cfg)  # what needs the model's config.json: rejected here, exit 2
         except OSError as exc:  # no config.json reachable from here (offline, gated hub model)
-            print(f"memento-train: model checks skipped, cannot read the config of model.path={cfg.model.path!r}: "
-                  f"{exc}", file=sys.stderr)
+            print(
+                f"memento-train: model checks skipped, cannot read the config of model.path={cfg.model.path!r}: {exc}",
+                file=sys.stderr,
+            )
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from memento_train.checkpoint.manager import RESUME_MODES
 from memento_train.cluster.config import ClusterConfig
 from memento_train.config.errors import ConfigError
+from memento_train.config.tree import build, canonical_tree, check_types, has_key
 from memento_train.data.config import DataConfig
 from memento_train.data.synthetic import parse_source
 from memento_train.engines.config import EngineConfig
@@ -25,9 +26,8 @@ from memento_train.export.writer import (
 )
 from memento_train.faults.config import FaultsConfig
 from memento_train.models.config import ModelConfig, resolve_init_from
-from memento_train.training.optim import OptimConfig
 from memento_train.recipes import recipe_tree
-from memento_train.config.tree import build, canonical_tree, check_types, has_key
+from memento_train.training.optim import OptimConfig
 from memento_train.training.tracking import Logger, WandbConfig
 
 
@@ -114,19 +114,27 @@ class SFTConfig:
             raise ConfigError(f"stage must be 1 (full attention) or 2 (memento attention), got {self.stage!r}")
         keep = self.data.block_masking.rule().keep_last_n_blocks
         if self.stage == 1 and keep != -1:
-            raise ConfigError(f"stage 1 trains with full causal attention: set data.block_masking.keep_last_n_blocks=-1 "
-                              f"(got {keep}), or stage=2 for memento attention")
+            raise ConfigError(
+                f"stage 1 trains with full causal attention: set data.block_masking.keep_last_n_blocks=-1 "
+                f"(got {keep}), or stage=2 for memento attention"
+            )
         if self.stage == 2 and keep < 0:
-            raise ConfigError("stage 2 trains with memento attention: set data.block_masking.keep_last_n_blocks>=0 "
-                              "and data.block_masking.enable=true (0 = evict each block at its summary's end)")
+            raise ConfigError(
+                "stage 2 trains with memento attention: set data.block_masking.keep_last_n_blocks>=0 "
+                "and data.block_masking.enable=true (0 = evict each block at its summary's end)"
+            )
         if self.stage == 2 and self.model.require_stage1_init:
             _check_stage1_init(self.model.path)
         if self.resume not in RESUME_MODES and not os.path.isdir(self.resume):
-            raise ConfigError(f"resume must be 'auto', 'never' or an existing checkpoint directory, got {self.resume!r}")
+            raise ConfigError(
+                f"resume must be 'auto', 'never' or an existing checkpoint directory, got {self.resume!r}"
+            )
         mp = self.engine.tensor_parallel * self.engine.pipeline_parallel
         if self.cluster.num_workers % mp:
-            raise ConfigError(f"cluster.num_workers ({self.cluster.num_workers}) must be a multiple of "
-                              f"engine.tensor_parallel x engine.pipeline_parallel ({mp})")
+            raise ConfigError(
+                f"cluster.num_workers ({self.cluster.num_workers}) must be a multiple of "
+                f"engine.tensor_parallel x engine.pipeline_parallel ({mp})"
+            )
         t = self.train
         if not t.epochs > 0:
             raise ConfigError(f"train.epochs must be > 0, got {t.epochs!r}")
@@ -137,24 +145,34 @@ class SFTConfig:
             if getattr(t, name) is not None and getattr(t, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1 or null, got {getattr(t, name)!r}")
         if t.global_batch_size < self.data_parallel_size:
-            raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must be >= the number of "
-                              f"data-parallel workers ({self.data_parallel_size}) so every replica gets sequences")
+            raise ConfigError(
+                f"train.global_batch_size ({t.global_batch_size}) must be >= the number of "
+                f"data-parallel workers ({self.data_parallel_size}) so every replica gets sequences"
+            )
         if t.micro_batch_tokens < self.data.max_seq_len:
-            raise ConfigError(f"train.micro_batch_tokens ({t.micro_batch_tokens}) must be >= data.max_seq_len "
-                              f"({self.data.max_seq_len}): the longest sequence must fit one micro-batch")
+            raise ConfigError(
+                f"train.micro_batch_tokens ({t.micro_batch_tokens}) must be >= data.max_seq_len "
+                f"({self.data.max_seq_len}): the longest sequence must fit one micro-batch"
+            )
         c = self.checkpoint
         if c.every < 0 or c.keep_last < 1:
-            raise ConfigError(f"checkpoint.every must be >= 0 and checkpoint.keep_last >= 1, got {c.every}, {c.keep_last}")
+            raise ConfigError(
+                f"checkpoint.every must be >= 0 and checkpoint.keep_last >= 1, got {c.every}, {c.keep_last}"
+            )
         self.faults.validate("faults")
         if self.model.path is None and self.data.max_seq_len > self.model.tiny.max_position_embeddings:
-            raise ConfigError(f"data.max_seq_len ({self.data.max_seq_len}) exceeds the tiny model's "
-                              f"model.tiny.max_position_embeddings ({self.model.tiny.max_position_embeddings})")
+            raise ConfigError(
+                f"data.max_seq_len ({self.data.max_seq_len}) exceeds the tiny model's "
+                f"model.tiny.max_position_embeddings ({self.model.tiny.max_position_embeddings})"
+            )
         return self
 
 
 def _check_stage1_init(path: str | None) -> None:
-    hint = ("stage 2 starts from the stage-1 model: set model.path=<stage-1 output_dir>/hf "
-            "(or model.require_stage1_init=false to start from another model)")
+    hint = (
+        "stage 2 starts from the stage-1 model: set model.path=<stage-1 output_dir>/hf "
+        "(or model.require_stage1_init=false to start from another model)"
+    )
     if path is None:
         raise ConfigError(f"model.path is not set; {hint}")
     marker = Path(os.path.expanduser(path)) / EXPORT_MARKER
@@ -167,8 +185,8 @@ def _check_stage1_init(path: str | None) -> None:
 
 # Keys every recipe must set explicitly because the right value depends on the model family.
 REQUIRED_EXPLICIT = {
-    "data.block_masking.mask_delimiters": "whether <|block_start|>/<|block_end|> are evicted with their block must match "
-    "how the model is served (Memento's Qwen3/Olmo recipes use false, Phi-4-reasoning true)",
+    "data.block_masking.mask_delimiters": "whether <|block_start|>/<|block_end|> are evicted with their block "
+    "must match how the model is served (Memento's Qwen3/Olmo recipes use false, Phi-4-reasoning true)",
 }
 
 

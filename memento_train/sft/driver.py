@@ -28,19 +28,19 @@ from memento_train.cluster import WorkerError, WorkerGroup
 from memento_train.cluster.session import RaySession
 from memento_train.cluster.worker_group import group_env
 from memento_train.config.errors import ConfigError
+from memento_train.config.tree import deep_merge, to_dict
 from memento_train.data.prepared import check_examples_source, load_examples
 from memento_train.faults.preemption import PreemptionGuard
 from memento_train.faults.secrets import redact_config
 from memento_train.faults.watchdog import StepHang, StepWatchdog, describe_stacks
-from memento_train.training.flops import peak_tflops
 from memento_train.models.loading import model_max_length, run_tokenizer
-from memento_train.training.optim import lr_at
 from memento_train.sft.batching import StepPlanner, loss_token_count
 from memento_train.sft.config import SFTConfig, build_sft_config
 from memento_train.sft.worker import SFTWorker
-from memento_train.config.tree import deep_merge, to_dict
-from memento_train.training.tracking import RunLogger
+from memento_train.training.flops import peak_tflops
+from memento_train.training.optim import lr_at
 from memento_train.training.run_dir import export_hf, open_logger, resume_point, save_checkpoint, write_run_config
+from memento_train.training.tracking import RunLogger
 
 
 @dataclass
@@ -62,15 +62,18 @@ def check_against_model(cfg: SFTConfig, tokenizer: Any = None) -> None:
     check_model(cfg.model, evicts=cfg.data.block_masking.keep_last_n_blocks >= 0, engine_kind=cfg.engine.kind)
     limit = model_max_length(cfg.model)
     if limit is not None and cfg.data.max_seq_len > limit:
-        raise ConfigError(f"data.max_seq_len ({cfg.data.max_seq_len}) exceeds the model's maximum of {limit} "
-                          f"positions (max_position_embeddings); lower data.max_seq_len")
+        raise ConfigError(
+            f"data.max_seq_len ({cfg.data.max_seq_len}) exceeds the model's maximum of {limit} "
+            f"positions (max_position_embeddings); lower data.max_seq_len"
+        )
     if cfg.data.tokenizer is not None or cfg.data.prepared is not None:
         tokenizer = run_tokenizer(cfg.model) if tokenizer is None else tokenizer
         check_examples_source(cfg.data, tokenizer, cfg.model.tokenizer or cfg.model.path)
 
 
-def _aggregate(results: list[dict[str, Any]], plan_loss_tokens: int, elapsed: float, peak: float | None,
-               world: int) -> dict[str, Any]:
+def _aggregate(
+    results: list[dict[str, Any]], plan_loss_tokens: int, elapsed: float, peak: float | None, world: int
+) -> dict[str, Any]:
     total = {k: sum(r[k] for r in results) for k in results[0] if k not in ("grad_norm", "time_s")}
     m: dict[str, Any] = {
         "loss": total["loss_sum"] / max(1, plan_loss_tokens),
@@ -116,24 +119,44 @@ def run_stage(cfg: SFTConfig, tree: dict[str, Any] | None = None, *, progress: b
         dataset = dataset.select(range(min(cfg.train.max_samples, len(dataset))))
     lengths = np.asarray(dataset["num_tokens"], dtype=np.int64)
     # Streamed in batches: the labels column of a full OpenMementos cache is gigabytes.
-    loss_tokens = [loss_token_count(np.asarray(x)) for batch in dataset.select_columns(["labels"]).iter(1024)
-                   for x in batch["labels"]]
-    planner = StepPlanner(lengths, loss_tokens, global_batch_size=cfg.train.global_batch_size,
-                          micro_batch_tokens=cfg.train.micro_batch_tokens, world_size=cfg.data_parallel_size,
-                          seed=cfg.train.seed, shuffle=cfg.train.shuffle, epochs=cfg.train.epochs,
-                          max_steps=cfg.train.max_steps)
+    loss_tokens = [
+        loss_token_count(np.asarray(x))
+        for batch in dataset.select_columns(["labels"]).iter(1024)
+        for x in batch["labels"]
+    ]
+    planner = StepPlanner(
+        lengths,
+        loss_tokens,
+        global_batch_size=cfg.train.global_batch_size,
+        micro_batch_tokens=cfg.train.micro_batch_tokens,
+        world_size=cfg.data_parallel_size,
+        seed=cfg.train.seed,
+        shuffle=cfg.train.shuffle,
+        epochs=cfg.train.epochs,
+        max_steps=cfg.train.max_steps,
+    )
 
     ckpts, resume_from, start = resume_point(cfg, warn=_warn)
-    logger = open_logger(cfg, public, total_steps=planner.total_steps, start_step=start, desc=f"stage {cfg.stage}",
-                         progress=progress)
+    logger = open_logger(
+        cfg, public, total_steps=planner.total_steps, start_step=start, desc=f"stage {cfg.stage}", progress=progress
+    )
     source = f"prepared in {cfg.data.prepared}, " if cfg.data.prepared else ""
-    logger.write(f"[memento-train] stage {cfg.stage}: {report}; {source}{len(lengths)} examples, "
-                 f"{planner.total_steps} steps of {cfg.train.global_batch_size} sequences "
-                 f"on {cfg.cluster.num_workers} worker(s), engine {cfg.engine.kind}; writing to {out}")
+    logger.write(
+        f"[memento-train] stage {cfg.stage}: {report}; {source}{len(lengths)} examples, "
+        f"{planner.total_steps} steps of {cfg.train.global_batch_size} sequences "
+        f"on {cfg.cluster.num_workers} worker(s), engine {cfg.engine.kind}; writing to {out}"
+    )
     # The driver owns Ray (when used), so a rebuilt worker group reuses it; ray.init also installs a
     # SIGTERM handler, which the preemption guard below replaces.
-    session = RaySession.open(cfg.cluster, needed_cpus=cfg.cluster.num_workers * cfg.cluster.cpus_per_worker,
-                              worker_env=group_env(cfg.cluster)) if cfg.cluster.use_ray else None
+    session = (
+        RaySession.open(
+            cfg.cluster,
+            needed_cpus=cfg.cluster.num_workers * cfg.cluster.cpus_per_worker,
+            worker_env=group_env(cfg.cluster),
+        )
+        if cfg.cluster.use_ray
+        else None
+    )
     stage = _Stage(cfg, redact_config(tree), out, logger, planner, ckpts)
     try:
         with PreemptionGuard() as preempt:
@@ -153,8 +176,15 @@ def _warn(message: str) -> None:
 class _Stage:
     """One stage's training loop around a worker group that may be rebuilt (restarts)."""
 
-    def __init__(self, cfg: SFTConfig, tree: dict[str, Any], out: Path, logger: RunLogger,
-                 planner: StepPlanner, ckpts: CheckpointManager) -> None:
+    def __init__(
+        self,
+        cfg: SFTConfig,
+        tree: dict[str, Any],
+        out: Path,
+        logger: RunLogger,
+        planner: StepPlanner,
+        ckpts: CheckpointManager,
+    ) -> None:
         self.cfg, self.tree, self.out, self.logger, self.planner, self.ckpts = cfg, tree, out, logger, planner, ckpts
         f = cfg.faults
         self.watchdog = StepWatchdog(f.watchdog_factor, f.watchdog_min_s, f.watchdog_warmup_steps)
@@ -179,8 +209,9 @@ class _Stage:
                     raise
                 limit = self.cfg.faults.max_restarts
                 if self.restarts >= limit:
-                    raise RuntimeError(f"{why}; giving up after {self.restarts} restart(s) "
-                                       f"(faults.max_restarts={limit})") from exc
+                    raise RuntimeError(
+                        f"{why}; giving up after {self.restarts} restart(s) (faults.max_restarts={limit})"
+                    ) from exc
                 self.restarts += 1
                 self._stop_group(graceful=False)  # its ranks are dead, hung or stuck in a collective
                 keep_fresh = self.cfg.resume == "never" and self.saved_at < 0
@@ -188,8 +219,10 @@ class _Stage:
                 start = read_state(resume_from)["step"] if resume_from else 0
                 self.saved_at = start if resume_from else -1
                 self.logger.rewind(start)
-                self.logger.write(f"[memento-train] {why}: restart {self.restarts} of {limit}: rebuilding the "
-                                  f"worker group and resuming from {resume_from or 'the start'} (step {start})")
+                self.logger.write(
+                    f"[memento-train] {why}: restart {self.restarts} of {limit}: rebuilding the "
+                    f"worker group and resuming from {resume_from or 'the start'} (step {start})"
+                )
 
     def _restartable(self, exc: BaseException) -> str | None:
         """Why ``exc`` warrants rebuilding the group, or None (a bug, bad config, storage: fail)."""
@@ -232,14 +265,23 @@ class _Stage:
                 self.logger.log(step + 1, metrics)
             if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
                 self._save(step + 1, metrics["epoch"], final=False)
-            preempt.stop_if_requested(step + 1, planner.total_steps, self.saved_at,
-                                      save=lambda: self._save(step + 1, metrics["epoch"], final=True),
-                                      checkpoint=str(self.ckpts.root / f"step_{step + 1:08d}"))
+            preempt.stop_if_requested(
+                step + 1,
+                planner.total_steps,
+                self.saved_at,
+                save=lambda step=step, epoch=metrics["epoch"]: self._save(step + 1, epoch, final=True),
+                checkpoint=str(self.ckpts.root / f"step_{step + 1:08d}"),
+            )
         if self.saved_at != planner.total_steps:
             self._save(planner.total_steps, planner.total_steps // planner.steps_per_epoch, final=True)
         if cfg.checkpoint.export_hf:
-            info = {"stage": cfg.stage, "step": planner.total_steps, "block_masking": to_dict(cfg.data.block_masking),
-                    "base_model": cfg.model.path, "final_loss": self.last_loss}
+            info = {
+                "stage": cfg.stage,
+                "step": planner.total_steps,
+                "block_masking": to_dict(cfg.data.block_masking),
+                "base_model": cfg.model.path,
+                "final_loss": self.last_loss,
+            }
             self.hf_dir = export_hf(self.group, self.out, info, self.logger, "memento-train")
 
     def _step(self, step: int, *, timed: bool) -> dict[str, Any]:
@@ -261,8 +303,9 @@ class _Stage:
         elapsed = time.perf_counter() - t0
         if timed:
             self.watchdog.record(elapsed)
-        metrics = _aggregate([results[r] for r in self.reporters], plan.num_loss_tokens, elapsed, self.peak,
-                             group.world_size)
+        metrics = _aggregate(
+            [results[r] for r in self.reporters], plan.num_loss_tokens, elapsed, self.peak, group.world_size
+        )
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"loss is {metrics['loss']} at step {step + 1}; lower optim.lr or check the data")
         metrics.update(lr=lr, epoch=plan.epoch, restarts=self.restarts, checkpoint_save_failures=self.save_failures)
@@ -302,8 +345,10 @@ def export_checkpoint(checkpoint: str, out_dir: str, overrides: dict[str, Any] |
     ckpt = Path(checkpoint)
     config_file = ckpt.parent.parent / "config.yaml"
     if not (ckpt / "trainer_state.json").is_file() or not config_file.is_file():
-        raise ConfigError(f"checkpoint={checkpoint!r} is not a complete memento-train checkpoint "
-                          f"(expected <output_dir>/checkpoints/step_N with {config_file.name} two levels up)")
+        raise ConfigError(
+            f"checkpoint={checkpoint!r} is not a complete memento-train checkpoint "
+            f"(expected <output_dir>/checkpoints/step_N with {config_file.name} two levels up)"
+        )
     tree = deep_merge(yaml.safe_load(config_file.read_text()), overrides or {})
     tree["model"]["require_stage1_init"] = False  # the stage-1 source need not exist any more
     cfg = build_sft_config(tree)
@@ -312,9 +357,13 @@ def export_checkpoint(checkpoint: str, out_dir: str, overrides: dict[str, Any] |
     try:
         group.run("setup")
         group.run("load", str(CheckpointManager(ckpt.parent).resolve(str(ckpt))))
-        info = {"stage": cfg.stage, "step": state["step"], "block_masking": to_dict(cfg.data.block_masking), "base_model": cfg.model.path}
+        info = {
+            "stage": cfg.stage,
+            "step": state["step"],
+            "block_masking": to_dict(cfg.data.block_masking),
+            "base_model": cfg.model.path,
+        }
         group.run("export_hf", out_dir, info)
     finally:
         group.shutdown()
     return out_dir
-

@@ -11,10 +11,10 @@ import os
 from typing import Any
 
 from memento_train.config.errors import ConfigError
+from memento_train.config.tree import deep_merge
 from memento_train.recipes import load_recipe
 from memento_train.sft.config import build_sft_config
 from memento_train.sft.driver import StageResult, run_stage
-from memento_train.config.tree import deep_merge
 
 
 def run_pipeline(stages: list[str], overrides: dict[str, Any], *, progress: bool = True) -> list[StageResult]:
@@ -28,8 +28,10 @@ def run_pipeline(stages: list[str], overrides: dict[str, Any], *, progress: bool
             tree = deep_merge(tree, {"model": {"require_stage1_init": False, "init_from": None}})
         cfg = build_sft_config(tree)
         if k < len(stages) - 1 and not cfg.checkpoint.export_hf:
-            raise ConfigError("a pipeline stage must export its model for the next one: "
-                              "do not set checkpoint.export_hf=false on a multi-stage recipe")
+            raise ConfigError(
+                "a pipeline stage must export its model for the next one: "
+                "do not set checkpoint.export_hf=false on a multi-stage recipe"
+            )
     results: list[StageResult] = []
     for name in stages:
         tree = deep_merge(load_recipe(name), overrides)

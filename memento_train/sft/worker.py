@@ -13,16 +13,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from memento_train.checkpoint.rank_state import seed_everything
 from memento_train.data.prepared import load_examples
-from memento_train.training.worker import EngineWorker
 from memento_train.engines import build_engine
-from memento_train.training.flops import FlopCounter
 from memento_train.masking import Kind
 from memento_train.models.loading import load_model, run_tokenizer
-from memento_train.checkpoint.rank_state import seed_everything
 from memento_train.sft.config import SFTConfig, build_sft_config
 from memento_train.sft.losses import sft_loss_fn
+from memento_train.training.flops import FlopCounter
 from memento_train.training.micro_batches import build_micro_batch
+from memento_train.training.worker import EngineWorker
 
 _COLUMNS = ("input_ids", "labels", "kinds", "kill_row")
 
@@ -55,9 +55,13 @@ class SFTWorker(EngineWorker):
         torch.manual_seed(cfg.train.seed + 1000 * self.rank)  # per-rank stream for dropout and the like
         # Tensor/pipeline-parallel ranks of one model replica must see the same micro-batches: the
         # driver deals the plan out by data-parallel rank (the world rank for data-parallel engines).
-        return {"rank": self.rank, "num_params": num_params, "device": str(self.device),
-                "dp_rank": getattr(self.engine, "dp_rank", self.rank),
-                "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"}
+        return {
+            "rank": self.rank,
+            "num_params": num_params,
+            "device": str(self.device),
+            "dp_rank": getattr(self.engine, "dp_rank", self.rank),
+            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+        }
 
     def _rows(self, indices: list[int]) -> list[dict[str, np.ndarray]]:
         if not indices:
@@ -68,14 +72,19 @@ class SFTWorker(EngineWorker):
     def _micro_batches(self, micro_plan: list[list[int]]):
         batches, packed = [], []
         for indices in micro_plan:
-            mb, pb = build_micro_batch(self._rows(indices), pad_to=self.cfg.train.pad_to_multiple,
-                                       pad_token_id=self.tokenizer.pad_token_id or 0, device=self.device)
+            mb, pb = build_micro_batch(
+                self._rows(indices),
+                pad_to=self.cfg.train.pad_to_multiple,
+                pad_token_id=self.tokenizer.pad_token_id or 0,
+                device=self.device,
+            )
             batches.append(mb)
             packed.append(pb if indices else None)
         return batches, packed
 
-    def train_step(self, micro_plan: list[list[int]], global_loss_tokens: int, lr: float,
-                   hang_s: float = 0.0) -> dict[str, Any]:
+    def train_step(
+        self, micro_plan: list[list[int]], global_loss_tokens: int, lr: float, hang_s: float = 0.0
+    ) -> dict[str, Any]:
         """Forward/backward this rank's micro-batches, then one optimizer step at ``lr``.
 
         Returns this rank's sums (loss, tokens, pairs, ...); the driver adds them up over ranks.
@@ -92,10 +101,21 @@ class SFTWorker(EngineWorker):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - t0
-        out = {"loss_sum": sum(m["loss_sum"] for m in metrics), "grad_norm": float(grad_norm),
-               "time_s": elapsed, "micro_batches": sum(1 for p in packed if p is not None),
-               "tokens": 0, "real_tokens": 0, "loss_tokens": 0, "kept_pairs": 0, "causal_pairs": 0,
-               "flops": 0.0, "blocks": 0, "summary_tokens": 0, "sequences": 0}
+        out = {
+            "loss_sum": sum(m["loss_sum"] for m in metrics),
+            "grad_norm": float(grad_norm),
+            "time_s": elapsed,
+            "micro_batches": sum(1 for p in packed if p is not None),
+            "tokens": 0,
+            "real_tokens": 0,
+            "loss_tokens": 0,
+            "kept_pairs": 0,
+            "causal_pairs": 0,
+            "flops": 0.0,
+            "blocks": 0,
+            "summary_tokens": 0,
+            "sequences": 0,
+        }
         for mb, pb in zip(batches, packed):
             if pb is None:
                 continue

@@ -13,8 +13,17 @@ from torch import nn
 from memento_train.attention import MementoAttentionMeta
 
 # Dense bf16 peak, TFLOP/s, by substring of torch.cuda.get_device_name().
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "B200": 2250.0, "GB200": 2450.0,
-                    "A100": 312.0, "A800": 312.0, "L40S": 362.0, "A10": 125.0}
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "H800": 989.0,
+    "B200": 2250.0,
+    "GB200": 2450.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "A10": 125.0,
+}
 
 
 def linear_weights(model: nn.Module) -> int:

@@ -40,13 +40,23 @@ def plan_micro_batches(lengths: Sequence[int], micro_batch_tokens: int, world_si
 
 def padding_batch(pad_token_id: int) -> PackedBatch:
     """A one-token micro-batch with no loss: keeps a rank's collectives in step with the others."""
-    row = {"input_ids": np.array([pad_token_id]), "labels": np.array([IGNORE_INDEX]),
-           "kinds": np.array([0], np.int8), "kill_row": np.array([1])}
+    row = {
+        "input_ids": np.array([pad_token_id]),
+        "labels": np.array([IGNORE_INDEX]),
+        "kinds": np.array([0], np.int8),
+        "kill_row": np.array([1]),
+    }
     return collate([row])
 
 
-def build_micro_batch(docs: Sequence[Mapping], *, pad_token_id: int, device: torch.device | str, pad_to: int = 1,
-                      token_extras: Sequence[str] = ()) -> tuple[MicroBatch, PackedBatch]:
+def build_micro_batch(
+    docs: Sequence[Mapping],
+    *,
+    pad_token_id: int,
+    device: torch.device | str,
+    pad_to: int = 1,
+    token_extras: Sequence[str] = (),
+) -> tuple[MicroBatch, PackedBatch]:
     """Pack ``docs`` (rendered examples or RL rollout documents) into one :class:`MicroBatch` on
     ``device``; no docs = :func:`padding_batch`. Returns it and the :class:`PackedBatch` it came from.
 
@@ -61,6 +71,7 @@ def build_micro_batch(docs: Sequence[Mapping], *, pad_token_id: int, device: tor
         values = np.pad(values, (0, packed.num_tokens - values.shape[0]))
         extras[key] = torch.from_numpy(values.astype(np.float32)).to(device)
     meta = MementoAttentionMeta.from_packed(packed.cu_seqlens, packed.kill_row, device=device)
-    mb = MicroBatch(input_ids=packed.input_ids.to(device), position_ids=packed.position_ids.to(device),
-                    meta=meta, extras=extras)
+    mb = MicroBatch(
+        input_ids=packed.input_ids.to(device), position_ids=packed.position_ids.to(device), meta=meta, extras=extras
+    )
     return mb, packed

@@ -16,8 +16,8 @@ from typing import Any
 import yaml
 
 from memento_train.checkpoint.manager import CheckpointManager, read_state
-from memento_train.faults.secrets import redact_config, secret_values
 from memento_train.config.tree import to_dict
+from memento_train.faults.secrets import redact_config, secret_values
 from memento_train.training.tracking import RunLogger
 
 CHECKPOINT_DIR = "checkpoints"
@@ -44,13 +44,22 @@ def resume_point(cfg: Any, warn: Callable[[str], None] | None = None) -> tuple[C
     return ckpts, resume_from, read_state(resume_from)["step"] if resume_from else 0
 
 
-def open_logger(cfg: Any, public: dict[str, Any], *, total_steps: int, start_step: int, desc: str,
-                progress: bool) -> RunLogger:
+def open_logger(
+    cfg: Any, public: dict[str, Any], *, total_steps: int, start_step: int, desc: str, progress: bool
+) -> RunLogger:
     """The run's metrics logger (JSONL, wandb when ``cfg.logger=wandb``, progress bar), cut back to
     ``start_step`` on resume; every secret value of ``cfg`` is scrubbed from what it writes."""
-    return RunLogger(cfg.output_dir, total_steps=total_steps, start_step=start_step, logger=cfg.logger,
-                     wandb_cfg=cfg.wandb, config=public, desc=desc, progress=progress,
-                     secrets=secret_values(to_dict(cfg)))
+    return RunLogger(
+        cfg.output_dir,
+        total_steps=total_steps,
+        start_step=start_step,
+        logger=cfg.logger,
+        wandb_cfg=cfg.wandb,
+        config=public,
+        desc=desc,
+        progress=progress,
+        secrets=secret_values(to_dict(cfg)),
+    )
 
 
 def save_checkpoint(group: Any, ckpts: CheckpointManager, step: int, state: dict[str, Any]) -> Path:

@@ -91,8 +91,9 @@ class RunLogger:
         if progress:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step",
-                             dynamic_ncols=True, file=sys.stderr)
+            self._bar = tqdm(
+                total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr
+            )
 
     def _init_wandb(self, cfg: Any, config: dict[str, Any] | None, start_step: int):
         try:
@@ -103,14 +104,22 @@ class RunLogger:
             run_id = id_file.read_text().strip() if start_step and id_file.is_file() else uuid.uuid4().hex[:8]
             id_file.write_text(run_id)
             run = wandb.init(
-                project=getattr(cfg, "project", "memento-train"), entity=getattr(cfg, "entity", None),
-                name=getattr(cfg, "name", None), tags=list(getattr(cfg, "tags", []) or []),
-                mode=wandb_mode(getattr(cfg, "mode", "auto")), dir=str(self.dir), id=run_id, resume="allow",
-                config=config or {}, settings=wandb.Settings(silent=True),
+                project=getattr(cfg, "project", "memento-train"),
+                entity=getattr(cfg, "entity", None),
+                name=getattr(cfg, "name", None),
+                tags=list(getattr(cfg, "tags", []) or []),
+                mode=wandb_mode(getattr(cfg, "mode", "auto")),
+                dir=str(self.dir),
+                id=run_id,
+                resume="allow",
+                config=config or {},
+                settings=wandb.Settings(silent=True),
             )
             return run
         except Exception as exc:  # a broken wandb must never stop training: JSONL still has everything
-            warnings.warn(f"wandb disabled for this run ({type(exc).__name__}: {exc}); metrics go to {self.path}")
+            warnings.warn(
+                f"wandb disabled for this run ({type(exc).__name__}: {exc}); metrics go to {self.path}", stacklevel=2
+            )
             return None
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:

@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
+from memento_train.checkpoint.rank_state import load_rank_state, save_rank_state
 from memento_train.cluster import DistributedWorker
 from memento_train.export.writer import export_hf
-from memento_train.checkpoint.rank_state import load_rank_state, save_rank_state
 
 
 @contextlib.contextmanager
@@ -49,5 +49,11 @@ class EngineWorker(DistributedWorker):
         state = self.engine.full_state_dict()
         if self.rank != 0:
             return None
-        return export_hf(state, self.model_config, self.tokenizer, out_dir, info=info,
-                         dtype=torch.float32 if self.cfg.engine.precision == "fp32" else torch.bfloat16)
+        return export_hf(
+            state,
+            self.model_config,
+            self.tokenizer,
+            out_dir,
+            info=info,
+            dtype=torch.float32 if self.cfg.engine.precision == "fp32" else torch.bfloat16,
+        )
