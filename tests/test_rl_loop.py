@@ -303,3 +303,29 @@ def test_the_shipped_warmed_policy_matches_the_warmup_and_goes_stale_when_an_inp
     assert rl_warmed_policy.stale_reason() == "the warm-up's records changed since it was built"
     monkeypatch.setattr(rl_warmed_policy, "WARMUP_OVERRIDES", ["logger=none", "warmup.lr=1e-3"])
     assert rl_warmed_policy.stale_reason() == "the warm-up's stage_config changed since it was built"
+
+
+def test_a_failed_periodic_checkpoint_with_on_save_error_retry_lets_rl_train_on(tmp_path, monkeypatch):
+    """checkpoint.on_save_error means the same in memento-rl as in memento-train: a storage failure of a
+    periodic checkpoint is logged and the run goes on; ``fail`` (the default) stops it."""
+    from memento_train.checkpoint.manager import CheckpointSaveError
+    from memento_train.rl import driver
+
+    real, calls = driver.save_checkpoint, []
+
+    def full_disk_at_step_2(trainer, ckpts, step, state):
+        calls.append(step)
+        if step == 2:
+            path = ckpts.root / f"step_{step:08d}"
+            raise CheckpointSaveError(step, path, "No space left on device", 0, 1 << 30, ckpts.root / "step_00000001")
+        return real(trainer, ckpts, step, state)
+
+    monkeypatch.setattr(driver, "save_checkpoint", full_disk_at_step_2)
+    _, metrics = run(tmp_path / "retry", "train.max_steps=3", "checkpoint.every=1", "checkpoint.on_save_error=retry")
+    assert [m["step"] for m in metrics] == [1, 2, 3] and calls == [1, 2, 3]
+    assert sorted(p.name for p in (tmp_path / "retry" / "checkpoints").glob("step_*")) == [
+        "step_00000001",
+        "step_00000003",
+    ]
+    with pytest.raises(CheckpointSaveError):
+        run(tmp_path / "fail", "train.max_steps=3", "checkpoint.every=1")

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from memento_train.checkpoint.config import CheckpointConfig
 from memento_train.checkpoint.manager import RESUME_MODES
 from memento_train.cluster.config import ClusterConfig
 from memento_train.config.errors import ConfigError
@@ -180,15 +181,6 @@ class WarmupConfig:
 
 
 @dataclass
-class RLCheckpointConfig:
-    """Resumable checkpoints (trainer engine + RNG + step) and the final HF export."""
-
-    every: int = 50
-    keep_last: int = 2
-    export_hf: bool = True
-
-
-@dataclass
 class RLFaultsConfig:
     """Fault tolerance, and fault *injection* for tests.
 
@@ -230,7 +222,7 @@ class RLConfig:
     train: RLTrainConfig = field(default_factory=RLTrainConfig)
     eval: RLEvalConfig = field(default_factory=RLEvalConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
-    checkpoint: RLCheckpointConfig = field(default_factory=RLCheckpointConfig)
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(keep_last=2))
     faults: RLFaultsConfig = field(default_factory=RLFaultsConfig)
     wandb: WandbConfig = field(default_factory=lambda: WandbConfig(project="memento-rl"))
 
@@ -326,11 +318,7 @@ class RLConfig:
                     f"warmup.unboxed_answer_rate must be in [0, 1) (a fraction of traces), "
                     f"got {w.unboxed_answer_rate!r}"
                 )
-        c = self.checkpoint
-        if c.every < 0 or c.keep_last < 1:
-            raise ConfigError(
-                f"checkpoint.every must be >= 0 and checkpoint.keep_last >= 1, got {c.every}, {c.keep_last}"
-            )
+        self.checkpoint.validate("checkpoint")
         if self.faults.max_step_retries < 0:
             raise ConfigError(f"faults.max_step_retries must be >= 0, got {self.faults.max_step_retries!r}")
         self._check_placement()

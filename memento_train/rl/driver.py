@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from memento_train.checkpoint.manager import CheckpointSaveError
 from memento_train.cluster import WorkerGroup
 from memento_train.config.errors import ConfigError
 from memento_train.config.tree import deep_merge, to_dict
@@ -254,8 +255,19 @@ def run_rl(cfg: RLConfig, tree: dict[str, Any] | None = None, *, progress: bool 
     end = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
     logger = open_logger(cfg, public, total_steps=end, start_step=start, desc="rl", progress=progress)
 
-    def save(step: int) -> None:
-        save_checkpoint(trainer, ckpts, step, {"data_position": step})
+    def save(step: int, *, final: bool = False) -> bool:
+        """Checkpoint ``step``; with ``checkpoint.on_save_error=retry`` a storage failure of a periodic
+        checkpoint is logged and training goes on (returns False)."""
+        try:
+            save_checkpoint(trainer, ckpts, step, {"data_position": step})
+        except CheckpointSaveError as exc:
+            if final or cfg.checkpoint.on_save_error != "retry":
+                raise
+            logger.write(f"[memento-rl] warning: {exc}; continuing (checkpoint.on_save_error=retry)")
+            # Every rank must be out of the failed save before the next step's collectives.
+            trainer.get(trainer.run_async("_mt_node_info"), timeout=60.0)
+            return False
+        return True
 
     session = _open_ray(cfg)
     preempt = PreemptionGuard().__enter__()  # after ray.init, which installs its own SIGTERM handler
@@ -295,18 +307,17 @@ def run_rl(cfg: RLConfig, tree: dict[str, Any] | None = None, *, progress: bool 
                     f"acc {metrics['accuracy']:.3f} len {metrics['response_length']:.0f} "
                     f"step {metrics['time/step_s']:.1f}s"
                 )
-            if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
-                save(step + 1)
+            if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and save(step + 1):
                 saved_at = step + 1
             preempt.stop_if_requested(
                 step + 1,
                 end,
                 saved_at,
-                save=lambda step=step: save(step + 1),
+                save=lambda step=step: save(step + 1, final=True),
                 checkpoint=str(ckpts.root / f"step_{step + 1:08d}"),
             )
         if saved_at != end and end > start:
-            save(end)
+            save(end, final=True)
         if cfg.checkpoint.export_hf and end == total:
             hf_dir = export_hf(
                 trainer,

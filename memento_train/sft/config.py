@@ -12,8 +12,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from memento_train.checkpoint.config import CheckpointConfig
 from memento_train.checkpoint.manager import RESUME_MODES
 from memento_train.cluster.config import ClusterConfig
 from memento_train.config.errors import ConfigError
@@ -58,26 +59,6 @@ class TrainConfig:
     seed: int = 42
     shuffle: bool = True
     log_every: int = 1
-
-
-@dataclass
-class CheckpointConfig:
-    """Resumable checkpoints and the final export.
-
-    Attributes:
-        every: save a resumable checkpoint every N optimizer steps (0 = only at the end).
-        keep_last: keep the newest K checkpoints.
-        export_hf: write a Hugging Face model (safetensors + tokenizer + chat template) at the end.
-        on_save_error: when writing a checkpoint fails on storage (disk full, quota, permission):
-            ``fail`` stops the run naming the directory and the free space; ``retry`` logs it, keeps
-            training and tries again at the next checkpoint (the final checkpoint must succeed).
-            Either way the partial checkpoint is removed and earlier ones are untouched.
-    """
-
-    every: int = 50
-    keep_last: int = 3
-    export_hf: bool = True
-    on_save_error: Literal["fail", "retry"] = "fail"
 
 
 @dataclass
@@ -154,11 +135,7 @@ class SFTConfig:
                 f"train.micro_batch_tokens ({t.micro_batch_tokens}) must be >= data.max_seq_len "
                 f"({self.data.max_seq_len}): the longest sequence must fit one micro-batch"
             )
-        c = self.checkpoint
-        if c.every < 0 or c.keep_last < 1:
-            raise ConfigError(
-                f"checkpoint.every must be >= 0 and checkpoint.keep_last >= 1, got {c.every}, {c.keep_last}"
-            )
+        self.checkpoint.validate("checkpoint")
         self.faults.validate("faults")
         if self.model.path is None and self.data.max_seq_len > self.model.tiny.max_position_embeddings:
             raise ConfigError(
