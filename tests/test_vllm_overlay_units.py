@@ -129,13 +129,16 @@ def test_rollout_actors_start_with_the_configured_interpreter(monkeypatch, tmp_p
                 "logger=none",
                 f"output_dir={tmp_path}",
                 f"rollout_cluster.python={sys.executable}",
+                "rollout_cluster.gpus_per_worker=0",
                 "rollout_cluster.num_workers=2",
             ],
         )
     )
     rollout_worker.RolloutPool(cfg, {})
     assert [kw["runtime_env"].get("py_executable") for kw in started] == [sys.executable] * 2
-    cfg = build_rl_config(config_tree(None, ["logger=none", f"output_dir={tmp_path}"]))
+    cfg = build_rl_config(
+        config_tree(None, ["logger=none", f"output_dir={tmp_path}", "rollout_cluster.gpus_per_worker=0"])
+    )
     rollout_worker.RolloutPool(cfg, {})
     assert "py_executable" not in started[-1]["runtime_env"]
 

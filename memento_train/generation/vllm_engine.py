@@ -197,7 +197,8 @@ def _load_weights_on_worker(worker: Any, weights: list) -> int:
     versions load through the model.
     """
     reload = getattr(worker, "reload_weights", None)
-    if callable(reload):
+    # vLLM 0.13 has a reload_weights too, but it reloads from the checkpoint and takes no weights.
+    if callable(reload) and "weights_iterator" in inspect.signature(reload).parameters:
         reload(weights_iterator=iter(weights))
     else:
         worker.model_runner.model.load_weights(weights=weights)
