@@ -197,8 +197,14 @@ def _load_weights_on_worker(worker: Any, weights: list) -> int:
     versions load through the model.
     """
     reload = getattr(worker, "reload_weights", None)
-    # vLLM 0.13 has a reload_weights too, but it reloads from the checkpoint and takes no weights.
-    if callable(reload) and "weights_iterator" in inspect.signature(reload).parameters:
+    # The worker's method forwards *args to its model runner's; vLLM 0.13's reloads from the checkpoint
+    # and takes no weights, so ask the runner whether it takes an iterator.
+    runner_reload = getattr(getattr(worker, "model_runner", None), "reload_weights", None)
+    if (
+        callable(reload)
+        and callable(runner_reload)
+        and "weights_iterator" in inspect.signature(runner_reload).parameters
+    ):
         reload(weights_iterator=iter(weights))
     else:
         worker.model_runner.model.load_weights(weights=weights)
