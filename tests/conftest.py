@@ -49,3 +49,15 @@ def tiny_causal_lm(family: str, *, dtype: torch.dtype = torch.float64, seed: int
 def make_tiny_lm():
     """The :func:`tiny_causal_lm` factory."""
     return tiny_causal_lm
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _ray_shut_down_after_each_module():
+    """Tests never leave a Ray instance to the next module: a leaked 2-CPU local Ray would be reused by
+    the next driver (``RaySession.open``), whose workers then wait forever for CPUs it cannot add."""
+    yield
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()

@@ -121,7 +121,7 @@ def test_rollout_actors_start_with_the_configured_interpreter(monkeypatch, tmp_p
             return types.SimpleNamespace(remote=lambda *a: Actor())
 
     monkeypatch.setattr(ray, "remote", lambda cls: Remote())
-    monkeypatch.setattr(ray, "get", lambda refs: refs)
+    monkeypatch.setattr(ray, "get", lambda refs, timeout=None: refs)
     cfg = build_rl_config(
         config_tree(
             None,

@@ -266,7 +266,14 @@ class RolloutPool:
         if self.use_ray:  # wait until every actor is up (a failing __init__ surfaces here)
             import ray
 
-            ray.get([w.ping.remote() for w in self.workers])
+            try:
+                ray.get([w.ping.remote() for w in self.workers], timeout=self.rc.init_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                raise RuntimeError(
+                    f"rollout workers did not start within rollout_cluster.init_timeout_s="
+                    f"{self.rc.init_timeout_s} s; Ray has {ray.available_resources()} available, each worker "
+                    f"asks for {self.rc.cpus_per_worker} CPU(s) (rollout_cluster.cpus_per_worker)"
+                ) from None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def _start(self, i: int):
