@@ -309,9 +309,9 @@ def test_a_failed_periodic_checkpoint_with_on_save_error_retry_lets_rl_train_on(
     """checkpoint.on_save_error means the same in memento-rl as in memento-train: a storage failure of a
     periodic checkpoint is logged and the run goes on; ``fail`` (the default) stops it."""
     from memento_train.checkpoint.manager import CheckpointSaveError
-    from memento_train.rl import driver
+    from memento_train.training import run_dir
 
-    real, calls = driver.save_checkpoint, []
+    real, calls = run_dir.save_checkpoint, []
 
     def full_disk_at_step_2(trainer, ckpts, step, state):
         calls.append(step)
@@ -320,7 +320,7 @@ def test_a_failed_periodic_checkpoint_with_on_save_error_retry_lets_rl_train_on(
             raise CheckpointSaveError(step, path, "No space left on device", 0, 1 << 30, ckpts.root / "step_00000001")
         return real(trainer, ckpts, step, state)
 
-    monkeypatch.setattr(driver, "save_checkpoint", full_disk_at_step_2)
+    monkeypatch.setattr(run_dir, "save_checkpoint", full_disk_at_step_2)
     _, metrics = run(tmp_path / "retry", "train.max_steps=3", "checkpoint.every=1", "checkpoint.on_save_error=retry")
     assert [m["step"] for m in metrics] == [1, 2, 3] and calls == [1, 2, 3]
     assert sorted(p.name for p in (tmp_path / "retry" / "checkpoints").glob("step_*")) == [

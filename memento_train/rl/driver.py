@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from memento_train.checkpoint.manager import CheckpointSaveError
 from memento_train.cluster import WorkerGroup
 from memento_train.config.errors import ConfigError
 from memento_train.config.tree import deep_merge, to_dict
@@ -42,7 +41,7 @@ from memento_train.rl.weight_sync import sync_weights
 from memento_train.tokens import special_token_ids
 from memento_train.training.micro_batches import plan_micro_batches
 from memento_train.training.optim import lr_at
-from memento_train.training.run_dir import export_hf, open_logger, resume_point, save_checkpoint, write_run_config
+from memento_train.training.run_dir import export_hf, open_logger, resume_point, save_or_skip, write_run_config
 from memento_train.training.tracking import RunLogger
 
 # Offsets that keep the seed streams of training rollouts, evaluation and the warm-up data apart.
@@ -258,16 +257,11 @@ def run_rl(cfg: RLConfig, tree: dict[str, Any] | None = None, *, progress: bool 
     def save(step: int, *, final: bool = False) -> bool:
         """Checkpoint ``step``; with ``checkpoint.on_save_error=retry`` a storage failure of a periodic
         checkpoint is logged and training goes on (returns False)."""
-        try:
-            save_checkpoint(trainer, ckpts, step, {"data_position": step})
-        except CheckpointSaveError as exc:
-            if final or cfg.checkpoint.on_save_error != "retry":
-                raise
-            logger.write(f"[memento-rl] warning: {exc}; continuing (checkpoint.on_save_error=retry)")
-            # Every rank must be out of the failed save before the next step's collectives.
-            trainer.get(trainer.run_async("_mt_node_info"), timeout=60.0)
-            return False
-        return True
+        state = {"data_position": step}
+        on_error = cfg.checkpoint.on_save_error
+        return save_or_skip(
+            trainer, ckpts, step, state, on_save_error=on_error, final=final, logger=logger, prog="memento-rl"
+        )
 
     session = _open_ray(cfg)
     preempt = PreemptionGuard().__enter__()  # after ray.init, which installs its own SIGTERM handler

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from memento_train.checkpoint.manager import CheckpointManager, CheckpointSaveError, read_state
+from memento_train.checkpoint.manager import CheckpointManager, read_state
 from memento_train.cluster import WorkerError, WorkerGroup
 from memento_train.cluster.session import RaySession
 from memento_train.cluster.worker_group import group_env
@@ -39,7 +39,7 @@ from memento_train.sft.config import SFTConfig, build_sft_config
 from memento_train.sft.worker import SFTWorker
 from memento_train.training.flops import peak_tflops
 from memento_train.training.optim import lr_at
-from memento_train.training.run_dir import export_hf, open_logger, resume_point, save_checkpoint, write_run_config
+from memento_train.training.run_dir import export_hf, open_logger, resume_point, save_or_skip, write_run_config
 from memento_train.training.tracking import RunLogger
 
 
@@ -326,18 +326,21 @@ class _Stage:
         return hang
 
     def _save(self, step: int, epoch: int, *, final: bool) -> None:
-        group = self.group
-        try:
-            save_checkpoint(group, self.ckpts, step, {"epoch": epoch, "data_position": step})
-        except CheckpointSaveError as exc:
-            if final or self.cfg.checkpoint.on_save_error != "retry":
-                raise
+        saved = save_or_skip(
+            self.group,
+            self.ckpts,
+            step,
+            {"epoch": epoch, "data_position": step},
+            on_save_error=self.cfg.checkpoint.on_save_error,
+            final=final,
+            logger=self.logger,
+            prog="memento-train",
+            barrier_timeout_s=max(60.0, self.cfg.faults.watchdog_min_s),
+        )
+        if saved:
+            self.saved_at = step
+        else:
             self.save_failures += 1
-            self.logger.write(f"[memento-train] warning: {exc}; continuing (checkpoint.on_save_error=retry)")
-            # Every rank must be out of the failed save before the next step's collectives.
-            group.get(group.run_async("_mt_node_info"), timeout=max(60.0, self.cfg.faults.watchdog_min_s))
-            return
-        self.saved_at = step
 
 
 def export_checkpoint(checkpoint: str, out_dir: str, overrides: dict[str, Any] | None = None) -> str:

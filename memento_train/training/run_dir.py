@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from memento_train.checkpoint.manager import CheckpointManager, read_state
+from memento_train.checkpoint.manager import CheckpointManager, CheckpointSaveError, read_state
 from memento_train.config.tree import to_dict
 from memento_train.faults.secrets import redact_config, secret_values
 from memento_train.training.tracking import RunLogger
@@ -67,6 +67,33 @@ def save_checkpoint(group: Any, ckpts: CheckpointManager, step: int, state: dict
     committed as the checkpoint of ``step`` with ``state``; a storage failure removes the partial
     checkpoint and raises :class:`~memento_train.checkpoint.manager.CheckpointSaveError`."""
     return ckpts.save(step, state, lambda staging: group.run("save", str(staging)))
+
+
+def save_or_skip(
+    group: Any,
+    ckpts: CheckpointManager,
+    step: int,
+    state: dict[str, Any],
+    *,
+    on_save_error: str,
+    final: bool,
+    logger: RunLogger,
+    prog: str,
+    barrier_timeout_s: float = 60.0,
+) -> bool:
+    """:func:`save_checkpoint` under ``checkpoint.on_save_error``: with ``retry`` a storage failure of a
+    periodic checkpoint is logged and skipped (returns False); a ``final`` one (the last, or one for a
+    preemption signal) and every failure under ``fail`` raise."""
+    try:
+        save_checkpoint(group, ckpts, step, state)
+    except CheckpointSaveError as exc:
+        if final or on_save_error != "retry":
+            raise
+        logger.write(f"[{prog}] warning: {exc}; continuing (checkpoint.on_save_error=retry)")
+        # Every rank must be out of the failed save before the next step's collectives.
+        group.get(group.run_async("_mt_node_info"), timeout=barrier_timeout_s)
+        return False
+    return True
 
 
 def export_hf(group: Any, out: str | Path, info: dict[str, Any], logger: RunLogger, prog: str) -> str:
